@@ -1,0 +1,103 @@
+//! The access log: one JSON line per request, written off the request path.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+use serde::Serialize;
+use tracing_appender::non_blocking::{NonBlocking, NonBlockingBuilder, WorkerGuard};
+
+/// Where access-log lines go.
+#[derive(Clone, Debug, Default)]
+pub enum AccessLogTarget {
+    /// Standard output.
+    #[default]
+    Stdout,
+    /// Appended to a file.
+    File(PathBuf),
+    /// Nowhere.
+    Off,
+}
+
+impl std::str::FromStr for AccessLogTarget {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "stdout" | "-" => AccessLogTarget::Stdout,
+            "off" => AccessLogTarget::Off,
+            path => AccessLogTarget::File(path.into()),
+        })
+    }
+}
+
+/// One request, as logged.
+#[derive(Debug, Serialize)]
+pub struct AccessRecord<'a> {
+    /// When the response finished, RFC 3339.
+    pub time: String,
+    /// The request id.
+    pub request_id: &'a str,
+    /// The client's IP address.
+    pub client_ip: String,
+    /// The method.
+    pub method: &'a str,
+    /// The path the client asked for.
+    pub path: &'a str,
+    /// The matched route, if any.
+    pub route: Option<&'a str>,
+    /// The upstream node that answered, as host:port.
+    pub upstream: Option<&'a str>,
+    /// The status sent to the client.
+    pub status: u16,
+    /// Microseconds from arrival to the end of the response.
+    pub latency_us: u64,
+    /// Microseconds spent inside plugins.
+    pub plugin_us: u64,
+}
+
+/// Writes access-log lines through a background thread.
+pub struct AccessLog {
+    writer: Option<NonBlocking>,
+    _guard: Option<WorkerGuard>,
+}
+
+impl AccessLog {
+    /// Opens the target; a file is created if missing and appended to.
+    pub fn open(target: &AccessLogTarget) -> std::io::Result<Self> {
+        let (writer, guard) = match target {
+            AccessLogTarget::Off => {
+                return Ok(AccessLog {
+                    writer: None,
+                    _guard: None,
+                });
+            }
+            AccessLogTarget::Stdout => NonBlockingBuilder::default().finish(std::io::stdout()),
+            AccessLogTarget::File(path) => {
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)?;
+                NonBlockingBuilder::default().finish(file)
+            }
+        };
+        Ok(AccessLog {
+            writer: Some(writer),
+            _guard: Some(guard),
+        })
+    }
+
+    /// Writes one record as a JSON line.
+    pub fn write(&self, record: &AccessRecord<'_>) {
+        let Some(writer) = &self.writer else { return };
+        let mut line = serde_json::to_vec(record).expect("an access record always serializes");
+        line.push(b'\n');
+        // The writer hands the line to its thread; it only fails if that thread is gone.
+        let _ = writer.clone().write_all(&line);
+    }
+}
+
+/// The current time in RFC 3339 with milliseconds.
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}

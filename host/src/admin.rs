@@ -1,0 +1,58 @@
+//! The admin listener: Prometheus metrics, health, and the config status.
+
+use std::sync::Arc;
+
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+
+use crate::body::ProxyBody;
+use crate::error::json_error;
+use crate::gateway::Gateway;
+use crate::proxy::ResponseBody;
+
+/// Answers one admin request.
+pub async fn handle(gateway: Arc<Gateway>, request: Request<Incoming>) -> Response<ResponseBody> {
+    let response = match (request.method(), request.uri().path()) {
+        (&Method::GET, "/metrics") => text(
+            gateway.metrics().encode(),
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        ),
+        (&Method::GET, "/healthz") => text("ok\n".into(), "text/plain"),
+        (&Method::GET, "/v1/status") => status(&gateway),
+        (_, "/metrics" | "/healthz" | "/v1/status") => {
+            json_error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed", "")
+        }
+        (_, path) => json_error(
+            StatusCode::NOT_FOUND,
+            &format!("no admin endpoint {path}"),
+            "",
+        ),
+    };
+    response.map(ResponseBody::plain)
+}
+
+fn text(body: String, content_type: &'static str) -> Response<ProxyBody> {
+    let mut response = Response::new(ProxyBody::full(body));
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+fn status(gateway: &Gateway) -> Response<ProxyBody> {
+    let snapshot = gateway.snapshot();
+    let body = serde_json::json!({
+        "generation": snapshot.generation,
+        "routes": snapshot.route_list.keys().collect::<Vec<_>>(),
+        "upstreams": snapshot.upstreams.keys().collect::<Vec<_>>(),
+        "plugins": snapshot.plugins.iter().map(|(name, p)| serde_json::json!({
+            "name": name,
+            "sha256": p.module.sha256,
+        })).collect::<Vec<_>>(),
+        "errors": snapshot.errors,
+    });
+    text(
+        serde_json::to_string_pretty(&body).expect("status serializes"),
+        "application/json",
+    )
+}

@@ -1,0 +1,661 @@
+//! Config objects: the same JSON in etcd and in the YAML file, and their stand-alone validation.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// The kinds of config object, as they appear in error reports and the etcd layout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// `routes`
+    Route,
+    /// `upstreams`
+    Upstream,
+    /// `plugins`
+    Plugin,
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Kind::Route => "route",
+            Kind::Upstream => "upstream",
+            Kind::Plugin => "plugin",
+        })
+    }
+}
+
+/// A route: which requests it matches, where they go, and the plugins they pass through.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// `id: api`
+    pub id: String,
+    /// `uri: /api/*`: an exact path, a prefix ending in `/*`, or a pattern with `{param}`s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri: Option<String>,
+    /// `uris: [/a, /b/*]`: several paths for one route.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub uris: Vec<String>,
+    /// `methods: [GET, POST]`: any method when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+    /// `hosts: [api.example.com, "*.example.com"]`: any host when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
+    /// `priority: 10`: among routes with the same path, the higher wins.
+    #[serde(default)]
+    pub priority: i32,
+    /// `upstream_id: backend`
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_id: Option<String>,
+    /// `service: user-svc`, or `"*"` to take the service from the first path segment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// `strip_prefix: true` removes the route's literal prefix; `strip_prefix: /api` removes that.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strip_prefix: Option<StripPrefix>,
+    /// `plugins: [{name: key-auth, config: {..}}]`, run in this order.
+    #[serde(default)]
+    pub plugins: Vec<PluginRef>,
+}
+
+/// How much of the path to remove before the request goes upstream.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum StripPrefix {
+    /// `true`: the matched pattern's literal prefix, such as `/api` for `/api/*`.
+    Route(bool),
+    /// `/api`: exactly this prefix.
+    Literal(String),
+}
+
+/// One plugin in a route's chain.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginRef {
+    /// `name: key-auth`: a plugin entry's name.
+    pub name: String,
+    /// `config: {keys: [..]}`: passed as JSON to the plugin's `init`.
+    #[serde(default = "empty_object")]
+    pub config: serde_json::Value,
+}
+
+fn empty_object() -> serde_json::Value {
+    serde_json::Value::Object(Default::default())
+}
+
+/// An upstream: a set of nodes and how to balance, time out and retry across them.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// `id: backend`
+    pub id: String,
+    /// `nodes: [{host: 10.0.0.1, port: 8080, weight: 2}]`
+    pub nodes: Vec<NodeConfig>,
+    /// `type: roundrobin | chash | least_conn`
+    #[serde(rename = "type", default)]
+    pub balancer: BalancerKind,
+    /// `hash_on: ip | uri | header:x-user-id`, for `type: chash`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash_on: Option<HashOn>,
+    /// `scheme: http | grpc`: grpc speaks HTTP/2 without TLS (h2c).
+    #[serde(default)]
+    pub scheme: Scheme,
+    /// `timeout: {connect_ms: 1000, read_ms: 15000}`
+    #[serde(default)]
+    pub timeout: Timeouts,
+    /// `retries: 2`: extra attempts on other nodes when a connection cannot be made.
+    /// By default, one per other node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<u32>,
+}
+
+/// A backend address.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// `host: 10.0.0.1` (an IP address or a DNS name)
+    pub host: String,
+    /// `port: 8080`
+    pub port: u16,
+    /// `weight: 2`: its share of traffic; 0 takes it out of rotation.
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// How an upstream picks a node.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BalancerKind {
+    /// Smooth weighted round robin.
+    #[default]
+    Roundrobin,
+    /// A consistent-hash ring, keyed by `hash_on`.
+    Chash,
+    /// The node with the fewest requests in flight, relative to its weight.
+    LeastConn,
+}
+
+/// What a consistent-hash upstream hashes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(into = "String")]
+pub enum HashOn {
+    /// `ip`: the client's address.
+    Ip,
+    /// `uri`: the request path and query.
+    Uri,
+    /// `header:NAME`: a request header.
+    Header(String),
+}
+
+impl From<HashOn> for String {
+    fn from(h: HashOn) -> String {
+        match h {
+            HashOn::Ip => "ip".into(),
+            HashOn::Uri => "uri".into(),
+            HashOn::Header(name) => format!("header:{name}"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for HashOn {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        match text.as_str() {
+            "ip" => Ok(HashOn::Ip),
+            "uri" => Ok(HashOn::Uri),
+            other => match other.strip_prefix("header:") {
+                Some(name) if !name.is_empty() => Ok(HashOn::Header(name.to_ascii_lowercase())),
+                _ => Err(serde::de::Error::custom(format!(
+                    "hash_on {other:?} is not one of ip, uri, header:NAME"
+                ))),
+            },
+        }
+    }
+}
+
+/// The protocol spoken to an upstream's nodes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scheme {
+    /// HTTP/1.1.
+    #[default]
+    Http,
+    /// HTTP/2 without TLS (h2c), for gRPC.
+    Grpc,
+}
+
+/// Upstream timeouts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Timeouts {
+    /// `connect_ms: 1000`: to open a connection to a node.
+    #[serde(default = "default_connect_ms")]
+    pub connect_ms: u64,
+    /// `read_ms: 15000`: from sending the request to the response headers.
+    #[serde(default = "default_read_ms")]
+    pub read_ms: u64,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect_ms: default_connect_ms(),
+            read_ms: default_read_ms(),
+        }
+    }
+}
+
+fn default_connect_ms() -> u64 {
+    2_000
+}
+
+fn default_read_ms() -> u64 {
+    30_000
+}
+
+/// A plugin entry: a Wasm component, its limits and what happens when it fails.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    /// `name: key-auth`: what routes call it.
+    pub name: String,
+    /// `module: plugins/key_auth.wasm`: a component file (file store); relative to the config file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module: Option<PathBuf>,
+    /// `sha256: 9f86d0..`: a module stored in etcd.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// `limits: {memory_mb: 32, timeout_ms: 50, max_body_bytes: 1048576}`
+    #[serde(default)]
+    pub limits: Limits,
+    /// `failure: closed` (the default) answers 500 when the plugin fails; `open` skips it.
+    #[serde(default)]
+    pub failure: FailurePolicy,
+}
+
+/// Per-plugin resource limits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// `memory_mb: 32`: linear memory per instance.
+    #[serde(default = "default_memory_mb")]
+    pub memory_mb: u32,
+    /// `timeout_ms: 50`: CPU deadline for each call into the plugin.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// `max_body_bytes: 1048576`: the largest body buffered for a plugin that wants it.
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            memory_mb: default_memory_mb(),
+            timeout_ms: default_timeout_ms(),
+            max_body_bytes: default_max_body_bytes(),
+        }
+    }
+}
+
+fn default_memory_mb() -> u32 {
+    32
+}
+
+fn default_timeout_ms() -> u64 {
+    50
+}
+
+fn default_max_body_bytes() -> u64 {
+    1 << 20
+}
+
+/// What happens to a request when a plugin traps, times out or hits a limit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailurePolicy {
+    /// Answer 500 with a JSON error.
+    #[default]
+    Closed,
+    /// Skip the plugin and go on with the chain.
+    Open,
+}
+
+/// Why one config object was refused.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ObjectError {
+    /// What kind of object.
+    pub kind: Kind,
+    /// Its id or name (or its position, when it has none).
+    pub id: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+impl fmt::Display for ObjectError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {:?}: {}", self.kind, self.id, self.reason)
+    }
+}
+
+impl ObjectError {
+    /// An error about the object `kind`/`id`.
+    pub fn new(kind: Kind, id: impl Into<String>, reason: impl Into<String>) -> Self {
+        ObjectError {
+            kind,
+            id: id.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// The set of config objects that a store holds, keyed by id (or name, for plugins).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ConfigObjects {
+    /// Routes by id.
+    pub routes: BTreeMap<String, RouteConfig>,
+    /// Upstreams by id.
+    pub upstreams: BTreeMap<String, UpstreamConfig>,
+    /// Plugin entries by name.
+    pub plugins: BTreeMap<String, PluginConfig>,
+}
+
+const METHODS: &[&str] = &[
+    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+];
+
+impl RouteConfig {
+    /// Every path pattern of the route, `uri` first.
+    pub fn paths(&self) -> impl Iterator<Item = &str> {
+        self.uri.iter().chain(self.uris.iter()).map(String::as_str)
+    }
+
+    /// Checks what can be checked without the other objects.
+    pub fn validate(&self) -> Result<(), String> {
+        check_id(&self.id)?;
+        if self.paths().next().is_none() {
+            return Err("set `uri` or `uris`".into());
+        }
+        for path in self.paths() {
+            check_path_pattern(path)?;
+        }
+        for method in &self.methods {
+            if !METHODS.contains(&method.as_str()) {
+                return Err(format!(
+                    "method {method:?} is not one of {}",
+                    METHODS.join(", ")
+                ));
+            }
+        }
+        for host in &self.hosts {
+            let bare = host.strip_prefix("*.").unwrap_or(host);
+            if bare.is_empty()
+                || !bare
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+            {
+                return Err(format!("host {host:?} is not a host name"));
+            }
+        }
+        match (&self.upstream_id, &self.service) {
+            (Some(_), Some(_)) => return Err("set `upstream_id` or `service`, not both".into()),
+            (None, None) => return Err("set `upstream_id` or `service`".into()),
+            (None, Some(service)) if service.is_empty() => {
+                return Err("`service` is empty".into());
+            }
+            _ => {}
+        }
+        if let Some(StripPrefix::Literal(prefix)) = &self.strip_prefix
+            && (!prefix.starts_with('/') || prefix.len() < 2)
+        {
+            return Err(format!(
+                "strip_prefix {prefix:?} must start with / and name a segment"
+            ));
+        }
+        for plugin in &self.plugins {
+            if plugin.name.is_empty() {
+                return Err("a plugin in `plugins` has no name".into());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A path pattern is `/exact`, `/prefix/*` or `/a/{param}/b`, with no empty `{}`.
+fn check_path_pattern(path: &str) -> Result<(), String> {
+    if !path.starts_with('/') {
+        return Err(format!("uri {path:?} must start with /"));
+    }
+    if path.contains(['?', '#']) {
+        return Err(format!("uri {path:?} must not hold a query or fragment"));
+    }
+    let body = path.strip_suffix("/*").unwrap_or(path);
+    if body.contains('*') {
+        return Err(format!(
+            "uri {path:?}: `*` may only end a prefix, as in /api/*"
+        ));
+    }
+    for segment in body.split('/') {
+        let opens = segment.matches('{').count();
+        let closes = segment.matches('}').count();
+        if opens != closes || opens > 1 {
+            return Err(format!("uri {path:?}: unbalanced or repeated {{param}}"));
+        }
+        if opens == 1 {
+            let inner = segment
+                .strip_prefix('{')
+                .and_then(|s| s.strip_suffix('}'))
+                .ok_or_else(|| format!("uri {path:?}: a {{param}} must fill its whole segment"))?;
+            if inner.is_empty()
+                || !inner
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            {
+                return Err(format!("uri {path:?}: bad parameter name {inner:?}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check_id(id: &str) -> Result<(), String> {
+    if id.is_empty() {
+        return Err("id is empty".into());
+    }
+    if !id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        return Err(format!("id {id:?} may only use letters, digits, - _ ."));
+    }
+    Ok(())
+}
+
+impl UpstreamConfig {
+    /// Checks what can be checked without the other objects.
+    pub fn validate(&self) -> Result<(), String> {
+        check_id(&self.id)?;
+        if self.nodes.is_empty() {
+            return Err("`nodes` is empty: an upstream needs at least one node".into());
+        }
+        for node in &self.nodes {
+            if node.host.is_empty() || node.host.contains(['/', ' ', '@']) {
+                return Err(format!("node host {:?} is not a host", node.host));
+            }
+            if node.port == 0 {
+                return Err(format!("node {}: port 0 is not a port", node.host));
+            }
+        }
+        if self.nodes.iter().all(|n| n.weight == 0) {
+            return Err("every node has weight 0".into());
+        }
+        match (self.balancer, &self.hash_on) {
+            (BalancerKind::Chash, None) => {
+                return Err("type chash needs `hash_on` (ip, uri or header:NAME)".into());
+            }
+            (BalancerKind::Roundrobin | BalancerKind::LeastConn, Some(_)) => {
+                return Err("`hash_on` only applies to type chash".into());
+            }
+            _ => {}
+        }
+        if self.timeout.connect_ms == 0 || self.timeout.read_ms == 0 {
+            return Err("timeouts must be at least 1 ms".into());
+        }
+        Ok(())
+    }
+}
+
+impl PluginConfig {
+    /// Checks what can be checked without loading the module.
+    pub fn validate(&self) -> Result<(), String> {
+        check_id(&self.name)?;
+        match (&self.module, &self.sha256) {
+            (Some(_), Some(_)) => return Err("set `module` or `sha256`, not both".into()),
+            (None, None) => return Err("set `module` (a .wasm file) or `sha256`".into()),
+            (None, Some(sha)) if !is_sha256_hex(sha) => {
+                return Err(format!("sha256 {sha:?} is not 64 lower-case hex digits"));
+            }
+            _ => {}
+        }
+        let Limits {
+            memory_mb,
+            timeout_ms,
+            max_body_bytes,
+        } = self.limits;
+        if !(1..=4096).contains(&memory_mb) {
+            return Err(format!("limits.memory_mb {memory_mb} is not in 1..=4096"));
+        }
+        if !(1..=60_000).contains(&timeout_ms) {
+            return Err(format!(
+                "limits.timeout_ms {timeout_ms} is not in 1..=60000"
+            ));
+        }
+        if max_body_bytes == 0 || max_body_bytes > 1 << 30 {
+            return Err(format!(
+                "limits.max_body_bytes {max_body_bytes} is not in 1..=1073741824"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Whether `text` is a lower-case hex sha256 digest.
+pub fn is_sha256_hex(text: &str) -> bool {
+    text.len() == 64
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(json: serde_json::Value) -> Result<RouteConfig, String> {
+        let route: RouteConfig = serde_json::from_value(json).map_err(|e| e.to_string())?;
+        route.validate().map(|_| route)
+    }
+
+    #[test]
+    fn route_accepts_the_documented_forms() {
+        let r = route(serde_json::json!({
+            "id": "api", "uri": "/api/*", "methods": ["GET"], "hosts": ["*.example.com"],
+            "upstream_id": "b", "strip_prefix": true,
+            "plugins": [{"name": "key-auth", "config": {"keys": ["k"]}}]
+        }))
+        .unwrap();
+        assert_eq!(r.strip_prefix, Some(StripPrefix::Route(true)));
+        assert_eq!(r.plugins[0].config["keys"][0], "k");
+        let r = route(serde_json::json!({
+            "id": "u", "uris": ["/users/{id}", "/u/{id}/*"], "service": "*", "strip_prefix": "/u"
+        }))
+        .unwrap();
+        assert_eq!(r.paths().count(), 2);
+        assert_eq!(r.plugins, vec![]);
+    }
+
+    #[test]
+    fn route_rejects_bad_input_with_a_reason() {
+        let cases = [
+            (
+                serde_json::json!({"id": "a", "upstream_id": "b"}),
+                "set `uri`",
+            ),
+            (
+                serde_json::json!({"id": "a", "uri": "api", "upstream_id": "b"}),
+                "start with /",
+            ),
+            (
+                serde_json::json!({"id": "a", "uri": "/a/*/b", "upstream_id": "b"}),
+                "`*` may only",
+            ),
+            (
+                serde_json::json!({"id": "a", "uri": "/a/{}", "upstream_id": "b"}),
+                "bad parameter",
+            ),
+            (
+                serde_json::json!({"id": "a", "uri": "/a/x{id}", "upstream_id": "b"}),
+                "whole segment",
+            ),
+            (
+                serde_json::json!({"id": "a", "uri": "/a", "methods": ["GRAB"], "upstream_id": "b"}),
+                "GRAB",
+            ),
+            (
+                serde_json::json!({"id": "a", "uri": "/a"}),
+                "set `upstream_id` or `service`",
+            ),
+            (
+                serde_json::json!({"id": "a", "uri": "/a", "upstream_id": "b", "service": "s"}),
+                "not both",
+            ),
+            (
+                serde_json::json!({"id": "a b", "uri": "/a", "upstream_id": "b"}),
+                "may only use",
+            ),
+            (
+                serde_json::json!({"id": "a", "uri": "/a", "upstream_id": "b", "colour": 1}),
+                "unknown field `colour`",
+            ),
+        ];
+        for (json, expected) in cases {
+            let err = route(json.clone()).unwrap_err();
+            assert!(err.contains(expected), "{json}: {err}");
+        }
+    }
+
+    #[test]
+    fn upstream_rejects_empty_nodes_and_a_chash_without_key() {
+        let up = |json| {
+            serde_json::from_value::<UpstreamConfig>(json)
+                .unwrap()
+                .validate()
+        };
+        assert!(
+            up(serde_json::json!({"id": "u", "nodes": []}))
+                .unwrap_err()
+                .contains("at least one node")
+        );
+        assert!(
+            up(
+                serde_json::json!({"id": "u", "nodes": [{"host": "h", "port": 1}], "type": "chash"})
+            )
+            .unwrap_err()
+            .contains("hash_on")
+        );
+        up(serde_json::json!({"id": "u", "nodes": [{"host": "h", "port": 1}], "type": "chash", "hash_on": "header:X-User"})).unwrap();
+        let parsed: UpstreamConfig = serde_json::from_value(serde_json::json!({
+            "id": "u", "nodes": [{"host": "h", "port": 1}], "type": "chash", "hash_on": "header:X-User"
+        }))
+        .unwrap();
+        assert_eq!(parsed.hash_on, Some(HashOn::Header("x-user".into())));
+        assert!(
+            serde_json::from_value::<UpstreamConfig>(serde_json::json!({
+                "id": "u", "nodes": [{"host": "h", "port": 1}], "type": "chash", "hash_on": "cookie"
+            }))
+            .unwrap_err()
+            .to_string()
+            .contains("not one of ip, uri")
+        );
+    }
+
+    #[test]
+    fn plugin_needs_exactly_one_source_and_sane_limits() {
+        let p = |json| {
+            serde_json::from_value::<PluginConfig>(json)
+                .unwrap()
+                .validate()
+        };
+        assert!(
+            p(serde_json::json!({"name": "a"}))
+                .unwrap_err()
+                .contains("set `module`")
+        );
+        p(serde_json::json!({"name": "a", "module": "a.wasm"})).unwrap();
+        assert!(
+            p(serde_json::json!({"name": "a", "sha256": "abc"}))
+                .unwrap_err()
+                .contains("64")
+        );
+        assert!(
+            p(serde_json::json!({"name": "a", "module": "a.wasm", "limits": {"memory_mb": 0}}))
+                .unwrap_err()
+                .contains("memory_mb")
+        );
+        let parsed: PluginConfig = serde_json::from_value(
+            serde_json::json!({"name": "a", "module": "a.wasm", "failure": "open"}),
+        )
+        .unwrap();
+        assert_eq!(parsed.failure, FailurePolicy::Open);
+        assert_eq!(parsed.limits, Limits::default());
+    }
+}

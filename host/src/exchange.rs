@@ -1,0 +1,309 @@
+//! The request and response as plugins see them: the data behind the WIT `request` and `response`
+//! resources, and the edits plugins may make to them.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue};
+use http::{HeaderMap, Method, StatusCode};
+
+/// Headers that a plugin may not set or remove, because the gateway owns the framing.
+const FRAMING_HEADERS: &[&str] = &["content-length", "transfer-encoding", "connection"];
+
+/// A request body held in memory for plugins that asked for it.
+#[derive(Debug, Default)]
+pub enum BufferedBody {
+    /// The body streams straight through; no plugin asked to see it.
+    #[default]
+    Streaming,
+    /// The whole body, read up to the plugins' bound.
+    Buffered(Bytes),
+}
+
+/// The request head and the per-request state that plugins read and edit.
+#[derive(Debug)]
+pub struct RequestView {
+    /// The method.
+    pub method: Method,
+    /// The path without the query, as the upstream will see it.
+    pub path: String,
+    /// The query string, without `?`.
+    pub query: Option<String>,
+    /// The headers.
+    pub headers: HeaderMap,
+    /// The request id, as logged.
+    pub id: String,
+    /// The matched route's id.
+    pub route_id: Arc<str>,
+    /// The client's address.
+    pub client_ip: IpAddr,
+    /// The body, when a plugin asked for it.
+    pub body: BufferedBody,
+    /// Values plugins pass to later plugins and phases.
+    pub vars: HashMap<String, String>,
+    /// Whether edits are allowed: only in `on-request`.
+    pub writable: bool,
+    /// Whether the plugin being called may read and replace the body.
+    pub body_access: bool,
+    /// The largest body the plugin being called may write.
+    pub body_limit: u64,
+}
+
+/// The response head and body as plugins see them in `on-response`.
+#[derive(Debug)]
+pub struct ResponseView {
+    /// The status code.
+    pub status: StatusCode,
+    /// The headers.
+    pub headers: HeaderMap,
+    /// The body, when a plugin asked for it.
+    pub body: Option<Bytes>,
+    /// Whether a plugin replaced the body.
+    pub body_replaced: bool,
+    /// Whether the plugin being called may read and replace the body.
+    pub body_access: bool,
+    /// The largest body the plugin being called may write.
+    pub body_limit: u64,
+}
+
+/// Why a plugin's edit was refused; the text goes back to the plugin as the WIT error.
+pub type EditResult = Result<(), String>;
+
+impl RequestView {
+    /// Fails unless edits are allowed in the current phase.
+    pub fn check_writable(&self) -> EditResult {
+        if self.writable {
+            Ok(())
+        } else {
+            Err("the request is read-only after on-request".into())
+        }
+    }
+
+    /// Replaces the method.
+    pub fn set_method(&mut self, method: &str) -> EditResult {
+        self.check_writable()?;
+        self.method = Method::from_bytes(method.as_bytes())
+            .map_err(|_| format!("{method:?} is not a method"))?;
+        Ok(())
+    }
+
+    /// Replaces the path.
+    pub fn set_path(&mut self, path: &str) -> EditResult {
+        self.check_writable()?;
+        if !path.starts_with('/') {
+            return Err(format!("path {path:?} must start with /"));
+        }
+        check_uri_part(path, "path")?;
+        if path.contains(['?', '#']) {
+            return Err(format!("path {path:?} must not hold ? or #; use set-query"));
+        }
+        self.path = path.to_owned();
+        Ok(())
+    }
+
+    /// Replaces or removes the query.
+    pub fn set_query(&mut self, query: Option<&str>) -> EditResult {
+        self.check_writable()?;
+        if let Some(q) = query {
+            check_uri_part(q, "query")?;
+            if q.contains('#') {
+                return Err(format!("query {q:?} must not hold #"));
+            }
+        }
+        self.query = query.filter(|q| !q.is_empty()).map(str::to_owned);
+        Ok(())
+    }
+
+    /// The body, for a plugin that asked for it.
+    pub fn body(&self) -> Result<&Bytes, String> {
+        if !self.body_access {
+            return Err("this plugin did not ask for the request body (wants.request-body)".into());
+        }
+        match &self.body {
+            BufferedBody::Buffered(bytes) => Ok(bytes),
+            BufferedBody::Streaming => Err("the request body is not buffered".into()),
+        }
+    }
+
+    /// Replaces the body, for a plugin that asked for it.
+    pub fn set_body(&mut self, body: Vec<u8>) -> EditResult {
+        self.check_writable()?;
+        self.body()?;
+        check_body_size(body.len(), self.body_limit)?;
+        self.body = BufferedBody::Buffered(Bytes::from(body));
+        Ok(())
+    }
+}
+
+impl ResponseView {
+    /// Replaces the status code.
+    pub fn set_status(&mut self, status: u16) -> EditResult {
+        self.status =
+            StatusCode::from_u16(status).map_err(|_| format!("{status} is not a status code"))?;
+        Ok(())
+    }
+
+    /// The body, for a plugin that asked for it.
+    pub fn body(&self) -> Result<&Bytes, String> {
+        if !self.body_access {
+            return Err(
+                "this plugin did not ask for the response body (wants.response-body)".into(),
+            );
+        }
+        self.body
+            .as_ref()
+            .ok_or_else(|| "the response body is not buffered".to_string())
+    }
+
+    /// Replaces the body, for a plugin that asked for it.
+    pub fn set_body(&mut self, body: Vec<u8>) -> EditResult {
+        self.body()?;
+        check_body_size(body.len(), self.body_limit)?;
+        self.body = Some(Bytes::from(body));
+        self.body_replaced = true;
+        Ok(())
+    }
+}
+
+fn check_body_size(len: usize, limit: u64) -> EditResult {
+    if len as u64 > limit {
+        return Err(format!(
+            "a body of {len} bytes is over this plugin's limit of {limit}"
+        ));
+    }
+    Ok(())
+}
+
+fn check_uri_part(text: &str, what: &str) -> EditResult {
+    if text.bytes().any(|b| b <= b' ' || b == 0x7f) {
+        return Err(format!("{what} {text:?} has a space or control character"));
+    }
+    Ok(())
+}
+
+/// Header reads and edits, shared by requests and responses.
+pub mod headers {
+    use super::*;
+
+    /// The first value of `name`, as text (invalid UTF-8 is replaced).
+    pub fn get(map: &HeaderMap, name: &str) -> Option<String> {
+        map.get(name)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+    }
+
+    /// Every header as (name, value) text pairs, in order.
+    pub fn all(map: &HeaderMap) -> Vec<(String, String)> {
+        map.iter()
+            .map(|(n, v)| {
+                (
+                    n.as_str().to_owned(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect()
+    }
+
+    fn parse(name: &str, value: Option<&str>) -> Result<(HeaderName, Option<HeaderValue>), String> {
+        let name = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| format!("{name:?} is not a header name"))?;
+        if FRAMING_HEADERS.contains(&name.as_str()) {
+            return Err(format!("{name} is managed by the gateway"));
+        }
+        let value = value
+            .map(|v| {
+                HeaderValue::from_str(v)
+                    .map_err(|_| format!("the value for {name} has a forbidden character"))
+            })
+            .transpose()?;
+        Ok((name, value))
+    }
+
+    /// Sets `name` to `value`, replacing its values.
+    pub fn set(map: &mut HeaderMap, name: &str, value: &str) -> EditResult {
+        let (name, value) = parse(name, Some(value))?;
+        map.insert(name, value.expect("parsed with a value"));
+        Ok(())
+    }
+
+    /// Adds a value to `name`.
+    pub fn append(map: &mut HeaderMap, name: &str, value: &str) -> EditResult {
+        let (name, value) = parse(name, Some(value))?;
+        map.append(name, value.expect("parsed with a value"));
+        Ok(())
+    }
+
+    /// Removes every value of `name`; an invalid or gateway-owned name is ignored.
+    pub fn remove(map: &mut HeaderMap, name: &str) {
+        if let Ok((name, _)) = parse(name, None) {
+            map.remove(name);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view() -> RequestView {
+        RequestView {
+            method: Method::GET,
+            path: "/a".into(),
+            query: None,
+            headers: HeaderMap::new(),
+            id: "id".into(),
+            route_id: "r".into(),
+            client_ip: "127.0.0.1".parse().unwrap(),
+            body: BufferedBody::Streaming,
+            vars: HashMap::new(),
+            writable: true,
+            body_access: false,
+            body_limit: 4,
+        }
+    }
+
+    #[test]
+    fn edits_are_validated() {
+        let mut v = view();
+        v.set_path("/b/c").unwrap();
+        assert!(v.set_path("b").is_err());
+        assert!(v.set_path("/a b").is_err());
+        assert!(v.set_path("/a?x=1").is_err());
+        v.set_query(Some("x=1")).unwrap();
+        assert_eq!(v.query.as_deref(), Some("x=1"));
+        v.set_query(Some("")).unwrap();
+        assert_eq!(v.query, None);
+        assert!(v.set_method("GE T").is_err());
+        v.set_method("PURGE").unwrap();
+        assert_eq!(v.method.as_str(), "PURGE");
+        headers::set(&mut v.headers, "X-A", "1").unwrap();
+        headers::append(&mut v.headers, "x-a", "2").unwrap();
+        assert_eq!(
+            headers::all(&v.headers),
+            vec![("x-a".into(), "1".into()), ("x-a".into(), "2".into())]
+        );
+        assert!(headers::set(&mut v.headers, "bad name", "1").is_err());
+        assert!(headers::set(&mut v.headers, "x-b", "a\r\nb").is_err());
+        assert!(
+            headers::set(&mut v.headers, "content-length", "5")
+                .unwrap_err()
+                .contains("managed")
+        );
+        headers::remove(&mut v.headers, "X-A");
+        assert!(v.headers.is_empty());
+    }
+
+    #[test]
+    fn body_needs_access_and_respects_the_limit() {
+        let mut v = view();
+        v.body = BufferedBody::Buffered(Bytes::from_static(b"hi"));
+        assert!(v.body().unwrap_err().contains("did not ask"));
+        v.body_access = true;
+        assert_eq!(v.body().unwrap().as_ref(), b"hi");
+        assert!(v.set_body(b"12345".to_vec()).unwrap_err().contains("over"));
+        v.set_body(b"1234".to_vec()).unwrap();
+        v.writable = false;
+        assert!(v.set_body(b"1".to_vec()).unwrap_err().contains("read-only"));
+    }
+}

@@ -1,0 +1,108 @@
+//! The gateway's shared state: the live snapshot and what builds and serves it.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::access_log::{AccessLog, AccessLogTarget};
+use crate::metrics::{Metrics, ReloadLabels};
+use crate::plugin::{PluginError, PluginRuntime};
+use crate::snapshot::{BuildContext, Desired, ModuleSource, Snapshot};
+use crate::upstream::ClientPool;
+
+/// Why a gateway could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayInitError {
+    /// The plugin engine could not start.
+    #[error("plugin runtime: {0}")]
+    Runtime(#[from] PluginError),
+    /// The access log could not be opened.
+    #[error("access log: {0}")]
+    AccessLog(#[from] std::io::Error),
+}
+
+/// The state every request and every config change goes through.
+pub struct Gateway {
+    snapshot: ArcSwap<Snapshot>,
+    runtime: PluginRuntime,
+    clients: ClientPool,
+    metrics: Arc<Metrics>,
+    access_log: AccessLog,
+    /// Builds run one at a time, so that a slow build cannot overwrite a newer one.
+    build_lock: tokio::sync::Mutex<()>,
+}
+
+impl Gateway {
+    /// A gateway serving the empty snapshot.
+    pub fn new(access_log: &AccessLogTarget) -> Result<Arc<Self>, GatewayInitError> {
+        let metrics = Arc::new(Metrics::new());
+        Ok(Arc::new(Gateway {
+            snapshot: ArcSwap::from_pointee(Snapshot::empty()),
+            runtime: PluginRuntime::new(metrics.clone())?,
+            clients: ClientPool::default(),
+            metrics,
+            access_log: AccessLog::open(access_log)?,
+            build_lock: tokio::sync::Mutex::new(()),
+        }))
+    }
+
+    /// The snapshot that new requests use.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// The gateway's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The plugin runtime.
+    pub fn runtime(&self) -> &PluginRuntime {
+        &self.runtime
+    }
+
+    pub(crate) fn access_log(&self) -> &AccessLog {
+        &self.access_log
+    }
+
+    /// Builds a snapshot from `desired` on top of the current one and swaps it in.
+    /// Requests in flight finish on the snapshot they started with.
+    pub async fn apply(&self, desired: Desired, modules: &dyn ModuleSource) -> Arc<Snapshot> {
+        let _one_at_a_time = self.build_lock.lock().await;
+        let previous = self.snapshot();
+        let context = BuildContext {
+            runtime: &self.runtime,
+            clients: &self.clients,
+            metrics: &self.metrics,
+            modules,
+        };
+        let next = Arc::new(context.build(desired, &previous).await);
+        let outcome = if next.errors.is_empty() {
+            "applied"
+        } else {
+            "applied_with_errors"
+        };
+        self.metrics
+            .reloads
+            .get_or_create(&ReloadLabels { outcome })
+            .inc();
+        tracing::info!(
+            generation = next.generation,
+            routes = next.route_list.len(),
+            upstreams = next.upstreams.len(),
+            plugins = next.plugins.len(),
+            errors = next.errors.len(),
+            "config snapshot swapped in"
+        );
+        self.snapshot.store(next.clone());
+        next
+    }
+
+    /// Counts a change that could not be applied at all, such as a file that is not YAML.
+    pub fn record_failed_reload(&self) {
+        self.metrics
+            .reloads
+            .get_or_create(&ReloadLabels { outcome: "failed" })
+            .inc();
+    }
+}

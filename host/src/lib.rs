@@ -1,0 +1,28 @@
+//! Weir: an API gateway whose plugins are sandboxed WebAssembly components.
+//!
+//! The request path lives in [`proxy`]; the live config in [`snapshot`]; plugins in [`plugin`].
+
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod access_log;
+pub mod admin;
+pub mod balancer;
+pub mod body;
+pub mod config;
+pub mod error;
+pub mod exchange;
+pub mod gateway;
+pub mod kv;
+pub mod metrics;
+pub mod plugin;
+pub mod proxy;
+pub mod router;
+pub mod server;
+pub mod snapshot;
+pub mod store;
+pub mod upstream;
+
+pub use access_log::AccessLogTarget;
+pub use gateway::Gateway;
+pub use server::{ConfigSource, GatewayOptions, RunningGateway, StartError, start};

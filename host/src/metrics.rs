@@ -1,0 +1,182 @@
+//! Prometheus metrics: the registry the admin listener serves, and per-route handles.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Labels of `weir_http_requests_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// The route id, or `none` when no route matched.
+    pub route: String,
+    /// `2xx`, `3xx`, `4xx` or `5xx`.
+    pub class: &'static str,
+}
+
+/// Labels of the per-route latency histogram.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    /// The route id.
+    pub route: String,
+}
+
+/// Labels of `weir_plugin_failures_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginFailureLabels {
+    /// The plugin name.
+    pub plugin: String,
+    /// `trap`, `timeout`, `memory` or `instantiate`.
+    pub kind: &'static str,
+}
+
+/// Labels of `weir_plugin_events_total`, the counters plugins add to.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginEventLabels {
+    /// The plugin name.
+    pub plugin: String,
+    /// The name the plugin gave.
+    pub name: String,
+}
+
+/// Labels of `weir_config_reloads_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    /// `applied` or `failed`.
+    pub outcome: &'static str,
+}
+
+type HistogramFamily<S> = Family<S, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 100 µs to ~13 s.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 18))
+}
+
+/// Every metric the gateway exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Requests by route and status class.
+    pub requests: Family<RequestLabels, Counter>,
+    /// Request latency by route, in seconds.
+    pub latency: HistogramFamily<RouteLabels>,
+    /// Plugin failures by plugin and kind.
+    pub plugin_failures: Family<PluginFailureLabels, Counter>,
+    /// Counters that plugins add to.
+    pub plugin_events: Family<PluginEventLabels, Counter>,
+    /// Config reloads by outcome.
+    pub reloads: Family<ReloadLabels, Counter>,
+    /// Config objects currently rejected.
+    pub config_errors: Gauge,
+    /// Routes currently loaded.
+    pub routes: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("weir");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "http_requests",
+            "Requests by route and status class",
+            requests.clone(),
+        );
+        let latency: HistogramFamily<RouteLabels> = Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "http_request_duration_seconds",
+            "Time from a request's arrival to its response headers",
+            latency.clone(),
+        );
+        let plugin_failures = Family::<PluginFailureLabels, Counter>::default();
+        registry.register(
+            "plugin_failures",
+            "Plugin calls that trapped, timed out or hit a limit",
+            plugin_failures.clone(),
+        );
+        let plugin_events = Family::<PluginEventLabels, Counter>::default();
+        registry.register(
+            "plugin_events",
+            "Counters that plugins add to",
+            plugin_events.clone(),
+        );
+        let reloads = Family::<ReloadLabels, Counter>::default();
+        registry.register(
+            "config_reloads",
+            "Config snapshots built, by outcome",
+            reloads.clone(),
+        );
+        let config_errors = Gauge::default();
+        registry.register(
+            "config_errors",
+            "Config objects currently rejected",
+            config_errors.clone(),
+        );
+        let routes = Gauge::default();
+        registry.register("routes", "Routes currently loaded", routes.clone());
+        Metrics {
+            registry,
+            requests,
+            latency,
+            plugin_failures,
+            plugin_events,
+            reloads,
+            config_errors,
+            routes,
+        }
+    }
+
+    /// The metrics in Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+
+    /// Handles for one route, looked up once per snapshot instead of once per request.
+    pub fn route(&self, route: &str) -> RouteMetrics {
+        let class = |class| {
+            self.requests.get_or_create_owned(&RequestLabels {
+                route: route.to_owned(),
+                class,
+            })
+        };
+        RouteMetrics {
+            by_class: [
+                class("1xx"),
+                class("2xx"),
+                class("3xx"),
+                class("4xx"),
+                class("5xx"),
+            ],
+            latency: self.latency.get_or_create_owned(&RouteLabels {
+                route: route.to_owned(),
+            }),
+        }
+    }
+}
+
+/// One route's request counters and latency histogram.
+#[derive(Clone, Debug)]
+pub struct RouteMetrics {
+    by_class: [Counter; 5],
+    latency: Histogram,
+}
+
+impl RouteMetrics {
+    /// Counts a finished request.
+    pub fn record(&self, status: u16, seconds: f64) {
+        let class = usize::from((status / 100).clamp(1, 5)) - 1;
+        self.by_class[class].inc();
+        self.latency.observe(seconds);
+    }
+}

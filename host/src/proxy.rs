@@ -1,0 +1,528 @@
+//! The request path, one function per phase, in the order they run:
+//!
+//! 1. [`handle`] takes the current snapshot and matches a route;
+//! 2. [`request_phase`] runs each plugin's `on-request` in the route's order;
+//! 3. [`upstream_phase`] picks a node and forwards, retrying other nodes on connect failures;
+//! 4. [`response_phase`] runs `on-response` in reverse order;
+//! 5. [`Finish`] writes the access log, records metrics and runs `on-log` once the response
+//!    body is done (or the client went away).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+use crate::access_log::{AccessRecord, now_rfc3339};
+use crate::balancer::{InFlight, hash_key};
+use crate::body::{CollectError, ProxyBody, collect_bounded};
+use crate::config::{FailurePolicy, HashOn};
+use crate::error::{GatewayError, json_error};
+use crate::exchange::{BufferedBody, RequestView, ResponseView};
+use crate::gateway::Gateway;
+use crate::plugin::{Action, Reply, Summary};
+use crate::snapshot::{Route, Target};
+use crate::upstream::{self, Outbound, OutboundBody};
+
+/// The header a request id is read from when the client sends one.
+const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// Handles one request from arrival to the response head; the body streams afterwards.
+pub async fn handle(
+    gateway: Arc<Gateway>,
+    request: Request<Incoming>,
+    client: SocketAddr,
+) -> Response<ResponseBody> {
+    let started = Instant::now();
+    let snapshot = gateway.snapshot();
+    let (parts, body) = request.into_parts();
+    let mut finish = Finish {
+        gateway: gateway.clone(),
+        started,
+        request_id: request_id(&parts.headers),
+        client,
+        method: parts.method.to_string(),
+        path: parts.uri.path().to_owned(),
+        status: StatusCode::OK,
+        route: None,
+        upstream: None,
+        plugin_time: Duration::ZERO,
+        kept_request: None,
+        in_flight: None,
+    };
+    let host = request_host(&parts);
+    let Some(matched) = snapshot
+        .routes
+        .lookup(&parts.method, host.as_deref(), parts.uri.path())
+    else {
+        let error = GatewayError::NoRoute {
+            method: finish.method.clone(),
+            path: finish.path.clone(),
+        };
+        return finish.fail(error);
+    };
+    let route = matched.route.clone();
+    finish.route = Some(route.clone());
+    let request = RequestView {
+        method: parts.method,
+        path: route.upstream_path(parts.uri.path(), matched.prefix),
+        query: parts.uri.query().map(str::to_owned),
+        headers: parts.headers,
+        id: std::mem::take(&mut finish.request_id),
+        route_id: route.id.clone(),
+        client_ip: client.ip().to_canonical(),
+        body: BufferedBody::Streaming,
+        vars: HashMap::new(),
+        writable: true,
+        body_access: false,
+        body_limit: 0,
+    };
+    let authority = parts.uri.authority().map(|a| a.as_str().to_owned());
+
+    let (mut request, outcome) =
+        request_phase(&route, request, body, &mut finish.plugin_time).await;
+    finish.request_id = request.id.clone();
+    let body = match outcome {
+        Ok(RequestOutcome::Forward(body)) => body,
+        Ok(RequestOutcome::Reply(reply)) => return finish.respond(reply_response(reply)),
+        Err(error) => return finish.fail(error),
+    };
+    if route.keeps_request {
+        finish.kept_request = Some(read_only_copy(&request));
+    }
+    if !request.headers.contains_key(header::HOST)
+        && let Some(authority) = authority
+        && let Ok(value) = HeaderValue::from_str(&authority)
+    {
+        request.headers.insert(header::HOST, value);
+    }
+
+    let (response, in_flight) = match upstream_phase(&route, request, body, client).await {
+        Ok(sent) => sent,
+        Err(error) => return finish.fail(error),
+    };
+    finish.upstream = Some(in_flight.node().addr.clone());
+    finish.in_flight = Some(in_flight);
+
+    let response = match response_phase(&route, &mut finish, response).await {
+        Ok(response) => response,
+        Err(error) => return finish.fail(error),
+    };
+    finish.respond(response)
+}
+
+/// What the request phase decided.
+enum RequestOutcome {
+    /// Send the request upstream with this body.
+    Forward(OutboundBody),
+    /// A plugin answered.
+    Reply(Reply),
+}
+
+/// Phase 2: buffers the body if a plugin wants it, then runs `on-request` in order.
+async fn request_phase(
+    route: &Route,
+    mut request: RequestView,
+    body: Incoming,
+    plugin_time: &mut Duration,
+) -> (RequestView, Result<RequestOutcome, GatewayError>) {
+    let mut streaming = Some(body);
+    if let Some(limit) = route.request_body_limit {
+        let body = streaming.take().expect("the body is still here");
+        match collect_bounded(body, limit).await {
+            Ok((bytes, _trailers)) => request.body = BufferedBody::Buffered(bytes),
+            Err(CollectError::TooLarge(limit)) => {
+                return (request, Err(GatewayError::RequestTooLarge(limit)));
+            }
+            Err(CollectError::Read(e)) => {
+                return (request, Err(GatewayError::RequestBody(e.to_string())));
+            }
+        }
+    }
+    for link in route
+        .chain
+        .iter()
+        .filter(|link| link.pool.wants().on_request)
+    {
+        let started = Instant::now();
+        let (returned, outcome) = link.pool.on_request(request).await;
+        *plugin_time += started.elapsed();
+        request = returned;
+        match outcome {
+            Ok(Action::Continue) => {}
+            Ok(Action::Respond(reply)) => return (request, Ok(RequestOutcome::Reply(reply))),
+            Err(error) if link.failure == FailurePolicy::Open => {
+                tracing::debug!(plugin = link.pool.name(), %error, "plugin failed open; skipping it");
+            }
+            Err(error) => {
+                let plugin = link.pool.name().to_owned();
+                return (request, Err(GatewayError::Plugin { plugin, error }));
+            }
+        }
+    }
+    request.writable = false;
+    let body = match (&mut request.body, streaming) {
+        (BufferedBody::Buffered(bytes), _) => OutboundBody::Full(std::mem::take(bytes)),
+        (BufferedBody::Streaming, Some(body)) => OutboundBody::Streaming(body),
+        (BufferedBody::Streaming, None) => unreachable!("an unbuffered body is never taken"),
+    };
+    (request, Ok(RequestOutcome::Forward(body)))
+}
+
+/// Phase 3: picks a node and forwards the request.
+async fn upstream_phase(
+    route: &Route,
+    request: RequestView,
+    body: OutboundBody,
+    client: SocketAddr,
+) -> Result<(Response<Incoming>, InFlight), GatewayError> {
+    let Target::Upstream(upstream) = &route.target;
+    let key = match &upstream.config.hash_on {
+        None => 0,
+        Some(HashOn::Ip) => hash_key(client.ip().to_canonical().to_string().as_bytes()),
+        Some(HashOn::Uri) => {
+            hash_key(request.path.as_bytes())
+                ^ hash_key(request.query.as_deref().unwrap_or("").as_bytes())
+        }
+        Some(HashOn::Header(name)) => {
+            hash_key(request.headers.get(name).map_or(&b""[..], |v| v.as_bytes()))
+        }
+    };
+    let RequestView {
+        method,
+        path,
+        query,
+        mut headers,
+        client_ip,
+        ..
+    } = request;
+    strip_hop_by_hop(&mut headers);
+    if matches!(body, OutboundBody::Full(_)) {
+        // The body may have been replaced; hyper sets the length of the one it sends.
+        headers.remove(header::CONTENT_LENGTH);
+    }
+    if upstream.config.scheme == crate::config::Scheme::Grpc {
+        // HTTP/2 carries the authority in the URI; gRPC needs `te: trailers`.
+        headers.remove(header::HOST);
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    append_forwarded_for(&mut headers, client_ip);
+    let path_and_query = match query {
+        Some(query) => format!("{path}?{query}"),
+        None => path,
+    };
+    let outbound = Outbound {
+        method,
+        path_and_query,
+        headers,
+        body,
+    };
+    Ok(upstream::send(upstream, key, outbound).await?)
+}
+
+/// Phase 4: runs `on-response` in reverse order, buffering the body if a plugin wants it.
+async fn response_phase(
+    route: &Route,
+    finish: &mut Finish,
+    response: Response<Incoming>,
+) -> Result<Response<ProxyBody>, GatewayError> {
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    let wants_response = route.chain.iter().any(|link| link.pool.wants().on_response);
+    let Some(request) = finish.kept_request.take().filter(|_| wants_response) else {
+        return Ok(Response::from_parts(parts, ProxyBody::Incoming(body)));
+    };
+    let (body, mut streaming) = match route.response_body_limit {
+        Some(limit) => match collect_bounded(body, limit).await {
+            Ok((bytes, _trailers)) => (Some(bytes), None),
+            Err(CollectError::TooLarge(limit)) => {
+                return Err(GatewayError::ResponseTooLarge(limit));
+            }
+            Err(CollectError::Read(e)) => return Err(GatewayError::ResponseBody(e.to_string())),
+        },
+        None => (None, Some(body)),
+    };
+    let mut view = ResponseView {
+        status: parts.status,
+        headers: std::mem::take(&mut parts.headers),
+        body,
+        body_replaced: false,
+        body_access: false,
+        body_limit: 0,
+    };
+    let mut request = request;
+    for link in route
+        .chain
+        .iter()
+        .rev()
+        .filter(|link| link.pool.wants().on_response)
+    {
+        let started = Instant::now();
+        let (returned_request, returned_view, outcome) = link.pool.on_response(request, view).await;
+        finish.plugin_time += started.elapsed();
+        (request, view) = (returned_request, returned_view);
+        if let Err(error) = outcome {
+            if link.failure == FailurePolicy::Closed {
+                finish.kept_request = Some(request);
+                let plugin = link.pool.name().to_owned();
+                return Err(GatewayError::Plugin { plugin, error });
+            }
+            tracing::debug!(plugin = link.pool.name(), %error, "plugin failed open; skipping it");
+        }
+    }
+    finish.kept_request = Some(request);
+    parts.status = view.status;
+    parts.headers = view.headers;
+    let body = match (view.body, streaming.take()) {
+        (Some(bytes), _) => {
+            if view.body_replaced {
+                parts.headers.remove(header::CONTENT_LENGTH);
+            }
+            ProxyBody::full(bytes)
+        }
+        (None, Some(incoming)) => ProxyBody::Incoming(incoming),
+        (None, None) => ProxyBody::Empty,
+    };
+    Ok(Response::from_parts(parts, body))
+}
+
+/// Phase 5: everything that happens once the response is over. It runs when the response body
+/// is dropped, which hyper does after the last byte is written or when the client goes away.
+pub struct Finish {
+    gateway: Arc<Gateway>,
+    started: Instant,
+    request_id: String,
+    client: SocketAddr,
+    method: String,
+    path: String,
+    status: StatusCode,
+    route: Option<Arc<Route>>,
+    upstream: Option<String>,
+    plugin_time: Duration,
+    /// The request as sent, for plugins' `on-log`.
+    kept_request: Option<RequestView>,
+    /// Keeps the node's in-flight count up while the response streams.
+    in_flight: Option<InFlight>,
+}
+
+impl Finish {
+    fn respond(mut self, response: Response<ProxyBody>) -> Response<ResponseBody> {
+        self.status = response.status();
+        let (parts, body) = response.into_parts();
+        Response::from_parts(
+            parts,
+            ResponseBody {
+                inner: body,
+                _finish: Some(self),
+            },
+        )
+    }
+
+    fn fail(self, error: GatewayError) -> Response<ResponseBody> {
+        tracing::debug!(request_id = %self.request_id, %error, "gateway answered with an error");
+        let response = error.response(&self.request_id);
+        self.respond(response)
+    }
+}
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        let latency = self.started.elapsed();
+        let status = self.status.as_u16();
+        let route_id = self.route.as_ref().map(|r| &*r.id);
+        self.gateway.access_log().write(&AccessRecord {
+            time: now_rfc3339(),
+            request_id: &self.request_id,
+            client_ip: self.client.ip().to_canonical().to_string(),
+            method: &self.method,
+            path: &self.path,
+            route: route_id,
+            upstream: self.upstream.as_deref(),
+            status,
+            latency_us: latency.as_micros() as u64,
+            plugin_us: self.plugin_time.as_micros() as u64,
+        });
+        let Some(route) = self.route.take() else {
+            return;
+        };
+        route.metrics.record(status, latency.as_secs_f64());
+        let Some(mut request) = self.kept_request.take() else {
+            return;
+        };
+        if !route.chain.iter().any(|link| link.pool.wants().on_log) {
+            return;
+        }
+        let summary = Summary {
+            status,
+            latency_us: latency.as_micros() as u64,
+            upstream: self.upstream.clone(),
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            for link in route
+                .chain
+                .iter()
+                .rev()
+                .filter(|link| link.pool.wants().on_log)
+            {
+                let (returned, outcome) = link.pool.on_log(request, &summary).await;
+                request = returned;
+                if let Err(error) = outcome {
+                    tracing::debug!(plugin = link.pool.name(), %error, "on-log failed");
+                }
+            }
+        });
+    }
+}
+
+/// The response body sent to the client; dropping it runs [`Finish`].
+pub struct ResponseBody {
+    inner: ProxyBody,
+    /// Held only for its `Drop`.
+    _finish: Option<Finish>,
+}
+
+impl ResponseBody {
+    /// A body with no finishing work, for responses outside the proxy path.
+    pub fn plain(inner: ProxyBody) -> Self {
+        ResponseBody {
+            inner,
+            _finish: None,
+        }
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The client's request id if it sent a usable one, or a new one.
+fn request_id(headers: &HeaderMap) -> String {
+    headers
+        .get(REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|id| !id.is_empty() && id.len() <= 200 && id.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+}
+
+/// The host the client asked for, lower-case and without a port.
+fn request_host(parts: &http::request::Parts) -> Option<String> {
+    let raw = parts
+        .headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| parts.uri.host())?;
+    let host = match raw.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(v6),
+        None => raw.split(':').next().unwrap_or(raw),
+    };
+    Some(host.to_ascii_lowercase())
+}
+
+fn read_only_copy(request: &RequestView) -> RequestView {
+    RequestView {
+        method: request.method.clone(),
+        path: request.path.clone(),
+        query: request.query.clone(),
+        headers: request.headers.clone(),
+        id: request.id.clone(),
+        route_id: request.route_id.clone(),
+        client_ip: request.client_ip,
+        body: BufferedBody::Streaming,
+        vars: request.vars.clone(),
+        writable: false,
+        body_access: false,
+        body_limit: 0,
+    }
+}
+
+fn reply_response(reply: Reply) -> Response<ProxyBody> {
+    let mut response = Response::new(ProxyBody::full(reply.body));
+    *response.status_mut() =
+        StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    for (name, value) in reply.headers {
+        let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(&value),
+        ) else {
+            tracing::debug!(header = name, "plugin reply header dropped: invalid");
+            continue;
+        };
+        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+            continue;
+        }
+        response.headers_mut().append(name, value);
+    }
+    response
+}
+
+/// Removes headers that describe one connection, not the message (RFC 9110 §7.6.1).
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in listed {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::TE,
+        header::TRAILER,
+    ] {
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+}
+
+fn append_forwarded_for(headers: &mut HeaderMap, client: std::net::IpAddr) {
+    let forwarded = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(earlier) => format!("{earlier}, {client}"),
+        None => client.to_string(),
+    };
+    if let Ok(value) = HeaderValue::from_str(&forwarded) {
+        headers.insert("x-forwarded-for", value);
+    }
+    if !headers.contains_key("x-forwarded-proto") {
+        headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    }
+}
+
+/// A JSON error outside the proxy path (the admin listener uses the same shape).
+pub fn error_response(status: StatusCode, message: &str) -> Response<ProxyBody> {
+    json_error(status, message, "")
+}

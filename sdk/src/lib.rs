@@ -1,0 +1,227 @@
+//! The Rust SDK for Weir plugins: implement [`Plugin`], then call [`export_plugin!`].
+//!
+//! ```ignore
+//! use weir_sdk::{Action, Plugin, Request};
+//!
+//! #[derive(serde::Deserialize)]
+//! struct Config { header: String }
+//!
+//! struct Stamp { header: String }
+//!
+//! impl Plugin for Stamp {
+//!     type Config = Config;
+//!     fn new(config: Config) -> Result<Self, String> {
+//!         Ok(Stamp { header: config.header })
+//!     }
+//!     fn on_request(&self, req: &Request) -> Action {
+//!         req.set_header(&self.header, "yes").ok();
+//!         Action::Continue
+//!     }
+//! }
+//!
+//! weir_sdk::export_plugin!(Stamp);
+//! ```
+
+#![deny(unsafe_code)]
+
+use std::sync::OnceLock;
+
+use serde::de::DeserializeOwned;
+
+/// The bindings that wit-bindgen generates from wit/; plugins use the re-exports below.
+#[doc(hidden)]
+#[allow(unsafe_code, clippy::all, missing_docs)]
+pub mod wit {
+    wit_bindgen::generate!({
+        path: "../wit",
+        world: "plugin",
+        pub_export_macro: true,
+        export_macro_name: "export_bindings",
+        default_bindings_module: "weir_sdk::wit",
+    });
+}
+
+pub use wit::exports::weir::plugin::filter::Wants;
+pub use wit::weir::plugin::http::{Action, Reply, Request, Response, Summary};
+pub use wit::weir::plugin::log::Level;
+
+/// A Weir plugin. One value is built per instance from the route's config, then serves requests.
+///
+/// Only `new` is required; every phase has a default that lets the request through.
+pub trait Plugin: Sized + Send + Sync + 'static {
+    /// The route's `config` object, parsed from JSON; an error in it rejects the route.
+    type Config: DeserializeOwned;
+
+    /// Builds the plugin from its config, or says why the config is wrong.
+    fn new(config: Self::Config) -> Result<Self, String>;
+
+    /// The phases and bodies this plugin needs; by default only `on_request`.
+    fn wants(&self) -> Wants {
+        Wants {
+            on_request: true,
+            on_response: false,
+            on_log: false,
+            request_body: false,
+            response_body: false,
+        }
+    }
+
+    /// Runs before the upstream is called: edit the request, or answer it with `Action::Respond`.
+    fn on_request(&self, _req: &Request) -> Action {
+        Action::Continue
+    }
+
+    /// Runs when the upstream's response arrives (only if `wants().on_response`).
+    fn on_response(&self, _req: &Request, _resp: &Response) {}
+
+    /// Runs after the response was sent (only if `wants().on_log`).
+    fn on_log(&self, _req: &Request, _summary: &Summary) {}
+}
+
+impl Reply {
+    /// A reply with a plain-text body.
+    pub fn text(status: u16, body: impl Into<String>) -> Reply {
+        Reply {
+            status,
+            headers: vec![("content-type".into(), "text/plain; charset=utf-8".into())],
+            body: body.into().into_bytes(),
+        }
+    }
+
+    /// A reply whose body is `{"error": message}`, the shape of the gateway's own errors.
+    pub fn error(status: u16, message: &str) -> Reply {
+        let body = serde_json::json!({ "error": message }).to_string();
+        Reply {
+            status,
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: body.into_bytes(),
+        }
+    }
+
+    /// Adds a header to the reply.
+    pub fn with_header(mut self, name: &str, value: &str) -> Reply {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+}
+
+/// Writes a line to the gateway's log, tagged with the plugin's name.
+pub fn log(level: Level, message: &str) {
+    wit::weir::plugin::log::write(level, message);
+}
+
+/// The plugin's key/value store, shared by all of its instances and namespaced to it.
+pub mod kv {
+    use crate::wit::weir::plugin::kv as raw;
+    use std::time::Duration;
+
+    /// Returns the bytes under `key`, if present and not expired.
+    pub fn get(key: &str) -> Option<Vec<u8>> {
+        raw::get(key)
+    }
+
+    /// Returns the value under `key` as text, if present, not expired, and UTF-8.
+    pub fn get_string(key: &str) -> Option<String> {
+        raw::get(key).and_then(|bytes| String::from_utf8(bytes).ok())
+    }
+
+    /// Stores `value` under `key`, expiring after `ttl` (or living until evicted).
+    pub fn set(key: &str, value: impl AsRef<[u8]>, ttl: Option<Duration>) {
+        raw::set(key, value.as_ref(), ttl.map(millis));
+    }
+
+    /// Removes `key`.
+    pub fn delete(key: &str) {
+        raw::delete(key);
+    }
+
+    /// Atomically adds `delta` to the counter under `key`; a new key starts at 0 and takes `ttl`.
+    pub fn incr(key: &str, delta: i64, ttl: Option<Duration>) -> Result<i64, String> {
+        raw::incr(key, delta, ttl.map(millis))
+    }
+
+    fn millis(ttl: Duration) -> u64 {
+        u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)
+    }
+}
+
+/// Adds `value` to the plugin's counter `name`, exported as `weir_plugin_events_total`.
+pub fn counter_add(name: &str, value: u64) {
+    wit::weir::plugin::metrics::counter_add(name, value);
+}
+
+/// Milliseconds since the Unix epoch, from the gateway's clock.
+pub fn now_ms() -> u64 {
+    wit::weir::plugin::clock::now_ms()
+}
+
+/// Glue between the generated `Guest` trait and [`Plugin`]; used by [`export_plugin!`].
+#[doc(hidden)]
+pub mod __private {
+    use super::*;
+    use crate::wit::exports::weir::plugin::filter::Guest;
+
+    /// Ties an exported type to the plugin type and the instance's one plugin value.
+    pub trait Exported: 'static {
+        /// The user's plugin type.
+        type Plugin: Plugin;
+        /// Where this instance keeps its plugin value.
+        fn slot() -> &'static OnceLock<Self::Plugin>;
+    }
+
+    fn plugin<E: Exported>() -> &'static E::Plugin {
+        // The host calls `init` before any phase; a phase without it is a host bug.
+        E::slot()
+            .get()
+            .expect("weir host called a phase before init")
+    }
+
+    impl<E: Exported> Guest for E {
+        fn init(config: String) -> Result<Wants, String> {
+            let config = if config.trim().is_empty() {
+                "{}"
+            } else {
+                config.as_str()
+            };
+            let parsed: <E::Plugin as Plugin>::Config =
+                serde_json::from_str(config).map_err(|e| format!("invalid config: {e}"))?;
+            let plugin = E::Plugin::new(parsed)?;
+            let wants = plugin.wants();
+            E::slot()
+                .set(plugin)
+                .map_err(|_| "init called twice on one instance".to_string())?;
+            Ok(wants)
+        }
+
+        fn on_request(req: &Request) -> Action {
+            plugin::<E>().on_request(req)
+        }
+
+        fn on_response(req: &Request, resp: &Response) {
+            plugin::<E>().on_response(req, resp)
+        }
+
+        fn on_log(req: &Request, summary: Summary) {
+            plugin::<E>().on_log(req, &summary)
+        }
+    }
+}
+
+/// Exports a [`Plugin`] type as the component's filter.
+#[macro_export]
+macro_rules! export_plugin {
+    ($plugin:ty) => {
+        #[doc(hidden)]
+        struct __WeirExport;
+
+        impl $crate::__private::Exported for __WeirExport {
+            type Plugin = $plugin;
+            fn slot() -> &'static ::std::sync::OnceLock<$plugin> {
+                static SLOT: ::std::sync::OnceLock<$plugin> = ::std::sync::OnceLock::new();
+                &SLOT
+            }
+        }
+
+        $crate::wit::export_bindings!(__WeirExport with_types_in $crate::wit);
+    };
+}
