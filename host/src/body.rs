@@ -131,7 +131,7 @@ impl Body for ReclaimableBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.hint.clone()
+        self.hint
     }
 }
 

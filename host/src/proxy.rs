@@ -89,41 +89,55 @@ pub async fn handle(
     let (mut request, outcome) =
         request_phase(&route, request, body, &mut finish.plugin_time).await;
     finish.request_id = request.id.clone();
-    let body = match outcome {
-        Ok(RequestOutcome::Forward(body)) => body,
-        Ok(RequestOutcome::Reply(reply)) => return finish.respond(reply_response(reply)),
+    let (response, entered) = match outcome {
+        Ok(RequestOutcome::Reply { reply, entered }) => {
+            request.writable = false;
+            finish.kept_request = Some(request);
+            (reply_response(reply), entered)
+        }
+        Ok(RequestOutcome::Forward(body)) => {
+            if route.keeps_request {
+                finish.kept_request = Some(read_only_copy(&request));
+            }
+            if !request.headers.contains_key(header::HOST)
+                && let Some(authority) = authority
+                && let Ok(value) = HeaderValue::from_str(&authority)
+            {
+                request.headers.insert(header::HOST, value);
+            }
+            let response = match upstream_phase(&route, request, body, client).await {
+                Ok((response, in_flight)) => {
+                    finish.upstream = Some(in_flight.node().addr.clone());
+                    finish.in_flight = Some(in_flight);
+                    response.map(ProxyBody::Incoming)
+                }
+                Err(error) => {
+                    tracing::debug!(request_id = %finish.request_id, %error, "upstream failed");
+                    error.response(&finish.request_id)
+                }
+            };
+            (response, route.chain.len())
+        }
         Err(error) => return finish.fail(error),
     };
-    if route.keeps_request {
-        finish.kept_request = Some(read_only_copy(&request));
-    }
-    if !request.headers.contains_key(header::HOST)
-        && let Some(authority) = authority
-        && let Ok(value) = HeaderValue::from_str(&authority)
-    {
-        request.headers.insert(header::HOST, value);
-    }
 
-    let (response, in_flight) = match upstream_phase(&route, request, body, client).await {
-        Ok(sent) => sent,
-        Err(error) => return finish.fail(error),
-    };
-    finish.upstream = Some(in_flight.node().addr.clone());
-    finish.in_flight = Some(in_flight);
-
-    let response = match response_phase(&route, &mut finish, response).await {
-        Ok(response) => response,
-        Err(error) => return finish.fail(error),
-    };
-    finish.respond(response)
+    match response_phase(&route, &mut finish, response, entered).await {
+        Ok(response) => finish.respond(response),
+        Err(error) => finish.fail(error),
+    }
 }
 
 /// What the request phase decided.
 enum RequestOutcome {
     /// Send the request upstream with this body.
     Forward(OutboundBody),
-    /// A plugin answered.
-    Reply(Reply),
+    /// A plugin answered; `entered` counts the chain's links up to and including it.
+    Reply {
+        /// The plugin's answer.
+        reply: Reply,
+        /// How many links of the chain had their turn.
+        entered: usize,
+    },
 }
 
 /// Phase 2: buffers the body if a plugin wants it, then runs `on-request` in order.
@@ -146,18 +160,20 @@ async fn request_phase(
             }
         }
     }
-    for link in route
-        .chain
-        .iter()
-        .filter(|link| link.pool.wants().on_request)
-    {
+    for (index, link) in route.chain.iter().enumerate() {
+        if !link.pool.wants().on_request {
+            continue;
+        }
         let started = Instant::now();
         let (returned, outcome) = link.pool.on_request(request).await;
         *plugin_time += started.elapsed();
         request = returned;
         match outcome {
             Ok(Action::Continue) => {}
-            Ok(Action::Respond(reply)) => return (request, Ok(RequestOutcome::Reply(reply))),
+            Ok(Action::Respond(reply)) => {
+                let entered = index + 1;
+                return (request, Ok(RequestOutcome::Reply { reply, entered }));
+            }
             Err(error) if link.failure == FailurePolicy::Open => {
                 tracing::debug!(plugin = link.pool.name(), %error, "plugin failed open; skipping it");
             }
@@ -227,19 +243,28 @@ async fn upstream_phase(
     Ok(upstream::send(upstream, key, outbound).await?)
 }
 
-/// Phase 4: runs `on-response` in reverse order, buffering the body if a plugin wants it.
+/// Phase 4: runs `on-response` in reverse order over the plugins that `entered` the chain,
+/// buffering the body if one of them wants it. It runs for upstream responses, plugin replies
+/// and upstream errors alike, so that plugins such as request-id mark every answer.
 async fn response_phase(
     route: &Route,
     finish: &mut Finish,
-    response: Response<Incoming>,
+    response: Response<ProxyBody>,
+    entered: usize,
 ) -> Result<Response<ProxyBody>, GatewayError> {
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    let wants_response = route.chain.iter().any(|link| link.pool.wants().on_response);
-    let Some(request) = finish.kept_request.take().filter(|_| wants_response) else {
-        return Ok(Response::from_parts(parts, ProxyBody::Incoming(body)));
+    // The client's connection has its own version; hyper uses it when this is the default.
+    parts.version = http::Version::default();
+    let links = &route.chain[..entered.min(route.chain.len())];
+    let wants_response = links.iter().any(|link| link.pool.wants().on_response);
+    let Some(mut request) = finish.kept_request.take().filter(|_| wants_response) else {
+        return Ok(Response::from_parts(parts, body));
     };
-    let (body, mut streaming) = match route.response_body_limit {
+    let wants_body = links
+        .iter()
+        .any(|link| link.pool.wants().on_response && link.pool.wants().response_body);
+    let (body, mut streaming) = match route.response_body_limit.filter(|_| wants_body) {
         Some(limit) => match collect_bounded(body, limit).await {
             Ok((bytes, _trailers)) => (Some(bytes), None),
             Err(CollectError::TooLarge(limit)) => {
@@ -257,9 +282,7 @@ async fn response_phase(
         body_access: false,
         body_limit: 0,
     };
-    let mut request = request;
-    for link in route
-        .chain
+    for link in links
         .iter()
         .rev()
         .filter(|link| link.pool.wants().on_response)
@@ -287,7 +310,7 @@ async fn response_phase(
             }
             ProxyBody::full(bytes)
         }
-        (None, Some(incoming)) => ProxyBody::Incoming(incoming),
+        (None, Some(body)) => body,
         (None, None) => ProxyBody::Empty,
     };
     Ok(Response::from_parts(parts, body))

@@ -73,7 +73,7 @@ impl Route {
             Some(StripPrefix::Literal(literal)) => literal.trim_end_matches('/'),
         };
         match path.strip_prefix(strip) {
-            Some(rest) if rest.is_empty() => "/".to_owned(),
+            Some("") => "/".to_owned(),
             Some(rest) if rest.starts_with('/') => rest.to_owned(),
             _ => path.to_owned(),
         }

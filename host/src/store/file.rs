@@ -210,14 +210,15 @@ fn collect<T: DeserializeOwned + Identified>(
         match serde_norway::from_value::<T>(item) {
             Ok(object) => {
                 let id = object.identity().to_owned();
-                if objects.contains_key(&id) {
-                    errors.push(ObjectError::new(
-                        kind,
-                        id,
-                        format!("a second {kind} has this {id_field}; only the first loads"),
-                    ));
-                } else {
-                    objects.insert(id, object);
+                match objects.entry(id) {
+                    std::collections::btree_map::Entry::Vacant(slot) => {
+                        slot.insert(object);
+                    }
+                    std::collections::btree_map::Entry::Occupied(taken) => {
+                        let reason =
+                            format!("a second {kind} has this {id_field}; only the first loads");
+                        errors.push(ObjectError::new(kind, taken.key().clone(), reason));
+                    }
                 }
             }
             Err(e) => errors.push(ObjectError::new(kind, label, e.to_string())),

@@ -1,0 +1,8 @@
+//! Weir's integration tests: one binary, so that it links once.
+
+mod balancing;
+mod observability;
+mod plugins;
+mod reload;
+mod routing;
+mod sandbox;

@@ -1,0 +1,281 @@
+//! Each first-party plugin through the gateway, plus short-circuits, body edits and the kv.
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use http_body_util::Full;
+use serde_json::{Value, json};
+use weir_tests::{TestGateway, Upstream, all_plugins, get, node, request, send, send_body, yaml};
+
+/// A gateway whose one upstream is `up` and whose routes are `routes`.
+async fn gateway_with(up: &Upstream, routes: Value) -> TestGateway {
+    TestGateway::start(&yaml(json!({
+        "upstreams": [{"id": "u", "nodes": [node(up)]}],
+        "plugins": all_plugins(),
+        "routes": routes,
+    })))
+    .await
+}
+
+async fn get_with(url: &str, headers: &[(&str, &str)]) -> weir_tests::Reply {
+    let mut builder = request(Method::GET, url);
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
+    send(builder.body(Full::<Bytes>::default()).unwrap()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_id_reaches_the_upstream_the_client_and_the_access_log() {
+    let up = Upstream::start("u").await;
+    let gateway = gateway_with(
+        &up,
+        json!([
+            {"id": "default", "uri": "/d", "upstream_id": "u", "plugins": [{"name": "request-id"}]},
+            {"id": "custom", "uri": "/c", "upstream_id": "u",
+             "plugins": [{"name": "request-id", "config": {"header": "x-trace-id"}}]},
+        ]),
+    )
+    .await;
+
+    let reply = get(&gateway.url("/d")).await;
+    let id = reply
+        .header("x-request-id")
+        .expect("the plugin sets the response header")
+        .to_owned();
+    assert_eq!(id.len(), 36);
+    assert_eq!(reply.json()["headers"]["x-request-id"], id.as_str());
+
+    let reply = get_with(&gateway.url("/c"), &[("x-trace-id", "trace-from-client")]).await;
+    assert_eq!(reply.header("x-trace-id"), Some("trace-from-client"));
+    assert_eq!(reply.json()["headers"]["x-trace-id"], "trace-from-client");
+
+    let log = gateway.access_log(2).await;
+    assert_eq!(log[0]["request_id"], id.as_str());
+    assert_eq!(log[0]["route"], "default");
+    assert_eq!(log[1]["request_id"], "trace-from-client");
+    assert!(log[1]["plugin_us"].as_u64().unwrap() > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_edits_both_directions() {
+    let up = Upstream::start("u").await;
+    let gateway = gateway_with(
+        &up,
+        json!([{"id": "r", "uri": "/*", "upstream_id": "u", "plugins": [{"name": "headers", "config": {
+            "request": {"set": {"x-env": "prod"}, "remove": ["x-debug"], "add": {"x-tag": "gw"}},
+            "response": {"set": {"x-frame-options": "DENY"}, "remove": ["x-upstream"]},
+        }}]}]),
+    )
+    .await;
+    let reply = get_with(
+        &gateway.url("/"),
+        &[("x-env", "dev"), ("x-debug", "1"), ("x-tag", "client")],
+    )
+    .await;
+    let seen = &reply.json()["headers"];
+    assert_eq!(seen["x-env"], "prod");
+    assert!(seen.get("x-debug").is_none());
+    assert_eq!(seen["x-tag"], "client, gw");
+    assert_eq!(reply.header("x-frame-options"), Some("DENY"));
+    assert_eq!(reply.header("x-upstream"), None);
+
+    // A config that names an invalid header is refused when the route loads.
+    let status = gateway_with(
+        &up,
+        json!([{"id": "bad", "uri": "/*", "upstream_id": "u", "plugins": [{"name": "headers", "config": {
+            "request": {"set": {"bad header": "x"}},
+        }}]}]),
+    )
+    .await;
+    let errors = status.errors();
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.id == "bad" && e.reason.contains("not a valid header name")),
+        "{errors:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ip_restriction_allows_and_denies_by_cidr() {
+    let up = Upstream::start("u").await;
+    let gateway = gateway_with(
+        &up,
+        json!([
+            {"id": "allowed", "uri": "/allowed", "upstream_id": "u",
+             "plugins": [{"name": "ip-restriction", "config": {"allow": ["127.0.0.0/8"]}}]},
+            {"id": "denied", "uri": "/denied", "upstream_id": "u",
+             "plugins": [{"name": "ip-restriction", "config": {"deny": ["127.0.0.1"]}}]},
+            {"id": "elsewhere", "uri": "/elsewhere", "upstream_id": "u",
+             "plugins": [{"name": "ip-restriction", "config": {"allow": ["10.0.0.0/8"]}}]},
+        ]),
+    )
+    .await;
+    assert_eq!(get(&gateway.url("/allowed")).await.status, StatusCode::OK);
+    let denied = get(&gateway.url("/denied")).await;
+    assert_eq!(denied.status, StatusCode::FORBIDDEN);
+    assert_eq!(denied.json()["error"], "your IP address is not allowed");
+    assert_eq!(
+        get(&gateway.url("/elsewhere")).await.status,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(up.hits(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_auth_needs_a_known_key() {
+    let up = Upstream::start("u").await;
+    let gateway = gateway_with(
+        &up,
+        json!([{"id": "r", "uri": "/*", "upstream_id": "u", "plugins": [{"name": "key-auth", "config": {
+            "header": "x-api-key", "keys": ["k-one", "k-two"], "hide_credentials": true,
+        }}]}]),
+    )
+    .await;
+    let missing = get(&gateway.url("/")).await;
+    assert_eq!(missing.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(missing.json()["error"], "missing API key");
+    let wrong = get_with(&gateway.url("/"), &[("x-api-key", "k-three")]).await;
+    assert_eq!(wrong.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(wrong.json()["error"], "invalid API key");
+    let right = get_with(&gateway.url("/"), &[("x-api-key", "k-two")]).await;
+    assert_eq!(right.status, StatusCode::OK);
+    assert!(
+        right.json()["headers"].get("x-api-key").is_none(),
+        "hide_credentials keeps the key from the upstream"
+    );
+    assert_eq!(up.hits(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_reply_short_circuits_the_chain_and_the_upstream() {
+    let up = Upstream::start("u").await;
+    let gateway = gateway_with(
+        &up,
+        json!([{"id": "r", "uri": "/*", "upstream_id": "u", "plugins": [
+            {"name": "request-id"},
+            {"name": "probe", "config": {"mode": "reply", "status": 418, "body": "short and stout"}},
+            {"name": "key-auth", "config": {"keys": ["never-reached"]}},
+        ]}]),
+    )
+    .await;
+    let reply = get(&gateway.url("/")).await;
+    assert_eq!(reply.status, StatusCode::IM_A_TEAPOT);
+    assert_eq!(reply.text(), "short and stout");
+    assert_eq!(reply.header("x-probe"), Some("replied"));
+    // Plugins before the one that replied still see the response.
+    assert_eq!(reply.header("x-request-id").map(str::len), Some(36));
+    assert_eq!(up.hits(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_edits_request_and_response_bodies_within_the_bound() {
+    let up = Upstream::start("u").await;
+    let mut plugins = all_plugins();
+    for plugin in plugins.as_array_mut().unwrap() {
+        if plugin["name"] == "probe" {
+            plugin["limits"] = json!({"max_body_bytes": 2048});
+        }
+    }
+    let gateway = TestGateway::start(&yaml(json!({
+        "upstreams": [
+            {"id": "u", "nodes": [node(&up)]},
+        ],
+        "plugins": plugins,
+        "routes": [{"id": "r", "uri": "/*", "upstream_id": "u", "plugins": [
+            {"name": "probe", "config": {"mode": "body", "suffix": "-signed"}},
+        ]}],
+    })))
+    .await;
+
+    let reply = send_body(Method::POST, &gateway.url("/b"), "hello body").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let text = reply.text();
+    assert!(text.ends_with("-signed"), "{text}");
+    let echo: Value = serde_json::from_str(text.trim_end_matches("-signed")).unwrap();
+    assert_eq!(echo["body"], "HELLO BODY");
+    assert_eq!(echo["headers"]["content-length"], "10");
+    assert_eq!(
+        reply.header("content-length").unwrap(),
+        text.len().to_string()
+    );
+
+    // Over the bound: the request gets 413 and never reaches the upstream.
+    let hits = up.hits();
+    let big = send_body(Method::POST, &gateway.url("/b"), vec![b'x'; 4096]).await;
+    assert_eq!(big.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(
+        big.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("over 2048 bytes")
+    );
+    assert_eq!(up.hits(), hits);
+
+    // A response over the bound gets 502: the echo of a 1900-byte body is over 2048.
+    let reply = send_body(Method::POST, &gateway.url("/b"), vec![b'y'; 1900]).await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+    assert!(
+        reply.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("response body is over 2048")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kv_is_shared_by_every_instance_of_a_plugin() {
+    let up = Upstream::start("u").await;
+    let gateway = gateway_with(
+        &up,
+        json!([{"id": "r", "uri": "/*", "upstream_id": "u", "plugins": [
+            {"name": "probe", "config": {"mode": "count", "key": "hits"}},
+        ]}]),
+    )
+    .await;
+    // Concurrent requests use several instances; the count still goes up by one each.
+    let mut handles = Vec::new();
+    for _ in 0..20 {
+        let url = gateway.url("/");
+        handles.push(tokio::spawn(async move {
+            get(&url).await.json()["headers"]["x-count"].clone()
+        }));
+    }
+    let mut counts: Vec<u64> = Vec::new();
+    for h in handles {
+        counts.push(h.await.unwrap().as_str().unwrap().parse().unwrap());
+    }
+    counts.sort();
+    assert_eq!(counts, (1..=20).collect::<Vec<u64>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vars_carry_from_on_request_to_on_response_and_on_log() {
+    let up = Upstream::start("u").await;
+    let gateway = gateway_with(
+        &up,
+        json!([{"id": "r", "uri": "/*", "upstream_id": "u", "plugins": [
+            {"name": "probe", "config": {"mode": "trace", "tag": "t1"}},
+        ]}]),
+    )
+    .await;
+    for _ in 0..3 {
+        assert_eq!(
+            get(&gateway.url("/x")).await.header("x-probe-tag"),
+            Some("t1")
+        );
+    }
+    // on-log runs after the response; its counter shows up in the metrics.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let metrics = get(&gateway.admin_url("/metrics")).await.text();
+        if metrics.contains(r#"weir_plugin_events_total{plugin="probe",name="t1-logged"} 3"#) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "on-log never counted 3:\n{metrics}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,134 @@
+//! The file store: changes go live without a restart, and bad changes keep what was serving.
+
+use std::time::Duration;
+
+use http::StatusCode;
+use serde_json::{Value, json};
+use weir_tests::{Behaviour, TestGateway, Upstream, all_plugins, get, node, yaml};
+
+fn config(upstream: &Upstream, route_extra: Value) -> String {
+    let mut route = json!({"id": "r", "uri": "/*", "upstream_id": "u"});
+    for (k, v) in route_extra.as_object().unwrap() {
+        route[k] = v.clone();
+    }
+    yaml(json!({
+        "upstreams": [{"id": "u", "nodes": [node(upstream)]}],
+        "plugins": all_plugins(),
+        "routes": [route],
+    }))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_valid_change_goes_live_within_a_second() {
+    let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
+    let gateway = TestGateway::start(&config(&a, json!({}))).await;
+    assert_eq!(get(&gateway.url("/")).await.header("x-upstream"), Some("a"));
+
+    let took = gateway
+        .reload(&config(&b, json!({"plugins": [{"name": "headers", "config": {"response": {"set": {"x-v": "2"}}}}]})))
+        .await;
+    assert!(took < Duration::from_secs(1), "reload took {took:?}");
+    let reply = get(&gateway.url("/")).await;
+    assert_eq!(reply.header("x-upstream"), Some("b"));
+    assert_eq!(reply.header("x-v"), Some("2"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_changes_are_reported_and_the_old_config_keeps_serving() {
+    let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
+    let good = json!({"plugins": [{"name": "key-auth", "config": {"keys": ["k"]}}]});
+    let gateway = TestGateway::start(&config(&a, good.clone())).await;
+    let check_still_old = || async {
+        assert_eq!(
+            get(&gateway.url("/")).await.status,
+            StatusCode::UNAUTHORIZED
+        );
+    };
+    check_still_old().await;
+
+    // Not YAML at all: nothing changes, not even the generation.
+    let generation = gateway.generation();
+    gateway.write_config("routes: [ {id: r, uri: /*");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(gateway.generation(), generation);
+    check_still_old().await;
+
+    // An unknown plugin: the route keeps its previous version, and the reason is listed.
+    gateway
+        .reload(&config(
+            &a,
+            json!({"plugins": [{"name": "no-such-plugin"}]}),
+        ))
+        .await;
+    check_still_old().await;
+    let status = get(&gateway.admin_url("/v1/status")).await.json();
+    let reason = status["errors"][0]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("plugin \"no-such-plugin\" is not loaded"),
+        "{status}"
+    );
+    assert!(
+        reason.contains("previous version keeps serving"),
+        "{status}"
+    );
+
+    // A config that the plugin's init rejects.
+    gateway
+        .reload(&config(
+            &a,
+            json!({"plugins": [{"name": "key-auth", "config": {"keys": []}}]}),
+        ))
+        .await;
+    check_still_old().await;
+    assert!(
+        gateway.errors()[0]
+            .reason
+            .contains("`keys` must list at least one key"),
+        "{:?}",
+        gateway.errors()
+    );
+
+    // An upstream with no nodes keeps the nodes it had.
+    let mut no_nodes: Value = serde_json::from_str(&config(&b, good.clone())).unwrap();
+    no_nodes["upstreams"][0]["nodes"] = json!([]);
+    gateway.reload(&yaml(no_nodes)).await;
+    check_still_old().await;
+    assert_eq!(a.hits(), 0);
+    let errors = gateway.errors();
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.id == "u" && e.reason.contains("at least one node")),
+        "{errors:?}"
+    );
+
+    // A good change after all that applies, and clears the errors.
+    gateway.reload(&config(&b, json!({}))).await;
+    assert_eq!(get(&gateway.url("/")).await.header("x-upstream"), Some("b"));
+    assert!(gateway.errors().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_in_flight_finishes_on_the_config_it_started_with() {
+    let slow = Upstream::start_with(
+        "slow",
+        Behaviour {
+            delay: Duration::from_millis(700),
+            ..Behaviour::default()
+        },
+    )
+    .await;
+    let fast = Upstream::start("fast").await;
+    let gateway = TestGateway::start(&config(&slow, json!({}))).await;
+    let url = gateway.url("/in-flight");
+    let in_flight = tokio::spawn(async move { get(&url).await });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    gateway.reload(&config(&fast, json!({}))).await;
+    assert_eq!(
+        get(&gateway.url("/")).await.header("x-upstream"),
+        Some("fast")
+    );
+    let reply = in_flight.await.unwrap();
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.header("x-upstream"), Some("slow"));
+}

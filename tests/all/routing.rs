@@ -1,0 +1,169 @@
+//! Routing: paths, methods, hosts, priority, strip_prefix, HTTP/2, and the 404 shape.
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use http_body_util::Full;
+use serde_json::json;
+use weir_tests::{TestGateway, Upstream, get, node, request, send, yaml};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_by_path_method_host_and_priority() {
+    let (a, b, c) = (
+        Upstream::start("a").await,
+        Upstream::start("b").await,
+        Upstream::start("c").await,
+    );
+    let gateway = TestGateway::start(&yaml(json!({
+        "upstreams": [
+            {"id": "a", "nodes": [node(&a)]},
+            {"id": "b", "nodes": [node(&b)]},
+            {"id": "c", "nodes": [node(&c)]},
+        ],
+        "routes": [
+            {"id": "exact", "uri": "/exact", "upstream_id": "a"},
+            {"id": "prefix", "uri": "/api/*", "upstream_id": "b"},
+            {"id": "param", "uri": "/users/{id}", "upstream_id": "c"},
+            {"id": "post-only", "uri": "/api/items", "methods": ["POST"], "upstream_id": "c"},
+            {"id": "hosted", "uri": "/api/*", "hosts": ["api.example.com"], "upstream_id": "c"},
+            {"id": "low", "uri": "/p", "upstream_id": "a"},
+            {"id": "high", "uri": "/p", "priority": 10, "upstream_id": "b"},
+            {"id": "many", "uris": ["/one", "/two/*"], "upstream_id": "a"},
+        ],
+    })))
+    .await;
+    let upstream_of = |reply: weir_tests::Reply| reply.header("x-upstream").map(str::to_owned);
+
+    assert_eq!(
+        upstream_of(get(&gateway.url("/exact")).await).as_deref(),
+        Some("a")
+    );
+    assert_eq!(
+        upstream_of(get(&gateway.url("/api/anything/deep")).await).as_deref(),
+        Some("b")
+    );
+    assert_eq!(
+        upstream_of(get(&gateway.url("/api")).await).as_deref(),
+        Some("b")
+    );
+    assert_eq!(
+        upstream_of(get(&gateway.url("/users/42")).await).as_deref(),
+        Some("c")
+    );
+    assert_eq!(
+        upstream_of(get(&gateway.url("/api/items")).await).as_deref(),
+        Some("b")
+    );
+    let post = weir_tests::send_body(Method::POST, &gateway.url("/api/items"), "x").await;
+    assert_eq!(upstream_of(post).as_deref(), Some("c"));
+    let hosted = send(
+        request(Method::GET, &gateway.url("/api/x"))
+            .header("host", "api.example.com:9080")
+            .body(Full::<Bytes>::default())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(upstream_of(hosted).as_deref(), Some("c"));
+    assert_eq!(
+        upstream_of(get(&gateway.url("/p")).await).as_deref(),
+        Some("b")
+    );
+    assert_eq!(
+        upstream_of(get(&gateway.url("/one")).await).as_deref(),
+        Some("a")
+    );
+    assert_eq!(
+        upstream_of(get(&gateway.url("/two/x")).await).as_deref(),
+        Some("a")
+    );
+
+    // The echo shows what the upstream received: path and query untouched.
+    let echo = get(&gateway.url("/users/42?x=1&y=2")).await.json();
+    assert_eq!(echo["path"], "/users/42");
+    assert_eq!(echo["query"], "x=1&y=2");
+    assert_eq!(echo["headers"]["x-forwarded-for"], "127.0.0.1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_route_is_a_json_404_with_the_request_id() {
+    let gateway = TestGateway::start(&yaml(json!({}))).await;
+    let reply = get(&gateway.url("/nowhere")).await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND);
+    assert_eq!(reply.header("content-type"), Some("application/json"));
+    let body = reply.json();
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("no route matches GET /nowhere"),
+        "{body}"
+    );
+    assert_eq!(body["request_id"].as_str().unwrap().len(), 36, "{body}");
+
+    let reply = send(
+        request(Method::GET, &gateway.url("/nowhere"))
+            .header("x-request-id", "client-chosen-id")
+            .body(Full::<Bytes>::default())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(reply.json()["request_id"], "client-chosen-id");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strip_prefix_removes_the_route_prefix_or_a_literal() {
+    let up = Upstream::start("u").await;
+    let gateway = TestGateway::start(&yaml(json!({
+        "upstreams": [{"id": "u", "nodes": [node(&up)]}],
+        "routes": [
+            {"id": "svc", "uri": "/svc/*", "strip_prefix": true, "upstream_id": "u"},
+            {"id": "lit", "uri": "/v2/api/*", "strip_prefix": "/v2", "upstream_id": "u"},
+        ],
+    })))
+    .await;
+    assert_eq!(
+        get(&gateway.url("/svc/a/b?q=1")).await.json()["path"],
+        "/a/b"
+    );
+    assert_eq!(get(&gateway.url("/svc")).await.json()["path"], "/");
+    assert_eq!(
+        get(&gateway.url("/v2/api/x")).await.json()["path"],
+        "/api/x"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_http2_with_prior_knowledge() {
+    let up = Upstream::start("u").await;
+    let gateway = TestGateway::start(&yaml(json!({
+        "upstreams": [{"id": "u", "nodes": [node(&up)]}],
+        "routes": [{"id": "all", "uri": "/*", "upstream_id": "u"}],
+    })))
+    .await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Full<Bytes>>();
+    let response = client
+        .request(
+            request(Method::GET, &gateway.url("/h2"))
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await
+        .expect("an HTTP/2 response");
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let echo: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(echo["path"], "/h2");
+    // The upstream speaks HTTP/1.1 and still gets a Host header.
+    assert!(
+        echo["headers"]["host"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:"),
+        "{echo}"
+    );
+}

@@ -1,0 +1,158 @@
+//! Plugin failures: loops, memory bombs, panics and runaway recursion become the plugin's
+//! failure policy, and the gateway keeps serving everything else.
+
+use std::time::{Duration, Instant};
+
+use http::StatusCode;
+use serde_json::{Value, json};
+use weir_tests::{TestGateway, Upstream, get, node, plugins, yaml};
+
+fn probe(name: &str, failure: &str, limits: Value) -> Value {
+    json!({"name": name, "module": plugins::PROBE, "failure": failure, "limits": limits})
+}
+
+async fn hostile_gateway(up: &Upstream) -> TestGateway {
+    TestGateway::start(&yaml(json!({
+        "upstreams": [{"id": "u", "nodes": [node(up)]}],
+        "plugins": [
+            probe("closed", "closed", json!({"timeout_ms": 50, "memory_mb": 16})),
+            probe("open", "open", json!({"timeout_ms": 50, "memory_mb": 16})),
+        ],
+        "routes": [
+            {"id": "ok", "uri": "/ok", "upstream_id": "u"},
+            {"id": "loop", "uri": "/loop", "upstream_id": "u", "plugins": [{"name": "closed", "config": {"mode": "loop"}}]},
+            {"id": "alloc", "uri": "/alloc", "upstream_id": "u", "plugins": [{"name": "closed", "config": {"mode": "alloc"}}]},
+            {"id": "panic", "uri": "/panic", "upstream_id": "u", "plugins": [{"name": "closed", "config": {"mode": "panic"}}]},
+            {"id": "recurse", "uri": "/recurse", "upstream_id": "u", "plugins": [{"name": "closed", "config": {"mode": "recurse"}}]},
+            {"id": "open-loop", "uri": "/open-loop", "upstream_id": "u", "plugins": [{"name": "open", "config": {"mode": "loop"}}]},
+            {"id": "open-panic", "uri": "/open-panic", "upstream_id": "u", "plugins": [{"name": "open", "config": {"mode": "panic"}}]},
+        ],
+    })))
+    .await
+}
+
+async fn assert_plugin_failure(gateway: &TestGateway, path: &str) {
+    let reply = get(&gateway.url(path)).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "{path}: {}",
+        reply.text()
+    );
+    let body = reply.json();
+    assert_eq!(body["error"], "plugin closed failed", "{path}: {body}");
+    assert_eq!(body["request_id"].as_str().unwrap().len(), 36);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_infinite_loop_is_stopped_by_the_deadline_while_other_routes_serve() {
+    let up = Upstream::start("u").await;
+    let gateway = hostile_gateway(&up).await;
+    // Keep a well-behaved route busy while the loops run.
+    let ok_url = gateway.url("/ok");
+    let neighbour = tokio::spawn(async move {
+        let mut statuses = Vec::new();
+        for _ in 0..50 {
+            statuses.push(get(&ok_url).await.status);
+        }
+        statuses
+    });
+    for _ in 0..5 {
+        let started = Instant::now();
+        assert_plugin_failure(&gateway, "/loop").await;
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "the 50 ms deadline took {:?}",
+            started.elapsed()
+        );
+    }
+    let statuses = neighbour.await.unwrap();
+    assert!(
+        statuses.iter().all(|s| *s == StatusCode::OK),
+        "{statuses:?}"
+    );
+    let metrics = get(&gateway.admin_url("/metrics")).await.text();
+    assert!(
+        metrics.contains(r#"weir_plugin_failures_total{plugin="closed",kind="timeout"} 5"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_memory_bomb_hits_its_limit_and_nothing_else_notices() {
+    let up = Upstream::start("u").await;
+    let gateway = hostile_gateway(&up).await;
+    for _ in 0..5 {
+        assert_plugin_failure(&gateway, "/alloc").await;
+        assert_eq!(get(&gateway.url("/ok")).await.status, StatusCode::OK);
+    }
+    let metrics = get(&gateway.admin_url("/metrics")).await.text();
+    assert!(
+        metrics.contains(r#"weir_plugin_failures_total{plugin="closed",kind="memory"} 5"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_or_runaway_recursion_fails_closed_and_the_instance_is_replaced() {
+    let up = Upstream::start("u").await;
+    let gateway = hostile_gateway(&up).await;
+    for _ in 0..3 {
+        assert_plugin_failure(&gateway, "/panic").await;
+        assert_plugin_failure(&gateway, "/recurse").await;
+        assert_eq!(get(&gateway.url("/ok")).await.status, StatusCode::OK);
+    }
+    assert_eq!(up.hits(), 3, "failed requests never reach the upstream");
+    let metrics = get(&gateway.admin_url("/metrics")).await.text();
+    assert!(
+        metrics.contains(r#"weir_plugin_failures_total{plugin="closed",kind="trap"} 6"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_open_skips_the_broken_plugin() {
+    let up = Upstream::start("u").await;
+    let gateway = hostile_gateway(&up).await;
+    for path in ["/open-loop", "/open-panic"] {
+        let reply = get(&gateway.url(path)).await;
+        assert_eq!(reply.status, StatusCode::OK, "{path}");
+        assert_eq!(reply.json()["path"], path);
+    }
+    assert_eq!(up.hits(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_that_fails_in_init_is_rejected_when_the_route_loads() {
+    let up = Upstream::start("u").await;
+    let gateway = TestGateway::start(&yaml(json!({
+        "upstreams": [{"id": "u", "nodes": [node(&up)]}],
+        "plugins": [probe("probe", "closed", json!({}))],
+        "routes": [
+            {"id": "ok", "uri": "/ok", "upstream_id": "u"},
+            {"id": "init-panics", "uri": "/a", "upstream_id": "u", "plugins": [{"name": "probe", "config": {"mode": "panic-in-init"}}]},
+            {"id": "bad-config", "uri": "/b", "upstream_id": "u", "plugins": [{"name": "probe", "config": {"mode": "no-such-mode"}}]},
+        ],
+    })))
+    .await;
+    let errors = gateway.errors();
+    let reason = |id: &str| {
+        errors
+            .iter()
+            .find(|e| e.id == id)
+            .map(|e| e.reason.clone())
+            .unwrap_or_default()
+    };
+    assert!(
+        reason("init-panics").contains("plugin trapped"),
+        "{errors:?}"
+    );
+    assert!(
+        reason("bad-config").contains("unknown variant `no-such-mode`"),
+        "{errors:?}"
+    );
+    assert_eq!(get(&gateway.url("/a")).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(get(&gateway.url("/ok")).await.status, StatusCode::OK);
+    let status = get(&gateway.admin_url("/v1/status")).await.json();
+    assert_eq!(status["errors"].as_array().unwrap().len(), 2, "{status}");
+}

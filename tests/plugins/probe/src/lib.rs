@@ -1,0 +1,126 @@
+//! probe: a test plugin whose config picks what it does, from well-behaved to hostile.
+
+use serde::Deserialize;
+use weir_sdk::{Action, Level, Plugin, Reply, Request, Response, Summary, Wants, kv};
+
+#[derive(Deserialize)]
+#[serde(tag = "mode", rename_all = "kebab-case", deny_unknown_fields)]
+enum Config {
+    /// Answers with this status and body; the upstream is never called.
+    Reply { status: u16, body: String },
+    /// Upper-cases the request body and appends `suffix` to the response body.
+    Body { suffix: String },
+    /// Counts requests in the kv and reports the count in `x-count`.
+    Count { key: String },
+    /// Loops forever in on-request.
+    Loop,
+    /// Allocates without bound in on-request.
+    Alloc,
+    /// Panics in on-request.
+    Panic,
+    /// Recurses without bound in on-request.
+    Recurse,
+    /// Writes a log line and marks the request with a var that on-response and on-log read.
+    Trace { tag: String },
+    /// Panics in init, so the config can never load.
+    PanicInInit,
+}
+
+struct Probe(Config);
+
+impl Plugin for Probe {
+    type Config = Config;
+
+    fn new(config: Config) -> Result<Self, String> {
+        match &config {
+            Config::PanicInInit => panic!("probe: panic in init"),
+            Config::Reply { status, .. } if *status < 100 => {
+                Err(format!("status {status} is not a status"))
+            }
+            _ => Ok(Probe(config)),
+        }
+    }
+
+    fn wants(&self) -> Wants {
+        let body = matches!(self.0, Config::Body { .. });
+        let trace = matches!(self.0, Config::Trace { .. });
+        Wants {
+            on_request: true,
+            on_response: body || trace,
+            on_log: trace,
+            request_body: body,
+            response_body: body,
+        }
+    }
+
+    fn on_request(&self, req: &Request) -> Action {
+        match &self.0 {
+            Config::Reply { status, body } => Action::Respond(
+                Reply::text(*status, body.clone()).with_header("x-probe", "replied"),
+            ),
+            Config::Body { .. } => {
+                let body = req.body().unwrap_or_default();
+                let _ = req.set_body(&body.to_ascii_uppercase());
+                Action::Continue
+            }
+            Config::Count { key } => {
+                let count = kv::incr(key, 1, None).unwrap_or(-1);
+                let _ = req.set_header("x-count", &count.to_string());
+                Action::Continue
+            }
+            Config::Loop => {
+                let mut n: u64 = 0;
+                loop {
+                    n = std::hint::black_box(n.wrapping_add(1));
+                }
+            }
+            Config::Alloc => {
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    hoard.push(vec![1u8; 1 << 20]);
+                    std::hint::black_box(&hoard);
+                }
+            }
+            Config::Panic => panic!("probe: deliberate panic"),
+            Config::Recurse => {
+                #[allow(unconditional_recursion)] // Unbounded on purpose: this is the hostile case.
+                fn deeper(n: u64) -> u64 {
+                    std::hint::black_box(deeper(std::hint::black_box(n + 1)) + 1)
+                }
+                let _ = req.set_header("x-depth", &deeper(0).to_string());
+                Action::Continue
+            }
+            Config::Trace { tag } => {
+                weir_sdk::log(Level::Info, &format!("probe {tag} saw {}", req.path()));
+                req.set_var("probe-tag", tag);
+                Action::Continue
+            }
+            Config::PanicInInit => unreachable!("init never succeeds"),
+        }
+    }
+
+    fn on_response(&self, req: &Request, resp: &Response) {
+        match &self.0 {
+            Config::Body { suffix } => {
+                let mut body = resp.body().unwrap_or_default();
+                body.extend_from_slice(suffix.as_bytes());
+                let _ = resp.set_body(&body);
+            }
+            Config::Trace { .. } => {
+                let tag = req.get_var("probe-tag").unwrap_or_default();
+                let _ = resp.set_header("x-probe-tag", &tag);
+            }
+            _ => {}
+        }
+    }
+
+    fn on_log(&self, req: &Request, summary: &Summary) {
+        if let Config::Trace { tag } = &self.0 {
+            weir_sdk::counter_add(&format!("{tag}-logged"), 1);
+            let _ = kv::incr(&format!("{tag}-status-{}", summary.status), 1, None);
+            let _ = req.id();
+        }
+    }
+}
+
+weir_sdk::export_plugin!(Probe);

@@ -1,0 +1,368 @@
+//! The integration-test harness: a gateway in-process on port 0, upstreams the test owns, and a
+//! small HTTP client.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use weir::{AccessLogTarget, ConfigSource, GatewayOptions, RunningGateway};
+
+/// Paths of the plugin components that build.rs built.
+pub mod plugins {
+    include!(concat!(env!("OUT_DIR"), "/plugins.rs"));
+}
+
+/// Every built component as a `plugins` list, with default limits and failure policy.
+pub fn all_plugins() -> serde_json::Value {
+    let entries: Vec<serde_json::Value> = [
+        ("request-id", plugins::REQUEST_ID),
+        ("headers", plugins::HEADERS),
+        ("ip-restriction", plugins::IP_RESTRICTION),
+        ("key-auth", plugins::KEY_AUTH),
+        ("probe", plugins::PROBE),
+    ]
+    .iter()
+    .map(|(name, path)| serde_json::json!({ "name": name, "module": path }))
+    .collect();
+    serde_json::Value::Array(entries)
+}
+
+/// A config file's text. JSON is YAML, so tests build configs with `json!`.
+pub fn yaml(config: serde_json::Value) -> String {
+    serde_json::to_string_pretty(&config).expect("a JSON value serializes")
+}
+
+/// A node entry for an upstream the test owns.
+pub fn node(upstream: &Upstream) -> serde_json::Value {
+    serde_json::json!({ "host": "127.0.0.1", "port": upstream.port() })
+}
+
+/// How a test upstream answers.
+#[derive(Clone, Debug)]
+pub struct Behaviour {
+    /// Wait this long before answering.
+    pub delay: Duration,
+    /// The status to answer with.
+    pub status: StatusCode,
+    /// Answer with this body instead of the JSON echo.
+    pub body: Option<Bytes>,
+}
+
+impl Default for Behaviour {
+    fn default() -> Self {
+        Behaviour {
+            delay: Duration::ZERO,
+            status: StatusCode::OK,
+            body: None,
+        }
+    }
+}
+
+/// An HTTP upstream owned by the test. It answers with a JSON echo of the request:
+/// `{"upstream", "method", "path", "query", "headers", "body"}`, and an `x-upstream` header.
+pub struct Upstream {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    hits: Arc<AtomicUsize>,
+    stop: watch::Sender<bool>,
+}
+
+impl Upstream {
+    /// An echo upstream called `name`.
+    pub async fn start(name: &str) -> Upstream {
+        Self::start_with(name, Behaviour::default()).await
+    }
+
+    /// An upstream called `name` that behaves as told.
+    pub async fn start_with(name: &str, behaviour: Behaviour) -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binding an upstream");
+        let addr = listener.local_addr().expect("upstream address");
+        let hits = Arc::new(AtomicUsize::new(0));
+        let (stop, mut stopped) = watch::channel(false);
+        let name: Arc<str> = name.into();
+        let counter = hits.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = tokio::select! {
+                    _ = stopped.changed() => return,
+                    accepted = listener.accept() => match accepted { Ok(a) => a, Err(_) => continue },
+                };
+                let (name, behaviour, counter) = (name.clone(), behaviour.clone(), counter.clone());
+                tokio::spawn(async move {
+                    let service = service_fn(move |request| {
+                        counter.fetch_add(1, Ordering::SeqCst);
+                        answer(name.clone(), behaviour.clone(), request)
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Upstream { addr, hits, stop }
+    }
+
+    /// Its port.
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// How many requests it has received.
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+async fn answer(
+    name: Arc<str>,
+    behaviour: Behaviour,
+    request: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let (parts, body) = request.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    if !behaviour.delay.is_zero() {
+        tokio::time::sleep(behaviour.delay).await;
+    }
+    let body = behaviour.body.clone().unwrap_or_else(|| {
+        let mut headers: BTreeMap<String, String> = BTreeMap::new();
+        for (name, value) in &parts.headers {
+            let value = String::from_utf8_lossy(value.as_bytes());
+            headers
+                .entry(name.to_string())
+                .and_modify(|earlier| *earlier = format!("{earlier}, {value}"))
+                .or_insert_with(|| value.into_owned());
+        }
+        let echo = serde_json::json!({
+            "upstream": &*name,
+            "method": parts.method.as_str(),
+            "path": parts.uri.path(),
+            "query": parts.uri.query(),
+            "headers": headers,
+            "body": String::from_utf8_lossy(&body),
+        });
+        Bytes::from(echo.to_string())
+    });
+    let mut response = Response::new(Full::new(body));
+    *response.status_mut() = behaviour.status;
+    response.headers_mut().insert(
+        "x-upstream",
+        name.parse().expect("upstream names are header-safe"),
+    );
+    Ok(response)
+}
+
+/// A gateway running in this process on port 0, with its config file in a temporary folder.
+pub struct TestGateway {
+    running: Option<RunningGateway>,
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    access_log: PathBuf,
+}
+
+impl TestGateway {
+    /// Starts a gateway with this YAML config.
+    pub async fn start(yaml: &str) -> TestGateway {
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        let config = dir.path().join("weir.yaml");
+        let access_log = dir.path().join("access.log");
+        std::fs::write(&config, yaml).expect("writing the config");
+        let options = GatewayOptions {
+            config: ConfigSource::File(config.clone()),
+            listen: "127.0.0.1:0".parse().expect("an address"),
+            admin_listen: Some("127.0.0.1:0".parse().expect("an address")),
+            access_log: AccessLogTarget::File(access_log.clone()),
+        };
+        let running = weir::start(options).await.expect("the gateway starts");
+        TestGateway {
+            running: Some(running),
+            dir,
+            config,
+            access_log,
+        }
+    }
+
+    fn running(&self) -> &RunningGateway {
+        self.running.as_ref().expect("the gateway is running")
+    }
+
+    /// The proxy URL for `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.running().addr)
+    }
+
+    /// The admin URL for `path`.
+    pub fn admin_url(&self, path: &str) -> String {
+        format!(
+            "http://{}{path}",
+            self.running().admin_addr.expect("an admin listener")
+        )
+    }
+
+    /// The folder the config lives in.
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// The live snapshot's generation.
+    pub fn generation(&self) -> u64 {
+        self.running().gateway().snapshot().generation
+    }
+
+    /// The errors the live snapshot reports.
+    pub fn errors(&self) -> Vec<weir::config::ObjectError> {
+        self.running().gateway().snapshot().errors.clone()
+    }
+
+    /// Rewrites the config file and waits until a new snapshot is live; returns how long it took.
+    pub async fn reload(&self, yaml: &str) -> Duration {
+        let before = self.generation();
+        let started = Instant::now();
+        // Write beside and rename, as editors do, so the watcher never reads half a file.
+        let staging = self.dir.path().join(".weir.yaml.new");
+        std::fs::write(&staging, yaml).expect("writing the new config");
+        std::fs::rename(&staging, &self.config).expect("replacing the config");
+        while self.generation() == before {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "the new config never went live"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        started.elapsed()
+    }
+
+    /// Writes the config file without waiting (for changes that must not apply).
+    pub fn write_config(&self, text: &str) {
+        let staging = self.dir.path().join(".weir.yaml.new");
+        std::fs::write(&staging, text).expect("writing the new config");
+        std::fs::rename(&staging, &self.config).expect("replacing the config");
+    }
+
+    /// The access log's lines, parsed, once at least `at_least` are there.
+    pub async fn access_log(&self, at_least: usize) -> Vec<serde_json::Value> {
+        let started = Instant::now();
+        loop {
+            let text = std::fs::read_to_string(&self.access_log).unwrap_or_default();
+            let lines: Vec<serde_json::Value> = text
+                .lines()
+                .map(|l| serde_json::from_str(l).expect("each access-log line is JSON"))
+                .collect();
+            if lines.len() >= at_least || started.elapsed() > Duration::from_secs(5) {
+                return lines;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Stops the gateway and waits for it to drain.
+    pub async fn stop(mut self) {
+        if let Some(running) = self.running.take() {
+            running.shutdown().await;
+        }
+    }
+}
+
+/// A response, fully read.
+#[derive(Debug)]
+pub struct Reply {
+    /// The status.
+    pub status: StatusCode,
+    /// The headers.
+    pub headers: HeaderMap,
+    /// The body.
+    pub body: Bytes,
+}
+
+impl Reply {
+    /// The body as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {:?}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    /// The body as text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// A header's value as text.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+fn client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(0)
+        .build(HttpConnector::new())
+}
+
+/// Sends `request` and reads the whole response.
+pub async fn send(request: Request<Full<Bytes>>) -> Reply {
+    let response = client()
+        .request(request)
+        .await
+        .expect("the request gets a response");
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.expect("the body arrives").to_bytes();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+/// GETs `url`.
+pub async fn get(url: &str) -> Reply {
+    send(
+        request(Method::GET, url)
+            .body(Full::default())
+            .expect("a request"),
+    )
+    .await
+}
+
+/// A request builder for `method` and `url`.
+pub fn request(method: Method, url: &str) -> http::request::Builder {
+    Request::builder().method(method).uri(url)
+}
+
+/// Sends `method` to `url` with a body.
+pub async fn send_body(method: Method, url: &str, body: impl Into<Bytes>) -> Reply {
+    send(
+        request(method, url)
+            .body(Full::new(body.into()))
+            .expect("a request"),
+    )
+    .await
+}
