@@ -19,7 +19,8 @@ pub async fn handle(gateway: Arc<Gateway>, request: Request<Incoming>) -> Respon
         ),
         (&Method::GET, "/healthz") => text("ok\n".into(), "text/plain"),
         (&Method::GET, "/v1/status") => status(&gateway),
-        (_, "/metrics" | "/healthz" | "/v1/status") => {
+        (&Method::GET, "/readyz") => ready(&gateway),
+        (_, "/metrics" | "/healthz" | "/readyz" | "/v1/status") => {
             json_error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed", "")
         }
         (_, path) => json_error(
@@ -39,12 +40,32 @@ fn text(body: String, content_type: &'static str) -> Response<ProxyBody> {
     response
 }
 
+/// 200 while the store delivers changes; 503 while the gateway serves its last good snapshot.
+fn ready(gateway: &Gateway) -> Response<ProxyBody> {
+    let health = gateway.health();
+    let mut response = text(
+        serde_json::to_string_pretty(&*health).expect("health serializes"),
+        "application/json",
+    );
+    if !health.connected {
+        *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    }
+    response
+}
+
 fn status(gateway: &Gateway) -> Response<ProxyBody> {
     let snapshot = gateway.snapshot();
     let body = serde_json::json!({
+        "store": *gateway.health(),
         "generation": snapshot.generation,
         "routes": snapshot.route_list.keys().collect::<Vec<_>>(),
         "upstreams": snapshot.upstreams.keys().collect::<Vec<_>>(),
+        "services": snapshot.services.iter().map(|(name, service)| (name.clone(), service
+            .nodes
+            .nodes()
+            .iter()
+            .map(|n| n.addr.clone())
+            .collect::<Vec<_>>())).collect::<std::collections::BTreeMap<_, _>>(),
         "plugins": snapshot.plugins.iter().map(|(name, p)| serde_json::json!({
             "name": name,
             "sha256": p.module.sha256,

@@ -16,6 +16,10 @@ pub enum Kind {
     Upstream,
     /// `plugins`
     Plugin,
+    /// A node registered under `services/<name>/<node>`.
+    ServiceNode,
+    /// A key the store does not understand.
+    Key,
 }
 
 impl fmt::Display for Kind {
@@ -24,6 +28,8 @@ impl fmt::Display for Kind {
             Kind::Route => "route",
             Kind::Upstream => "upstream",
             Kind::Plugin => "plugin",
+            Kind::ServiceNode => "service node",
+            Kind::Key => "key",
         })
     }
 }
@@ -299,11 +305,17 @@ pub struct ObjectError {
     pub id: String,
     /// What is wrong with it.
     pub reason: String,
+    /// The store key it came from, for stores that have keys (etcd).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
 }
 
 impl fmt::Display for ObjectError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {:?}: {}", self.kind, self.id, self.reason)
+        match &self.key {
+            Some(key) => write!(f, "{} {:?} ({key}): {}", self.kind, self.id, self.reason),
+            None => write!(f, "{} {:?}: {}", self.kind, self.id, self.reason),
+        }
     }
 }
 
@@ -314,7 +326,43 @@ impl ObjectError {
             kind,
             id: id.into(),
             reason: reason.into(),
+            key: None,
         }
+    }
+
+    /// The same error, naming the store key it came from.
+    pub fn at_key(mut self, key: impl Into<String>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+}
+
+/// A backend that registered itself under `services/<name>/<node-id>`, usually with a lease.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceNode {
+    /// `host: 10.0.0.7`
+    pub host: String,
+    /// `port: 8080`
+    pub port: u16,
+    /// `weight: 1`: its share of the service's traffic.
+    #[serde(default = "one")]
+    pub weight: u32,
+    /// `meta: {zone: a}`: free-form data, shown by the admin API.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub meta: BTreeMap<String, serde_json::Value>,
+}
+
+impl ServiceNode {
+    /// Checks the address.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.host.is_empty() || self.host.contains(['/', ' ', '@']) {
+            return Err(format!("host {:?} is not a host", self.host));
+        }
+        if self.port == 0 {
+            return Err("port 0 is not a port".into());
+        }
+        Ok(())
     }
 }
 
@@ -327,6 +375,8 @@ pub struct ConfigObjects {
     pub upstreams: BTreeMap<String, UpstreamConfig>,
     /// Plugin entries by name.
     pub plugins: BTreeMap<String, PluginConfig>,
+    /// Live service nodes: service name, then node id.
+    pub services: BTreeMap<String, BTreeMap<String, ServiceNode>>,
 }
 
 const METHODS: &[&str] = &[

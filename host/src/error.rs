@@ -17,6 +17,12 @@ pub enum GatewayError {
         /// The request's path.
         path: String,
     },
+    /// The route's service has no live node (or the path names no service).
+    #[error("no live node for service {service:?}")]
+    NoService {
+        /// The service's name.
+        service: String,
+    },
     /// The request body is over the bound that a plugin buffers.
     #[error("request body is over {0} bytes")]
     RequestTooLarge(u64),
@@ -48,6 +54,7 @@ impl GatewayError {
     pub fn status(&self) -> StatusCode {
         match self {
             GatewayError::NoRoute { .. } => StatusCode::NOT_FOUND,
+            GatewayError::NoService { .. } => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::RequestTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::RequestBody(_) => StatusCode::BAD_REQUEST,
             GatewayError::Plugin { .. } => StatusCode::INTERNAL_SERVER_ERROR,

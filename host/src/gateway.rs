@@ -21,9 +21,28 @@ pub enum GatewayInitError {
     AccessLog(#[from] std::io::Error),
 }
 
+/// How the config store is doing, as `/readyz` reports it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct StoreHealth {
+    /// `file` or `etcd`.
+    pub store: &'static str,
+    /// Whether changes are reaching the gateway.
+    pub connected: bool,
+    /// Why not, when not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// When the store last became unreachable, RFC 3339.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    /// The last store revision applied (etcd).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revision: Option<i64>,
+}
+
 /// The state every request and every config change goes through.
 pub struct Gateway {
     snapshot: ArcSwap<Snapshot>,
+    health: ArcSwap<StoreHealth>,
     runtime: PluginRuntime,
     clients: ClientPool,
     metrics: Arc<Metrics>,
@@ -38,6 +57,13 @@ impl Gateway {
         let metrics = Arc::new(Metrics::new());
         Ok(Arc::new(Gateway {
             snapshot: ArcSwap::from_pointee(Snapshot::empty()),
+            health: ArcSwap::from_pointee(StoreHealth {
+                store: "file",
+                connected: true,
+                reason: None,
+                since: None,
+                revision: None,
+            }),
             runtime: PluginRuntime::new(metrics.clone())?,
             clients: ClientPool::default(),
             metrics,
@@ -49,6 +75,16 @@ impl Gateway {
     /// The snapshot that new requests use.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.snapshot.load_full()
+    }
+
+    /// How the config store is doing.
+    pub fn health(&self) -> Arc<StoreHealth> {
+        self.health.load_full()
+    }
+
+    /// Records how the config store is doing.
+    pub fn set_health(&self, health: StoreHealth) {
+        self.health.store(Arc::new(health));
     }
 
     /// The gateway's metrics.

@@ -72,6 +72,8 @@ pub struct Metrics {
     pub config_errors: Gauge,
     /// Routes currently loaded.
     pub routes: Gauge,
+    /// Full re-reads of the store after its history was compacted.
+    pub store_resyncs: Counter,
 }
 
 impl Default for Metrics {
@@ -122,6 +124,12 @@ impl Metrics {
         );
         let routes = Gauge::default();
         registry.register("routes", "Routes currently loaded", routes.clone());
+        let store_resyncs = Counter::default();
+        registry.register(
+            "store_resyncs",
+            "Full re-reads of the config store after a compaction",
+            store_resyncs.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -131,6 +139,7 @@ impl Metrics {
             reloads,
             config_errors,
             routes,
+            store_resyncs,
         }
     }
 

@@ -28,8 +28,8 @@ use crate::error::{GatewayError, json_error};
 use crate::exchange::{BufferedBody, RequestView, ResponseView};
 use crate::gateway::Gateway;
 use crate::plugin::{Action, Reply, Summary};
-use crate::snapshot::{Route, Target};
-use crate::upstream::{self, Outbound, OutboundBody};
+use crate::snapshot::{Route, Snapshot, Target};
+use crate::upstream::{self, Outbound, OutboundBody, Upstream};
 
 /// The header a request id is read from when the client sends one.
 const REQUEST_ID_HEADER: &str = "x-request-id";
@@ -70,9 +70,13 @@ pub async fn handle(
     };
     let route = matched.route.clone();
     finish.route = Some(route.clone());
+    let (path, service) = match &route.target {
+        Target::AnyService => split_service(parts.uri.path()),
+        _ => (route.upstream_path(parts.uri.path(), matched.prefix), None),
+    };
     let request = RequestView {
         method: parts.method,
-        path: route.upstream_path(parts.uri.path(), matched.prefix),
+        path,
         query: parts.uri.query().map(str::to_owned),
         headers: parts.headers,
         id: std::mem::take(&mut finish.request_id),
@@ -105,7 +109,12 @@ pub async fn handle(
             {
                 request.headers.insert(header::HOST, value);
             }
-            let response = match upstream_phase(&route, request, body, client).await {
+            let upstream = resolve_upstream(&snapshot, &route, service.as_deref());
+            let sent = match upstream {
+                Ok(upstream) => upstream_phase(upstream, request, body, client).await,
+                Err(error) => Err(error),
+            };
+            let response = match sent {
                 Ok((response, in_flight)) => {
                     finish.upstream = Some(in_flight.node().addr.clone());
                     finish.in_flight = Some(in_flight);
@@ -192,14 +201,32 @@ async fn request_phase(
     (request, Ok(RequestOutcome::Forward(body)))
 }
 
+/// Where the request goes: the route's upstream, or the live nodes of its service.
+fn resolve_upstream<'a>(
+    snapshot: &'a Snapshot,
+    route: &'a Route,
+    service_from_path: Option<&str>,
+) -> Result<&'a Arc<Upstream>, GatewayError> {
+    let service = match &route.target {
+        Target::Upstream(upstream) => return Ok(upstream),
+        Target::Service(name) => name.as_str(),
+        Target::AnyService => service_from_path.unwrap_or_default(),
+    };
+    snapshot
+        .services
+        .get(service)
+        .ok_or_else(|| GatewayError::NoService {
+            service: service.to_owned(),
+        })
+}
+
 /// Phase 3: picks a node and forwards the request.
 async fn upstream_phase(
-    route: &Route,
+    upstream: &Upstream,
     request: RequestView,
     body: OutboundBody,
     client: SocketAddr,
 ) -> Result<(Response<Incoming>, InFlight), GatewayError> {
-    let Target::Upstream(upstream) = &route.target;
     let key = match &upstream.config.hash_on {
         None => 0,
         Some(HashOn::Ip) => hash_key(client.ip().to_canonical().to_string().as_bytes()),
@@ -442,6 +469,16 @@ impl Body for ResponseBody {
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// Splits `/user-svc/api/x` into the path `/api/x` and the service `user-svc`.
+fn split_service(path: &str) -> (String, Option<String>) {
+    let rest = path.trim_start_matches('/');
+    let (service, remainder) = rest.split_once('/').unwrap_or((rest, ""));
+    if service.is_empty() {
+        return (path.to_owned(), None);
+    }
+    (format!("/{remainder}"), Some(service.to_owned()))
 }
 
 /// The client's request id if it sent a usable one, or a new one.

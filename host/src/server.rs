@@ -21,7 +21,9 @@ use crate::access_log::AccessLogTarget;
 use crate::admin;
 use crate::gateway::{Gateway, GatewayInitError};
 use crate::proxy::{self, ResponseBody};
-use crate::store::file::{FileStore, FileStoreError};
+use crate::store::etcd::{EtcdOptions, EtcdStore};
+use crate::store::file::FileStore;
+use crate::store::{ConfigStore, StoreError};
 
 /// How long shutdown waits for open connections to finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -31,6 +33,8 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 pub enum ConfigSource {
     /// A YAML file, watched for changes.
     File(PathBuf),
+    /// etcd, watched for changes.
+    Etcd(EtcdOptions),
 }
 
 /// What `weir run` needs to start a gateway.
@@ -59,7 +63,7 @@ pub enum StartError {
     },
     /// The config could not be read at all.
     #[error(transparent)]
-    Config(#[from] FileStoreError),
+    Config(#[from] StoreError),
     /// The gateway's state could not be created.
     #[error(transparent)]
     Init(#[from] GatewayInitError),
@@ -114,10 +118,11 @@ pub async fn start(options: GatewayOptions) -> Result<RunningGateway, StartError
     let shutdown = CancellationToken::new();
     let mut tasks = Vec::new();
 
-    let ConfigSource::File(path) = &options.config;
-    let store = Arc::new(FileStore::new(path.clone()));
-    let desired = store.read().await?;
-    gateway.apply(desired, store.as_ref()).await;
+    let store: Arc<dyn ConfigStore> = match &options.config {
+        ConfigSource::File(path) => Arc::new(FileStore::new(path.clone())),
+        ConfigSource::Etcd(etcd) => Arc::new(EtcdStore::new(etcd.clone())),
+    };
+    store.clone().load(gateway.clone()).await?;
     tasks.push(tokio::spawn(store.watch(gateway.clone(), shutdown.clone())));
 
     let listener = bind(options.listen).await?;

@@ -11,7 +11,8 @@ use std::sync::Arc;
 use http::Method;
 
 use crate::config::{
-    ConfigObjects, FailurePolicy, Kind, ObjectError, PluginConfig, RouteConfig, StripPrefix,
+    BalancerKind, ConfigObjects, FailurePolicy, Kind, NodeConfig, ObjectError, PluginConfig,
+    RouteConfig, Scheme, StripPrefix, Timeouts, UpstreamConfig,
 };
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::plugin::{Module, PluginPool, PluginRuntime};
@@ -41,6 +42,10 @@ pub struct ChainLink {
 pub enum Target {
     /// A configured upstream.
     Upstream(Arc<Upstream>),
+    /// The live nodes of a discovered service.
+    Service(String),
+    /// The service named by the path's first segment, which is stripped (`service: "*"`).
+    AnyService,
 }
 
 /// A route ready to serve.
@@ -54,6 +59,8 @@ pub struct Route {
     pub target: Target,
     /// The plugin chain, in `on-request` order.
     pub chain: Vec<ChainLink>,
+    /// The plugin entries the chain was built from, to tell when it must be rebuilt.
+    pub built_from: Vec<Arc<LoadedPlugin>>,
     /// The largest request body to buffer, when a plugin wants it.
     pub request_body_limit: Option<u64>,
     /// The largest response body to buffer, when a plugin wants it.
@@ -86,6 +93,8 @@ pub struct Snapshot {
     pub routes: RouteTable<Route>,
     /// Upstreams by id.
     pub upstreams: BTreeMap<String, Arc<Upstream>>,
+    /// Discovered services by name, as upstreams over their live nodes.
+    pub services: BTreeMap<String, Arc<Upstream>>,
     /// Loaded plugin entries by name.
     pub plugins: BTreeMap<String, Arc<LoadedPlugin>>,
     /// Routes by id (the same values as in `routes`).
@@ -102,31 +111,11 @@ impl Snapshot {
         Snapshot {
             routes: RouteTable::builder().build(),
             upstreams: BTreeMap::new(),
+            services: BTreeMap::new(),
             plugins: BTreeMap::new(),
             route_list: BTreeMap::new(),
             errors: Vec::new(),
             generation: 0,
-        }
-    }
-
-    /// The config objects this snapshot serves.
-    pub fn objects(&self) -> ConfigObjects {
-        ConfigObjects {
-            routes: self
-                .route_list
-                .iter()
-                .map(|(id, r)| (id.clone(), r.config.clone()))
-                .collect(),
-            upstreams: self
-                .upstreams
-                .iter()
-                .map(|(id, u)| (id.clone(), u.config.clone()))
-                .collect(),
-            plugins: self
-                .plugins
-                .iter()
-                .map(|(n, p)| (n.clone(), p.config.clone()))
-                .collect(),
         }
     }
 }
@@ -174,57 +163,31 @@ impl BuildContext<'_> {
         // Plugins first: routes need them.
         let mut plugins = BTreeMap::new();
         for (name, config) in &objects.plugins {
-            // Even an unchanged entry is loaded again: its module file may have been rebuilt.
-            // Unchanged bytes hit the runtime's module cache.
-            match (self.load_plugin(config).await, previous.plugins.get(name)) {
-                (Ok(plugin), _) => {
-                    plugins.insert(name.clone(), plugin);
-                }
-                (Err(reason), fallback) => {
-                    errors.push(kept(
-                        ObjectError::new(Kind::Plugin, name, reason),
-                        fallback.is_some(),
-                    ));
-                    if let Some(old) = fallback {
-                        plugins.insert(name.clone(), old.clone());
-                    }
-                }
-            }
+            let old = previous.plugins.get(name);
+            // A module named by sha256 cannot change; a module file may have been rebuilt, so
+            // it is read again (unchanged bytes hit the runtime's module cache).
+            let unchanged = old.filter(|old| old.config == *config && config.sha256.is_some());
+            let loaded = match unchanged {
+                Some(old) => Ok(old.clone()),
+                None => self.load_plugin(config).await,
+            };
+            accept(&mut plugins, &mut errors, Kind::Plugin, name, loaded, old);
         }
-        for (name, old) in &previous.plugins {
-            if keep(Kind::Plugin, name) && !plugins.contains_key(name) {
-                plugins.insert(name.clone(), old.clone());
-            }
-        }
+        keep_unparsed(&mut plugins, &previous.plugins, Kind::Plugin, &keep);
 
         let mut upstreams = BTreeMap::new();
         for (id, config) in &objects.upstreams {
-            let fallback = previous.upstreams.get(id);
-            match config.validate() {
-                Ok(()) => {
-                    // Keep the running upstream when nothing changed: its counters and pools live on.
-                    let upstream = match fallback {
-                        Some(old) if &old.config == config => old.clone(),
-                        _ => Arc::new(Upstream::new(config.clone(), self.clients)),
-                    };
-                    upstreams.insert(id.clone(), upstream);
-                }
-                Err(reason) => {
-                    errors.push(kept(
-                        ObjectError::new(Kind::Upstream, id, reason),
-                        fallback.is_some(),
-                    ));
-                    if let Some(old) = fallback {
-                        upstreams.insert(id.clone(), old.clone());
-                    }
-                }
-            }
+            let old = previous.upstreams.get(id);
+            let built = config.validate().map(|()| match old {
+                // Keep the running upstream when nothing changed: its counters and pools live on.
+                Some(old) if old.config == *config => old.clone(),
+                _ => Arc::new(Upstream::new(config.clone(), self.clients)),
+            });
+            accept(&mut upstreams, &mut errors, Kind::Upstream, id, built, old);
         }
-        for (id, old) in &previous.upstreams {
-            if keep(Kind::Upstream, id) && !upstreams.contains_key(id) {
-                upstreams.insert(id.clone(), old.clone());
-            }
-        }
+        keep_unparsed(&mut upstreams, &previous.upstreams, Kind::Upstream, &keep);
+
+        let services = self.build_services(&objects, previous, &mut errors);
 
         let mut route_list = BTreeMap::new();
         let mut candidates: Vec<(&String, &RouteConfig)> = objects.routes.iter().collect();
@@ -234,19 +197,16 @@ impl BuildContext<'_> {
             }
         }
         for (id, config) in candidates {
-            match self.build_route(config, &plugins, &upstreams).await {
+            let old = previous.route_list.get(id);
+            match self.build_route(config, old, &plugins, &upstreams).await {
                 Ok(route) => {
-                    route_list.insert(id.clone(), Arc::new(route));
+                    route_list.insert(id.clone(), route);
                 }
                 Err(reason) => {
                     // Fall back to the version that was serving, rebuilt against the new objects.
-                    let old = previous
-                        .route_list
-                        .get(id)
-                        .filter(|old| &old.config != config);
-                    let rebuilt = match old {
+                    let rebuilt = match old.filter(|old| old.config != *config) {
                         Some(old) => self
-                            .build_route(&old.config, &plugins, &upstreams)
+                            .build_route(&old.config, Some(old), &plugins, &upstreams)
                             .await
                             .ok(),
                         None => None,
@@ -256,7 +216,7 @@ impl BuildContext<'_> {
                         rebuilt.is_some(),
                     ));
                     if let Some(route) = rebuilt {
-                        route_list.insert(id.clone(), Arc::new(route));
+                        route_list.insert(id.clone(), route);
                     }
                 }
             }
@@ -291,11 +251,57 @@ impl BuildContext<'_> {
         Snapshot {
             routes,
             upstreams,
+            services,
             plugins,
             route_list,
             errors,
             generation: previous.generation + 1,
         }
+    }
+
+    /// Each service with live nodes becomes a round-robin upstream over them.
+    fn build_services(
+        &self,
+        objects: &ConfigObjects,
+        previous: &Snapshot,
+        errors: &mut Vec<ObjectError>,
+    ) -> BTreeMap<String, Arc<Upstream>> {
+        let mut services = BTreeMap::new();
+        for (name, nodes) in &objects.services {
+            let mut live = Vec::new();
+            for (node_id, node) in nodes {
+                match node.validate() {
+                    Ok(()) => live.push(NodeConfig {
+                        host: node.host.clone(),
+                        port: node.port,
+                        weight: node.weight,
+                    }),
+                    Err(reason) => errors.push(ObjectError::new(
+                        Kind::ServiceNode,
+                        format!("{name}/{node_id}"),
+                        reason,
+                    )),
+                }
+            }
+            if live.is_empty() {
+                continue;
+            }
+            let config = UpstreamConfig {
+                id: name.clone(),
+                nodes: live,
+                balancer: BalancerKind::Roundrobin,
+                hash_on: None,
+                scheme: Scheme::Http,
+                timeout: Timeouts::default(),
+                retries: None,
+            };
+            let upstream = match previous.services.get(name) {
+                Some(old) if old.config == config => old.clone(),
+                _ => Arc::new(Upstream::new(config, self.clients)),
+            };
+            services.insert(name.clone(), upstream);
+        }
+        services
     }
 
     async fn load_plugin(&self, config: &PluginConfig) -> Result<Arc<LoadedPlugin>, String> {
@@ -317,9 +323,10 @@ impl BuildContext<'_> {
     async fn build_route(
         &self,
         config: &RouteConfig,
+        old: Option<&Arc<Route>>,
         plugins: &BTreeMap<String, Arc<LoadedPlugin>>,
         upstreams: &BTreeMap<String, Arc<Upstream>>,
-    ) -> Result<Route, String> {
+    ) -> Result<Arc<Route>, String> {
         config.validate()?;
         let target = match (&config.upstream_id, &config.service) {
             (Some(id), _) => Target::Upstream(
@@ -328,14 +335,29 @@ impl BuildContext<'_> {
                     .cloned()
                     .ok_or_else(|| format!("upstream {id:?} does not exist"))?,
             ),
-            (None, Some(service)) => {
-                return Err(format!(
-                    "service {service:?}: service discovery needs the etcd store (weir run --etcd)"
-                ));
-            }
+            (None, Some(service)) if service == "*" => Target::AnyService,
+            (None, Some(service)) => Target::Service(service.clone()),
             (None, None) => unreachable!("validate() requires a target"),
         };
+        if let Some(old) = old
+            && old.config == *config
+            && old.target.same_as(&target)
+            && old.built_from.len() == config.plugins.len()
+            && old
+                .built_from
+                .iter()
+                .zip(&config.plugins)
+                .all(|(used, reference)| {
+                    plugins
+                        .get(&reference.name)
+                        .is_some_and(|p| Arc::ptr_eq(p, used))
+                })
+        {
+            // Nothing it depends on changed: keep it, with its warm pools and metric handles.
+            return Ok(old.clone());
+        }
         let mut chain = Vec::with_capacity(config.plugins.len());
+        let mut built_from = Vec::with_capacity(config.plugins.len());
         let mut seen = HashMap::new();
         for reference in &config.plugins {
             if seen.insert(reference.name.as_str(), ()).is_some() {
@@ -358,6 +380,7 @@ impl BuildContext<'_> {
                 pool,
                 failure: plugin.config.failure,
             });
+            built_from.push(plugin.clone());
         }
         let limit = |wanted: fn(&ChainLink) -> bool| {
             chain
@@ -373,16 +396,65 @@ impl BuildContext<'_> {
         let keeps_request = chain
             .iter()
             .any(|l| l.pool.wants().on_response || l.pool.wants().on_log);
-        Ok(Route {
+        Ok(Arc::new(Route {
             id: config.id.as_str().into(),
             metrics: self.metrics.route(&config.id),
             config: config.clone(),
             target,
             chain,
+            built_from,
             request_body_limit,
             response_body_limit,
             keeps_request,
-        })
+        }))
+    }
+}
+
+impl Target {
+    /// Whether two targets send requests to the same place.
+    fn same_as(&self, other: &Target) -> bool {
+        match (self, other) {
+            (Target::Upstream(a), Target::Upstream(b)) => Arc::ptr_eq(a, b),
+            (Target::Service(a), Target::Service(b)) => a == b,
+            (Target::AnyService, Target::AnyService) => true,
+            _ => false,
+        }
+    }
+}
+
+/// Takes a freshly built object, or on failure reports it and keeps the previous version.
+fn accept<T: Clone>(
+    into: &mut BTreeMap<String, T>,
+    errors: &mut Vec<ObjectError>,
+    kind: Kind,
+    id: &str,
+    built: Result<T, String>,
+    previous: Option<&T>,
+) {
+    match built {
+        Ok(object) => {
+            into.insert(id.to_owned(), object);
+        }
+        Err(reason) => {
+            errors.push(kept(ObjectError::new(kind, id, reason), previous.is_some()));
+            if let Some(old) = previous {
+                into.insert(id.to_owned(), old.clone());
+            }
+        }
+    }
+}
+
+/// Objects the store could not parse keep the version that was serving.
+fn keep_unparsed<T: Clone>(
+    into: &mut BTreeMap<String, T>,
+    previous: &BTreeMap<String, T>,
+    kind: Kind,
+    keep: &impl Fn(Kind, &str) -> bool,
+) {
+    for (id, old) in previous {
+        if keep(kind, id) && !into.contains_key(id) {
+            into.insert(id.clone(), old.clone());
+        }
     }
 }
 
@@ -423,6 +495,7 @@ mod tests {
                 &ClientPool::default(),
             ))),
             chain: vec![],
+            built_from: vec![],
             request_body_limit: None,
             response_body_limit: None,
             keeps_request: false,

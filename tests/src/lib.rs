@@ -21,6 +21,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use weir::{AccessLogTarget, ConfigSource, GatewayOptions, RunningGateway};
 
+pub mod etcd;
+
 /// Paths of the plugin components that build.rs built.
 pub mod plugins {
     include!(concat!(env!("OUT_DIR"), "/plugins.rs"));
@@ -190,10 +192,26 @@ impl TestGateway {
     pub async fn start(yaml: &str) -> TestGateway {
         let dir = tempfile::tempdir().expect("a temporary folder");
         let config = dir.path().join("weir.yaml");
-        let access_log = dir.path().join("access.log");
         std::fs::write(&config, yaml).expect("writing the config");
+        Self::start_in(dir, ConfigSource::File(config)).await
+    }
+
+    /// Starts a gateway that follows etcd at `url`, keeping its state in `state_dir` if given.
+    pub async fn start_etcd(url: &str, state_dir: Option<PathBuf>) -> TestGateway {
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        let options = weir::store::etcd::EtcdOptions {
+            endpoints: vec![url.to_owned()],
+            prefix: "/weir".into(),
+            state_dir,
+        };
+        Self::start_in(dir, ConfigSource::Etcd(options)).await
+    }
+
+    async fn start_in(dir: tempfile::TempDir, source: ConfigSource) -> TestGateway {
+        let access_log = dir.path().join("access.log");
+        let config = dir.path().join("weir.yaml");
         let options = GatewayOptions {
-            config: ConfigSource::File(config.clone()),
+            config: source,
             listen: "127.0.0.1:0".parse().expect("an address"),
             admin_listen: Some("127.0.0.1:0".parse().expect("an address")),
             access_log: AccessLogTarget::File(access_log.clone()),
@@ -205,6 +223,11 @@ impl TestGateway {
             config,
             access_log,
         }
+    }
+
+    /// The gateway's shared state.
+    pub fn gateway(&self) -> &std::sync::Arc<weir::Gateway> {
+        self.running().gateway()
     }
 
     fn running(&self) -> &RunningGateway {
@@ -339,6 +362,22 @@ pub async fn send(request: Request<Full<Bytes>>) -> Reply {
         status: parts.status,
         headers: parts.headers,
         body,
+    }
+}
+
+/// Waits until `check` returns true, polling every 10 ms; panics with `what` after `limit`.
+pub async fn eventually<F, Fut>(what: &str, limit: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    while !check().await {
+        assert!(
+            started.elapsed() < limit,
+            "timed out after {limit:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 

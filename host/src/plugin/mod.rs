@@ -26,6 +26,8 @@ use crate::metrics::Metrics;
 const EPOCH_TICK: Duration = Duration::from_millis(2);
 /// The most memory any one plugin instance may be configured with.
 const MAX_INSTANCE_MEMORY: usize = 4 << 30;
+/// Modules kept after their last user goes, so that a rollback does not recompile.
+const RECENT_MODULES: u64 = 4;
 /// How much the shared plugin key/value store may hold.
 const KV_CAPACITY_BYTES: u64 = 64 << 20;
 
@@ -131,7 +133,10 @@ fn engine_config() -> Config {
 pub struct PluginRuntime {
     engine: Engine,
     linker: Linker<InstanceState>,
-    modules: moka::sync::Cache<String, Arc<Module>>,
+    /// Every module some pool still uses, by sha256: compiled once, dropped with its last user.
+    modules: Mutex<HashMap<String, Weak<Module>>>,
+    /// The last few modules loaded, kept a while longer so that a rollback does not recompile.
+    recent: moka::sync::Cache<String, Arc<Module>>,
     pools: Mutex<HashMap<PoolKey, Weak<PluginPool>>>,
     kv: KvStore,
     metrics: Arc<Metrics>,
@@ -158,9 +163,9 @@ impl PluginRuntime {
         Ok(PluginRuntime {
             engine,
             linker,
-            // Entries are cheap handles; what keeps a module alive is a pool that uses it.
-            modules: moka::sync::Cache::builder()
-                .max_capacity(256)
+            modules: Mutex::new(HashMap::new()),
+            recent: moka::sync::Cache::builder()
+                .max_capacity(RECENT_MODULES)
                 .time_to_idle(Duration::from_secs(600))
                 .build(),
             pools: Mutex::new(HashMap::new()),
@@ -177,7 +182,13 @@ impl PluginRuntime {
     /// Compiles `bytes` off the async threads, or returns the module compiled earlier.
     pub async fn load(&self, bytes: Vec<u8>) -> Result<Arc<Module>, PluginError> {
         let sha256 = sha256_hex(&bytes);
-        if let Some(module) = self.modules.get(&sha256) {
+        let in_use = self
+            .modules
+            .lock()
+            .expect("module registry lock")
+            .get(&sha256)
+            .and_then(Weak::upgrade);
+        if let Some(module) = in_use.or_else(|| self.recent.get(&sha256)) {
             return Ok(module);
         }
         let engine = self.engine.clone();
@@ -196,8 +207,18 @@ impl PluginRuntime {
             sha256: sha256.clone(),
             pre,
         });
-        self.modules.insert(sha256, module.clone());
+        let mut modules = self.modules.lock().expect("module registry lock");
+        modules.retain(|_, weak| weak.strong_count() > 0);
+        modules.insert(sha256.clone(), Arc::downgrade(&module));
+        self.recent.insert(sha256, module.clone());
         Ok(module)
+    }
+
+    /// How many compiled modules are alive (in use, or kept for a quick rollback).
+    pub fn live_modules(&self) -> usize {
+        let mut modules = self.modules.lock().expect("module registry lock");
+        modules.retain(|_, weak| weak.strong_count() > 0);
+        modules.len()
     }
 
     /// A pool of instances of `module` initialised with `config`, shared with any pool

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{ConfigObjects, Kind, ObjectError, PluginConfig};
 use crate::gateway::Gateway;
 use crate::snapshot::{BoxFuture, Desired, ModuleSource};
+use crate::store::{ConfigStore, StoreError};
 
 /// Editors save in bursts (truncate, write, rename); wait this long for the burst to end.
 const SETTLE: Duration = Duration::from_millis(100);
@@ -72,7 +73,7 @@ impl FileStore {
     }
 
     /// Applies every change to the file until `shutdown`.
-    pub async fn watch(self: Arc<Self>, gateway: Arc<Gateway>, shutdown: CancellationToken) {
+    async fn follow(self: Arc<Self>, gateway: Arc<Gateway>, shutdown: CancellationToken) {
         let (events, mut changes) = mpsc::unbounded_channel();
         let name = self.path.file_name().map(|n| n.to_owned());
         let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
@@ -114,6 +115,24 @@ impl FileStore {
                 }
             }
         }
+    }
+}
+
+impl ConfigStore for FileStore {
+    fn load(self: Arc<Self>, gateway: Arc<Gateway>) -> BoxFuture<'static, Result<(), StoreError>> {
+        Box::pin(async move {
+            let desired = self.read().await?;
+            gateway.apply(desired, self.as_ref()).await;
+            Ok(())
+        })
+    }
+
+    fn watch(
+        self: Arc<Self>,
+        gateway: Arc<Gateway>,
+        shutdown: CancellationToken,
+    ) -> BoxFuture<'static, ()> {
+        Box::pin(self.follow(gateway, shutdown))
     }
 }
 

@@ -24,7 +24,15 @@ enum Config {
     Trace { tag: String },
     /// Panics in init, so the config can never load.
     PanicInInit,
+    /// Answers 200 with the variant this component was built as (`PROBE_VARIANT`, default `a`).
+    Variant,
 }
+
+/// Which build of probe this is: tests/build.rs builds it twice, to swap one for the other.
+const VARIANT: &str = match option_env!("PROBE_VARIANT") {
+    Some(variant) => variant,
+    None => "a",
+};
 
 struct Probe(Config);
 
@@ -96,6 +104,7 @@ impl Plugin for Probe {
                 Action::Continue
             }
             Config::PanicInInit => unreachable!("init never succeeds"),
+            Config::Variant => Action::Respond(Reply::text(200, VARIANT)),
         }
     }
 

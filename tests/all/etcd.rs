@@ -1,0 +1,507 @@
+//! The etcd control plane against a real etcd-server: live routes, service discovery, plugin
+//! modules hot-loaded from etcd, outages, compaction, restarts from --state-dir, and two
+//! gateway processes converging.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use http::StatusCode;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use weir::config::ServiceNode;
+use weir::store::etcd::{EtcdOptions, PushSettings, push_plugin, register};
+use weir_tests::etcd::Etcd;
+use weir_tests::{TestGateway, Upstream, eventually, get, plugins};
+
+const SOON: Duration = Duration::from_secs(10);
+
+fn options(etcd: &Etcd) -> EtcdOptions {
+    EtcdOptions {
+        endpoints: vec![etcd.url.clone()],
+        prefix: "/weir".into(),
+        state_dir: None,
+    }
+}
+
+async fn answers(url: String, status: StatusCode) -> bool {
+    get(&url).await.status == status
+}
+
+async fn put_upstream(etcd: &Etcd, id: &str, upstream: &Upstream) {
+    etcd.put(
+        &format!("/weir/upstreams/{id}"),
+        json!({"nodes": [{"host": "127.0.0.1", "port": upstream.port()}]}),
+    )
+    .await;
+}
+
+async fn push(etcd: &Etcd, name: &str, file: &str) -> String {
+    let bytes = std::fs::read(file).expect("a built component");
+    push_plugin(&options(etcd), name, &bytes, &PushSettings::default())
+        .await
+        .expect("push")
+        .sha256
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_put_before_and_after_start_go_live() {
+    let etcd = Etcd::start().await;
+    let up = Upstream::start("u").await;
+    put_upstream(&etcd, "u", &up).await;
+    etcd.put(
+        "/weir/routes/first",
+        json!({"uri": "/first", "upstream_id": "u"}),
+    )
+    .await;
+    let gateway = TestGateway::start_etcd(&etcd.url, None).await;
+    assert_eq!(get(&gateway.url("/first")).await.status, StatusCode::OK);
+
+    etcd.put(
+        "/weir/routes/second",
+        json!({"uri": "/second/*", "upstream_id": "u", "strip_prefix": true}),
+    )
+    .await;
+    let url = gateway.url("/second/x");
+    eventually("the new route serves", SOON, || {
+        answers(url.clone(), StatusCode::OK)
+    })
+    .await;
+    assert_eq!(get(&gateway.url("/second/x")).await.json()["path"], "/x");
+
+    etcd.delete("/weir/routes/first").await;
+    let url = gateway.url("/first");
+    eventually("the deleted route is gone", SOON, || {
+        answers(url.clone(), StatusCode::NOT_FOUND)
+    })
+    .await;
+    let ready = get(&gateway.admin_url("/readyz")).await;
+    assert_eq!(ready.status, StatusCode::OK);
+    assert_eq!(ready.json()["store"], "etcd");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registered_node_serves_until_its_lease_ends() {
+    let etcd = Etcd::start().await;
+    let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
+    etcd.put(
+        "/weir/routes/users",
+        json!({"uri": "/users/*", "service": "users"}),
+    )
+    .await;
+    let gateway = TestGateway::start_etcd(&etcd.url, None).await;
+    let url = gateway.url("/users/1");
+    assert_eq!(get(&url).await.status, StatusCode::SERVICE_UNAVAILABLE);
+
+    // Node a: registered with `register`, which keeps its lease alive until cancelled.
+    let stop_a = CancellationToken::new();
+    let node = ServiceNode {
+        host: "127.0.0.1".into(),
+        port: a.port(),
+        weight: 1,
+        meta: Default::default(),
+    };
+    let registration = tokio::spawn({
+        let (options, stop) = (options(&etcd), stop_a.clone());
+        async move { register(&options, "users", "a", &node, 2, stop).await }
+    });
+    eventually("node a serves", SOON, || async {
+        get(&url).await.header("x-upstream") == Some("a")
+    })
+    .await;
+    // Past its 2 s TTL, the kept-alive lease still holds.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(get(&url).await.header("x-upstream"), Some("a"));
+
+    // Node b: a lease nobody keeps alive, as when a backend dies.
+    etcd.put_with_lease(
+        "/weir/services/users/b",
+        json!({"host": "127.0.0.1", "port": b.port()}),
+        2,
+    )
+    .await;
+    eventually("both nodes serve", SOON, || async {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..4 {
+            seen.insert(
+                get(&url)
+                    .await
+                    .header("x-upstream")
+                    .unwrap_or_default()
+                    .to_owned(),
+            );
+        }
+        seen.len() == 2
+    })
+    .await;
+    eventually("b's lease expires and only a serves", SOON, || async {
+        let mut only_a = true;
+        for _ in 0..4 {
+            only_a &= get(&url).await.header("x-upstream") == Some("a");
+        }
+        only_a
+    })
+    .await;
+    assert!(b.hits() > 0);
+
+    // Stopping the registration revokes the lease: a leaves at once.
+    stop_a.cancel();
+    registration.await.unwrap().unwrap();
+    eventually("no node is left", Duration::from_secs(2), || async {
+        get(&url).await.status == StatusCode::SERVICE_UNAVAILABLE
+    })
+    .await;
+    let body = get(&url).await.json();
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("no live node for service \"users\""),
+        "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_star_takes_the_service_from_the_first_path_segment() {
+    let etcd = Etcd::start().await;
+    let (users, orders) = (
+        Upstream::start("users").await,
+        Upstream::start("orders").await,
+    );
+    etcd.put(
+        "/weir/routes/discover",
+        json!({"uri": "/*", "service": "*"}),
+    )
+    .await;
+    for (name, up) in [("user-svc", &users), ("order-svc", &orders)] {
+        etcd.put(
+            &format!("/weir/services/{name}/n1"),
+            json!({"host": "127.0.0.1", "port": up.port(), "meta": {"zone": "a"}}),
+        )
+        .await;
+    }
+    let gateway = TestGateway::start_etcd(&etcd.url, None).await;
+    let reply = get(&gateway.url("/user-svc/api/x?q=1")).await;
+    assert_eq!(reply.header("x-upstream"), Some("users"));
+    assert_eq!(reply.json()["path"], "/api/x");
+    assert_eq!(reply.json()["query"], "q=1");
+    assert_eq!(get(&gateway.url("/order-svc")).await.json()["path"], "/");
+    assert_eq!(
+        get(&gateway.url("/order-svc")).await.header("x-upstream"),
+        Some("orders")
+    );
+    assert_eq!(
+        get(&gateway.url("/nobody/x")).await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pushed_plugin_swaps_under_load_without_a_failed_request_and_rolls_back() {
+    let etcd = Etcd::start().await;
+    let up = Upstream::start("u").await;
+    put_upstream(&etcd, "u", &up).await;
+    let sha_a = push(&etcd, "variant", plugins::PROBE).await;
+    etcd.put(
+        "/weir/routes/v",
+        json!({"uri": "/v", "upstream_id": "u", "plugins": [{"name": "variant", "config": {"mode": "variant"}}]}),
+    )
+    .await;
+    let gateway = TestGateway::start_etcd(&etcd.url, None).await;
+    assert_eq!(get(&gateway.url("/v")).await.text(), "a");
+
+    // Four clients hammer the route through the swap and the rollback.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (served, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let (url, stop, served, failed) = (
+            gateway.url("/v"),
+            stop.clone(),
+            served.clone(),
+            failed.clone(),
+        );
+        clients.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let reply = get(&url).await;
+                let ok =
+                    reply.status == StatusCode::OK && matches!(reply.text().as_str(), "a" | "b");
+                if ok { &served } else { &failed }.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    let sha_b = push(&etcd, "variant", plugins::PROBE_B).await;
+    assert_ne!(sha_a, sha_b);
+    let url = gateway.url("/v");
+    eventually("variant b serves", SOON, || async {
+        get(&url).await.text() == "b"
+    })
+    .await;
+    let rolled_back = push(&etcd, "variant", plugins::PROBE).await;
+    assert_eq!(rolled_back, sha_a);
+    eventually("variant a serves again", SOON, || async {
+        get(&url).await.text() == "a"
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    for client in clients {
+        client.await.unwrap();
+    }
+    assert_eq!(failed.load(Ordering::Relaxed), 0);
+    assert!(
+        served.load(Ordering::Relaxed) > 20,
+        "only {} requests ran",
+        served.load(Ordering::Relaxed)
+    );
+    let status = get(&gateway.admin_url("/v1/status")).await.json();
+    assert_eq!(status["plugins"][0]["sha256"], sha_a.as_str(), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_module_and_a_bad_route_are_rejected_while_the_old_config_serves() {
+    let etcd = Etcd::start().await;
+    let up = Upstream::start("u").await;
+    put_upstream(&etcd, "u", &up).await;
+    push(&etcd, "variant", plugins::PROBE).await;
+    etcd.put(
+        "/weir/routes/v",
+        json!({"uri": "/v", "upstream_id": "u", "plugins": [{"name": "variant", "config": {"mode": "variant"}}]}),
+    )
+    .await;
+    let gateway = TestGateway::start_etcd(&etcd.url, None).await;
+    assert_eq!(get(&gateway.url("/v")).await.text(), "a");
+
+    // Bytes that are not a component.
+    let options = options(&etcd);
+    push_plugin(
+        &options,
+        "variant",
+        b"\0asm not a component",
+        &PushSettings::default(),
+    )
+    .await
+    .unwrap();
+    let admin = gateway.admin_url("/v1/status");
+    eventually("the bad module is reported", SOON, || async {
+        let status = get(&admin).await.json();
+        status["errors"].as_array().unwrap().iter().any(|e| {
+            e["id"] == "variant"
+                && e["reason"]
+                    .as_str()
+                    .unwrap()
+                    .contains("module does not compile")
+        })
+    })
+    .await;
+    assert_eq!(get(&gateway.url("/v")).await.text(), "a");
+
+    // A plugin entry naming a module that is not stored.
+    etcd.put("/weir/plugins/ghost", json!({"sha256": "0".repeat(64)}))
+        .await;
+    // A route with an unknown field, over a route that was serving.
+    etcd.put(
+        "/weir/routes/v",
+        json!({"uri": "/v", "upstream_id": "u", "colour": "red"}),
+    )
+    .await;
+    eventually("both are reported", SOON, || async {
+        let status = get(&admin).await.json();
+        let errors = status["errors"].as_array().unwrap().clone();
+        let has = |id: &str, text: &str| {
+            errors
+                .iter()
+                .any(|e| e["id"] == id && e["reason"].as_str().unwrap().contains(text))
+        };
+        has("ghost", "no such module") && has("v", "unknown field `colour`")
+    })
+    .await;
+    let status = get(&admin).await.json();
+    let route_error = status["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["id"] == "v")
+        .unwrap()
+        .clone();
+    assert_eq!(route_error["key"], "/weir/routes/v");
+    // The route keeps its previous version, plugin and all.
+    assert_eq!(get(&gateway.url("/v")).await.text(), "a");
+    assert_eq!(
+        get(&gateway.admin_url("/readyz")).await.status,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serving_survives_etcd_going_away_and_the_watch_resumes() {
+    let mut etcd = Etcd::start().await;
+    let up = Upstream::start("u").await;
+    put_upstream(&etcd, "u", &up).await;
+    etcd.put("/weir/routes/a", json!({"uri": "/a", "upstream_id": "u"}))
+        .await;
+    let gateway = TestGateway::start_etcd(&etcd.url, None).await;
+    assert_eq!(get(&gateway.url("/a")).await.status, StatusCode::OK);
+
+    etcd.kill();
+    let ready = gateway.admin_url("/readyz");
+    eventually("readyz reports the outage", SOON, || async {
+        get(&ready).await.status == StatusCode::SERVICE_UNAVAILABLE
+    })
+    .await;
+    let health = get(&ready).await.json();
+    assert_eq!(health["connected"], false);
+    assert!(!health["reason"].as_str().unwrap().is_empty());
+    for _ in 0..10 {
+        assert_eq!(get(&gateway.url("/a")).await.status, StatusCode::OK);
+    }
+
+    etcd.restart().await;
+    eventually("readyz recovers", Duration::from_secs(15), || async {
+        get(&ready).await.status == StatusCode::OK
+    })
+    .await;
+    etcd.put("/weir/routes/b", json!({"uri": "/b", "upstream_id": "u"}))
+        .await;
+    let url = gateway.url("/b");
+    eventually("a change after the outage applies", SOON, || {
+        answers(url.clone(), StatusCode::OK)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_with_etcd_down_serves_from_the_state_dir_then_resyncs_after_compaction() {
+    let mut etcd = Etcd::start().await;
+    let up = Upstream::start("u").await;
+    let state = tempfile::tempdir().unwrap();
+    put_upstream(&etcd, "u", &up).await;
+    push(&etcd, "variant", plugins::PROBE).await;
+    etcd.put(
+        "/weir/routes/v",
+        json!({"uri": "/v", "upstream_id": "u", "plugins": [{"name": "variant", "config": {"mode": "variant"}}]}),
+    )
+    .await;
+    let first = TestGateway::start_etcd(&etcd.url, Some(state.path().to_owned())).await;
+    assert_eq!(get(&first.url("/v")).await.text(), "a");
+    first.stop().await;
+
+    // While no gateway watches: two changes, then a compaction past the first of them, so the
+    // history after the saved revision is gone.
+    etcd.put(
+        "/weir/routes/new",
+        json!({"uri": "/new", "upstream_id": "u"}),
+    )
+    .await;
+    etcd.put(
+        "/weir/routes/newer",
+        json!({"uri": "/newer", "upstream_id": "u"}),
+    )
+    .await;
+    etcd.compact().await;
+    etcd.kill();
+
+    // etcd is down: the new gateway starts from the saved config and module.
+    let second = TestGateway::start_etcd(&etcd.url, Some(state.path().to_owned())).await;
+    assert_eq!(get(&second.url("/v")).await.text(), "a");
+    assert_eq!(get(&second.url("/new")).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        get(&second.url("/newer")).await.status,
+        StatusCode::NOT_FOUND
+    );
+    let ready = get(&second.admin_url("/readyz")).await;
+    assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE);
+
+    // etcd returns: resuming from the saved revision hits the compaction, so it resyncs.
+    etcd.restart().await;
+    let url = second.url("/new");
+    eventually(
+        "the change made while down applies",
+        Duration::from_secs(15),
+        || answers(url.clone(), StatusCode::OK),
+    )
+    .await;
+    assert_eq!(get(&second.url("/newer")).await.status, StatusCode::OK);
+    let metrics = get(&second.admin_url("/metrics")).await.text();
+    assert!(metrics.contains("weir_store_resyncs_total 1"), "{metrics}");
+    assert_eq!(
+        get(&second.admin_url("/readyz")).await.status,
+        StatusCode::OK
+    );
+}
+
+/// Runs a gateway in a child process (this test binary, re-run with this test's name), for
+/// the convergence test. Not a test on its own: it returns at once without its environment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "started as a child process by two_gateway_processes_converge"]
+async fn child_gateway_process() {
+    let (Ok(url), Ok(addr_file)) = (
+        std::env::var("WEIR_CHILD_ETCD"),
+        std::env::var("WEIR_CHILD_ADDR_FILE"),
+    ) else {
+        return;
+    };
+    let gateway = TestGateway::start_etcd(&url, None).await;
+    std::fs::write(&addr_file, gateway.url("")).unwrap();
+    // Serve until the parent closes our stdin (or kills us).
+    tokio::task::spawn_blocking(|| {
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new())
+    })
+    .await
+    .unwrap()
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateway_processes_converge() {
+    let etcd = Etcd::start().await;
+    let up = Upstream::start("u").await;
+    put_upstream(&etcd, "u", &up).await;
+    let here = TestGateway::start_etcd(&etcd.url, None).await;
+
+    let addr_file = tempfile::NamedTempFile::new().unwrap();
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--ignored",
+            "--exact",
+            "etcd::child_gateway_process",
+            "--nocapture",
+        ])
+        .env("WEIR_CHILD_ETCD", &etcd.url)
+        .env("WEIR_CHILD_ADDR_FILE", addr_file.path())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut there = String::new();
+    eventually("the child gateway starts", SOON, || {
+        there = std::fs::read_to_string(addr_file.path()).unwrap_or_default();
+        let started = !there.is_empty();
+        async move { started }
+    })
+    .await;
+    assert_ne!(there, here.url(""));
+
+    etcd.put(
+        "/weir/routes/shared",
+        json!({"uri": "/shared", "upstream_id": "u"}),
+    )
+    .await;
+    for base in [here.url(""), there.clone()] {
+        let url = format!("{base}/shared");
+        eventually("both gateways serve the route", SOON, || {
+            answers(url.clone(), StatusCode::OK)
+        })
+        .await;
+    }
+    etcd.delete("/weir/routes/shared").await;
+    for base in [here.url(""), there.clone()] {
+        let url = format!("{base}/shared");
+        eventually("both gateways drop the route", SOON, || {
+            answers(url.clone(), StatusCode::NOT_FOUND)
+        })
+        .await;
+    }
+    drop(child.stdin.take());
+    let _ = child.kill();
+    child.wait().unwrap();
+}
