@@ -44,6 +44,20 @@ async fn push(etcd: &Etcd, name: &str, file: &str) -> String {
         .sha256
 }
 
+/// An upstream, probe pushed as plugin `variant`, and route `/v` through it; returns the
+/// upstream (keep it alive) and the module's sha256.
+async fn variant_route(etcd: &Etcd) -> (Upstream, String) {
+    let up = Upstream::start("u").await;
+    put_upstream(etcd, "u", &up).await;
+    let sha = push(etcd, "variant", plugins::PROBE).await;
+    etcd.put(
+        "/weir/routes/v",
+        json!({"uri": "/v", "upstream_id": "u", "plugins": [{"name": "variant", "config": {"mode": "variant"}}]}),
+    )
+    .await;
+    (up, sha)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_put_before_and_after_start_go_live() {
     let etcd = Etcd::start().await;
@@ -199,14 +213,7 @@ async fn service_star_takes_the_service_from_the_first_path_segment() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pushed_plugin_swaps_under_load_without_a_failed_request_and_rolls_back() {
     let etcd = Etcd::start().await;
-    let up = Upstream::start("u").await;
-    put_upstream(&etcd, "u", &up).await;
-    let sha_a = push(&etcd, "variant", plugins::PROBE).await;
-    etcd.put(
-        "/weir/routes/v",
-        json!({"uri": "/v", "upstream_id": "u", "plugins": [{"name": "variant", "config": {"mode": "variant"}}]}),
-    )
-    .await;
+    let (_up, sha_a) = variant_route(&etcd).await;
     let gateway = TestGateway::start_etcd(&etcd.url, None).await;
     assert_eq!(get(&gateway.url("/v")).await.text(), "a");
 
@@ -258,16 +265,44 @@ async fn a_pushed_plugin_swaps_under_load_without_a_failed_request_and_rolls_bac
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn modules_no_entry_uses_are_dropped_from_memory() {
+    let etcd = Etcd::start().await;
+    let (_up, _) = variant_route(&etcd).await;
+    let probe = std::fs::read(plugins::PROBE).unwrap();
+    let gateway = TestGateway::start_etcd(&etcd.url, None).await;
+    for swap in 0..12 {
+        let module = weir_tests::with_custom_section(&probe, "weir-test-swap", &[swap]);
+        let sha = push_plugin(
+            &options(&etcd),
+            "variant",
+            &module,
+            &PushSettings::default(),
+        )
+        .await
+        .unwrap()
+        .sha256;
+        eventually("the swapped module serves", SOON, || {
+            let live = gateway.gateway().snapshot().plugins["variant"]
+                .module
+                .sha256
+                == sha;
+            async move { live }
+        })
+        .await;
+        assert_eq!(get(&gateway.url("/v")).await.text(), "a");
+    }
+    // One module in use, and at most four kept for quick rollbacks.
+    let live = gateway.gateway().runtime().live_modules();
+    assert!(
+        live <= 5,
+        "{live} compiled modules are still alive after 12 swaps"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_module_and_a_bad_route_are_rejected_while_the_old_config_serves() {
     let etcd = Etcd::start().await;
-    let up = Upstream::start("u").await;
-    put_upstream(&etcd, "u", &up).await;
-    push(&etcd, "variant", plugins::PROBE).await;
-    etcd.put(
-        "/weir/routes/v",
-        json!({"uri": "/v", "upstream_id": "u", "plugins": [{"name": "variant", "config": {"mode": "variant"}}]}),
-    )
-    .await;
+    let (_up, _) = variant_route(&etcd).await;
     let gateway = TestGateway::start_etcd(&etcd.url, None).await;
     assert_eq!(get(&gateway.url("/v")).await.text(), "a");
 
@@ -372,15 +407,8 @@ async fn serving_survives_etcd_going_away_and_the_watch_resumes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_with_etcd_down_serves_from_the_state_dir_then_resyncs_after_compaction() {
     let mut etcd = Etcd::start().await;
-    let up = Upstream::start("u").await;
+    let (_up, _) = variant_route(&etcd).await;
     let state = tempfile::tempdir().unwrap();
-    put_upstream(&etcd, "u", &up).await;
-    push(&etcd, "variant", plugins::PROBE).await;
-    etcd.put(
-        "/weir/routes/v",
-        json!({"uri": "/v", "upstream_id": "u", "plugins": [{"name": "variant", "config": {"mode": "variant"}}]}),
-    )
-    .await;
     let first = TestGateway::start_etcd(&etcd.url, Some(state.path().to_owned())).await;
     assert_eq!(get(&first.url("/v")).await.text(), "a");
     first.stop().await;

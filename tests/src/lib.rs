@@ -365,6 +365,43 @@ pub async fn send(request: Request<Full<Bytes>>) -> Reply {
     }
 }
 
+/// `component` with a custom section appended: the same behaviour under a different sha256.
+pub fn with_custom_section(component: &[u8], name: &str, payload: &[u8]) -> Vec<u8> {
+    fn leb128(mut n: usize, out: &mut Vec<u8>) {
+        loop {
+            let byte = (n & 0x7f) as u8;
+            n >>= 7;
+            if n == 0 {
+                out.push(byte);
+                return;
+            }
+            out.push(byte | 0x80);
+        }
+    }
+    let mut content = Vec::new();
+    leb128(name.len(), &mut content);
+    content.extend_from_slice(name.as_bytes());
+    content.extend_from_slice(payload);
+    let mut bytes = component.to_vec();
+    bytes.push(0); // custom section id
+    leb128(content.len(), &mut bytes);
+    bytes.extend_from_slice(&content);
+    bytes
+}
+
+/// The process's resident memory, in KiB (Linux).
+pub fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 /// Waits until `check` returns true, polling every 10 ms; panics with `what` after `limit`.
 pub async fn eventually<F, Fut>(what: &str, limit: Duration, mut check: F)
 where

@@ -210,7 +210,10 @@ impl PluginRuntime {
         let mut modules = self.modules.lock().expect("module registry lock");
         modules.retain(|_, weak| weak.strong_count() > 0);
         modules.insert(sha256.clone(), Arc::downgrade(&module));
+        drop(modules);
         self.recent.insert(sha256, module.clone());
+        // moka evicts lazily; evict now so that an old module's memory goes with it.
+        self.recent.run_pending_tasks();
         Ok(module)
     }
 
