@@ -327,7 +327,10 @@ impl BuildContext<'_> {
         plugins: &BTreeMap<String, Arc<LoadedPlugin>>,
         upstreams: &BTreeMap<String, Arc<Upstream>>,
     ) -> Result<Arc<Route>, String> {
-        config.validate()?;
+        // A config equal to the one serving was validated when it loaded.
+        if old.is_none_or(|old| old.config != *config) {
+            config.validate()?;
+        }
         let target = match (&config.upstream_id, &config.service) {
             (Some(id), _) => Target::Upstream(
                 upstreams
