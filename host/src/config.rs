@@ -246,6 +246,21 @@ pub struct PluginConfig {
     /// `failure: closed` (the default) answers 500 when the plugin fails; `open` skips it.
     #[serde(default)]
     pub failure: FailurePolicy,
+    /// `isolation: pooled` (the default) reuses warm instances; `per-request` gives every
+    /// request a fresh instance, so that no state carries from one request to the next.
+    #[serde(default)]
+    pub isolation: Isolation,
+}
+
+/// Whether a plugin's instances serve many requests or one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Isolation {
+    /// Warm instances are reused across requests.
+    #[default]
+    Pooled,
+    /// Each request gets a fresh instance, dropped afterwards.
+    PerRequest,
 }
 
 /// Per-plugin resource limits.

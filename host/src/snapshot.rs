@@ -375,6 +375,7 @@ impl BuildContext<'_> {
                     &reference.name,
                     &plugin.module,
                     plugin.config.limits,
+                    plugin.config.isolation,
                     &reference.config,
                 )
                 .await

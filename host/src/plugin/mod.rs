@@ -18,7 +18,7 @@ pub use self::bindings::weir::plugin::http::{Action, Reply, Summary};
 use self::host::InstanceState;
 pub use self::host::PluginScope;
 pub use self::pool::PluginPool;
-use crate::config::Limits;
+use crate::config::{Isolation, Limits};
 use crate::kv::KvStore;
 use crate::metrics::Metrics;
 
@@ -148,6 +148,7 @@ struct PoolKey {
     plugin: String,
     sha256: String,
     limits: Limits,
+    isolation: Isolation,
     config: String,
 }
 
@@ -231,12 +232,14 @@ impl PluginRuntime {
         plugin: &str,
         module: &Arc<Module>,
         limits: Limits,
+        isolation: Isolation,
         config: &serde_json::Value,
     ) -> Result<Arc<PluginPool>, PluginError> {
         let key = PoolKey {
             plugin: plugin.to_owned(),
             sha256: module.sha256.clone(),
             limits,
+            isolation,
             config: config.to_string(),
         };
         if let Some(pool) = self
@@ -259,6 +262,7 @@ impl PluginRuntime {
                 module.clone(),
                 scope,
                 limits,
+                isolation,
                 key.config.clone(),
             )
             .await?,

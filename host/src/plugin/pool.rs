@@ -9,7 +9,7 @@ use wasmtime::{Engine, Store, Trap};
 use super::bindings::{self, exports::weir::plugin::filter::Wants};
 use super::host::{InstanceState, PluginScope};
 use super::{Action, EPOCH_TICK, Module, PluginError, Summary};
-use crate::config::Limits;
+use crate::config::{Isolation, Limits};
 use crate::exchange::{RequestView, ResponseView};
 use crate::metrics::PluginFailureLabels;
 
@@ -28,6 +28,7 @@ pub struct PluginPool {
     module: Arc<Module>,
     scope: Arc<PluginScope>,
     limits: Limits,
+    isolation: Isolation,
     config: String,
     wants: Wants,
     idle: ArrayQueue<PluginInstance>,
@@ -50,6 +51,7 @@ impl PluginPool {
         module: Arc<Module>,
         scope: Arc<PluginScope>,
         limits: Limits,
+        isolation: Isolation,
         config: String,
     ) -> Result<Self, PluginError> {
         let mut pool = PluginPool {
@@ -57,6 +59,7 @@ impl PluginPool {
             module,
             scope,
             limits,
+            isolation,
             config,
             wants: Wants {
                 on_request: false,
@@ -69,7 +72,7 @@ impl PluginPool {
         };
         let (instance, wants) = pool.instantiate().await?;
         pool.wants = wants;
-        let _ = pool.idle.push(instance);
+        pool.checkin(instance);
         Ok(pool)
     }
 
@@ -125,6 +128,9 @@ impl PluginPool {
     }
 
     fn checkin(&self, instance: PluginInstance) {
+        if self.isolation == Isolation::PerRequest {
+            return;
+        }
         // A full queue drops the instance; its slot returns to the engine's pool.
         let _ = self.idle.push(instance);
     }

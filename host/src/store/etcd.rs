@@ -839,6 +839,7 @@ pub async fn push_plugin(
                 sha256: None,
                 limits: Default::default(),
                 failure: Default::default(),
+                isolation: Default::default(),
             },
             Compare::version(entry_key.clone(), CompareOp::Equal, 0),
         ),
