@@ -87,6 +87,11 @@ impl AccessLog {
         })
     }
 
+    /// Whether lines go anywhere; when not, callers skip building them.
+    pub fn enabled(&self) -> bool {
+        self.writer.is_some()
+    }
+
     /// Writes one record as a JSON line.
     pub fn write(&self, record: &AccessRecord<'_>) {
         let Some(writer) = &self.writer else { return };

@@ -371,9 +371,7 @@ pub struct ServiceNode {
 impl ServiceNode {
     /// Checks the address.
     pub fn validate(&self) -> Result<(), String> {
-        if self.host.is_empty() || self.host.contains(['/', ' ', '@']) {
-            return Err(format!("host {:?} is not a host", self.host));
-        }
+        check_host(&self.host)?;
         if self.port == 0 {
             return Err("port 0 is not a port".into());
         }
@@ -492,6 +490,24 @@ fn check_path_pattern(path: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A host name or IP address that can stand in a URI's authority.
+fn check_host(host: &str) -> Result<(), String> {
+    let bracketed = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_owned()
+    };
+    if host.is_empty()
+        || host.contains(['/', '@', '[', ']'])
+        || bracketed.parse::<http::uri::Authority>().is_err()
+    {
+        return Err(format!(
+            "node host {host:?} is not a host name or IP address"
+        ));
+    }
+    Ok(())
+}
+
 fn check_id(id: &str) -> Result<(), String> {
     if id.is_empty() {
         return Err("id is empty".into());
@@ -513,9 +529,7 @@ impl UpstreamConfig {
             return Err("`nodes` is empty: an upstream needs at least one node".into());
         }
         for node in &self.nodes {
-            if node.host.is_empty() || node.host.contains(['/', ' ', '@']) {
-                return Err(format!("node host {:?} is not a host", node.host));
-            }
+            check_host(&node.host)?;
             if node.port == 0 {
                 return Err(format!("node {}: port 0 is not a port", node.host));
             }

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode, Uri};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
@@ -48,8 +48,8 @@ pub async fn handle(
         started,
         request_id: request_id(&parts.headers),
         client,
-        method: parts.method.to_string(),
-        path: parts.uri.path().to_owned(),
+        method: parts.method.clone(),
+        uri: parts.uri.clone(),
         status: StatusCode::OK,
         route: None,
         upstream: None,
@@ -60,11 +60,11 @@ pub async fn handle(
     let host = request_host(&parts);
     let Some(matched) = snapshot
         .routes
-        .lookup(&parts.method, host.as_deref(), parts.uri.path())
+        .lookup(&parts.method, host, parts.uri.path())
     else {
         let error = GatewayError::NoRoute {
-            method: finish.method.clone(),
-            path: finish.path.clone(),
+            method: finish.method.to_string(),
+            path: finish.uri.path().to_owned(),
         };
         return finish.fail(error);
     };
@@ -350,8 +350,8 @@ pub struct Finish {
     started: Instant,
     request_id: String,
     client: SocketAddr,
-    method: String,
-    path: String,
+    method: Method,
+    uri: Uri,
     status: StatusCode,
     route: Option<Arc<Route>>,
     upstream: Option<String>,
@@ -387,18 +387,21 @@ impl Drop for Finish {
         let latency = self.started.elapsed();
         let status = self.status.as_u16();
         let route_id = self.route.as_ref().map(|r| &*r.id);
-        self.gateway.access_log().write(&AccessRecord {
-            time: now_rfc3339(),
-            request_id: &self.request_id,
-            client_ip: self.client.ip().to_canonical().to_string(),
-            method: &self.method,
-            path: &self.path,
-            route: route_id,
-            upstream: self.upstream.as_deref(),
-            status,
-            latency_us: latency.as_micros() as u64,
-            plugin_us: self.plugin_time.as_micros() as u64,
-        });
+        let access_log = self.gateway.access_log();
+        if access_log.enabled() {
+            access_log.write(&AccessRecord {
+                time: now_rfc3339(),
+                request_id: &self.request_id,
+                client_ip: self.client.ip().to_canonical().to_string(),
+                method: self.method.as_str(),
+                path: self.uri.path(),
+                route: route_id,
+                upstream: self.upstream.as_deref(),
+                status,
+                latency_us: latency.as_micros() as u64,
+                plugin_us: self.plugin_time.as_micros() as u64,
+            });
+        }
         let Some(route) = self.route.take() else {
             return;
         };
@@ -491,18 +494,17 @@ fn request_id(headers: &HeaderMap) -> String {
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
 }
 
-/// The host the client asked for, lower-case and without a port.
-fn request_host(parts: &http::request::Parts) -> Option<String> {
+/// The host the client asked for, without a port (in the client's case).
+fn request_host(parts: &http::request::Parts) -> Option<&str> {
     let raw = parts
         .headers
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())
         .or_else(|| parts.uri.host())?;
-    let host = match raw.strip_prefix('[') {
+    Some(match raw.strip_prefix('[') {
         Some(v6) => v6.split(']').next().unwrap_or(v6),
         None => raw.split(':').next().unwrap_or(raw),
-    };
-    Some(host.to_ascii_lowercase())
+    })
 }
 
 fn read_only_copy(request: &RequestView) -> RequestView {

@@ -31,12 +31,17 @@ impl RouteFilter {
     }
 }
 
+/// `pattern` is lower-case; `host` may be in any case (host names are case-insensitive).
 fn host_matches(pattern: &str, host: &str) -> bool {
     match pattern.strip_prefix("*.") {
         Some(suffix) => {
-            host.len() > suffix.len() + 1
-                && host.ends_with(suffix)
-                && host.as_bytes()[host.len() - suffix.len() - 1] == b'.'
+            let Some(split) = host.len().checked_sub(suffix.len() + 1) else {
+                return false;
+            };
+            split > 0
+                && host.as_bytes()[split] == b'.'
+                && host.is_char_boundary(split + 1)
+                && host[split + 1..].eq_ignore_ascii_case(suffix)
         }
         None => pattern.eq_ignore_ascii_case(host),
     }

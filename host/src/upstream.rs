@@ -5,7 +5,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, Method, Request, Response, Version};
+use http::uri::{self, Authority, PathAndQuery};
+use http::{HeaderMap, Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -25,6 +26,8 @@ pub struct Upstream {
     pub config: UpstreamConfig,
     /// The nodes and their balancer.
     pub nodes: NodeSet,
+    /// Each node's URI authority, parsed once.
+    authorities: Vec<Authority>,
     client: HttpClient,
     attempts: usize,
 }
@@ -38,6 +41,14 @@ impl Upstream {
             .map(|n| Arc::new(Node::new(format_addr(&n.host, n.port), n.weight)))
             .collect();
         let nodes = NodeSet::new(nodes, config.balancer);
+        let authorities = nodes
+            .nodes()
+            .iter()
+            .map(|node| {
+                Authority::try_from(node.addr.as_str())
+                    .expect("validate() accepts only hosts that parse as an authority")
+            })
+            .collect();
         let others = nodes.selectable().saturating_sub(1);
         let retries = config.retries.map_or(others, |r| r as usize);
         let client = clients.client(
@@ -47,6 +58,7 @@ impl Upstream {
         Upstream {
             config,
             nodes,
+            authorities,
             client,
             attempts: retries + 1,
         }
@@ -179,6 +191,11 @@ pub async fn send(
         mut headers,
         body,
     } = request;
+    let path_and_query =
+        PathAndQuery::try_from(path_and_query).map_err(|e| UpstreamError::Failed {
+            node: upstream.config.id.clone(),
+            reason: format!("bad upstream path: {e}"),
+        })?;
     let version = match upstream.config.scheme {
         Scheme::Http => Version::HTTP_11,
         Scheme::Grpc => Version::HTTP_2,
@@ -208,15 +225,11 @@ pub async fn send(
         let mut outbound = Request::new(send_body);
         *outbound.method_mut() = method.clone();
         *outbound.version_mut() = version;
-        *outbound.uri_mut() = match format!("http://{}{}", node.addr, path_and_query).parse() {
-            Ok(uri) => uri,
-            Err(e) => {
-                return Err(UpstreamError::Failed {
-                    node: node.addr.clone(),
-                    reason: format!("bad upstream uri: {e}"),
-                });
-            }
-        };
+        let mut uri = uri::Parts::default();
+        uri.scheme = Some(uri::Scheme::HTTP);
+        uri.authority = Some(upstream.authorities[index].clone());
+        uri.path_and_query = Some(path_and_query.clone());
+        *outbound.uri_mut() = Uri::from_parts(uri).expect("scheme, authority and path make a URI");
         *outbound.headers_mut() = if last {
             std::mem::take(&mut headers)
         } else {
