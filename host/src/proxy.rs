@@ -491,7 +491,13 @@ fn request_id(headers: &HeaderMap) -> String {
         .and_then(|v| v.to_str().ok())
         .filter(|id| !id.is_empty() && id.len() <= 200 && id.bytes().all(|b| b.is_ascii_graphic()))
         .map(str::to_owned)
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+        .unwrap_or_else(|| {
+            let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+            uuid::Uuid::new_v4()
+                .hyphenated()
+                .encode_lower(&mut text)
+                .to_owned()
+        })
 }
 
 /// The host the client asked for, without a port (in the client's case).
@@ -546,6 +552,10 @@ fn reply_response(reply: Reply) -> Response<ProxyBody> {
 
 /// Removes headers that describe one connection, not the message (RFC 9110 §7.6.1).
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages have none: one pass over the names beats a removal attempt for each.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -569,6 +579,21 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     headers.remove("keep-alive");
     headers.remove("proxy-connection");
+}
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    [
+        header::CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::TE,
+        header::TRAILER,
+    ]
+    .contains(name)
+        || name == "keep-alive"
+        || name == "proxy-connection"
 }
 
 fn append_forwarded_for(headers: &mut HeaderMap, client: std::net::IpAddr) {

@@ -190,7 +190,8 @@ where
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
         let service = service_fn(move |request| {
-            let response = handler(request, peer);
+            // Boxed once here, so that hyper moves a pointer rather than the whole request future.
+            let response = Box::pin(handler(request, peer));
             async move { Ok::<_, Infallible>(response.await) }
         });
         let connection = auto::Builder::new(TokioExecutor::new())
