@@ -12,6 +12,10 @@ use weir::config::{FailurePolicy, ServiceNode};
 use weir::store::etcd::{self, EtcdOptions, PushSettings};
 use weir::{AccessLogTarget, ConfigSource, GatewayOptions};
 
+/// glibc's allocator slows down as the heap grows with many routes; mimalloc stays flat.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Weir: an API gateway whose plugins are sandboxed WebAssembly components.
 #[derive(Parser)]
 #[command(version, about)]
