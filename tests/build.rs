@@ -14,6 +14,7 @@ const COMPONENTS: &[(&str, &str)] = &[
     ("ip-restriction", "IP_RESTRICTION"),
     ("key-auth", "KEY_AUTH"),
     ("probe", "PROBE"),
+    ("fs-reader", "FS_READER"),
 ];
 
 const TARGET: &str = "wasm32-wasip2";

@@ -70,6 +70,18 @@ fn status(gateway: &Gateway) -> Response<ProxyBody> {
             "name": name,
             "sha256": p.module.sha256,
         })).collect::<Vec<_>>(),
+        "tenants": gateway.runtime().tenants().all().iter().map(|tenant| {
+            let (memory, instances, kv_entries, kv_bytes) = tenant.usage();
+            serde_json::json!({
+                "name": tenant.name(),
+                "quotas": snapshot.tenants.get(tenant.name()).map(|t| t.quotas),
+                "usage": {"memory_bytes": memory, "instances": instances, "kv_entries": kv_entries, "kv_bytes": kv_bytes},
+            })
+        }).collect::<Vec<_>>(),
+        "quarantined": gateway.runtime().quarantined().iter().map(|(plugin, left)| serde_json::json!({
+            "plugin": plugin,
+            "retry_in_ms": left.as_millis() as u64,
+        })).collect::<Vec<_>>(),
         "errors": snapshot.errors,
     });
     text(

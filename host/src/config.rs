@@ -16,6 +16,8 @@ pub enum Kind {
     Upstream,
     /// `plugins`
     Plugin,
+    /// `tenants`
+    Tenant,
     /// A node registered under `services/<name>/<node>`.
     ServiceNode,
     /// A key the store does not understand.
@@ -28,6 +30,7 @@ impl fmt::Display for Kind {
             Kind::Route => "route",
             Kind::Upstream => "upstream",
             Kind::Plugin => "plugin",
+            Kind::Tenant => "tenant",
             Kind::ServiceNode => "service node",
             Kind::Key => "key",
         })
@@ -88,6 +91,9 @@ pub struct PluginRef {
     /// `config: {keys: [..]}`: passed as JSON to the plugin's `init`.
     #[serde(default = "empty_object")]
     pub config: serde_json::Value,
+    /// `isolation: per-request`: overrides the plugin entry's isolation on this route.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub isolation: Option<Isolation>,
 }
 
 fn empty_object() -> serde_json::Value {
@@ -229,7 +235,7 @@ fn default_read_ms() -> u64 {
 }
 
 /// A plugin entry: a Wasm component, its limits and what happens when it fails.
-#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PluginConfig {
     /// `name: key-auth`: what routes call it.
@@ -250,6 +256,192 @@ pub struct PluginConfig {
     /// request a fresh instance, so that no state carries from one request to the next.
     #[serde(default)]
     pub isolation: Isolation,
+    /// `grants: {kv: true, http: {hosts: [10.0.0.5:8080]}}`: the host functions it may import.
+    /// A component that imports one its entry does not grant is refused when it loads.
+    #[serde(default)]
+    pub grants: Grants,
+    /// `tenant: team-a`: the tenant whose quotas it counts against; its kv namespace is the
+    /// tenant's and the plugin's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// `quarantine: {traps: 5, window_ms: 10000, backoff_ms: 30000}`: after `traps` failures
+    /// within `window_ms`, the plugin is not called for `backoff_ms` (its failure policy answers).
+    #[serde(default)]
+    pub quarantine: Quarantine,
+}
+
+/// The host functions a plugin may import. Nothing but the request and response is granted
+/// unless listed here.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Grants {
+    /// `log: true`: write to the gateway's log.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub log: bool,
+    /// `clock: true`: read the wall and monotonic clocks.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub clock: bool,
+    /// `kv: true`: the plugin's key/value namespace.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub kv: bool,
+    /// `metrics: true`: add to Prometheus counters.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub metrics: bool,
+    /// `http: {hosts: [api.internal:8080], methods: [GET]}`: outbound HTTP calls to these hosts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpGrant>,
+    /// `wasi: [clocks, random, stdio]`: WASI interfaces beyond the inert ones every component
+    /// may import. Files, sockets and environment variables are never available.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub wasi: Vec<WasiGrant>,
+}
+
+fn is_false(value: &bool) -> bool {
+    !*value
+}
+
+/// Where a plugin's outbound HTTP calls may go.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpGrant {
+    /// `hosts: [api.internal:8080, 10.0.0.5]`: `host` or `host:port` (port 80 when left out).
+    /// An empty list links the interface but lets no call through.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// `methods: [GET, POST]`: GET when left out.
+    #[serde(default = "get_only")]
+    pub methods: Vec<String>,
+    /// `timeout_ms: 1000`: the whole call, from connect to the last body byte.
+    #[serde(default = "default_call_timeout_ms")]
+    pub timeout_ms: u64,
+    /// `max_response_bytes: 1048576`: a longer response body fails the call.
+    #[serde(default = "default_max_body_bytes")]
+    pub max_response_bytes: u64,
+}
+
+fn get_only() -> Vec<String> {
+    vec!["GET".into()]
+}
+
+fn default_call_timeout_ms() -> u64 {
+    1_000
+}
+
+/// A WASI interface family that a grant enables.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WasiGrant {
+    /// `wasi:clocks/*`.
+    Clocks,
+    /// `wasi:random/*`.
+    Random,
+    /// Output on `wasi:cli/stdout` and `stderr` goes to the gateway's log (otherwise it is dropped).
+    Stdio,
+}
+
+/// When a failing plugin stops being called, and for how long.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Quarantine {
+    /// `traps: 5`: failures (traps, timeouts, limit hits) that trigger a quarantine; 0 never does.
+    #[serde(default = "default_quarantine_traps")]
+    pub traps: u32,
+    /// `window_ms: 10000`: the window those failures are counted in.
+    #[serde(default = "default_quarantine_window_ms")]
+    pub window_ms: u64,
+    /// `backoff_ms: 30000`: how long a quarantine lasts; it doubles each time a retry fails.
+    #[serde(default = "default_quarantine_backoff_ms")]
+    pub backoff_ms: u64,
+}
+
+impl Default for Quarantine {
+    fn default() -> Self {
+        Quarantine {
+            traps: default_quarantine_traps(),
+            window_ms: default_quarantine_window_ms(),
+            backoff_ms: default_quarantine_backoff_ms(),
+        }
+    }
+}
+
+fn default_quarantine_traps() -> u32 {
+    5
+}
+
+fn default_quarantine_window_ms() -> u64 {
+    10_000
+}
+
+fn default_quarantine_backoff_ms() -> u64 {
+    30_000
+}
+
+/// A tenant: a party whose plugins share quotas, and whose kv namespaces no other tenant sees.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    /// `name: team-a`
+    pub name: String,
+    /// `quotas: {memory_mb: 256, instances: 64, kv_entries: 10000, kv_bytes: 10485760}`
+    #[serde(default)]
+    pub quotas: Quotas,
+}
+
+/// Limits on everything one tenant's plugins hold at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Quotas {
+    /// `memory_mb: 256`: the linear memory of all its live instances together.
+    #[serde(default = "default_quota_memory_mb")]
+    pub memory_mb: u64,
+    /// `instances: 64`: its live instances.
+    #[serde(default = "default_quota_instances")]
+    pub instances: u64,
+    /// `kv_entries: 10000`: keys in its kv namespaces.
+    #[serde(default = "default_quota_kv_entries")]
+    pub kv_entries: u64,
+    /// `kv_bytes: 10485760`: bytes of keys and values in its kv namespaces.
+    #[serde(default = "default_quota_kv_bytes")]
+    pub kv_bytes: u64,
+}
+
+impl Default for Quotas {
+    fn default() -> Self {
+        Quotas {
+            memory_mb: default_quota_memory_mb(),
+            instances: default_quota_instances(),
+            kv_entries: default_quota_kv_entries(),
+            kv_bytes: default_quota_kv_bytes(),
+        }
+    }
+}
+
+fn default_quota_memory_mb() -> u64 {
+    1024
+}
+
+fn default_quota_instances() -> u64 {
+    256
+}
+
+fn default_quota_kv_entries() -> u64 {
+    100_000
+}
+
+fn default_quota_kv_bytes() -> u64 {
+    64 << 20
+}
+
+impl TenantConfig {
+    /// Checks the name and quotas.
+    pub fn validate(&self) -> Result<(), String> {
+        check_id(&self.name)?;
+        let q = self.quotas;
+        if q.memory_mb == 0 || q.instances == 0 || q.kv_entries == 0 || q.kv_bytes == 0 {
+            return Err("every quota must be at least 1".into());
+        }
+        Ok(())
+    }
 }
 
 /// Whether a plugin's instances serve many requests or one.
@@ -388,6 +580,8 @@ pub struct ConfigObjects {
     pub upstreams: BTreeMap<String, UpstreamConfig>,
     /// Plugin entries by name.
     pub plugins: BTreeMap<String, PluginConfig>,
+    /// Tenants by name.
+    pub tenants: BTreeMap<String, TenantConfig>,
     /// Live service nodes: service name, then node id.
     pub services: BTreeMap<String, BTreeMap<String, ServiceNode>>,
 }
@@ -582,6 +776,31 @@ impl PluginConfig {
             return Err(format!(
                 "limits.max_body_bytes {max_body_bytes} is not in 1..=1073741824"
             ));
+        }
+        if let Some(http) = &self.grants.http {
+            for host in &http.hosts {
+                if host.parse::<http::uri::Authority>().is_err() || host.contains('@') {
+                    return Err(format!(
+                        "grants.http.hosts: {host:?} is not host or host:port"
+                    ));
+                }
+            }
+            for method in &http.methods {
+                if !METHODS.contains(&method.as_str()) {
+                    return Err(format!("grants.http.methods: {method:?} is not a method"));
+                }
+            }
+            if !(1..=60_000).contains(&http.timeout_ms) {
+                return Err("grants.http.timeout_ms is not in 1..=60000".into());
+            }
+        }
+        if let Some(tenant) = &self.tenant {
+            check_id(tenant).map_err(|e| format!("tenant: {e}"))?;
+        }
+        if self.quarantine.traps > 0
+            && (self.quarantine.window_ms == 0 || self.quarantine.backoff_ms == 0)
+        {
+            return Err("quarantine.window_ms and backoff_ms must be at least 1".into());
         }
         Ok(())
     }

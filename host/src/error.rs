@@ -57,6 +57,10 @@ impl GatewayError {
             GatewayError::NoService { .. } => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::RequestTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::RequestBody(_) => StatusCode::BAD_REQUEST,
+            GatewayError::Plugin {
+                error: PluginError::Quarantined(_),
+                ..
+            } => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::Plugin { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             GatewayError::Upstream(e) if e.is_timeout() => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::Upstream(_)

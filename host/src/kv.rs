@@ -1,10 +1,14 @@
-//! The plugin key/value store: namespaced per plugin, with per-entry TTLs and atomic counters.
+//! The plugin key/value store: namespaced per tenant and plugin, with per-entry TTLs, atomic
+//! counters, and every entry counted against its tenant's quotas.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use moka::notification::RemovalCause;
 use moka::ops::compute::Op;
 use moka::sync::Cache;
+
+use crate::plugin::tenant::{QuotaExceeded, Tenant};
 
 type Key = (Arc<str>, String);
 
@@ -14,6 +18,9 @@ struct Value {
     ttl: Option<Duration>,
     /// An increment keeps the expiry the key already had.
     keep_expiry: bool,
+    /// The tenant the entry counts against, and by how many bytes.
+    owner: Arc<Tenant>,
+    size: u64,
 }
 
 struct PerEntryExpiry;
@@ -38,7 +45,7 @@ impl moka::Expiry<Key, Value> for PerEntryExpiry {
     }
 }
 
-/// Why an increment failed.
+/// Why a write or an increment failed.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum KvError {
     /// The key holds bytes that are not a decimal integer.
@@ -47,12 +54,19 @@ pub enum KvError {
     /// The result does not fit in an i64.
     #[error("increment of {0:?} overflows")]
     Overflow(String),
+    /// The tenant is at its kv quota.
+    #[error(transparent)]
+    Quota(#[from] QuotaExceeded),
 }
 
 /// One store shared by all plugins; each plugin sees only its own namespace.
 #[derive(Clone)]
 pub struct KvStore {
     cache: Cache<Key, Value>,
+}
+
+fn entry_size(key: &str, value: &[u8]) -> u64 {
+    (key.len() + value.len()) as u64
 }
 
 impl KvStore {
@@ -64,6 +78,12 @@ impl KvStore {
                 u32::try_from(key.1.len() + value.bytes.len() + 64).unwrap_or(u32::MAX)
             })
             .expire_after(PerEntryExpiry)
+            .eviction_listener(|_, value: Value, cause| {
+                // A replaced value was already charged as a difference when it was replaced.
+                if cause != RemovalCause::Replaced {
+                    value.owner.release_kv(1, value.size);
+                }
+            })
             .build();
         KvStore { cache }
     }
@@ -75,15 +95,36 @@ impl KvStore {
             .map(|v| v.bytes)
     }
 
-    /// Stores `value`, replacing any expiry the key had with `ttl`.
-    pub fn set(&self, namespace: &Arc<str>, key: &str, value: &[u8], ttl: Option<Duration>) {
-        let value = Value {
-            bytes: value.into(),
-            ttl,
-            keep_expiry: false,
-        };
+    /// Stores `value`, replacing any expiry the key had with `ttl`; counted against `owner`.
+    pub fn set(
+        &self,
+        namespace: &Arc<str>,
+        key: &str,
+        value: &[u8],
+        ttl: Option<Duration>,
+        owner: &Arc<Tenant>,
+    ) -> Result<(), QuotaExceeded> {
+        let size = entry_size(key, value);
+        let mut outcome = Ok(());
         self.cache
-            .insert((namespace.clone(), key.to_owned()), value);
+            .entry((namespace.clone(), key.to_owned()))
+            .and_compute_with(|existing| {
+                let (entries, old) = existing.map_or((1, 0), |e| (0, e.value().size));
+                match owner.charge_kv(entries, size as i64 - old as i64) {
+                    Ok(()) => Op::Put(Value {
+                        bytes: value.into(),
+                        ttl,
+                        keep_expiry: false,
+                        owner: owner.clone(),
+                        size,
+                    }),
+                    Err(quota) => {
+                        outcome = Err(quota);
+                        Op::Nop
+                    }
+                }
+            });
+        outcome
     }
 
     /// Removes `key`.
@@ -98,27 +139,42 @@ impl KvStore {
         key: &str,
         delta: i64,
         ttl: Option<Duration>,
+        owner: &Arc<Tenant>,
     ) -> Result<i64, KvError> {
         let mut outcome = Ok(0);
         self.cache
             .entry((namespace.clone(), key.to_owned()))
             .and_compute_with(|existing| {
-                let (current, keep_expiry) = match &existing {
-                    None => (Ok(0), false),
-                    Some(entry) => (parse_counter(&entry.value().bytes, key), true),
+                let (current, keep_expiry, old) = match &existing {
+                    None => (Ok(0), false, None),
+                    Some(entry) => (
+                        parse_counter(&entry.value().bytes, key),
+                        true,
+                        Some(entry.value().size),
+                    ),
                 };
                 outcome = current.and_then(|n: i64| {
                     n.checked_add(delta)
                         .ok_or_else(|| KvError::Overflow(key.into()))
                 });
-                match &outcome {
-                    Ok(n) => Op::Put(Value {
-                        bytes: n.to_string().into_bytes().into(),
-                        ttl,
-                        keep_expiry,
-                    }),
-                    Err(_) => Op::Nop,
+                let Ok(n) = &outcome else { return Op::Nop };
+                let bytes = n.to_string().into_bytes();
+                let size = entry_size(key, &bytes);
+                let charge = owner.charge_kv(
+                    u64::from(old.is_none()),
+                    size as i64 - old.unwrap_or(0) as i64,
+                );
+                if let Err(quota) = charge {
+                    outcome = Err(KvError::Quota(quota));
+                    return Op::Nop;
                 }
+                Op::Put(Value {
+                    bytes: bytes.into(),
+                    ttl,
+                    keep_expiry,
+                    owner: owner.clone(),
+                    size,
+                })
             });
         outcome
     }
@@ -140,12 +196,28 @@ fn parse_counter(bytes: &[u8], key: &str) -> Result<i64, KvError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{Quotas, TenantConfig};
+    use crate::plugin::tenant::Tenants;
+
+    fn tenant(name: &str, quotas: Quotas) -> Arc<Tenant> {
+        let tenants = Tenants::default();
+        tenants.update([TenantConfig {
+            name: name.into(),
+            quotas,
+        }]);
+        tenants.get(Some(name)).unwrap()
+    }
+
+    fn anyone() -> Arc<Tenant> {
+        tenant("t", Quotas::default())
+    }
 
     #[test]
     fn namespaces_do_not_see_each_other() {
         let kv = KvStore::new(1 << 20);
         let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
-        kv.set(&a, "k", b"one", None);
+        let owner = anyone();
+        kv.set(&a, "k", b"one", None, &owner).unwrap();
         assert_eq!(kv.get(&a, "k").as_deref(), Some(&b"one"[..]));
         assert_eq!(kv.get(&b, "k"), None);
         kv.delete(&a, "k");
@@ -156,25 +228,27 @@ mod tests {
     fn incr_counts_atomically_across_threads() {
         let kv = KvStore::new(1 << 20);
         let ns: Arc<str> = "rate".into();
+        let owner = anyone();
         std::thread::scope(|s| {
             for _ in 0..4 {
                 s.spawn(|| {
                     for _ in 0..250 {
-                        kv.incr(&ns, "hits", 1, None).unwrap();
+                        kv.incr(&ns, "hits", 1, None, &owner).unwrap();
                     }
                 });
             }
         });
-        assert_eq!(kv.incr(&ns, "hits", 0, None), Ok(1000));
+        assert_eq!(kv.incr(&ns, "hits", 0, None, &owner), Ok(1000));
         assert_eq!(kv.get(&ns, "hits").as_deref(), Some(&b"1000"[..]));
-        kv.set(&ns, "word", b"x", None);
+        kv.set(&ns, "word", b"x", None, &owner).unwrap();
         assert_eq!(
-            kv.incr(&ns, "word", 1, None),
+            kv.incr(&ns, "word", 1, None, &owner),
             Err(KvError::NotAnInteger("word".into()))
         );
-        kv.set(&ns, "max", i64::MAX.to_string().as_bytes(), None);
+        kv.set(&ns, "max", i64::MAX.to_string().as_bytes(), None, &owner)
+            .unwrap();
         assert_eq!(
-            kv.incr(&ns, "max", 1, None),
+            kv.incr(&ns, "max", 1, None, &owner),
             Err(KvError::Overflow("max".into()))
         );
     }
@@ -183,17 +257,56 @@ mod tests {
     fn ttl_expires_and_incr_keeps_the_first_expiry() {
         let kv = KvStore::new(1 << 20);
         let ns: Arc<str> = "t".into();
-        kv.set(&ns, "short", b"v", Some(Duration::from_millis(50)));
-        kv.incr(&ns, "window", 1, Some(Duration::from_millis(150)))
+        let owner = anyone();
+        kv.set(&ns, "short", b"v", Some(Duration::from_millis(50)), &owner)
+            .unwrap();
+        kv.incr(&ns, "window", 1, Some(Duration::from_millis(150)), &owner)
             .unwrap();
         std::thread::sleep(Duration::from_millis(100));
         assert_eq!(kv.get(&ns, "short"), None);
         // A later increment with a long TTL does not extend the window.
         assert_eq!(
-            kv.incr(&ns, "window", 1, Some(Duration::from_secs(60))),
+            kv.incr(&ns, "window", 1, Some(Duration::from_secs(60)), &owner),
             Ok(2)
         );
         std::thread::sleep(Duration::from_millis(100));
         assert_eq!(kv.get(&ns, "window"), None);
+    }
+
+    #[test]
+    fn entries_count_against_their_tenant_until_they_go() {
+        let kv = KvStore::new(1 << 20);
+        let ns: Arc<str> = "q/p".into();
+        let small = tenant(
+            "q",
+            Quotas {
+                kv_entries: 2,
+                kv_bytes: 20,
+                ..Quotas::default()
+            },
+        );
+        kv.set(&ns, "a", b"12345", None, &small).unwrap();
+        kv.set(&ns, "b", b"12345", None, &small).unwrap();
+        assert_eq!(
+            kv.set(&ns, "c", b"1", None, &small).unwrap_err().what,
+            "kv entries"
+        );
+        // Replacing a value charges only the difference.
+        kv.set(&ns, "a", b"123456789", None, &small).unwrap();
+        assert_eq!(small.usage().3, 16);
+        assert_eq!(
+            kv.set(&ns, "b", b"1234567890123", None, &small)
+                .unwrap_err()
+                .what,
+            "kv bytes"
+        );
+        kv.delete(&ns, "a");
+        kv.cache.run_pending_tasks();
+        assert_eq!(small.usage().2, 1);
+        kv.set(&ns, "c", b"1", None, &small).unwrap();
+        assert!(matches!(
+            kv.incr(&ns, "d", 1, None, &small),
+            Err(KvError::Quota(_))
+        ));
     }
 }

@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
-use weir::config::{FailurePolicy, ServiceNode};
+use weir::config::{FailurePolicy, Grants, ServiceNode, WasiGrant};
 use weir::store::etcd::{self, EtcdOptions, PushSettings};
 use weir::{AccessLogTarget, ConfigSource, GatewayOptions};
 
@@ -132,6 +132,50 @@ struct PushArgs {
     /// What a failure does: `closed` answers 500, `open` skips the plugin.
     #[arg(long, value_parser = parse_failure)]
     failure: Option<FailurePolicy>,
+    /// A host function the plugin may import: `log`, `clock`, `kv`, `metrics`,
+    /// `http=HOST[:PORT],..` (GET only), or `wasi=clocks|random|stdio`. Repeat for several;
+    /// when given, they replace the entry's grants.
+    #[arg(long = "grant", value_name = "GRANT")]
+    grants: Vec<String>,
+}
+
+/// Builds grants from `--grant` values.
+fn parse_grants(values: &[String]) -> anyhow::Result<Grants> {
+    let mut grants = Grants::default();
+    for value in values {
+        match value.split_once('=') {
+            None => match value.as_str() {
+                "log" => grants.log = true,
+                "clock" => grants.clock = true,
+                "kv" => grants.kv = true,
+                "metrics" => grants.metrics = true,
+                other => bail!(
+                    "--grant {other:?}: expected log, clock, kv, metrics, http=HOSTS or wasi=NAME"
+                ),
+            },
+            Some(("http", hosts)) => {
+                let hosts: Vec<String> = hosts
+                    .split(',')
+                    .filter(|h| !h.is_empty())
+                    .map(str::to_owned)
+                    .collect();
+                grants.http = Some(serde_json::from_value(
+                    serde_json::json!({ "hosts": hosts }),
+                )?);
+            }
+            Some(("wasi", name)) => {
+                let grant: WasiGrant = serde_json::from_value(serde_json::Value::String(
+                    name.to_owned(),
+                ))
+                .map_err(|_| {
+                    anyhow::anyhow!("--grant wasi={name}: expected clocks, random or stdio")
+                })?;
+                grants.wasi.push(grant);
+            }
+            Some((other, _)) => bail!("--grant {other}=..: expected http=HOSTS or wasi=NAME"),
+        }
+    }
+    Ok(grants)
 }
 
 fn parse_failure(text: &str) -> Result<FailurePolicy, String> {
@@ -234,7 +278,7 @@ async fn push(args: PushArgs) -> anyhow::Result<()> {
         std::fs::read(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
     // Refuse a module the gateways would refuse, before it reaches them.
     let runtime = weir::plugin::PluginRuntime::new(Arc::new(weir::metrics::Metrics::new()))?;
-    runtime
+    let module = runtime
         .load(bytes.clone())
         .await
         .with_context(|| format!("{} is not a weir plugin", args.file.display()))?;
@@ -243,7 +287,17 @@ async fn push(args: PushArgs) -> anyhow::Result<()> {
         timeout_ms: args.timeout_ms,
         max_body_bytes: args.max_body_bytes,
         failure: args.failure,
+        grants: if args.grants.is_empty() {
+            None
+        } else {
+            Some(parse_grants(&args.grants)?)
+        },
     };
+    if let Some(grants) = &settings.grants
+        && let Err(refused) = weir::plugin::grants::check(&module.imports, grants)
+    {
+        bail!("{}: {refused}", args.file.display());
+    }
     let pushed = etcd::push_plugin(&args.etcd.options(None), &args.name, &bytes, &settings).await?;
     let stored = if pushed.already_stored {
         "already stored"

@@ -23,13 +23,37 @@ pub struct RouteLabels {
     pub route: String,
 }
 
+/// Labels of the per-plugin call metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginLabels {
+    /// The plugin name.
+    pub plugin: String,
+    /// The route it ran on.
+    pub route: String,
+    /// The plugin's tenant.
+    pub tenant: String,
+}
+
 /// Labels of `weir_plugin_failures_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PluginFailureLabels {
     /// The plugin name.
     pub plugin: String,
-    /// `trap`, `timeout`, `memory` or `instantiate`.
+    /// The route it ran on.
+    pub route: String,
+    /// The plugin's tenant.
+    pub tenant: String,
+    /// `trap`, `timeout`, `memory`, `limit`, `quota`, `instantiate` or `quarantined`.
     pub kind: &'static str,
+}
+
+/// Labels of `weir_plugin_quarantines_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QuarantineLabels {
+    /// The plugin name.
+    pub plugin: String,
+    /// The plugin's tenant.
+    pub tenant: String,
 }
 
 /// Labels of `weir_plugin_events_total`, the counters plugins add to.
@@ -50,6 +74,11 @@ pub struct ReloadLabels {
 
 type HistogramFamily<S> = Family<S, Histogram, fn() -> Histogram>;
 
+fn plugin_histogram() -> Histogram {
+    // 1 µs to ~65 ms.
+    Histogram::new(exponential_buckets(0.000001, 2.0, 17))
+}
+
 fn latency_histogram() -> Histogram {
     // 100 µs to ~13 s.
     Histogram::new(exponential_buckets(0.0001, 2.0, 18))
@@ -62,8 +91,14 @@ pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     /// Request latency by route, in seconds.
     pub latency: HistogramFamily<RouteLabels>,
-    /// Plugin failures by plugin and kind.
+    /// Plugin calls by plugin, route and tenant.
+    pub plugin_calls: Family<PluginLabels, Counter>,
+    /// Plugin call latency by plugin, route and tenant, in seconds.
+    pub plugin_latency: HistogramFamily<PluginLabels>,
+    /// Plugin failures by plugin, route, tenant and kind.
     pub plugin_failures: Family<PluginFailureLabels, Counter>,
+    /// Times a plugin was quarantined.
+    pub quarantines: Family<QuarantineLabels, Counter>,
     /// Counters that plugins add to.
     pub plugin_events: Family<PluginEventLabels, Counter>,
     /// Config reloads by outcome.
@@ -98,11 +133,26 @@ impl Metrics {
             "Time from a request's arrival to its response headers",
             latency.clone(),
         );
+        let plugin_calls = Family::<PluginLabels, Counter>::default();
+        registry.register("plugin_calls", "Calls into plugins", plugin_calls.clone());
+        let plugin_latency: HistogramFamily<PluginLabels> =
+            Family::new_with_constructor(plugin_histogram);
+        registry.register(
+            "plugin_call_duration_seconds",
+            "Time spent in one call into a plugin",
+            plugin_latency.clone(),
+        );
         let plugin_failures = Family::<PluginFailureLabels, Counter>::default();
         registry.register(
             "plugin_failures",
-            "Plugin calls that trapped, timed out or hit a limit",
+            "Plugin calls that trapped, timed out, hit a limit or quota, or were skipped in quarantine",
             plugin_failures.clone(),
+        );
+        let quarantines = Family::<QuarantineLabels, Counter>::default();
+        registry.register(
+            "plugin_quarantines",
+            "Times a plugin was quarantined",
+            quarantines.clone(),
         );
         let plugin_events = Family::<PluginEventLabels, Counter>::default();
         registry.register(
@@ -134,7 +184,10 @@ impl Metrics {
             registry,
             requests,
             latency,
+            plugin_calls,
+            plugin_latency,
             plugin_failures,
+            quarantines,
             plugin_events,
             reloads,
             config_errors,
@@ -149,6 +202,29 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
+    }
+
+    /// The counter of `plugin`'s quarantines.
+    pub fn plugin_quarantines(&self, plugin: &str, tenant: &str) -> Counter {
+        self.quarantines.get_or_create_owned(&QuarantineLabels {
+            plugin: plugin.to_owned(),
+            tenant: tenant.to_owned(),
+        })
+    }
+
+    /// Handles for one plugin on one route, looked up once per snapshot.
+    pub fn plugin(&self, plugin: &str, route: &str, tenant: &str) -> PluginMetrics {
+        let labels = PluginLabels {
+            plugin: plugin.to_owned(),
+            route: route.to_owned(),
+            tenant: tenant.to_owned(),
+        };
+        PluginMetrics {
+            calls: self.plugin_calls.get_or_create_owned(&labels),
+            latency: self.plugin_latency.get_or_create_owned(&labels),
+            failures: self.plugin_failures.clone(),
+            labels,
+        }
     }
 
     /// Handles for one route, looked up once per snapshot instead of once per request.
@@ -187,5 +263,31 @@ impl RouteMetrics {
         let class = usize::from((status / 100).clamp(1, 5)) - 1;
         self.by_class[class].inc();
         self.latency.observe(seconds);
+    }
+}
+
+/// One plugin's call metrics on one route.
+#[derive(Clone, Debug)]
+pub struct PluginMetrics {
+    calls: Counter,
+    latency: Histogram,
+    failures: Family<PluginFailureLabels, Counter>,
+    labels: PluginLabels,
+}
+
+impl PluginMetrics {
+    /// Counts a call that took `elapsed`, and its failure if it failed.
+    pub fn record(&self, elapsed: std::time::Duration, failure: Option<&'static str>) {
+        self.calls.inc();
+        self.latency.observe(elapsed.as_secs_f64());
+        if let Some(kind) = failure {
+            let labels = PluginFailureLabels {
+                plugin: self.labels.plugin.clone(),
+                route: self.labels.route.clone(),
+                tenant: self.labels.tenant.clone(),
+                kind,
+            };
+            self.failures.get_or_create(&labels).inc();
+        }
     }
 }

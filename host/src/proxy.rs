@@ -27,7 +27,7 @@ use crate::config::{FailurePolicy, HashOn};
 use crate::error::{GatewayError, json_error};
 use crate::exchange::{BufferedBody, RequestView, ResponseView};
 use crate::gateway::Gateway;
-use crate::plugin::{Action, Reply, Summary};
+use crate::plugin::{Action, PluginError, Reply, Summary};
 use crate::snapshot::{Route, Snapshot, Target};
 use crate::upstream::{self, Outbound, OutboundBody, Upstream};
 
@@ -175,7 +175,10 @@ async fn request_phase(
         }
         let started = Instant::now();
         let (returned, outcome) = link.pool.on_request(request).await;
-        *plugin_time += started.elapsed();
+        let elapsed = started.elapsed();
+        *plugin_time += elapsed;
+        link.metrics
+            .record(elapsed, outcome.as_ref().err().map(PluginError::kind));
         request = returned;
         match outcome {
             Ok(Action::Continue) => {}
@@ -316,7 +319,10 @@ async fn response_phase(
     {
         let started = Instant::now();
         let (returned_request, returned_view, outcome) = link.pool.on_response(request, view).await;
-        finish.plugin_time += started.elapsed();
+        let elapsed = started.elapsed();
+        finish.plugin_time += elapsed;
+        link.metrics
+            .record(elapsed, outcome.as_ref().err().map(PluginError::kind));
         (request, view) = (returned_request, returned_view);
         if let Err(error) = outcome {
             if link.failure == FailurePolicy::Closed {
@@ -427,7 +433,12 @@ impl Drop for Finish {
                 .rev()
                 .filter(|link| link.pool.wants().on_log)
             {
+                let started = Instant::now();
                 let (returned, outcome) = link.pool.on_log(request, &summary).await;
+                link.metrics.record(
+                    started.elapsed(),
+                    outcome.as_ref().err().map(PluginError::kind),
+                );
                 request = returned;
                 if let Err(error) = outcome {
                     tracing::debug!(plugin = link.pool.name(), %error, "on-log failed");

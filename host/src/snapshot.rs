@@ -12,9 +12,9 @@ use http::Method;
 
 use crate::config::{
     BalancerKind, ConfigObjects, FailurePolicy, Kind, NodeConfig, ObjectError, PluginConfig,
-    RouteConfig, Scheme, StripPrefix, Timeouts, UpstreamConfig,
+    RouteConfig, Scheme, StripPrefix, TenantConfig, Timeouts, UpstreamConfig,
 };
-use crate::metrics::{Metrics, RouteMetrics};
+use crate::metrics::{Metrics, PluginMetrics, RouteMetrics};
 use crate::plugin::{Module, PluginPool, PluginRuntime};
 use crate::router::{RouteFilter, RouteTable};
 use crate::upstream::{ClientPool, Upstream};
@@ -35,6 +35,8 @@ pub struct ChainLink {
     pub pool: Arc<PluginPool>,
     /// What happens when the plugin fails.
     pub failure: FailurePolicy,
+    /// Calls, failures and latency of this plugin on this route.
+    pub metrics: PluginMetrics,
 }
 
 /// Where a route sends its requests.
@@ -97,6 +99,8 @@ pub struct Snapshot {
     pub services: BTreeMap<String, Arc<Upstream>>,
     /// Loaded plugin entries by name.
     pub plugins: BTreeMap<String, Arc<LoadedPlugin>>,
+    /// Tenants by name.
+    pub tenants: BTreeMap<String, TenantConfig>,
     /// Routes by id (the same values as in `routes`).
     pub route_list: BTreeMap<String, Arc<Route>>,
     /// Objects refused in the build that made this snapshot.
@@ -113,6 +117,7 @@ impl Snapshot {
             upstreams: BTreeMap::new(),
             services: BTreeMap::new(),
             plugins: BTreeMap::new(),
+            tenants: BTreeMap::new(),
             route_list: BTreeMap::new(),
             errors: Vec::new(),
             generation: 0,
@@ -160,7 +165,30 @@ impl BuildContext<'_> {
             errors.push(error.clone());
         }
 
-        // Plugins first: routes need them.
+        // Tenants first: plugins count against them.
+        let mut tenants = Vec::new();
+        for (name, tenant) in &objects.tenants {
+            match tenant.validate() {
+                Ok(()) => tenants.push(tenant.clone()),
+                Err(reason) => {
+                    let kept_tenant = previous.tenants.get(name);
+                    errors.push(kept(
+                        ObjectError::new(Kind::Tenant, name, reason),
+                        kept_tenant.is_some(),
+                    ));
+                    tenants.extend(kept_tenant.cloned());
+                }
+            }
+        }
+        for (name, old) in &previous.tenants {
+            if keep(Kind::Tenant, name) && !objects.tenants.contains_key(name) {
+                tenants.push(old.clone());
+            }
+        }
+        self.runtime.tenants().update(tenants.iter().cloned());
+        let tenants = tenants.into_iter().map(|t| (t.name.clone(), t)).collect();
+
+        // Plugins next: routes need them.
         let mut plugins = BTreeMap::new();
         for (name, config) in &objects.plugins {
             let old = previous.plugins.get(name);
@@ -253,6 +281,7 @@ impl BuildContext<'_> {
             upstreams,
             services,
             plugins,
+            tenants,
             route_list,
             errors,
             generation: previous.generation + 1,
@@ -314,6 +343,18 @@ impl BuildContext<'_> {
             }
         }
         let module = self.runtime.load(bytes).await.map_err(|e| e.to_string())?;
+        crate::plugin::grants::check(&module.imports, &config.grants)?;
+        if self
+            .runtime
+            .tenants()
+            .get(config.tenant.as_deref())
+            .is_none()
+        {
+            let tenant = config.tenant.as_deref().unwrap_or_default();
+            return Err(format!(
+                "tenant {tenant:?} does not exist (add it under tenants)"
+            ));
+        }
         Ok(Arc::new(LoadedPlugin {
             config: config.clone(),
             module,
@@ -369,20 +410,19 @@ impl BuildContext<'_> {
             let plugin = plugins
                 .get(&reference.name)
                 .ok_or_else(|| format!("plugin {:?} is not loaded", reference.name))?;
+            let isolation = reference.isolation.unwrap_or(plugin.config.isolation);
             let pool = self
                 .runtime
-                .pool(
-                    &reference.name,
-                    &plugin.module,
-                    plugin.config.limits,
-                    plugin.config.isolation,
-                    &reference.config,
-                )
+                .pool(&plugin.config, &plugin.module, isolation, &reference.config)
                 .await
                 .map_err(|e| format!("plugin {:?}: {e}", reference.name))?;
+            let metrics = self
+                .metrics
+                .plugin(&reference.name, &config.id, pool.tenant());
             chain.push(ChainLink {
                 pool,
                 failure: plugin.config.failure,
+                metrics,
             });
             built_from.push(plugin.clone());
         }

@@ -145,6 +145,27 @@ pub mod kv {
     }
 }
 
+/// Outbound HTTP calls, to the hosts the plugin's `grants.http` lists.
+pub mod http {
+    pub use crate::wit::weir::plugin::http_client::{IncomingResponse, OutgoingRequest};
+
+    /// Sends a request and waits for the whole response. A host or method the grant does not
+    /// list, a timeout, or a response over the grant's size comes back as an error.
+    pub fn send(request: &OutgoingRequest) -> Result<IncomingResponse, String> {
+        crate::wit::weir::plugin::http_client::send(request)
+    }
+
+    /// A GET of `url` with no headers.
+    pub fn get(url: &str) -> Result<IncomingResponse, String> {
+        send(&OutgoingRequest {
+            method: "GET".into(),
+            url: url.into(),
+            headers: Vec::new(),
+            body: Vec::new(),
+        })
+    }
+}
+
 /// Adds `value` to the plugin's counter `name`, exported as `weir_plugin_events_total`.
 pub fn counter_add(name: &str, value: u64) {
     wit::weir::plugin::metrics::counter_add(name, value);

@@ -36,9 +36,17 @@ async fn put_upstream(etcd: &Etcd, id: &str, upstream: &Upstream) {
     .await;
 }
 
+/// Pushes probe (or its variant) with the grants it needs to load.
+fn probe_settings() -> PushSettings {
+    PushSettings {
+        grants: Some(serde_json::from_value(weir_tests::probe_grants()).unwrap()),
+        ..PushSettings::default()
+    }
+}
+
 async fn push(etcd: &Etcd, name: &str, file: &str) -> String {
     let bytes = std::fs::read(file).expect("a built component");
-    push_plugin(&options(etcd), name, &bytes, &PushSettings::default())
+    push_plugin(&options(etcd), name, &bytes, &probe_settings())
         .await
         .expect("push")
         .sha256
@@ -272,15 +280,10 @@ async fn modules_no_entry_uses_are_dropped_from_memory() {
     let gateway = TestGateway::start_etcd(&etcd.url, None).await;
     for swap in 0..12 {
         let module = weir_tests::with_custom_section(&probe, "weir-test-swap", &[swap]);
-        let sha = push_plugin(
-            &options(&etcd),
-            "variant",
-            &module,
-            &PushSettings::default(),
-        )
-        .await
-        .unwrap()
-        .sha256;
+        let sha = push_plugin(&options(&etcd), "variant", &module, &probe_settings())
+            .await
+            .unwrap()
+            .sha256;
         eventually("the swapped module serves", SOON, || {
             let live = gateway.gateway().snapshot().plugins["variant"]
                 .module
@@ -312,7 +315,7 @@ async fn a_bad_module_and_a_bad_route_are_rejected_while_the_old_config_serves()
         &options,
         "variant",
         b"\0asm not a component",
-        &PushSettings::default(),
+        &probe_settings(),
     )
     .await
     .unwrap();

@@ -5,10 +5,14 @@ use std::time::{Duration, Instant};
 
 use http::StatusCode;
 use serde_json::{Value, json};
-use weir_tests::{TestGateway, Upstream, get, node, plugins, yaml};
+use weir_tests::{TestGateway, Upstream, get, node, yaml};
 
+/// Quarantine is off here, so that every call reaches the plugin; tests/all/tenants.rs has it on.
 fn probe(name: &str, failure: &str, limits: Value) -> Value {
-    json!({"name": name, "module": plugins::PROBE, "failure": failure, "limits": limits})
+    weir_tests::probe_entry(
+        name,
+        json!({"failure": failure, "limits": limits, "quarantine": {"traps": 0}}),
+    )
 }
 
 async fn hostile_gateway(up: &Upstream) -> TestGateway {
@@ -73,7 +77,7 @@ async fn an_infinite_loop_is_stopped_by_the_deadline_while_other_routes_serve() 
     );
     let metrics = get(&gateway.admin_url("/metrics")).await.text();
     assert!(
-        metrics.contains(r#"weir_plugin_failures_total{plugin="closed",kind="timeout"} 5"#),
+        metrics.contains(r#"weir_plugin_failures_total{plugin="closed",route="loop",tenant="default",kind="timeout"} 5"#),
         "{metrics}"
     );
 }
@@ -88,7 +92,7 @@ async fn a_memory_bomb_hits_its_limit_and_nothing_else_notices() {
     }
     let metrics = get(&gateway.admin_url("/metrics")).await.text();
     assert!(
-        metrics.contains(r#"weir_plugin_failures_total{plugin="closed",kind="memory"} 5"#),
+        metrics.contains(r#"weir_plugin_failures_total{plugin="closed",route="alloc",tenant="default",kind="memory"} 5"#),
         "{metrics}"
     );
 }
@@ -104,10 +108,12 @@ async fn a_panic_or_runaway_recursion_fails_closed_and_the_instance_is_replaced(
     }
     assert_eq!(up.hits(), 3, "failed requests never reach the upstream");
     let metrics = get(&gateway.admin_url("/metrics")).await.text();
-    assert!(
-        metrics.contains(r#"weir_plugin_failures_total{plugin="closed",kind="trap"} 6"#),
-        "{metrics}"
-    );
+    for route in ["panic", "recurse"] {
+        let line = format!(
+            r#"weir_plugin_failures_total{{plugin="closed",route="{route}",tenant="default",kind="trap"}} 3"#
+        );
+        assert!(metrics.contains(&line), "{line} in {metrics}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -89,7 +89,11 @@ async fn main() {
         state_dir: None,
     };
     let probe = std::fs::read(plugins::PROBE).expect("the probe component");
-    push_plugin(&options, "variant", &probe, &PushSettings::default())
+    let settings = PushSettings {
+        grants: Some(serde_json::from_value(weir_tests::probe_grants()).unwrap()),
+        ..PushSettings::default()
+    };
+    push_plugin(&options, "variant", &probe, &settings)
         .await
         .unwrap();
     etcd.put(
@@ -102,7 +106,7 @@ async fn main() {
     let started = Instant::now();
     for swap in 1..=SWAPS {
         let module = with_custom_section(&probe, "weir-bench-swap", &swap.to_le_bytes());
-        let sha = push_plugin(&options, "variant", &module, &PushSettings::default())
+        let sha = push_plugin(&options, "variant", &module, &settings)
             .await
             .unwrap()
             .sha256;

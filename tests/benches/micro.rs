@@ -9,7 +9,7 @@ use std::sync::Arc;
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use http::{HeaderMap, HeaderValue, Method};
 use serde_json::json;
-use weir::config::{Isolation, Limits};
+use weir::config::{Isolation, PluginConfig};
 use weir::exchange::{BufferedBody, RequestView};
 use weir::metrics::Metrics;
 use weir::plugin::{PluginPool, PluginRuntime};
@@ -37,6 +37,10 @@ fn request() -> RequestView {
     }
 }
 
+fn entry(name: &str, file: &str) -> PluginConfig {
+    serde_json::from_value(json!({"name": name, "module": file})).unwrap()
+}
+
 fn pool(
     rt: &tokio::runtime::Runtime,
     runtime: &PluginRuntime,
@@ -48,7 +52,7 @@ fn pool(
     rt.block_on(async {
         let module = runtime.load(std::fs::read(file).unwrap()).await.unwrap();
         runtime
-            .pool(name, &module, Limits::default(), isolation, &config)
+            .pool(&entry(name, file), &module, isolation, &config)
             .await
             .unwrap()
     })

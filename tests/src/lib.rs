@@ -38,9 +38,27 @@ pub fn all_plugins() -> serde_json::Value {
         ("probe", plugins::PROBE),
     ]
     .iter()
-    .map(|(name, path)| serde_json::json!({ "name": name, "module": path }))
+    .map(|(name, path)| match *name {
+        "probe" => probe_entry(name, serde_json::json!({})),
+        _ => serde_json::json!({ "name": name, "module": path }),
+    })
     .collect();
     serde_json::Value::Array(entries)
+}
+
+/// The grants the probe component needs to load: it imports log, kv, metrics and http-client.
+pub fn probe_grants() -> serde_json::Value {
+    serde_json::json!({"log": true, "kv": true, "metrics": true, "http": {"hosts": []}})
+}
+
+/// A plugin entry for probe called `name`, with its grants and the fields in `extra`.
+pub fn probe_entry(name: &str, extra: serde_json::Value) -> serde_json::Value {
+    let mut entry =
+        serde_json::json!({"name": name, "module": plugins::PROBE, "grants": probe_grants()});
+    for (key, value) in extra.as_object().expect("extra fields are an object") {
+        entry[key] = value.clone();
+    }
+    entry
 }
 
 /// A config file's text. JSON is YAML, so tests build configs with `json!`.

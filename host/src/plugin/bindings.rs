@@ -3,7 +3,10 @@
 wasmtime::component::bindgen!({
     path: "../wit",
     world: "plugin",
-    imports: { default: trappable },
+    imports: {
+        "weir:plugin/http-client.send": async | trappable,
+        default: trappable,
+    },
     exports: { default: async },
     with: {
         "weir:plugin/http.request": crate::exchange::RequestView,

@@ -8,9 +8,13 @@ use wasmtime::component::{Resource, ResourceTable};
 use wasmtime::{ResourceLimiter, Result};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use super::bindings::weir::plugin::{clock, http, kv, log, metrics};
+use super::bindings::weir::plugin::{clock, http, http_client, kv, log, metrics};
+use super::callout::Callouts;
+use super::health::PluginHealth;
+use super::tenant::{QuotaExceeded, Tenant};
+use crate::config::{Grants, WasiGrant};
 use crate::exchange::{RequestView, ResponseView, headers};
-use crate::kv::KvStore;
+use crate::kv::{KvError, KvStore};
 use crate::metrics::{Metrics, PluginEventLabels};
 
 /// The longest log line a plugin may write; longer ones are cut.
@@ -19,21 +23,49 @@ const MAX_LOG_LINE: usize = 4096;
 const MAX_KV_KEY: usize = 1024;
 /// The largest kv value.
 const MAX_KV_VALUE: usize = 1 << 20;
+/// Headers one call may set or add.
+pub const MAX_HEADER_EDITS: u32 = 100;
+/// Bytes of header names and values one call may set or add.
+pub const MAX_HEADER_BYTES: usize = 32 << 10;
 
-/// What every instance of one plugin shares: its name, kv namespace and metrics.
+/// A plugin went past a per-call limit; the call fails under the plugin's policy.
+#[derive(Debug, thiserror::Error)]
+#[error("limit: {0}")]
+pub struct LimitExceeded(pub String);
+
+/// What every instance of one plugin shares.
 pub struct PluginScope {
     name: Arc<str>,
+    /// `tenant/plugin`: the kv namespace, which no other plugin or tenant can name.
+    namespace: Arc<str>,
+    tenant: Arc<Tenant>,
+    grants: Grants,
+    health: Arc<PluginHealth>,
     kv: KvStore,
     metrics: Arc<Metrics>,
+    callouts: Callouts,
 }
 
 impl PluginScope {
-    /// The scope of plugin `name`.
-    pub fn new(name: &str, kv: KvStore, metrics: Arc<Metrics>) -> Self {
+    /// The scope of plugin `name` belonging to `tenant`.
+    pub fn new(
+        name: &str,
+        tenant: Arc<Tenant>,
+        grants: Grants,
+        health: Arc<PluginHealth>,
+        kv: KvStore,
+        metrics: Arc<Metrics>,
+        callouts: Callouts,
+    ) -> Self {
         PluginScope {
             name: name.into(),
+            namespace: format!("{}/{name}", tenant.name()).into(),
+            tenant,
+            grants,
+            health,
             kv,
             metrics,
+            callouts,
         }
     }
 
@@ -42,38 +74,70 @@ impl PluginScope {
         &self.name
     }
 
+    /// The plugin's tenant.
+    pub fn tenant(&self) -> &Arc<Tenant> {
+        &self.tenant
+    }
+
+    /// The plugin's failure record and quarantine.
+    pub fn health(&self) -> &PluginHealth {
+        &self.health
+    }
+
     /// The gateway's metrics.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
     }
 }
 
-/// Caps an instance's linear memory and remembers whether the cap was hit.
+/// Why an instance's memory could not grow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemoryHit {
+    /// Past the plugin's own `memory_mb`.
+    Plugin,
+    /// Past the tenant's memory quota.
+    Tenant(QuotaExceeded),
+}
+
+/// Caps an instance's linear memory, counts it against the tenant, and remembers a refusal.
 pub struct MemoryCap {
     limit: usize,
-    /// Set when the guest asked for more than `limit`.
-    pub hit: bool,
+    held: usize,
+    tenant: Arc<Tenant>,
+    /// Set when the guest asked for more than it may have.
+    pub hit: Option<MemoryHit>,
 }
 
 impl MemoryCap {
-    /// A cap of `limit` bytes.
-    pub fn new(limit: usize) -> Self {
-        MemoryCap { limit, hit: false }
+    /// A cap of `limit` bytes, counted against `tenant`.
+    pub fn new(limit: usize, tenant: Arc<Tenant>) -> Self {
+        MemoryCap {
+            limit,
+            held: 0,
+            tenant,
+            hit: None,
+        }
     }
 }
 
 impl ResourceLimiter for MemoryCap {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         maximum: Option<usize>,
     ) -> Result<bool> {
         if desired > self.limit || maximum.is_some_and(|max| desired > max) {
-            self.hit = true;
+            self.hit = Some(MemoryHit::Plugin);
             // Trapping here, rather than failing the grow, stops the guest at the real cause.
             wasmtime::bail!("memory limit: the plugin asked for {desired} bytes");
         }
+        let more = desired.saturating_sub(current) as u64;
+        if let Err(quota) = self.tenant.grow_memory(more) {
+            self.hit = Some(MemoryHit::Tenant(quota.clone()));
+            return Err(wasmtime::Error::new(quota));
+        }
+        self.held += more as usize;
         Ok(true)
     }
 
@@ -87,26 +151,123 @@ impl ResourceLimiter for MemoryCap {
     }
 }
 
+impl Drop for MemoryCap {
+    fn drop(&mut self) {
+        self.tenant.release_memory(self.held as u64);
+    }
+}
+
+/// Counts an instance against its tenant for as long as it lives.
+pub struct InstanceSlot(Arc<Tenant>);
+
+impl InstanceSlot {
+    /// Takes a slot, or says which quota is full.
+    pub fn take(tenant: &Arc<Tenant>) -> Result<Self, QuotaExceeded> {
+        tenant.add_instance()?;
+        Ok(InstanceSlot(tenant.clone()))
+    }
+}
+
+impl Drop for InstanceSlot {
+    fn drop(&mut self) {
+        self.0.remove_instance();
+    }
+}
+
+/// The CPU budget of the call in progress: wall time minus time spent awaiting the host.
+pub struct CallClock {
+    /// When the call began.
+    pub started: Instant,
+    /// Time spent in async host calls (outbound HTTP), which the deadline does not count.
+    pub host_wait: Duration,
+    /// The plugin's CPU deadline per call.
+    pub budget: Duration,
+}
+
+impl CallClock {
+    /// CPU time the call has used so far.
+    pub fn used(&self) -> Duration {
+        self.started.elapsed().saturating_sub(self.host_wait)
+    }
+}
+
+/// What one call may still add to the headers.
+pub struct EditBudget {
+    edits: u32,
+    bytes: usize,
+}
+
+impl EditBudget {
+    /// A full budget.
+    pub fn full() -> Self {
+        EditBudget {
+            edits: MAX_HEADER_EDITS,
+            bytes: MAX_HEADER_BYTES,
+        }
+    }
+
+    fn spend(&mut self, name: &str, value: &str) -> Result<()> {
+        let size = name.len() + value.len();
+        if self.edits == 0 || size > self.bytes {
+            return Err(wasmtime::Error::new(LimitExceeded(format!(
+                "a call may set or add at most {MAX_HEADER_EDITS} headers and {MAX_HEADER_BYTES} bytes of them"
+            ))));
+        }
+        self.edits -= 1;
+        self.bytes -= size;
+        Ok(())
+    }
+}
+
 /// The data of one instance's store.
 pub struct InstanceState {
     /// Resources the guest holds: the request and response being filtered, and WASI handles.
     pub table: ResourceTable,
-    /// WASI with nothing granted: no files, no sockets, no environment; output is discarded.
+    /// WASI with nothing reachable: no files, no sockets, no environment, no arguments.
     wasi: WasiCtx,
     /// The memory cap.
     pub memory: MemoryCap,
+    /// The CPU budget of the call in progress.
+    pub clock: CallClock,
+    /// What the call in progress may still add to headers.
+    pub edits: EditBudget,
     scope: Arc<PluginScope>,
+    _slot: InstanceSlot,
 }
 
 impl InstanceState {
-    /// State for a new instance of the plugin in `scope`, with `memory_limit` bytes of memory.
-    pub fn new(scope: Arc<PluginScope>, memory_limit: usize) -> Self {
+    /// State for a new instance of the plugin in `scope`.
+    pub fn new(
+        scope: Arc<PluginScope>,
+        memory_limit: usize,
+        budget: Duration,
+        slot: InstanceSlot,
+    ) -> Self {
+        let mut wasi = WasiCtx::builder();
+        if scope.grants.wasi.contains(&WasiGrant::Stdio) {
+            // The gateway's stderr is its log; stdout may carry the access log.
+            wasi.stdout(std::io::stderr()).stderr(std::io::stderr());
+        }
         InstanceState {
             table: ResourceTable::new(),
-            wasi: WasiCtx::builder().build(),
-            memory: MemoryCap::new(memory_limit),
+            wasi: wasi.build(),
+            memory: MemoryCap::new(memory_limit, scope.tenant.clone()),
+            clock: CallClock {
+                started: Instant::now(),
+                host_wait: Duration::ZERO,
+                budget,
+            },
+            edits: EditBudget::full(),
             scope,
+            _slot: slot,
         }
+    }
+
+    /// Resets the per-call budgets before a call.
+    pub fn begin_call(&mut self) {
+        self.clock.started = Instant::now();
+        self.clock.host_wait = Duration::ZERO;
+        self.edits = EditBudget::full();
     }
 }
 
@@ -131,12 +292,19 @@ impl log::Host for InstanceState {
             message.push('…');
         }
         let plugin = &*self.scope.name;
+        let tenant = self.scope.tenant.name();
         match level {
-            log::Level::Trace => tracing::trace!(target: "weir::plugin", plugin, "{message}"),
-            log::Level::Debug => tracing::debug!(target: "weir::plugin", plugin, "{message}"),
-            log::Level::Info => tracing::info!(target: "weir::plugin", plugin, "{message}"),
-            log::Level::Warn => tracing::warn!(target: "weir::plugin", plugin, "{message}"),
-            log::Level::Error => tracing::error!(target: "weir::plugin", plugin, "{message}"),
+            log::Level::Trace => {
+                tracing::trace!(target: "weir::plugin", plugin, tenant, "{message}")
+            }
+            log::Level::Debug => {
+                tracing::debug!(target: "weir::plugin", plugin, tenant, "{message}")
+            }
+            log::Level::Info => tracing::info!(target: "weir::plugin", plugin, tenant, "{message}"),
+            log::Level::Warn => tracing::warn!(target: "weir::plugin", plugin, tenant, "{message}"),
+            log::Level::Error => {
+                tracing::error!(target: "weir::plugin", plugin, tenant, "{message}")
+            }
         }
         Ok(())
     }
@@ -159,10 +327,10 @@ impl clock::Host for InstanceState {
 
 fn check_key(key: &str) -> Result<()> {
     if key.len() > MAX_KV_KEY {
-        wasmtime::bail!(
-            "kv key of {} bytes is over the {MAX_KV_KEY}-byte limit",
+        return Err(wasmtime::Error::new(LimitExceeded(format!(
+            "a kv key of {} bytes is over the {MAX_KV_KEY}-byte limit",
             key.len()
-        );
+        ))));
     }
     Ok(())
 }
@@ -177,27 +345,28 @@ impl kv::Host for InstanceState {
         Ok(self
             .scope
             .kv
-            .get(&self.scope.name, &key)
+            .get(&self.scope.namespace, &key)
             .map(|v| v.to_vec()))
     }
 
     fn set(&mut self, key: String, value: Vec<u8>, ttl_ms: Option<u64>) -> Result<()> {
         check_key(&key)?;
         if value.len() > MAX_KV_VALUE {
-            wasmtime::bail!(
-                "kv value of {} bytes is over the {MAX_KV_VALUE}-byte limit",
+            return Err(wasmtime::Error::new(LimitExceeded(format!(
+                "a kv value of {} bytes is over the {MAX_KV_VALUE}-byte limit",
                 value.len()
-            );
+            ))));
         }
-        self.scope
+        let scope = &self.scope;
+        scope
             .kv
-            .set(&self.scope.name, &key, &value, ttl(ttl_ms));
-        Ok(())
+            .set(&scope.namespace, &key, &value, ttl(ttl_ms), &scope.tenant)
+            .map_err(wasmtime::Error::new)
     }
 
     fn delete(&mut self, key: String) -> Result<()> {
         check_key(&key)?;
-        self.scope.kv.delete(&self.scope.name, &key);
+        self.scope.kv.delete(&self.scope.namespace, &key);
         Ok(())
     }
 
@@ -208,18 +377,24 @@ impl kv::Host for InstanceState {
         ttl_ms: Option<u64>,
     ) -> Result<Result<i64, String>> {
         check_key(&key)?;
-        Ok(self
-            .scope
+        let scope = &self.scope;
+        match scope
             .kv
-            .incr(&self.scope.name, &key, delta, ttl(ttl_ms))
-            .map_err(|e| e.to_string()))
+            .incr(&scope.namespace, &key, delta, ttl(ttl_ms), &scope.tenant)
+        {
+            Ok(value) => Ok(Ok(value)),
+            Err(KvError::Quota(quota)) => Err(wasmtime::Error::new(quota)),
+            Err(other) => Ok(Err(other.to_string())),
+        }
     }
 }
 
 impl metrics::Host for InstanceState {
     fn counter_add(&mut self, name: String, value: u64) -> Result<()> {
         if name.is_empty() || name.len() > 64 {
-            wasmtime::bail!("metric name must be 1 to 64 bytes");
+            return Err(wasmtime::Error::new(LimitExceeded(
+                "a metric name must be 1 to 64 bytes".into(),
+            )));
         }
         let labels = PluginEventLabels {
             plugin: self.scope.name.to_string(),
@@ -231,6 +406,22 @@ impl metrics::Host for InstanceState {
             .get_or_create(&labels)
             .inc_by(value);
         Ok(())
+    }
+}
+
+impl http_client::Host for InstanceState {
+    async fn send(
+        &mut self,
+        request: http_client::OutgoingRequest,
+    ) -> Result<Result<http_client::IncomingResponse, String>> {
+        let Some(grant) = self.scope.grants.http.clone() else {
+            return Ok(Err("this plugin has no http grant".into()));
+        };
+        let started = Instant::now();
+        let outcome = self.scope.callouts.send(&grant, request).await;
+        // Waiting on the network is not the plugin's CPU time.
+        self.clock.host_wait += started.elapsed();
+        Ok(outcome)
     }
 }
 
@@ -303,6 +494,7 @@ impl http::HostRequest for InstanceState {
         name: String,
         value: String,
     ) -> Result<Result<(), String>> {
+        self.edits.spend(&name, &value)?;
         let view = self.table.get_mut(&req)?;
         Ok(view
             .check_writable()
@@ -315,6 +507,7 @@ impl http::HostRequest for InstanceState {
         name: String,
         value: String,
     ) -> Result<Result<(), String>> {
+        self.edits.spend(&name, &value)?;
         let view = self.table.get_mut(&req)?;
         Ok(view
             .check_writable()
@@ -338,7 +531,12 @@ impl http::HostRequest for InstanceState {
         req: Resource<RequestView>,
         body: Vec<u8>,
     ) -> Result<Result<(), String>> {
-        Ok(self.table.get_mut(&req)?.set_body(body))
+        let view = self.table.get_mut(&req)?;
+        if let Err(refused) = view.check_writable().and_then(|_| view.body().map(drop)) {
+            return Ok(Err(refused));
+        }
+        check_body_output(body.len(), view.body_limit)?;
+        Ok(view.set_body(body))
     }
 
     fn get_var(&mut self, req: Resource<RequestView>, name: String) -> Result<Option<String>> {
@@ -346,6 +544,7 @@ impl http::HostRequest for InstanceState {
     }
 
     fn set_var(&mut self, req: Resource<RequestView>, name: String, value: String) -> Result<()> {
+        self.edits.spend(&name, &value)?;
         self.table.get_mut(&req)?.vars.insert(name, value);
         Ok(())
     }
@@ -355,6 +554,16 @@ impl http::HostRequest for InstanceState {
         let _ = req;
         Ok(())
     }
+}
+
+/// A body written past the plugin's bound fails the call (rather than being cut).
+fn check_body_output(len: usize, limit: u64) -> Result<()> {
+    if len as u64 > limit {
+        return Err(wasmtime::Error::new(LimitExceeded(format!(
+            "a body of {len} bytes is over the plugin's max_body_bytes of {limit}"
+        ))));
+    }
+    Ok(())
 }
 
 impl http::HostResponse for InstanceState {
@@ -384,6 +593,7 @@ impl http::HostResponse for InstanceState {
         name: String,
         value: String,
     ) -> Result<Result<(), String>> {
+        self.edits.spend(&name, &value)?;
         Ok(headers::set(
             &mut self.table.get_mut(&resp)?.headers,
             &name,
@@ -397,6 +607,7 @@ impl http::HostResponse for InstanceState {
         name: String,
         value: String,
     ) -> Result<Result<(), String>> {
+        self.edits.spend(&name, &value)?;
         Ok(headers::append(
             &mut self.table.get_mut(&resp)?.headers,
             &name,
@@ -418,7 +629,12 @@ impl http::HostResponse for InstanceState {
         resp: Resource<ResponseView>,
         body: Vec<u8>,
     ) -> Result<Result<(), String>> {
-        Ok(self.table.get_mut(&resp)?.set_body(body))
+        let view = self.table.get_mut(&resp)?;
+        if let Err(refused) = view.body().map(drop) {
+            return Ok(Err(refused));
+        }
+        check_body_output(body.len(), view.body_limit)?;
+        Ok(view.set_body(body))
     }
 
     fn drop(&mut self, resp: Resource<ResponseView>) -> Result<()> {

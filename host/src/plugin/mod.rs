@@ -2,8 +2,12 @@
 //! instance pools for each (module, config).
 
 mod bindings;
+mod callout;
+pub mod grants;
+pub mod health;
 mod host;
 mod pool;
+pub mod tenant;
 
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex, Weak};
@@ -15,15 +19,20 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 
 pub use self::bindings::exports::weir::plugin::filter::Wants;
 pub use self::bindings::weir::plugin::http::{Action, Reply, Summary};
+use self::callout::Callouts;
+use self::health::PluginHealth;
 use self::host::InstanceState;
-pub use self::host::PluginScope;
+pub use self::host::{MAX_HEADER_BYTES, MAX_HEADER_EDITS, PluginScope};
 pub use self::pool::PluginPool;
-use crate::config::{Isolation, Limits};
+use self::tenant::Tenants;
+use crate::config::{Isolation, PluginConfig};
 use crate::kv::KvStore;
 use crate::metrics::Metrics;
 
 /// How often the engine's epoch advances; CPU deadlines are counted in these ticks.
 const EPOCH_TICK: Duration = Duration::from_millis(2);
+/// The deepest a plugin's WebAssembly stack may grow (for every plugin: it is an engine setting).
+pub const MAX_WASM_STACK: usize = 512 << 10;
 /// The most memory any one plugin instance may be configured with.
 const MAX_INSTANCE_MEMORY: usize = 4 << 30;
 /// Modules kept after their last user goes, so that a rollback does not recompile.
@@ -49,9 +58,18 @@ pub enum PluginError {
     /// The instance tried to grow its memory past its limit.
     #[error("plugin went over its memory limit of {0} MiB")]
     Memory(u32),
+    /// The plugin's tenant is at a quota.
+    #[error("{0}")]
+    Quota(String),
+    /// The plugin went past a per-call limit (headers, body output, kv sizes).
+    #[error("plugin went past a {0}")]
+    Limit(String),
     /// The guest trapped (a panic, an unreachable, an out-of-bounds access...).
     #[error("plugin trapped: {0}")]
     Trap(String),
+    /// The plugin failed too often and is not being called for now.
+    #[error("plugin is quarantined for {} ms more", .0.as_millis())]
+    Quarantined(Duration),
 }
 
 impl PluginError {
@@ -63,8 +81,23 @@ impl PluginError {
             PluginError::Config(_) => "config",
             PluginError::Timeout(_) => "timeout",
             PluginError::Memory(_) => "memory",
+            PluginError::Quota(_) => "quota",
+            PluginError::Limit(_) => "limit",
             PluginError::Trap(_) => "trap",
+            PluginError::Quarantined(_) => "quarantined",
         }
+    }
+
+    /// Whether the failure counts towards a quarantine: the plugin's own misbehaviour does,
+    /// a full tenant quota or a quarantine does not.
+    pub fn counts_against_plugin(&self) -> bool {
+        matches!(
+            self,
+            PluginError::Timeout(_)
+                | PluginError::Memory(_)
+                | PluginError::Limit(_)
+                | PluginError::Trap(_)
+        )
     }
 }
 
@@ -72,6 +105,8 @@ impl PluginError {
 pub struct Module {
     /// The sha256 of its bytes, in hex.
     pub sha256: String,
+    /// The interfaces it imports, such as `weir:plugin/kv@0.1.0`.
+    pub imports: Vec<String>,
     pre: bindings::PluginPre<InstanceState>,
 }
 
@@ -125,7 +160,10 @@ fn engine_config() -> Config {
         .wasm_component_model(true)
         .epoch_interruption(true)
         .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
-        .cranelift_opt_level(wasmtime::OptLevel::Speed);
+        .cranelift_opt_level(wasmtime::OptLevel::Speed)
+        // A plugin's stack depth: runaway recursion traps here, well inside its fiber's stack.
+        .max_wasm_stack(MAX_WASM_STACK)
+        .async_stack_size(MAX_WASM_STACK + (256 << 10));
     config
 }
 
@@ -140,14 +178,16 @@ pub struct PluginRuntime {
     pools: Mutex<HashMap<PoolKey, Weak<PluginPool>>>,
     kv: KvStore,
     metrics: Arc<Metrics>,
+    tenants: Tenants,
+    health: Mutex<HashMap<String, Arc<PluginHealth>>>,
+    callouts: Callouts,
 }
 
-/// What makes two pools interchangeable.
+/// What makes two pools interchangeable: the same entry, module, isolation and route config.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct PoolKey {
-    plugin: String,
+    entry: PluginConfig,
     sha256: String,
-    limits: Limits,
     isolation: Isolation,
     config: String,
 }
@@ -172,6 +212,9 @@ impl PluginRuntime {
             pools: Mutex::new(HashMap::new()),
             kv: KvStore::new(KV_CAPACITY_BYTES),
             metrics,
+            tenants: Tenants::default(),
+            health: Mutex::new(HashMap::new()),
+            callouts: Callouts::default(),
         })
     }
 
@@ -201,11 +244,17 @@ impl PluginRuntime {
             .linker
             .instantiate_pre(&component)
             .map_err(|e| PluginError::Instantiate(format!("{e:#}")))?;
+        let imports = component
+            .component_type()
+            .imports(&self.engine)
+            .map(|(name, _)| name.to_owned())
+            .collect();
         let pre = bindings::PluginPre::new(instance_pre).map_err(|e| {
             PluginError::Instantiate(format!("it does not implement weir:plugin/filter: {e:#}"))
         })?;
         let module = Arc::new(Module {
             sha256: sha256.clone(),
+            imports,
             pre,
         });
         let mut modules = self.modules.lock().expect("module registry lock");
@@ -225,20 +274,47 @@ impl PluginRuntime {
         modules.len()
     }
 
-    /// A pool of instances of `module` initialised with `config`, shared with any pool
-    /// that has the same plugin, module, limits and config.
+    /// The tenants, their quotas and usage.
+    pub fn tenants(&self) -> &Tenants {
+        &self.tenants
+    }
+
+    /// Plugins in quarantine now, with how long each has left.
+    pub fn quarantined(&self) -> Vec<(String, Duration)> {
+        let now = std::time::Instant::now();
+        let health = self.health.lock().expect("health registry lock");
+        let mut list: Vec<_> = health
+            .iter()
+            .filter_map(|(name, h)| h.quarantined_for(now).map(|left| (name.clone(), left)))
+            .collect();
+        list.sort();
+        list
+    }
+
+    fn health_of(&self, entry: &PluginConfig) -> Arc<PluginHealth> {
+        let mut health = self.health.lock().expect("health registry lock");
+        match health.get(&entry.name) {
+            Some(existing) if existing.policy() == entry.quarantine => existing.clone(),
+            _ => {
+                let fresh = Arc::new(PluginHealth::new(entry.quarantine));
+                health.insert(entry.name.clone(), fresh.clone());
+                fresh
+            }
+        }
+    }
+
+    /// A pool of instances of `module` for plugin `entry`, initialised with a route's `config`,
+    /// shared with any pool that has the same entry, module, isolation and config.
     pub async fn pool(
         &self,
-        plugin: &str,
+        entry: &PluginConfig,
         module: &Arc<Module>,
-        limits: Limits,
         isolation: Isolation,
         config: &serde_json::Value,
     ) -> Result<Arc<PluginPool>, PluginError> {
         let key = PoolKey {
-            plugin: plugin.to_owned(),
+            entry: entry.clone(),
             sha256: module.sha256.clone(),
-            limits,
             isolation,
             config: config.to_string(),
         };
@@ -251,22 +327,30 @@ impl PluginRuntime {
         {
             return Ok(pool);
         }
+        let tenant = self.tenants.get(entry.tenant.as_deref()).ok_or_else(|| {
+            PluginError::Config(format!(
+                "tenant {:?} does not exist",
+                entry.tenant.as_deref().unwrap_or_default()
+            ))
+        })?;
         let scope = Arc::new(PluginScope::new(
-            plugin,
+            &entry.name,
+            tenant,
+            entry.grants.clone(),
+            self.health_of(entry),
             self.kv.clone(),
             self.metrics.clone(),
+            self.callouts.clone(),
         ));
-        let pool = Arc::new(
-            PluginPool::new(
-                self.engine.clone(),
-                module.clone(),
-                scope,
-                limits,
-                isolation,
-                key.config.clone(),
-            )
-            .await?,
+        let pool = PluginPool::new(
+            self.engine.clone(),
+            module.clone(),
+            scope,
+            entry.limits,
+            isolation,
+            key.config.clone(),
         );
+        let pool = Arc::new(pool.await?);
         let mut pools = self.pools.lock().expect("pool registry lock");
         pools.retain(|_, weak| weak.strong_count() > 0);
         pools.insert(key, Arc::downgrade(&pool));

@@ -1,17 +1,22 @@
 //! Warm instances of one plugin module with one config, and the calls into each phase.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crossbeam_queue::ArrayQueue;
 use wasmtime::component::Resource;
-use wasmtime::{Engine, Store, Trap};
+use wasmtime::{Engine, Store, Trap, UpdateDeadline};
 
 use super::bindings::{self, exports::weir::plugin::filter::Wants};
-use super::host::{InstanceState, PluginScope};
+use super::health::Admission;
+use super::host::{
+    InstanceSlot, InstanceState, LimitExceeded, MAX_HEADER_BYTES, MAX_HEADER_EDITS, MemoryHit,
+    PluginScope,
+};
+use super::tenant::QuotaExceeded;
 use super::{Action, EPOCH_TICK, Module, PluginError, Summary};
 use crate::config::{Isolation, Limits};
 use crate::exchange::{RequestView, ResponseView};
-use crate::metrics::PluginFailureLabels;
 
 /// Idle instances kept per pool; instances beyond this are dropped after use.
 const MAX_IDLE: usize = 64;
@@ -42,6 +47,12 @@ impl std::fmt::Debug for PluginPool {
             .field("config", &self.config)
             .finish()
     }
+}
+
+fn ticks(budget: Duration) -> u64 {
+    (budget.as_millis() as u64)
+        .div_ceil(EPOCH_TICK.as_millis() as u64)
+        .max(1)
 }
 
 impl PluginPool {
@@ -81,6 +92,11 @@ impl PluginPool {
         self.scope.name()
     }
 
+    /// The plugin's tenant.
+    pub fn tenant(&self) -> &str {
+        self.scope.tenant().name()
+    }
+
     /// What the plugin asked for in `init`.
     pub fn wants(&self) -> &Wants {
         &self.wants
@@ -96,18 +112,36 @@ impl PluginPool {
         &self.module.sha256
     }
 
+    fn budget(&self) -> Duration {
+        Duration::from_millis(self.limits.timeout_ms)
+    }
+
     async fn instantiate(&self) -> Result<(PluginInstance, Wants), PluginError> {
+        let slot = InstanceSlot::take(self.scope.tenant())
+            .map_err(|e| PluginError::Quota(e.to_string()))?;
         let memory_limit = usize::try_from(self.limits.memory_mb).unwrap_or(usize::MAX) << 20;
-        let state = InstanceState::new(self.scope.clone(), memory_limit);
+        let state = InstanceState::new(self.scope.clone(), memory_limit, self.budget(), slot);
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.memory);
-        store.set_epoch_deadline(self.deadline_ticks());
+        // The deadline counts CPU, not time spent awaiting the host (outbound calls): when a
+        // tick passes the deadline, extend it by whatever budget is left.
+        store.epoch_deadline_callback(|store| {
+            let clock = &store.data().clock;
+            let used = clock.used();
+            if used >= clock.budget {
+                Ok(UpdateDeadline::Interrupt)
+            } else {
+                Ok(UpdateDeadline::Continue(ticks(clock.budget - used)))
+            }
+        });
+        store.data_mut().begin_call();
+        store.set_epoch_deadline(ticks(self.budget()));
         let plugin = match self.module.pre.instantiate_async(&mut store).await {
             Ok(plugin) => plugin,
             Err(e) => return Err(self.classify(e, &store, PluginError::Instantiate)),
         };
         let mut instance = PluginInstance { store, plugin };
-        instance.store.set_epoch_deadline(self.deadline_ticks());
+        self.arm(&mut instance);
         let init = instance
             .plugin
             .weir_plugin_filter()
@@ -120,11 +154,16 @@ impl PluginPool {
         }
     }
 
+    /// An instance for one call, unless the plugin is quarantined.
     async fn checkout(&self) -> Result<PluginInstance, PluginError> {
-        match self.idle.pop() {
+        if let Admission::Quarantined(left) = self.scope.health().admit(Instant::now()) {
+            return Err(PluginError::Quarantined(left));
+        }
+        let instance = match self.idle.pop() {
             Some(instance) => Ok(instance),
             None => self.instantiate().await.map(|(instance, _)| instance),
-        }
+        };
+        instance.map_err(|e| self.record(e))
     }
 
     fn checkin(&self, instance: PluginInstance) {
@@ -135,37 +174,66 @@ impl PluginPool {
         let _ = self.idle.push(instance);
     }
 
-    fn deadline_ticks(&self) -> u64 {
-        self.limits
-            .timeout_ms
-            .div_ceil(EPOCH_TICK.as_millis() as u64)
-            + 1
+    fn arm(&self, instance: &mut PluginInstance) {
+        instance.store.data_mut().begin_call();
+        instance.store.set_epoch_deadline(ticks(self.budget()));
     }
 
-    /// Turns a wasmtime error into the plugin failure it stands for, and counts it.
+    /// Turns a wasmtime error into the plugin failure it stands for.
     fn classify(
         &self,
         error: wasmtime::Error,
         store: &Store<InstanceState>,
         otherwise: fn(String) -> PluginError,
     ) -> PluginError {
-        let failure = if store.data().memory.hit {
-            PluginError::Memory(self.limits.memory_mb)
-        } else if matches!(error.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {
-            PluginError::Timeout(self.limits.timeout_ms)
-        } else {
-            otherwise(format!("{error:#}"))
-        };
-        self.scope
-            .metrics()
-            .plugin_failures
-            .get_or_create(&PluginFailureLabels {
-                plugin: self.name().to_owned(),
-                kind: failure.kind(),
-            })
-            .inc();
-        tracing::warn!(plugin = self.name(), error = %failure, "plugin call failed");
+        if let Some(quota) = error.downcast_ref::<QuotaExceeded>() {
+            return PluginError::Quota(quota.to_string());
+        }
+        if let Some(limit) = error.downcast_ref::<LimitExceeded>() {
+            return PluginError::Limit(limit.0.clone());
+        }
+        match &store.data().memory.hit {
+            Some(MemoryHit::Plugin) => return PluginError::Memory(self.limits.memory_mb),
+            Some(MemoryHit::Tenant(quota)) => return PluginError::Quota(quota.to_string()),
+            None => {}
+        }
+        if matches!(error.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {
+            return PluginError::Timeout(self.limits.timeout_ms);
+        }
+        otherwise(format!("{error:#}"))
+    }
+
+    /// Counts a failure against the plugin's health, logs it, and hands it on.
+    fn record(&self, failure: PluginError) -> PluginError {
+        if failure.counts_against_plugin() && self.scope.health().failed(Instant::now()) {
+            tracing::warn!(
+                plugin = self.name(),
+                tenant = self.tenant(),
+                "plugin quarantined after repeated failures"
+            );
+            self.scope
+                .metrics()
+                .plugin_quarantines(self.name(), self.tenant())
+                .inc();
+        }
+        tracing::debug!(plugin = self.name(), error = %failure, "plugin call failed");
         failure
+    }
+
+    /// Returns a healthy instance to the pool, or classifies the failure and drops it.
+    fn settle<T>(
+        &self,
+        instance: PluginInstance,
+        outcome: wasmtime::Result<T>,
+    ) -> Result<T, PluginError> {
+        match outcome {
+            Ok(value) => {
+                self.scope.health().succeeded();
+                self.checkin(instance);
+                Ok(value)
+            }
+            Err(e) => Err(self.record(self.classify(e, &instance.store, PluginError::Trap))),
+        }
     }
 
     /// Calls `on-request`. The request comes back whatever happens; a failed instance is dropped.
@@ -180,14 +248,42 @@ impl PluginPool {
         request.body_access = self.wants.request_body;
         request.body_limit = self.limits.max_body_bytes;
         let handle = push(&mut instance.store, request);
-        instance.store.set_epoch_deadline(self.deadline_ticks());
+        self.arm(&mut instance);
         let outcome = instance
             .plugin
             .weir_plugin_filter()
             .call_on_request(&mut instance.store, Resource::new_borrow(handle.rep()))
             .await;
         let request = take(&mut instance.store, handle);
-        (request, self.settle(instance, outcome))
+        let outcome = self
+            .settle(instance, outcome)
+            .and_then(|action| self.check_reply(action));
+        (request, outcome)
+    }
+
+    /// A reply is held to the same bounds as edits: a bounded number and size of headers, and
+    /// a body no larger than the plugin's `max_body_bytes`.
+    fn check_reply(&self, action: Action) -> Result<Action, PluginError> {
+        let Action::Respond(reply) = &action else {
+            return Ok(action);
+        };
+        let header_bytes: usize = reply.headers.iter().map(|(n, v)| n.len() + v.len()).sum();
+        let failure =
+            if reply.headers.len() > MAX_HEADER_EDITS as usize || header_bytes > MAX_HEADER_BYTES {
+                format!(
+                    "reply with {} headers ({header_bytes} bytes)",
+                    reply.headers.len()
+                )
+            } else if reply.body.len() as u64 > self.limits.max_body_bytes {
+                let limit = self.limits.max_body_bytes;
+                format!(
+                    "reply body of {} bytes, over its max_body_bytes of {limit}",
+                    reply.body.len()
+                )
+            } else {
+                return Ok(action);
+            };
+        Err(self.record(PluginError::Limit(failure)))
     }
 
     /// Calls `on-response` with the request as it was sent and the response to edit.
@@ -204,7 +300,7 @@ impl PluginPool {
         response.body_limit = self.limits.max_body_bytes;
         let req = push(&mut instance.store, request);
         let resp = push(&mut instance.store, response);
-        instance.store.set_epoch_deadline(self.deadline_ticks());
+        self.arm(&mut instance);
         let outcome = instance
             .plugin
             .weir_plugin_filter()
@@ -230,7 +326,7 @@ impl PluginPool {
             Err(e) => return (request, Err(e)),
         };
         let handle = push(&mut instance.store, request);
-        instance.store.set_epoch_deadline(self.deadline_ticks());
+        self.arm(&mut instance);
         let outcome = instance
             .plugin
             .weir_plugin_filter()
@@ -242,21 +338,6 @@ impl PluginPool {
             .await;
         let request = take(&mut instance.store, handle);
         (request, self.settle(instance, outcome))
-    }
-
-    /// Returns a healthy instance to the pool, or classifies the failure and drops it.
-    fn settle<T>(
-        &self,
-        instance: PluginInstance,
-        outcome: wasmtime::Result<T>,
-    ) -> Result<T, PluginError> {
-        match outcome {
-            Ok(value) => {
-                self.checkin(instance);
-                Ok(value)
-            }
-            Err(e) => Err(self.classify(e, &instance.store, PluginError::Trap)),
-        }
     }
 }
 

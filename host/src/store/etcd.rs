@@ -7,6 +7,7 @@
 //! /weir/routes/<id>            route JSON
 //! /weir/upstreams/<id>         upstream JSON
 //! /weir/plugins/<name>         plugin entry JSON, naming its module by sha256
+//! /weir/tenants/<name>         tenant JSON: quotas
 //! /weir/services/<name>/<node> node JSON {host, port, weight?, meta?}, under a lease
 //! /weir/modules/<sha256>       {"size": N, "chunks": C}
 //! /weir/modules/<sha256>/<n>   chunk n of the module's bytes (n zero-padded to 6 digits)
@@ -30,7 +31,9 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::access_log::now_rfc3339;
-use crate::config::{Kind, ObjectError, PluginConfig, RouteConfig, ServiceNode, UpstreamConfig};
+use crate::config::{
+    Kind, ObjectError, PluginConfig, RouteConfig, ServiceNode, TenantConfig, UpstreamConfig,
+};
 use crate::gateway::{Gateway, StoreHealth};
 use crate::plugin::sha256_hex;
 use crate::snapshot::{BoxFuture, Desired, ModuleSource};
@@ -133,6 +136,7 @@ enum Entry {
     Route(RouteConfig),
     Upstream(UpstreamConfig),
     Plugin(PluginConfig),
+    Tenant(TenantConfig),
     Node {
         service: String,
         node: String,
@@ -278,6 +282,9 @@ impl EtcdStore {
                 }
                 Entry::Plugin(plugin) => {
                     objects.plugins.insert(plugin.name.clone(), plugin);
+                }
+                Entry::Tenant(tenant) => {
+                    objects.tenants.insert(tenant.name.clone(), tenant);
                 }
                 Entry::Node {
                     service,
@@ -642,6 +649,10 @@ fn parse_entry(root: &str, key: &str, value: &[u8]) -> Option<Entry> {
             parse_object(value, Kind::Plugin, "name", name)
                 .map_or_else(Entry::Invalid, Entry::Plugin),
         ),
+        "tenants" => Some(
+            parse_object(value, Kind::Tenant, "name", name)
+                .map_or_else(Entry::Invalid, Entry::Tenant),
+        ),
         "services" => {
             let Some((service, node)) = name
                 .split_once('/')
@@ -769,6 +780,8 @@ pub struct PushSettings {
     pub max_body_bytes: Option<u64>,
     /// `failure`.
     pub failure: Option<crate::config::FailurePolicy>,
+    /// `grants`, replacing the entry's.
+    pub grants: Option<crate::config::Grants>,
 }
 
 /// What `weir plugin push` did.
@@ -840,6 +853,9 @@ pub async fn push_plugin(
                 limits: Default::default(),
                 failure: Default::default(),
                 isolation: Default::default(),
+                grants: Default::default(),
+                tenant: None,
+                quarantine: Default::default(),
             },
             Compare::version(entry_key.clone(), CompareOp::Equal, 0),
         ),
@@ -857,6 +873,9 @@ pub async fn push_plugin(
     }
     if let Some(failure) = settings.failure {
         entry.failure = failure;
+    }
+    if let Some(grants) = &settings.grants {
+        entry.grants = grants.clone();
     }
     entry.validate().map_err(|reason| EtcdError::Layout {
         key: entry_key.clone(),

@@ -174,9 +174,12 @@ pub fn parse(text: &str) -> Result<Desired, String> {
             Some("plugins") => {
                 objects.plugins = collect(value, Kind::Plugin, "name", &mut unparsed)?;
             }
+            Some("tenants") => {
+                objects.tenants = collect(value, Kind::Tenant, "name", &mut unparsed)?;
+            }
             _ => {
                 return Err(format!(
-                    "unknown top-level key {}; expected routes, upstreams, plugins",
+                    "unknown top-level key {}; expected routes, upstreams, plugins, tenants",
                     serde_norway::to_string(&key).unwrap_or_default().trim()
                 ));
             }
@@ -203,6 +206,12 @@ impl Identified for crate::config::UpstreamConfig {
 }
 
 impl Identified for PluginConfig {
+    fn identity(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Identified for crate::config::TenantConfig {
     fn identity(&self) -> &str {
         &self.name
     }

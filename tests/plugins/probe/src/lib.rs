@@ -26,6 +26,18 @@ enum Config {
     PanicInInit,
     /// Answers 200 with the variant this component was built as (`PROBE_VARIANT`, default `a`).
     Variant,
+    /// Sets `count` headers on the request.
+    HeaderFlood { count: u32 },
+    /// Replaces the request body with `bytes` bytes.
+    BodyFlood { bytes: u64 },
+    /// Writes `count` kv keys of `size` bytes each.
+    KvFlood { count: u32, size: u32 },
+    /// Calls `url` and answers with what came back, or 502 with the error.
+    Callout { url: String },
+    /// Writes `value` under `key` in the kv, then answers with what the kv holds there.
+    KvWrite { key: String, value: String },
+    /// Answers with what the kv holds under `key` (`none` when nothing).
+    KvRead { key: String },
 }
 
 /// Which build of probe this is: tests/build.rs builds it twice, to swap one for the other.
@@ -50,14 +62,14 @@ impl Plugin for Probe {
     }
 
     fn wants(&self) -> Wants {
-        let body = matches!(self.0, Config::Body { .. });
+        let body = matches!(self.0, Config::Body { .. } | Config::BodyFlood { .. });
         let trace = matches!(self.0, Config::Trace { .. });
         Wants {
             on_request: true,
-            on_response: body || trace,
+            on_response: matches!(self.0, Config::Body { .. }) || trace,
             on_log: trace,
             request_body: body,
-            response_body: body,
+            response_body: matches!(self.0, Config::Body { .. }),
         }
     }
 
@@ -105,6 +117,42 @@ impl Plugin for Probe {
             }
             Config::PanicInInit => unreachable!("init never succeeds"),
             Config::Variant => Action::Respond(Reply::text(200, VARIANT)),
+            Config::HeaderFlood { count } => {
+                for i in 0..*count {
+                    let _ = req.set_header(&format!("x-flood-{i}"), "x");
+                }
+                Action::Continue
+            }
+            Config::BodyFlood { bytes } => {
+                let _ = req.set_body(&vec![b'x'; *bytes as usize]);
+                Action::Continue
+            }
+            Config::KvFlood { count, size } => {
+                let value = vec![b'v'; *size as usize];
+                for i in 0..*count {
+                    kv::set(&format!("flood-{i}"), &value, None);
+                }
+                Action::Continue
+            }
+            Config::Callout { url } => match weir_sdk::http::get(url) {
+                Ok(response) => Action::Respond(Reply {
+                    status: 200,
+                    headers: vec![("x-callout-status".into(), response.status.to_string())],
+                    body: response.body,
+                }),
+                Err(error) => {
+                    Action::Respond(Reply::error(502, &format!("callout refused: {error}")))
+                }
+            },
+            Config::KvWrite { key, value } => {
+                kv::set(key, value, None);
+                let seen = kv::get_string(key).unwrap_or_else(|| "none".into());
+                Action::Respond(Reply::text(200, seen))
+            }
+            Config::KvRead { key } => Action::Respond(Reply::text(
+                200,
+                kv::get_string(key).unwrap_or_else(|| "none".into()),
+            )),
         }
     }
 

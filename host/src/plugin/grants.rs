@@ -1,0 +1,158 @@
+//! Which of a component's imports its plugin entry allows: checked once, when the module loads.
+
+use crate::config::{Grants, WasiGrant};
+
+/// What the gateway offers for one imported interface.
+#[derive(Debug, PartialEq, Eq)]
+enum Offer {
+    /// Every plugin may import it: it reaches nothing outside the plugin.
+    Inert,
+    /// Only with this grant.
+    Granted(&'static str, bool),
+    /// Never, whatever the grants say.
+    Never(&'static str),
+    /// Not something the gateway provides.
+    Unknown,
+}
+
+/// `wasi:io/streams@0.2.6` → `wasi:io/streams`.
+fn unversioned(import: &str) -> &str {
+    import.split_once('@').map_or(import, |(name, _)| name)
+}
+
+fn offer(import: &str, grants: &Grants) -> Offer {
+    let wasi = |grant| grants.wasi.contains(&grant);
+    match unversioned(import) {
+        "weir:plugin/http" => Offer::Inert,
+        "weir:plugin/log" => Offer::Granted("log: true", grants.log),
+        "weir:plugin/clock" => Offer::Granted("clock: true", grants.clock),
+        "weir:plugin/kv" => Offer::Granted("kv: true", grants.kv),
+        "weir:plugin/metrics" => Offer::Granted("metrics: true", grants.metrics),
+        "weir:plugin/http-client" => Offer::Granted("http: {hosts: [..]}", grants.http.is_some()),
+        // Streams and exit are plumbing; stdin is empty, the environment and arguments are
+        // empty, and there is no terminal. Output is dropped unless `stdio` is granted.
+        "wasi:io/error"
+        | "wasi:io/poll"
+        | "wasi:io/streams"
+        | "wasi:cli/exit"
+        | "wasi:cli/environment"
+        | "wasi:cli/stdin"
+        | "wasi:cli/stdout"
+        | "wasi:cli/stderr"
+        | "wasi:cli/terminal-input"
+        | "wasi:cli/terminal-output"
+        | "wasi:cli/terminal-stdin"
+        | "wasi:cli/terminal-stdout"
+        | "wasi:cli/terminal-stderr" => Offer::Inert,
+        name if name.starts_with("wasi:clocks/") => {
+            Offer::Granted("wasi: [clocks]", wasi(WasiGrant::Clocks))
+        }
+        name if name.starts_with("wasi:random/") => {
+            Offer::Granted("wasi: [random]", wasi(WasiGrant::Random))
+        }
+        name if name.starts_with("wasi:filesystem/") => Offer::Never("files"),
+        name if name.starts_with("wasi:sockets/") => Offer::Never("sockets"),
+        _ => Offer::Unknown,
+    }
+}
+
+/// Checks every import of a component against its entry's grants; the error names each refused
+/// import and what would allow it.
+pub fn check(imports: &[String], grants: &Grants) -> Result<(), String> {
+    let mut refused = Vec::new();
+    for import in imports {
+        match offer(import, grants) {
+            Offer::Inert | Offer::Granted(_, true) => {}
+            Offer::Granted(grant, false) => {
+                refused.push(format!("{import} (not granted; add grants: {{{grant}}})"));
+            }
+            Offer::Never(what) => {
+                refused.push(format!("{import} ({what} are never available to plugins)"));
+            }
+            Offer::Unknown => refused.push(format!("{import} (the gateway does not provide it)")),
+        }
+    }
+    if refused.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("the component imports {}", refused.join(", ")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::HttpGrant;
+
+    fn imports(names: &[&str]) -> Vec<String> {
+        names.iter().map(|n| n.to_string()).collect()
+    }
+
+    #[test]
+    fn inert_imports_need_no_grant() {
+        let rust_std = imports(&[
+            "weir:plugin/http@0.1.0",
+            "wasi:io/streams@0.2.6",
+            "wasi:cli/environment@0.2.6",
+            "wasi:cli/stderr@0.2.6",
+            "wasi:cli/terminal-stderr@0.2.6",
+        ]);
+        check(&rust_std, &Grants::default()).unwrap();
+    }
+
+    #[test]
+    fn host_functions_need_their_grant() {
+        let kv = imports(&["weir:plugin/kv@0.1.0", "weir:plugin/log@0.1.0"]);
+        let err = check(&kv, &Grants::default()).unwrap_err();
+        assert!(
+            err.contains("weir:plugin/kv@0.1.0 (not granted; add grants: {kv: true})"),
+            "{err}"
+        );
+        assert!(err.contains("weir:plugin/log@0.1.0"), "{err}");
+        let granted = Grants {
+            kv: true,
+            log: true,
+            ..Grants::default()
+        };
+        check(&kv, &granted).unwrap();
+        let http = imports(&["weir:plugin/http-client@0.1.0"]);
+        assert!(check(&http, &granted).is_err());
+        let with_http = Grants {
+            http: Some(HttpGrant {
+                hosts: vec!["a:80".into()],
+                methods: vec!["GET".into()],
+                timeout_ms: 100,
+                max_response_bytes: 100,
+            }),
+            ..Grants::default()
+        };
+        check(&http, &with_http).unwrap();
+    }
+
+    #[test]
+    fn wasi_clocks_and_random_need_grants_files_and_sockets_never_load() {
+        let clocks = imports(&[
+            "wasi:clocks/monotonic-clock@0.2.6",
+            "wasi:random/random@0.2.6",
+        ]);
+        assert!(
+            check(&clocks, &Grants::default())
+                .unwrap_err()
+                .contains("wasi: [clocks]")
+        );
+        let grants = Grants {
+            wasi: vec![WasiGrant::Clocks, WasiGrant::Random],
+            ..Grants::default()
+        };
+        check(&clocks, &grants).unwrap();
+        let files = imports(&["wasi:filesystem/preopens@0.2.6", "wasi:sockets/tcp@0.2.6"]);
+        let err = check(&files, &grants).unwrap_err();
+        assert!(err.contains("files are never available"), "{err}");
+        assert!(err.contains("sockets are never available"), "{err}");
+        assert!(
+            check(&imports(&["acme:evil/backdoor"]), &grants)
+                .unwrap_err()
+                .contains("does not provide")
+        );
+    }
+}
