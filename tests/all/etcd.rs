@@ -460,28 +460,6 @@ async fn a_restart_with_etcd_down_serves_from_the_state_dir_then_resyncs_after_c
     );
 }
 
-/// Runs a gateway in a child process (this test binary, re-run with this test's name), for
-/// the convergence test. Not a test on its own: it returns at once without its environment.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "started as a child process by two_gateway_processes_converge"]
-async fn child_gateway_process() {
-    let (Ok(url), Ok(addr_file)) = (
-        std::env::var("WEIR_CHILD_ETCD"),
-        std::env::var("WEIR_CHILD_ADDR_FILE"),
-    ) else {
-        return;
-    };
-    let gateway = TestGateway::start_etcd(&url, None).await;
-    std::fs::write(&addr_file, gateway.url("")).unwrap();
-    // Serve until the parent closes our stdin (or kills us).
-    tokio::task::spawn_blocking(|| {
-        std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new())
-    })
-    .await
-    .unwrap()
-    .unwrap();
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_gateway_processes_converge() {
     let etcd = Etcd::start().await;
@@ -489,27 +467,8 @@ async fn two_gateway_processes_converge() {
     put_upstream(&etcd, "u", &up).await;
     let here = TestGateway::start_etcd(&etcd.url, None).await;
 
-    let addr_file = tempfile::NamedTempFile::new().unwrap();
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--ignored",
-            "--exact",
-            "etcd::child_gateway_process",
-            "--nocapture",
-        ])
-        .env("WEIR_CHILD_ETCD", &etcd.url)
-        .env("WEIR_CHILD_ADDR_FILE", addr_file.path())
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut there = String::new();
-    eventually("the child gateway starts", SOON, || {
-        there = std::fs::read_to_string(addr_file.path()).unwrap_or_default();
-        let started = !there.is_empty();
-        async move { started }
-    })
-    .await;
+    let child = weir_tests::ChildGateway::start_etcd(&etcd.url).await;
+    let there = child.url.clone();
     assert_ne!(there, here.url(""));
 
     etcd.put(
@@ -532,7 +491,5 @@ async fn two_gateway_processes_converge() {
         })
         .await;
     }
-    drop(child.stdin.take());
-    let _ = child.kill();
-    child.wait().unwrap();
+    drop(child);
 }

@@ -329,6 +329,129 @@ impl TestGateway {
     }
 }
 
+/// A gateway running in a child process: this test binary run again with only the
+/// `child::gateway_process` test, which reads its config from the environment.
+pub struct ChildGateway {
+    child: std::process::Child,
+    /// The proxy's base URL.
+    pub url: String,
+    /// The admin listener's base URL.
+    pub admin: String,
+    _dir: tempfile::TempDir,
+}
+
+impl ChildGateway {
+    /// A child gateway serving this YAML config.
+    pub async fn start(yaml: &str) -> ChildGateway {
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        let config = dir.path().join("weir.yaml");
+        std::fs::write(&config, yaml).expect("writing the config");
+        Self::spawn(dir, "WEIR_CHILD_CONFIG", config.display().to_string()).await
+    }
+
+    /// A child gateway following etcd at `url`.
+    pub async fn start_etcd(url: &str) -> ChildGateway {
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        Self::spawn(dir, "WEIR_CHILD_ETCD", url.to_owned()).await
+    }
+
+    async fn spawn(dir: tempfile::TempDir, variable: &str, value: String) -> ChildGateway {
+        let addr_file = dir.path().join("addresses");
+        let child = std::process::Command::new(std::env::current_exe().expect("the test binary"))
+            .args([
+                "--ignored",
+                "--exact",
+                "child::gateway_process",
+                "--nocapture",
+            ])
+            .env(variable, value)
+            .env("WEIR_CHILD_ADDR_FILE", &addr_file)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("starting the child gateway");
+        let started = Instant::now();
+        let addresses = loop {
+            if let Ok(text) = std::fs::read_to_string(&addr_file)
+                && text.ends_with('\n')
+            {
+                break text;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "the child gateway did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let mut lines = addresses.lines();
+        let url = lines.next().expect("the proxy address").to_owned();
+        let admin = lines.next().expect("the admin address").to_owned();
+        ChildGateway {
+            child,
+            url,
+            admin,
+            _dir: dir,
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// The process's resident memory, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for ChildGateway {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs the gateway of a [`ChildGateway`]: called from the child test, with its environment.
+pub async fn serve_as_child() {
+    let Ok(addr_file) = std::env::var("WEIR_CHILD_ADDR_FILE") else {
+        return;
+    };
+    let gateway = match (
+        std::env::var("WEIR_CHILD_CONFIG"),
+        std::env::var("WEIR_CHILD_ETCD"),
+    ) {
+        (Ok(config), _) => {
+            let dir = tempfile::tempdir().expect("a temporary folder");
+            TestGateway::start_in(dir, ConfigSource::File(config.into())).await
+        }
+        (_, Ok(etcd)) => TestGateway::start_etcd(&etcd, None).await,
+        _ => panic!("a child gateway needs WEIR_CHILD_CONFIG or WEIR_CHILD_ETCD"),
+    };
+    // Written whole, then renamed, so the parent never reads half of it.
+    let staging = format!("{addr_file}.new");
+    std::fs::write(
+        &staging,
+        format!("{}\n{}\n", gateway.url(""), gateway.admin_url("")),
+    )
+    .expect("writing addresses");
+    std::fs::rename(&staging, &addr_file).expect("publishing addresses");
+    // Serve until the parent closes our stdin (or kills us).
+    tokio::task::spawn_blocking(|| {
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new())
+    })
+    .await
+    .expect("the stdin reader")
+    .expect("reading stdin");
+}
+
 /// A response, fully read.
 #[derive(Debug)]
 pub struct Reply {

@@ -38,7 +38,16 @@ enum Config {
     KvWrite { key: String, value: String },
     /// Answers with what the kv holds under `key` (`none` when nothing).
     KvRead { key: String },
+    /// Answers with how many requests this instance has seen (state kept in the instance).
+    InstanceCounter,
+    /// Holds `mb` MiB in the instance from the first request on, then answers 200.
+    Hold { mb: u32 },
 }
+
+/// Requests this instance has seen (for `instance-counter`).
+static SEEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// Memory held by this instance (for `hold`).
+static HELD: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
 
 /// Which build of probe this is: tests/build.rs builds it twice, to swap one for the other.
 const VARIANT: &str = match option_env!("PROBE_VARIANT") {
@@ -148,6 +157,17 @@ impl Plugin for Probe {
                 kv::set(key, value, None);
                 let seen = kv::get_string(key).unwrap_or_else(|| "none".into());
                 Action::Respond(Reply::text(200, seen))
+            }
+            Config::InstanceCounter => {
+                let seen = SEEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                Action::Respond(Reply::text(200, seen.to_string()))
+            }
+            Config::Hold { mb } => {
+                let mut held = HELD.lock().unwrap_or_else(|e| e.into_inner());
+                if held.is_empty() {
+                    *held = vec![1u8; *mb as usize * 1024 * 1024];
+                }
+                Action::Respond(Reply::text(200, held.len().to_string()))
             }
             Config::KvRead { key } => Action::Respond(Reply::text(
                 200,
