@@ -262,7 +262,7 @@ async fn a_kv_flood() {
         Hostile {
             plugins: hostile_probe(json!({"tenant": "flooders"})),
             tenants: vec![
-                json!({"name": "flooders", "quotas": {"kv_entries": 1000, "kv_bytes": 1_048_576}}),
+                json!({"name": "flooders", "quotas": {"kv_entries": 50, "kv_bytes": 1_048_576}}),
             ],
             chain: chain(json!({"mode": "kv-flood", "count": 100_000, "size": 1024})),
             setup: None,

@@ -27,6 +27,8 @@ const MAX_KV_VALUE: usize = 1 << 20;
 pub const MAX_HEADER_EDITS: u32 = 100;
 /// Bytes of header names and values one call may set or add.
 pub const MAX_HEADER_BYTES: usize = 32 << 10;
+/// Distinct counter names one plugin may create (each is a metric series the gateway keeps).
+const MAX_COUNTER_NAMES: usize = 64;
 
 /// A plugin went past a per-call limit; the call fails under the plugin's policy.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +46,7 @@ pub struct PluginScope {
     kv: KvStore,
     metrics: Arc<Metrics>,
     callouts: Callouts,
+    counter_names: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl PluginScope {
@@ -66,6 +69,7 @@ impl PluginScope {
             kv,
             metrics,
             callouts,
+            counter_names: Default::default(),
         }
     }
 
@@ -174,21 +178,14 @@ impl Drop for InstanceSlot {
     }
 }
 
-/// The CPU budget of the call in progress: wall time minus time spent awaiting the host.
+/// The CPU budget of the call in progress, in epoch ticks the plugin spent running. A tick
+/// counts when it passes while the plugin runs; time spent yielded to other tasks, or awaiting
+/// an outbound call, is not counted.
 pub struct CallClock {
-    /// When the call began.
-    pub started: Instant,
-    /// Time spent in async host calls (outbound HTTP), which the deadline does not count.
-    pub host_wait: Duration,
-    /// The plugin's CPU deadline per call.
-    pub budget: Duration,
-}
-
-impl CallClock {
-    /// CPU time the call has used so far.
-    pub fn used(&self) -> Duration {
-        self.started.elapsed().saturating_sub(self.host_wait)
-    }
+    /// Ticks the call has run through.
+    pub ticks_used: u64,
+    /// Ticks it may run through.
+    pub budget_ticks: u64,
 }
 
 /// What one call may still add to the headers.
@@ -240,7 +237,7 @@ impl InstanceState {
     pub fn new(
         scope: Arc<PluginScope>,
         memory_limit: usize,
-        budget: Duration,
+        budget_ticks: u64,
         slot: InstanceSlot,
     ) -> Self {
         let mut wasi = WasiCtx::builder();
@@ -253,9 +250,8 @@ impl InstanceState {
             wasi: wasi.build(),
             memory: MemoryCap::new(memory_limit, scope.tenant.clone()),
             clock: CallClock {
-                started: Instant::now(),
-                host_wait: Duration::ZERO,
-                budget,
+                ticks_used: 0,
+                budget_ticks,
             },
             edits: EditBudget::full(),
             scope,
@@ -265,8 +261,7 @@ impl InstanceState {
 
     /// Resets the per-call budgets before a call.
     pub fn begin_call(&mut self) {
-        self.clock.started = Instant::now();
-        self.clock.host_wait = Duration::ZERO;
+        self.clock.ticks_used = 0;
         self.edits = EditBudget::full();
     }
 }
@@ -396,6 +391,17 @@ impl metrics::Host for InstanceState {
                 "a metric name must be 1 to 64 bytes".into(),
             )));
         }
+        {
+            let mut names = self.scope.counter_names.lock().expect("counter names lock");
+            if !names.contains(&name) {
+                if names.len() >= MAX_COUNTER_NAMES {
+                    return Err(wasmtime::Error::new(LimitExceeded(format!(
+                        "a plugin may create at most {MAX_COUNTER_NAMES} counters"
+                    ))));
+                }
+                names.insert(name.clone());
+            }
+        }
         let labels = PluginEventLabels {
             plugin: self.scope.name.to_string(),
             name,
@@ -417,11 +423,8 @@ impl http_client::Host for InstanceState {
         let Some(grant) = self.scope.grants.http.clone() else {
             return Ok(Err("this plugin has no http grant".into()));
         };
-        let started = Instant::now();
-        let outcome = self.scope.callouts.send(&grant, request).await;
-        // Waiting on the network is not the plugin's CPU time.
-        self.clock.host_wait += started.elapsed();
-        Ok(outcome)
+        // While this awaits, the plugin does not run, so no tick is counted against it.
+        Ok(self.scope.callouts.send(&grant, request).await)
     }
 }
 

@@ -112,30 +112,30 @@ impl PluginPool {
         &self.module.sha256
     }
 
-    fn budget(&self) -> Duration {
-        Duration::from_millis(self.limits.timeout_ms)
+    fn budget_ticks(&self) -> u64 {
+        ticks(Duration::from_millis(self.limits.timeout_ms))
     }
 
     async fn instantiate(&self) -> Result<(PluginInstance, Wants), PluginError> {
         let slot = InstanceSlot::take(self.scope.tenant())
             .map_err(|e| PluginError::Quota(e.to_string()))?;
         let memory_limit = usize::try_from(self.limits.memory_mb).unwrap_or(usize::MAX) << 20;
-        let state = InstanceState::new(self.scope.clone(), memory_limit, self.budget(), slot);
+        let state = InstanceState::new(self.scope.clone(), memory_limit, self.budget_ticks(), slot);
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.memory);
-        // The deadline counts CPU, not time spent awaiting the host (outbound calls): when a
-        // tick passes the deadline, extend it by whatever budget is left.
-        store.epoch_deadline_callback(|store| {
-            let clock = &store.data().clock;
-            let used = clock.used();
-            if used >= clock.budget {
+        // At every tick a running plugin yields to the executor, so that a long call cannot
+        // hold a worker thread; once it has run through its budget of ticks, it is interrupted.
+        store.epoch_deadline_callback(|mut store| {
+            let clock = &mut store.data_mut().clock;
+            clock.ticks_used += 1;
+            if clock.ticks_used >= clock.budget_ticks {
                 Ok(UpdateDeadline::Interrupt)
             } else {
-                Ok(UpdateDeadline::Continue(ticks(clock.budget - used)))
+                Ok(UpdateDeadline::Yield(1))
             }
         });
         store.data_mut().begin_call();
-        store.set_epoch_deadline(ticks(self.budget()));
+        store.set_epoch_deadline(1);
         let plugin = match self.module.pre.instantiate_async(&mut store).await {
             Ok(plugin) => plugin,
             Err(e) => return Err(self.classify(e, &store, PluginError::Instantiate)),
@@ -176,7 +176,7 @@ impl PluginPool {
 
     fn arm(&self, instance: &mut PluginInstance) {
         instance.store.data_mut().begin_call();
-        instance.store.set_epoch_deadline(ticks(self.budget()));
+        instance.store.set_epoch_deadline(1);
     }
 
     /// Turns a wasmtime error into the plugin failure it stands for.
