@@ -290,8 +290,8 @@ pub struct Grants {
     /// `http: {hosts: [api.internal:8080], methods: [GET]}`: outbound HTTP calls to these hosts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<HttpGrant>,
-    /// `wasi: [clocks, random, stdio]`: WASI interfaces beyond the inert ones every component
-    /// may import. Files, sockets and environment variables are never available.
+    /// `wasi: [clocks, random, stdio, runtime]`: WASI interfaces beyond the inert ones every
+    /// component may import. Files, sockets and environment variables are never reachable.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub wasi: Vec<WasiGrant>,
 }
@@ -337,6 +337,10 @@ pub enum WasiGrant {
     Random,
     /// Output on `wasi:cli/stdout` and `stderr` goes to the gateway's log (otherwise it is dropped).
     Stdio,
+    /// `wasi:filesystem/*` and `wasi:sockets/*`, which language runtimes (Python, JavaScript)
+    /// import whether or not they use them, linked with nothing behind them: no directories,
+    /// no network, no name lookups.
+    Runtime,
 }
 
 /// When a failing plugin stops being called, and for how long.

@@ -52,8 +52,11 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// A gateway serving the empty snapshot.
-    pub fn new(access_log: &AccessLogTarget) -> Result<Arc<Self>, GatewayInitError> {
+    /// A gateway serving the empty snapshot; compiled modules are kept in `module_cache`.
+    pub fn new(
+        access_log: &AccessLogTarget,
+        module_cache: Option<std::path::PathBuf>,
+    ) -> Result<Arc<Self>, GatewayInitError> {
         let metrics = Arc::new(Metrics::new());
         Ok(Arc::new(Gateway {
             snapshot: ArcSwap::from_pointee(Snapshot::empty()),
@@ -64,7 +67,7 @@ impl Gateway {
                 since: None,
                 revision: None,
             }),
-            runtime: PluginRuntime::new(metrics.clone())?,
+            runtime: PluginRuntime::new(metrics.clone(), module_cache)?,
             clients: ClientPool::default(),
             metrics,
             access_log: AccessLog::open(access_log)?,

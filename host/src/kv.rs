@@ -179,6 +179,18 @@ impl KvStore {
         outcome
     }
 
+    /// Every live key in `namespace` with its value, sorted by key.
+    pub fn entries(&self, namespace: &str) -> Vec<(String, Vec<u8>)> {
+        let mut entries: Vec<_> = self
+            .cache
+            .iter()
+            .filter(|(key, _)| &*key.0 == namespace)
+            .map(|(key, value)| (key.1.clone(), value.bytes.to_vec()))
+            .collect();
+        entries.sort();
+        entries
+    }
+
     /// Entries in the store (approximate: expired entries leave lazily).
     pub fn entry_count(&self) -> u64 {
         self.cache.run_pending_tasks();

@@ -7,6 +7,7 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod authoring;
 pub mod balancer;
 pub mod body;
 pub mod config;

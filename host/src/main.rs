@@ -39,6 +39,56 @@ enum Command {
 enum PluginCommand {
     /// Stores a component in etcd and points a plugin entry at it; gateways load it live.
     Push(PushArgs),
+    /// Says which world a component implements, what it imports, and whether it would load.
+    Check(CheckArgs),
+    /// Runs a component against a described request, without a gateway, and prints what it did.
+    Test(TestArgs),
+}
+
+#[derive(Args)]
+struct CheckArgs {
+    /// The component file.
+    file: PathBuf,
+    /// Grants to check it against (as for `weir plugin push`).
+    #[arg(long = "grant", value_name = "GRANT")]
+    grants: Vec<String>,
+}
+
+#[derive(Args)]
+struct TestArgs {
+    /// The component file.
+    file: PathBuf,
+    /// The route's config for the plugin, as JSON.
+    #[arg(long, default_value = "{}")]
+    config: String,
+    /// The request line: `METHOD /path?query`.
+    #[arg(long, default_value = "GET /")]
+    request: String,
+    /// A request header, `name: value` (repeatable).
+    #[arg(short = 'H', long = "header", value_name = "HEADER")]
+    headers: Vec<String>,
+    /// The request body.
+    #[arg(long, default_value = "")]
+    body: String,
+    /// The client's IP address.
+    #[arg(long, default_value = "127.0.0.1")]
+    client_ip: std::net::IpAddr,
+    /// The status of the pretend upstream's response.
+    #[arg(long, default_value_t = 200)]
+    upstream_status: u16,
+    /// A header of the pretend upstream's response (repeatable).
+    #[arg(long = "upstream-header", value_name = "HEADER")]
+    upstream_headers: Vec<String>,
+    /// The body of the pretend upstream's response.
+    #[arg(long, default_value = "upstream body")]
+    upstream_body: String,
+    /// Grants to run it with (as for `weir plugin push`); by default all of them, with no
+    /// outbound host (so every component runs, and reaches nothing).
+    #[arg(long = "grant", value_name = "GRANT")]
+    grants: Vec<String>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 /// Where etcd is.
@@ -86,6 +136,10 @@ struct RunArgs {
     /// Access log: `stdout`, `off`, or a file path.
     #[arg(long, default_value = "stdout")]
     access_log: AccessLogTarget,
+    /// Where compiled plugin modules are kept across restarts
+    /// (default: $XDG_CACHE_HOME/weir/modules or ~/.cache/weir/modules; `off` for none).
+    #[arg(long, value_name = "DIR")]
+    module_cache: Option<String>,
     /// Worker threads for the runtime (default: one per core).
     #[arg(long)]
     workers: Option<usize>,
@@ -217,6 +271,8 @@ fn main() -> anyhow::Result<()> {
             Command::Run(args) => run(args).await,
             Command::Register(args) => register(args).await,
             Command::Plugin(PluginCommand::Push(args)) => push(args).await,
+            Command::Plugin(PluginCommand::Check(args)) => check(args).await,
+            Command::Plugin(PluginCommand::Test(args)) => test(args).await,
         }
     })
 }
@@ -235,6 +291,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         listen: args.listen,
         admin_listen: Some(args.admin_listen),
         access_log: args.access_log,
+        module_cache: module_cache(args.module_cache.as_deref()),
     };
     let gateway = weir::start(options).await?;
     stop_signal().await?;
@@ -277,7 +334,7 @@ async fn push(args: PushArgs) -> anyhow::Result<()> {
     let bytes =
         std::fs::read(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
     // Refuse a module the gateways would refuse, before it reaches them.
-    let runtime = weir::plugin::PluginRuntime::new(Arc::new(weir::metrics::Metrics::new()))?;
+    let runtime = weir::plugin::PluginRuntime::new(Arc::new(weir::metrics::Metrics::new()), None)?;
     let module = runtime
         .load(bytes.clone())
         .await
@@ -315,6 +372,18 @@ async fn push(args: PushArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The module cache folder: the flag's, or the user's cache folder, or none for `off`.
+fn module_cache(flag: Option<&str>) -> Option<PathBuf> {
+    match flag {
+        Some("off") => None,
+        Some(dir) => Some(PathBuf::from(dir)),
+        None => std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))
+            .map(|cache| cache.join("weir").join("modules")),
+    }
+}
+
 /// Waits for ctrl-c or SIGTERM, the two ways a service manager asks a process to stop.
 async fn stop_signal() -> anyhow::Result<()> {
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -323,6 +392,125 @@ async fn stop_signal() -> anyhow::Result<()> {
         result = tokio::signal::ctrl_c() => result.context("listening for ctrl-c"),
         _ = terminate.recv() => Ok(()),
     }
+}
+
+async fn check(args: CheckArgs) -> anyhow::Result<()> {
+    let bytes =
+        std::fs::read(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
+    let grants = parse_grants(&args.grants)?;
+    let report = weir::authoring::check(bytes, &grants).await?;
+    println!("{}: sha256 {}", args.file.display(), report.sha256);
+    match &report.exports {
+        Some(export) => println!("implements: {export} (world weir:plugin/plugin)"),
+        None => println!("implements: no weir:plugin/filter export"),
+    }
+    println!("imports:");
+    for import in &report.imports {
+        println!("  {:<40} {}", import.import, import.verdict);
+    }
+    match &report.loads {
+        Ok(()) => println!("loads with these grants: yes"),
+        Err(reason) => {
+            println!("loads with these grants: no: {reason}");
+            std::process::exit(1);
+        }
+    }
+    Ok(())
+}
+
+/// `name: value`.
+fn split_header(text: &str) -> anyhow::Result<(String, String)> {
+    let (name, value) = text
+        .split_once(':')
+        .with_context(|| format!("{text:?} is not `name: value`"))?;
+    Ok((name.trim().to_owned(), value.trim().to_owned()))
+}
+
+async fn test(args: TestArgs) -> anyhow::Result<()> {
+    let bytes =
+        std::fs::read(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
+    let grants = if args.grants.is_empty() {
+        // Everything, so that any component runs; nothing behind `runtime` or `http=` is reachable.
+        let all = [
+            "log",
+            "clock",
+            "kv",
+            "metrics",
+            "http=",
+            "wasi=clocks",
+            "wasi=random",
+            "wasi=stdio",
+            "wasi=runtime",
+        ];
+        parse_grants(&all.map(String::from))?
+    } else {
+        parse_grants(&args.grants)?
+    };
+    let (method, target) = args
+        .request
+        .split_once(' ')
+        .unwrap_or(("GET", args.request.as_str()));
+    let request = weir::authoring::TestRequest {
+        method: method.to_owned(),
+        target: target.trim().to_owned(),
+        headers: args
+            .headers
+            .iter()
+            .map(|h| split_header(h))
+            .collect::<anyhow::Result<_>>()?,
+        body: args.body.into_bytes(),
+        client_ip: args.client_ip,
+    };
+    let upstream = weir::authoring::TestUpstream {
+        status: args.upstream_status,
+        headers: args
+            .upstream_headers
+            .iter()
+            .map(|h| split_header(h))
+            .collect::<anyhow::Result<_>>()?,
+        body: args.upstream_body.into_bytes(),
+    };
+    let report = weir::authoring::run(bytes, &args.config, grants, request, upstream)
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        match &report.init {
+            Some(Ok(wants)) => println!("init: ok ({wants})"),
+            Some(Err(reason)) => println!("init: rejected the config: {reason}"),
+            None => {}
+        }
+        if let Some(action) = &report.action {
+            println!("on-request: {action}");
+        }
+        for edit in &report.request_edits {
+            println!("  request  {edit}");
+        }
+        for edit in &report.response_edits {
+            println!("  response {edit}");
+        }
+        if !report.kv.is_empty() {
+            println!("kv:");
+            for (key, value) in &report.kv {
+                println!("  {key} = {value}");
+            }
+        }
+        if !report.logs.is_empty() {
+            println!("logs:");
+            for (level, message) in &report.logs {
+                println!("  {level:<5} {message}");
+            }
+        }
+        if let Some(failure) = &report.failure {
+            println!("failed: {failure}");
+        }
+    }
+    let failed = report.failure.is_some() || matches!(report.init, Some(Err(_)));
+    if failed {
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
 /// Splits `host:port` or `[v6]:port`.

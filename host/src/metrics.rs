@@ -109,6 +109,15 @@ pub struct Metrics {
     pub routes: Gauge,
     /// Full re-reads of the store after its history was compacted.
     pub store_resyncs: Counter,
+    /// Modules loaded, by where they came from: memory, disk (precompiled) or compiled.
+    pub module_loads: Family<ModuleLoadLabels, Counter>,
+}
+
+/// Labels of `weir_module_loads_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModuleLoadLabels {
+    /// `memory`, `disk` or `compiled`.
+    pub source: &'static str,
 }
 
 impl Default for Metrics {
@@ -175,6 +184,12 @@ impl Metrics {
         let routes = Gauge::default();
         registry.register("routes", "Routes currently loaded", routes.clone());
         let store_resyncs = Counter::default();
+        let module_loads = Family::<ModuleLoadLabels, Counter>::default();
+        registry.register(
+            "module_loads",
+            "Plugin modules loaded, by where they came from: memory, disk (precompiled) or compiled",
+            module_loads.clone(),
+        );
         registry.register(
             "store_resyncs",
             "Full re-reads of the config store after a compaction",
@@ -193,6 +208,7 @@ impl Metrics {
             config_errors,
             routes,
             store_resyncs,
+            module_loads,
         }
     }
 
@@ -202,6 +218,12 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
+    }
+
+    /// The counter of modules loaded from `source`.
+    pub fn module_loads(&self, source: &'static str) -> Counter {
+        self.module_loads
+            .get_or_create_owned(&ModuleLoadLabels { source })
     }
 
     /// The counter of `plugin`'s quarantines.

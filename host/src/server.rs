@@ -48,6 +48,8 @@ pub struct GatewayOptions {
     pub admin_listen: Option<SocketAddr>,
     /// Where access-log lines go.
     pub access_log: AccessLogTarget,
+    /// Where compiled plugin modules are kept, so that a restart does not compile them again.
+    pub module_cache: Option<PathBuf>,
 }
 
 /// Why a gateway did not start.
@@ -114,7 +116,7 @@ impl Drop for RunningGateway {
 
 /// Loads the config, binds the listeners and starts serving.
 pub async fn start(options: GatewayOptions) -> Result<RunningGateway, StartError> {
-    let gateway = Gateway::new(&options.access_log)?;
+    let gateway = Gateway::new(&options.access_log, options.module_cache.clone())?;
     let shutdown = CancellationToken::new();
     let mut tasks = Vec::new();
 

@@ -63,7 +63,7 @@ fn plugin_calls(c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
-    let runtime = PluginRuntime::new(Arc::new(Metrics::new())).unwrap();
+    let runtime = PluginRuntime::new(Arc::new(Metrics::new()), None).unwrap();
     let request_id = pool(
         &rt,
         &runtime,

@@ -80,6 +80,8 @@ pub struct Behaviour {
     pub status: StatusCode,
     /// Answer with this body instead of the JSON echo.
     pub body: Option<Bytes>,
+    /// The content type of the answer, if any.
+    pub content_type: Option<&'static str>,
 }
 
 impl Default for Behaviour {
@@ -88,6 +90,7 @@ impl Default for Behaviour {
             delay: Duration::ZERO,
             status: StatusCode::OK,
             body: None,
+            content_type: None,
         }
     }
 }
@@ -194,6 +197,11 @@ async fn answer(
         "x-upstream",
         name.parse().expect("upstream names are header-safe"),
     );
+    if let Some(content_type) = behaviour.content_type {
+        response
+            .headers_mut()
+            .insert("content-type", http::HeaderValue::from_static(content_type));
+    }
     Ok(response)
 }
 
@@ -225,7 +233,28 @@ impl TestGateway {
         Self::start_in(dir, ConfigSource::Etcd(options)).await
     }
 
+    /// Starts a gateway with this YAML config that keeps compiled modules in `module_cache`.
+    pub async fn start_cached(yaml: &str, module_cache: &std::path::Path) -> TestGateway {
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        let config = dir.path().join("weir.yaml");
+        std::fs::write(&config, yaml).expect("writing the config");
+        Self::start_with(
+            dir,
+            ConfigSource::File(config),
+            Some(module_cache.to_owned()),
+        )
+        .await
+    }
+
     async fn start_in(dir: tempfile::TempDir, source: ConfigSource) -> TestGateway {
+        Self::start_with(dir, source, None).await
+    }
+
+    async fn start_with(
+        dir: tempfile::TempDir,
+        source: ConfigSource,
+        module_cache: Option<PathBuf>,
+    ) -> TestGateway {
         let access_log = dir.path().join("access.log");
         let config = dir.path().join("weir.yaml");
         let options = GatewayOptions {
@@ -233,6 +262,7 @@ impl TestGateway {
             listen: "127.0.0.1:0".parse().expect("an address"),
             admin_listen: Some("127.0.0.1:0".parse().expect("an address")),
             access_log: AccessLogTarget::File(access_log.clone()),
+            module_cache,
         };
         let running = weir::start(options).await.expect("the gateway starts");
         TestGateway {
@@ -337,7 +367,7 @@ pub struct ChildGateway {
     pub url: String,
     /// The admin listener's base URL.
     pub admin: String,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl ChildGateway {
@@ -357,6 +387,7 @@ impl ChildGateway {
 
     async fn spawn(dir: tempfile::TempDir, variable: &str, value: String) -> ChildGateway {
         let addr_file = dir.path().join("addresses");
+        let log = std::fs::File::create(dir.path().join("gateway.log")).expect("a log file");
         let child = std::process::Command::new(std::env::current_exe().expect("the test binary"))
             .args([
                 "--ignored",
@@ -366,8 +397,10 @@ impl ChildGateway {
             ])
             .env(variable, value)
             .env("WEIR_CHILD_ADDR_FILE", &addr_file)
+            .env("WEIR_LOG", "info")
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::null())
+            .stderr(log)
             .spawn()
             .expect("starting the child gateway");
         let started = Instant::now();
@@ -390,8 +423,13 @@ impl ChildGateway {
             child,
             url,
             admin,
-            _dir: dir,
+            dir,
         }
+    }
+
+    /// What the gateway has logged so far (its stderr).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("gateway.log")).unwrap_or_default()
     }
 
     /// Whether the process is still running.
@@ -424,6 +462,11 @@ pub async fn serve_as_child() {
     let Ok(addr_file) = std::env::var("WEIR_CHILD_ADDR_FILE") else {
         return;
     };
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("WEIR_LOG"))
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
     let gateway = match (
         std::env::var("WEIR_CHILD_CONFIG"),
         std::env::var("WEIR_CHILD_ETCD"),

@@ -9,8 +9,6 @@ enum Offer {
     Inert,
     /// Only with this grant.
     Granted(&'static str, bool),
-    /// Never, whatever the grants say.
-    Never(&'static str),
     /// Not something the gateway provides.
     Unknown,
 }
@@ -50,10 +48,22 @@ fn offer(import: &str, grants: &Grants) -> Offer {
         name if name.starts_with("wasi:random/") => {
             Offer::Granted("wasi: [random]", wasi(WasiGrant::Random))
         }
-        name if name.starts_with("wasi:filesystem/") => Offer::Never("files"),
-        name if name.starts_with("wasi:sockets/") => Offer::Never("sockets"),
+        // Never reachable: with `runtime` granted they are linked with no directory, no
+        // network and no name lookup behind them, for runtimes whose libc imports them.
+        name if name.starts_with("wasi:filesystem/") || name.starts_with("wasi:sockets/") => {
+            Offer::Granted("wasi: [runtime]", wasi(WasiGrant::Runtime))
+        }
         _ => Offer::Unknown,
     }
+}
+
+/// The imports the gateway does not provide at all, whatever the grants.
+pub fn unknown(imports: &[String]) -> Vec<&str> {
+    imports
+        .iter()
+        .filter(|import| offer(import, &Grants::default()) == Offer::Unknown)
+        .map(String::as_str)
+        .collect()
 }
 
 /// Checks every import of a component against its entry's grants; the error names each refused
@@ -63,11 +73,12 @@ pub fn check(imports: &[String], grants: &Grants) -> Result<(), String> {
     for import in imports {
         match offer(import, grants) {
             Offer::Inert | Offer::Granted(_, true) => {}
+            Offer::Granted(grant, false) if grant == "wasi: [runtime]" => refused.push(format!(
+                "{import} (not granted; add grants: {{{grant}}}, which links it with no files or \
+                 network behind it: nothing is ever reachable)"
+            )),
             Offer::Granted(grant, false) => {
                 refused.push(format!("{import} (not granted; add grants: {{{grant}}})"));
-            }
-            Offer::Never(what) => {
-                refused.push(format!("{import} ({what} are never available to plugins)"));
             }
             Offer::Unknown => refused.push(format!("{import} (the gateway does not provide it)")),
         }
@@ -130,7 +141,7 @@ mod tests {
     }
 
     #[test]
-    fn wasi_clocks_and_random_need_grants_files_and_sockets_never_load() {
+    fn wasi_clocks_random_files_and_sockets_each_need_their_grant() {
         let clocks = imports(&[
             "wasi:clocks/monotonic-clock@0.2.6",
             "wasi:random/random@0.2.6",
@@ -147,8 +158,19 @@ mod tests {
         check(&clocks, &grants).unwrap();
         let files = imports(&["wasi:filesystem/preopens@0.2.6", "wasi:sockets/tcp@0.2.6"]);
         let err = check(&files, &grants).unwrap_err();
-        assert!(err.contains("files are never available"), "{err}");
-        assert!(err.contains("sockets are never available"), "{err}");
+        assert!(
+            err.contains(
+                "wasi:filesystem/preopens@0.2.6 (not granted; add grants: {wasi: [runtime]}"
+            ),
+            "{err}"
+        );
+        assert!(err.contains("nothing is ever reachable"), "{err}");
+        assert!(err.contains("wasi:sockets/tcp@0.2.6"), "{err}");
+        let runtime = Grants {
+            wasi: vec![WasiGrant::Runtime],
+            ..Grants::default()
+        };
+        check(&files, &runtime).unwrap();
         assert!(
             check(&imports(&["acme:evil/backdoor"]), &grants)
                 .unwrap_err()

@@ -47,7 +47,24 @@ pub struct PluginScope {
     metrics: Arc<Metrics>,
     callouts: Callouts,
     counter_names: std::sync::Mutex<std::collections::HashSet<String>>,
+    log_capture: Option<LogCapture>,
 }
+
+/// What the runtime gives every plugin scope.
+#[derive(Clone)]
+pub struct Shared {
+    /// The kv store.
+    pub kv: KvStore,
+    /// The gateway's metrics.
+    pub metrics: Arc<Metrics>,
+    /// The client for outbound calls.
+    pub callouts: Callouts,
+    /// Where log lines are also kept, for `weir plugin test`.
+    pub log_capture: Option<LogCapture>,
+}
+
+/// Log lines kept for a plugin author's harness: (level, message).
+pub type LogCapture = Arc<std::sync::Mutex<Vec<(String, String)>>>;
 
 impl PluginScope {
     /// The scope of plugin `name` belonging to `tenant`.
@@ -56,9 +73,7 @@ impl PluginScope {
         tenant: Arc<Tenant>,
         grants: Grants,
         health: Arc<PluginHealth>,
-        kv: KvStore,
-        metrics: Arc<Metrics>,
-        callouts: Callouts,
+        shared: &Shared,
     ) -> Self {
         PluginScope {
             name: name.into(),
@@ -66,16 +81,22 @@ impl PluginScope {
             tenant,
             grants,
             health,
-            kv,
-            metrics,
-            callouts,
+            kv: shared.kv.clone(),
+            metrics: shared.metrics.clone(),
+            callouts: shared.callouts.clone(),
             counter_names: Default::default(),
+            log_capture: shared.log_capture.clone(),
         }
     }
 
     /// The plugin's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The plugin's kv namespace.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
     }
 
     /// The plugin's tenant.
@@ -241,6 +262,10 @@ impl InstanceState {
         slot: InstanceSlot,
     ) -> Self {
         let mut wasi = WasiCtx::builder();
+        // No preopened directory, and no network even when `runtime` links the interfaces.
+        wasi.allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false);
         if scope.grants.wasi.contains(&WasiGrant::Stdio) {
             // The gateway's stderr is its log; stdout may carry the access log.
             wasi.stdout(std::io::stderr()).stderr(std::io::stderr());
@@ -285,6 +310,19 @@ impl log::Host for InstanceState {
             }
             message.truncate(cut);
             message.push('…');
+        }
+        if let Some(capture) = &self.scope.log_capture {
+            let name = match level {
+                log::Level::Trace => "trace",
+                log::Level::Debug => "debug",
+                log::Level::Info => "info",
+                log::Level::Warn => "warn",
+                log::Level::Error => "error",
+            };
+            capture
+                .lock()
+                .expect("log capture lock")
+                .push((name.to_owned(), message.clone()));
         }
         let plugin = &*self.scope.name;
         let tenant = self.scope.tenant.name();

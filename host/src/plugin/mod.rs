@@ -10,6 +10,7 @@ mod pool;
 pub mod tenant;
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::time::Duration;
 
@@ -21,8 +22,8 @@ pub use self::bindings::exports::weir::plugin::filter::Wants;
 pub use self::bindings::weir::plugin::http::{Action, Reply, Summary};
 use self::callout::Callouts;
 use self::health::PluginHealth;
-use self::host::InstanceState;
-pub use self::host::{MAX_HEADER_BYTES, MAX_HEADER_EDITS, PluginScope};
+use self::host::{InstanceState, Shared};
+pub use self::host::{LogCapture, MAX_HEADER_BYTES, MAX_HEADER_EDITS, PluginScope};
 pub use self::pool::PluginPool;
 use self::tenant::Tenants;
 use crate::config::{Isolation, PluginConfig};
@@ -107,6 +108,8 @@ pub struct Module {
     pub sha256: String,
     /// The interfaces it imports, such as `weir:plugin/kv@0.1.0`.
     pub imports: Vec<String>,
+    /// The interfaces it exports, such as `weir:plugin/filter@0.1.0`.
+    pub exports: Vec<String>,
     pre: bindings::PluginPre<InstanceState>,
 }
 
@@ -181,6 +184,8 @@ pub struct PluginRuntime {
     tenants: Tenants,
     health: Mutex<HashMap<String, Arc<PluginHealth>>>,
     callouts: Callouts,
+    cache_dir: Option<PathBuf>,
+    log_capture: Option<LogCapture>,
 }
 
 /// What makes two pools interchangeable: the same entry, module, isolation and route config.
@@ -193,8 +198,9 @@ struct PoolKey {
 }
 
 impl PluginRuntime {
-    /// A runtime that reports plugin metrics into `metrics`.
-    pub fn new(metrics: Arc<Metrics>) -> Result<Self, PluginError> {
+    /// A runtime that reports plugin metrics into `metrics`, and keeps compiled modules in
+    /// `cache_dir` (if given) so that a restart does not compile them again.
+    pub fn new(metrics: Arc<Metrics>, cache_dir: Option<PathBuf>) -> Result<Self, PluginError> {
         let engine = ENGINE.clone();
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
@@ -215,6 +221,8 @@ impl PluginRuntime {
             tenants: Tenants::default(),
             health: Mutex::new(HashMap::new()),
             callouts: Callouts::default(),
+            cache_dir,
+            log_capture: None,
         })
     }
 
@@ -233,28 +241,45 @@ impl PluginRuntime {
             .get(&sha256)
             .and_then(Weak::upgrade);
         if let Some(module) = in_use.or_else(|| self.recent.get(&sha256)) {
+            self.metrics.module_loads("memory").inc();
             return Ok(module);
         }
         let engine = self.engine.clone();
-        let component = tokio::task::spawn_blocking(move || Component::new(&engine, &bytes))
-            .await
-            .map_err(|e| PluginError::Compile(e.to_string()))?
-            .map_err(|e| PluginError::Compile(format!("{e:#}")))?;
-        let instance_pre = self
-            .linker
-            .instantiate_pre(&component)
-            .map_err(|e| PluginError::Instantiate(format!("{e:#}")))?;
-        let imports = component
+        let cached = self.cache_path(&sha256);
+        let (component, source) =
+            tokio::task::spawn_blocking(move || compile_or_reuse(&engine, &bytes, cached))
+                .await
+                .map_err(|e| PluginError::Compile(e.to_string()))??;
+        self.metrics.module_loads(source).inc();
+        let imports: Vec<String> = component
             .component_type()
             .imports(&self.engine)
             .map(|(name, _)| name.to_owned())
             .collect();
+        let exports = component
+            .component_type()
+            .exports(&self.engine)
+            .map(|(name, _)| name.to_owned())
+            .collect();
+        let instance_pre = self.linker.instantiate_pre(&component).map_err(|e| {
+            // Name the imports the gateway does not provide, rather than wasmtime's first one.
+            let unknown = grants::unknown(&imports);
+            if unknown.is_empty() {
+                PluginError::Instantiate(format!("{e:#}"))
+            } else {
+                PluginError::Instantiate(format!(
+                    "it imports {}, which the gateway does not provide",
+                    unknown.join(", ")
+                ))
+            }
+        })?;
         let pre = bindings::PluginPre::new(instance_pre).map_err(|e| {
             PluginError::Instantiate(format!("it does not implement weir:plugin/filter: {e:#}"))
         })?;
         let module = Arc::new(Module {
             sha256: sha256.clone(),
             imports,
+            exports,
             pre,
         });
         let mut modules = self.modules.lock().expect("module registry lock");
@@ -272,6 +297,24 @@ impl PluginRuntime {
         let mut modules = self.modules.lock().expect("module registry lock");
         modules.retain(|_, weak| weak.strong_count() > 0);
         modules.len()
+    }
+
+    /// Where a compiled module is kept on disk: one folder per engine configuration, so that
+    /// artifacts from another wasmtime version or setting are never loaded.
+    fn cache_path(&self, sha256: &str) -> Option<PathBuf> {
+        let dir = self.cache_dir.as_ref()?;
+        let mut hasher = xxhash_rust::xxh3::Xxh3Default::new();
+        std::hash::Hash::hash(&self.engine.precompile_compatibility_hash(), &mut hasher);
+        let engine = std::hash::Hasher::finish(&hasher);
+        Some(
+            dir.join(format!("engine-{engine:016x}"))
+                .join(format!("{sha256}.cwasm")),
+        )
+    }
+
+    /// Keeps every plugin log line in `capture` as well (for `weir plugin test`).
+    pub fn capture_logs(&mut self, capture: LogCapture) {
+        self.log_capture = Some(capture);
     }
 
     /// The tenants, their quotas and usage.
@@ -333,14 +376,18 @@ impl PluginRuntime {
                 entry.tenant.as_deref().unwrap_or_default()
             ))
         })?;
+        let shared = Shared {
+            kv: self.kv.clone(),
+            metrics: self.metrics.clone(),
+            callouts: self.callouts.clone(),
+            log_capture: self.log_capture.clone(),
+        };
         let scope = Arc::new(PluginScope::new(
             &entry.name,
             tenant,
             entry.grants.clone(),
             self.health_of(entry),
-            self.kv.clone(),
-            self.metrics.clone(),
-            self.callouts.clone(),
+            &shared,
         ));
         let pool = PluginPool::new(
             self.engine.clone(),
@@ -356,4 +403,55 @@ impl PluginRuntime {
         pools.insert(key, Arc::downgrade(&pool));
         Ok(pool)
     }
+}
+
+/// Loads a precompiled module from `cached` when it is there and valid, or compiles `bytes` and
+/// writes it there. Returns where the module came from (`disk` or `compiled`).
+fn compile_or_reuse(
+    engine: &Engine,
+    bytes: &[u8],
+    cached: Option<PathBuf>,
+) -> Result<(Component, &'static str), PluginError> {
+    if let Some(path) = &cached
+        && path.exists()
+    {
+        match load_precompiled(engine, path) {
+            Ok(component) => return Ok((component, "disk")),
+            Err(error) => {
+                tracing::warn!(path = %path.display(), %error, "cached module unusable; compiling again");
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+    let component =
+        Component::new(engine, bytes).map_err(|e| PluginError::Compile(format!("{e:#}")))?;
+    if let Some(path) = &cached
+        && let Err(error) = store_precompiled(&component, path)
+    {
+        tracing::warn!(path = %path.display(), %error, "could not keep the compiled module on disk");
+    }
+    Ok((component, "compiled"))
+}
+
+#[allow(unsafe_code)]
+fn load_precompiled(engine: &Engine, path: &Path) -> wasmtime::Result<Component> {
+    // SAFETY: only this process writes the cache folder (created 0700), always through a
+    // rename of a complete file; its folder name pins the engine configuration, and wasmtime
+    // still checks the artifact's header and compatibility before using it.
+    unsafe { Component::deserialize_file(engine, path) }
+}
+
+fn store_precompiled(component: &Component, path: &Path) -> std::io::Result<()> {
+    let dir = path.parent().expect("a cache path has a folder");
+    std::fs::create_dir_all(dir)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let root = dir.parent().unwrap_or(dir);
+        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))?;
+    }
+    let bytes = component.serialize().map_err(std::io::Error::other)?;
+    let staging = path.with_extension(format!("{}.tmp", std::process::id()));
+    std::fs::write(&staging, bytes)?;
+    std::fs::rename(&staging, path)
 }

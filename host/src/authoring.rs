@@ -1,0 +1,334 @@
+//! Tools for plugin authors in any language: `weir plugin check` says what a component is and
+//! whether it would load; `weir plugin test` runs it against a described request, without a
+//! gateway, and reports what it did.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use serde::Serialize;
+
+use crate::config::{Grants, Isolation, PluginConfig};
+use crate::exchange::{BufferedBody, RequestView, ResponseView, headers};
+use crate::metrics::Metrics;
+use crate::plugin::{Action, PluginError, PluginRuntime, Summary, grants};
+
+/// The filter interface every plugin exports.
+const FILTER_EXPORT: &str = "weir:plugin/filter";
+
+/// What a component is, and whether it would load.
+#[derive(Debug, Serialize)]
+pub struct CheckReport {
+    /// The sha256 of its bytes.
+    pub sha256: String,
+    /// The filter interface it exports, with its version (`weir:plugin/filter@0.1.0`), if any.
+    pub exports: Option<String>,
+    /// Every import, and whether the given grants allow it.
+    pub imports: Vec<ImportVerdict>,
+    /// Whether it would load under the given grants, or why not.
+    pub loads: Result<(), String>,
+}
+
+/// One import and its verdict.
+#[derive(Debug, Serialize)]
+pub struct ImportVerdict {
+    /// The interface, such as `weir:plugin/kv@0.1.0`.
+    pub import: String,
+    /// `ok`, or what would allow it.
+    pub verdict: String,
+}
+
+/// Compiles a component and checks it against `grants` the way the gateway does.
+pub async fn check(bytes: Vec<u8>, grants: &Grants) -> Result<CheckReport, PluginError> {
+    let runtime = PluginRuntime::new(Arc::new(Metrics::new()), None)?;
+    let sha256 = crate::plugin::sha256_hex(&bytes);
+    match runtime.load(bytes).await {
+        Ok(module) => {
+            let imports = module
+                .imports
+                .iter()
+                .map(|import| ImportVerdict {
+                    import: import.clone(),
+                    verdict: match grants::check(std::slice::from_ref(import), grants) {
+                        Ok(()) => "ok".into(),
+                        Err(reason) => reason
+                            .trim_start_matches("the component imports ")
+                            .trim_start_matches(import.as_str())
+                            .trim()
+                            .trim_start_matches('(')
+                            .trim_end_matches(')')
+                            .to_owned(),
+                    },
+                })
+                .collect();
+            Ok(CheckReport {
+                sha256,
+                exports: module
+                    .exports
+                    .iter()
+                    .find(|e| e.starts_with(FILTER_EXPORT))
+                    .cloned(),
+                imports,
+                loads: grants::check(&module.imports, grants),
+            })
+        }
+        Err(error @ (PluginError::Instantiate(_) | PluginError::Compile(_))) => Ok(CheckReport {
+            sha256,
+            exports: None,
+            imports: Vec::new(),
+            loads: Err(error.to_string()),
+        }),
+        Err(other) => Err(other),
+    }
+}
+
+/// A request to run a plugin against.
+#[derive(Debug, Clone)]
+pub struct TestRequest {
+    /// The method.
+    pub method: String,
+    /// The path, with its query.
+    pub target: String,
+    /// The headers, in order.
+    pub headers: Vec<(String, String)>,
+    /// The body.
+    pub body: Vec<u8>,
+    /// The client's address.
+    pub client_ip: IpAddr,
+}
+
+/// What the plugin did with a request.
+#[derive(Debug, Default, Serialize)]
+pub struct TestReport {
+    /// What `init` asked for, or why it refused the config.
+    pub init: Option<Result<String, String>>,
+    /// What `on-request` decided: `continue`, or the reply it gave.
+    pub action: Option<String>,
+    /// Every change `on-request` made to the request.
+    pub request_edits: Vec<String>,
+    /// Every change `on-response` made to the upstream's response.
+    pub response_edits: Vec<String>,
+    /// The plugin's kv namespace after the request: (key, value as text).
+    pub kv: Vec<(String, String)>,
+    /// What the plugin logged: (level, message).
+    pub logs: Vec<(String, String)>,
+    /// A failure (trap, timeout, limit), if one ended the run.
+    pub failure: Option<String>,
+}
+
+/// The upstream response a test run pretends to get.
+#[derive(Debug, Clone)]
+pub struct TestUpstream {
+    /// Its status.
+    pub status: u16,
+    /// Its headers.
+    pub headers: Vec<(String, String)>,
+    /// Its body.
+    pub body: Vec<u8>,
+}
+
+fn header_map(pairs: &[(String, String)]) -> Result<HeaderMap, String> {
+    let mut map = HeaderMap::new();
+    for (name, value) in pairs {
+        let name = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| format!("{name:?} is not a header name"))?;
+        let value = HeaderValue::from_str(value).map_err(|_| format!("bad value for {name}"))?;
+        map.append(name, value);
+    }
+    Ok(map)
+}
+
+/// Lines describing how `after` differs from `before`.
+fn header_edits(before: &HeaderMap, after: &HeaderMap) -> Vec<String> {
+    let mut edits = Vec::new();
+    let (old, new) = (headers::all(before), headers::all(after));
+    for (name, value) in &new {
+        if !old.contains(&(name.clone(), value.clone())) {
+            edits.push(format!("header {name}: {value}"));
+        }
+    }
+    for (name, value) in &old {
+        if !new.contains(&(name.clone(), value.clone())) {
+            edits.push(format!("removed header {name}: {value}"));
+        }
+    }
+    edits
+}
+
+/// Runs `init`, `on-request`, then (if the request went on) `on-response` against `upstream`,
+/// and `on-log`, with `config` and `grants`; reports what the plugin did.
+pub async fn run(
+    bytes: Vec<u8>,
+    config: &str,
+    grants: Grants,
+    request: TestRequest,
+    upstream: TestUpstream,
+) -> Result<TestReport, String> {
+    let logs: crate::plugin::LogCapture = Arc::new(Mutex::new(Vec::new()));
+    let mut runtime =
+        PluginRuntime::new(Arc::new(Metrics::new()), None).map_err(|e| e.to_string())?;
+    runtime.capture_logs(logs.clone());
+    let module = runtime.load(bytes).await.map_err(|e| e.to_string())?;
+    grants::check(&module.imports, &grants)?;
+    let entry: PluginConfig = serde_json::from_value(serde_json::json!({
+        "name": "plugin-under-test",
+        "sha256": module.sha256,
+        "grants": grants,
+        "quarantine": {"traps": 0},
+    }))
+    .map_err(|e| e.to_string())?;
+    let config_json: serde_json::Value = serde_json::from_str(if config.trim().is_empty() {
+        "{}"
+    } else {
+        config
+    })
+    .map_err(|e| format!("--config is not JSON: {e}"))?;
+    let mut report = TestReport::default();
+    let pool = match runtime
+        .pool(&entry, &module, Isolation::Pooled, &config_json)
+        .await
+    {
+        Ok(pool) => pool,
+        Err(PluginError::Config(reason)) => {
+            report.init = Some(Err(reason));
+            report.logs = logs.lock().expect("log capture lock").clone();
+            return Ok(report);
+        }
+        Err(other) => return Err(other.to_string()),
+    };
+    let wants = pool.wants();
+    report.init = Some(Ok(format!(
+        "on-request {}, on-response {}, on-log {}, request-body {}, response-body {}",
+        wants.on_request, wants.on_response, wants.on_log, wants.request_body, wants.response_body
+    )));
+
+    let (path, query) = match request.target.split_once('?') {
+        Some((path, query)) => (path.to_owned(), Some(query.to_owned())),
+        None => (request.target.clone(), None),
+    };
+    let headers_before = header_map(&request.headers)?;
+    let view = RequestView {
+        method: Method::from_bytes(request.method.as_bytes())
+            .map_err(|_| "bad --method".to_string())?,
+        path: path.clone(),
+        query: query.clone(),
+        headers: headers_before.clone(),
+        id: uuid::Uuid::new_v4().to_string(),
+        route_id: "test".into(),
+        client_ip: request.client_ip,
+        body: BufferedBody::Buffered(Bytes::from(request.body.clone())),
+        vars: HashMap::new(),
+        writable: true,
+        body_access: false,
+        body_limit: 0,
+    };
+    let (mut view, outcome) = if wants.on_request {
+        pool.on_request(view).await
+    } else {
+        (view, Ok(Action::Continue))
+    };
+    let action = match outcome {
+        Ok(action) => action,
+        Err(failure) => {
+            report.failure = Some(failure.to_string());
+            report.logs = logs.lock().expect("log capture lock").clone();
+            return Ok(report);
+        }
+    };
+    if view.method.as_str() != request.method {
+        report.request_edits.push(format!("method {}", view.method));
+    }
+    if view.path != path {
+        report.request_edits.push(format!("path {}", view.path));
+    }
+    if view.query != query {
+        report.request_edits.push(format!(
+            "query {}",
+            view.query.as_deref().unwrap_or("(none)")
+        ));
+    }
+    report
+        .request_edits
+        .extend(header_edits(&headers_before, &view.headers));
+    if let BufferedBody::Buffered(body) = &view.body
+        && body.as_ref() != request.body.as_slice()
+    {
+        report
+            .request_edits
+            .push(format!("body {}", String::from_utf8_lossy(body)));
+    }
+    let status = match &action {
+        Action::Respond(reply) => {
+            report.action = Some(format!(
+                "respond {} {:?} {}",
+                reply.status,
+                reply.headers,
+                String::from_utf8_lossy(&reply.body)
+            ));
+            reply.status
+        }
+        Action::Continue => {
+            report.action = Some("continue".into());
+            let upstream_headers = header_map(&upstream.headers)?;
+            let response = ResponseView {
+                status: StatusCode::from_u16(upstream.status)
+                    .map_err(|_| "bad upstream status".to_string())?,
+                headers: upstream_headers.clone(),
+                body: Some(Bytes::from(upstream.body.clone())),
+                body_replaced: false,
+                body_access: false,
+                body_limit: 0,
+            };
+            view.writable = false;
+            if wants.on_response {
+                let (returned, response, outcome) = pool.on_response(view, response).await;
+                view = returned;
+                if let Err(failure) = outcome {
+                    report.failure = Some(failure.to_string());
+                }
+                if response.status.as_u16() != upstream.status {
+                    report
+                        .response_edits
+                        .push(format!("status {}", response.status.as_u16()));
+                }
+                report
+                    .response_edits
+                    .extend(header_edits(&upstream_headers, &response.headers));
+                if response.body_replaced {
+                    let body = response.body.unwrap_or_default();
+                    report
+                        .response_edits
+                        .push(format!("body {}", String::from_utf8_lossy(&body)));
+                }
+                response.status.as_u16()
+            } else {
+                upstream.status
+            }
+        }
+    };
+    if wants.on_log {
+        let summary = Summary {
+            status,
+            latency_us: 0,
+            upstream: Some("test-upstream".into()),
+        };
+        let (_, outcome) = pool.on_log(view, &summary).await;
+        if let Err(failure) = outcome {
+            report.failure = Some(failure.to_string());
+        }
+    }
+    let namespace = format!(
+        "{}/plugin-under-test",
+        crate::plugin::tenant::DEFAULT_TENANT
+    );
+    report.kv = runtime
+        .kv()
+        .entries(&namespace)
+        .into_iter()
+        .map(|(key, value)| (key, String::from_utf8_lossy(&value).into_owned()))
+        .collect();
+    report.logs = logs.lock().expect("log capture lock").clone();
+    Ok(report)
+}
