@@ -242,9 +242,14 @@ fn parse_failure(text: &str) -> Result<FailurePolicy, String> {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // The authoring commands print their own report; info logs would bury it.
+    let default_level = match &cli.command {
+        Command::Plugin(PluginCommand::Check(_) | PluginCommand::Test(_)) => "warn",
+        _ => "info",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_from_env("WEIR_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+            EnvFilter::try_from_env("WEIR_LOG").unwrap_or_else(|_| EnvFilter::new(default_level)),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -370,7 +370,8 @@ async fn a_component_that_imports_the_wasi_filesystem() {
         .map(|e| e["reason"].as_str().unwrap().to_owned())
         .unwrap_or_default();
     assert!(
-        reason.contains("wasi:filesystem/preopens@0.2.6 (not granted; add grants: {wasi: [runtime]}"),
+        reason
+            .contains("wasi:filesystem/preopens@0.2.6 (not granted; add grants: {wasi: [runtime]}"),
         "{status}"
     );
 }
