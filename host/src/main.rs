@@ -416,7 +416,12 @@ async fn check(args: CheckArgs) -> anyhow::Result<()> {
     match &report.loads {
         Ok(()) => println!("loads with these grants: yes"),
         Err(reason) => {
-            println!("loads with these grants: no: {reason}");
+            let refused = report.imports.iter().filter(|i| i.verdict != "ok").count();
+            if refused > 0 {
+                println!("loads with these grants: no: {refused} imports above are not granted");
+            } else {
+                println!("loads with these grants: no: {reason}");
+            }
             std::process::exit(1);
         }
     }
