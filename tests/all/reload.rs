@@ -31,6 +31,15 @@ async fn a_valid_change_goes_live_within_a_second() {
     let reply = get(&gateway.url("/")).await;
     assert_eq!(reply.header("x-upstream"), Some("b"));
     assert_eq!(reply.header("x-v"), Some("2"));
+
+    // One change is one reload: reading the file must not count as the next change.
+    let generation = gateway.generation();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        gateway.generation(),
+        generation,
+        "the gateway kept reloading"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

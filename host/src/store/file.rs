@@ -78,6 +78,9 @@ impl FileStore {
         let name = self.path.file_name().map(|n| n.to_owned());
         let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
             let relevant = match &event {
+                // Reading the file is an access event too: reacting to those would make every
+                // reload schedule the next one.
+                Ok(event) if event.kind.is_access() => false,
                 Ok(event) => {
                     event.paths.is_empty()
                         || event.paths.iter().any(|p| p.file_name() == name.as_deref())
