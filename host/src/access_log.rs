@@ -59,7 +59,8 @@ pub struct AccessRecord<'a> {
 /// Writes access-log lines through a background thread.
 pub struct AccessLog {
     writer: Option<NonBlocking>,
-    _guard: Option<WorkerGuard>,
+    /// Dropping it flushes what the thread still holds.
+    guard: std::sync::Mutex<Option<WorkerGuard>>,
 }
 
 impl AccessLog {
@@ -69,7 +70,7 @@ impl AccessLog {
             AccessLogTarget::Off => {
                 return Ok(AccessLog {
                     writer: None,
-                    _guard: None,
+                    guard: std::sync::Mutex::new(None),
                 });
             }
             AccessLogTarget::Stdout => NonBlockingBuilder::default().finish(std::io::stdout()),
@@ -83,8 +84,14 @@ impl AccessLog {
         };
         Ok(AccessLog {
             writer: Some(writer),
-            _guard: Some(guard),
+            guard: std::sync::Mutex::new(Some(guard)),
         })
+    }
+
+    /// Writes out every line handed over so far; later lines are dropped.
+    pub fn close(&self) {
+        let guard = self.guard.lock().expect("access log lock").take();
+        drop(guard);
     }
 
     /// Whether lines go anywhere; when not, callers skip building them.

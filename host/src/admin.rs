@@ -40,14 +40,20 @@ fn text(body: String, content_type: &'static str) -> Response<ProxyBody> {
     response
 }
 
-/// 200 while the store delivers changes; 503 while the gateway serves its last good snapshot.
+/// 200 while the store delivers changes; 503 while the gateway serves its last good snapshot,
+/// or once it has started to drain.
 fn ready(gateway: &Gateway) -> Response<ProxyBody> {
     let health = gateway.health();
+    let draining = gateway.draining();
+    let mut body = serde_json::to_value(&*health).expect("health serializes");
+    if draining {
+        body["draining"] = serde_json::Value::Bool(true);
+    }
     let mut response = text(
-        serde_json::to_string_pretty(&*health).expect("health serializes"),
+        serde_json::to_string_pretty(&body).expect("health serializes"),
         "application/json",
     );
-    if !health.connected {
+    if !health.connected || draining {
         *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
     }
     response

@@ -115,7 +115,7 @@ impl NodeSet {
                 if schedule.is_empty() {
                     return None;
                 }
-                let start = self.cursor.fetch_add(1, Ordering::Relaxed);
+                let start = self.advance(tried);
                 (0..schedule.len())
                     .map(|i| schedule[(start + i) % schedule.len()])
                     .find(|n| !tried.contains(n))
@@ -131,7 +131,7 @@ impl NodeSet {
             }
             Strategy::LeastConn => {
                 // Rotate the scan's start so that ties spread instead of piling onto node 0.
-                let start = self.cursor.fetch_add(1, Ordering::Relaxed);
+                let start = self.advance(tried);
                 let len = self.nodes.len();
                 (0..len)
                     .map(|i| (start + i) % len)
@@ -151,6 +151,16 @@ impl NodeSet {
     /// The node at `index`.
     pub fn node(&self, index: usize) -> &Arc<Node> {
         &self.nodes[index]
+    }
+
+    /// Where a scan starts: a request's first pick moves the cursor on; its retries do not, so
+    /// that a failing node does not shift the schedule for the requests after it.
+    fn advance(&self, tried: &[usize]) -> usize {
+        if tried.is_empty() {
+            self.cursor.fetch_add(1, Ordering::Relaxed)
+        } else {
+            self.cursor.load(Ordering::Relaxed)
+        }
     }
 }
 
@@ -200,7 +210,8 @@ fn hash_ring(nodes: &[Arc<Node>]) -> Vec<(u64, usize)> {
         if node.weight == 0 {
             continue;
         }
-        let points = ((node.weight * POINTS_PER_WEIGHT) as f64 * scale).max(1.0) as u32;
+        let points =
+            ((node.weight as u64 * POINTS_PER_WEIGHT as u64) as f64 * scale).max(1.0) as u32;
         for point in 0..points {
             ring.push((hash_key(format!("{}#{point}", node.addr).as_bytes()), index));
         }
@@ -217,6 +228,22 @@ pub fn hash_key(bytes: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retries_do_not_shift_the_round_robin_schedule() {
+        let nodes = vec![Arc::new(Node::new("a", 1)), Arc::new(Node::new("b", 1))];
+        let set = NodeSet::new(nodes, BalancerKind::Roundrobin);
+        // Node 0 fails every time it is picked; the retry goes to 1.
+        let mut first_picks = Vec::new();
+        for _ in 0..6 {
+            let first = set.select(0, &[]).unwrap();
+            first_picks.push(first);
+            if first == 0 {
+                assert_eq!(set.select(0, &[0]), Some(1));
+            }
+        }
+        assert_eq!(first_picks, [0, 1, 0, 1, 0, 1]);
+    }
 
     fn set(weights: &[u32], kind: BalancerKind) -> NodeSet {
         let nodes = weights

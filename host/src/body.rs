@@ -1,13 +1,39 @@
 //! Body types on the data path: what goes upstream, and what goes back to the client.
 
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+
+use crate::timeouts::{BodyStalled, IdleBody, Stalled};
+use crate::upstream::UpstreamBody;
+
+/// The client's request body: it fails if the client stops sending for `server.body_timeout_ms`.
+pub type ClientBody = IdleBody<Incoming>;
+
+/// Why a body stream failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// The peer's connection failed or sent something malformed.
+    #[error(transparent)]
+    Peer(#[from] hyper::Error),
+    /// The body stopped moving for longer than its bound.
+    #[error(transparent)]
+    Stalled(#[from] BodyStalled),
+}
+
+impl BodyError {
+    /// Whether the body stopped moving, and on whose side.
+    pub fn stalled(&self) -> Option<Stalled> {
+        match self {
+            BodyError::Stalled(stalled) => Some(stalled.side),
+            BodyError::Peer(_) => None,
+        }
+    }
+}
 
 /// A body that streams from a peer, or was built in memory.
 #[derive(Debug)]
@@ -16,10 +42,10 @@ pub enum ProxyBody {
     Empty,
     /// A body held in memory, sent as one frame.
     Full(Option<Bytes>),
-    /// A body streaming from the client or the upstream.
-    Incoming(Incoming),
-    /// A client body that can be taken back if the upstream connection fails before it is read.
-    Reclaimable(ReclaimableBody),
+    /// The client's request body, streaming to the upstream.
+    Client(ClientBody),
+    /// An upstream's response body, streaming to the client.
+    Upstream(UpstreamBody),
 }
 
 impl ProxyBody {
@@ -36,17 +62,17 @@ impl ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
             ProxyBody::Empty => Poll::Ready(None),
             ProxyBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            ProxyBody::Incoming(body) => Pin::new(body).poll_frame(cx),
-            ProxyBody::Reclaimable(body) => Pin::new(body).poll_frame(cx),
+            ProxyBody::Client(body) => Pin::new(body).poll_frame(cx),
+            ProxyBody::Upstream(body) => Pin::new(body).poll_frame(cx),
         }
     }
 
@@ -54,8 +80,8 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Empty => true,
             ProxyBody::Full(bytes) => bytes.is_none(),
-            ProxyBody::Incoming(body) => body.is_end_stream(),
-            ProxyBody::Reclaimable(body) => body.is_end_stream(),
+            ProxyBody::Client(body) => body.is_end_stream(),
+            ProxyBody::Upstream(body) => body.is_end_stream(),
         }
     }
 
@@ -65,73 +91,9 @@ impl Body for ProxyBody {
             ProxyBody::Full(bytes) => {
                 SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
             }
-            ProxyBody::Incoming(body) => body.size_hint(),
-            ProxyBody::Reclaimable(body) => body.size_hint(),
+            ProxyBody::Client(body) => body.size_hint(),
+            ProxyBody::Upstream(body) => body.size_hint(),
         }
-    }
-}
-
-/// A client body parked in a shared slot until the first poll. If the connection attempt fails,
-/// hyper never polls it, and [`ReclaimableBody::reclaim`] gets it back for a retry.
-#[derive(Debug)]
-pub struct ReclaimableBody {
-    slot: Arc<Mutex<Option<Incoming>>>,
-    taken: Option<Incoming>,
-    hint: SizeHint,
-    end: bool,
-}
-
-/// The handle that takes an unread body back.
-#[derive(Debug, Clone)]
-pub struct Reclaim(Arc<Mutex<Option<Incoming>>>);
-
-impl ReclaimableBody {
-    /// Parks `body`; the returned handle can take it back while it is unread.
-    pub fn new(body: Incoming) -> (Self, Reclaim) {
-        let hint = body.size_hint();
-        let end = body.is_end_stream();
-        let slot = Arc::new(Mutex::new(Some(body)));
-        let parked = ReclaimableBody {
-            slot: slot.clone(),
-            taken: None,
-            hint,
-            end,
-        };
-        (parked, Reclaim(slot))
-    }
-}
-
-impl Reclaim {
-    /// The body, if nothing has read from it yet.
-    pub fn reclaim(&self) -> Option<Incoming> {
-        self.0.lock().expect("body slot lock").take()
-    }
-}
-
-impl Body for ReclaimableBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = self.get_mut();
-        if this.taken.is_none() {
-            this.taken = this.slot.lock().expect("body slot lock").take();
-        }
-        match &mut this.taken {
-            Some(body) => Pin::new(body).poll_frame(cx),
-            None => Poll::Ready(None),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.end
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.hint
     }
 }
 
@@ -141,9 +103,9 @@ pub enum CollectError {
     /// The body is longer than the bound.
     #[error("body is over {0} bytes")]
     TooLarge(u64),
-    /// The peer failed while sending it.
+    /// The peer failed while sending it, or stopped sending.
     #[error("reading the body failed: {0}")]
-    Read(#[from] hyper::Error),
+    Read(#[from] BodyError),
 }
 
 /// Reads a whole body into memory, stopping as soon as it passes `limit` bytes.
@@ -152,7 +114,7 @@ pub async fn collect_bounded<B>(
     limit: u64,
 ) -> Result<(Bytes, Option<http::HeaderMap>), CollectError>
 where
-    B: Body<Data = Bytes, Error = hyper::Error> + Unpin,
+    B: Body<Data = Bytes, Error = BodyError> + Unpin,
 {
     if body.size_hint().lower() > limit {
         return Err(CollectError::TooLarge(limit));

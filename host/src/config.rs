@@ -18,6 +18,8 @@ pub enum Kind {
     Plugin,
     /// `tenants`
     Tenant,
+    /// `server`
+    Server,
     /// A node registered under `services/<name>/<node>`.
     ServiceNode,
     /// A key the store does not understand.
@@ -31,6 +33,7 @@ impl fmt::Display for Kind {
             Kind::Upstream => "upstream",
             Kind::Plugin => "plugin",
             Kind::Tenant => "tenant",
+            Kind::Server => "server",
             Kind::ServiceNode => "service node",
             Kind::Key => "key",
         })
@@ -70,6 +73,28 @@ pub struct RouteConfig {
     /// `plugins: [{name: key-auth, config: {..}}]`, run in this order.
     #[serde(default)]
     pub plugins: Vec<PluginRef>,
+    /// `path_normalization: off` sends the client's raw path upstream instead of its normal
+    /// form, and lets through encoded slashes and backslashes; the route is still matched on
+    /// the normal form. For backends that need `%2F` kept; see docs/security.md for the risk.
+    #[serde(default, skip_serializing_if = "PathNormalization::is_on")]
+    pub path_normalization: PathNormalization,
+}
+
+/// Whether a route's upstream gets the normal form of the path.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PathNormalization {
+    /// The normal form (the default).
+    #[default]
+    On,
+    /// The path as the client sent it.
+    Off,
+}
+
+impl PathNormalization {
+    fn is_on(&self) -> bool {
+        *self == PathNormalization::On
+    }
 }
 
 /// How much of the path to remove before the request goes upstream.
@@ -205,25 +230,37 @@ pub enum Scheme {
     Grpc,
 }
 
-/// Upstream timeouts.
+/// Upstream timeouts; each bounds one thing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Timeouts {
-    /// `connect_ms: 1000`: to open a connection to a node.
+    /// `connect_ms: 1000`: one attempt to open a connection to one node.
     #[serde(default = "default_connect_ms")]
     pub connect_ms: u64,
-    /// `read_ms: 15000`: from sending the request to the response headers.
+    /// `send_ms: 60000`: the longest the node may leave the request's writes waiting.
+    #[serde(default = "default_stream_ms")]
+    pub send_ms: u64,
+    /// `read_ms: 15000`: from the request's last byte to the response headers.
     #[serde(default = "default_read_ms")]
     pub read_ms: u64,
+    /// `idle_ms: 60000`: the longest a body may stop moving, in either direction.
+    #[serde(default = "default_stream_ms")]
+    pub idle_ms: u64,
 }
 
 impl Default for Timeouts {
     fn default() -> Self {
         Timeouts {
             connect_ms: default_connect_ms(),
+            send_ms: default_stream_ms(),
             read_ms: default_read_ms(),
+            idle_ms: default_stream_ms(),
         }
     }
+}
+
+fn default_stream_ms() -> u64 {
+    60_000
 }
 
 fn default_connect_ms() -> u64 {
@@ -565,14 +602,24 @@ pub struct ServiceNode {
 }
 
 impl ServiceNode {
-    /// Checks the address.
+    /// Checks the address and weight.
     pub fn validate(&self) -> Result<(), String> {
         check_host(&self.host)?;
         if self.port == 0 {
             return Err("port 0 is not a port".into());
         }
-        Ok(())
+        check_weight(self.weight)
     }
+}
+
+/// The largest node weight: shares beyond a million to one mean nothing.
+pub const MAX_WEIGHT: u32 = 1_000_000;
+
+fn check_weight(weight: u32) -> Result<(), String> {
+    if weight > MAX_WEIGHT {
+        return Err(format!("weight {weight} is over {MAX_WEIGHT}"));
+    }
+    Ok(())
 }
 
 /// The set of config objects that a store holds, keyed by id (or name, for plugins).
@@ -588,6 +635,135 @@ pub struct ConfigObjects {
     pub tenants: BTreeMap<String, TenantConfig>,
     /// Live service nodes: service name, then node id.
     pub services: BTreeMap<String, BTreeMap<String, ServiceNode>>,
+    /// The `server` section, when the store has one (otherwise the defaults apply).
+    pub server: Option<ServerConfig>,
+}
+
+/// The longest any configured timeout may be: one day.
+pub const MAX_TIMEOUT_MS: u64 = 86_400_000;
+
+/// How the gateway treats its clients: timeouts, limits and which proxies to believe. The
+/// `server:` section of the file, or `/weir/server` in etcd. Limits apply to connections
+/// accepted after a change; `trusted_proxies` to requests that arrive after it.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// `header_timeout_ms: 10000`: to send a whole request head, from its first byte (or from
+    /// the connection's start).
+    #[serde(default = "default_header_timeout_ms")]
+    pub header_timeout_ms: u64,
+    /// `keepalive_timeout_ms: 60000`: how long a connection may sit idle between requests.
+    #[serde(default = "default_stream_ms")]
+    pub keepalive_timeout_ms: u64,
+    /// `body_timeout_ms: 60000`: the longest a client may pause while sending a request body.
+    #[serde(default = "default_stream_ms")]
+    pub body_timeout_ms: u64,
+    /// `send_timeout_ms: 60000`: the longest a client may leave a response unread.
+    #[serde(default = "default_stream_ms")]
+    pub send_timeout_ms: u64,
+    /// `max_header_bytes: 32768`: the request line and headers together (431 beyond).
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: usize,
+    /// `max_headers: 100`: header lines in one request (431 beyond).
+    #[serde(default = "default_max_headers")]
+    pub max_headers: usize,
+    /// `max_connections: 10000`: open client connections; more are closed as they arrive.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// `http2_max_streams: 100`: concurrent streams on one HTTP/2 connection.
+    #[serde(default = "default_http2_max_streams")]
+    pub http2_max_streams: u32,
+    /// `trusted_proxies: [10.0.0.0/8]`: peers whose `X-Forwarded-*` headers are believed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trusted_proxies: Vec<String>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            header_timeout_ms: default_header_timeout_ms(),
+            keepalive_timeout_ms: default_stream_ms(),
+            body_timeout_ms: default_stream_ms(),
+            send_timeout_ms: default_stream_ms(),
+            max_header_bytes: default_max_header_bytes(),
+            max_headers: default_max_headers(),
+            max_connections: default_max_connections(),
+            http2_max_streams: default_http2_max_streams(),
+            trusted_proxies: Vec::new(),
+        }
+    }
+}
+
+fn default_header_timeout_ms() -> u64 {
+    10_000
+}
+
+fn default_max_header_bytes() -> usize {
+    32 << 10
+}
+
+fn default_max_headers() -> usize {
+    100
+}
+
+fn default_max_connections() -> usize {
+    10_000
+}
+
+fn default_http2_max_streams() -> u32 {
+    100
+}
+
+/// The smallest header block bound: hyper reads a head through a buffer at least this large.
+pub const MIN_HEADER_BYTES: usize = 8 << 10;
+
+impl ServerConfig {
+    /// Checks every bound, and parses `trusted_proxies`.
+    pub fn validate(&self) -> Result<Vec<ipnet::IpNet>, String> {
+        for (name, ms) in [
+            ("header_timeout_ms", self.header_timeout_ms),
+            ("keepalive_timeout_ms", self.keepalive_timeout_ms),
+            ("body_timeout_ms", self.body_timeout_ms),
+            ("send_timeout_ms", self.send_timeout_ms),
+        ] {
+            if !(1..=MAX_TIMEOUT_MS).contains(&ms) {
+                return Err(format!("{name} {ms} is not in 1..={MAX_TIMEOUT_MS}"));
+            }
+        }
+        if !(MIN_HEADER_BYTES..=1 << 20).contains(&self.max_header_bytes) {
+            return Err(format!(
+                "max_header_bytes {} is not in {MIN_HEADER_BYTES}..=1048576",
+                self.max_header_bytes
+            ));
+        }
+        if !(1..=10_000).contains(&self.max_headers) {
+            return Err(format!(
+                "max_headers {} is not in 1..=10000",
+                self.max_headers
+            ));
+        }
+        if self.max_connections == 0 {
+            return Err("max_connections must be at least 1".into());
+        }
+        if !(1..=10_000).contains(&self.http2_max_streams) {
+            return Err(format!(
+                "http2_max_streams {} is not in 1..=10000",
+                self.http2_max_streams
+            ));
+        }
+        self.trusted_proxies
+            .iter()
+            .map(|entry| {
+                entry
+                    .parse::<ipnet::IpNet>()
+                    .or_else(|_| entry.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map(|net| net.trunc())
+                    .map_err(|_| {
+                        format!("trusted_proxies: {entry:?} is not an IP address or CIDR such as 10.0.0.0/8")
+                    })
+            })
+            .collect()
+    }
 }
 
 const METHODS: &[&str] = &[
@@ -651,10 +827,32 @@ impl RouteConfig {
     }
 }
 
-/// A path pattern is `/exact`, `/prefix/*` or `/a/{param}/b`, with no empty `{}`.
+/// A path pattern is `/exact`, `/prefix/*` or `/a/{param}/b`, with no empty `{}`, written in
+/// the normal form requests are matched in (no `//`, dot segments or needless escapes).
 fn check_path_pattern(path: &str) -> Result<(), String> {
     if !path.starts_with('/') {
         return Err(format!("uri {path:?} must start with /"));
+    }
+    if !path.is_ascii() {
+        return Err(format!(
+            "uri {path:?}: write characters outside ASCII percent-encoded (é is %C3%A9)"
+        ));
+    }
+    match crate::edge::normalise::normalise(path) {
+        Ok(normal) if normal.raw_only.is_none() && normal.path == path => {}
+        Ok(normal) if normal.raw_only.is_none() => {
+            return Err(format!(
+                "uri {path:?} never matches: requests are matched in normal form; write {:?}",
+                normal.path
+            ));
+        }
+        Ok(normal) => {
+            return Err(format!(
+                "uri {path:?}: {}",
+                normal.raw_only.expect("checked above")
+            ));
+        }
+        Err(error) => return Err(format!("uri {path:?}: {error}")),
     }
     if path.contains(['?', '#']) {
         return Err(format!("uri {path:?} must not hold a query or fragment"));
@@ -731,6 +929,7 @@ impl UpstreamConfig {
             if node.port == 0 {
                 return Err(format!("node {}: port 0 is not a port", node.host));
             }
+            check_weight(node.weight)?;
         }
         if self.nodes.iter().all(|n| n.weight == 0) {
             return Err("every node has weight 0".into());
@@ -744,8 +943,23 @@ impl UpstreamConfig {
             }
             _ => {}
         }
-        if self.timeout.connect_ms == 0 || self.timeout.read_ms == 0 {
-            return Err("timeouts must be at least 1 ms".into());
+        let Timeouts {
+            connect_ms,
+            send_ms,
+            read_ms,
+            idle_ms,
+        } = self.timeout;
+        for (name, ms) in [
+            ("connect_ms", connect_ms),
+            ("send_ms", send_ms),
+            ("read_ms", read_ms),
+            ("idle_ms", idle_ms),
+        ] {
+            if !(1..=MAX_TIMEOUT_MS).contains(&ms) {
+                return Err(format!(
+                    "timeout.{name} {ms} is not in 1..={MAX_TIMEOUT_MS}"
+                ));
+            }
         }
         Ok(())
     }

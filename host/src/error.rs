@@ -6,9 +6,16 @@ use crate::body::ProxyBody;
 use crate::plugin::PluginError;
 use crate::upstream::UpstreamError;
 
-/// Why the gateway answered instead of the upstream.
+/// Why the gateway answered instead of the upstream. The `Display` text is for the log; the
+/// client gets [`GatewayError::public_message`], which never names a node or an OS error.
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
+    /// The request cannot be served safely as sent (its path, its host).
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    /// The request has more header lines than `server.max_headers`.
+    #[error("too many request headers")]
+    HeadersTooLarge,
     /// No route matches the request.
     #[error("no route matches {method} {path}")]
     NoRoute {
@@ -29,6 +36,9 @@ pub enum GatewayError {
     /// The client failed while sending its body.
     #[error("could not read the request body: {0}")]
     RequestBody(String),
+    /// The client stopped sending its body for longer than `server.body_timeout_ms`.
+    #[error("the client stopped sending its request body: {0}")]
+    RequestBodyTimeout(String),
     /// A fail-closed plugin failed.
     #[error("plugin {plugin} failed")]
     Plugin {
@@ -53,6 +63,13 @@ impl GatewayError {
     /// The status code the client gets.
     pub fn status(&self) -> StatusCode {
         match self {
+            GatewayError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            GatewayError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            GatewayError::RequestBodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            GatewayError::Upstream(UpstreamError::RequestBody { stalled: true, .. }) => {
+                StatusCode::REQUEST_TIMEOUT
+            }
+            GatewayError::Upstream(UpstreamError::RequestBody { .. }) => StatusCode::BAD_REQUEST,
             GatewayError::NoRoute { .. } => StatusCode::NOT_FOUND,
             GatewayError::NoService { .. } => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::RequestTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -69,9 +86,36 @@ impl GatewayError {
         }
     }
 
+    /// What the client is told: what happened, never where (no node address, no OS error).
+    pub fn public_message(&self) -> String {
+        match self {
+            GatewayError::BadRequest(reason) => reason.clone(),
+            GatewayError::HeadersTooLarge => "too many request headers".into(),
+            // The client's own method and (normalised) path: nothing of the gateway's.
+            GatewayError::NoRoute { .. } => self.to_string(),
+            GatewayError::NoService { .. } => "no live node for the route's service".into(),
+            GatewayError::RequestTooLarge(limit) => format!("request body is over {limit} bytes"),
+            GatewayError::RequestBody(_)
+            | GatewayError::Upstream(UpstreamError::RequestBody { stalled: false, .. }) => {
+                "could not read the request body".into()
+            }
+            GatewayError::RequestBodyTimeout(_)
+            | GatewayError::Upstream(UpstreamError::RequestBody { stalled: true, .. }) => {
+                "the request body stopped arriving".into()
+            }
+            GatewayError::Plugin { plugin, .. } => format!("plugin {plugin} failed"),
+            GatewayError::Upstream(e) if e.is_timeout() => "upstream timed out".into(),
+            GatewayError::Upstream(_) => "upstream unavailable".into(),
+            GatewayError::ResponseTooLarge(limit) => {
+                format!("upstream response body is over {limit} bytes")
+            }
+            GatewayError::ResponseBody(_) => "upstream failed while sending its response".into(),
+        }
+    }
+
     /// The JSON response, carrying `request_id`.
     pub fn response(&self, request_id: &str) -> Response<ProxyBody> {
-        json_error(self.status(), &self.to_string(), request_id)
+        json_error(self.status(), &self.public_message(), request_id)
     }
 }
 

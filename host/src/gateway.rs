@@ -1,8 +1,10 @@
 //! The gateway's shared state: the live snapshot and what builds and serves it.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use arc_swap::ArcSwap;
+use tokio_util::task::TaskTracker;
 
 use crate::access_log::{AccessLog, AccessLogTarget};
 use crate::metrics::{Metrics, ReloadLabels};
@@ -49,6 +51,10 @@ pub struct Gateway {
     access_log: AccessLog,
     /// Builds run one at a time, so that a slow build cannot overwrite a newer one.
     build_lock: tokio::sync::Mutex<()>,
+    /// Set once a drain starts: `/readyz` answers 503 from then on.
+    draining: AtomicBool,
+    /// `on-log` calls still running, which a drain waits for.
+    on_log: TaskTracker,
 }
 
 impl Gateway {
@@ -72,7 +78,29 @@ impl Gateway {
             metrics,
             access_log: AccessLog::open(access_log)?,
             build_lock: tokio::sync::Mutex::new(()),
+            draining: AtomicBool::new(false),
+            on_log: TaskTracker::new(),
         }))
+    }
+
+    /// Marks the gateway as draining: it is about to stop, and says so on `/readyz`.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether a drain has started.
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// The `on-log` calls still running.
+    pub fn pending_on_log(&self) -> &TaskTracker {
+        &self.on_log
+    }
+
+    /// Flushes the access log and stops writing it.
+    pub fn close_access_log(&self) {
+        self.access_log.close();
     }
 
     /// The snapshot that new requests use.

@@ -11,6 +11,7 @@ pub mod authoring;
 pub mod balancer;
 pub mod body;
 pub mod config;
+pub mod edge;
 pub mod error;
 pub mod exchange;
 pub mod gateway;
@@ -22,8 +23,9 @@ pub mod router;
 pub mod server;
 pub mod snapshot;
 pub mod store;
+pub mod timeouts;
 pub mod upstream;
 
 pub use access_log::AccessLogTarget;
 pub use gateway::Gateway;
-pub use server::{ConfigSource, GatewayOptions, RunningGateway, StartError, start};
+pub use server::{ConfigSource, DrainOptions, GatewayOptions, RunningGateway, StartError, start};

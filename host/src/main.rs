@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 use weir::config::{FailurePolicy, Grants, ServiceNode, WasiGrant};
 use weir::store::etcd::{self, EtcdOptions, PushSettings};
-use weir::{AccessLogTarget, ConfigSource, GatewayOptions};
+use weir::{AccessLogTarget, ConfigSource, DrainOptions, GatewayOptions};
 
 /// glibc's allocator slows down as the heap grows with many routes; mimalloc stays flat.
 #[global_allocator]
@@ -100,14 +100,17 @@ struct EtcdArgs {
     /// The key prefix.
     #[arg(long, default_value = "/weir")]
     prefix: String,
+    /// The largest module to store, in MiB (gateways refuse larger ones).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    max_module_mb: u64,
 }
 
 impl EtcdArgs {
-    fn options(&self, state_dir: Option<PathBuf>) -> EtcdOptions {
+    fn options(&self) -> EtcdOptions {
         EtcdOptions {
-            endpoints: self.etcd.clone(),
             prefix: self.prefix.clone(),
-            state_dir,
+            max_module_bytes: self.max_module_mb << 20,
+            ..EtcdOptions::new(self.etcd.clone())
         }
     }
 }
@@ -143,6 +146,16 @@ struct RunArgs {
     /// Worker threads for the runtime (default: one per core).
     #[arg(long)]
     workers: Option<usize>,
+    /// On SIGTERM, how long to keep accepting after /readyz turns 503 (`5s`, `500ms`), so
+    /// that load balancers stop sending first.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    drain_delay: std::time::Duration,
+    /// On SIGTERM, how long requests in flight may take to finish once the listener closes.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    drain_timeout: std::time::Duration,
+    /// The largest plugin module accepted from the store, in MiB.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    max_module_mb: u64,
 }
 
 #[derive(Args)]
@@ -283,12 +296,15 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
+    weir::server::raise_open_file_limit();
+    let max_module_bytes = args.max_module_mb << 20;
     let config = match args.config {
         Some(path) => ConfigSource::File(path),
         None => ConfigSource::Etcd(EtcdOptions {
-            endpoints: args.etcd,
             prefix: args.prefix,
             state_dir: args.state_dir,
+            max_module_bytes,
+            ..EtcdOptions::new(args.etcd)
         }),
     };
     let options = GatewayOptions {
@@ -297,11 +313,18 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         admin_listen: Some(args.admin_listen),
         access_log: args.access_log,
         module_cache: module_cache(args.module_cache.as_deref()),
+        max_module_bytes,
     };
     let gateway = weir::start(options).await?;
-    stop_signal().await?;
-    tracing::info!("shutting down");
-    gateway.shutdown().await;
+    weir::server::stop_signal()
+        .await
+        .context("listening for stop signals")?;
+    gateway
+        .drain(DrainOptions {
+            delay: args.drain_delay,
+            timeout: args.drain_timeout,
+        })
+        .await;
     Ok(())
 }
 
@@ -320,11 +343,11 @@ async fn register(args: RegisterArgs) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let stop = shutdown.clone();
     tokio::spawn(async move {
-        let _ = stop_signal().await;
+        let _ = weir::server::stop_signal().await;
         stop.cancel();
     });
     etcd::register(
-        &args.etcd.options(None),
+        &args.etcd.options(),
         &args.service,
         &node_id,
         &node,
@@ -360,7 +383,7 @@ async fn push(args: PushArgs) -> anyhow::Result<()> {
     {
         bail!("{}: {refused}", args.file.display());
     }
-    let pushed = etcd::push_plugin(&args.etcd.options(None), &args.name, &bytes, &settings).await?;
+    let pushed = etcd::push_plugin(&args.etcd.options(), &args.name, &bytes, &settings).await?;
     let stored = if pushed.already_stored {
         "already stored"
     } else {
@@ -386,16 +409,6 @@ fn module_cache(flag: Option<&str>) -> Option<PathBuf> {
             .map(PathBuf::from)
             .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))
             .map(|cache| cache.join("weir").join("modules")),
-    }
-}
-
-/// Waits for ctrl-c or SIGTERM, the two ways a service manager asks a process to stop.
-async fn stop_signal() -> anyhow::Result<()> {
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("listening for SIGTERM")?;
-    tokio::select! {
-        result = tokio::signal::ctrl_c() => result.context("listening for ctrl-c"),
-        _ = terminate.recv() => Ok(()),
     }
 }
 

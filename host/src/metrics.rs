@@ -72,6 +72,37 @@ pub struct ReloadLabels {
     pub outcome: &'static str,
 }
 
+/// Labels of `weir_upstream_failures_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamFailureLabels {
+    /// The upstream (or service) id.
+    pub upstream: String,
+    /// `connect`, `connect_timeout`, `send_timeout`, `read_timeout`, `idle_timeout` or `failed`.
+    pub kind: &'static str,
+}
+
+/// Labels of the per-listener connection metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    /// `proxy` or `admin`.
+    pub listener: &'static str,
+}
+
+/// Labels of `weir_client_timeouts_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClientTimeoutLabels {
+    /// `header`, `keepalive`, `body` or `send`.
+    pub phase: &'static str,
+}
+
+/// Labels of `weir_client_errors_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClientErrorLabels {
+    /// `header_too_large` (431), `bad_request` (400 from the edge), `protocol` (a malformed
+    /// HTTP/1 message or an HTTP/2 protocol error, such as a reset flood).
+    pub kind: &'static str,
+}
+
 type HistogramFamily<S> = Family<S, Histogram, fn() -> Histogram>;
 
 fn plugin_histogram() -> Histogram {
@@ -111,6 +142,18 @@ pub struct Metrics {
     pub store_resyncs: Counter,
     /// Modules loaded, by where they came from: memory, disk (precompiled) or compiled.
     pub module_loads: Family<ModuleLoadLabels, Counter>,
+    /// Failed attempts to reach an upstream's nodes, by kind.
+    pub upstream_failures: Family<UpstreamFailureLabels, Counter>,
+    /// Client connections open now, by listener.
+    pub connections_open: Family<ListenerLabels, Gauge>,
+    /// Client connections closed at accept because `server.max_connections` were open.
+    pub connections_refused: Family<ListenerLabels, Counter>,
+    /// Client connections and requests ended by a client-side timeout, by phase.
+    pub client_timeouts: Family<ClientTimeoutLabels, Counter>,
+    /// Requests refused for their shape before routing, by kind.
+    pub client_errors: Family<ClientErrorLabels, Counter>,
+    /// Requests that matched no route (or were refused before routing), as `route="none"`.
+    pub unrouted: RouteMetrics,
 }
 
 /// Labels of `weir_module_loads_total`.
@@ -139,7 +182,7 @@ impl Metrics {
         let latency: HistogramFamily<RouteLabels> = Family::new_with_constructor(latency_histogram);
         registry.register(
             "http_request_duration_seconds",
-            "Time from a request's arrival to its response headers",
+            "Time from a request's arrival until its response was sent in full (or the client went away)",
             latency.clone(),
         );
         let plugin_calls = Family::<PluginLabels, Counter>::default();
@@ -195,7 +238,37 @@ impl Metrics {
             "Full re-reads of the config store after a compaction",
             store_resyncs.clone(),
         );
-        Metrics {
+        let upstream_failures = Family::<UpstreamFailureLabels, Counter>::default();
+        registry.register(
+            "upstream_failures",
+            "Failed attempts to reach an upstream node, by kind",
+            upstream_failures.clone(),
+        );
+        let connections_open = Family::<ListenerLabels, Gauge>::default();
+        registry.register(
+            "connections_open",
+            "Client connections open now",
+            connections_open.clone(),
+        );
+        let connections_refused = Family::<ListenerLabels, Counter>::default();
+        registry.register(
+            "connections_refused",
+            "Client connections closed at accept because server.max_connections were open",
+            connections_refused.clone(),
+        );
+        let client_timeouts = Family::<ClientTimeoutLabels, Counter>::default();
+        registry.register(
+            "client_timeouts",
+            "Client connections or requests ended by a timeout, by phase (header, keepalive, body, send)",
+            client_timeouts.clone(),
+        );
+        let client_errors = Family::<ClientErrorLabels, Counter>::default();
+        registry.register(
+            "client_errors",
+            "Requests refused for their shape before routing (header_too_large, bad_request, protocol)",
+            client_errors.clone(),
+        );
+        let mut metrics = Metrics {
             registry,
             requests,
             latency,
@@ -209,7 +282,36 @@ impl Metrics {
             routes,
             store_resyncs,
             module_loads,
-        }
+            upstream_failures,
+            connections_open,
+            connections_refused,
+            client_timeouts,
+            client_errors,
+            unrouted: RouteMetrics::detached(),
+        };
+        metrics.unrouted = metrics.route("none");
+        metrics
+    }
+
+    /// The counter of `upstream`'s failed attempts of `kind`.
+    pub fn upstream_failures(&self, upstream: &str, kind: &'static str) -> Counter {
+        self.upstream_failures
+            .get_or_create_owned(&UpstreamFailureLabels {
+                upstream: upstream.to_owned(),
+                kind,
+            })
+    }
+
+    /// The counter of client timeouts in `phase`.
+    pub fn client_timeout(&self, phase: &'static str) -> Counter {
+        self.client_timeouts
+            .get_or_create_owned(&ClientTimeoutLabels { phase })
+    }
+
+    /// The counter of requests refused before routing for `kind`.
+    pub fn client_error(&self, kind: &'static str) -> Counter {
+        self.client_errors
+            .get_or_create_owned(&ClientErrorLabels { kind })
     }
 
     /// The metrics in Prometheus text format.
@@ -280,6 +382,14 @@ pub struct RouteMetrics {
 }
 
 impl RouteMetrics {
+    /// Handles registered nowhere, replaced once the registry exists.
+    fn detached() -> Self {
+        RouteMetrics {
+            by_class: Default::default(),
+            latency: latency_histogram(),
+        }
+    }
+
     /// Counts a finished request.
     pub fn record(&self, status: u16, seconds: f64) {
         let class = usize::from((status / 100).clamp(1, 5)) - 1;

@@ -1,5 +1,7 @@
 //! The request path, one function per phase, in the order they run:
 //!
+//! 0. [`edge::arrive`] puts the path in normal form, drops hop-by-hop headers and names the
+//!    client; nothing after it sees the raw forms;
 //! 1. [`handle`] takes the current snapshot and matches a route;
 //! 2. [`request_phase`] runs each plugin's `on-request` in the route's order;
 //! 3. [`upstream_phase`] picks a node and forwards, retrying other nodes on connect failures;
@@ -8,7 +10,7 @@
 //!    body is done (or the client went away).
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -22,14 +24,16 @@ use hyper::body::Incoming;
 
 use crate::access_log::{AccessRecord, now_rfc3339};
 use crate::balancer::{InFlight, hash_key};
-use crate::body::{CollectError, ProxyBody, collect_bounded};
-use crate::config::{FailurePolicy, HashOn};
+use crate::body::{BodyError, ClientBody, CollectError, ProxyBody, collect_bounded};
+use crate::config::{FailurePolicy, HashOn, PathNormalization};
+use crate::edge::{self, strip_hop_by_hop};
 use crate::error::{GatewayError, json_error};
 use crate::exchange::{BufferedBody, RequestView, ResponseView};
 use crate::gateway::Gateway;
 use crate::plugin::{Action, PluginError, Reply, Summary};
 use crate::snapshot::{Route, Snapshot, Target};
-use crate::upstream::{self, Outbound, OutboundBody, Upstream};
+use crate::timeouts::{IdleBody, ServingRequest, Stalled};
+use crate::upstream::{self, Outbound, OutboundBody, Upstream, UpstreamError};
 
 /// The header a request id is read from when the client sends one.
 const REQUEST_ID_HEADER: &str = "x-request-id";
@@ -38,18 +42,19 @@ const REQUEST_ID_HEADER: &str = "x-request-id";
 pub async fn handle(
     gateway: Arc<Gateway>,
     request: Request<Incoming>,
-    client: SocketAddr,
+    peer: SocketAddr,
 ) -> Response<ResponseBody> {
     let started = Instant::now();
     let snapshot = gateway.snapshot();
-    let (parts, body) = request.into_parts();
+    let (mut parts, body) = request.into_parts();
     let mut finish = Finish {
         gateway: gateway.clone(),
         started,
         request_id: request_id(&parts.headers),
-        client,
+        client_ip: peer.ip().to_canonical(),
         method: parts.method.clone(),
         uri: parts.uri.clone(),
+        normal_path: None,
         status: StatusCode::OK,
         route: None,
         upstream: None,
@@ -57,23 +62,39 @@ pub async fn handle(
         kept_request: None,
         in_flight: None,
     };
-    let host = request_host(&parts);
-    let Some(matched) = snapshot
-        .routes
-        .lookup(&parts.method, host, parts.uri.path())
-    else {
+    let arrival = match edge::arrive(&snapshot.server, &parts.uri, &mut parts.headers, peer.ip()) {
+        Ok(arrival) => arrival,
+        Err(error) => return finish.fail(error),
+    };
+    finish.client_ip = arrival.client_ip;
+    if let std::borrow::Cow::Owned(normal) = &arrival.path {
+        finish.normal_path = Some(normal.clone());
+    }
+    let host = edge::request_host(&parts.uri, &parts.headers);
+    let Some(matched) = snapshot.routes.lookup(&parts.method, host, &arrival.path) else {
         let error = GatewayError::NoRoute {
             method: finish.method.to_string(),
-            path: finish.uri.path().to_owned(),
+            path: arrival.path.into_owned(),
         };
         return finish.fail(error);
     };
     let route = matched.route.clone();
     finish.route = Some(route.clone());
-    let (path, service) = match &route.target {
-        Target::AnyService => split_service(parts.uri.path()),
-        _ => (route.upstream_path(parts.uri.path(), matched.prefix), None),
+    let routed_path = match route.config.path_normalization {
+        PathNormalization::On => {
+            if let Some(unsafe_form) = arrival.raw_only {
+                return finish.fail(GatewayError::BadRequest(unsafe_form.to_string()));
+            }
+            &*arrival.path
+        }
+        PathNormalization::Off => parts.uri.path(),
     };
+    let (path, service) = match &route.target {
+        Target::AnyService => split_service(routed_path),
+        _ => (route.upstream_path(routed_path, matched.prefix), None),
+    };
+    let body_timeout = Duration::from_millis(snapshot.server.config.body_timeout_ms);
+    let body = IdleBody::new(body, body_timeout, Stalled::Client);
     let request = RequestView {
         method: parts.method,
         path,
@@ -81,14 +102,13 @@ pub async fn handle(
         headers: parts.headers,
         id: std::mem::take(&mut finish.request_id),
         route_id: route.id.clone(),
-        client_ip: client.ip().to_canonical(),
+        client_ip: arrival.client_ip,
         body: BufferedBody::Streaming,
         vars: HashMap::new(),
         writable: true,
         body_access: false,
         body_limit: 0,
     };
-    let authority = parts.uri.authority().map(|a| a.as_str().to_owned());
 
     let (mut request, outcome) =
         request_phase(&route, request, body, &mut finish.plugin_time).await;
@@ -103,27 +123,18 @@ pub async fn handle(
             if route.keeps_request {
                 finish.kept_request = Some(read_only_copy(&request));
             }
-            if !request.headers.contains_key(header::HOST)
-                && let Some(authority) = authority
-                && let Ok(value) = HeaderValue::from_str(&authority)
-            {
-                request.headers.insert(header::HOST, value);
-            }
             let upstream = resolve_upstream(&snapshot, &route, service.as_deref());
             let sent = match upstream {
-                Ok(upstream) => upstream_phase(upstream, request, body, client).await,
+                Ok(upstream) => upstream_phase(upstream, request, body).await,
                 Err(error) => Err(error),
             };
             let response = match sent {
                 Ok((response, in_flight)) => {
                     finish.upstream = Some(in_flight.node().addr.clone());
                     finish.in_flight = Some(in_flight);
-                    response.map(ProxyBody::Incoming)
+                    response.map(ProxyBody::Upstream)
                 }
-                Err(error) => {
-                    tracing::debug!(request_id = %finish.request_id, %error, "upstream failed");
-                    error.response(&finish.request_id)
-                }
+                Err(error) => finish.answer_error(error),
             };
             (response, route.chain.len())
         }
@@ -153,7 +164,7 @@ enum RequestOutcome {
 async fn request_phase(
     route: &Route,
     mut request: RequestView,
-    body: Incoming,
+    body: ClientBody,
     plugin_time: &mut Duration,
 ) -> (RequestView, Result<RequestOutcome, GatewayError>) {
     let mut streaming = Some(body);
@@ -163,6 +174,12 @@ async fn request_phase(
             Ok((bytes, _trailers)) => request.body = BufferedBody::Buffered(bytes),
             Err(CollectError::TooLarge(limit)) => {
                 return (request, Err(GatewayError::RequestTooLarge(limit)));
+            }
+            Err(CollectError::Read(e)) if e.stalled().is_some() => {
+                return (
+                    request,
+                    Err(GatewayError::RequestBodyTimeout(e.to_string())),
+                );
             }
             Err(CollectError::Read(e)) => {
                 return (request, Err(GatewayError::RequestBody(e.to_string())));
@@ -228,11 +245,10 @@ async fn upstream_phase(
     upstream: &Upstream,
     request: RequestView,
     body: OutboundBody,
-    client: SocketAddr,
-) -> Result<(Response<Incoming>, InFlight), GatewayError> {
+) -> Result<(Response<upstream::UpstreamBody>, InFlight), GatewayError> {
     let key = match &upstream.config.hash_on {
         None => 0,
-        Some(HashOn::Ip) => hash_key(client.ip().to_canonical().to_string().as_bytes()),
+        Some(HashOn::Ip) => hash_key(request.client_ip.to_string().as_bytes()),
         Some(HashOn::Uri) => {
             hash_key(request.path.as_bytes())
                 ^ hash_key(request.query.as_deref().unwrap_or("").as_bytes())
@@ -246,9 +262,9 @@ async fn upstream_phase(
         path,
         query,
         mut headers,
-        client_ip,
         ..
     } = request;
+    // The client's were dropped at the edge; these are any a plugin added.
     strip_hop_by_hop(&mut headers);
     if matches!(body, OutboundBody::Full(_)) {
         // The body may have been replaced; hyper sets the length of the one it sends.
@@ -259,7 +275,6 @@ async fn upstream_phase(
         headers.remove(header::HOST);
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
-    append_forwarded_for(&mut headers, client_ip);
     let path_and_query = match query {
         Some(query) => format!("{path}?{query}"),
         None => path,
@@ -355,9 +370,12 @@ pub struct Finish {
     gateway: Arc<Gateway>,
     started: Instant,
     request_id: String,
-    client: SocketAddr,
+    /// The client's address, as the edge decided it.
+    client_ip: IpAddr,
     method: Method,
     uri: Uri,
+    /// The path's normal form, when it differs from the URI's.
+    normal_path: Option<String>,
     status: StatusCode,
     route: Option<Arc<Route>>,
     upstream: Option<String>,
@@ -377,14 +395,33 @@ impl Finish {
             ResponseBody {
                 inner: body,
                 _finish: Some(self),
+                _serving: None,
             },
         )
     }
 
     fn fail(self, error: GatewayError) -> Response<ResponseBody> {
-        tracing::debug!(request_id = %self.request_id, %error, "gateway answered with an error");
-        let response = error.response(&self.request_id);
+        let response = self.answer_error(error);
         self.respond(response)
+    }
+
+    /// The client's answer for `error`; the detail (which node, which OS error) goes to the log
+    /// with the request id, never to the client.
+    fn answer_error(&self, error: GatewayError) -> Response<ProxyBody> {
+        let metrics = self.gateway.metrics();
+        match &error {
+            GatewayError::Upstream(UpstreamError::RequestBody { stalled: true, .. })
+            | GatewayError::RequestBodyTimeout(_) => metrics.client_timeout("body").inc(),
+            GatewayError::BadRequest(_) => metrics.client_error("bad_request").inc(),
+            GatewayError::HeadersTooLarge => metrics.client_error("header_too_large").inc(),
+            _ => 0,
+        };
+        if error.status().is_server_error() {
+            tracing::warn!(request_id = %self.request_id, %error, "gateway answered with an error");
+        } else {
+            tracing::debug!(request_id = %self.request_id, %error, "gateway answered with an error");
+        }
+        error.response(&self.request_id)
     }
 }
 
@@ -398,9 +435,9 @@ impl Drop for Finish {
             access_log.write(&AccessRecord {
                 time: now_rfc3339(),
                 request_id: &self.request_id,
-                client_ip: self.client.ip().to_canonical().to_string(),
+                client_ip: self.client_ip.to_string(),
                 method: self.method.as_str(),
-                path: self.uri.path(),
+                path: self.normal_path.as_deref().unwrap_or(self.uri.path()),
                 route: route_id,
                 upstream: self.upstream.as_deref(),
                 status,
@@ -409,6 +446,10 @@ impl Drop for Finish {
             });
         }
         let Some(route) = self.route.take() else {
+            self.gateway
+                .metrics()
+                .unrouted
+                .record(status, latency.as_secs_f64());
             return;
         };
         route.metrics.record(status, latency.as_secs_f64());
@@ -423,10 +464,11 @@ impl Drop for Finish {
             latency_us: latency.as_micros() as u64,
             upstream: self.upstream.clone(),
         };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        if tokio::runtime::Handle::try_current().is_err() {
             return;
-        };
-        runtime.spawn(async move {
+        }
+        // Tracked, so that a drain waits for it.
+        self.gateway.pending_on_log().spawn(async move {
             for link in route
                 .chain
                 .iter()
@@ -448,11 +490,14 @@ impl Drop for Finish {
     }
 }
 
-/// The response body sent to the client; dropping it runs [`Finish`].
+/// The response body sent to the client; dropping it runs [`Finish`], and tells the
+/// connection that the request is over.
 pub struct ResponseBody {
     inner: ProxyBody,
     /// Held only for its `Drop`.
     _finish: Option<Finish>,
+    /// Held only for its `Drop`.
+    _serving: Option<ServingRequest>,
 }
 
 impl ResponseBody {
@@ -461,18 +506,25 @@ impl ResponseBody {
         ResponseBody {
             inner,
             _finish: None,
+            _serving: None,
         }
+    }
+
+    /// The same body, holding the connection's count of requests being served until it is done.
+    pub fn serving(mut self, serving: ServingRequest) -> Self {
+        self._serving = Some(serving);
+        self
     }
 }
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         Pin::new(&mut self.get_mut().inner).poll_frame(cx)
     }
 
@@ -511,19 +563,6 @@ fn request_id(headers: &HeaderMap) -> String {
         })
 }
 
-/// The host the client asked for, without a port (in the client's case).
-fn request_host(parts: &http::request::Parts) -> Option<&str> {
-    let raw = parts
-        .headers
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .or_else(|| parts.uri.host())?;
-    Some(match raw.strip_prefix('[') {
-        Some(v6) => v6.split(']').next().unwrap_or(v6),
-        None => raw.split(':').next().unwrap_or(raw),
-    })
-}
-
 fn read_only_copy(request: &RequestView) -> RequestView {
     RequestView {
         method: request.method.clone(),
@@ -559,65 +598,6 @@ fn reply_response(reply: Reply) -> Response<ProxyBody> {
         response.headers_mut().append(name, value);
     }
     response
-}
-
-/// Removes headers that describe one connection, not the message (RFC 9110 §7.6.1).
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages have none: one pass over the names beats a removal attempt for each.
-    if !headers.keys().any(is_hop_by_hop) {
-        return;
-    }
-    let listed: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in listed {
-        headers.remove(name);
-    }
-    for name in [
-        header::CONNECTION,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        header::PROXY_AUTHENTICATE,
-        header::PROXY_AUTHORIZATION,
-        header::TE,
-        header::TRAILER,
-    ] {
-        headers.remove(name);
-    }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
-}
-
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    [
-        header::CONNECTION,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        header::PROXY_AUTHENTICATE,
-        header::PROXY_AUTHORIZATION,
-        header::TE,
-        header::TRAILER,
-    ]
-    .contains(name)
-        || name == "keep-alive"
-        || name == "proxy-connection"
-}
-
-fn append_forwarded_for(headers: &mut HeaderMap, client: std::net::IpAddr) {
-    let forwarded = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(earlier) => format!("{earlier}, {client}"),
-        None => client.to_string(),
-    };
-    if let Ok(value) = HeaderValue::from_str(&forwarded) {
-        headers.insert("x-forwarded-for", value);
-    }
-    if !headers.contains_key("x-forwarded-proto") {
-        headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
-    }
 }
 
 /// A JSON error outside the proxy path (the admin listener uses the same shape).

@@ -247,6 +247,7 @@ fn pick<'a, T>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn table(routes: &[(&str, &[&str], RouteFilter)]) -> RouteTable<String> {
         let mut builder = RouteTable::builder();
@@ -446,5 +447,299 @@ mod tests {
             Some("r9876")
         );
         assert_eq!(get(&t, Method::GET, None, "/svc10000/items/5"), None);
+    }
+
+    /// Inputs per property in CI; `PROPTEST_CASES=1000000` runs more (see docs/security.md).
+    fn cases() -> ProptestConfig {
+        ProptestConfig::with_cases(
+            std::env::var("PROPTEST_CASES")
+                .ok()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(20_000),
+        )
+    }
+
+    /// A random route pattern: its segments and whether it ends in `/*`.
+    #[derive(Clone, Debug)]
+    struct Pattern {
+        segments: Vec<&'static str>,
+        is_prefix: bool,
+    }
+
+    impl Pattern {
+        fn text(&self) -> String {
+            let body = self.segments.join("/");
+            match (self.is_prefix, self.segments.is_empty()) {
+                (true, true) => "/*".into(),
+                (true, false) => format!("/{body}/*"),
+                (false, _) => format!("/{body}"),
+            }
+        }
+
+        /// What `lookup` reports as `prefix`: the literal segments before the first param.
+        fn literal_prefix(&self) -> String {
+            let literal: String = self
+                .segments
+                .iter()
+                .take_while(|s| !s.starts_with('{'))
+                .map(|s| format!("/{s}"))
+                .collect();
+            literal.trim_end_matches('/').to_owned()
+        }
+
+        /// The rank sequence of this pattern's match against `path` (the segments after the
+        /// leading `/`), or `None` when it does not match: per matched segment 0 for a literal
+        /// and 1 for a param; a prefix match appends 2. Lower sorts first, and a strict prefix
+        /// of a sequence sorts before it, which is the trie's depth-first order.
+        fn rank(&self, path: &[&str]) -> Option<Vec<u8>> {
+            let depth = self.segments.len();
+            let fits = if self.is_prefix {
+                depth <= path.len()
+            } else {
+                depth == path.len()
+            };
+            if !fits {
+                return None;
+            }
+            let mut rank = Vec::with_capacity(depth + 1);
+            for (pattern, segment) in self.segments.iter().zip(path) {
+                if pattern.starts_with('{') {
+                    if segment.is_empty() {
+                        return None;
+                    }
+                    rank.push(1);
+                } else if pattern == segment {
+                    rank.push(0);
+                } else {
+                    return None;
+                }
+            }
+            if self.is_prefix {
+                rank.push(2);
+            }
+            Some(rank)
+        }
+    }
+
+    #[derive(Clone, Debug)]
+    struct RandomRoute {
+        patterns: Vec<Pattern>,
+        methods: Vec<Method>,
+        hosts: Vec<String>,
+        priority: i32,
+    }
+
+    impl RandomRoute {
+        fn filter(&self) -> RouteFilter {
+            RouteFilter {
+                methods: self.methods.clone(),
+                hosts: self.hosts.clone(),
+                priority: self.priority,
+            }
+        }
+    }
+
+    fn pattern_strategy() -> impl Strategy<Value = Pattern> {
+        let segment = prop::sample::select(vec!["a", "b", "{id}", "{x}", ""]);
+        (
+            prop::collection::vec(segment, 0..4),
+            prop::arbitrary::any::<bool>(),
+        )
+            .prop_map(|(mut segments, is_prefix)| {
+                // `/` is one empty segment, as `parse_pattern` reads it.
+                if !is_prefix && segments.is_empty() {
+                    segments.push("");
+                }
+                Pattern {
+                    segments,
+                    is_prefix,
+                }
+            })
+    }
+
+    fn route_strategy() -> impl Strategy<Value = RandomRoute> {
+        let methods = prop::sample::select(vec![
+            vec![],
+            vec![Method::GET],
+            vec![Method::POST],
+            vec![Method::GET, Method::POST],
+        ]);
+        let hosts = prop::sample::select(vec![
+            vec![],
+            vec!["a.example".to_owned()],
+            vec!["*.example".to_owned()],
+            vec!["a.example".to_owned(), "*.example".to_owned()],
+        ]);
+        (
+            prop::collection::vec(pattern_strategy(), 1..3),
+            methods,
+            hosts,
+            -1..=1i32,
+        )
+            .prop_map(|(patterns, methods, hosts, priority)| RandomRoute {
+                patterns,
+                methods,
+                hosts,
+                priority,
+            })
+    }
+
+    fn request_path_strategy() -> impl Strategy<Value = String> {
+        let segment = prop::sample::select(vec!["a", "b", "c", "", "{id}"]);
+        (prop::collection::vec(segment, 1..6), 0..8u8).prop_map(|(segments, slash)| {
+            let path = segments.join("/");
+            // Now and then no leading slash, which never matches.
+            if slash == 0 { path } else { format!("/{path}") }
+        })
+    }
+
+    fn request_method_strategy() -> impl Strategy<Value = Method> {
+        prop::sample::select(vec![Method::GET, Method::POST, Method::PUT])
+    }
+
+    fn request_host_strategy() -> impl Strategy<Value = Option<String>> {
+        prop::option::of(
+            prop::sample::select(vec![
+                "a.example",
+                "A.Example",
+                "b.a.example",
+                "x.example",
+                "example",
+                ".example",
+                "a.examplex",
+                "b.example.org",
+            ])
+            .prop_map(str::to_owned),
+        )
+    }
+
+    /// A builder holding `routes`, each valued by its index.
+    fn builder(routes: &[RandomRoute]) -> RouteTableBuilder<usize> {
+        let mut builder = RouteTable::builder();
+        for (index, route) in routes.iter().enumerate() {
+            let texts: Vec<String> = route.patterns.iter().map(Pattern::text).collect();
+            let patterns: Vec<&str> = texts.iter().map(String::as_str).collect();
+            builder.add(&patterns, route.filter(), Arc::new(index), index);
+        }
+        builder
+    }
+
+    fn reference_host_matches(pattern: &str, host: &str) -> bool {
+        let host = host.to_ascii_lowercase();
+        match pattern.strip_prefix('*') {
+            // `*.example`: at least one character, then `.example`.
+            Some(suffix) => host.len() > suffix.len() && host.ends_with(suffix),
+            None => host == pattern,
+        }
+    }
+
+    /// Scans every route: the matching pattern with the lowest rank sequence wins, ties going
+    /// by (higher priority, has hosts, has methods, insertion order). Returns the route's index
+    /// and the pattern's literal prefix.
+    fn reference(
+        routes: &[RandomRoute],
+        method: &Method,
+        host: Option<&str>,
+        path: &str,
+    ) -> Option<(usize, String)> {
+        let rest = path.strip_prefix('/')?;
+        let segments: Vec<&str> = rest.split('/').collect();
+        let mut matches = Vec::new();
+        for (index, route) in routes.iter().enumerate() {
+            let method_ok = route.methods.is_empty() || route.methods.contains(method);
+            let host_ok = route.hosts.is_empty()
+                || host.is_some_and(|h| route.hosts.iter().any(|p| reference_host_matches(p, h)));
+            if !method_ok || !host_ok {
+                continue;
+            }
+            let order = (
+                -route.priority,
+                route.hosts.is_empty(),
+                route.methods.is_empty(),
+                index,
+            );
+            for pattern in &route.patterns {
+                if let Some(rank) = pattern.rank(&segments) {
+                    matches.push(((rank, order), (index, pattern.literal_prefix())));
+                }
+            }
+        }
+        matches
+            .into_iter()
+            .min_by(|a, b| a.0.cmp(&b.0))
+            .map(|(_, found)| found)
+    }
+
+    fn lookup_owned(
+        table: &RouteTable<usize>,
+        method: &Method,
+        host: Option<&str>,
+        path: &str,
+    ) -> Option<(usize, String)> {
+        table
+            .lookup(method, host, path)
+            .map(|m| (**m.route, m.prefix.to_owned()))
+    }
+
+    proptest! {
+        #![proptest_config(cases())]
+
+        #[test]
+        fn fuzz_router_agrees_with_a_linear_reference(
+            routes in prop::collection::vec(route_strategy(), 0..8),
+            requests in prop::collection::vec(
+                (request_method_strategy(), request_host_strategy(), request_path_strategy()),
+                1..8,
+            ),
+        ) {
+            let table = builder(&routes).build();
+            prop_assert_eq!(table.len(), routes.len());
+            for (method, host, path) in &requests {
+                let host = host.as_deref();
+                prop_assert_eq!(
+                    lookup_owned(&table, method, host, path),
+                    reference(&routes, method, host, path),
+                    "{} {:?} {:?}", method, host, path
+                );
+            }
+        }
+
+        #[test]
+        fn fuzz_router_never_panics_on_any_string(
+            routes in prop::collection::vec(route_strategy(), 0..6),
+            raw_patterns in prop::collection::vec(prop::arbitrary::any::<String>(), 0..3),
+            // Arbitrary strings seldom hold a `/`: mix in paths over the router's own alphabet.
+            path in prop_oneof![prop::arbitrary::any::<String>(), "[ab/{}é*. ]{0,16}"],
+            host in prop::option::of(prop::arbitrary::any::<String>()),
+            raw_host_pattern in prop::arbitrary::any::<String>(),
+        ) {
+            let mut table = builder(&routes);
+            // Patterns and host filters that validation would refuse must not break lookups.
+            let raw: Vec<&str> = raw_patterns.iter().map(String::as_str).collect();
+            let filter = RouteFilter {
+                hosts: vec![raw_host_pattern.clone(), format!("*.{raw_host_pattern}")],
+                ..RouteFilter::default()
+            };
+            table.add(&raw, filter, Arc::new(routes.len()), routes.len());
+            let table = table.build();
+            let host = host.as_deref();
+            for method in [Method::GET, Method::POST] {
+                for path in [path.clone(), format!("/{path}")] {
+                    let found = table.lookup(&method, host, &path);
+                    if let Some(found) = found {
+                        prop_assert!(**found.route <= routes.len());
+                    }
+                    // The reference covers every route but the raw one: where that one cannot
+                    // match (no patterns), both agree on arbitrary paths too.
+                    if raw.is_empty() {
+                        prop_assert_eq!(
+                            lookup_owned(&table, &method, host, &path),
+                            reference(&routes, &method, host, &path),
+                            "{} {:?} {:?}", method, host, path
+                        );
+                    }
+                }
+            }
+        }
     }
 }

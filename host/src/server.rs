@@ -17,16 +17,42 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use prometheus_client::metrics::gauge::Gauge;
+
 use crate::access_log::AccessLogTarget;
 use crate::admin;
+use crate::config::{MIN_HEADER_BYTES, ServerConfig};
 use crate::gateway::{Gateway, GatewayInitError};
+use crate::metrics::ListenerLabels;
 use crate::proxy::{self, ResponseBody};
 use crate::store::etcd::{EtcdOptions, EtcdStore};
 use crate::store::file::FileStore;
 use crate::store::{ConfigStore, StoreError};
+use crate::timeouts::{ConnectionActivity, ReadClock, TimedIo, TimeoutCounters};
 
-/// How long shutdown waits for open connections to finish.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long [`RunningGateway::shutdown`] waits for open connections to finish.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How a gateway stops on SIGTERM: it reports not-ready at once, keeps accepting for `delay`
+/// (so that load balancers notice), then lets requests in flight finish for up to `timeout`.
+#[derive(Clone, Copy, Debug)]
+pub struct DrainOptions {
+    /// How long the listener keeps accepting after the drain starts.
+    pub delay: Duration,
+    /// How long requests in flight (and pending `on-log` calls) may take to finish.
+    pub timeout: Duration,
+}
+
+impl Default for DrainOptions {
+    fn default() -> Self {
+        DrainOptions {
+            delay: Duration::ZERO,
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
 
 /// Where the config comes from.
 #[derive(Clone, Debug)]
@@ -50,6 +76,9 @@ pub struct GatewayOptions {
     pub access_log: AccessLogTarget,
     /// Where compiled plugin modules are kept, so that a restart does not compile them again.
     pub module_cache: Option<PathBuf>,
+    /// The largest plugin module accepted from the store (for etcd, this replaces the
+    /// options' own bound).
+    pub max_module_bytes: u64,
 }
 
 /// Why a gateway did not start.
@@ -71,14 +100,21 @@ pub enum StartError {
     Init(#[from] GatewayInitError),
 }
 
-/// A gateway that is serving; drop it or call [`RunningGateway::shutdown`] to stop.
+/// A gateway that is serving; drop it, or call [`RunningGateway::shutdown`] or
+/// [`RunningGateway::drain`], to stop.
 pub struct RunningGateway {
     /// The proxy listener's address (useful with port 0).
     pub addr: SocketAddr,
     /// The admin listener's address.
     pub admin_addr: Option<SocketAddr>,
     gateway: Arc<Gateway>,
+    /// Stops the proxy listener (and then drains its connections).
+    stop_accepting: CancellationToken,
+    /// Stops everything else: the admin listener and the config watch.
     shutdown: CancellationToken,
+    /// Sets how long the proxy listener waits for its connections once it stops.
+    drain_timeout: Arc<std::sync::Mutex<Duration>>,
+    proxy: Option<JoinHandle<()>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -89,11 +125,41 @@ impl RunningGateway {
     }
 
     /// Stops accepting, lets open connections finish (up to 10 s), and stops the config watch.
-    pub async fn shutdown(mut self) {
+    pub async fn shutdown(self) {
+        self.drain(DrainOptions {
+            delay: Duration::ZERO,
+            timeout: SHUTDOWN_TIMEOUT,
+        })
+        .await;
+    }
+
+    /// Drains as on SIGTERM: `/readyz` answers 503 at once; the listener keeps accepting for
+    /// `options.delay`, then closes; requests in flight and pending `on-log` calls get up to
+    /// `options.timeout` to finish; then the access log is flushed and everything stops.
+    pub async fn drain(mut self, options: DrainOptions) {
+        self.gateway.start_draining();
+        tracing::info!(delay = ?options.delay, timeout = ?options.timeout, "draining");
+        tokio::time::sleep(options.delay).await;
+        let deadline = tokio::time::Instant::now() + options.timeout;
+        *self.drain_timeout.lock().expect("drain timeout lock") = options.timeout;
+        self.stop_accepting.cancel();
+        if let Some(proxy) = self.proxy.take() {
+            let _ = proxy.await;
+        }
+        let on_log = self.gateway.pending_on_log();
+        on_log.close();
+        if tokio::time::timeout_at(deadline, on_log.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("on-log calls still running after the drain timeout");
+        }
         self.shutdown.cancel();
         for task in self.tasks.drain(..) {
             let _ = task.await;
         }
+        self.gateway.close_access_log();
+        tracing::info!("drained");
     }
 
     /// Waits until the gateway stops (it stops only through [`RunningGateway::shutdown`] or a
@@ -110,6 +176,7 @@ impl RunningGateway {
 
 impl Drop for RunningGateway {
     fn drop(&mut self) {
+        self.stop_accepting.cancel();
         self.shutdown.cancel();
     }
 }
@@ -118,11 +185,18 @@ impl Drop for RunningGateway {
 pub async fn start(options: GatewayOptions) -> Result<RunningGateway, StartError> {
     let gateway = Gateway::new(&options.access_log, options.module_cache.clone())?;
     let shutdown = CancellationToken::new();
+    let stop_accepting = CancellationToken::new();
+    let drain_timeout = Arc::new(std::sync::Mutex::new(SHUTDOWN_TIMEOUT));
     let mut tasks = Vec::new();
 
     let store: Arc<dyn ConfigStore> = match &options.config {
-        ConfigSource::File(path) => Arc::new(FileStore::new(path.clone())),
-        ConfigSource::Etcd(etcd) => Arc::new(EtcdStore::new(etcd.clone())),
+        ConfigSource::File(path) => {
+            Arc::new(FileStore::new(path.clone(), options.max_module_bytes))
+        }
+        ConfigSource::Etcd(etcd) => Arc::new(EtcdStore::new(EtcdOptions {
+            max_module_bytes: options.max_module_bytes,
+            ..etcd.clone()
+        })),
     };
     store.clone().load(gateway.clone()).await?;
     tasks.push(tokio::spawn(store.watch(gateway.clone(), shutdown.clone())));
@@ -133,11 +207,14 @@ pub async fn start(options: GatewayOptions) -> Result<RunningGateway, StartError
         source,
     })?;
     let proxy_gateway = gateway.clone();
-    tasks.push(tokio::spawn(serve(
+    let proxy = tokio::spawn(serve(
+        "proxy",
         listener,
-        shutdown.clone(),
+        gateway.clone(),
+        stop_accepting.clone(),
+        drain_timeout.clone(),
         move |request, client| proxy::handle(proxy_gateway.clone(), request, client),
-    )));
+    ));
 
     let mut admin_addr = None;
     if let Some(listen) = options.admin_listen {
@@ -148,8 +225,11 @@ pub async fn start(options: GatewayOptions) -> Result<RunningGateway, StartError
         })?);
         let admin_gateway = gateway.clone();
         tasks.push(tokio::spawn(serve(
+            "admin",
             listener,
+            gateway.clone(),
             shutdown.clone(),
+            Arc::new(std::sync::Mutex::new(Duration::ZERO)),
             move |request, _| admin::handle(admin_gateway.clone(), request),
         )));
     }
@@ -158,9 +238,37 @@ pub async fn start(options: GatewayOptions) -> Result<RunningGateway, StartError
         addr,
         admin_addr,
         gateway,
+        stop_accepting,
         shutdown,
+        drain_timeout,
+        proxy: Some(proxy),
         tasks,
     })
+}
+
+/// Lifts the soft limit on open files to the hard one: every client connection is a file,
+/// and the usual soft limit (1024) is far below `server.max_connections`.
+pub fn raise_open_file_limit() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        let raised = Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        if let Err(error) = setrlimit(Resource::Nofile, raised) {
+            tracing::warn!(%error, "could not raise the open-file limit");
+        }
+    }
+}
+
+/// Waits for ctrl-c or SIGTERM, the two ways a service manager asks a process to stop.
+pub async fn stop_signal() -> std::io::Result<()> {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        result = tokio::signal::ctrl_c() => result,
+        _ = terminate.recv() => Ok(()),
+    }
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -169,16 +277,37 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
         .map_err(|source| StartError::Bind { addr, source })
 }
 
-/// Accepts connections until `shutdown`, serving HTTP/1.1 and HTTP/2 on each, then drains them.
-async fn serve<H, F>(listener: TcpListener, shutdown: CancellationToken, handler: H)
-where
+/// Accepts connections until `stop`, serving HTTP/1.1 and HTTP/2 on each under the live
+/// `server` limits, then lets them finish for up to `drain_timeout`.
+async fn serve<H, F>(
+    name: &'static str,
+    listener: TcpListener,
+    gateway: Arc<Gateway>,
+    stop: CancellationToken,
+    drain_timeout: Arc<std::sync::Mutex<Duration>>,
+    handler: H,
+) where
     H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<ResponseBody>> + Send + 'static,
 {
     let graceful = GracefulShutdown::new();
+    let open = Arc::new(AtomicUsize::new(0));
+    let metrics = gateway.metrics();
+    let listener_labels = ListenerLabels { listener: name };
+    let open_gauge = metrics
+        .connections_open
+        .get_or_create_owned(&listener_labels);
+    let refused = metrics
+        .connections_refused
+        .get_or_create_owned(&listener_labels);
+    let counters = TimeoutCounters {
+        header: metrics.client_timeout("header"),
+        keepalive: metrics.client_timeout("keepalive"),
+        send: metrics.client_timeout("send"),
+    };
     loop {
         let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
+            _ = stop.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
@@ -189,28 +318,109 @@ where
                 }
             },
         };
+        let settings = gateway.snapshot().server.clone();
+        let limits = &settings.config;
+        if open.load(Ordering::Relaxed) >= limits.max_connections {
+            refused.inc();
+            drop(stream);
+            continue;
+        }
         let _ = stream.set_nodelay(true);
+        let activity = Arc::new(ConnectionActivity::default());
+        let clock = ReadClock {
+            header: Duration::from_millis(limits.header_timeout_ms),
+            keepalive: Duration::from_millis(limits.keepalive_timeout_ms),
+            activity: activity.clone(),
+        };
+        let io = TimedIo::client(
+            stream,
+            clock,
+            Duration::from_millis(limits.send_timeout_ms),
+            counters.clone(),
+        );
         let handler = handler.clone();
         let service = service_fn(move |request| {
+            let serving = activity.begin();
             // Boxed once here, so that hyper moves a pointer rather than the whole request future.
             let response = Box::pin(handler(request, peer));
-            async move { Ok::<_, Infallible>(response.await) }
+            async move { Ok::<_, Infallible>(response.await.map(|body| body.serving(serving))) }
         });
-        let connection = auto::Builder::new(TokioExecutor::new())
-            .serve_connection(TokioIo::new(stream), service)
+        let connection = connection_builder(limits)
+            .serve_connection(TokioIo::new(io), service)
             .into_owned();
         let connection = graceful.watch(connection);
+        let open_now = OpenConnection::new(&open, &open_gauge);
+        let client_errors = (
+            metrics.client_error("header_too_large"),
+            metrics.client_error("protocol"),
+        );
         tokio::spawn(async move {
+            let _open = open_now;
             if let Err(error) = connection.await {
+                match error.downcast_ref::<hyper::Error>() {
+                    Some(e) if e.is_parse_too_large() => client_errors.0.inc(),
+                    Some(e) if e.is_parse() => client_errors.1.inc(),
+                    _ => 0,
+                };
                 tracing::debug!(%peer, %error, "connection ended with an error");
             }
         });
     }
     drop(listener);
-    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+    let timeout = *drain_timeout.lock().expect("drain timeout lock");
+    if tokio::time::timeout(timeout, graceful.shutdown())
         .await
         .is_err()
     {
         tracing::warn!("connections still open after the drain timeout");
+    }
+}
+
+/// The HTTP/1.1 and HTTP/2 settings for one client connection.
+fn connection_builder(limits: &ServerConfig) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // hyper answers 431 when a request head does not fit its read buffer, so the buffer's
+    // bound is the header block's bound.
+    builder
+        .http1()
+        .max_buf_size(limits.max_header_bytes.max(MIN_HEADER_BYTES));
+    if limits.max_headers != DEFAULT_MAX_HEADERS {
+        // Only when it differs: hyper then parses headers into the heap instead of the stack.
+        builder.http1().max_headers(limits.max_headers);
+    }
+    builder
+        .http2()
+        .max_concurrent_streams(limits.http2_max_streams)
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        // Reset-flood protection (CVE-2023-44487 and CVE-2025-8671): hyper's defaults, pinned.
+        .max_pending_accept_reset_streams(20)
+        .max_local_error_reset_streams(1024);
+    builder
+}
+
+/// hyper's own bound on header lines, which parses them on the stack.
+const DEFAULT_MAX_HEADERS: usize = 100;
+
+/// Counts a client connection as open while it lives.
+struct OpenConnection {
+    open: Arc<AtomicUsize>,
+    gauge: Gauge,
+}
+
+impl OpenConnection {
+    fn new(open: &Arc<AtomicUsize>, gauge: &Gauge) -> Self {
+        open.fetch_add(1, Ordering::Relaxed);
+        gauge.inc();
+        OpenConnection {
+            open: open.clone(),
+            gauge: gauge.clone(),
+        }
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::Relaxed);
+        self.gauge.dec();
     }
 }

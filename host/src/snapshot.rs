@@ -14,6 +14,7 @@ use crate::config::{
     BalancerKind, ConfigObjects, FailurePolicy, Kind, NodeConfig, ObjectError, PluginConfig,
     RouteConfig, Scheme, StripPrefix, TenantConfig, Timeouts, UpstreamConfig,
 };
+use crate::edge::ServerSettings;
 use crate::metrics::{Metrics, PluginMetrics, RouteMetrics};
 use crate::plugin::{Module, PluginPool, PluginRuntime};
 use crate::router::{RouteFilter, RouteTable};
@@ -101,6 +102,8 @@ pub struct Snapshot {
     pub plugins: BTreeMap<String, Arc<LoadedPlugin>>,
     /// Tenants by name.
     pub tenants: BTreeMap<String, TenantConfig>,
+    /// How clients are treated: timeouts, limits, trusted proxies.
+    pub server: Arc<ServerSettings>,
     /// Routes by id (the same values as in `routes`).
     pub route_list: BTreeMap<String, Arc<Route>>,
     /// Objects refused in the build that made this snapshot.
@@ -118,6 +121,7 @@ impl Snapshot {
             services: BTreeMap::new(),
             plugins: BTreeMap::new(),
             tenants: BTreeMap::new(),
+            server: Arc::new(ServerSettings::default()),
             route_list: BTreeMap::new(),
             errors: Vec::new(),
             generation: 0,
@@ -188,6 +192,8 @@ impl BuildContext<'_> {
         self.runtime.tenants().update(tenants.iter().cloned());
         let tenants = tenants.into_iter().map(|t| (t.name.clone(), t)).collect();
 
+        let server = self.build_server(&objects, previous, &mut errors, &keep);
+
         // Plugins next: routes need them.
         let mut plugins = BTreeMap::new();
         for (name, config) in &objects.plugins {
@@ -209,7 +215,7 @@ impl BuildContext<'_> {
             let built = config.validate().map(|()| match old {
                 // Keep the running upstream when nothing changed: its counters and pools live on.
                 Some(old) if old.config == *config => old.clone(),
-                _ => Arc::new(Upstream::new(config.clone(), self.clients)),
+                _ => Arc::new(Upstream::new(config.clone(), self.clients, self.metrics)),
             });
             accept(&mut upstreams, &mut errors, Kind::Upstream, id, built, old);
         }
@@ -282,9 +288,37 @@ impl BuildContext<'_> {
             services,
             plugins,
             tenants,
+            server,
             route_list,
             errors,
             generation: previous.generation + 1,
+        }
+    }
+
+    /// The `server` settings: the store's, the defaults when it has none, or the previous ones
+    /// when the store's are invalid.
+    fn build_server(
+        &self,
+        objects: &ConfigObjects,
+        previous: &Snapshot,
+        errors: &mut Vec<ObjectError>,
+        keep: &impl Fn(Kind, &str) -> bool,
+    ) -> Arc<ServerSettings> {
+        let Some(config) = &objects.server else {
+            if keep(Kind::Server, "server") {
+                return previous.server.clone();
+            }
+            return Arc::new(ServerSettings::default());
+        };
+        if previous.server.config == *config {
+            return previous.server.clone();
+        }
+        match ServerSettings::new(config.clone()) {
+            Ok(settings) => Arc::new(settings),
+            Err(reason) => {
+                errors.push(kept(ObjectError::new(Kind::Server, "server", reason), true));
+                previous.server.clone()
+            }
         }
     }
 
@@ -326,7 +360,7 @@ impl BuildContext<'_> {
             };
             let upstream = match previous.services.get(name) {
                 Some(old) if old.config == config => old.clone(),
-                _ => Arc::new(Upstream::new(config, self.clients)),
+                _ => Arc::new(Upstream::new(config, self.clients, self.metrics)),
             };
             services.insert(name.clone(), upstream);
         }
@@ -530,6 +564,7 @@ mod tests {
                 service: None,
                 strip_prefix: strip,
                 plugins: vec![],
+                path_normalization: Default::default(),
             },
             target: Target::Upstream(Arc::new(Upstream::new(
                 serde_json::from_value(
@@ -537,6 +572,7 @@ mod tests {
                 )
                 .unwrap(),
                 &ClientPool::default(),
+                &Metrics::new(),
             ))),
             chain: vec![],
             built_from: vec![],

@@ -1,72 +1,94 @@
-//! Upstreams at run time: node sets, pooled clients, and sending a request with retries.
+//! Upstreams at run time: node sets, each node's pooled connections, and sending a request
+//! with retries.
+//!
+//! The gateway keeps its own connections rather than a generic client pool, so that each of an
+//! upstream's timeouts means one thing:
+//!
+//! - `connect_ms`: one connection attempt to one node; on failure the next node is tried;
+//! - `send_ms`: the longest the node may leave the gateway's writes waiting (it stopped reading);
+//! - `read_ms`: from the request's last byte handed to the connection to the response head;
+//! - `idle_ms`: the longest a body may stop moving on its way through, either direction.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::{self, Authority, PathAndQuery};
-use http::{HeaderMap, Method, Request, Response, Uri, Version};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, header};
+use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use prometheus_client::metrics::counter::Counter;
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
 
 use crate::balancer::{InFlight, Node, NodeSet};
-use crate::body::{ProxyBody, ReclaimableBody};
+use crate::body::{BodyError, ClientBody, ProxyBody};
 use crate::config::{Scheme, UpstreamConfig};
+use crate::metrics::Metrics;
+use crate::timeouts::{IdleBody, Stalled, TimedIo};
 
-/// The pooled HTTP client used for upstream requests.
-pub type HttpClient = Client<HttpConnector, ProxyBody>;
+/// An idle HTTP/1.1 connection older than this is closed rather than reused.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Idle HTTP/1.1 connections kept per node.
+const MAX_IDLE_PER_NODE: usize = 256;
 
-/// An upstream ready to serve: its nodes, its client and its retry budget.
+/// An upstream ready to serve: its nodes, their connections and its retry budget.
 #[derive(Debug)]
 pub struct Upstream {
     /// The config it was built from.
     pub config: UpstreamConfig,
     /// The nodes and their balancer.
     pub nodes: NodeSet,
-    /// Each node's URI authority, parsed once.
-    authorities: Vec<Authority>,
-    client: HttpClient,
+    /// Each node's connections, in the order of `nodes`.
+    connections: Vec<Arc<NodeConnections>>,
     attempts: usize,
+    failures: FailureCounters,
 }
 
 impl Upstream {
     /// Builds the runtime form of a validated upstream config.
-    pub fn new(config: UpstreamConfig, clients: &ClientPool) -> Self {
+    pub fn new(config: UpstreamConfig, clients: &ClientPool, metrics: &Metrics) -> Self {
         let nodes = config
             .nodes
             .iter()
             .map(|n| Arc::new(Node::new(format_addr(&n.host, n.port), n.weight)))
             .collect();
         let nodes = NodeSet::new(nodes, config.balancer);
-        let authorities = nodes
-            .nodes()
+        let send_stall = Duration::from_millis(config.timeout.send_ms);
+        let connections = config
+            .nodes
             .iter()
-            .map(|node| {
-                Authority::try_from(node.addr.as_str())
-                    .expect("validate() accepts only hosts that parse as an authority")
-            })
+            .map(|n| clients.node(config.scheme, &n.host, n.port, send_stall))
             .collect();
         let others = nodes.selectable().saturating_sub(1);
         let retries = config.retries.map_or(others, |r| r as usize);
-        let client = clients.client(
-            config.scheme,
-            Duration::from_millis(config.timeout.connect_ms),
-        );
+        let failures = FailureCounters::new(metrics, &config.id);
         Upstream {
             config,
             nodes,
-            authorities,
-            client,
+            connections,
             attempts: retries + 1,
+            failures,
         }
     }
 
-    /// How long to wait for response headers.
-    pub fn read_timeout(&self) -> Duration {
+    fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.config.timeout.connect_ms)
+    }
+
+    fn read_timeout(&self) -> Duration {
         Duration::from_millis(self.config.timeout.read_ms)
+    }
+
+    fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.config.timeout.idle_ms)
     }
 }
 
@@ -78,39 +100,214 @@ fn format_addr(host: &str, port: u16) -> String {
     }
 }
 
-/// Clients shared by upstreams with the same scheme and connect timeout, so that their connection
-/// pools survive config reloads.
-#[derive(Default)]
-pub struct ClientPool {
-    clients: Mutex<HashMap<(Scheme, Duration), HttpClient>>,
+/// `weir_upstream_failures_total` for one upstream, one counter per kind.
+#[derive(Debug)]
+struct FailureCounters {
+    connect: Counter,
+    connect_timeout: Counter,
+    send_timeout: Counter,
+    read_timeout: Counter,
+    idle_timeout: Counter,
+    failed: Counter,
 }
 
-impl ClientPool {
-    /// The client for `scheme` with connect timeout `connect`.
-    pub fn client(&self, scheme: Scheme, connect: Duration) -> HttpClient {
-        self.clients
-            .lock()
-            .expect("client pool lock")
-            .entry((scheme, connect))
-            .or_insert_with(|| {
-                let mut connector = HttpConnector::new();
-                connector.set_connect_timeout(Some(connect));
-                connector.set_nodelay(true);
-                connector.enforce_http(true);
-                let mut builder = Client::builder(TokioExecutor::new());
-                builder
-                    .pool_idle_timeout(Duration::from_secs(60))
-                    .pool_max_idle_per_host(256);
-                if scheme == Scheme::Grpc {
-                    builder.http2_only(true);
-                }
-                builder.build(connector)
-            })
-            .clone()
+impl FailureCounters {
+    fn new(metrics: &Metrics, upstream: &str) -> Self {
+        let counter = |kind| metrics.upstream_failures(upstream, kind);
+        FailureCounters {
+            connect: counter("connect"),
+            connect_timeout: counter("connect_timeout"),
+            send_timeout: counter("send_timeout"),
+            read_timeout: counter("read_timeout"),
+            idle_timeout: counter("idle_timeout"),
+            failed: counter("failed"),
+        }
+    }
+
+    fn record(&self, error: &UpstreamError) {
+        match error {
+            UpstreamError::Connect { .. } => self.connect.inc(),
+            UpstreamError::ConnectTimeout { .. } => self.connect_timeout.inc(),
+            UpstreamError::SendTimeout { .. } => self.send_timeout.inc(),
+            UpstreamError::Timeout { .. } => self.read_timeout.inc(),
+            UpstreamError::Failed { .. } => self.failed.inc(),
+            UpstreamError::NoNodes | UpstreamError::RequestBody { .. } => 0,
+        };
     }
 }
 
-/// Why the upstream gave no response.
+/// Every node's connections, shared by the upstreams that name the same node, so that they
+/// survive config reloads.
+#[derive(Default)]
+pub struct ClientPool {
+    nodes: Mutex<HashMap<NodeKey, Weak<NodeConnections>>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct NodeKey {
+    scheme: Scheme,
+    host: String,
+    port: u16,
+    send_stall: Duration,
+}
+
+impl ClientPool {
+    /// The connections to `host:port` spoken to with `scheme`.
+    fn node(
+        &self,
+        scheme: Scheme,
+        host: &str,
+        port: u16,
+        send_stall: Duration,
+    ) -> Arc<NodeConnections> {
+        let key = NodeKey {
+            scheme,
+            host: host.to_owned(),
+            port,
+            send_stall,
+        };
+        let mut nodes = self.nodes.lock().expect("node pool lock");
+        if let Some(existing) = nodes.get(&key).and_then(Weak::upgrade) {
+            return existing;
+        }
+        nodes.retain(|_, weak| weak.strong_count() > 0);
+        let authority = Authority::try_from(format_addr(host, port))
+            .expect("validate() accepts only hosts that parse as an authority");
+        let fresh = Arc::new(NodeConnections {
+            key: key.clone(),
+            authority,
+            idle: Mutex::new(Vec::new()),
+            shared: Mutex::new(None),
+        });
+        nodes.insert(key, Arc::downgrade(&fresh));
+        fresh
+    }
+}
+
+/// A way to send requests on one connection.
+enum Sender {
+    Http1(http1::SendRequest<OutgoingBody>),
+    Http2(http2::SendRequest<OutgoingBody>),
+}
+
+/// The connections to one node: idle HTTP/1.1 connections, or one shared HTTP/2 connection.
+pub struct NodeConnections {
+    key: NodeKey,
+    authority: Authority,
+    idle: Mutex<Vec<(http1::SendRequest<OutgoingBody>, Instant)>>,
+    shared: Mutex<Option<http2::SendRequest<OutgoingBody>>>,
+}
+
+impl std::fmt::Debug for NodeConnections {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeConnections")
+            .field("node", &self.authority)
+            .finish()
+    }
+}
+
+/// Why no connection could be made.
+enum ConnectFailure {
+    Refused(String),
+}
+
+impl NodeConnections {
+    /// A connection ready for a request: a pooled one unless `fresh`, otherwise a new one.
+    /// Returns whether it was reused.
+    async fn checkout(self: &Arc<Self>, fresh: bool) -> Result<(Sender, bool), ConnectFailure> {
+        if !fresh && let Some(sender) = self.reuse().await {
+            return Ok((sender, true));
+        }
+        let stream = self.connect().await?;
+        let io = TokioIo::new(TimedIo::new(stream, self.key.send_stall));
+        let refused = |e: hyper::Error| ConnectFailure::Refused(format!("handshake: {e}"));
+        match self.key.scheme {
+            Scheme::Http => {
+                let (sender, connection) =
+                    http1::Builder::new().handshake(io).await.map_err(refused)?;
+                tokio::spawn(async move {
+                    if let Err(error) = connection.await {
+                        tracing::debug!(%error, "upstream connection ended with an error");
+                    }
+                });
+                Ok((Sender::Http1(sender), false))
+            }
+            Scheme::Grpc => {
+                let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .handshake(io)
+                    .await
+                    .map_err(refused)?;
+                tokio::spawn(async move {
+                    if let Err(error) = connection.await {
+                        tracing::debug!(%error, "upstream connection ended with an error");
+                    }
+                });
+                *self.shared.lock().expect("shared connection lock") = Some(sender.clone());
+                Ok((Sender::Http2(sender), false))
+            }
+        }
+    }
+
+    async fn reuse(&self) -> Option<Sender> {
+        match self.key.scheme {
+            Scheme::Grpc => {
+                let shared = self.shared.lock().expect("shared connection lock");
+                shared
+                    .as_ref()
+                    .filter(|sender| !sender.is_closed())
+                    .map(|sender| Sender::Http2(sender.clone()))
+            }
+            Scheme::Http => loop {
+                let (mut sender, since) = self.idle.lock().expect("idle connection lock").pop()?;
+                if sender.is_closed() || since.elapsed() > IDLE_TIMEOUT {
+                    continue;
+                }
+                // Its last response was read to the end; the connection may still be wrapping
+                // that exchange up, which takes moments.
+                if sender.ready().await.is_ok() {
+                    return Some(Sender::Http1(sender));
+                }
+            },
+        }
+    }
+
+    /// Keeps an HTTP/1.1 connection whose exchange finished, for the next request.
+    fn put_back(&self, sender: http1::SendRequest<OutgoingBody>) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock().expect("idle connection lock");
+        if idle.len() < MAX_IDLE_PER_NODE {
+            idle.push((sender, Instant::now()));
+        }
+    }
+
+    /// Opens a TCP connection; the caller bounds the time it takes.
+    async fn connect(&self) -> Result<TcpStream, ConnectFailure> {
+        let addrs: Vec<SocketAddr> = match self.key.host.parse::<IpAddr>() {
+            Ok(ip) => vec![SocketAddr::new(ip, self.key.port)],
+            Err(_) => tokio::net::lookup_host((self.key.host.as_str(), self.key.port))
+                .await
+                .map_err(|e| ConnectFailure::Refused(format!("resolving {}: {e}", self.key.host)))?
+                .collect(),
+        };
+        let mut last = ConnectFailure::Refused(format!("{} resolves to no address", self.key.host));
+        for addr in addrs {
+            match TcpStream::connect(addr).await {
+                Ok(stream) => {
+                    let _ = stream.set_nodelay(true);
+                    return Ok(stream);
+                }
+                Err(e) => last = ConnectFailure::Refused(format!("{addr}: {e}")),
+            }
+        }
+        Err(last)
+    }
+}
+
+/// Why the upstream gave no response. The texts name nodes and OS errors: they go to the log,
+/// never to the client.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
     /// Every node that was tried refused or failed the connection.
@@ -122,10 +319,20 @@ pub enum UpstreamError {
         reason: String,
     },
     /// The connection attempt to the last node tried timed out.
-    #[error("connecting to {node} timed out")]
+    #[error("connecting to {node} timed out after {ms} ms")]
     ConnectTimeout {
         /// The last node tried.
         node: String,
+        /// The connect timeout.
+        ms: u64,
+    },
+    /// The node stopped reading the request.
+    #[error("{node} stopped reading the request for {ms} ms")]
+    SendTimeout {
+        /// The node.
+        node: String,
+        /// The send timeout.
+        ms: u64,
     },
     /// The node did not send response headers in time.
     #[error("{node} did not answer within {ms} ms")]
@@ -143,6 +350,16 @@ pub enum UpstreamError {
         /// Why.
         reason: String,
     },
+    /// The client's request body failed on its way to the node.
+    #[error("the request body failed on its way to {node}: {reason}")]
+    RequestBody {
+        /// The node.
+        node: String,
+        /// Whether the client stopped sending (rather than going away).
+        stalled: bool,
+        /// Why.
+        reason: String,
+    },
     /// No node can be selected.
     #[error("no node is available")]
     NoNodes,
@@ -153,7 +370,9 @@ impl UpstreamError {
     pub fn is_timeout(&self) -> bool {
         matches!(
             self,
-            UpstreamError::Timeout { .. } | UpstreamError::ConnectTimeout { .. }
+            UpstreamError::Timeout { .. }
+                | UpstreamError::ConnectTimeout { .. }
+                | UpstreamError::SendTimeout { .. }
         )
     }
 }
@@ -162,8 +381,31 @@ impl UpstreamError {
 pub enum OutboundBody {
     /// Held in memory: every retry sends it again.
     Full(Bytes),
-    /// Streaming from the client: a retry is possible only while it is unread.
-    Streaming(Incoming),
+    /// Streaming from the client: sent at most once, unless it is empty.
+    Streaming(ClientBody),
+}
+
+impl OutboundBody {
+    /// A copy for another attempt, if this body can be sent again.
+    fn replay(&self) -> Option<OutboundBody> {
+        match self {
+            OutboundBody::Full(bytes) => Some(OutboundBody::Full(bytes.clone())),
+            OutboundBody::Streaming(body) if body.is_end_stream() => {
+                Some(OutboundBody::Full(Bytes::new()))
+            }
+            OutboundBody::Streaming(_) => None,
+        }
+    }
+
+    fn into_proxy_body(self, idle: Duration) -> ProxyBody {
+        match self {
+            OutboundBody::Full(bytes) => ProxyBody::full(bytes),
+            OutboundBody::Streaming(mut body) => {
+                body.tighten(idle, Stalled::Upstream);
+                ProxyBody::Client(body)
+            }
+        }
+    }
 }
 
 /// A request on its way upstream.
@@ -178,17 +420,188 @@ pub struct Outbound {
     pub body: OutboundBody,
 }
 
-/// Sends `request` to a node of `upstream`, trying other nodes when a connection cannot be made.
+/// A request body handed to an upstream connection; it says when its last byte has been
+/// taken, which is when the read timeout starts.
+pub struct OutgoingBody {
+    inner: ProxyBody,
+    sent: Option<oneshot::Sender<()>>,
+}
+
+impl OutgoingBody {
+    fn new(inner: ProxyBody) -> (Self, oneshot::Receiver<()>) {
+        let (tx, rx) = oneshot::channel();
+        let mut body = OutgoingBody {
+            inner,
+            sent: Some(tx),
+        };
+        if body.inner.is_end_stream() {
+            body.mark_sent();
+        }
+        (body, rx)
+    }
+
+    fn mark_sent(&mut self) {
+        if let Some(sent) = self.sent.take() {
+            let _ = sent.send(());
+        }
+    }
+
+    fn into_inner(self) -> ProxyBody {
+        self.inner
+    }
+}
+
+impl Body for OutgoingBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.get_mut();
+        let frame = Pin::new(&mut this.inner).poll_frame(cx);
+        match &frame {
+            Poll::Ready(None) => this.mark_sent(),
+            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.mark_sent(),
+            _ => {}
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// An upstream's response body: it fails if it stops moving for `idle_ms`, and gives its
+/// HTTP/1.1 connection back to the pool once it is read to the end.
+pub struct UpstreamBody {
+    inner: IdleBody<Incoming>,
+    give_back: Option<(Arc<NodeConnections>, http1::SendRequest<OutgoingBody>)>,
+    idle_timeouts: Counter,
+}
+
+impl UpstreamBody {
+    fn done(&mut self) {
+        if let Some((node, sender)) = self.give_back.take() {
+            node.put_back(sender);
+        }
+    }
+}
+
+impl std::fmt::Debug for UpstreamBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamBody").finish_non_exhaustive()
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.get_mut();
+        let frame = Pin::new(&mut this.inner).poll_frame(cx);
+        match &frame {
+            Poll::Ready(None) => this.done(),
+            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.done(),
+            Poll::Ready(Some(Err(error))) => {
+                this.give_back = None;
+                if matches!(error, BodyError::Stalled(_)) {
+                    this.idle_timeouts.inc();
+                }
+            }
+            _ => {}
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// How one exchange on one connection ended, short of a response.
+enum Exchange {
+    /// The connection failed before the request was written: it comes back whole.
+    NotSent(Box<Request<OutgoingBody>>, hyper::Error),
+    /// No response head within `read_ms`.
+    ReadTimeout,
+    /// Anything else, after (part of) the request was sent.
+    Failed(hyper::Error),
+}
+
+type TrySend = Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<OutgoingBody>>>;
+
+impl Sender {
+    /// Sends `request` and waits for the response head: without a bound while the request is
+    /// being written (the connection's and the body's own timeouts govern that), then for at
+    /// most `read` after its last byte.
+    async fn exchange(
+        &mut self,
+        request: Request<OutgoingBody>,
+        sent: oneshot::Receiver<()>,
+        read: Duration,
+    ) -> Result<Response<Incoming>, Exchange> {
+        match self {
+            Sender::Http1(sender) => {
+                wait_for_head(sender.try_send_request(request), sent, read).await
+            }
+            Sender::Http2(sender) => {
+                wait_for_head(sender.try_send_request(request), sent, read).await
+            }
+        }
+    }
+}
+
+async fn wait_for_head(
+    response: impl Future<Output = TrySend>,
+    sent: oneshot::Receiver<()>,
+    read: Duration,
+) -> Result<Response<Incoming>, Exchange> {
+    let mut response = std::pin::pin!(response);
+    let early = tokio::select! {
+        biased;
+        outcome = &mut response => Some(outcome),
+        _ = sent => None,
+    };
+    let outcome = match early {
+        Some(outcome) => outcome,
+        None => match tokio::time::timeout(read, &mut response).await {
+            Ok(outcome) => outcome,
+            Err(_) => return Err(Exchange::ReadTimeout),
+        },
+    };
+    outcome.map_err(|mut error| match error.take_message() {
+        Some(request) => Exchange::NotSent(Box::new(request), error.into_error()),
+        None => Exchange::Failed(error.into_error()),
+    })
+}
+
+/// Sends `request` to a node of `upstream`, trying other nodes when a connection cannot be made
+/// (or, for an idempotent request that can be sent again, when a node does not answer in time).
 /// `key` is the consistent-hash key (ignored by other balancers).
 pub async fn send(
     upstream: &Upstream,
     key: u64,
     request: Outbound,
-) -> Result<(Response<Incoming>, InFlight), UpstreamError> {
+) -> Result<(Response<UpstreamBody>, InFlight), UpstreamError> {
     let Outbound {
         method,
         path_and_query,
-        mut headers,
+        headers,
         body,
     } = request;
     let path_and_query =
@@ -196,91 +609,223 @@ pub async fn send(
             node: upstream.config.id.clone(),
             reason: format!("bad upstream path: {e}"),
         })?;
-    let version = match upstream.config.scheme {
-        Scheme::Http => Version::HTTP_11,
-        Scheme::Grpc => Version::HTTP_2,
+    let mut attempt = Attempt {
+        upstream,
+        method,
+        path_and_query,
+        retry_after_send: false,
+        headers,
+        body: None,
     };
-    let mut body = Some(body);
+    attempt.retry_after_send = attempt.method.is_idempotent() && body.replay().is_some();
+    attempt.body = Some(body);
     let mut tried = Vec::new();
     let mut last_error = UpstreamError::NoNodes;
-    for attempt in 0..upstream.attempts {
+    for number in 0..upstream.attempts {
         let Some(index) = upstream.nodes.select(key, &tried) else {
             break;
         };
         tried.push(index);
         let node = upstream.nodes.node(index).clone();
-        let last = attempt + 1 == upstream.attempts;
-        let (send_body, reclaim) = match body.take() {
-            Some(OutboundBody::Full(bytes)) => {
-                body = Some(OutboundBody::Full(bytes.clone()));
-                (ProxyBody::full(bytes), None)
-            }
-            Some(OutboundBody::Streaming(incoming)) if !last => {
-                let (parked, reclaim) = ReclaimableBody::new(incoming);
-                (ProxyBody::Reclaimable(parked), Some(reclaim))
-            }
-            Some(OutboundBody::Streaming(incoming)) => (ProxyBody::Incoming(incoming), None),
-            None => break,
-        };
-        let mut outbound = Request::new(send_body);
-        *outbound.method_mut() = method.clone();
-        *outbound.version_mut() = version;
-        let mut uri = uri::Parts::default();
-        uri.scheme = Some(uri::Scheme::HTTP);
-        uri.authority = Some(upstream.authorities[index].clone());
-        uri.path_and_query = Some(path_and_query.clone());
-        *outbound.uri_mut() = Uri::from_parts(uri).expect("scheme, authority and path make a URI");
-        *outbound.headers_mut() = if last {
-            std::mem::take(&mut headers)
-        } else {
-            headers.clone()
-        };
         let in_flight = InFlight::begin(node.clone());
-        let read_timeout = upstream.read_timeout();
-        match tokio::time::timeout(read_timeout, upstream.client.request(outbound)).await {
-            Ok(Ok(response)) => return Ok((response, in_flight)),
-            Ok(Err(e)) if e.is_connect() => {
-                last_error = connect_error(&node.addr, &e);
-                tracing::debug!(node = %node.addr, error = %last_error, "upstream connect failed");
-                if let Some(reclaim) = reclaim {
-                    match reclaim.reclaim() {
-                        Some(incoming) => body = Some(OutboundBody::Streaming(incoming)),
-                        // The body was read, so it cannot be sent again.
-                        None => break,
-                    }
-                }
-            }
-            Ok(Err(e)) => {
-                return Err(UpstreamError::Failed {
-                    node: node.addr.clone(),
-                    reason: error_chain(&e),
-                });
-            }
-            Err(_) => {
-                return Err(UpstreamError::Timeout {
-                    node: node.addr.clone(),
-                    ms: upstream.config.timeout.read_ms,
-                });
-            }
+        let last = number + 1 == upstream.attempts;
+        let error = match attempt.on(index, &node, last).await {
+            Ok(response) => return Ok((response, in_flight)),
+            Err(error) => error,
+        };
+        upstream.failures.record(&error);
+        tracing::debug!(node = %node.addr, %error, "upstream attempt failed");
+        let again = match &error {
+            UpstreamError::Connect { .. } | UpstreamError::ConnectTimeout { .. } => true,
+            UpstreamError::Timeout { .. } => attempt.retry_after_send,
+            _ => false,
+        };
+        last_error = error;
+        if !again || attempt.body.is_none() {
+            break;
         }
     }
     Err(last_error)
 }
 
-fn connect_error(node: &str, error: &hyper_util::client::legacy::Error) -> UpstreamError {
+/// One request's state across its attempts.
+struct Attempt<'a> {
+    upstream: &'a Upstream,
+    method: Method,
+    path_and_query: PathAndQuery,
+    /// Whether a node that took the request but did not answer may be followed by another:
+    /// only for an idempotent request whose body can be sent again.
+    retry_after_send: bool,
+    headers: HeaderMap,
+    /// What the next attempt sends; `None` once a body that cannot be replayed went out.
+    body: Option<OutboundBody>,
+}
+
+impl Attempt<'_> {
+    /// One attempt on node `index`: a pooled connection, or a new one if the pooled one turns
+    /// out to be closed before the request was written.
+    async fn on(
+        &mut self,
+        index: usize,
+        node: &Node,
+        last: bool,
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        let upstream = self.upstream;
+        let connections = &upstream.connections[index];
+        let keep_copy = self.retry_after_send && !last;
+        let mut fresh = false;
+        loop {
+            let checkout =
+                tokio::time::timeout(upstream.connect_timeout(), connections.checkout(fresh));
+            let (mut sender, reused) = match checkout.await {
+                Ok(Ok(ready)) => ready,
+                Ok(Err(ConnectFailure::Refused(reason))) => {
+                    return Err(UpstreamError::Connect {
+                        node: node.addr.clone(),
+                        reason,
+                    });
+                }
+                Err(_) => {
+                    return Err(UpstreamError::ConnectTimeout {
+                        node: node.addr.clone(),
+                        ms: upstream.config.timeout.connect_ms,
+                    });
+                }
+            };
+            let Some(body) = self.body.take() else {
+                return Err(UpstreamError::NoNodes);
+            };
+            let headers = if keep_copy {
+                self.body = body.replay();
+                self.headers.clone()
+            } else {
+                std::mem::take(&mut self.headers)
+            };
+            let body = body.into_proxy_body(upstream.idle_timeout());
+            let (request, sent) = build_request(
+                &self.method,
+                &self.path_and_query,
+                connections,
+                &sender,
+                headers,
+                body,
+            );
+            match sender
+                .exchange(request, sent, upstream.read_timeout())
+                .await
+            {
+                Ok(response) => {
+                    let (parts, incoming) = response.into_parts();
+                    let give_back = match sender {
+                        // A response without a body (HEAD, 204, 304) is never read: its
+                        // connection is free now.
+                        Sender::Http1(sender) if incoming.is_end_stream() => {
+                            connections.put_back(sender);
+                            None
+                        }
+                        Sender::Http1(sender) => Some((connections.clone(), sender)),
+                        Sender::Http2(_) => None,
+                    };
+                    let body = UpstreamBody {
+                        inner: IdleBody::new(incoming, upstream.idle_timeout(), Stalled::Upstream),
+                        give_back,
+                        idle_timeouts: upstream.failures.idle_timeout.clone(),
+                    };
+                    return Ok(Response::from_parts(parts, body));
+                }
+                Err(Exchange::NotSent(request, error)) => {
+                    // Nothing was written: the request, body included, can go again.
+                    let (parts, outgoing) = request.into_parts();
+                    self.headers = parts.headers;
+                    self.body = Some(match outgoing.into_inner() {
+                        ProxyBody::Client(client) => OutboundBody::Streaming(client),
+                        ProxyBody::Full(bytes) => OutboundBody::Full(bytes.unwrap_or_default()),
+                        _ => OutboundBody::Full(Bytes::new()),
+                    });
+                    if reused {
+                        // A pooled connection the node had closed: try a new one.
+                        fresh = true;
+                        continue;
+                    }
+                    return Err(UpstreamError::Connect {
+                        node: node.addr.clone(),
+                        reason: error_chain(&error),
+                    });
+                }
+                Err(Exchange::ReadTimeout) => {
+                    return Err(UpstreamError::Timeout {
+                        node: node.addr.clone(),
+                        ms: upstream.config.timeout.read_ms,
+                    });
+                }
+                Err(Exchange::Failed(error)) => {
+                    return Err(failed_exchange(upstream, node, &error));
+                }
+            }
+        }
+    }
+}
+
+/// The request for one attempt: origin-form for HTTP/1.1, absolute for HTTP/2.
+fn build_request(
+    method: &Method,
+    path_and_query: &PathAndQuery,
+    connections: &NodeConnections,
+    sender: &Sender,
+    mut headers: HeaderMap,
+    body: ProxyBody,
+) -> (Request<OutgoingBody>, oneshot::Receiver<()>) {
+    let (body, sent) = OutgoingBody::new(body);
+    let mut request = Request::new(body);
+    *request.method_mut() = method.clone();
+    let uri = match sender {
+        Sender::Http1(_) => {
+            if !headers.contains_key(header::HOST)
+                && let Ok(host) = HeaderValue::from_str(connections.authority.as_str())
+            {
+                headers.insert(header::HOST, host);
+            }
+            Uri::from(path_and_query.clone())
+        }
+        Sender::Http2(_) => {
+            *request.version_mut() = http::Version::HTTP_2;
+            let mut parts = uri::Parts::default();
+            parts.scheme = Some(uri::Scheme::HTTP);
+            parts.authority = Some(connections.authority.clone());
+            parts.path_and_query = Some(path_and_query.clone());
+            Uri::from_parts(parts).expect("scheme, authority and path make a URI")
+        }
+    };
+    *request.uri_mut() = uri;
+    *request.headers_mut() = headers;
+    (request, sent)
+}
+
+/// Names what went wrong once the request was (partly) sent.
+fn failed_exchange(upstream: &Upstream, node: &Node, error: &hyper::Error) -> UpstreamError {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(e) = source {
+        if let Some(body) = e.downcast_ref::<BodyError>() {
+            // The client's body failed (or stopped), not the node.
+            let stalled = matches!(body, BodyError::Stalled(_));
+            return UpstreamError::RequestBody {
+                node: node.addr.clone(),
+                stalled,
+                reason: body.to_string(),
+            };
+        }
         if let Some(io) = e.downcast_ref::<std::io::Error>()
             && io.kind() == std::io::ErrorKind::TimedOut
         {
-            return UpstreamError::ConnectTimeout {
-                node: node.to_owned(),
+            return UpstreamError::SendTimeout {
+                node: node.addr.clone(),
+                ms: upstream.config.timeout.send_ms,
             };
         }
         source = e.source();
     }
-    UpstreamError::Connect {
-        node: node.to_owned(),
+    UpstreamError::Failed {
+        node: node.addr.clone(),
         reason: error_chain(error),
     }
 }

@@ -17,11 +17,7 @@ use weir_tests::{TestGateway, Upstream, eventually, get, plugins};
 const SOON: Duration = Duration::from_secs(10);
 
 fn options(etcd: &Etcd) -> EtcdOptions {
-    EtcdOptions {
-        endpoints: vec![etcd.url.clone()],
-        prefix: "/weir".into(),
-        state_dir: None,
-    }
+    EtcdOptions::new(vec![etcd.url.clone()])
 }
 
 async fn answers(url: String, status: StatusCode) -> bool {
@@ -178,7 +174,7 @@ async fn a_registered_node_serves_until_its_lease_ends() {
         body["error"]
             .as_str()
             .unwrap()
-            .contains("no live node for service \"users\""),
+            .contains("no live node for the route's service"),
         "{body}"
     );
 }
@@ -492,4 +488,105 @@ async fn two_gateway_processes_converge() {
         .await;
     }
     drop(child);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_module_manifests_are_refused_before_anything_is_allocated() {
+    let etcd = Etcd::start().await;
+    let up = Upstream::start("u").await;
+    put_upstream(&etcd, "u", &up).await;
+    etcd.put("/weir/routes/r", json!({"uri": "/r", "upstream_id": "u"}))
+        .await;
+    let gateway = TestGateway::start_etcd(&etcd.url, None).await;
+    let url = gateway.url("/r");
+    assert_eq!(get(&url).await.status, StatusCode::OK);
+    let cases = [
+        // 100 GiB: reading it would exhaust memory before the sha256 could be checked.
+        (
+            json!({"size": 107_374_182_400u64, "chunks": 102_400}),
+            "over the 67108864-byte bound",
+        ),
+        (
+            json!({"size": 10, "chunks": 1_000_000}),
+            "has 1 chunks, not 1000000",
+        ),
+        (
+            json!({"size": 18_446_744_073_709_551_615u64, "chunks": 0}),
+            "over the",
+        ),
+        (json!({"size": -1, "chunks": 1}), "bad manifest"),
+        (
+            json!({"size": 10, "chunks": 1, "extra": true}),
+            "bad manifest",
+        ),
+    ];
+    for (index, (manifest, reason)) in cases.iter().enumerate() {
+        let sha = format!("{index:064x}");
+        etcd.put(&format!("/weir/modules/{sha}"), manifest.clone())
+            .await;
+        etcd.put(
+            &format!("/weir/plugins/hostile-{index}"),
+            json!({"sha256": sha}),
+        )
+        .await;
+        eventually("the manifest is refused", SOON, || async {
+            gateway
+                .errors()
+                .iter()
+                .any(|e| e.id == format!("hostile-{index}") && e.reason.contains(reason))
+        })
+        .await;
+    }
+    // A chunk longer than its manifest says is refused as it arrives.
+    let sha = format!("{:064x}", 99);
+    etcd.put(
+        &format!("/weir/modules/{sha}"),
+        json!({"size": 4, "chunks": 1}),
+    )
+    .await;
+    etcd.put_raw(&format!("/weir/modules/{sha}/000000"), vec![0u8; 1 << 20])
+        .await;
+    etcd.put("/weir/plugins/long-chunk", json!({"sha256": sha}))
+        .await;
+    eventually("the long chunk is refused", SOON, || async {
+        gateway
+            .errors()
+            .iter()
+            .any(|e| e.id == "long-chunk" && e.reason.contains("more than the manifest's 4 bytes"))
+    })
+    .await;
+    assert_eq!(get(&url).await.status, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_section_lives_at_weir_server() {
+    let etcd = Etcd::start().await;
+    let up = Upstream::start("u").await;
+    put_upstream(&etcd, "u", &up).await;
+    etcd.put("/weir/routes/r", json!({"uri": "/*", "upstream_id": "u"}))
+        .await;
+    let gateway = TestGateway::start_etcd(&etcd.url, None).await;
+    let many: Vec<(String, &str)> = (0..12).map(|i| (format!("x-h{i}"), "1")).collect();
+    let many: Vec<(&str, &str)> = many.iter().map(|(n, v)| (n.as_str(), *v)).collect();
+    let reply = weir_tests::raw_request(gateway.addr(), &weir_tests::raw_get("/", &many)).await;
+    assert_eq!(reply.status, 200);
+    etcd.put("/weir/server", json!({"max_headers": 10})).await;
+    eventually("the limit applies", SOON, || async {
+        weir_tests::raw_request(gateway.addr(), &weir_tests::raw_get("/", &many))
+            .await
+            .status
+            == 431
+    })
+    .await;
+    // A bad value is reported, and the limit that was serving stays.
+    etcd.put("/weir/server", json!({"max_headers": 0})).await;
+    eventually("the bad server object is reported", SOON, || async {
+        gateway
+            .errors()
+            .iter()
+            .any(|e| e.kind == weir::config::Kind::Server && e.reason.contains("max_headers 0"))
+    })
+    .await;
+    let reply = weir_tests::raw_request(gateway.addr(), &weir_tests::raw_get("/", &many)).await;
+    assert_eq!(reply.status, 431);
 }

@@ -3,9 +3,11 @@
 mod adversarial;
 mod authoring;
 mod balancing;
-mod child;
+mod drain;
+mod edge;
 mod etcd;
 mod languages;
+mod module_cache;
 mod observability;
 mod plugins;
 mod reload;

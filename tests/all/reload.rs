@@ -4,7 +4,9 @@ use std::time::Duration;
 
 use http::StatusCode;
 use serde_json::{Value, json};
-use weir_tests::{Behaviour, TestGateway, Upstream, all_plugins, get, node, yaml};
+use weir_tests::{
+    Behaviour, Gate, TestGateway, Upstream, all_plugins, eventually, get, metric, node, yaml,
+};
 
 fn config(upstream: &Upstream, route_extra: Value) -> String {
     let mut route = json!({"id": "r", "uri": "/*", "upstream_id": "u"});
@@ -19,15 +21,14 @@ fn config(upstream: &Upstream, route_extra: Value) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_valid_change_goes_live_within_a_second() {
+async fn a_valid_change_goes_live_without_a_restart() {
     let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
     let gateway = TestGateway::start(&config(&a, json!({}))).await;
     assert_eq!(get(&gateway.url("/")).await.header("x-upstream"), Some("a"));
 
-    let took = gateway
+    gateway
         .reload(&config(&b, json!({"plugins": [{"name": "headers", "config": {"response": {"set": {"x-v": "2"}}}}]})))
         .await;
-    assert!(took < Duration::from_secs(1), "reload took {took:?}");
     let reply = get(&gateway.url("/")).await;
     assert_eq!(reply.header("x-upstream"), Some("b"));
     assert_eq!(reply.header("x-v"), Some("2"));
@@ -57,8 +58,16 @@ async fn bad_changes_are_reported_and_the_old_config_keeps_serving() {
 
     // Not YAML at all: nothing changes, not even the generation.
     let generation = gateway.generation();
+    let failed = r#"weir_config_reloads_total{outcome="failed"}"#;
+    let metrics = gateway.admin_url("/metrics");
+    assert_eq!(metric(&metrics, failed).await, 0.0);
     gateway.write_config("routes: [ {id: r, uri: /*");
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    eventually(
+        "the broken file is read and refused",
+        Duration::from_secs(10),
+        || async { metric(&metrics, failed).await == 1.0 },
+    )
+    .await;
     assert_eq!(gateway.generation(), generation);
     check_still_old().await;
 
@@ -119,10 +128,11 @@ async fn bad_changes_are_reported_and_the_old_config_keeps_serving() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_in_flight_finishes_on_the_config_it_started_with() {
+    let gate = Gate::default();
     let slow = Upstream::start_with(
         "slow",
         Behaviour {
-            delay: Duration::from_millis(700),
+            gate: Some(gate.clone()),
             ..Behaviour::default()
         },
     )
@@ -131,12 +141,18 @@ async fn a_request_in_flight_finishes_on_the_config_it_started_with() {
     let gateway = TestGateway::start(&config(&slow, json!({}))).await;
     let url = gateway.url("/in-flight");
     let in_flight = tokio::spawn(async move { get(&url).await });
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    eventually(
+        "the request reaches the old upstream",
+        Duration::from_secs(10),
+        || async { slow.hits() == 1 },
+    )
+    .await;
     gateway.reload(&config(&fast, json!({}))).await;
     assert_eq!(
         get(&gateway.url("/")).await.header("x-upstream"),
         Some("fast")
     );
+    gate.open();
     let reply = in_flight.await.unwrap();
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(reply.header("x-upstream"), Some("slow"));

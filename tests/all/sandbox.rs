@@ -1,8 +1,6 @@
 //! Plugin failures: loops, memory bombs, panics and runaway recursion become the plugin's
 //! failure policy, and the gateway keeps serving everything else.
 
-use std::time::{Duration, Instant};
-
 use http::StatusCode;
 use serde_json::{Value, json};
 use weir_tests::{TestGateway, Upstream, get, node, yaml};
@@ -62,13 +60,7 @@ async fn an_infinite_loop_is_stopped_by_the_deadline_while_other_routes_serve() 
         statuses
     });
     for _ in 0..5 {
-        let started = Instant::now();
         assert_plugin_failure(&gateway, "/loop").await;
-        assert!(
-            started.elapsed() < Duration::from_secs(1),
-            "the 50 ms deadline took {:?}",
-            started.elapsed()
-        );
     }
     let statuses = neighbour.await.unwrap();
     assert!(

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use http::StatusCode;
 use serde_json::json;
-use weir_tests::{TestGateway, Upstream, get, node, probe_entry, yaml};
+use weir_tests::{TestGateway, Upstream, eventually, get, node, probe_entry, yaml};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plugin_that_keeps_failing_is_quarantined_then_retried() {
@@ -33,7 +33,11 @@ async fn a_plugin_that_keeps_failing_is_quarantined_then_retried() {
     assert!(metrics.contains(r#"weir_plugin_failures_total{plugin="flaky",route="r",tenant="default",kind="quarantined"} 1"#), "{metrics}");
 
     // After the backoff one call probes the plugin; it fails again, so it goes back for longer.
-    tokio::time::sleep(Duration::from_millis(450)).await;
+    let status_url = gateway.admin_url("/v1/status");
+    eventually("the backoff runs out", Duration::from_secs(10), || async {
+        get(&status_url).await.json()["quarantined"][0]["retry_in_ms"] == 0
+    })
+    .await;
     assert_eq!(get(&url).await.status, StatusCode::INTERNAL_SERVER_ERROR);
     assert_eq!(get(&url).await.status, StatusCode::SERVICE_UNAVAILABLE);
     let metrics = get(&gateway.admin_url("/metrics")).await.text();

@@ -83,11 +83,7 @@ async fn main() {
     }
 
     // Module swaps: every push is a new module (a custom section changes its sha256).
-    let options = EtcdOptions {
-        endpoints: vec![etcd.url.clone()],
-        prefix: "/weir".into(),
-        state_dir: None,
-    };
+    let options = EtcdOptions::new(vec![etcd.url.clone()]);
     let probe = std::fs::read(plugins::PROBE).expect("the probe component");
     let settings = PushSettings {
         grants: Some(serde_json::from_value(weir_tests::probe_grants()).unwrap()),

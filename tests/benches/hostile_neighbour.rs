@@ -65,9 +65,6 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    if std::env::var("WEIR_CHILD_ADDR_FILE").is_ok() {
-        return weir_tests::serve_as_child().await;
-    }
     let up = Upstream::start("u").await;
     println!("| hostile neighbour | good route req/s | p50 ms | p99 ms | good-route failures |");
     println!("|---|---:|---:|---:|---:|");

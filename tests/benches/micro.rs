@@ -1,5 +1,6 @@
 //! Micro-benchmarks (criterion): a call into a warm plugin instance, a call on a fresh
-//! instance, a chain of three plugins, and route lookup at 10, 1,000 and 10,000 routes.
+//! instance, a chain of three plugins, route lookup at 10, 1,000 and 10,000 routes, and the
+//! path normaliser on a path already in normal form and on two that are not.
 //!
 //! `cargo bench -p weir-tests --bench micro`
 
@@ -10,6 +11,7 @@ use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use http::{HeaderMap, HeaderValue, Method};
 use serde_json::json;
 use weir::config::{Isolation, PluginConfig};
+use weir::edge::normalise::normalise;
 use weir::exchange::{BufferedBody, RequestView};
 use weir::metrics::Metrics;
 use weir::plugin::{PluginPool, PluginRuntime};
@@ -154,5 +156,19 @@ fn route_lookup(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, plugin_calls, route_lookup);
+fn path_normalisation(c: &mut Criterion) {
+    let mut group = c.benchmark_group("edge/normalise");
+    for (name, path) in [
+        ("normal", "/api/v1/users/42/orders"),
+        ("dot-segments", "/api/v1/../v1/./users//42/orders"),
+        ("escapes", "/api/v1/%75sers/42/caf%c3%a9"),
+    ] {
+        group.bench_with_input(BenchmarkId::new(name, path.len()), &path, |b, path| {
+            b.iter(|| normalise(path).unwrap().path.len())
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, plugin_calls, route_lookup, path_normalisation);
 criterion_main!(benches);

@@ -82,6 +82,10 @@ pub struct Behaviour {
     pub body: Option<Bytes>,
     /// The content type of the answer, if any.
     pub content_type: Option<&'static str>,
+    /// Extra response headers.
+    pub headers: Vec<(&'static str, &'static str)>,
+    /// Answer only once this gate opens.
+    pub gate: Option<Gate>,
 }
 
 impl Default for Behaviour {
@@ -91,7 +95,31 @@ impl Default for Behaviour {
             status: StatusCode::OK,
             body: None,
             content_type: None,
+            headers: Vec::new(),
+            gate: None,
         }
+    }
+}
+
+/// Holds an upstream's answers until the test opens it.
+#[derive(Clone, Debug)]
+pub struct Gate(watch::Sender<bool>);
+
+impl Default for Gate {
+    fn default() -> Self {
+        Gate(watch::channel(false).0)
+    }
+}
+
+impl Gate {
+    /// Lets every held answer (and every later one) go.
+    pub fn open(&self) {
+        self.0.send_replace(true);
+    }
+
+    async fn passed(&self) {
+        let mut open = self.0.subscribe();
+        let _ = open.wait_for(|open| *open).await;
     }
 }
 
@@ -101,6 +129,7 @@ pub struct Upstream {
     /// Where it listens.
     pub addr: SocketAddr,
     hits: Arc<AtomicUsize>,
+    connections: Arc<AtomicUsize>,
     stop: watch::Sender<bool>,
 }
 
@@ -117,15 +146,18 @@ impl Upstream {
             .expect("binding an upstream");
         let addr = listener.local_addr().expect("upstream address");
         let hits = Arc::new(AtomicUsize::new(0));
+        let connections = Arc::new(AtomicUsize::new(0));
         let (stop, mut stopped) = watch::channel(false);
         let name: Arc<str> = name.into();
         let counter = hits.clone();
+        let accepted_count = connections.clone();
         tokio::spawn(async move {
             loop {
                 let (stream, _) = tokio::select! {
                     _ = stopped.changed() => return,
                     accepted = listener.accept() => match accepted { Ok(a) => a, Err(_) => continue },
                 };
+                accepted_count.fetch_add(1, Ordering::SeqCst);
                 let (name, behaviour, counter) = (name.clone(), behaviour.clone(), counter.clone());
                 tokio::spawn(async move {
                     let service = service_fn(move |request| {
@@ -138,7 +170,12 @@ impl Upstream {
                 });
             }
         });
-        Upstream { addr, hits, stop }
+        Upstream {
+            addr,
+            hits,
+            connections,
+            stop,
+        }
     }
 
     /// Its port.
@@ -149,6 +186,11 @@ impl Upstream {
     /// How many requests it has received.
     pub fn hits(&self) -> usize {
         self.hits.load(Ordering::SeqCst)
+    }
+
+    /// How many connections it has accepted.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
     }
 }
 
@@ -171,6 +213,9 @@ async fn answer(
         .unwrap_or_default();
     if !behaviour.delay.is_zero() {
         tokio::time::sleep(behaviour.delay).await;
+    }
+    if let Some(gate) = &behaviour.gate {
+        gate.passed().await;
     }
     let body = behaviour.body.clone().unwrap_or_else(|| {
         let mut headers: BTreeMap<String, String> = BTreeMap::new();
@@ -202,6 +247,11 @@ async fn answer(
             .headers_mut()
             .insert("content-type", http::HeaderValue::from_static(content_type));
     }
+    for (name, value) in &behaviour.headers {
+        response
+            .headers_mut()
+            .append(*name, http::HeaderValue::from_static(value));
+    }
     Ok(response)
 }
 
@@ -226,9 +276,8 @@ impl TestGateway {
     pub async fn start_etcd(url: &str, state_dir: Option<PathBuf>) -> TestGateway {
         let dir = tempfile::tempdir().expect("a temporary folder");
         let options = weir::store::etcd::EtcdOptions {
-            endpoints: vec![url.to_owned()],
-            prefix: "/weir".into(),
             state_dir,
+            ..weir::store::etcd::EtcdOptions::new(vec![url.to_owned()])
         };
         Self::start_in(dir, ConfigSource::Etcd(options)).await
     }
@@ -263,6 +312,7 @@ impl TestGateway {
             admin_listen: Some("127.0.0.1:0".parse().expect("an address")),
             access_log: AccessLogTarget::File(access_log.clone()),
             module_cache,
+            max_module_bytes: weir::store::etcd::DEFAULT_MAX_MODULE_BYTES,
         };
         let running = weir::start(options).await.expect("the gateway starts");
         TestGateway {
@@ -280,6 +330,11 @@ impl TestGateway {
 
     fn running(&self) -> &RunningGateway {
         self.running.as_ref().expect("the gateway is running")
+    }
+
+    /// The proxy listener's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.running().addr
     }
 
     /// The proxy URL for `path`.
@@ -359,44 +414,97 @@ impl TestGateway {
     }
 }
 
-/// A gateway running in a child process: this test binary run again with only the
-/// `child::gateway_process` test, which reads its config from the environment.
+/// A gateway running in a child process: the `weir-test-gateway` binary of this package,
+/// which reads its config from the environment and drains on SIGTERM as `weir run` does.
 pub struct ChildGateway {
     child: std::process::Child,
     /// The proxy's base URL.
     pub url: String,
     /// The admin listener's base URL.
     pub admin: String,
+    /// The proxy's address.
+    pub addr: SocketAddr,
     dir: tempfile::TempDir,
+}
+
+/// How a [`ChildGateway`] drains on SIGTERM.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ChildDrain {
+    /// `--drain-delay`.
+    pub delay: Duration,
+    /// `--drain-timeout`.
+    pub timeout: Duration,
+}
+
+/// The `weir-test-gateway` binary: cargo builds a package's binaries before its tests and
+/// benches, into the folder above theirs.
+fn child_program() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("the test binary lives in target/<profile>/deps");
+    let program = profile_dir.join("weir-test-gateway");
+    assert!(
+        program.exists(),
+        "{} is missing: build it with `cargo build -p weir-tests --bins`",
+        program.display()
+    );
+    program
 }
 
 impl ChildGateway {
     /// A child gateway serving this YAML config.
     pub async fn start(yaml: &str) -> ChildGateway {
+        Self::start_draining(yaml, ChildDrain::default()).await
+    }
+
+    /// A child gateway serving this YAML config, draining as `drain` says on SIGTERM.
+    pub async fn start_draining(yaml: &str, drain: ChildDrain) -> ChildGateway {
         let dir = tempfile::tempdir().expect("a temporary folder");
         let config = dir.path().join("weir.yaml");
         std::fs::write(&config, yaml).expect("writing the config");
-        Self::spawn(dir, "WEIR_CHILD_CONFIG", config.display().to_string()).await
+        Self::spawn(
+            dir,
+            "WEIR_CHILD_CONFIG",
+            config.display().to_string(),
+            drain,
+        )
+        .await
     }
 
     /// A child gateway following etcd at `url`.
     pub async fn start_etcd(url: &str) -> ChildGateway {
         let dir = tempfile::tempdir().expect("a temporary folder");
-        Self::spawn(dir, "WEIR_CHILD_ETCD", url.to_owned()).await
+        Self::spawn(
+            dir,
+            "WEIR_CHILD_ETCD",
+            url.to_owned(),
+            ChildDrain::default(),
+        )
+        .await
     }
 
-    async fn spawn(dir: tempfile::TempDir, variable: &str, value: String) -> ChildGateway {
+    async fn spawn(
+        dir: tempfile::TempDir,
+        variable: &str,
+        value: String,
+        drain: ChildDrain,
+    ) -> ChildGateway {
         let addr_file = dir.path().join("addresses");
         let log = std::fs::File::create(dir.path().join("gateway.log")).expect("a log file");
-        let child = std::process::Command::new(std::env::current_exe().expect("the test binary"))
-            .args([
-                "--ignored",
-                "--exact",
-                "child::gateway_process",
-                "--nocapture",
-            ])
+        let child = std::process::Command::new(child_program())
             .env(variable, value)
             .env("WEIR_CHILD_ADDR_FILE", &addr_file)
+            .env("WEIR_CHILD_ACCESS_LOG", dir.path().join("access.log"))
+            .env(
+                "WEIR_CHILD_DRAIN_DELAY_MS",
+                drain.delay.as_millis().to_string(),
+            )
+            .env(
+                "WEIR_CHILD_DRAIN_TIMEOUT_MS",
+                drain.timeout.as_millis().to_string(),
+            )
             .env("WEIR_LOG", "info")
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::null())
@@ -411,7 +519,7 @@ impl ChildGateway {
                 break text;
             }
             assert!(
-                started.elapsed() < Duration::from_secs(30),
+                started.elapsed() < Duration::from_secs(60),
                 "the child gateway did not start"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -419,10 +527,15 @@ impl ChildGateway {
         let mut lines = addresses.lines();
         let url = lines.next().expect("the proxy address").to_owned();
         let admin = lines.next().expect("the admin address").to_owned();
+        let addr = url
+            .trim_start_matches("http://")
+            .parse()
+            .expect("the proxy address is host:port");
         ChildGateway {
             child,
             url,
             admin,
+            addr,
             dir,
         }
     }
@@ -432,9 +545,37 @@ impl ChildGateway {
         std::fs::read_to_string(self.dir.path().join("gateway.log")).unwrap_or_default()
     }
 
+    /// The access log's lines so far.
+    pub fn access_log(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.dir.path().join("access.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("each access-log line is JSON"))
+            .collect()
+    }
+
     /// Whether the process is still running.
     pub fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Sends SIGTERM, as a service manager does to stop it.
+    pub fn terminate(&self) {
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("running kill");
+        assert!(status.success(), "kill -TERM failed");
+    }
+
+    /// Waits for the process to exit and returns whether it exited cleanly.
+    pub async fn exited(&mut self) -> bool {
+        loop {
+            if let Some(status) = self.child.try_wait().expect("the child's status") {
+                return status.success();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// The process's resident memory, in KiB.
@@ -457,42 +598,172 @@ impl Drop for ChildGateway {
     }
 }
 
-/// Runs the gateway of a [`ChildGateway`]: called from the child test, with its environment.
+/// The `weir-test-gateway` binary's body: serves the config its environment names until its
+/// stdin closes (the parent went away), or drains and exits on SIGTERM.
 pub async fn serve_as_child() {
-    let Ok(addr_file) = std::env::var("WEIR_CHILD_ADDR_FILE") else {
-        return;
-    };
+    let addr_file = std::env::var("WEIR_CHILD_ADDR_FILE")
+        .expect("weir-test-gateway is started by the tests (WEIR_CHILD_ADDR_FILE)");
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("WEIR_LOG"))
         .with_writer(std::io::stderr)
         .with_ansi(false)
         .init();
-    let gateway = match (
+    let config = match (
         std::env::var("WEIR_CHILD_CONFIG"),
         std::env::var("WEIR_CHILD_ETCD"),
     ) {
-        (Ok(config), _) => {
-            let dir = tempfile::tempdir().expect("a temporary folder");
-            TestGateway::start_in(dir, ConfigSource::File(config.into())).await
-        }
-        (_, Ok(etcd)) => TestGateway::start_etcd(&etcd, None).await,
+        (Ok(config), _) => ConfigSource::File(config.into()),
+        (_, Ok(etcd)) => ConfigSource::Etcd(weir::store::etcd::EtcdOptions::new(vec![etcd])),
         _ => panic!("a child gateway needs WEIR_CHILD_CONFIG or WEIR_CHILD_ETCD"),
     };
+    let millis = |name: &str| {
+        Duration::from_millis(
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+        )
+    };
+    let access_log = std::env::var("WEIR_CHILD_ACCESS_LOG")
+        .map(|path| AccessLogTarget::File(path.into()))
+        .unwrap_or(AccessLogTarget::Off);
+    let options = GatewayOptions {
+        config,
+        listen: "127.0.0.1:0".parse().expect("an address"),
+        admin_listen: Some("127.0.0.1:0".parse().expect("an address")),
+        access_log,
+        module_cache: None,
+        max_module_bytes: weir::store::etcd::DEFAULT_MAX_MODULE_BYTES,
+    };
+    weir::server::raise_open_file_limit();
+    let running = weir::start(options).await.expect("the gateway starts");
     // Written whole, then renamed, so the parent never reads half of it.
     let staging = format!("{addr_file}.new");
     std::fs::write(
         &staging,
-        format!("{}\n{}\n", gateway.url(""), gateway.admin_url("")),
+        format!(
+            "http://{}\nhttp://{}\n",
+            running.addr,
+            running.admin_addr.expect("an admin listener")
+        ),
     )
     .expect("writing addresses");
     std::fs::rename(&staging, &addr_file).expect("publishing addresses");
-    // Serve until the parent closes our stdin (or kills us).
-    tokio::task::spawn_blocking(|| {
+    let parent_gone = tokio::task::spawn_blocking(|| {
         std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new())
-    })
-    .await
-    .expect("the stdin reader")
-    .expect("reading stdin");
+    });
+    tokio::select! {
+        _ = parent_gone => {}
+        signal = weir::server::stop_signal() => {
+            signal.expect("listening for signals");
+            let timeout = millis("WEIR_CHILD_DRAIN_TIMEOUT_MS");
+            let drain = weir::DrainOptions {
+                delay: millis("WEIR_CHILD_DRAIN_DELAY_MS"),
+                timeout: if timeout.is_zero() { weir::DrainOptions::default().timeout } else { timeout },
+            };
+            running.drain(drain).await;
+            // The stdin reader blocks a thread that the runtime would wait for.
+            std::process::exit(0);
+        }
+    }
+}
+
+/// A node that takes connections but never answers: it accepts them (or, `listen_only`, leaves
+/// them in the kernel's queue) and reads nothing.
+pub struct BlackHole {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    stop: watch::Sender<bool>,
+}
+
+impl BlackHole {
+    /// A node that accepts connections and never reads or answers.
+    pub async fn accepting() -> BlackHole {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("binding");
+        let addr = listener.local_addr().expect("an address");
+        let (stop, mut stopped) = watch::channel(false);
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            loop {
+                tokio::select! {
+                    _ = stopped.changed() => return,
+                    accepted = listener.accept() => if let Ok((stream, _)) = accepted {
+                        held.push(stream);
+                    },
+                }
+            }
+        });
+        BlackHole { addr, stop }
+    }
+
+    /// Its node entry.
+    pub fn node(&self) -> serde_json::Value {
+        serde_json::json!({ "host": "127.0.0.1", "port": self.addr.port() })
+    }
+}
+
+impl Drop for BlackHole {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+/// A response read off a raw connection.
+#[derive(Debug)]
+pub struct RawReply {
+    /// The status code, or 0 when the connection closed without one.
+    pub status: u16,
+    /// The head, as text.
+    pub head: String,
+    /// The body (whatever came after the head).
+    pub body: Vec<u8>,
+}
+
+/// Writes `request` as it is onto a new connection to `addr`, then reads until the peer closes.
+/// For requests that a well-behaved client library would refuse or rewrite.
+pub async fn raw_request(addr: SocketAddr, request: &[u8]) -> RawReply {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connecting");
+    stream.write_all(request).await.expect("writing");
+    let mut bytes = Vec::new();
+    let _ = stream.read_to_end(&mut bytes).await;
+    let split = bytes
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(bytes.len(), |i| i + 4);
+    let head = String::from_utf8_lossy(&bytes[..split]).into_owned();
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    RawReply {
+        status,
+        head,
+        body: bytes[split..].to_vec(),
+    }
+}
+
+/// `GET path` with `headers`, closing the connection after the answer.
+pub fn raw_get(path: &str, headers: &[(&str, &str)]) -> Vec<u8> {
+    let mut request = format!("GET {path} HTTP/1.1\r\nhost: gateway.test\r\nconnection: close\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    request.into_bytes()
+}
+
+/// The value of the sample `metric` (its whole name with labels, as the text format writes it)
+/// on the admin listener at `admin`, or 0 when it is not there yet.
+pub async fn metric(admin_url: &str, metric: &str) -> f64 {
+    let text = get(admin_url).await.text();
+    text.lines()
+        .find_map(|line| line.strip_prefix(metric)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// A response, fully read.

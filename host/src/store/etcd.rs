@@ -8,6 +8,7 @@
 //! /weir/upstreams/<id>         upstream JSON
 //! /weir/plugins/<name>         plugin entry JSON, naming its module by sha256
 //! /weir/tenants/<name>         tenant JSON: quotas
+//! /weir/server                 server JSON: client timeouts, limits, trusted proxies
 //! /weir/services/<name>/<node> node JSON {host, port, weight?, meta?}, under a lease
 //! /weir/modules/<sha256>       {"size": N, "chunks": C}
 //! /weir/modules/<sha256>/<n>   chunk n of the module's bytes (n zero-padded to 6 digits)
@@ -32,7 +33,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::access_log::now_rfc3339;
 use crate::config::{
-    Kind, ObjectError, PluginConfig, RouteConfig, ServiceNode, TenantConfig, UpstreamConfig,
+    Kind, ObjectError, PluginConfig, RouteConfig, ServerConfig, ServiceNode, TenantConfig,
+    UpstreamConfig,
 };
 use crate::gateway::{Gateway, StoreHealth};
 use crate::plugin::sha256_hex;
@@ -93,9 +95,25 @@ pub struct EtcdOptions {
     pub prefix: String,
     /// Where the last good config and its modules are kept, to start while etcd is down.
     pub state_dir: Option<PathBuf>,
+    /// The largest module accepted from the store; a manifest claiming more is refused before
+    /// anything is read or allocated.
+    pub max_module_bytes: u64,
 }
 
+/// The default bound on a module's size: 64 MiB.
+pub const DEFAULT_MAX_MODULE_BYTES: u64 = 64 << 20;
+
 impl EtcdOptions {
+    /// Options for `endpoints` with the default prefix (`/weir`) and bounds, and no state dir.
+    pub fn new(endpoints: Vec<String>) -> Self {
+        EtcdOptions {
+            endpoints,
+            prefix: "/weir".into(),
+            state_dir: None,
+            max_module_bytes: DEFAULT_MAX_MODULE_BYTES,
+        }
+    }
+
     fn endpoints_text(&self) -> String {
         self.endpoints.join(",")
     }
@@ -137,6 +155,7 @@ enum Entry {
     Upstream(UpstreamConfig),
     Plugin(PluginConfig),
     Tenant(TenantConfig),
+    Server(ServerConfig),
     Node {
         service: String,
         node: String,
@@ -286,6 +305,7 @@ impl EtcdStore {
                 Entry::Tenant(tenant) => {
                     objects.tenants.insert(tenant.name.clone(), tenant);
                 }
+                Entry::Server(server) => objects.server = Some(server),
                 Entry::Node {
                     service,
                     node,
@@ -537,8 +557,9 @@ impl EtcdStore {
     }
 
     async fn fetch_module(&self, sha256: &str) -> Result<Vec<u8>, String> {
+        let max = self.options.max_module_bytes;
         if let Some(path) = self.module_path(sha256)
-            && let Ok(bytes) = tokio::fs::read(&path).await
+            && let Ok(bytes) = read_bounded(&path, max).await
             && sha256_hex(&bytes) == sha256
         {
             return Ok(bytes);
@@ -546,7 +567,7 @@ impl EtcdStore {
         let client = self.client.lock().expect("client lock").clone();
         let mut client =
             client.ok_or("etcd is unreachable and the module is not in --state-dir")?;
-        let bytes = read_module(&mut client, &self.root, sha256)
+        let bytes = read_module(&mut client, &self.root, sha256, max)
             .await
             .map_err(|e| e.to_string())?;
         if let Some(path) = self.module_path(sha256)
@@ -653,6 +674,14 @@ fn parse_entry(root: &str, key: &str, value: &[u8]) -> Option<Entry> {
             parse_object(value, Kind::Tenant, "name", name)
                 .map_or_else(Entry::Invalid, Entry::Tenant),
         ),
+        "server" if rest == "server" => Some(match serde_json::from_slice::<ServerConfig>(value) {
+            Ok(server) => Entry::Server(server),
+            Err(e) => Entry::Invalid(ObjectError::new(
+                Kind::Server,
+                "server",
+                format!("invalid server JSON: {e}"),
+            )),
+        }),
         "services" => {
             let Some((service, node)) = name
                 .split_once('/')
@@ -717,18 +746,62 @@ fn parse_object<T: serde::de::DeserializeOwned>(
 }
 
 /// A module's manifest, at `modules/<sha256>`.
-#[derive(Serialize, Deserialize)]
+#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ModuleManifest {
-    size: usize,
-    chunks: usize,
+    size: u64,
+    chunks: u64,
+}
+
+impl ModuleManifest {
+    /// Parses a manifest and checks that it describes a module of at most `max` bytes in
+    /// chunks of [`CHUNK_BYTES`], before anything is read or allocated for it.
+    fn parse(value: &[u8], max: u64) -> Result<Self, String> {
+        let manifest: ModuleManifest =
+            serde_json::from_slice(value).map_err(|e| format!("bad manifest: {e}"))?;
+        if manifest.size > max {
+            return Err(format!(
+                "the module is {} bytes, over the {max}-byte bound (--max-module-mb)",
+                manifest.size
+            ));
+        }
+        let expected = manifest.size.div_ceil(CHUNK_BYTES as u64).max(1);
+        if manifest.chunks != expected {
+            return Err(format!(
+                "a {}-byte module has {expected} chunks, not {}",
+                manifest.size, manifest.chunks
+            ));
+        }
+        Ok(manifest)
+    }
+}
+
+/// Reads a file of at most `max` bytes.
+async fn read_bounded(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let file = tokio::fs::File::open(path).await?;
+    let mut bytes = Vec::new();
+    file.take(max + 1).read_to_end(&mut bytes).await?;
+    if bytes.len() as u64 > max {
+        return Err(std::io::Error::other(format!(
+            "{} is over {max} bytes",
+            path.display()
+        )));
+    }
+    Ok(bytes)
 }
 
 fn chunk_key(root: &str, sha256: &str, index: usize) -> String {
     format!("{root}/modules/{sha256}/{index:06}")
 }
 
-/// Reads a module's chunks and checks them against its sha256.
-async fn read_module(client: &mut Client, root: &str, sha256: &str) -> Result<Vec<u8>, EtcdError> {
+/// Reads a module's chunks and checks them against its sha256; `max` bounds its size.
+async fn read_module(
+    client: &mut Client,
+    root: &str,
+    sha256: &str,
+    max: u64,
+) -> Result<Vec<u8>, EtcdError> {
     let manifest_key = format!("{root}/modules/{sha256}");
     let layout = |reason: String| EtcdError::Layout {
         key: manifest_key.clone(),
@@ -746,20 +819,25 @@ async fn read_module(client: &mut Client, root: &str, sha256: &str) -> Result<Ve
         .kvs()
         .first()
         .ok_or_else(|| layout("no such module (push it with `weir plugin push`)".into()))?;
-    let manifest: ModuleManifest =
-        serde_json::from_slice(kv.value()).map_err(|e| layout(format!("bad manifest: {e}")))?;
-    let mut bytes = Vec::with_capacity(manifest.size);
+    let manifest = ModuleManifest::parse(kv.value(), max).map_err(layout)?;
+    let size = usize::try_from(manifest.size).map_err(|_| layout("size overflows".into()))?;
+    let mut bytes = Vec::with_capacity(size);
     for index in 0..manifest.chunks {
-        let key = chunk_key(root, sha256, index);
+        let key = chunk_key(root, sha256, index as usize);
         let response = client.get(key.clone(), None).await.map_err(client_err)?;
         let chunk = response
             .kvs()
             .first()
             .ok_or_else(|| layout(format!("chunk {key} is missing")))?;
+        if bytes.len() + chunk.value().len() > size {
+            return Err(layout(format!(
+                "the chunks hold more than the manifest's {size} bytes"
+            )));
+        }
         bytes.extend_from_slice(chunk.value());
     }
     let actual = sha256_hex(&bytes);
-    if bytes.len() != manifest.size || actual != sha256 {
+    if bytes.len() != size || actual != sha256 {
         return Err(layout(format!(
             "the chunks hold {} bytes with sha256 {actual}, not {} bytes with sha256 {sha256}",
             bytes.len(),
@@ -806,11 +884,22 @@ pub async fn push_plugin(
     settings: &PushSettings,
 ) -> Result<Pushed, EtcdError> {
     let root = options.root();
-    let mut client = connect(options).await?;
-    let client_err = |source| client_error(options, source);
     let sha256 = sha256_hex(bytes);
     let manifest_key = format!("{root}/modules/{sha256}");
     let entry_key = format!("{root}/plugins/{name}");
+    if bytes.len() as u64 > options.max_module_bytes {
+        // Gateways would refuse it: say so before storing it.
+        return Err(EtcdError::Layout {
+            key: manifest_key,
+            reason: format!(
+                "the module is {} bytes, over the {}-byte bound (--max-module-mb)",
+                bytes.len(),
+                options.max_module_bytes
+            ),
+        });
+    }
+    let mut client = connect(options).await?;
+    let client_err = |source| client_error(options, source);
     let chunks = bytes.len().div_ceil(CHUNK_BYTES).max(1);
 
     let stored = client
@@ -882,8 +971,8 @@ pub async fn push_plugin(
         reason,
     })?;
     let manifest = serde_json::to_vec(&ModuleManifest {
-        size: bytes.len(),
-        chunks,
+        size: bytes.len() as u64,
+        chunks: chunks as u64,
     })
     .expect("a manifest serializes");
     let txn = Txn::new().when([compare]).and_then([
@@ -1002,6 +1091,8 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), EtcdError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+    use serde_json::Value as Json;
 
     #[test]
     fn keys_map_to_objects_with_their_reasons() {
@@ -1054,9 +1145,8 @@ mod tests {
     fn prefixes_are_normalised_and_ranges_skip_modules() {
         let store = |prefix: &str| {
             EtcdStore::new(EtcdOptions {
-                endpoints: vec![],
                 prefix: prefix.into(),
-                state_dir: None,
+                ..EtcdOptions::new(vec![])
             })
         };
         assert_eq!(store("/weir/").root, "/weir");
@@ -1082,6 +1172,301 @@ mod tests {
                     .any(|(s, e)| key >= s.as_str() && key < e.as_str()),
                 "{key}"
             );
+        }
+    }
+    /// Inputs per property in CI, `default` unless `PROPTEST_CASES` says otherwise
+    /// (`PROPTEST_CASES=1000000` runs more; see docs/security.md).
+    fn cases(default: u32) -> ProptestConfig {
+        ProptestConfig::with_cases(
+            std::env::var("PROPTEST_CASES")
+                .ok()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(default),
+        )
+    }
+
+    /// Any JSON, a few levels deep.
+    fn json() -> BoxedStrategy<Json> {
+        let leaf = prop_oneof![
+            Just(Json::Null),
+            any::<bool>().prop_map(Json::Bool),
+            any::<i64>().prop_map(Json::from),
+            any::<u64>().prop_map(Json::from),
+            any::<f64>().prop_filter_map("finite", |f| {
+                serde_json::Number::from_f64(f).map(Json::Number)
+            }),
+            "[a-z_]{0,8}".prop_map(Json::String),
+            any::<String>().prop_map(Json::String),
+        ];
+        let key = prop_oneof!["id|name|size|chunks|[a-z_]{1,8}", any::<String>()];
+        leaf.prop_recursive(4, 48, 6, move |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Json::Array),
+                prop::collection::btree_map(key.clone(), inner, 0..6)
+                    .prop_map(|m| Json::Object(m.into_iter().collect())),
+            ]
+        })
+        .boxed()
+    }
+
+    /// Every key section the layout has, some it refuses, and some it does not know.
+    const SECTIONS: &[&str] = &[
+        "routes",
+        "upstreams",
+        "plugins",
+        "tenants",
+        "services",
+        "server",
+        "modules",
+        "consumers",
+        "ssl",
+        "unknown",
+        "",
+    ];
+
+    /// A key under `/weir/`: a section, then anything (often nothing, or more slashes).
+    fn key() -> impl Strategy<Value = String> {
+        let tail = prop_oneof![
+            Just(String::new()),
+            "(/[a-z0-9._]{0,4}){1,3}/?",
+            any::<String>().prop_map(|s| format!("/{s}")),
+            any::<String>(),
+        ];
+        (prop::sample::select(SECTIONS), tail)
+            .prop_map(|(section, tail)| format!("/weir/{section}{tail}"))
+    }
+
+    /// Validates what came out of `key`, and builds it where the gateway would (upstreams),
+    /// so that nothing a key holds is shown to panic there either.
+    fn check_entry(key: &str, entry: Option<Entry>) {
+        let section = key
+            .strip_prefix("/weir/")
+            .and_then(|rest| rest.split('/').next());
+        let Some(entry) = entry else {
+            // Only module keys, and keys outside the root, are left out.
+            assert!(matches!(section, None | Some("modules")), "{key}");
+            return;
+        };
+        match entry {
+            Entry::Route(route) => {
+                assert_eq!(section, Some("routes"));
+                let _ = route.validate();
+            }
+            Entry::Upstream(upstream) => {
+                assert_eq!(section, Some("upstreams"));
+                crate::store::file::tests::check_upstream(&upstream);
+            }
+            Entry::Plugin(plugin) => {
+                assert_eq!(section, Some("plugins"));
+                let _ = plugin.validate();
+            }
+            Entry::Tenant(tenant) => {
+                assert_eq!(section, Some("tenants"));
+                let _ = tenant.validate();
+            }
+            Entry::Server(server) => {
+                assert_eq!(key, "/weir/server");
+                let _ = server.validate();
+            }
+            Entry::Node { service, value, .. } => {
+                assert_eq!(section, Some("services"));
+                if value.validate().is_ok() {
+                    // What `Snapshot::build_services` makes of a service's live nodes.
+                    use crate::config::{BalancerKind, NodeConfig, Scheme};
+                    let config = UpstreamConfig {
+                        id: service,
+                        nodes: vec![NodeConfig {
+                            host: value.host,
+                            port: value.port,
+                            weight: value.weight,
+                        }],
+                        balancer: BalancerKind::Roundrobin,
+                        hash_on: None,
+                        scheme: Scheme::Http,
+                        timeout: Default::default(),
+                        retries: None,
+                    };
+                    let metrics = crate::metrics::Metrics::new();
+                    let pool = crate::upstream::ClientPool::default();
+                    crate::upstream::Upstream::new(config, &pool, &metrics);
+                }
+            }
+            Entry::Invalid(error) => {
+                let _ = error.at_key(key).to_string();
+            }
+        }
+    }
+
+    /// A config object with a key that names it (now and then one that does not), and the
+    /// value's bytes, now and then cut short.
+    fn keyed_object() -> impl Strategy<Value = (String, Vec<u8>)> {
+        use crate::store::file::tests::config_object;
+        let object = prop_oneof![
+            config_object(Kind::Route).prop_map(|v| ("routes", "id", v)),
+            config_object(Kind::Upstream).prop_map(|v| ("upstreams", "id", v)),
+            config_object(Kind::Plugin).prop_map(|v| ("plugins", "name", v)),
+            config_object(Kind::Tenant).prop_map(|v| ("tenants", "name", v)),
+            config_object(Kind::Server).prop_map(|v| ("server", "", v)),
+            config_object(Kind::ServiceNode).prop_map(|v| ("services", "", v)),
+            (prop::sample::select(SECTIONS), json()).prop_map(|(s, v)| (s, "", v)),
+        ];
+        let other_name = prop_oneof![
+            "[a-z0-9]{1,4}(/[a-z0-9]{1,4})?".prop_map(Some),
+            Just(None),
+            Just(Some(String::new())),
+            any::<String>().prop_map(Some),
+        ];
+        (
+            object,
+            prop::option::weighted(0.1, other_name),
+            prop::option::weighted(0.05, any::<prop::sample::Index>()),
+        )
+            .prop_map(|((section, id_field, value), other_name, cut)| {
+                let own_name = match section {
+                    "services" => Some("svc/node".to_owned()),
+                    _ => value
+                        .get(id_field)
+                        .and_then(Json::as_str)
+                        .map(str::to_owned),
+                };
+                let key = match other_name.unwrap_or(own_name) {
+                    Some(name) => format!("/weir/{section}/{name}"),
+                    None => format!("/weir/{section}"),
+                };
+                let mut bytes = serde_json::to_vec(&value).expect("JSON serializes");
+                if let Some(cut) = cut {
+                    bytes.truncate(cut.index(bytes.len() + 1));
+                }
+                (key, bytes)
+            })
+    }
+
+    /// A module manifest: mostly a consistent one, near the chunk and size bounds.
+    fn manifest() -> impl Strategy<Value = Vec<u8>> {
+        let chunk = CHUNK_BYTES as u64;
+        let size = prop_oneof![
+            prop::sample::select(vec![
+                0,
+                1,
+                chunk - 1,
+                chunk,
+                chunk + 1,
+                DEFAULT_MAX_MODULE_BYTES,
+                DEFAULT_MAX_MODULE_BYTES + 1,
+                u64::MAX - 1,
+                u64::MAX,
+            ]),
+            any::<u64>(),
+        ];
+        let consistent = size.clone().prop_map(
+            move |size| serde_json::json!({"size": size, "chunks": size.div_ceil(chunk).max(1)}),
+        );
+        let loose = (size, any::<u64>())
+            .prop_map(|(size, chunks)| serde_json::json!({"size": size, "chunks": chunks}));
+        prop_oneof![
+            4 => consistent.prop_map(|v| v.to_string().into_bytes()),
+            2 => loose.prop_map(|v| v.to_string().into_bytes()),
+            1 => json().prop_map(|v| v.to_string().into_bytes()),
+            1 => prop::collection::vec(any::<u8>(), 0..48),
+            1 => "\\{\"size\": -?[0-9]{1,22}(\\.[0-9])?(e[0-9]{1,3})?, \"chunks\": [0-9]{1,3}\\}"
+                .prop_map(String::into_bytes),
+        ]
+    }
+
+    fn saved_state() -> impl Strategy<Value = Vec<u8>> {
+        let keys = prop::collection::btree_map(key(), any::<String>(), 0..4);
+        let structured = (
+            any::<i64>(),
+            keys,
+            prop::collection::vec(keyed_object(), 0..4),
+        )
+            .prop_map(|(revision, mut keys, objects)| {
+                for (key, value) in objects {
+                    keys.insert(key, String::from_utf8_lossy(&value).into_owned());
+                }
+                serde_json::to_vec(&SavedState { revision, keys }).expect("state serializes")
+            });
+        prop_oneof![
+            4 => structured,
+            1 => json().prop_map(|v| v.to_string().into_bytes()),
+            1 => prop::collection::vec(any::<u8>(), 0..64),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(cases(20_000))]
+
+        #[test]
+        fn fuzz_etcd_parse_entry_never_panics_on_any_bytes(
+            key in key(),
+            value in prop::collection::vec(any::<u8>(), 0..64),
+        ) {
+            check_entry(&key, parse_entry("/weir", &key, &value));
+            // A key that is not under the root is ignored, not refused.
+            prop_assert!(
+                parse_entry("/weir/routes", &key, &value).is_none()
+                    || key.starts_with("/weir/routes/")
+            );
+        }
+
+        #[test]
+        fn fuzz_etcd_module_manifest_never_panics_and_holds_its_bounds(
+            value in manifest(),
+            max in prop_oneof![
+                prop::sample::select(vec![
+                    0,
+                    1,
+                    CHUNK_BYTES as u64,
+                    DEFAULT_MAX_MODULE_BYTES,
+                    u64::MAX,
+                ]),
+                any::<u64>(),
+            ],
+        ) {
+            if let Ok(manifest) = ModuleManifest::parse(&value, max) {
+                prop_assert!(manifest.size <= max);
+                let chunks = manifest.size.div_ceil(CHUNK_BYTES as u64).max(1);
+                prop_assert_eq!(manifest.chunks, chunks);
+            }
+        }
+    }
+
+    proptest! {
+        // Generating the objects costs more than parsing them (the strategies run unoptimised
+        // in a debug build): 10_000 cases take 2 to 4 s each.
+        #![proptest_config(cases(10_000))]
+
+        #[test]
+        fn fuzz_etcd_parse_entry_never_panics_on_structured_json(
+            objects in prop::collection::vec(keyed_object(), 1..5),
+        ) {
+            let store = EtcdStore::new(EtcdOptions::new(vec![]));
+            for (revision, (key, value)) in objects.into_iter().enumerate() {
+                let entry = parse_entry(&store.root, &key, &value);
+                check_entry(&key, entry.clone());
+                if let Some(entry) = entry {
+                    let stored = Stored { raw: value, entry, revision: revision as i64 };
+                    store.mirror.lock().unwrap().entries.insert(key, stored);
+                }
+            }
+            // What the store hands the gateway: at most one thing for each key.
+            let held = store.mirror.lock().unwrap().entries.len();
+            let (desired, _) = store.desired();
+            let o = &desired.objects;
+            let nodes: usize = o.services.values().map(|s| s.len()).sum();
+            let objects = o.routes.len() + o.upstreams.len() + o.plugins.len() + o.tenants.len();
+            let total = objects + nodes + usize::from(o.server.is_some()) + desired.unparsed.len();
+            prop_assert!(total <= held, "{total} from {held} keys");
+        }
+
+        #[test]
+        fn fuzz_etcd_saved_state_never_panics(bytes in saved_state()) {
+            // What `load_state` does with the file.
+            if let Ok(state) = serde_json::from_slice::<SavedState>(&bytes) {
+                for (key, value) in state.keys {
+                    check_entry(&key, parse_entry("/weir", &key, value.as_bytes()));
+                }
+            }
         }
     }
 }

@@ -12,7 +12,7 @@ use serde_norway::Value;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{ConfigObjects, Kind, ObjectError, PluginConfig};
+use crate::config::{ConfigObjects, Kind, ObjectError, PluginConfig, ServerConfig};
 use crate::gateway::Gateway;
 use crate::snapshot::{BoxFuture, Desired, ModuleSource};
 use crate::store::{ConfigStore, StoreError};
@@ -45,17 +45,23 @@ pub enum FileStoreError {
 pub struct FileStore {
     path: PathBuf,
     base: PathBuf,
+    max_module_bytes: u64,
 }
 
 impl FileStore {
-    /// The store for `path`; module paths in it are relative to its folder.
-    pub fn new(path: PathBuf) -> Self {
+    /// The store for `path`; module paths in it are relative to its folder, and a module file
+    /// over `max_module_bytes` is refused.
+    pub fn new(path: PathBuf, max_module_bytes: u64) -> Self {
         let base = path
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("."));
-        FileStore { path, base }
+        FileStore {
+            path,
+            base,
+            max_module_bytes,
+        }
     }
 
     /// Reads and parses the file.
@@ -147,6 +153,17 @@ impl ModuleSource for FileStore {
                 .as_ref()
                 .ok_or("the file store loads modules from `module` paths, not `sha256`")?;
             let path = self.base.join(module);
+            let size = tokio::fs::metadata(&path)
+                .await
+                .map_err(|e| format!("cannot read module {}: {e}", path.display()))?
+                .len();
+            if size > self.max_module_bytes {
+                return Err(format!(
+                    "module {} is {size} bytes, over the {}-byte bound (--max-module-mb)",
+                    path.display(),
+                    self.max_module_bytes
+                ));
+            }
             tokio::fs::read(&path)
                 .await
                 .map_err(|e| format!("cannot read module {}: {e}", path.display()))
@@ -180,9 +197,14 @@ pub fn parse(text: &str) -> Result<Desired, String> {
             Some("tenants") => {
                 objects.tenants = collect(value, Kind::Tenant, "name", &mut unparsed)?;
             }
+            Some("server") if value.is_null() => {}
+            Some("server") => match serde_norway::from_value::<ServerConfig>(value) {
+                Ok(server) => objects.server = Some(server),
+                Err(e) => unparsed.push(ObjectError::new(Kind::Server, "server", e.to_string())),
+            },
             _ => {
                 return Err(format!(
-                    "unknown top-level key {}; expected routes, upstreams, plugins, tenants",
+                    "unknown top-level key {}; expected routes, upstreams, plugins, tenants, server",
                     serde_norway::to_string(&key).unwrap_or_default().trim()
                 ));
             }
@@ -259,8 +281,12 @@ fn collect<T: DeserializeOwned + Identified>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use proptest::prelude::*;
+    use serde_json::Value as Json;
+
+    use crate::config::{RouteConfig, TenantConfig, UpstreamConfig};
 
     #[test]
     fn parses_the_documented_shape() {
@@ -342,5 +368,400 @@ routes:
         );
         assert!(parse("routes: {}").unwrap_err().contains("must be a list"));
         assert!(parse("").unwrap().objects.routes.is_empty());
+    }
+
+    /// Inputs per property in CI, `default` unless `PROPTEST_CASES` says otherwise
+    /// (`PROPTEST_CASES=1000000` runs more; see docs/security.md).
+    fn cases(default: u32) -> ProptestConfig {
+        ProptestConfig::with_cases(
+            std::env::var("PROPTEST_CASES")
+                .ok()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(default),
+        )
+    }
+
+    /// One of the `|`-separated strings, as JSON.
+    fn one_of(alternatives: &'static str) -> BoxedStrategy<Json> {
+        prop::sample::select(alternatives.split('|').collect::<Vec<_>>())
+            .prop_map(|s| Json::String(s.into()))
+            .boxed()
+    }
+
+    /// Mostly one of `good`, sometimes one of `bad`.
+    fn pick(good: &'static str, bad: &'static str) -> BoxedStrategy<Json> {
+        prop_oneof![4 => one_of(good), 1 => one_of(bad)].boxed()
+    }
+
+    /// Any JSON, a few levels deep, with object keys mostly the config's own field names.
+    fn json() -> BoxedStrategy<Json> {
+        let leaf = prop_oneof![
+            Just(Json::Null),
+            any::<bool>().prop_map(Json::Bool),
+            any::<i64>().prop_map(Json::from),
+            any::<u64>().prop_map(Json::from),
+            any::<f64>().prop_filter_map("finite", |f| {
+                serde_json::Number::from_f64(f).map(Json::Number)
+            }),
+            any::<String>().prop_map(Json::String),
+            fields().prop_map(Json::from),
+        ];
+        let key = prop_oneof![fields().prop_map(str::to_owned), any::<String>()];
+        leaf.prop_recursive(4, 48, 6, move |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Json::Array),
+                prop::collection::btree_map(key.clone(), inner, 0..6)
+                    .prop_map(|m| Json::Object(m.into_iter().collect())),
+            ]
+        })
+        .boxed()
+    }
+
+    /// Any config object's field name.
+    fn fields() -> impl Strategy<Value = &'static str> {
+        prop::sample::select(FIELDS.split_whitespace().collect::<Vec<_>>())
+    }
+
+    const FIELDS: &str = "\
+        id uri uris methods hosts priority upstream_id service strip_prefix plugins \
+        path_normalization nodes host port weight type hash_on scheme timeout \
+        connect_ms send_ms read_ms idle_ms retries name config isolation module sha256 \
+        limits memory_mb timeout_ms max_body_bytes failure grants log clock kv metrics \
+        http wasi max_response_bytes tenant quarantine traps window_ms backoff_ms \
+        quotas instances kv_entries kv_bytes header_timeout_ms keepalive_timeout_ms \
+        body_timeout_ms send_timeout_ms max_header_bytes max_headers max_connections \
+        http2_max_streams trusted_proxies meta";
+
+    /// Numbers: mostly small, some at and around the bounds that some field has.
+    fn number() -> BoxedStrategy<Json> {
+        prop_oneof![
+            20 => (1..50u64).prop_map(Json::from),
+            2 => prop::sample::select(vec![
+                0, 1, 100, 8192, 65_535, 65_536, 10_000, 10_001, 60_000, 60_001, 86_400_000,
+                86_400_001, 1 << 20, 1 << 30, (1 << 30) + 1, 26_843_545, 26_843_546,
+                u32::MAX as u64, u32::MAX as u64 + 1, u64::MAX,
+            ])
+            .prop_map(Json::from),
+            1 => any::<u32>().prop_map(Json::from),
+            1 => prop_oneof![Just(Json::from(-1)), Just(Json::from(1.5))],
+        ]
+        .boxed()
+    }
+
+    /// A value for the field `name`: mostly of the type and kind the field wants.
+    fn value_for(name: &'static str) -> BoxedStrategy<Json> {
+        let list = |item: BoxedStrategy<Json>| {
+            prop::collection::vec(item, 0..4)
+                .prop_map(Json::Array)
+                .boxed()
+        };
+        let typed = match name {
+            "id" | "name" | "upstream_id" | "service" | "tenant" => prop_oneof![
+                4 => "[a-z0-9._-]{1,6}".prop_map(Json::String),
+                1 => one_of("|*|a b|é|a/b"),
+            ]
+            .boxed(),
+            "uri" | "strip_prefix" => prop_oneof![
+                4 => "/|(/(a|b|\\{id\\}|\\{x\\})){1,3}(/\\*)?".prop_map(Json::String),
+                2 => "(/(a|\\{id\\}|\\{\\}|x\\{y\\}|\\*|\\.|\\.\\.|%2F|%41|é|\\?q|)){1,4}"
+                    .prop_map(Json::String),
+                1 => any::<bool>().prop_map(Json::Bool),
+            ]
+            .boxed(),
+            "uris" => list(value_for("uri")),
+            "methods" => list(pick("GET|POST|PUT", "get|GRAB|")),
+            "hosts" => list(pick(
+                "a.example|*.example|api.internal:8080|10.0.0.5",
+                "*.|a@b|é.example|a b||http://a|a:b:c",
+            )),
+            "host" => pick(
+                "a.example|127.0.0.1|::1|localhost",
+                "[::1]|::ffff:1.2.3.4|a:b|1::2::3|fe80::1%eth0|a@b|a/b||é.example|a b|a:80|\
+                 host:99999|-|.|a..b|[|%41|*|a%|a\\b|a?b|a#b",
+            ),
+            "trusted_proxies" => list(pick(
+                "10.0.0.0/8|10.0.0.1|::1|fe80::/10",
+                "10.0.0.0/33|a||1.2.3.4/0|::/129|10.0.0.1/8/8",
+            )),
+            "type" => pick("roundrobin|chash|least_conn", "random"),
+            "hash_on" => pick("ip|uri|header:x-user", "header:|cookie"),
+            "scheme" => pick("http|grpc", "https"),
+            "path_normalization" => pick("on|off", "raw"),
+            "failure" => pick("closed|open", "maybe"),
+            "isolation" => pick("pooled|per-request", "per_request"),
+            "wasi" => list(pick("clocks|random|stdio|runtime", "files")),
+            "module" => pick("a.wasm", "|../a.wasm|/dev/zero"),
+            "sha256" => pick(
+                "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+                "9F86D081884C7D659A2FEAA0C55AD015A3BF4F1B2B0B822CD15D6C15B0F00A08|abc|",
+            ),
+            "log" | "clock" | "kv" | "metrics" => any::<bool>().prop_map(Json::Bool).boxed(),
+            "nodes" => prop::collection::vec(object("host port", "weight"), 1..4)
+                .prop_map(Json::Array)
+                .boxed(),
+            "timeout" => object("", "connect_ms send_ms read_ms idle_ms"),
+            "plugins" => list(object("name", "config isolation")),
+            "limits" => object("", "memory_mb timeout_ms max_body_bytes"),
+            "grants" => object("", "log clock kv metrics http wasi"),
+            "http" => object("", "hosts methods timeout_ms max_response_bytes"),
+            "quarantine" => object("", "traps window_ms backoff_ms"),
+            "quotas" => object("", "memory_mb instances kv_entries kv_bytes"),
+            "config" | "meta" => json(),
+            _ => number(),
+        };
+        prop_oneof![60 => typed, 1 => json()].boxed()
+    }
+
+    /// An object with its `required` fields (now and then one is left out), some of its
+    /// `optional` ones, and now and then an unknown one.
+    fn object(required: &'static str, optional: &'static str) -> BoxedStrategy<Json> {
+        let field = |name: &'static str| value_for(name).prop_map(move |v| (name.to_owned(), v));
+        let required: Vec<_> = required
+            .split_whitespace()
+            .map(|name| prop::option::weighted(0.97, field(name)))
+            .collect();
+        let optional: Vec<_> = optional.split_whitespace().map(field).collect();
+        let count = optional.len() / 2 + 1;
+        let optional = prop::collection::vec(prop::strategy::Union::new(optional), 0..=count);
+        let stray = prop::option::weighted(0.03, (any::<String>(), json()));
+        (required, optional, stray)
+            .prop_map(|(required, optional, stray)| {
+                Json::Object(
+                    required
+                        .into_iter()
+                        .flatten()
+                        .chain(optional)
+                        .chain(stray)
+                        .collect(),
+                )
+            })
+            .boxed()
+    }
+
+    /// A config object of `kind`, in the shape the stores hold it. (The etcd store's tests
+    /// use it too.)
+    pub(crate) fn config_object(kind: Kind) -> BoxedStrategy<Json> {
+        match kind {
+            Kind::Route => object(
+                "id uri upstream_id",
+                "uris methods hosts priority service strip_prefix plugins path_normalization",
+            ),
+            Kind::Upstream => object("id nodes", "type type hash_on scheme timeout retries"),
+            Kind::Plugin => object(
+                "name",
+                "module sha256 sha256 limits failure isolation grants tenant quarantine",
+            ),
+            Kind::Tenant => object("name", "quotas"),
+            Kind::Server => object(
+                "",
+                "header_timeout_ms keepalive_timeout_ms body_timeout_ms send_timeout_ms \
+                 max_header_bytes max_headers max_connections http2_max_streams trusted_proxies",
+            ),
+            Kind::ServiceNode => object("host port", "weight meta"),
+            Kind::Key => json(),
+        }
+    }
+
+    /// A top-level section and what it holds: mostly a list of objects of its kind.
+    fn section() -> impl Strategy<Value = (String, Json)> {
+        let list = |kind| {
+            prop_oneof![
+                12 => prop::collection::vec(config_object(kind), 0..4).prop_map(Json::Array),
+                1 => json(),
+            ]
+        };
+        prop_oneof![
+            4 => list(Kind::Route).prop_map(|v| ("routes", v)),
+            4 => list(Kind::Upstream).prop_map(|v| ("upstreams", v)),
+            4 => list(Kind::Plugin).prop_map(|v| ("plugins", v)),
+            4 => list(Kind::Tenant).prop_map(|v| ("tenants", v)),
+            4 => prop_oneof![12 => config_object(Kind::Server), 1 => json()]
+                .prop_map(|v| ("server", v)),
+            1 => (prop::sample::select(vec!["route", "services", ""]), json()),
+        ]
+        .prop_map(|(key, value)| (key.to_owned(), value))
+    }
+
+    /// Validates an upstream and, if it passes, builds it as a snapshot does: `Upstream::new`
+    /// trusts `validate` (it `expect`s every node address to parse). The etcd store's tests
+    /// use it too.
+    pub(crate) fn check_upstream(upstream: &UpstreamConfig) {
+        if UpstreamConfig::validate(upstream).is_ok() {
+            let metrics = crate::metrics::Metrics::new();
+            let pool = crate::upstream::ClientPool::default();
+            let built = crate::upstream::Upstream::new(upstream.clone(), &pool, &metrics);
+            assert_eq!(built.nodes.nodes().len(), upstream.nodes.len());
+        }
+    }
+
+    /// Found by `fuzz_file_parse_never_panics_on_structured_documents`: a ring's point count
+    /// was weight × 160 in u32, which overflowed.
+    #[test]
+    fn a_heavy_chash_node_is_refused_or_built_without_panicking() {
+        let upstream = |weight: u32| {
+            let desired = parse(&format!(
+                "upstreams: [{{id: u, type: chash, hash_on: ip,\
+                 nodes: [{{host: a, port: 1, weight: {weight}}}]}}]"
+            ))
+            .unwrap();
+            desired.objects.upstreams["u"].clone()
+        };
+        let refused = upstream(26_843_546).validate().unwrap_err();
+        assert!(refused.contains("over 1000000"), "{refused}");
+        let heaviest = upstream(crate::config::MAX_WEIGHT);
+        heaviest.validate().unwrap();
+        let metrics = crate::metrics::Metrics::new();
+        let pool = crate::upstream::ClientPool::default();
+        crate::upstream::Upstream::new(heaviest, &pool, &metrics);
+    }
+
+    /// Everything the gateway does with a parsed document before it serves it, that could
+    /// panic: validation, and building each upstream that validates.
+    fn check_everything(desired: &Desired) {
+        let objects = &desired.objects;
+        for route in objects.routes.values() {
+            let _ = RouteConfig::validate(route);
+        }
+        for upstream in objects.upstreams.values() {
+            check_upstream(upstream);
+        }
+        for plugin in objects.plugins.values() {
+            let _ = PluginConfig::validate(plugin);
+        }
+        for tenant in objects.tenants.values() {
+            let _ = TenantConfig::validate(tenant);
+        }
+        if let Some(server) = &objects.server {
+            let _ = ServerConfig::validate(server);
+        }
+    }
+
+    /// Parses `text` and checks what comes out; a parse must not take seconds.
+    fn parse_quickly(text: &str) -> Result<Desired, String> {
+        let started = std::time::Instant::now();
+        let parsed = parse(text);
+        if let Ok(desired) = &parsed {
+            check_everything(desired);
+        }
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(10), "took {took:?}");
+        parsed
+    }
+
+    #[test]
+    fn yaml_bombs_fail_quickly() {
+        // Billion laughs: nine levels of nine aliases each.
+        let mut laughs =
+            String::from("routes:\n  - &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n");
+        for level in 1..10 {
+            let previous = format!("*a{}", level - 1);
+            let row = [previous.as_str(); 9].join(", ");
+            laughs.push_str(&format!("  - &a{level} [{row}]\n"));
+        }
+        let error = parse_quickly(&laughs).unwrap_err();
+        assert!(error.contains("repetition limit"), "{error}");
+
+        // Aliases of a mapping merged into many routes.
+        let mut merges = String::from(
+            "routes:\n  - &r {id: r, uri: /a, upstream_id: u,\
+             plugins: &p [{name: a, config: {x: [1, 2, 3]}}]}\n",
+        );
+        for index in 0..2_000 {
+            merges.push_str(&format!("  - {{<<: *r, id: r{index}, plugins: *p}}\n"));
+        }
+        let _ = parse_quickly(&merges);
+
+        for deep in [
+            "[".repeat(10_000),
+            "{".repeat(10_000),
+            format!("routes: {}{}", "[".repeat(10_000), "]".repeat(10_000)),
+            format!(
+                "routes:\n  - {{id: a, uri: /a, upstream_id: u,\
+                 plugins: [{{name: p, config: {}1{}}}]}}",
+                "[".repeat(10_000),
+                "]".repeat(10_000)
+            ),
+            format!("server: {}", "{a: ".repeat(10_000)),
+            (0..10_000)
+                .map(|i| format!("{}- \n", " ".repeat(i % 200)))
+                .collect(),
+            format!(
+                "routes:\n{}",
+                (0..200)
+                    .map(|i| format!("{}-\n", " ".repeat(2 + 2 * i)))
+                    .collect::<String>()
+            ),
+        ] {
+            let error = parse_quickly(&deep).unwrap_err();
+            assert!(
+                error.contains("recursion limit") || error.contains("not valid YAML"),
+                "{error}"
+            );
+        }
+
+        // Very long scalars and very many keys are fine, just large.
+        let long = format!(
+            "routes: [{{id: a, uri: /{}, upstream_id: u}}]",
+            "a".repeat(1 << 20)
+        );
+        assert!(parse_quickly(&long).unwrap().unparsed.is_empty());
+        let wide: String = (0..20_000)
+            .map(|i| format!("  - {{id: r{i}, uri: /{i}, upstream_id: u}}\n"))
+            .collect();
+        assert_eq!(
+            parse_quickly(&format!("routes:\n{wide}"))
+                .unwrap()
+                .objects
+                .routes
+                .len(),
+            20_000
+        );
+    }
+
+    proptest! {
+        #![proptest_config(cases(20_000))]
+
+        #[test]
+        fn fuzz_file_parse_never_panics_on_any_string(
+            text in prop_oneof![
+                any::<String>(),
+                // YAML's own punctuation, to get past the first character more often.
+                "[\\[\\]{}:,&*!|>'\"#%@`? \\n\\t-a1<]{0,48}",
+            ],
+        ) {
+            let _ = parse_quickly(&text);
+        }
+    }
+
+    proptest! {
+        // Generating a document costs more than parsing it (the strategies run unoptimised
+        // in a debug build): 10_000 cases take about 4 s.
+        #![proptest_config(cases(10_000))]
+
+        #[test]
+        fn fuzz_file_parse_never_panics_on_structured_documents(
+            sections in prop::collection::vec(section(), 0..5),
+            as_yaml in any::<bool>(),
+            repeat in prop::bool::weighted(0.05),
+        ) {
+            let text = if as_yaml {
+                // Block YAML, with each key once.
+                let map: serde_json::Map<String, Json> = sections.into_iter().collect();
+                serde_norway::to_string(&map).expect("JSON serializes as YAML")
+            } else {
+                // A JSON document is YAML too; now and then this one repeats a key.
+                let mut sections = sections;
+                if !repeat {
+                    let mut seen = std::collections::HashSet::new();
+                    sections.retain(|(key, _)| seen.insert(key.clone()));
+                }
+                let entries: Vec<String> = sections
+                    .iter()
+                    .map(|(key, value)| format!("{}: {value}", Json::from(key.as_str())))
+                    .collect();
+                format!("{{{}}}", entries.join(", "))
+            };
+            let _ = parse_quickly(&text);
+        }
     }
 }

@@ -1,0 +1,506 @@
+//! The edge as the first hop from the internet: paths that would slip past a route's plugins,
+//! clients that hold connections open, headers that lie about the client, and errors that
+//! would tell a client where the nodes are.
+
+use std::time::Duration;
+
+use http::{Method, StatusCode};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use weir_tests::{
+    Behaviour, TestGateway, Upstream, all_plugins, eventually, get, metric, node, raw_get,
+    raw_request, request, send, yaml,
+};
+
+const SOON: Duration = Duration::from_secs(10);
+
+/// examples/weir.yaml's shape: a public catch-all, and `/private/*` behind key-auth.
+fn example(upstream: &Upstream, server: Value) -> String {
+    yaml(json!({
+        "server": server,
+        "upstreams": [{"id": "u", "nodes": [node(upstream)]}],
+        "plugins": all_plugins(),
+        "routes": [
+            {"id": "public", "uri": "/*", "upstream_id": "u"},
+            {"id": "private", "uri": "/private/*", "strip_prefix": true, "upstream_id": "u",
+             "plugins": [{"name": "key-auth", "config": {"keys": ["demo-key"], "hide_credentials": true}}]},
+            {"id": "raw", "uri": "/raw/*", "upstream_id": "u", "path_normalization": "off"},
+        ],
+    }))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_spelling_of_a_path_slips_past_the_key_check() {
+    let up = Upstream::start("u").await;
+    let gateway = TestGateway::start(&example(&up, json!({}))).await;
+    let addr = gateway.addr();
+    // Each path the upstream would read as /private/x gets the key check or a 400.
+    let attacks = [
+        ("//private/x", 401),
+        ("/hello/../private/x", 401),
+        ("/%70rivate/x", 401),
+        ("/./private/x", 401),
+        ("/private/%2e%2e/private/x", 401),
+        ("/private/./x", 401),
+        ("/private//x", 401),
+        ("/private%2fx", 400),
+        ("/private%2Fx", 400),
+        ("/private%5cx", 400),
+        ("/private\\x", 400),
+        ("/../private/x", 400),
+        ("/private/x%00", 400),
+        ("/private/%zz", 400),
+        // hyper refuses this one itself, before the gateway sees it.
+        ("private/x", 400),
+    ];
+    for (path, expected) in attacks {
+        let reply = raw_request(addr, &raw_get(path, &[])).await;
+        assert_eq!(reply.status, expected, "{path}: {}", reply.head);
+        if expected == 400 && path.starts_with('/') {
+            let body: Value = serde_json::from_slice(&reply.body)
+                .unwrap_or_else(|e| panic!("{path}: {e}: {}", reply.head));
+            assert!(
+                body["request_id"].as_str().is_some_and(|id| !id.is_empty()),
+                "{body}"
+            );
+        }
+    }
+    assert_eq!(up.hits(), 0, "the upstream saw a request without a key");
+
+    // With the key, the normal form is what routes and what the upstream gets (stripped).
+    let key = [("x-api-key", "demo-key")];
+    for path in [
+        "//private/x",
+        "/hello/../private/x",
+        "/%70rivate/x",
+        "/./private//x",
+    ] {
+        let reply = raw_request(addr, &raw_get(path, &key)).await;
+        assert_eq!(reply.status, 200, "{path}: {}", reply.head);
+        let echo: Value = serde_json::from_slice(&reply.body).unwrap();
+        assert_eq!(echo["path"], "/x", "{path}");
+    }
+
+    // Case matters (the route is case-sensitive), and it is no bypass: /PRIVATE/x is not the
+    // private route, so it goes to the public one unstripped.
+    let reply = raw_request(addr, &raw_get("/PRIVATE/x", &[])).await;
+    assert_eq!(reply.status, 200);
+    let echo: Value = serde_json::from_slice(&reply.body).unwrap();
+    assert_eq!(echo["path"], "/PRIVATE/x");
+    let log = gateway.access_log(1 + 4 + attacks.len() - 1).await;
+    let line = log.iter().find(|l| l["path"] == "/PRIVATE/x").unwrap();
+    assert_eq!(line["route"], "public");
+    // The log has the normal form the request was routed on.
+    assert!(
+        log.iter()
+            .any(|l| l["path"] == "/private/x" && l["status"] == 401)
+    );
+    let bad_paths = r#"weir_client_errors_total{kind="bad_request"}"#;
+    let rejected = metric(&gateway.admin_url("/metrics"), bad_paths).await;
+    assert_eq!(rejected, 7.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_with_normalization_off_gets_the_raw_path() {
+    let up = Upstream::start("u").await;
+    let gateway = TestGateway::start(&example(&up, json!({}))).await;
+    // Matched on the normal form, sent as the client wrote it, encoded slash and all.
+    for path in ["/raw/a%2Fb", "/raw//a/./b", "/raw/%61"] {
+        let reply = raw_request(gateway.addr(), &raw_get(path, &[])).await;
+        assert_eq!(reply.status, 200, "{path}: {}", reply.head);
+        let echo: Value = serde_json::from_slice(&reply.body).unwrap();
+        assert_eq!(echo["path"], path);
+    }
+    // What has no normal form at all is still refused.
+    let reply = raw_request(gateway.addr(), &raw_get("/raw/../../x", &[])).await;
+    assert_eq!(reply.status, 400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_sent_header_is_closed_by_the_header_timeout() {
+    let up = Upstream::start("u").await;
+    let gateway = TestGateway::start(&example(&up, json!({"header_timeout_ms": 300}))).await;
+    let mut half = TcpStream::connect(gateway.addr()).await.unwrap();
+    half.write_all(b"GET /hello HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    // The gateway closes it: the read ends without a response.
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(SOON, half.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "the connection is still open");
+    assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
+    // A connection that says nothing at all gets the same bound.
+    let mut silent = TcpStream::connect(gateway.addr()).await.unwrap();
+    let read = tokio::time::timeout(SOON, silent.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "the silent connection is still open");
+    let timeouts = r#"weir_client_timeouts_total{phase="header"}"#;
+    assert_eq!(metric(&gateway.admin_url("/metrics"), timeouts).await, 2.0);
+    assert_eq!(up.hits(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_keep_alive_connection_is_closed() {
+    let up = Upstream::start("u").await;
+    let gateway = TestGateway::start(&example(&up, json!({"keepalive_timeout_ms": 300}))).await;
+    let mut client = TcpStream::connect(gateway.addr()).await.unwrap();
+    client
+        .write_all(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(SOON, client.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "the idle connection is still open");
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    let timeouts = r#"weir_client_timeouts_total{phase="keepalive"}"#;
+    assert_eq!(metric(&gateway.admin_url("/metrics"), timeouts).await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_headers_get_431() {
+    let up = Upstream::start("u").await;
+    let gateway = TestGateway::start(&example(
+        &up,
+        json!({"max_header_bytes": 16384, "max_headers": 20}),
+    ))
+    .await;
+    let big = "x".repeat(20_000);
+    let reply = raw_request(gateway.addr(), &raw_get("/hello", &[("x-big", &big)])).await;
+    assert_eq!(reply.status, 431, "{}", reply.head);
+    let many: Vec<(String, &str)> = (0..30).map(|i| (format!("x-h{i}"), "1")).collect();
+    let many: Vec<(&str, &str)> = many.iter().map(|(n, v)| (n.as_str(), *v)).collect();
+    let reply = raw_request(gateway.addr(), &raw_get("/hello", &many)).await;
+    assert_eq!(reply.status, 431, "{}", reply.head);
+    // Just under both bounds is fine.
+    let fits = "x".repeat(15_000);
+    let reply = raw_request(gateway.addr(), &raw_get("/hello", &[("x-big", &fits)])).await;
+    assert_eq!(reply.status, 200, "{}", reply.head);
+    let too_large = r#"weir_client_errors_total{kind="header_too_large"}"#;
+    assert_eq!(metric(&gateway.admin_url("/metrics"), too_large).await, 2.0);
+    assert_eq!(up.hits(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_and_a_slowloris_do_not_stop_a_normal_client() {
+    weir::server::raise_open_file_limit();
+    let up = Upstream::start("u").await;
+    let gateway = TestGateway::start(&example(&up, json!({"header_timeout_ms": 2000}))).await;
+    let metrics = gateway.admin_url("/metrics");
+    // 2,000 connections that each made one request and now sit idle.
+    let mut idle = Vec::new();
+    for _ in 0..2000 {
+        let mut stream = TcpStream::connect(gateway.addr()).await.unwrap();
+        stream
+            .write_all(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        idle.push(stream);
+    }
+    for stream in &mut idle {
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head).await.unwrap();
+        assert_eq!(&head, b"HTTP/1.1 200");
+    }
+    // And a slowloris: one header byte at a time, never finishing.
+    let mut slow = TcpStream::connect(gateway.addr()).await.unwrap();
+    slow.write_all(b"GET /hello HTTP/1.1\r\n").await.unwrap();
+    let dripping = tokio::spawn(async move {
+        for byte in b"X-Drip: ".iter().cycle() {
+            if slow.write_all(&[*byte]).await.is_err() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    });
+    eventually("every connection is open", SOON, || async {
+        metric(&metrics, r#"weir_connections_open{listener="proxy"}"#).await >= 2001.0
+    })
+    .await;
+    // A normal client is served all the while.
+    for _ in 0..20 {
+        assert_eq!(get(&gateway.url("/hello")).await.status, StatusCode::OK);
+    }
+    // The slowloris is cut off by the header timeout, however busy it keeps the socket.
+    assert!(
+        tokio::time::timeout(SOON * 3, dripping)
+            .await
+            .unwrap()
+            .unwrap()
+    );
+    assert_eq!(
+        metric(&metrics, r#"weir_client_timeouts_total{phase="header"}"#).await,
+        1.0
+    );
+    drop(idle);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_cap_are_closed_at_accept() {
+    let up = Upstream::start("u").await;
+    let gateway = TestGateway::start(&example(&up, json!({"max_connections": 5}))).await;
+    let metrics = gateway.admin_url("/metrics");
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        held.push(TcpStream::connect(gateway.addr()).await.unwrap());
+    }
+    eventually("five connections are open", SOON, || async {
+        metric(&metrics, r#"weir_connections_open{listener="proxy"}"#).await == 5.0
+    })
+    .await;
+    // The sixth is accepted by the kernel, then closed by the gateway without a word.
+    let reply = raw_request(gateway.addr(), &raw_get("/hello", &[])).await;
+    assert_eq!(reply.status, 0, "{}", reply.head);
+    assert_eq!(
+        metric(
+            &metrics,
+            r#"weir_connections_refused_total{listener="proxy"}"#
+        )
+        .await,
+        1.0
+    );
+    // Once one goes, a new client is served.
+    held.pop();
+    eventually("a connection slot frees up", SOON, || async {
+        metric(&metrics, r#"weir_connections_open{listener="proxy"}"#).await == 4.0
+    })
+    .await;
+    let reply = raw_request(gateway.addr(), &raw_get("/hello", &[])).await;
+    assert_eq!(reply.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_sending_its_body_gets_408() {
+    let up = Upstream::start("u").await;
+    let gateway = TestGateway::start(&example(&up, json!({"body_timeout_ms": 300}))).await;
+    let mut client = TcpStream::connect(gateway.addr()).await.unwrap();
+    client
+        .write_all(b"POST /hello HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nonly-part")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(SOON, client.read_to_end(&mut answer))
+        .await
+        .expect("the gateway answers")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        answer.contains("the request body stopped arriving"),
+        "{answer}"
+    );
+    let body_timeouts = r#"weir_client_timeouts_total{phase="body"}"#;
+    assert_eq!(
+        metric(&gateway.admin_url("/metrics"), body_timeouts).await,
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_cut_off() {
+    let big = Upstream::start_with(
+        "big",
+        Behaviour {
+            body: Some(vec![b'z'; 32 << 20].into()),
+            ..Behaviour::default()
+        },
+    )
+    .await;
+    let gateway = TestGateway::start(&example(&big, json!({"send_timeout_ms": 300}))).await;
+    let mut client = TcpStream::connect(gateway.addr()).await.unwrap();
+    client
+        .write_all(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    // Never read: the gateway's writes stall until it gives up on the client.
+    let metrics = gateway.admin_url("/metrics");
+    eventually("the send timeout fires", SOON, || async {
+        metric(&metrics, r#"weir_client_timeouts_total{phase="send"}"#).await == 1.0
+    })
+    .await;
+    drop(client);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hop_by_hop_headers_go_no_further_than_one_hop() {
+    let up = Upstream::start_with(
+        "u",
+        Behaviour {
+            headers: vec![
+                ("connection", "x-upstream-secret"),
+                ("x-upstream-secret", "1"),
+                ("x-kept", "1"),
+            ],
+            ..Behaviour::default()
+        },
+    )
+    .await;
+    let gateway = TestGateway::start(&yaml(json!({
+        "upstreams": [{"id": "u", "nodes": [node(&up)]}],
+        "plugins": all_plugins(),
+        "routes": [{"id": "r", "uri": "/*", "upstream_id": "u", "plugins": [
+            {"name": "headers", "config": {"request": {"set": {"x-set-by-plugin": "yes"}}}},
+        ]}],
+    })))
+    .await;
+    let reply = raw_request(
+        gateway.addr(),
+        &raw_get(
+            "/",
+            &[
+                ("connection", "close, x-client-secret, x-set-by-plugin"),
+                ("x-client-secret", "1"),
+                ("keep-alive", "timeout=5"),
+                ("te", "trailers"),
+                ("proxy-authorization", "Basic eDp5"),
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.head);
+    let echo: Value = serde_json::from_slice(&reply.body).unwrap();
+    let seen = echo["headers"].as_object().unwrap();
+    for name in ["x-client-secret", "keep-alive", "te", "proxy-authorization"] {
+        assert!(
+            !seen.contains_key(name),
+            "{name} reached the upstream: {echo}"
+        );
+    }
+    // The client's Connection header cannot remove what a plugin sets.
+    assert_eq!(seen["x-set-by-plugin"], "yes");
+    let head = reply.head.to_ascii_lowercase();
+    assert!(!head.contains("x-upstream-secret"), "{head}");
+    assert!(head.contains("x-kept: 1"), "{head}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_headers_are_the_gateways_unless_a_trusted_proxy_sent_them() {
+    let up = Upstream::start("u").await;
+    let routes = json!([{"id": "r", "uri": "/*", "upstream_id": "u"},
+        {"id": "deny", "uri": "/deny/*", "upstream_id": "u", "plugins": [
+            {"name": "ip-restriction", "config": {"deny": ["203.0.113.0/24"]}}]}]);
+    let config = |server: Value| {
+        yaml(json!({
+            "server": server,
+            "upstreams": [{"id": "u", "nodes": [node(&up)]}],
+            "plugins": all_plugins(),
+            "routes": routes.clone(),
+        }))
+    };
+    let lying = [
+        ("x-forwarded-for", "203.0.113.9"),
+        ("x-forwarded-for", "198.51.100.1, 203.0.113.7"),
+        ("x-forwarded-proto", "https"),
+        ("x-forwarded-host", "forged.example"),
+    ];
+    let gateway = TestGateway::start(&config(json!({}))).await;
+    let reply = raw_request(gateway.addr(), &raw_get("/", &lying)).await;
+    let echo: Value = serde_json::from_slice(&reply.body).unwrap();
+    assert_eq!(
+        echo["headers"]["x-forwarded-for"],
+        "203.0.113.9, 198.51.100.1, 203.0.113.7, 127.0.0.1"
+    );
+    assert_eq!(echo["headers"]["x-forwarded-proto"], "http");
+    assert_eq!(echo["headers"]["x-forwarded-host"], "gateway.test");
+    // The peer is not trusted: the forged addresses decide nothing.
+    let reply = raw_request(gateway.addr(), &raw_get("/deny/x", &lying)).await;
+    assert_eq!(reply.status, 200, "{}", reply.head);
+    let log = gateway.access_log(2).await;
+    assert!(log.iter().all(|l| l["client_ip"] == "127.0.0.1"), "{log:?}");
+
+    // Behind a trusted proxy, the last address it did not add is the client.
+    gateway
+        .reload(&config(
+            json!({"trusted_proxies": ["127.0.0.1/32", "198.51.100.0/24"]}),
+        ))
+        .await;
+    let reply = raw_request(gateway.addr(), &raw_get("/", &lying)).await;
+    let echo: Value = serde_json::from_slice(&reply.body).unwrap();
+    assert_eq!(echo["headers"]["x-forwarded-proto"], "https");
+    assert_eq!(echo["headers"]["x-forwarded-host"], "forged.example");
+    let reply = raw_request(gateway.addr(), &raw_get("/deny/x", &lying)).await;
+    assert_eq!(reply.status, 403, "{}", reply.head);
+    let log = gateway.access_log(4).await;
+    assert_eq!(log[3]["client_ip"], "203.0.113.7", "{log:?}");
+    // A bad entry is refused with a reason, and the settings that were serving stay.
+    gateway
+        .reload(&config(json!({"trusted_proxies": ["10.0.0.0/33"]})))
+        .await;
+    let errors = gateway.errors();
+    assert!(errors[0].reason.contains("trusted_proxies"), "{errors:?}");
+    let reply = raw_request(gateway.addr(), &raw_get("/deny/x", &lying)).await;
+    assert_eq!(reply.status, 403, "{}", reply.head);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_host_headers_are_refused() {
+    let up = Upstream::start("u").await;
+    let gateway = TestGateway::start(&example(&up, json!({}))).await;
+    let reply = raw_request(
+        gateway.addr(),
+        b"GET / HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(reply.status, 400, "{}", reply.head);
+    assert_eq!(up.hits(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unrouted_requests_are_counted_as_route_none() {
+    let gateway = TestGateway::start(&yaml(json!({}))).await;
+    assert_eq!(
+        get(&gateway.url("/nowhere")).await.status,
+        StatusCode::NOT_FOUND
+    );
+    let reply = raw_request(gateway.addr(), &raw_get("/../x", &[])).await;
+    assert_eq!(reply.status, 400);
+    let metrics = gateway.admin_url("/metrics");
+    eventually("both are counted", SOON, || async {
+        metric(
+            &metrics,
+            r#"weir_http_requests_total{route="none",class="4xx"}"#,
+        )
+        .await
+            == 2.0
+    })
+    .await;
+    let text = get(&metrics).await.text();
+    assert!(
+        text.contains("response was sent in full"),
+        "the duration histogram says what it measures: {text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_gets_the_same_edge() {
+    let up = Upstream::start("u").await;
+    let gateway = TestGateway::start(&example(&up, json!({"max_headers": 10}))).await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let send_h2 = |path: &str, headers: usize| {
+        let mut builder = request(Method::GET, &gateway.url(path));
+        for i in 0..headers {
+            builder = builder.header(format!("x-h{i}"), "1");
+        }
+        client.request(builder.body(Default::default()).unwrap())
+    };
+    let reply = send_h2("/%70rivate/x", 0).await.unwrap();
+    assert_eq!(reply.status(), StatusCode::UNAUTHORIZED);
+    let reply = send_h2("/private%2fx", 0).await.unwrap();
+    assert_eq!(reply.status(), StatusCode::BAD_REQUEST);
+    let reply = send_h2("/hello", 20).await.unwrap();
+    assert_eq!(reply.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    let reply = send(
+        request(Method::GET, &gateway.url("/hello"))
+            .body(Default::default())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(up.hits(), 1);
+}
