@@ -97,6 +97,19 @@ impl Body for ProxyBody {
     }
 }
 
+/// What polling a body gives.
+pub type Polled<B> = Poll<Option<Result<Frame<<B as Body>::Data>, <B as Body>::Error>>>;
+
+/// Whether `frame`, just polled from `body`, was its last: the stream ended, or the frame
+/// left it at its end.
+pub fn reached_end<B: Body>(frame: &Polled<B>, body: &B) -> bool {
+    match frame {
+        Poll::Ready(None) => true,
+        Poll::Ready(Some(Ok(_))) => body.is_end_stream(),
+        _ => false,
+    }
+}
+
 /// Why a body could not be buffered.
 #[derive(Debug, thiserror::Error)]
 pub enum CollectError {

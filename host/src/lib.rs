@@ -29,3 +29,14 @@ pub mod upstream;
 pub use access_log::AccessLogTarget;
 pub use gateway::Gateway;
 pub use server::{ConfigSource, DrainOptions, GatewayOptions, RunningGateway, StartError, start};
+
+/// Inputs per property of the fuzz tests (`fuzz_*`): `default` in CI, or `PROPTEST_CASES` for a
+/// longer run (docs/security.md has the command).
+#[cfg(test)]
+fn proptest_cases(default: u32) -> proptest::prelude::ProptestConfig {
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(default);
+    proptest::prelude::ProptestConfig::with_cases(cases)
+}

@@ -449,16 +449,6 @@ mod tests {
         assert_eq!(get(&t, Method::GET, None, "/svc10000/items/5"), None);
     }
 
-    /// Inputs per property in CI; `PROPTEST_CASES=1000000` runs more (see docs/security.md).
-    fn cases() -> ProptestConfig {
-        ProptestConfig::with_cases(
-            std::env::var("PROPTEST_CASES")
-                .ok()
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(20_000),
-        )
-    }
-
     /// A random route pattern: its segments and whether it ends in `/*`.
     #[derive(Clone, Debug)]
     struct Pattern {
@@ -682,7 +672,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(cases())]
+        #![proptest_config(crate::proptest_cases(20_000))]
 
         #[test]
         fn fuzz_router_agrees_with_a_linear_reference(

@@ -17,8 +17,6 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-
 use prometheus_client::metrics::gauge::Gauge;
 
 use crate::access_log::AccessLogTarget;
@@ -291,7 +289,6 @@ async fn serve<H, F>(
     F: Future<Output = Response<ResponseBody>> + Send + 'static,
 {
     let graceful = GracefulShutdown::new();
-    let open = Arc::new(AtomicUsize::new(0));
     let metrics = gateway.metrics();
     let listener_labels = ListenerLabels { listener: name };
     let open_gauge = metrics
@@ -320,7 +317,8 @@ async fn serve<H, F>(
         };
         let settings = gateway.snapshot().server.clone();
         let limits = &settings.config;
-        if open.load(Ordering::Relaxed) >= limits.max_connections {
+        // The gauge is the count: one per connection task alive.
+        if usize::try_from(open_gauge.get()).unwrap_or(0) >= limits.max_connections {
             refused.inc();
             drop(stream);
             continue;
@@ -349,7 +347,7 @@ async fn serve<H, F>(
             .serve_connection(TokioIo::new(io), service)
             .into_owned();
         let connection = graceful.watch(connection);
-        let open_now = OpenConnection::new(&open, &open_gauge);
+        let open_now = OpenConnection::new(&open_gauge);
         let client_errors = (
             metrics.client_error("header_too_large"),
             metrics.client_error("protocol"),
@@ -402,25 +400,17 @@ fn connection_builder(limits: &ServerConfig) -> auto::Builder<TokioExecutor> {
 const DEFAULT_MAX_HEADERS: usize = 100;
 
 /// Counts a client connection as open while it lives.
-struct OpenConnection {
-    open: Arc<AtomicUsize>,
-    gauge: Gauge,
-}
+struct OpenConnection(Gauge);
 
 impl OpenConnection {
-    fn new(open: &Arc<AtomicUsize>, gauge: &Gauge) -> Self {
-        open.fetch_add(1, Ordering::Relaxed);
+    fn new(gauge: &Gauge) -> Self {
         gauge.inc();
-        OpenConnection {
-            open: open.clone(),
-            gauge: gauge.clone(),
-        }
+        OpenConnection(gauge.clone())
     }
 }
 
 impl Drop for OpenConnection {
     fn drop(&mut self) {
-        self.open.fetch_sub(1, Ordering::Relaxed);
-        self.gauge.dec();
+        self.0.dec();
     }
 }

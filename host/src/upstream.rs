@@ -29,7 +29,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::balancer::{InFlight, Node, NodeSet};
-use crate::body::{BodyError, ClientBody, ProxyBody};
+use crate::body::{BodyError, ClientBody, ProxyBody, reached_end};
 use crate::config::{Scheme, UpstreamConfig};
 use crate::metrics::Metrics;
 use crate::timeouts::{IdleBody, Stalled, TimedIo};
@@ -461,10 +461,8 @@ impl Body for OutgoingBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
         let frame = Pin::new(&mut this.inner).poll_frame(cx);
-        match &frame {
-            Poll::Ready(None) => this.mark_sent(),
-            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.mark_sent(),
-            _ => {}
+        if reached_end(&frame, &this.inner) {
+            this.mark_sent();
         }
         frame
     }
@@ -510,16 +508,15 @@ impl Body for UpstreamBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
         let frame = Pin::new(&mut this.inner).poll_frame(cx);
-        match &frame {
-            Poll::Ready(None) => this.done(),
-            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.done(),
-            Poll::Ready(Some(Err(error))) => {
-                this.give_back = None;
-                if matches!(error, BodyError::Stalled(_)) {
-                    this.idle_timeouts.inc();
-                }
+        if reached_end(&frame, &this.inner) {
+            this.done();
+        }
+        if let Poll::Ready(Some(Err(error))) = &frame {
+            // A connection whose response failed midway is not reused.
+            this.give_back = None;
+            if matches!(error, BodyError::Stalled(_)) {
+                this.idle_timeouts.inc();
             }
-            _ => {}
         }
         frame
     }

@@ -365,8 +365,8 @@ impl TestGateway {
         self.running().gateway().snapshot().errors.clone()
     }
 
-    /// Rewrites the config file and waits until a new snapshot is live; returns how long it took.
-    pub async fn reload(&self, yaml: &str) -> Duration {
+    /// Rewrites the config file and waits until a new snapshot is live.
+    pub async fn reload(&self, yaml: &str) {
         let before = self.generation();
         let started = Instant::now();
         // Write beside and rename, as editors do, so the watcher never reads half a file.
@@ -375,12 +375,11 @@ impl TestGateway {
         std::fs::rename(&staging, &self.config).expect("replacing the config");
         while self.generation() == before {
             assert!(
-                started.elapsed() < Duration::from_secs(10),
+                started.elapsed() < Duration::from_secs(30),
                 "the new config never went live"
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        started.elapsed()
     }
 
     /// Writes the config file without waiting (for changes that must not apply).

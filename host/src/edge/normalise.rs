@@ -426,18 +426,8 @@ mod tests {
         })
     }
 
-    /// Inputs per property in CI; `PROPTEST_CASES=1000000` runs more (see docs/security.md).
-    fn cases() -> ProptestConfig {
-        ProptestConfig::with_cases(
-            std::env::var("PROPTEST_CASES")
-                .ok()
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(20_000),
-        )
-    }
-
     proptest! {
-        #![proptest_config(cases())]
+        #![proptest_config(crate::proptest_cases(20_000))]
 
         #[test]
         fn fuzz_normalise_never_panics_on_any_string(raw in any::<String>()) {

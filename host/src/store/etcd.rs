@@ -1174,17 +1174,6 @@ mod tests {
             );
         }
     }
-    /// Inputs per property in CI, `default` unless `PROPTEST_CASES` says otherwise
-    /// (`PROPTEST_CASES=1000000` runs more; see docs/security.md).
-    fn cases(default: u32) -> ProptestConfig {
-        ProptestConfig::with_cases(
-            std::env::var("PROPTEST_CASES")
-                .ok()
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(default),
-        )
-    }
-
     /// Any JSON, a few levels deep.
     fn json() -> BoxedStrategy<Json> {
         let leaf = prop_oneof![
@@ -1394,7 +1383,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(cases(20_000))]
+        #![proptest_config(crate::proptest_cases(20_000))]
 
         #[test]
         fn fuzz_etcd_parse_entry_never_panics_on_any_bytes(
@@ -1434,7 +1423,7 @@ mod tests {
     proptest! {
         // Generating the objects costs more than parsing them (the strategies run unoptimised
         // in a debug build): 10_000 cases take 2 to 4 s each.
-        #![proptest_config(cases(10_000))]
+        #![proptest_config(crate::proptest_cases(10_000))]
 
         #[test]
         fn fuzz_etcd_parse_entry_never_panics_on_structured_json(

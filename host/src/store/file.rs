@@ -370,17 +370,6 @@ routes:
         assert!(parse("").unwrap().objects.routes.is_empty());
     }
 
-    /// Inputs per property in CI, `default` unless `PROPTEST_CASES` says otherwise
-    /// (`PROPTEST_CASES=1000000` runs more; see docs/security.md).
-    fn cases(default: u32) -> ProptestConfig {
-        ProptestConfig::with_cases(
-            std::env::var("PROPTEST_CASES")
-                .ok()
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(default),
-        )
-    }
-
     /// One of the `|`-separated strings, as JSON.
     fn one_of(alternatives: &'static str) -> BoxedStrategy<Json> {
         prop::sample::select(alternatives.split('|').collect::<Vec<_>>())
@@ -719,7 +708,7 @@ routes:
     }
 
     proptest! {
-        #![proptest_config(cases(20_000))]
+        #![proptest_config(crate::proptest_cases(20_000))]
 
         #[test]
         fn fuzz_file_parse_never_panics_on_any_string(
@@ -736,7 +725,7 @@ routes:
     proptest! {
         // Generating a document costs more than parsing it (the strategies run unoptimised
         // in a debug build): 10_000 cases take about 4 s.
-        #![proptest_config(cases(10_000))]
+        #![proptest_config(crate::proptest_cases(10_000))]
 
         #[test]
         fn fuzz_file_parse_never_panics_on_structured_documents(
