@@ -157,3 +157,15 @@ async fn a_request_in_flight_finishes_on_the_config_it_started_with() {
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(reply.header("x-upstream"), Some("slow"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_made_right_after_start_is_not_missed() {
+    let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
+    for _ in 0..5 {
+        // The watch is in place before start returns: nothing written after it is lost.
+        let gateway = TestGateway::start(&config(&a, json!({}))).await;
+        gateway.reload(&config(&b, json!({}))).await;
+        assert_eq!(get(&gateway.url("/")).await.header("x-upstream"), Some("b"));
+        gateway.stop().await;
+    }
+}

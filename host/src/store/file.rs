@@ -46,6 +46,8 @@ pub struct FileStore {
     path: PathBuf,
     base: PathBuf,
     max_module_bytes: u64,
+    /// The text last read, to tell whether the file changed before the watch began.
+    last_read: std::sync::Mutex<Option<String>>,
 }
 
 impl FileStore {
@@ -61,52 +63,76 @@ impl FileStore {
             path,
             base,
             max_module_bytes,
+            last_read: std::sync::Mutex::new(None),
         }
     }
 
     /// Reads and parses the file.
     pub async fn read(&self) -> Result<Desired, FileStoreError> {
-        let text = tokio::fs::read_to_string(&self.path)
-            .await
-            .map_err(|source| FileStoreError::Read {
-                path: self.path.clone(),
-                source,
-            })?;
+        let text = self.read_text().await?;
         parse(&text).map_err(|reason| FileStoreError::Invalid {
             path: self.path.clone(),
             reason,
         })
     }
 
-    /// Applies every change to the file until `shutdown`.
-    async fn follow(self: Arc<Self>, gateway: Arc<Gateway>, shutdown: CancellationToken) {
-        let (events, mut changes) = mpsc::unbounded_channel();
+    async fn read_text(&self) -> Result<String, FileStoreError> {
+        let text = tokio::fs::read_to_string(&self.path)
+            .await
+            .map_err(|source| FileStoreError::Read {
+                path: self.path.clone(),
+                source,
+            })?;
+        *self.last_read.lock().expect("last read lock") = Some(text.clone());
+        Ok(text)
+    }
+
+    /// Starts watching the file's folder. It runs before the gateway starts serving, so that no
+    /// change written after start-up can be missed; a change written between the first read and
+    /// now is queued as well.
+    fn start_watching(&self) -> Result<Watching, notify::Error> {
+        let (events, changes) = mpsc::unbounded_channel();
         let name = self.path.file_name().map(|n| n.to_owned());
-        let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            let relevant = match &event {
-                // Reading the file is an access event too: reacting to those would make every
-                // reload schedule the next one.
-                Ok(event) if event.kind.is_access() => false,
-                Ok(event) => {
-                    event.paths.is_empty()
-                        || event.paths.iter().any(|p| p.file_name() == name.as_deref())
+        let sender = events.clone();
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                let relevant = match &event {
+                    // Reading the file is an access event too: reacting to those would make every
+                    // reload schedule the next one.
+                    Ok(event) if event.kind.is_access() => false,
+                    Ok(event) => {
+                        event.paths.is_empty()
+                            || event.paths.iter().any(|p| p.file_name() == name.as_deref())
+                    }
+                    Err(_) => true,
+                };
+                if relevant {
+                    let _ = sender.send(());
                 }
-                Err(_) => true,
-            };
-            if relevant {
-                let _ = events.send(());
-            }
-        });
+            })?;
         // Watch the folder, not the file: an editor's atomic save replaces the file's inode.
-        let watching =
-            watcher.and_then(|mut w| w.watch(&self.base, RecursiveMode::NonRecursive).map(|_| w));
-        let _watcher = match watching {
-            Ok(watcher) => watcher,
-            Err(error) => {
-                tracing::error!(path = %self.path.display(), %error, "cannot watch the config file; changes will not apply");
-                return;
-            }
-        };
+        watcher.watch(&self.base, RecursiveMode::NonRecursive)?;
+        let current = std::fs::read_to_string(&self.path).ok();
+        if current != *self.last_read.lock().expect("last read lock") {
+            let _ = events.send(());
+        }
+        Ok(Watching {
+            _watcher: watcher,
+            changes,
+        })
+    }
+
+    /// Applies every change to the file until `shutdown`.
+    async fn follow(
+        self: Arc<Self>,
+        watching: Watching,
+        gateway: Arc<Gateway>,
+        shutdown: CancellationToken,
+    ) {
+        let Watching {
+            _watcher,
+            mut changes,
+        } = watching;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -127,6 +153,12 @@ impl FileStore {
     }
 }
 
+/// A live watch on the config file's folder, and the changes it reports.
+struct Watching {
+    _watcher: notify::RecommendedWatcher,
+    changes: mpsc::UnboundedReceiver<()>,
+}
+
 impl ConfigStore for FileStore {
     fn load(self: Arc<Self>, gateway: Arc<Gateway>) -> BoxFuture<'static, Result<(), StoreError>> {
         Box::pin(async move {
@@ -141,7 +173,13 @@ impl ConfigStore for FileStore {
         gateway: Arc<Gateway>,
         shutdown: CancellationToken,
     ) -> BoxFuture<'static, ()> {
-        Box::pin(self.follow(gateway, shutdown))
+        match self.start_watching() {
+            Ok(watching) => Box::pin(self.follow(watching, gateway, shutdown)),
+            Err(error) => {
+                tracing::error!(path = %self.path.display(), %error, "cannot watch the config file; changes will not apply");
+                Box::pin(async {})
+            }
+        }
     }
 }
 

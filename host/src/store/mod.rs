@@ -29,7 +29,9 @@ pub trait ConfigStore: ModuleSource + 'static {
     /// Loads the config once and applies it; the gateway starts serving only after this.
     fn load(self: Arc<Self>, gateway: Arc<Gateway>) -> BoxFuture<'static, Result<(), StoreError>>;
 
-    /// Applies every later change until `shutdown`.
+    /// Applies every later change until `shutdown`. What it needs to notice changes is set up
+    /// before it returns (the gateway serves only after), so no change made after start-up is
+    /// missed.
     fn watch(
         self: Arc<Self>,
         gateway: Arc<Gateway>,
