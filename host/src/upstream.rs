@@ -178,6 +178,7 @@ impl ClientPool {
             authority,
             idle: Mutex::new(Vec::new()),
             shared: Mutex::new(None),
+            opening_shared: tokio::sync::Mutex::new(()),
         });
         nodes.insert(key, Arc::downgrade(&fresh));
         fresh
@@ -196,6 +197,8 @@ pub struct NodeConnections {
     authority: Authority,
     idle: Mutex<Vec<(http1::SendRequest<OutgoingBody>, Instant)>>,
     shared: Mutex<Option<http2::SendRequest<OutgoingBody>>>,
+    /// One HTTP/2 connection is opened at a time, so that concurrent first requests share it.
+    opening_shared: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for NodeConnections {
@@ -218,6 +221,17 @@ impl NodeConnections {
         if !fresh && let Some(sender) = self.reuse().await {
             return Ok((sender, true));
         }
+        let _opening = match self.key.scheme {
+            Scheme::Grpc => {
+                let opening = self.opening_shared.lock().await;
+                // Another request may have opened it while this one waited.
+                if !fresh && let Some(sender) = self.reuse().await {
+                    return Ok((sender, true));
+                }
+                Some(opening)
+            }
+            Scheme::Http => None,
+        };
         let stream = self.connect().await?;
         let io = TokioIo::new(TimedIo::new(stream, self.key.send_stall));
         let refused = |e: hyper::Error| ConnectFailure::Refused(format!("handshake: {e}"));

@@ -167,3 +167,101 @@ async fn serves_http2_with_prior_knowledge() {
         "{echo}"
     );
 }
+
+/// An h2c node that answers like a gRPC server: a body, then `grpc-status` in trailers, and
+/// says which HTTP version and path it saw.
+async fn grpc_like_node() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::pin::Pin;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::{Context, Poll};
+
+    struct WithTrailers(Vec<http_body::Frame<Bytes>>);
+    impl http_body::Body for WithTrailers {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+            let frames = &mut self.get_mut().0;
+            Poll::Ready((!frames.is_empty()).then(|| Ok(frames.remove(0))))
+        }
+    }
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counter = connections.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let service = hyper::service::service_fn(
+                |request: http::Request<hyper::body::Incoming>| async move {
+                    let said = format!("{:?} {}", request.version(), request.uri().path());
+                    let mut trailers = http::HeaderMap::new();
+                    trailers.insert("grpc-status", "0".parse().unwrap());
+                    let body = WithTrailers(vec![
+                        http_body::Frame::data(Bytes::from(said)),
+                        http_body::Frame::trailers(trailers),
+                    ]);
+                    Ok::<_, std::convert::Infallible>(http::Response::new(body))
+                },
+            );
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+            );
+        }
+    });
+    (port, connections)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_upstream_gets_http2_and_its_trailers_come_back() {
+    let (port, connections) = grpc_like_node().await;
+    let gateway = TestGateway::start(&yaml(json!({
+        "upstreams": [{"id": "g", "scheme": "grpc", "nodes": [{"host": "127.0.0.1", "port": port}]}],
+        "routes": [{"id": "g", "uri": "/pkg.Service/*", "upstream_id": "g"}],
+    })))
+    .await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Full<Bytes>>();
+    let calls = (0..10).map(|_| {
+        let call = request(Method::POST, &gateway.url("/pkg.Service/Method"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(Full::new(Bytes::from_static(b"\0\0\0\0\0")))
+            .unwrap();
+        client.request(call)
+    });
+    for response in futures_join(calls).await {
+        let response = response.expect("a response");
+        assert_eq!(response.status(), StatusCode::OK);
+        let collected = http_body_util::BodyExt::collect(response.into_body())
+            .await
+            .unwrap();
+        assert_eq!(
+            collected.trailers().and_then(|t| t.get("grpc-status")),
+            Some(&http::HeaderValue::from_static("0"))
+        );
+        assert_eq!(collected.to_bytes(), "HTTP/2.0 /pkg.Service/Method");
+    }
+    // Ten concurrent calls share one HTTP/2 connection to the node.
+    assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+/// Runs the futures concurrently and returns their outputs in order.
+async fn futures_join<F>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futures.map(tokio::spawn).collect();
+    let mut outputs = Vec::new();
+    for handle in handles {
+        outputs.push(handle.await.expect("a call task"));
+    }
+    outputs
+}
