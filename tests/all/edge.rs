@@ -504,3 +504,38 @@ async fn an_http2_client_gets_the_same_edge() {
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(up.hits(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hash_on_ip_follows_the_client_a_trusted_proxy_names() {
+    let nodes = [
+        Upstream::start("n0").await,
+        Upstream::start("n1").await,
+        Upstream::start("n2").await,
+    ];
+    let gateway = TestGateway::start(&yaml(json!({
+        "server": {"trusted_proxies": ["127.0.0.1"]},
+        "upstreams": [{"id": "u", "type": "chash", "hash_on": "ip",
+                       "nodes": nodes.iter().map(node).collect::<Vec<_>>()}],
+        "routes": [{"id": "r", "uri": "/*", "upstream_id": "u"}],
+    })))
+    .await;
+    // Every request comes from 127.0.0.1; the client behind it decides the node.
+    let mut used = std::collections::HashSet::new();
+    for client in 0..30 {
+        let xff = format!("198.51.100.{client}");
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..3 {
+            let reply =
+                raw_request(gateway.addr(), &raw_get("/", &[("x-forwarded-for", &xff)])).await;
+            let echo: Value = serde_json::from_slice(&reply.body).unwrap();
+            seen.insert(echo["upstream"].as_str().unwrap().to_owned());
+        }
+        assert_eq!(seen.len(), 1, "{xff} moved between nodes: {seen:?}");
+        used.extend(seen);
+    }
+    assert_eq!(
+        used.len(),
+        3,
+        "30 clients should spread over all 3 nodes: {used:?}"
+    );
+}
