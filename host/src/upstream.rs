@@ -209,10 +209,8 @@ impl std::fmt::Debug for NodeConnections {
     }
 }
 
-/// Why no connection could be made.
-enum ConnectFailure {
-    Refused(String),
-}
+/// Why no connection could be made (for the log).
+struct ConnectFailure(String);
 
 impl NodeConnections {
     /// A connection ready for a request: a pooled one unless `fresh`, otherwise a new one.
@@ -234,7 +232,7 @@ impl NodeConnections {
         };
         let stream = self.connect().await?;
         let io = TokioIo::new(TimedIo::new(stream, self.key.send_stall));
-        let refused = |e: hyper::Error| ConnectFailure::Refused(format!("handshake: {e}"));
+        let refused = |e: hyper::Error| ConnectFailure(format!("handshake: {e}"));
         match self.key.scheme {
             Scheme::Http => {
                 let (sender, connection) =
@@ -303,17 +301,17 @@ impl NodeConnections {
             Ok(ip) => vec![SocketAddr::new(ip, self.key.port)],
             Err(_) => tokio::net::lookup_host((self.key.host.as_str(), self.key.port))
                 .await
-                .map_err(|e| ConnectFailure::Refused(format!("resolving {}: {e}", self.key.host)))?
+                .map_err(|e| ConnectFailure(format!("resolving {}: {e}", self.key.host)))?
                 .collect(),
         };
-        let mut last = ConnectFailure::Refused(format!("{} resolves to no address", self.key.host));
+        let mut last = ConnectFailure(format!("{} resolves to no address", self.key.host));
         for addr in addrs {
             match TcpStream::connect(addr).await {
                 Ok(stream) => {
                     let _ = stream.set_nodelay(true);
                     return Ok(stream);
                 }
-                Err(e) => last = ConnectFailure::Refused(format!("{addr}: {e}")),
+                Err(e) => last = ConnectFailure(format!("{addr}: {e}")),
             }
         }
         Err(last)
@@ -690,7 +688,7 @@ impl Attempt<'_> {
                 tokio::time::timeout(upstream.connect_timeout(), connections.checkout(fresh));
             let (mut sender, reused) = match checkout.await {
                 Ok(Ok(ready)) => ready,
-                Ok(Err(ConnectFailure::Refused(reason))) => {
+                Ok(Err(ConnectFailure(reason))) => {
                     return Err(UpstreamError::Connect {
                         node: node.addr.clone(),
                         reason,
