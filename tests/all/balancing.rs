@@ -8,8 +8,8 @@ use http::{Method, StatusCode};
 use http_body_util::Full;
 use serde_json::json;
 use weir_tests::{
-    Behaviour, BlackHole, Gate, TestGateway, Upstream, eventually, get, metric, node, request,
-    send, send_body, yaml,
+    Behaviour, BlackHole, TestGateway, Upstream, eventually, get, metric, node, request, send,
+    send_body, yaml,
 };
 
 /// A loopback port with nothing listening on it.
@@ -77,15 +77,7 @@ async fn consistent_hash_keeps_a_key_on_one_node() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn least_conn_avoids_the_busy_node() {
-    let gate = Gate::default();
-    let slow = Upstream::start_with(
-        "slow",
-        Behaviour {
-            gate: Some(gate.clone()),
-            ..Behaviour::default()
-        },
-    )
-    .await;
+    let (slow, gate) = Upstream::gated("slow").await;
     let fast = Upstream::start("fast").await;
     let gateway = TestGateway::start(&yaml(json!({
         "upstreams": [{"id": "u", "type": "least_conn", "nodes": [node(&slow), node(&fast)]}],

@@ -4,21 +4,11 @@ use std::time::Duration;
 
 use http::StatusCode;
 use serde_json::json;
-use weir_tests::{
-    Behaviour, ChildDrain, ChildGateway, Gate, Upstream, eventually, get, node, yaml,
-};
+use weir_tests::{ChildDrain, ChildGateway, Upstream, eventually, get, node, yaml};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_a_slow_request_finish_and_then_refuses_new_connections() {
-    let gate = Gate::default();
-    let slow = Upstream::start_with(
-        "slow",
-        Behaviour {
-            gate: Some(gate.clone()),
-            ..Behaviour::default()
-        },
-    )
-    .await;
+    let (slow, gate) = Upstream::gated("slow").await;
     let fast = Upstream::start("fast").await;
     let mut gateway = ChildGateway::start_draining(
         &yaml(json!({

@@ -4,9 +4,7 @@ use std::time::Duration;
 
 use http::StatusCode;
 use serde_json::{Value, json};
-use weir_tests::{
-    Behaviour, Gate, TestGateway, Upstream, all_plugins, eventually, get, metric, node, yaml,
-};
+use weir_tests::{TestGateway, Upstream, all_plugins, eventually, get, metric, node, yaml};
 
 fn config(upstream: &Upstream, route_extra: Value) -> String {
     let mut route = json!({"id": "r", "uri": "/*", "upstream_id": "u"});
@@ -128,15 +126,7 @@ async fn bad_changes_are_reported_and_the_old_config_keeps_serving() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_in_flight_finishes_on_the_config_it_started_with() {
-    let gate = Gate::default();
-    let slow = Upstream::start_with(
-        "slow",
-        Behaviour {
-            gate: Some(gate.clone()),
-            ..Behaviour::default()
-        },
-    )
-    .await;
+    let (slow, gate) = Upstream::gated("slow").await;
     let fast = Upstream::start("fast").await;
     let gateway = TestGateway::start(&config(&slow, json!({}))).await;
     let url = gateway.url("/in-flight");

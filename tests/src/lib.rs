@@ -178,6 +178,16 @@ impl Upstream {
         }
     }
 
+    /// An echo upstream called `name` that holds every answer until the gate opens.
+    pub async fn gated(name: &str) -> (Upstream, Gate) {
+        let gate = Gate::default();
+        let behaviour = Behaviour {
+            gate: Some(gate.clone()),
+            ..Behaviour::default()
+        };
+        (Self::start_with(name, behaviour).await, gate)
+    }
+
     /// Its port.
     pub fn port(&self) -> u16 {
         self.addr.port()
