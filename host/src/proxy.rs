@@ -4,7 +4,8 @@
 //!    client; nothing after it sees the raw forms;
 //! 1. [`handle`] takes the current snapshot and matches a route;
 //! 2. [`request_phase`] runs each plugin's `on-request` in the route's order;
-//! 3. [`upstream_phase`] picks a node and forwards, retrying other nodes on connect failures;
+//! 3. [`upstream_phase`] picks a node and forwards, trying other nodes when nothing was sent
+//!    (or when an idempotent request that can go again was not answered);
 //! 4. [`response_phase`] runs `on-response` in reverse order;
 //! 5. [`Finish`] writes the access log, records metrics and runs `on-log` once the response
 //!    body is done (or the client went away).
