@@ -40,6 +40,34 @@ pub struct ImportVerdict {
     pub verdict: String,
 }
 
+impl std::fmt::Display for CheckReport {
+    /// The report `weir plugin check` prints, without its first line (which names the file).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.exports {
+            Some(export) => writeln!(f, "implements: {export} (world weir:plugin/plugin)")?,
+            None => writeln!(f, "implements: no weir:plugin/filter export")?,
+        }
+        writeln!(f, "imports:")?;
+        for import in &self.imports {
+            writeln!(f, "  {:<40} {}", import.import, import.verdict)?;
+        }
+        match &self.loads {
+            Ok(()) => write!(f, "loads with these grants: yes"),
+            Err(reason) => {
+                let refused = self.imports.iter().filter(|i| i.verdict != "ok").count();
+                if refused > 0 {
+                    write!(
+                        f,
+                        "loads with these grants: no: {refused} imports above are not granted"
+                    )
+                } else {
+                    write!(f, "loads with these grants: no: {reason}")
+                }
+            }
+        }
+    }
+}
+
 /// Compiles a component and checks it against `grants` the way the gateway does.
 pub async fn check(bytes: Vec<u8>, grants: &Grants) -> Result<CheckReport, PluginError> {
     let runtime = PluginRuntime::new(Arc::new(Metrics::new()), None)?;
@@ -116,6 +144,49 @@ pub struct TestReport {
     pub logs: Vec<(String, String)>,
     /// A failure (trap, timeout, limit), if one ended the run.
     pub failure: Option<String>,
+}
+
+impl TestReport {
+    /// Whether the plugin failed or refused its config.
+    pub fn failed(&self) -> bool {
+        self.failure.is_some() || matches!(self.init, Some(Err(_)))
+    }
+}
+
+impl std::fmt::Display for TestReport {
+    /// The report `weir plugin test` prints.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.init {
+            Some(Ok(wants)) => writeln!(f, "init: ok ({wants})")?,
+            Some(Err(reason)) => writeln!(f, "init: rejected the config: {reason}")?,
+            None => {}
+        }
+        if let Some(action) = &self.action {
+            writeln!(f, "on-request: {action}")?;
+        }
+        for edit in &self.request_edits {
+            writeln!(f, "  request  {edit}")?;
+        }
+        for edit in &self.response_edits {
+            writeln!(f, "  response {edit}")?;
+        }
+        if !self.kv.is_empty() {
+            writeln!(f, "kv:")?;
+            for (key, value) in &self.kv {
+                writeln!(f, "  {key} = {value}")?;
+            }
+        }
+        if !self.logs.is_empty() {
+            writeln!(f, "logs:")?;
+            for (level, message) in &self.logs {
+                writeln!(f, "  {level:<5} {message}")?;
+            }
+        }
+        if let Some(failure) = &self.failure {
+            writeln!(f, "failed: {failure}")?;
+        }
+        Ok(())
+    }
 }
 
 /// The upstream response a test run pretends to get.

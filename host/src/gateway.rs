@@ -10,6 +10,7 @@ use crate::access_log::{AccessLog, AccessLogTarget};
 use crate::metrics::{Metrics, ReloadLabels};
 use crate::plugin::{PluginError, PluginRuntime};
 use crate::snapshot::{BuildContext, Desired, ModuleSource, Snapshot};
+use crate::store::StoreHealth;
 use crate::upstream::ClientPool;
 
 /// Why a gateway could not be created.
@@ -21,24 +22,6 @@ pub enum GatewayInitError {
     /// The access log could not be opened.
     #[error("access log: {0}")]
     AccessLog(#[from] std::io::Error),
-}
-
-/// How the config store is doing, as `/readyz` reports it.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct StoreHealth {
-    /// `file` or `etcd`.
-    pub store: &'static str,
-    /// Whether changes are reaching the gateway.
-    pub connected: bool,
-    /// Why not, when not.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-    /// When the store last became unreachable, RFC 3339.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub since: Option<String>,
-    /// The last store revision applied (etcd).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub revision: Option<i64>,
 }
 
 /// The state every request and every config change goes through.
@@ -66,13 +49,7 @@ impl Gateway {
         let metrics = Arc::new(Metrics::new());
         Ok(Arc::new(Gateway {
             snapshot: ArcSwap::from_pointee(Snapshot::empty()),
-            health: ArcSwap::from_pointee(StoreHealth {
-                store: "file",
-                connected: true,
-                reason: None,
-                since: None,
-                revision: None,
-            }),
+            health: ArcSwap::from_pointee(StoreHealth::connected("file")),
             runtime: PluginRuntime::new(metrics.clone(), module_cache)?,
             clients: ClientPool::default(),
             metrics,
@@ -134,7 +111,7 @@ impl Gateway {
 
     /// Builds a snapshot from `desired` on top of the current one and swaps it in.
     /// Requests in flight finish on the snapshot they started with.
-    pub async fn apply(&self, desired: Desired, modules: &dyn ModuleSource) -> Arc<Snapshot> {
+    pub async fn apply(&self, desired: &Desired, modules: &dyn ModuleSource) -> Arc<Snapshot> {
         let _one_at_a_time = self.build_lock.lock().await;
         let previous = self.snapshot();
         let context = BuildContext {

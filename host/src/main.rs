@@ -8,8 +8,9 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
+use weir::client::{PushSettings, push_plugin};
 use weir::config::{FailurePolicy, Grants, ServiceNode, WasiGrant};
-use weir::store::etcd::{self, EtcdOptions, PushSettings};
+use weir::store::etcd::EtcdOptions;
 use weir::{AccessLogTarget, ConfigSource, DrainOptions, GatewayOptions};
 
 /// glibc's allocator slows down as the heap grows with many routes; mimalloc stays flat.
@@ -346,7 +347,7 @@ async fn register(args: RegisterArgs) -> anyhow::Result<()> {
         let _ = weir::server::stop_signal().await;
         stop.cancel();
     });
-    etcd::register(
+    weir::client::register(
         &args.etcd.options(),
         &args.service,
         &node_id,
@@ -383,20 +384,8 @@ async fn push(args: PushArgs) -> anyhow::Result<()> {
     {
         bail!("{}: {refused}", args.file.display());
     }
-    let pushed = etcd::push_plugin(&args.etcd.options(), &args.name, &bytes, &settings).await?;
-    let stored = if pushed.already_stored {
-        "already stored"
-    } else {
-        "stored"
-    };
-    println!(
-        "plugin {} -> sha256 {} ({} bytes in {} chunks, {stored})",
-        args.name,
-        pushed.sha256,
-        bytes.len(),
-        pushed.chunks
-    );
-    println!("{}", serde_json::to_string(&pushed.entry)?);
+    let pushed = push_plugin(&args.etcd.options(), &args.name, &bytes, &settings).await?;
+    println!("{pushed}");
     Ok(())
 }
 
@@ -418,25 +407,9 @@ async fn check(args: CheckArgs) -> anyhow::Result<()> {
     let grants = parse_grants(&args.grants)?;
     let report = weir::authoring::check(bytes, &grants).await?;
     println!("{}: sha256 {}", args.file.display(), report.sha256);
-    match &report.exports {
-        Some(export) => println!("implements: {export} (world weir:plugin/plugin)"),
-        None => println!("implements: no weir:plugin/filter export"),
-    }
-    println!("imports:");
-    for import in &report.imports {
-        println!("  {:<40} {}", import.import, import.verdict);
-    }
-    match &report.loads {
-        Ok(()) => println!("loads with these grants: yes"),
-        Err(reason) => {
-            let refused = report.imports.iter().filter(|i| i.verdict != "ok").count();
-            if refused > 0 {
-                println!("loads with these grants: no: {refused} imports above are not granted");
-            } else {
-                println!("loads with these grants: no: {reason}");
-            }
-            std::process::exit(1);
-        }
+    println!("{report}");
+    if report.loads.is_err() {
+        std::process::exit(1);
     }
     Ok(())
 }
@@ -499,38 +472,9 @@ async fn test(args: TestArgs) -> anyhow::Result<()> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        match &report.init {
-            Some(Ok(wants)) => println!("init: ok ({wants})"),
-            Some(Err(reason)) => println!("init: rejected the config: {reason}"),
-            None => {}
-        }
-        if let Some(action) = &report.action {
-            println!("on-request: {action}");
-        }
-        for edit in &report.request_edits {
-            println!("  request  {edit}");
-        }
-        for edit in &report.response_edits {
-            println!("  response {edit}");
-        }
-        if !report.kv.is_empty() {
-            println!("kv:");
-            for (key, value) in &report.kv {
-                println!("  {key} = {value}");
-            }
-        }
-        if !report.logs.is_empty() {
-            println!("logs:");
-            for (level, message) in &report.logs {
-                println!("  {level:<5} {message}");
-            }
-        }
-        if let Some(failure) = &report.failure {
-            println!("failed: {failure}");
-        }
+        print!("{report}");
     }
-    let failed = report.failure.is_some() || matches!(report.init, Some(Err(_)));
-    if failed {
+    if report.failed() {
         std::process::exit(1);
     }
     Ok(())

@@ -25,6 +25,7 @@ use crate::config::{MIN_HEADER_BYTES, ServerConfig};
 use crate::gateway::{Gateway, GatewayInitError};
 use crate::metrics::ListenerLabels;
 use crate::proxy::{self, ResponseBody};
+use crate::reconcile::Reconciler;
 use crate::store::etcd::{EtcdOptions, EtcdStore};
 use crate::store::file::FileStore;
 use crate::store::{ConfigStore, StoreError};
@@ -196,8 +197,11 @@ pub async fn start(options: GatewayOptions) -> Result<RunningGateway, StartError
             ..etcd.clone()
         })),
     };
-    store.clone().load(gateway.clone()).await?;
-    tasks.push(tokio::spawn(store.watch(gateway.clone(), shutdown.clone())));
+    store.clone().load().await?;
+    let mut reconciler = Reconciler::new(gateway.clone(), store.clone());
+    reconciler.apply_current().await;
+    tasks.push(tokio::spawn(reconciler.run(shutdown.clone())));
+    tasks.push(tokio::spawn(store.clone().watch(shutdown.clone())));
 
     let listener = bind(options.listen).await?;
     let addr = listener.local_addr().map_err(|source| StartError::Bind {

@@ -161,29 +161,14 @@ pub struct Desired {
 
 impl BuildContext<'_> {
     /// Builds the next snapshot from `desired`, falling back to `previous` object by object.
-    pub async fn build(&self, desired: Desired, previous: &Snapshot) -> Snapshot {
+    pub async fn build(&self, desired: &Desired, previous: &Snapshot) -> Snapshot {
         let Desired { objects, unparsed } = desired;
-        let mut errors = Vec::new();
+        let mut errors = unparsed.clone();
         let keep = |kind: Kind, id: &str| unparsed.iter().any(|e| e.kind == kind && e.id == id);
-        for error in &unparsed {
-            errors.push(error.clone());
-        }
 
         // Tenants first: plugins count against them.
         let mut tenants = Vec::new();
-        for (name, tenant) in &objects.tenants {
-            match tenant.validate() {
-                Ok(()) => tenants.push(tenant.clone()),
-                Err(reason) => {
-                    let kept_tenant = previous.tenants.get(name);
-                    errors.push(kept(
-                        ObjectError::new(Kind::Tenant, name, reason),
-                        kept_tenant.is_some(),
-                    ));
-                    tenants.extend(kept_tenant.cloned());
-                }
-            }
-        }
+        tenants.extend(objects.tenants.values().cloned());
         for (name, old) in &previous.tenants {
             if keep(Kind::Tenant, name) && !objects.tenants.contains_key(name) {
                 tenants.push(old.clone());
@@ -192,7 +177,7 @@ impl BuildContext<'_> {
         self.runtime.tenants().update(tenants.iter().cloned());
         let tenants = tenants.into_iter().map(|t| (t.name.clone(), t)).collect();
 
-        let server = self.build_server(&objects, previous, &mut errors, &keep);
+        let server = self.build_server(objects, previous, &keep);
 
         // Plugins next: routes need them.
         let mut plugins = BTreeMap::new();
@@ -212,16 +197,16 @@ impl BuildContext<'_> {
         let mut upstreams = BTreeMap::new();
         for (id, config) in &objects.upstreams {
             let old = previous.upstreams.get(id);
-            let built = config.validate().map(|()| match old {
-                // Keep the running upstream when nothing changed: its counters and pools live on.
+            // Keep the running upstream when nothing changed: its counters and pools live on.
+            let built = match old {
                 Some(old) if old.config == *config => old.clone(),
                 _ => Arc::new(Upstream::new(config.clone(), self.clients, self.metrics)),
-            });
-            accept(&mut upstreams, &mut errors, Kind::Upstream, id, built, old);
+            };
+            upstreams.insert(id.clone(), built);
         }
         keep_unparsed(&mut upstreams, &previous.upstreams, Kind::Upstream, &keep);
 
-        let services = self.build_services(&objects, previous, &mut errors);
+        let services = self.build_services(objects, previous);
 
         let mut route_list = BTreeMap::new();
         let mut candidates: Vec<(&String, &RouteConfig)> = objects.routes.iter().collect();
@@ -296,12 +281,11 @@ impl BuildContext<'_> {
     }
 
     /// The `server` settings: the store's, the defaults when it has none, or the previous ones
-    /// when the store's are invalid.
+    /// when the store's did not parse.
     fn build_server(
         &self,
         objects: &ConfigObjects,
         previous: &Snapshot,
-        errors: &mut Vec<ObjectError>,
         keep: &impl Fn(Kind, &str) -> bool,
     ) -> Arc<ServerSettings> {
         let Some(config) = &objects.server else {
@@ -313,13 +297,7 @@ impl BuildContext<'_> {
         if previous.server.config == *config {
             return previous.server.clone();
         }
-        match ServerSettings::new(config.clone()) {
-            Ok(settings) => Arc::new(settings),
-            Err(reason) => {
-                errors.push(kept(ObjectError::new(Kind::Server, "server", reason), true));
-                previous.server.clone()
-            }
-        }
+        Arc::new(ServerSettings::new(config.clone()))
     }
 
     /// Each service with live nodes becomes a round-robin upstream over them.
@@ -327,24 +305,16 @@ impl BuildContext<'_> {
         &self,
         objects: &ConfigObjects,
         previous: &Snapshot,
-        errors: &mut Vec<ObjectError>,
     ) -> BTreeMap<String, Arc<Upstream>> {
         let mut services = BTreeMap::new();
         for (name, nodes) in &objects.services {
             let mut live = Vec::new();
-            for (node_id, node) in nodes {
-                match node.validate() {
-                    Ok(()) => live.push(NodeConfig {
-                        host: node.host.clone(),
-                        port: node.port,
-                        weight: node.weight,
-                    }),
-                    Err(reason) => errors.push(ObjectError::new(
-                        Kind::ServiceNode,
-                        format!("{name}/{node_id}"),
-                        reason,
-                    )),
-                }
+            for node in nodes.values() {
+                live.push(NodeConfig {
+                    host: node.host.clone(),
+                    port: node.port,
+                    weight: node.weight,
+                });
             }
             if live.is_empty() {
                 continue;
@@ -368,7 +338,6 @@ impl BuildContext<'_> {
     }
 
     async fn load_plugin(&self, config: &PluginConfig) -> Result<Arc<LoadedPlugin>, String> {
-        config.validate()?;
         let bytes = self.modules.fetch(config).await?;
         if let Some(expected) = &config.sha256 {
             let actual = crate::plugin::sha256_hex(&bytes);
@@ -402,10 +371,6 @@ impl BuildContext<'_> {
         plugins: &BTreeMap<String, Arc<LoadedPlugin>>,
         upstreams: &BTreeMap<String, Arc<Upstream>>,
     ) -> Result<Arc<Route>, String> {
-        // A config equal to the one serving was validated when it loaded.
-        if old.is_none_or(|old| old.config != *config) {
-            config.validate()?;
-        }
         let target = match (&config.upstream_id, &config.service) {
             (Some(id), _) => Target::Upstream(
                 upstreams
@@ -415,7 +380,7 @@ impl BuildContext<'_> {
             ),
             (None, Some(service)) if service == "*" => Target::AnyService,
             (None, Some(service)) => Target::Service(service.clone()),
-            (None, None) => unreachable!("validate() requires a target"),
+            (None, None) => return Err("set `upstream_id` or `service`".into()),
         };
         if let Some(old) = old
             && old.config == *config

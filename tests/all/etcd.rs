@@ -9,8 +9,9 @@ use std::time::Duration;
 use http::StatusCode;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
+use weir::client::{PushSettings, push_plugin, register};
 use weir::config::ServiceNode;
-use weir::store::etcd::{EtcdOptions, PushSettings, push_plugin, register};
+use weir::store::etcd::EtcdOptions;
 use weir_tests::etcd::Etcd;
 use weir_tests::{TestGateway, Upstream, eventually, get, plugins};
 

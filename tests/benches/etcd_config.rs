@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use http::StatusCode;
 use serde_json::json;
-use weir::store::etcd::{EtcdOptions, PushSettings, push_plugin};
+use weir::client::{PushSettings, push_plugin};
+use weir::store::etcd::EtcdOptions;
 use weir_tests::etcd::Etcd;
 use weir_tests::{TestGateway, Upstream, get, plugins, rss_kib, with_custom_section};
 

@@ -26,19 +26,19 @@ pub struct ServerSettings {
 }
 
 impl ServerSettings {
-    /// Validates `config`.
-    pub fn new(config: ServerConfig) -> Result<Self, String> {
-        let trusted_proxies = config.validate()?;
-        Ok(ServerSettings {
+    /// The settings of `config`.
+    pub fn new(config: ServerConfig) -> Self {
+        let trusted_proxies = config.trusted_proxies.iter().map(|t| t.0).collect();
+        ServerSettings {
             config,
             trusted_proxies,
-        })
+        }
     }
 }
 
 impl Default for ServerSettings {
     fn default() -> Self {
-        ServerSettings::new(ServerConfig::default()).expect("the defaults are valid")
+        ServerSettings::new(ServerConfig::default())
     }
 }
 

@@ -7,15 +7,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use notify::{RecursiveMode, Watcher};
-use serde::de::DeserializeOwned;
 use serde_norway::Value;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{ConfigObjects, Kind, ObjectError, PluginConfig, ServerConfig};
-use crate::gateway::Gateway;
+use crate::config::{
+    self, ConfigObject, ConfigObjects, Kind, ObjectError, PluginConfig, ServerConfig,
+};
 use crate::snapshot::{BoxFuture, Desired, ModuleSource};
-use crate::store::{ConfigStore, StoreError};
+use crate::store::{ConfigStore, Published, Publisher, StoreError};
 
 /// Editors save in bursts (truncate, write, rename); wait this long for the burst to end.
 const SETTLE: Duration = Duration::from_millis(100);
@@ -48,6 +48,7 @@ pub struct FileStore {
     max_module_bytes: u64,
     /// The text last read, to tell whether the file changed before the watch began.
     last_read: std::sync::Mutex<Option<String>>,
+    publisher: Publisher,
 }
 
 impl FileStore {
@@ -64,6 +65,7 @@ impl FileStore {
             base,
             max_module_bytes,
             last_read: std::sync::Mutex::new(None),
+            publisher: Publisher::new("file"),
         }
     }
 
@@ -122,13 +124,8 @@ impl FileStore {
         })
     }
 
-    /// Applies every change to the file until `shutdown`.
-    async fn follow(
-        self: Arc<Self>,
-        watching: Watching,
-        gateway: Arc<Gateway>,
-        shutdown: CancellationToken,
-    ) {
+    /// Publishes every change to the file until `shutdown`.
+    async fn follow(self: Arc<Self>, watching: Watching, shutdown: CancellationToken) {
         let Watching {
             _watcher,
             mut changes,
@@ -141,11 +138,9 @@ impl FileStore {
             tokio::time::sleep(SETTLE).await;
             while changes.try_recv().is_ok() {}
             match self.read().await {
-                Ok(desired) => {
-                    gateway.apply(desired, self.as_ref()).await;
-                }
+                Ok(desired) => self.publisher.objects(desired),
                 Err(error) => {
-                    gateway.record_failed_reload();
+                    self.publisher.failure();
                     tracing::error!(%error, "config change ignored; the previous config keeps serving");
                 }
             }
@@ -160,26 +155,30 @@ struct Watching {
 }
 
 impl ConfigStore for FileStore {
-    fn load(self: Arc<Self>, gateway: Arc<Gateway>) -> BoxFuture<'static, Result<(), StoreError>> {
+    fn load(self: Arc<Self>) -> BoxFuture<'static, Result<(), StoreError>> {
         Box::pin(async move {
             let desired = self.read().await?;
-            gateway.apply(desired, self.as_ref()).await;
+            self.publisher.objects(desired);
             Ok(())
         })
     }
 
-    fn watch(
-        self: Arc<Self>,
-        gateway: Arc<Gateway>,
-        shutdown: CancellationToken,
-    ) -> BoxFuture<'static, ()> {
+    fn watch(self: Arc<Self>, shutdown: CancellationToken) -> BoxFuture<'static, ()> {
         match self.start_watching() {
-            Ok(watching) => Box::pin(self.follow(watching, gateway, shutdown)),
+            Ok(watching) => Box::pin(self.follow(watching, shutdown)),
             Err(error) => {
                 tracing::error!(path = %self.path.display(), %error, "cannot watch the config file; changes will not apply");
                 Box::pin(async {})
             }
         }
+    }
+
+    fn subscribe(&self) -> watch::Receiver<Arc<Published>> {
+        self.publisher.subscribe()
+    }
+
+    fn describe(&self) -> String {
+        format!("the file {}", self.path.display())
     }
 }
 
@@ -224,21 +223,24 @@ pub fn parse(text: &str) -> Result<Desired, String> {
     for (key, value) in mapping {
         match key.as_str() {
             Some("routes") => {
-                objects.routes = collect(value, Kind::Route, "id", &mut unparsed)?;
+                objects.routes = collect(value, &mut unparsed)?;
             }
             Some("upstreams") => {
-                objects.upstreams = collect(value, Kind::Upstream, "id", &mut unparsed)?;
+                objects.upstreams = collect(value, &mut unparsed)?;
             }
             Some("plugins") => {
-                objects.plugins = collect(value, Kind::Plugin, "name", &mut unparsed)?;
+                objects.plugins = collect(value, &mut unparsed)?;
             }
             Some("tenants") => {
-                objects.tenants = collect(value, Kind::Tenant, "name", &mut unparsed)?;
+                objects.tenants = collect(value, &mut unparsed)?;
             }
             Some("server") if value.is_null() => {}
-            Some("server") => match serde_norway::from_value::<ServerConfig>(value) {
+            Some("server") => match as_json(value).and_then(|json| {
+                config::parse::<ServerConfig>(&json)
+                    .map_err(|errors| ObjectError::fields(Kind::Server, "server", errors))
+            }) {
                 Ok(server) => objects.server = Some(server),
-                Err(e) => unparsed.push(ObjectError::new(Kind::Server, "server", e.to_string())),
+                Err(error) => unparsed.push(error.with_id(Kind::Server, "server")),
             },
             _ => {
                 return Err(format!(
@@ -251,41 +253,18 @@ pub fn parse(text: &str) -> Result<Desired, String> {
     Ok(Desired { objects, unparsed })
 }
 
-/// Objects that carry their own id in `id_field`.
-trait Identified {
-    fn identity(&self) -> &str;
+/// A YAML value as the JSON the validator reads; YAML that JSON cannot hold (a mapping key
+/// that is not a string, a tagged value) is refused here.
+fn as_json(value: Value) -> Result<serde_json::Value, ObjectError> {
+    serde_json::to_value(&value).map_err(|e| ObjectError::new(Kind::Key, "", e.to_string()))
 }
 
-impl Identified for crate::config::RouteConfig {
-    fn identity(&self) -> &str {
-        &self.id
-    }
-}
-
-impl Identified for crate::config::UpstreamConfig {
-    fn identity(&self) -> &str {
-        &self.id
-    }
-}
-
-impl Identified for PluginConfig {
-    fn identity(&self) -> &str {
-        &self.name
-    }
-}
-
-impl Identified for crate::config::TenantConfig {
-    fn identity(&self) -> &str {
-        &self.name
-    }
-}
-
-fn collect<T: DeserializeOwned + Identified>(
+fn collect<T: ConfigObject>(
     list: Value,
-    kind: Kind,
-    id_field: &str,
     errors: &mut Vec<ObjectError>,
 ) -> Result<BTreeMap<String, T>, String> {
+    let kind = T::KIND;
+    let id_field = T::ID_FIELD;
     let items = match list {
         Value::Null => return Ok(BTreeMap::new()),
         Value::Sequence(items) => items,
@@ -298,21 +277,21 @@ fn collect<T: DeserializeOwned + Identified>(
             .and_then(Value::as_str)
             .map(str::to_owned)
             .unwrap_or_else(|| format!("#{index}"));
-        match serde_norway::from_value::<T>(item) {
-            Ok(object) => {
-                let id = object.identity().to_owned();
-                match objects.entry(id) {
-                    std::collections::btree_map::Entry::Vacant(slot) => {
-                        slot.insert(object);
-                    }
-                    std::collections::btree_map::Entry::Occupied(taken) => {
-                        let reason =
-                            format!("a second {kind} has this {id_field}; only the first loads");
-                        errors.push(ObjectError::new(kind, taken.key().clone(), reason));
-                    }
+        let parsed = as_json(item).and_then(|json| {
+            config::parse::<T>(&json).map_err(|fields| ObjectError::fields(kind, "", fields))
+        });
+        match parsed {
+            Ok(object) => match objects.entry(object.id().to_owned()) {
+                std::collections::btree_map::Entry::Vacant(slot) => {
+                    slot.insert(object);
                 }
-            }
-            Err(e) => errors.push(ObjectError::new(kind, label, e.to_string())),
+                std::collections::btree_map::Entry::Occupied(taken) => {
+                    let reason =
+                        format!("a second {kind} has this {id_field}; only the first loads");
+                    errors.push(ObjectError::new(kind, taken.key().clone(), reason));
+                }
+            },
+            Err(error) => errors.push(error.with_id(kind, label)),
         }
     }
     Ok(objects)
@@ -324,7 +303,7 @@ pub(crate) mod tests {
     use proptest::prelude::*;
     use serde_json::Value as Json;
 
-    use crate::config::{RouteConfig, TenantConfig, UpstreamConfig};
+    use crate::config::UpstreamConfig;
 
     #[test]
     fn parses_the_documented_shape() {
@@ -609,16 +588,15 @@ routes:
         .prop_map(|(key, value)| (key.to_owned(), value))
     }
 
-    /// Validates an upstream and, if it passes, builds it as a snapshot does: `Upstream::new`
-    /// trusts `validate` (it `expect`s every node address to parse). The etcd store's tests
-    /// use it too.
+    /// Checks that a parsed upstream is valid and builds it as a snapshot does: `Upstream::new`
+    /// trusts that parsing checked it (it `expect`s every node address to parse). The etcd
+    /// store's tests use it too.
     pub(crate) fn check_upstream(upstream: &UpstreamConfig) {
-        if UpstreamConfig::validate(upstream).is_ok() {
-            let metrics = crate::metrics::Metrics::new();
-            let pool = crate::upstream::ClientPool::default();
-            let built = crate::upstream::Upstream::new(upstream.clone(), &pool, &metrics);
-            assert_eq!(built.nodes.nodes().len(), upstream.nodes.len());
-        }
+        config::verify(upstream).unwrap();
+        let metrics = crate::metrics::Metrics::new();
+        let pool = crate::upstream::ClientPool::default();
+        let built = crate::upstream::Upstream::new(upstream.clone(), &pool, &metrics);
+        assert_eq!(built.nodes.nodes().len(), upstream.nodes.len());
     }
 
     /// Found by `fuzz_file_parse_never_panics_on_structured_documents`: a ring's point count
@@ -626,40 +604,42 @@ routes:
     #[test]
     fn a_heavy_chash_node_is_refused_or_built_without_panicking() {
         let upstream = |weight: u32| {
-            let desired = parse(&format!(
+            parse(&format!(
                 "upstreams: [{{id: u, type: chash, hash_on: ip,\
                  nodes: [{{host: a, port: 1, weight: {weight}}}]}}]"
             ))
-            .unwrap();
-            desired.objects.upstreams["u"].clone()
+            .unwrap()
         };
-        let refused = upstream(26_843_546).validate().unwrap_err();
-        assert!(refused.contains("over 1000000"), "{refused}");
-        let heaviest = upstream(crate::config::MAX_WEIGHT);
-        heaviest.validate().unwrap();
+        let refused = upstream(26_843_546);
+        assert_eq!(refused.unparsed[0].errors[0].path, "/nodes/0/weight");
+        assert!(
+            refused.unparsed[0].reason.contains("over 1000000"),
+            "{refused:?}"
+        );
+        let heaviest = upstream(crate::config::MAX_WEIGHT).objects.upstreams["u"].clone();
         let metrics = crate::metrics::Metrics::new();
         let pool = crate::upstream::ClientPool::default();
         crate::upstream::Upstream::new(heaviest, &pool, &metrics);
     }
 
     /// Everything the gateway does with a parsed document before it serves it, that could
-    /// panic: validation, and building each upstream that validates.
+    /// panic: building each upstream (parsing already checked every object).
     fn check_everything(desired: &Desired) {
         let objects = &desired.objects;
         for route in objects.routes.values() {
-            let _ = RouteConfig::validate(route);
+            config::verify(route).unwrap();
         }
         for upstream in objects.upstreams.values() {
             check_upstream(upstream);
         }
         for plugin in objects.plugins.values() {
-            let _ = PluginConfig::validate(plugin);
+            config::verify(plugin).unwrap();
         }
         for tenant in objects.tenants.values() {
-            let _ = TenantConfig::validate(tenant);
+            config::verify(tenant).unwrap();
         }
         if let Some(server) = &objects.server {
-            let _ = ServerConfig::validate(server);
+            config::verify(server).unwrap();
         }
     }
 

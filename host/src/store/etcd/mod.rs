@@ -1,53 +1,38 @@
 //! The etcd store: config objects, service nodes and plugin modules under one key prefix,
-//! followed with a watch so that every gateway on the cluster converges.
-//!
-//! Layout (the prefix defaults to `/weir`; docs/etcd.md has every schema):
-//!
-//! ```text
-//! /weir/routes/<id>            route JSON
-//! /weir/upstreams/<id>         upstream JSON
-//! /weir/plugins/<name>         plugin entry JSON, naming its module by sha256
-//! /weir/tenants/<name>         tenant JSON: quotas
-//! /weir/server                 server JSON: client timeouts, limits, trusted proxies
-//! /weir/services/<name>/<node> node JSON {host, port, weight?, meta?}, under a lease
-//! /weir/modules/<sha256>       {"size": N, "chunks": C}
-//! /weir/modules/<sha256>/<n>   chunk n of the module's bytes (n zero-padded to 6 digits)
-//! ```
+//! followed with a watch so that every gateway on the cluster converges. [`keys`] has the
+//! layout; docs/etcd.md has every schema.
 //!
 //! Start-up reads every config key at one revision, then watches from the next one, so that
 //! nothing written in between is lost. Module keys are left out of both: a gateway reads a
-//! module's chunks only when a plugin entry names it.
+//! module's chunks only when a plugin entry names it. The store keeps a mirror of the keys and
+//! publishes it; it never touches the gateway.
+
+pub mod keys;
+mod state;
+mod writer;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue, PutOptions, Txn,
-    TxnOp, WatchOptions,
-};
-use serde::{Deserialize, Serialize};
-use tokio::sync::Notify;
+use etcd_client::{Client, ConnectOptions, EventType, GetOptions, KeyValue, WatchOptions};
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
+use self::keys::{Entry, parse_entry, read_bounded, read_module};
+use self::state::{STATE_FILE, SavedState, write_atomically};
 use crate::access_log::now_rfc3339;
-use crate::config::{
-    Kind, ObjectError, PluginConfig, RouteConfig, ServerConfig, ServiceNode, TenantConfig,
-    UpstreamConfig,
-};
-use crate::gateway::{Gateway, StoreHealth};
+use crate::config::PluginConfig;
 use crate::plugin::sha256_hex;
 use crate::snapshot::{BoxFuture, Desired, ModuleSource};
-use crate::store::{ConfigStore, StoreError};
+use crate::store::{ConfigStore, ConfigWriter, Published, Publisher, StoreError, StoreHealth};
 
-/// Module chunks stay well under etcd's default 1.5 MiB request limit.
-pub const CHUNK_BYTES: usize = 1 << 20;
+pub use self::keys::CHUNK_BYTES;
+
 /// Reconnect backoff bounds.
-const BACKOFF_MIN: Duration = Duration::from_millis(200);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
-/// The file in `--state-dir` that holds the last config applied.
-const STATE_FILE: &str = "etcd-state.json";
+pub(crate) const BACKOFF_MIN: Duration = Duration::from_millis(200);
+pub(crate) const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// Why an etcd operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -114,12 +99,12 @@ impl EtcdOptions {
         }
     }
 
-    fn endpoints_text(&self) -> String {
+    pub(crate) fn endpoints_text(&self) -> String {
         self.endpoints.join(",")
     }
 
     /// The prefix without a trailing slash.
-    fn root(&self) -> String {
+    pub(crate) fn root(&self) -> String {
         let trimmed = self.prefix.trim_end_matches('/');
         if trimmed.starts_with('/') {
             trimmed.to_owned()
@@ -141,27 +126,11 @@ pub async fn connect(options: &EtcdOptions) -> Result<Client, EtcdError> {
         .map_err(|source| client_error(options, source))
 }
 
-fn client_error(options: &EtcdOptions, source: etcd_client::Error) -> EtcdError {
+pub(crate) fn client_error(options: &EtcdOptions, source: etcd_client::Error) -> EtcdError {
     EtcdError::Client {
         endpoints: options.endpoints_text(),
         source,
     }
-}
-
-/// One config key, parsed.
-#[derive(Clone, Debug)]
-enum Entry {
-    Route(RouteConfig),
-    Upstream(UpstreamConfig),
-    Plugin(PluginConfig),
-    Tenant(TenantConfig),
-    Server(ServerConfig),
-    Node {
-        service: String,
-        node: String,
-        value: ServiceNode,
-    },
-    Invalid(ObjectError),
 }
 
 /// One config key as stored.
@@ -179,13 +148,16 @@ struct Mirror {
     entries: BTreeMap<String, Stored>,
     /// When deleted keys went, so that a replayed older event cannot bring them back.
     tombstones: std::collections::HashMap<String, i64>,
+    /// Counts changes to `entries`, so that a publication can tell whether it has news.
+    changes: u64,
+    /// `changes` as last published.
+    published: u64,
 }
 
 impl Mirror {
-    /// Applies one event unless the key already reflects a later one.
-    fn apply(&mut self, root: &str, event: EventType, kv: &KeyValue) {
-        let key = String::from_utf8_lossy(kv.key()).into_owned();
-        let revision = kv.mod_revision();
+    /// Applies one event (`value` is `None` for a delete) unless the key already reflects a
+    /// later one.
+    fn apply(&mut self, root: &str, key: String, value: Option<&[u8]>, revision: i64) {
         let newer_known = self
             .entries
             .get(&key)
@@ -194,33 +166,72 @@ impl Mirror {
         if newer_known.is_some_and(|known| known >= revision) {
             return;
         }
-        match event {
-            EventType::Put => {
-                if let Some(entry) = parse_entry(root, &key, kv.value()) {
+        match value {
+            Some(value) => {
+                if let Some(entry) = parse_entry(root, &key, value) {
                     self.tombstones.remove(&key);
                     self.entries.insert(
                         key,
                         Stored {
-                            raw: kv.value().to_vec(),
+                            raw: value.to_vec(),
                             entry,
                             revision,
                         },
                     );
+                    self.changes += 1;
                 }
             }
-            EventType::Delete => {
-                self.entries.remove(&key);
+            None => {
+                if self.entries.remove(&key).is_some() {
+                    self.changes += 1;
+                }
                 self.tombstones.insert(key, revision);
             }
         }
     }
-}
 
-/// What `--state-dir` keeps: the raw config keys at a revision.
-#[derive(Serialize, Deserialize)]
-struct SavedState {
-    revision: i64,
-    keys: BTreeMap<String, String>,
+    /// Applies one watch event.
+    fn apply_event(&mut self, root: &str, event: EventType, kv: &KeyValue) {
+        let key = String::from_utf8_lossy(kv.key()).into_owned();
+        let value = (event == EventType::Put).then(|| kv.value());
+        self.apply(root, key, value, kv.mod_revision());
+    }
+
+    /// The objects the mirror holds, as the snapshot builder wants them.
+    fn desired(&self) -> Desired {
+        let mut desired = Desired::default();
+        for (key, stored) in &self.entries {
+            let objects = &mut desired.objects;
+            match stored.entry.clone() {
+                Entry::Route(route) => {
+                    objects.routes.insert(route.id.clone(), route);
+                }
+                Entry::Upstream(upstream) => {
+                    objects.upstreams.insert(upstream.id.clone(), upstream);
+                }
+                Entry::Plugin(plugin) => {
+                    objects.plugins.insert(plugin.name.clone(), plugin);
+                }
+                Entry::Tenant(tenant) => {
+                    objects.tenants.insert(tenant.name.clone(), tenant);
+                }
+                Entry::Server(server) => objects.server = Some(server),
+                Entry::Node {
+                    service,
+                    node,
+                    value,
+                } => {
+                    objects
+                        .services
+                        .entry(service)
+                        .or_default()
+                        .insert(node, value);
+                }
+                Entry::Invalid(error) => desired.unparsed.push(error.at_key(key.clone())),
+            }
+        }
+        desired
+    }
 }
 
 /// The etcd config store.
@@ -228,9 +239,11 @@ pub struct EtcdStore {
     options: EtcdOptions,
     root: String,
     mirror: Mutex<Mirror>,
-    /// Set while connected, for module fetches.
+    /// Set while connected, for module fetches and writes.
     client: Mutex<Option<Client>>,
+    /// Woken when the mirror changes.
     changed: Notify,
+    publisher: Publisher,
 }
 
 impl EtcdStore {
@@ -243,6 +256,7 @@ impl EtcdStore {
             mirror: Mutex::new(Mirror::default()),
             client: Mutex::new(None),
             changed: Notify::new(),
+            publisher: Publisher::new("etcd"),
         }
     }
 
@@ -274,70 +288,65 @@ impl EtcdStore {
             )
             .await
             .map_err(|e| client_error(&self.options, e))?;
-        let mut mirror = Mirror {
-            revision,
-            ..Mirror::default()
-        };
-        for kv in head.kvs().iter().chain(tail.kvs()) {
-            mirror.apply(&self.root, EventType::Put, kv);
-        }
-        *self.mirror.lock().expect("mirror lock") = mirror;
-        self.changed.notify_one();
+        let kvs = head.kvs().iter().chain(tail.kvs()).map(|kv| {
+            let key = String::from_utf8_lossy(kv.key()).into_owned();
+            (key, kv.value(), kv.mod_revision())
+        });
+        self.replace_mirror(revision, kvs);
         Ok(())
     }
 
-    /// The objects the mirror holds, as the snapshot builder wants them.
-    fn desired(&self) -> (Desired, i64) {
-        let mirror = self.mirror.lock().expect("mirror lock");
-        let mut desired = Desired::default();
-        for (key, stored) in &mirror.entries {
-            let objects = &mut desired.objects;
-            match stored.entry.clone() {
-                Entry::Route(route) => {
-                    objects.routes.insert(route.id.clone(), route);
-                }
-                Entry::Upstream(upstream) => {
-                    objects.upstreams.insert(upstream.id.clone(), upstream);
-                }
-                Entry::Plugin(plugin) => {
-                    objects.plugins.insert(plugin.name.clone(), plugin);
-                }
-                Entry::Tenant(tenant) => {
-                    objects.tenants.insert(tenant.name.clone(), tenant);
-                }
-                Entry::Server(server) => objects.server = Some(server),
-                Entry::Node {
-                    service,
-                    node,
-                    value,
-                } => {
-                    objects
-                        .services
-                        .entry(service)
-                        .or_default()
-                        .insert(node, value);
-                }
-                Entry::Invalid(error) => desired.unparsed.push(error.at_key(key.clone())),
-            }
+    /// Replaces the mirror with `kvs` at `revision`.
+    fn replace_mirror<'a>(
+        &self,
+        revision: i64,
+        kvs: impl Iterator<Item = (String, &'a [u8], i64)>,
+    ) {
+        let mut mirror = self.mirror.lock().expect("mirror lock");
+        let changes = mirror.changes + 1;
+        let published = mirror.published;
+        *mirror = Mirror {
+            revision,
+            changes,
+            published,
+            ..Mirror::default()
+        };
+        for (key, value, revision) in kvs {
+            mirror.apply(&self.root, key, Some(value), revision);
         }
-        (desired, mirror.revision)
+        drop(mirror);
+        self.changed.notify_one();
     }
 
-    /// Applies the mirror whenever it changes. Changes that arrive during a build coalesce into
-    /// the next one, so a burst of puts costs a few builds, not one each.
-    async fn apply_changes(self: Arc<Self>, gateway: Arc<Gateway>, shutdown: CancellationToken) {
+    /// Publishes the mirror if it changed since it was last published; returns its revision.
+    fn publish_mirror(&self) -> Option<i64> {
+        let (desired, revision) = {
+            let mut mirror = self.mirror.lock().expect("mirror lock");
+            if mirror.changes == mirror.published {
+                return None;
+            }
+            mirror.published = mirror.changes;
+            (mirror.desired(), mirror.revision)
+        };
+        let mut health = self.publisher.current().health.clone();
+        health.revision = Some(revision);
+        self.publisher.objects_and_health(desired, health);
+        Some(revision)
+    }
+
+    /// Publishes the mirror whenever it changes, and keeps `--state-dir` up to date.
+    async fn publish_changes(self: Arc<Self>, shutdown: CancellationToken) {
         let mut saved_revision = 0;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = self.changed.notified() => {}
             }
-            let (desired, revision) = self.desired();
-            gateway.apply(desired, self.as_ref()).await;
-            let mut health = (*gateway.health()).clone();
-            health.revision = Some(revision);
-            gateway.set_health(health);
-            if revision != saved_revision {
+            // Let the rest of a burst of events land in the mirror first.
+            tokio::task::yield_now().await;
+            if let Some(revision) = self.publish_mirror()
+                && revision != saved_revision
+            {
                 match self.save_state() {
                     Ok(()) => saved_revision = revision,
                     Err(error) => tracing::warn!(%error, "could not save the etcd state"),
@@ -349,14 +358,13 @@ impl EtcdStore {
     /// Connects, catches up, and follows the watch until it breaks or `shutdown`.
     async fn follow(
         &self,
-        gateway: &Gateway,
         shutdown: &CancellationToken,
         resync: &mut bool,
     ) -> Result<(), EtcdError> {
         let mut client = connect(&self.options).await?;
         if *resync {
             self.resync(&mut client).await?;
-            gateway.metrics().store_resyncs.inc();
+            self.publisher.resynced();
             *resync = false;
         }
         let start = self.mirror.lock().expect("mirror lock").revision + 1;
@@ -383,12 +391,9 @@ impl EtcdStore {
         }
         let mut stream = stream.expect("two ranges are watched");
         *self.client.lock().expect("client lock") = Some(client.clone());
-        gateway.set_health(StoreHealth {
-            store: "etcd",
-            connected: true,
-            reason: None,
-            since: None,
+        self.publisher.health(StoreHealth {
             revision: Some(start - 1),
+            ..StoreHealth::connected("etcd")
         });
         tracing::info!(revision = start - 1, "following etcd");
         // How far each watcher has delivered; the mirror is complete up to the lower of the two.
@@ -438,7 +443,7 @@ impl EtcdStore {
                 let mut mirror = self.mirror.lock().expect("mirror lock");
                 for event in response.events() {
                     if let Some(kv) = event.kv() {
-                        mirror.apply(&self.root, event.event_type(), kv);
+                        mirror.apply_event(&self.root, event.event_type(), kv);
                     }
                 }
                 if delivered.len() == 2 {
@@ -446,8 +451,7 @@ impl EtcdStore {
                     mirror.revision = mirror.revision.max(caught_up);
                 }
             }
-            let changed = !response.events().is_empty();
-            if changed {
+            if !response.events().is_empty() {
                 self.changed.notify_one();
                 // Ask where the other watcher stands, so the resume point moves for both.
                 stream
@@ -458,16 +462,11 @@ impl EtcdStore {
         }
     }
 
-    async fn keep_following(
-        self: Arc<Self>,
-        gateway: Arc<Gateway>,
-        shutdown: CancellationToken,
-        mut resync: bool,
-    ) {
+    async fn keep_following(self: Arc<Self>, shutdown: CancellationToken, mut resync: bool) {
         let mut backoff = BACKOFF_MIN;
         let mut since = None;
         while !shutdown.is_cancelled() {
-            let result = self.follow(&gateway, &shutdown, &mut resync).await;
+            let result = self.follow(&shutdown, &mut resync).await;
             *self.client.lock().expect("client lock") = None;
             let Err(error) = result else { return };
             if resync {
@@ -476,7 +475,7 @@ impl EtcdStore {
             }
             let since = since.get_or_insert_with(now_rfc3339).clone();
             tracing::warn!(%error, retry_in = ?backoff, "etcd unreachable; serving the last good config");
-            gateway.set_health(StoreHealth {
+            self.publisher.health(StoreHealth {
                 store: "etcd",
                 connected: false,
                 reason: Some(error.to_string()),
@@ -529,7 +528,8 @@ impl EtcdStore {
         write_atomically(&path, &text)
     }
 
-    fn load_state(&self) -> Option<Mirror> {
+    /// The saved state.
+    fn load_state(&self) -> Option<SavedState> {
         let path = self.state_path()?;
         let text = std::fs::read(&path).ok()?;
         let state: SavedState = match serde_json::from_slice(&text) {
@@ -539,21 +539,12 @@ impl EtcdStore {
                 return None;
             }
         };
-        let mut mirror = Mirror {
-            revision: state.revision,
-            ..Mirror::default()
-        };
-        for (key, value) in state.keys {
-            if let Some(entry) = parse_entry(&self.root, &key, value.as_bytes()) {
-                let stored = Stored {
-                    raw: value.into_bytes(),
-                    entry,
-                    revision: state.revision,
-                };
-                mirror.entries.insert(key, stored);
-            }
-        }
-        Some(mirror)
+        Some(state)
+    }
+
+    /// A client, while connected.
+    fn client(&self) -> Option<Client> {
+        self.client.lock().expect("client lock").clone()
     }
 
     async fn fetch_module(&self, sha256: &str) -> Result<Vec<u8>, String> {
@@ -564,9 +555,9 @@ impl EtcdStore {
         {
             return Ok(bytes);
         }
-        let client = self.client.lock().expect("client lock").clone();
-        let mut client =
-            client.ok_or("etcd is unreachable and the module is not in --state-dir")?;
+        let mut client = self
+            .client()
+            .ok_or("etcd is unreachable and the module is not in --state-dir")?;
         let bytes = read_module(&mut client, &self.root, sha256, max)
             .await
             .map_err(|e| e.to_string())?;
@@ -580,7 +571,7 @@ impl EtcdStore {
 }
 
 impl ConfigStore for EtcdStore {
-    fn load(self: Arc<Self>, gateway: Arc<Gateway>) -> BoxFuture<'static, Result<(), StoreError>> {
+    fn load(self: Arc<Self>) -> BoxFuture<'static, Result<(), StoreError>> {
         Box::pin(async move {
             let loaded = async {
                 let mut client = connect(&self.options).await?;
@@ -592,20 +583,25 @@ impl ConfigStore for EtcdStore {
             let connected = match loaded {
                 Ok(()) => true,
                 Err(error) => {
-                    let Some(mirror) = self.load_state() else {
+                    let Some(state) = self.load_state() else {
                         return Err(EtcdError::Unreachable {
                             endpoints: self.options.endpoints_text(),
                             reason: error.to_string(),
                         }
                         .into());
                     };
-                    tracing::warn!(%error, revision = mirror.revision, "etcd unreachable; serving the saved state");
-                    *self.mirror.lock().expect("mirror lock") = mirror;
+                    let revision = state.revision;
+                    tracing::warn!(%error, revision, "etcd unreachable; serving the saved state");
+                    let kvs = state
+                        .keys
+                        .iter()
+                        .map(|(key, value)| (key.clone(), value.as_bytes(), revision));
+                    self.replace_mirror(revision, kvs);
                     false
                 }
             };
-            let (desired, revision) = self.desired();
-            gateway.set_health(StoreHealth {
+            let revision = self.mirror.lock().expect("mirror lock").revision;
+            self.publisher.health(StoreHealth {
                 store: "etcd",
                 connected,
                 reason: (!connected)
@@ -613,9 +609,7 @@ impl ConfigStore for EtcdStore {
                 since: (!connected).then(now_rfc3339),
                 revision: Some(revision),
             });
-            gateway.apply(desired, self.as_ref()).await;
-            // The first apply already happened; drop the notification the resync left.
-            let _ = tokio::time::timeout(Duration::ZERO, self.changed.notified()).await;
+            self.publish_mirror();
             if connected && let Err(error) = self.save_state() {
                 tracing::warn!(%error, "could not save the etcd state");
             }
@@ -623,19 +617,28 @@ impl ConfigStore for EtcdStore {
         })
     }
 
-    fn watch(
-        self: Arc<Self>,
-        gateway: Arc<Gateway>,
-        shutdown: CancellationToken,
-    ) -> BoxFuture<'static, ()> {
+    fn watch(self: Arc<Self>, shutdown: CancellationToken) -> BoxFuture<'static, ()> {
         Box::pin(async move {
-            let applier = tokio::spawn(
-                self.clone()
-                    .apply_changes(gateway.clone(), shutdown.clone()),
-            );
-            self.keep_following(gateway, shutdown, false).await;
-            let _ = applier.await;
+            let publishing = tokio::spawn(self.clone().publish_changes(shutdown.clone()));
+            self.keep_following(shutdown, false).await;
+            let _ = publishing.await;
         })
+    }
+
+    fn subscribe(&self) -> watch::Receiver<Arc<Published>> {
+        self.publisher.subscribe()
+    }
+
+    fn writer(&self) -> Option<&dyn ConfigWriter> {
+        Some(self)
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "etcd at {} under {}",
+            self.options.endpoints_text(),
+            self.root
+        )
     }
 }
 
@@ -650,447 +653,11 @@ impl ModuleSource for EtcdStore {
     }
 }
 
-/// Parses one config key. Module keys give `None`; everything else gives an entry, perhaps
-/// an invalid one that names its key and reason.
-fn parse_entry(root: &str, key: &str, value: &[u8]) -> Option<Entry> {
-    let rest = key.strip_prefix(root)?.strip_prefix('/')?;
-    let (section, name) = rest.split_once('/').unwrap_or((rest, ""));
-    let invalid =
-        |kind, id: &str, reason: String| Some(Entry::Invalid(ObjectError::new(kind, id, reason)));
-    match section {
-        "modules" => None,
-        "routes" => Some(
-            parse_object(value, Kind::Route, "id", name).map_or_else(Entry::Invalid, Entry::Route),
-        ),
-        "upstreams" => Some(
-            parse_object(value, Kind::Upstream, "id", name)
-                .map_or_else(Entry::Invalid, Entry::Upstream),
-        ),
-        "plugins" => Some(
-            parse_object(value, Kind::Plugin, "name", name)
-                .map_or_else(Entry::Invalid, Entry::Plugin),
-        ),
-        "tenants" => Some(
-            parse_object(value, Kind::Tenant, "name", name)
-                .map_or_else(Entry::Invalid, Entry::Tenant),
-        ),
-        "server" if rest == "server" => Some(match serde_json::from_slice::<ServerConfig>(value) {
-            Ok(server) => Entry::Server(server),
-            Err(e) => Entry::Invalid(ObjectError::new(
-                Kind::Server,
-                "server",
-                format!("invalid server JSON: {e}"),
-            )),
-        }),
-        "services" => {
-            let Some((service, node)) = name
-                .split_once('/')
-                .filter(|(s, n)| !s.is_empty() && !n.is_empty() && !n.contains('/'))
-            else {
-                return invalid(
-                    Kind::ServiceNode,
-                    name,
-                    "expected services/<name>/<node-id>".into(),
-                );
-            };
-            let id = format!("{service}/{node}");
-            match serde_json::from_slice::<ServiceNode>(value) {
-                Ok(node_value) => Some(Entry::Node {
-                    service: service.to_owned(),
-                    node: node.to_owned(),
-                    value: node_value,
-                }),
-                Err(e) => invalid(Kind::ServiceNode, &id, format!("invalid node JSON: {e}")),
-            }
-        }
-        "consumers" | "ssl" => invalid(
-            Kind::Key,
-            name,
-            format!("{section} are not supported by this version of weir"),
-        ),
-        _ => invalid(Kind::Key, rest, format!("unknown key under {root}/")),
-    }
-}
-
-/// Parses an object whose key ends in its id; a JSON `id` (or `name`) must match the key.
-fn parse_object<T: serde::de::DeserializeOwned>(
-    value: &[u8],
-    kind: Kind,
-    id_field: &str,
-    id: &str,
-) -> Result<T, ObjectError> {
-    let error = |reason: String| ObjectError::new(kind, id, reason);
-    if id.is_empty() || id.contains('/') {
-        return Err(error(format!("a {kind} key must end in one id segment")));
-    }
-    let mut json: serde_json::Value =
-        serde_json::from_slice(value).map_err(|e| error(format!("invalid JSON: {e}")))?;
-    let object = json
-        .as_object_mut()
-        .ok_or_else(|| error("the value must be a JSON object".into()))?;
-    match object.get(id_field).map(|v| v.as_str()) {
-        None => {
-            object.insert(
-                id_field.to_owned(),
-                serde_json::Value::String(id.to_owned()),
-            );
-        }
-        Some(Some(inner)) if inner == id => {}
-        Some(inner) => {
-            return Err(error(format!(
-                "its {id_field} {inner:?} does not match the key's {id:?}"
-            )));
-        }
-    }
-    serde_json::from_value(json).map_err(|e| error(e.to_string()))
-}
-
-/// A module's manifest, at `modules/<sha256>`.
-#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ModuleManifest {
-    size: u64,
-    chunks: u64,
-}
-
-impl ModuleManifest {
-    /// Parses a manifest and checks that it describes a module of at most `max` bytes in
-    /// chunks of [`CHUNK_BYTES`], before anything is read or allocated for it.
-    fn parse(value: &[u8], max: u64) -> Result<Self, String> {
-        let manifest: ModuleManifest =
-            serde_json::from_slice(value).map_err(|e| format!("bad manifest: {e}"))?;
-        if manifest.size > max {
-            return Err(format!(
-                "the module is {} bytes, over the {max}-byte bound (--max-module-mb)",
-                manifest.size
-            ));
-        }
-        let expected = manifest.size.div_ceil(CHUNK_BYTES as u64).max(1);
-        if manifest.chunks != expected {
-            return Err(format!(
-                "a {}-byte module has {expected} chunks, not {}",
-                manifest.size, manifest.chunks
-            ));
-        }
-        Ok(manifest)
-    }
-}
-
-/// Reads a file of at most `max` bytes.
-async fn read_bounded(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
-    use tokio::io::AsyncReadExt;
-    let file = tokio::fs::File::open(path).await?;
-    let mut bytes = Vec::new();
-    file.take(max + 1).read_to_end(&mut bytes).await?;
-    if bytes.len() as u64 > max {
-        return Err(std::io::Error::other(format!(
-            "{} is over {max} bytes",
-            path.display()
-        )));
-    }
-    Ok(bytes)
-}
-
-fn chunk_key(root: &str, sha256: &str, index: usize) -> String {
-    format!("{root}/modules/{sha256}/{index:06}")
-}
-
-/// Reads a module's chunks and checks them against its sha256; `max` bounds its size.
-async fn read_module(
-    client: &mut Client,
-    root: &str,
-    sha256: &str,
-    max: u64,
-) -> Result<Vec<u8>, EtcdError> {
-    let manifest_key = format!("{root}/modules/{sha256}");
-    let layout = |reason: String| EtcdError::Layout {
-        key: manifest_key.clone(),
-        reason,
-    };
-    let client_err = |source| EtcdError::Client {
-        endpoints: "etcd".into(),
-        source,
-    };
-    let response = client
-        .get(manifest_key.clone(), None)
-        .await
-        .map_err(client_err)?;
-    let kv = response
-        .kvs()
-        .first()
-        .ok_or_else(|| layout("no such module (push it with `weir plugin push`)".into()))?;
-    let manifest = ModuleManifest::parse(kv.value(), max).map_err(layout)?;
-    let size = usize::try_from(manifest.size).map_err(|_| layout("size overflows".into()))?;
-    let mut bytes = Vec::with_capacity(size);
-    for index in 0..manifest.chunks {
-        let key = chunk_key(root, sha256, index as usize);
-        let response = client.get(key.clone(), None).await.map_err(client_err)?;
-        let chunk = response
-            .kvs()
-            .first()
-            .ok_or_else(|| layout(format!("chunk {key} is missing")))?;
-        if bytes.len() + chunk.value().len() > size {
-            return Err(layout(format!(
-                "the chunks hold more than the manifest's {size} bytes"
-            )));
-        }
-        bytes.extend_from_slice(chunk.value());
-    }
-    let actual = sha256_hex(&bytes);
-    if bytes.len() != size || actual != sha256 {
-        return Err(layout(format!(
-            "the chunks hold {} bytes with sha256 {actual}, not {} bytes with sha256 {sha256}",
-            bytes.len(),
-            manifest.size
-        )));
-    }
-    Ok(bytes)
-}
-
-/// Settings for `weir plugin push`; unset ones keep the existing entry's value.
-#[derive(Clone, Debug, Default)]
-pub struct PushSettings {
-    /// `limits.memory_mb`.
-    pub memory_mb: Option<u32>,
-    /// `limits.timeout_ms`.
-    pub timeout_ms: Option<u64>,
-    /// `limits.max_body_bytes`.
-    pub max_body_bytes: Option<u64>,
-    /// `failure`.
-    pub failure: Option<crate::config::FailurePolicy>,
-    /// `grants`, replacing the entry's.
-    pub grants: Option<crate::config::Grants>,
-}
-
-/// What `weir plugin push` did.
-#[derive(Debug)]
-pub struct Pushed {
-    /// The module's sha256.
-    pub sha256: String,
-    /// How many chunks it has.
-    pub chunks: usize,
-    /// Whether the module was already stored (only the entry changed).
-    pub already_stored: bool,
-    /// The plugin entry as written.
-    pub entry: PluginConfig,
-}
-
-/// Stores a module's bytes (unless already stored), then in one transaction writes its
-/// manifest and points plugin `name` at it, keeping the entry's other settings.
-pub async fn push_plugin(
-    options: &EtcdOptions,
-    name: &str,
-    bytes: &[u8],
-    settings: &PushSettings,
-) -> Result<Pushed, EtcdError> {
-    let root = options.root();
-    let sha256 = sha256_hex(bytes);
-    let manifest_key = format!("{root}/modules/{sha256}");
-    let entry_key = format!("{root}/plugins/{name}");
-    if bytes.len() as u64 > options.max_module_bytes {
-        // Gateways would refuse it: say so before storing it.
-        return Err(EtcdError::Layout {
-            key: manifest_key,
-            reason: format!(
-                "the module is {} bytes, over the {}-byte bound (--max-module-mb)",
-                bytes.len(),
-                options.max_module_bytes
-            ),
-        });
-    }
-    let mut client = connect(options).await?;
-    let client_err = |source| client_error(options, source);
-    let chunks = bytes.len().div_ceil(CHUNK_BYTES).max(1);
-
-    let stored = client
-        .get(manifest_key.clone(), None)
-        .await
-        .map_err(client_err)?;
-    let already_stored = !stored.kvs().is_empty();
-    if !already_stored {
-        // Each chunk is its own request: a transaction holding them all would pass etcd's
-        // request limit. The manifest, written last, is what makes the module visible.
-        for (index, chunk) in bytes.chunks(CHUNK_BYTES).enumerate() {
-            client
-                .put(chunk_key(&root, &sha256, index), chunk, None)
-                .await
-                .map_err(client_err)?;
-        }
-    }
-
-    let existing = client
-        .get(entry_key.clone(), None)
-        .await
-        .map_err(client_err)?;
-    let (mut entry, compare) = match existing.kvs().first() {
-        Some(kv) => {
-            let entry: PluginConfig = parse_object(kv.value(), Kind::Plugin, "name", name)
-                .map_err(|e| EtcdError::Layout {
-                    key: entry_key.clone(),
-                    reason: e.reason,
-                })?;
-            (
-                entry,
-                Compare::mod_revision(entry_key.clone(), CompareOp::Equal, kv.mod_revision()),
-            )
-        }
-        None => (
-            PluginConfig {
-                name: name.to_owned(),
-                module: None,
-                sha256: None,
-                limits: Default::default(),
-                failure: Default::default(),
-                isolation: Default::default(),
-                grants: Default::default(),
-                tenant: None,
-                quarantine: Default::default(),
-            },
-            Compare::version(entry_key.clone(), CompareOp::Equal, 0),
-        ),
-    };
-    entry.module = None;
-    entry.sha256 = Some(sha256.clone());
-    if let Some(memory_mb) = settings.memory_mb {
-        entry.limits.memory_mb = memory_mb;
-    }
-    if let Some(timeout_ms) = settings.timeout_ms {
-        entry.limits.timeout_ms = timeout_ms;
-    }
-    if let Some(max_body_bytes) = settings.max_body_bytes {
-        entry.limits.max_body_bytes = max_body_bytes;
-    }
-    if let Some(failure) = settings.failure {
-        entry.failure = failure;
-    }
-    if let Some(grants) = &settings.grants {
-        entry.grants = grants.clone();
-    }
-    entry.validate().map_err(|reason| EtcdError::Layout {
-        key: entry_key.clone(),
-        reason,
-    })?;
-    let manifest = serde_json::to_vec(&ModuleManifest {
-        size: bytes.len() as u64,
-        chunks: chunks as u64,
-    })
-    .expect("a manifest serializes");
-    let txn = Txn::new().when([compare]).and_then([
-        TxnOp::put(manifest_key, manifest, None),
-        TxnOp::put(
-            entry_key.clone(),
-            serde_json::to_vec(&entry).expect("an entry serializes"),
-            None,
-        ),
-    ]);
-    let response = client.txn(txn).await.map_err(client_err)?;
-    if !response.succeeded() {
-        return Err(EtcdError::Layout {
-            key: entry_key,
-            reason: "the entry changed while pushing; run the push again".into(),
-        });
-    }
-    Ok(Pushed {
-        sha256,
-        chunks,
-        already_stored,
-        entry,
-    })
-}
-
-/// Registers a backend under `services/<service>/<node_id>` with a lease, and keeps the lease
-/// alive until `shutdown`, when it is revoked (so the node leaves at once). When etcd goes away
-/// it registers again once etcd is back.
-pub async fn register(
-    options: &EtcdOptions,
-    service: &str,
-    node_id: &str,
-    node: &ServiceNode,
-    ttl_secs: i64,
-    shutdown: CancellationToken,
-) -> Result<(), EtcdError> {
-    node.validate().map_err(|reason| EtcdError::Layout {
-        key: format!("services/{service}/{node_id}"),
-        reason,
-    })?;
-    let key = format!("{}/services/{service}/{node_id}", options.root());
-    let value = serde_json::to_vec(node).expect("a node serializes");
-    let mut backoff = BACKOFF_MIN;
-    loop {
-        let outcome = keep_registered(options, &key, &value, ttl_secs, &shutdown).await;
-        match outcome {
-            Ok(()) => return Ok(()),
-            Err(error) => {
-                tracing::warn!(%error, retry_in = ?backoff, "registration lost; registering again");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(BACKOFF_MAX);
-            }
-        }
-    }
-}
-
-async fn keep_registered(
-    options: &EtcdOptions,
-    key: &str,
-    value: &[u8],
-    ttl_secs: i64,
-    shutdown: &CancellationToken,
-) -> Result<(), EtcdError> {
-    let client_err = |source| client_error(options, source);
-    let mut client = connect(options).await?;
-    let lease = client
-        .lease_grant(ttl_secs, None)
-        .await
-        .map_err(client_err)?
-        .id();
-    client
-        .put(key, value, Some(PutOptions::new().with_lease(lease)))
-        .await
-        .map_err(client_err)?;
-    tracing::info!(key, lease, ttl_secs, "registered");
-    let (mut keeper, mut responses) = client.lease_keep_alive(lease).await.map_err(client_err)?;
-    let interval = Duration::from_millis((ttl_secs.max(1) as u64 * 1000) / 3);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => {
-                let _ = client.lease_revoke(lease).await;
-                tracing::info!(key, "deregistered");
-                return Ok(());
-            }
-            _ = tokio::time::sleep(interval) => {}
-        }
-        keeper.keep_alive().await.map_err(client_err)?;
-        match responses.message().await.map_err(client_err)? {
-            Some(response) if response.ttl() > 0 => {}
-            _ => {
-                return Err(EtcdError::Layout {
-                    key: key.to_owned(),
-                    reason: "the lease expired".into(),
-                });
-            }
-        }
-    }
-}
-
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), EtcdError> {
-    let io = |source| EtcdError::State {
-        path: path.to_owned(),
-        source,
-    };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(io)?;
-    }
-    let staging = path.with_extension("tmp");
-    std::fs::write(&staging, bytes).map_err(io)?;
-    std::fs::rename(&staging, path).map_err(io)
-}
-
 #[cfg(test)]
 mod tests {
+    use super::keys::ModuleManifest;
     use super::*;
+    use crate::config::{self, Kind, UpstreamConfig};
     use proptest::prelude::*;
     use serde_json::Value as Json;
 
@@ -1225,8 +792,9 @@ mod tests {
             .prop_map(|(section, tail)| format!("/weir/{section}{tail}"))
     }
 
-    /// Validates what came out of `key`, and builds it where the gateway would (upstreams),
-    /// so that nothing a key holds is shown to panic there either.
+    /// Checks that what came out of `key` is valid (parsing is the validation), and builds it
+    /// where the gateway would (upstreams), so that nothing a key holds is shown to panic there
+    /// either.
     fn check_entry(key: &str, entry: Option<Entry>) {
         let section = key
             .strip_prefix("/weir/")
@@ -1239,7 +807,7 @@ mod tests {
         match entry {
             Entry::Route(route) => {
                 assert_eq!(section, Some("routes"));
-                let _ = route.validate();
+                config::verify(&route).unwrap();
             }
             Entry::Upstream(upstream) => {
                 assert_eq!(section, Some("upstreams"));
@@ -1247,19 +815,20 @@ mod tests {
             }
             Entry::Plugin(plugin) => {
                 assert_eq!(section, Some("plugins"));
-                let _ = plugin.validate();
+                config::verify(&plugin).unwrap();
             }
             Entry::Tenant(tenant) => {
                 assert_eq!(section, Some("tenants"));
-                let _ = tenant.validate();
+                config::verify(&tenant).unwrap();
             }
             Entry::Server(server) => {
                 assert_eq!(key, "/weir/server");
-                let _ = server.validate();
+                config::verify(&server).unwrap();
             }
             Entry::Node { service, value, .. } => {
                 assert_eq!(section, Some("services"));
-                if value.validate().is_ok() {
+                config::verify(&value).unwrap();
+                {
                     // What `Snapshot::build_services` makes of a service's live nodes.
                     use crate::config::{BalancerKind, NodeConfig, Scheme};
                     let config = UpstreamConfig {
@@ -1440,7 +1009,7 @@ mod tests {
             }
             // What the store hands the gateway: at most one thing for each key.
             let held = store.mirror.lock().unwrap().entries.len();
-            let (desired, _) = store.desired();
+            let desired = store.mirror.lock().unwrap().desired();
             let o = &desired.objects;
             let nodes: usize = o.services.values().map(|s| s.len()).sum();
             let objects = o.routes.len() + o.upstreams.len() + o.plugins.len() + o.tenants.len();

@@ -1,0 +1,157 @@
+//! The `server` section: how the gateway treats its clients.
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+use super::{Checks, ConfigObject, Kind, check_timeout, checked_serde};
+
+/// How the gateway treats its clients: timeouts, limits and which proxies to believe. The
+/// `server:` section of the file, or `/weir/server` in etcd. Limits apply to connections
+/// accepted after a change; `trusted_proxies` to requests that arrive after it.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(remote = "Self", deny_unknown_fields)]
+pub struct ServerConfig {
+    /// `header_timeout_ms: 10000`: to send a whole request head, from its first byte (or from
+    /// the connection's start).
+    #[serde(default = "default_header_timeout_ms")]
+    pub header_timeout_ms: u64,
+    /// `keepalive_timeout_ms: 60000`: how long a connection may sit idle between requests.
+    #[serde(default = "super::default_stream_ms")]
+    pub keepalive_timeout_ms: u64,
+    /// `body_timeout_ms: 60000`: the longest a client may pause while sending a request body.
+    #[serde(default = "super::default_stream_ms")]
+    pub body_timeout_ms: u64,
+    /// `send_timeout_ms: 60000`: the longest a client may leave a response unread.
+    #[serde(default = "super::default_stream_ms")]
+    pub send_timeout_ms: u64,
+    /// `max_header_bytes: 32768`: the request line and headers together (431 beyond).
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: usize,
+    /// `max_headers: 100`: header lines in one request (431 beyond).
+    #[serde(default = "default_max_headers")]
+    pub max_headers: usize,
+    /// `max_connections: 10000`: open client connections; more are closed as they arrive.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// `http2_max_streams: 100`: concurrent streams on one HTTP/2 connection.
+    #[serde(default = "default_http2_max_streams")]
+    pub http2_max_streams: u32,
+    /// `trusted_proxies: [10.0.0.0/8]`: peers whose `X-Forwarded-*` headers are believed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trusted_proxies: Vec<TrustedProxy>,
+}
+
+/// A network whose `X-Forwarded-*` headers are believed: `10.0.0.0/8`, or one address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TrustedProxy(pub ipnet::IpNet);
+
+impl Serialize for TrustedProxy {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for TrustedProxy {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse::<ipnet::IpNet>()
+            .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+            .map(|net| TrustedProxy(net.trunc()))
+            .map_err(|_| {
+                serde::de::Error::custom(format!(
+                    "trusted_proxies: {text:?} is not an IP address or CIDR such as 10.0.0.0/8"
+                ))
+            })
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            header_timeout_ms: default_header_timeout_ms(),
+            keepalive_timeout_ms: super::default_stream_ms(),
+            body_timeout_ms: super::default_stream_ms(),
+            send_timeout_ms: super::default_stream_ms(),
+            max_header_bytes: default_max_header_bytes(),
+            max_headers: default_max_headers(),
+            max_connections: default_max_connections(),
+            http2_max_streams: default_http2_max_streams(),
+            trusted_proxies: Vec::new(),
+        }
+    }
+}
+
+fn default_header_timeout_ms() -> u64 {
+    10_000
+}
+
+fn default_max_header_bytes() -> usize {
+    32 << 10
+}
+
+fn default_max_headers() -> usize {
+    100
+}
+
+fn default_max_connections() -> usize {
+    10_000
+}
+
+fn default_http2_max_streams() -> u32 {
+    100
+}
+
+/// The smallest header block bound: hyper reads a head through a buffer at least this large.
+pub const MIN_HEADER_BYTES: usize = 8 << 10;
+
+checked_serde!(ServerConfig);
+
+impl ConfigObject for ServerConfig {
+    const KIND: Kind = Kind::Server;
+    const ID_FIELD: &'static str = "server";
+
+    fn deserialize_unchecked<'de, D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        ServerConfig::deserialize(d)
+    }
+
+    fn id(&self) -> &str {
+        "server"
+    }
+
+    fn check(&self, checks: &mut Checks) {
+        for (name, ms) in [
+            ("header_timeout_ms", self.header_timeout_ms),
+            ("keepalive_timeout_ms", self.keepalive_timeout_ms),
+            ("body_timeout_ms", self.body_timeout_ms),
+            ("send_timeout_ms", self.send_timeout_ms),
+        ] {
+            checks.check(format!("/{name}"), check_timeout(name, ms));
+        }
+        if !(MIN_HEADER_BYTES..=1 << 20).contains(&self.max_header_bytes) {
+            checks.fail(
+                "/max_header_bytes",
+                format!(
+                    "max_header_bytes {} is not in {MIN_HEADER_BYTES}..=1048576",
+                    self.max_header_bytes
+                ),
+            );
+        }
+        if !(1..=10_000).contains(&self.max_headers) {
+            checks.fail(
+                "/max_headers",
+                format!("max_headers {} is not in 1..=10000", self.max_headers),
+            );
+        }
+        if self.max_connections == 0 {
+            checks.fail("/max_connections", "max_connections must be at least 1");
+        }
+        if !(1..=10_000).contains(&self.http2_max_streams) {
+            checks.fail(
+                "/http2_max_streams",
+                format!(
+                    "http2_max_streams {} is not in 1..=10000",
+                    self.http2_max_streams
+                ),
+            );
+        }
+    }
+}

@@ -1,0 +1,225 @@
+//! Upstreams: a set of nodes, and how to balance, time out and retry across them.
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+use super::{
+    Checks, ConfigObject, Kind, MAX_TIMEOUT_MS, check_host, check_id, check_timeout, checked_serde,
+    one,
+};
+
+/// An upstream: a set of nodes and how to balance, time out and retry across them.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(remote = "Self", deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// `id: backend`
+    pub id: String,
+    /// `nodes: [{host: 10.0.0.1, port: 8080, weight: 2}]`
+    pub nodes: Vec<NodeConfig>,
+    /// `type: roundrobin | chash | least_conn`
+    #[serde(rename = "type", default)]
+    pub balancer: BalancerKind,
+    /// `hash_on: ip | uri | header:x-user-id`, for `type: chash`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash_on: Option<HashOn>,
+    /// `scheme: http | grpc`: grpc speaks HTTP/2 without TLS (h2c).
+    #[serde(default)]
+    pub scheme: Scheme,
+    /// `timeout: {connect_ms: 1000, read_ms: 15000}`
+    #[serde(default)]
+    pub timeout: Timeouts,
+    /// `retries: 2`: extra attempts on other nodes when a connection cannot be made.
+    /// By default, one per other node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<u32>,
+}
+
+/// A backend address.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// `host: 10.0.0.1` (an IP address or a DNS name)
+    pub host: String,
+    /// `port: 8080`
+    pub port: u16,
+    /// `weight: 2`: its share of traffic; 0 takes it out of rotation.
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+/// How an upstream picks a node.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BalancerKind {
+    /// Smooth weighted round robin.
+    #[default]
+    Roundrobin,
+    /// A consistent-hash ring, keyed by `hash_on`.
+    Chash,
+    /// The node with the fewest requests in flight, relative to its weight.
+    LeastConn,
+}
+
+/// What a consistent-hash upstream hashes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(into = "String")]
+pub enum HashOn {
+    /// `ip`: the client's address.
+    Ip,
+    /// `uri`: the request path and query.
+    Uri,
+    /// `header:NAME`: a request header.
+    Header(String),
+}
+
+impl From<HashOn> for String {
+    fn from(h: HashOn) -> String {
+        match h {
+            HashOn::Ip => "ip".into(),
+            HashOn::Uri => "uri".into(),
+            HashOn::Header(name) => format!("header:{name}"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for HashOn {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        match text.as_str() {
+            "ip" => Ok(HashOn::Ip),
+            "uri" => Ok(HashOn::Uri),
+            other => match other.strip_prefix("header:") {
+                Some(name) if !name.is_empty() => Ok(HashOn::Header(name.to_ascii_lowercase())),
+                _ => Err(serde::de::Error::custom(format!(
+                    "hash_on {other:?} is not one of ip, uri, header:NAME"
+                ))),
+            },
+        }
+    }
+}
+
+/// The protocol spoken to an upstream's nodes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scheme {
+    /// HTTP/1.1.
+    #[default]
+    Http,
+    /// HTTP/2 without TLS (h2c), for gRPC.
+    Grpc,
+}
+
+/// Upstream timeouts; each bounds one thing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Timeouts {
+    /// `connect_ms: 1000`: one attempt to open a connection to one node.
+    #[serde(default = "default_connect_ms")]
+    pub connect_ms: u64,
+    /// `send_ms: 60000`: the longest the node may leave the request's writes waiting.
+    #[serde(default = "super::default_stream_ms")]
+    pub send_ms: u64,
+    /// `read_ms: 15000`: from the request's last byte to the response headers.
+    #[serde(default = "default_read_ms")]
+    pub read_ms: u64,
+    /// `idle_ms: 60000`: the longest a body may stop moving, in either direction.
+    #[serde(default = "super::default_stream_ms")]
+    pub idle_ms: u64,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect_ms: default_connect_ms(),
+            send_ms: super::default_stream_ms(),
+            read_ms: default_read_ms(),
+            idle_ms: super::default_stream_ms(),
+        }
+    }
+}
+
+fn default_connect_ms() -> u64 {
+    2_000
+}
+
+fn default_read_ms() -> u64 {
+    30_000
+}
+
+checked_serde!(UpstreamConfig);
+
+/// The largest node weight: shares beyond a million to one mean nothing.
+pub const MAX_WEIGHT: u32 = 1_000_000;
+
+/// A node's weight, or why not.
+pub(super) fn check_weight(weight: u32) -> Result<(), String> {
+    if weight > MAX_WEIGHT {
+        return Err(format!("weight {weight} is over {MAX_WEIGHT}"));
+    }
+    Ok(())
+}
+
+impl ConfigObject for UpstreamConfig {
+    const KIND: Kind = Kind::Upstream;
+    const ID_FIELD: &'static str = "id";
+
+    fn deserialize_unchecked<'de, D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        UpstreamConfig::deserialize(d)
+    }
+
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn check(&self, checks: &mut Checks) {
+        checks.check("/id", check_id(&self.id));
+        if self.nodes.is_empty() {
+            checks.fail(
+                "/nodes",
+                "`nodes` is empty: an upstream needs at least one node",
+            );
+        }
+        for (index, node) in self.nodes.iter().enumerate() {
+            checks.check(format!("/nodes/{index}/host"), check_host(&node.host));
+            if node.port == 0 {
+                checks.fail(
+                    format!("/nodes/{index}/port"),
+                    format!("node {}: port 0 is not a port", node.host),
+                );
+            }
+            checks.check(format!("/nodes/{index}/weight"), check_weight(node.weight));
+        }
+        if !self.nodes.is_empty() && self.nodes.iter().all(|n| n.weight == 0) {
+            checks.fail("/nodes", "every node has weight 0");
+        }
+        match (self.balancer, &self.hash_on) {
+            (BalancerKind::Chash, None) => {
+                checks.fail(
+                    "/hash_on",
+                    "type chash needs `hash_on` (ip, uri or header:NAME)",
+                );
+            }
+            (BalancerKind::Roundrobin | BalancerKind::LeastConn, Some(_)) => {
+                checks.fail("/hash_on", "`hash_on` only applies to type chash");
+            }
+            _ => {}
+        }
+        let Timeouts {
+            connect_ms,
+            send_ms,
+            read_ms,
+            idle_ms,
+        } = self.timeout;
+        for (name, ms) in [
+            ("connect_ms", connect_ms),
+            ("send_ms", send_ms),
+            ("read_ms", read_ms),
+            ("idle_ms", idle_ms),
+        ] {
+            checks.check(
+                format!("/timeout/{name}"),
+                check_timeout(&format!("timeout.{name}"), ms),
+            );
+        }
+        let _ = MAX_TIMEOUT_MS;
+    }
+}

@@ -1,0 +1,255 @@
+//! The etcd key layout: which key holds what, how each value parses, and how modules are
+//! chunked.
+//!
+//! ```text
+//! <prefix>/routes/<id>            route JSON
+//! <prefix>/upstreams/<id>         upstream JSON
+//! <prefix>/plugins/<name>         plugin entry JSON, naming its module by sha256
+//! <prefix>/tenants/<name>         tenant JSON: quotas
+//! <prefix>/server                 server JSON: client timeouts, limits, trusted proxies
+//! <prefix>/services/<name>/<node> node JSON {host, port, weight?, meta?}, under a lease
+//! <prefix>/modules/<sha256>       {"size": N, "chunks": C}
+//! <prefix>/modules/<sha256>/<n>   chunk n of the module's bytes (n zero-padded to 6 digits)
+//! ```
+
+use std::path::Path;
+
+use etcd_client::Client;
+use serde::{Deserialize, Serialize};
+
+use super::EtcdError;
+use crate::config::{
+    ConfigObject, FieldError, Kind, ObjectError, PluginConfig, RouteConfig, ServerConfig,
+    ServiceNode, TenantConfig, UpstreamConfig,
+};
+use crate::plugin::sha256_hex;
+
+/// Module chunks stay well under etcd's default 1.5 MiB request limit.
+pub const CHUNK_BYTES: usize = 1 << 20;
+
+/// One config key, parsed.
+#[derive(Clone, Debug)]
+pub(crate) enum Entry {
+    Route(RouteConfig),
+    Upstream(UpstreamConfig),
+    Plugin(PluginConfig),
+    Tenant(TenantConfig),
+    Server(ServerConfig),
+    Node {
+        service: String,
+        node: String,
+        value: ServiceNode,
+    },
+    Invalid(ObjectError),
+}
+
+/// Parses one config key. Module keys give `None`; everything else gives an entry, perhaps
+/// an invalid one that names its key and reason.
+pub(crate) fn parse_entry(root: &str, key: &str, value: &[u8]) -> Option<Entry> {
+    let rest = key.strip_prefix(root)?.strip_prefix('/')?;
+    let (section, name) = rest.split_once('/').unwrap_or((rest, ""));
+    let invalid =
+        |kind, id: &str, reason: String| Some(Entry::Invalid(ObjectError::new(kind, id, reason)));
+    let entry = match section {
+        "modules" => return None,
+        "routes" => parse_object(value, name).map(Entry::Route),
+        "upstreams" => parse_object(value, name).map(Entry::Upstream),
+        "plugins" => parse_object(value, name).map(Entry::Plugin),
+        "tenants" => parse_object(value, name).map(Entry::Tenant),
+        "server" if rest == "server" => parse_json(value, Kind::Server, "server")
+            .and_then(|json| parse_as(&json, "server"))
+            .map(Entry::Server),
+        "services" => {
+            let Some((service, node)) = name
+                .split_once('/')
+                .filter(|(s, n)| !s.is_empty() && !n.is_empty() && !n.contains('/'))
+            else {
+                return invalid(
+                    Kind::ServiceNode,
+                    name,
+                    "expected services/<name>/<node-id>".into(),
+                );
+            };
+            let id = format!("{service}/{node}");
+            parse_json(value, Kind::ServiceNode, &id)
+                .and_then(|json| parse_as(&json, &id))
+                .map(|value| Entry::Node {
+                    service: service.to_owned(),
+                    node: node.to_owned(),
+                    value,
+                })
+        }
+        "consumers" | "ssl" => {
+            return invalid(
+                Kind::Key,
+                name,
+                format!("{section} are not supported by this version of weir"),
+            );
+        }
+        _ => return invalid(Kind::Key, rest, format!("unknown key under {root}/")),
+    };
+    Some(entry.unwrap_or_else(Entry::Invalid))
+}
+
+/// A stored value as JSON, or why not.
+fn parse_json(value: &[u8], kind: Kind, id: &str) -> Result<serde_json::Value, ObjectError> {
+    serde_json::from_slice(value)
+        .map_err(|e| ObjectError::new(kind, id, format!("invalid JSON: {e}")))
+}
+
+/// Checks `json` as a `T` named `id`.
+fn parse_as<T: ConfigObject>(json: &serde_json::Value, id: &str) -> Result<T, ObjectError> {
+    crate::config::parse(json).map_err(|errors| ObjectError::fields(T::KIND, id, errors))
+}
+
+/// Parses an object whose key ends in its id; a JSON `id` (or `name`) must match the key.
+pub(crate) fn parse_object<T: ConfigObject>(value: &[u8], id: &str) -> Result<T, ObjectError> {
+    let mut json = parse_json(value, T::KIND, id)?;
+    with_key_id::<T>(&mut json, id)?;
+    parse_as(&json, id)
+}
+
+/// Puts the key's id into `json` when it has none; refuses one that differs.
+pub(crate) fn with_key_id<T: ConfigObject>(
+    json: &mut serde_json::Value,
+    id: &str,
+) -> Result<(), ObjectError> {
+    let id_field = T::ID_FIELD;
+    let error = |path: &str, message: String| {
+        ObjectError::fields(
+            T::KIND,
+            id,
+            vec![FieldError {
+                path: path.to_owned(),
+                message,
+            }],
+        )
+    };
+    if id.is_empty() || id.contains('/') {
+        return Err(error(
+            "",
+            format!("a {} key must end in one id segment", T::KIND),
+        ));
+    }
+    let object = json
+        .as_object_mut()
+        .ok_or_else(|| error("", "the value must be a JSON object".into()))?;
+    match object.get(id_field).map(|v| v.as_str()) {
+        None => {
+            object.insert(
+                id_field.to_owned(),
+                serde_json::Value::String(id.to_owned()),
+            );
+        }
+        Some(Some(inner)) if inner == id => {}
+        Some(inner) => {
+            return Err(error(
+                &format!("/{id_field}"),
+                format!("its {id_field} {inner:?} does not match the key's {id:?}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A module's manifest, at `modules/<sha256>`.
+#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ModuleManifest {
+    pub(crate) size: u64,
+    pub(crate) chunks: u64,
+}
+
+impl ModuleManifest {
+    /// Parses a manifest and checks that it describes a module of at most `max` bytes in
+    /// chunks of [`CHUNK_BYTES`], before anything is read or allocated for it.
+    pub(crate) fn parse(value: &[u8], max: u64) -> Result<Self, String> {
+        let manifest: ModuleManifest =
+            serde_json::from_slice(value).map_err(|e| format!("bad manifest: {e}"))?;
+        if manifest.size > max {
+            return Err(format!(
+                "the module is {} bytes, over the {max}-byte bound (--max-module-mb)",
+                manifest.size
+            ));
+        }
+        let expected = manifest.size.div_ceil(CHUNK_BYTES as u64).max(1);
+        if manifest.chunks != expected {
+            return Err(format!(
+                "a {}-byte module has {expected} chunks, not {}",
+                manifest.size, manifest.chunks
+            ));
+        }
+        Ok(manifest)
+    }
+}
+
+/// Reads a file of at most `max` bytes.
+pub(crate) async fn read_bounded(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let file = tokio::fs::File::open(path).await?;
+    let mut bytes = Vec::new();
+    file.take(max + 1).read_to_end(&mut bytes).await?;
+    if bytes.len() as u64 > max {
+        return Err(std::io::Error::other(format!(
+            "{} is over {max} bytes",
+            path.display()
+        )));
+    }
+    Ok(bytes)
+}
+
+pub(crate) fn chunk_key(root: &str, sha256: &str, index: usize) -> String {
+    format!("{root}/modules/{sha256}/{index:06}")
+}
+
+/// Reads a module's chunks and checks them against its sha256; `max` bounds its size.
+pub(crate) async fn read_module(
+    client: &mut Client,
+    root: &str,
+    sha256: &str,
+    max: u64,
+) -> Result<Vec<u8>, EtcdError> {
+    let manifest_key = format!("{root}/modules/{sha256}");
+    let layout = |reason: String| EtcdError::Layout {
+        key: manifest_key.clone(),
+        reason,
+    };
+    let client_err = |source| EtcdError::Client {
+        endpoints: "etcd".into(),
+        source,
+    };
+    let response = client
+        .get(manifest_key.clone(), None)
+        .await
+        .map_err(client_err)?;
+    let kv = response
+        .kvs()
+        .first()
+        .ok_or_else(|| layout("no such module (push it with `weir plugin push`)".into()))?;
+    let manifest = ModuleManifest::parse(kv.value(), max).map_err(layout)?;
+    let size = usize::try_from(manifest.size).map_err(|_| layout("size overflows".into()))?;
+    let mut bytes = Vec::with_capacity(size);
+    for index in 0..manifest.chunks {
+        let key = chunk_key(root, sha256, index as usize);
+        let response = client.get(key.clone(), None).await.map_err(client_err)?;
+        let chunk = response
+            .kvs()
+            .first()
+            .ok_or_else(|| layout(format!("chunk {key} is missing")))?;
+        if bytes.len() + chunk.value().len() > size {
+            return Err(layout(format!(
+                "the chunks hold more than the manifest's {size} bytes"
+            )));
+        }
+        bytes.extend_from_slice(chunk.value());
+    }
+    let actual = sha256_hex(&bytes);
+    if bytes.len() != size || actual != sha256 {
+        return Err(layout(format!(
+            "the chunks hold {} bytes with sha256 {actual}, not {} bytes with sha256 {sha256}",
+            bytes.len(),
+            manifest.size
+        )));
+    }
+    Ok(bytes)
+}

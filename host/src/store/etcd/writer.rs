@@ -1,0 +1,171 @@
+//! The etcd store's write side: each object at its key, written with a compare on its
+//! revision so that two writers cannot overwrite each other unseen.
+
+use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
+
+use super::EtcdStore;
+use crate::config::Kind;
+use crate::snapshot::BoxFuture;
+use crate::store::{ConfigWriter, Expect, StoredObject, WriteError};
+
+/// The largest value written, well under etcd's default 1.5 MiB request limit.
+const MAX_VALUE_BYTES: usize = 1 << 20;
+
+impl EtcdStore {
+    /// The key of `kind`/`id`, or why there is none.
+    fn key_of(&self, kind: Kind, id: &str) -> Result<String, WriteError> {
+        let root = &self.root;
+        Ok(match kind {
+            Kind::Server => format!("{root}/server"),
+            Kind::Key => return Err(WriteError::Unavailable("not a kind of object".into())),
+            _ => format!("{root}/{}/{id}", section(kind)),
+        })
+    }
+
+    /// A connected client, or `Unavailable`.
+    fn writing_client(&self) -> Result<Client, WriteError> {
+        self.client()
+            .ok_or_else(|| WriteError::Unavailable("etcd is unreachable".into()))
+    }
+}
+
+/// The key section of a kind.
+fn section(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Route => "routes",
+        Kind::Upstream => "upstreams",
+        Kind::Plugin => "plugins",
+        Kind::Tenant => "tenants",
+        Kind::ServiceNode => "services",
+        Kind::Server => "server",
+        Kind::Key => "",
+    }
+}
+
+fn unavailable(error: etcd_client::Error) -> WriteError {
+    tracing::warn!(%error, "an admin write could not reach etcd");
+    WriteError::Unavailable("etcd did not answer".into())
+}
+
+/// The stored object at `kv`, named `id`.
+fn stored(id: String, kv: &etcd_client::KeyValue) -> StoredObject {
+    let value = serde_json::from_slice(kv.value())
+        .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(kv.value()).into()));
+    StoredObject {
+        id,
+        value,
+        revision: kv.mod_revision(),
+        created: kv.create_revision(),
+    }
+}
+
+/// The compare that `expect` asks for on `key`.
+fn compare(key: &str, expect: Expect) -> Option<Compare> {
+    match expect {
+        Expect::Anything => None,
+        Expect::Absent => Some(Compare::version(key, CompareOp::Equal, 0)),
+        Expect::Revision(revision) => Some(Compare::mod_revision(key, CompareOp::Equal, revision)),
+    }
+}
+
+impl EtcdStore {
+    /// Runs `op` on `key` if `expect` holds; returns the revision it was written at.
+    async fn write_if(&self, key: String, op: TxnOp, expect: Expect) -> Result<i64, WriteError> {
+        let mut client = self.writing_client()?;
+        let txn = Txn::new()
+            .when(compare(&key, expect).into_iter().collect::<Vec<_>>())
+            .and_then([op])
+            .or_else([TxnOp::get(key, None)]);
+        let response = client.txn(txn).await.map_err(unavailable)?;
+        let revision = response.header().map(|h| h.revision()).unwrap_or_default();
+        if response.succeeded() {
+            return Ok(revision);
+        }
+        let current = response.op_responses().into_iter().find_map(|op| match op {
+            etcd_client::TxnOpResponse::Get(get) => get.kvs().first().map(|kv| kv.mod_revision()),
+            _ => None,
+        });
+        Err(WriteError::Conflict { current })
+    }
+}
+
+impl ConfigWriter for EtcdStore {
+    fn get<'a>(
+        &'a self,
+        kind: Kind,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<StoredObject>, WriteError>> {
+        Box::pin(async move {
+            let key = self.key_of(kind, id)?;
+            let mut client = self.writing_client()?;
+            let response = client.get(key, None).await.map_err(unavailable)?;
+            Ok(response.kvs().first().map(|kv| stored(id.to_owned(), kv)))
+        })
+    }
+
+    fn list(&self, kind: Kind) -> BoxFuture<'_, Result<Vec<StoredObject>, WriteError>> {
+        Box::pin(async move {
+            let mut client = self.writing_client()?;
+            if kind == Kind::Server {
+                let response = client
+                    .get(self.key_of(kind, "")?, None)
+                    .await
+                    .map_err(unavailable)?;
+                return Ok(response
+                    .kvs()
+                    .first()
+                    .map(|kv| stored("server".into(), kv))
+                    .into_iter()
+                    .collect());
+            }
+            let prefix = format!("{}/{}/", self.root, section(kind));
+            let response = client
+                .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
+                .await
+                .map_err(unavailable)?;
+            Ok(response
+                .kvs()
+                .iter()
+                .filter_map(|kv| {
+                    let key = std::str::from_utf8(kv.key()).ok()?;
+                    let id = key.strip_prefix(&prefix)?;
+                    Some(stored(id.to_owned(), kv))
+                })
+                .collect())
+        })
+    }
+
+    fn put<'a>(
+        &'a self,
+        kind: Kind,
+        id: &'a str,
+        value: &'a serde_json::Value,
+        expect: Expect,
+    ) -> BoxFuture<'a, Result<i64, WriteError>> {
+        Box::pin(async move {
+            let key = self.key_of(kind, id)?;
+            let bytes = serde_json::to_vec(value).expect("JSON serializes");
+            if bytes.len() > MAX_VALUE_BYTES {
+                return Err(WriteError::TooLarge(format!(
+                    "the object is {} bytes, over the {MAX_VALUE_BYTES}-byte bound",
+                    bytes.len()
+                )));
+            }
+            self.write_if(key.clone(), TxnOp::put(key, bytes, None), expect)
+                .await
+        })
+    }
+
+    fn delete<'a>(
+        &'a self,
+        kind: Kind,
+        id: &'a str,
+        expect: Expect,
+    ) -> BoxFuture<'a, Result<i64, WriteError>> {
+        Box::pin(async move {
+            let key = self.key_of(kind, id)?;
+            self.write_if(key.clone(), TxnOp::delete(key, None), expect)
+                .await
+        })
+    }
+}
