@@ -29,6 +29,7 @@ pub mod timeouts;
 pub mod upstream;
 
 pub use access_log::AccessLogTarget;
+pub use admin::AdminOptions;
 pub use gateway::Gateway;
 pub use server::{ConfigSource, DrainOptions, GatewayOptions, RunningGateway, StartError, start};
 

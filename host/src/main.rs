@@ -11,7 +11,7 @@ use tracing_subscriber::EnvFilter;
 use weir::client::{PushSettings, push_plugin};
 use weir::config::{FailurePolicy, Grants, ServiceNode, WasiGrant};
 use weir::store::etcd::EtcdOptions;
-use weir::{AccessLogTarget, ConfigSource, DrainOptions, GatewayOptions};
+use weir::{AccessLogTarget, AdminOptions, ConfigSource, DrainOptions, GatewayOptions};
 
 /// glibc's allocator slows down as the heap grows with many routes; mimalloc stays flat.
 #[global_allocator]
@@ -34,6 +34,18 @@ enum Command {
     /// Manages plugin modules in etcd.
     #[command(subcommand)]
     Plugin(PluginCommand),
+    /// Makes credentials for the `admin:` section.
+    #[command(subcommand)]
+    Admin(AdminCommand),
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Reads a password from standard input and prints its argon2id hash, for
+    /// `admin.accounts[].password_hash`.
+    HashPassword,
+    /// Makes a new API key and prints it with its sha256, for `admin.keys[].key_sha256`.
+    NewKey,
 }
 
 #[derive(Subcommand)]
@@ -128,9 +140,14 @@ struct RunArgs {
     /// The etcd key prefix.
     #[arg(long, default_value = "/weir", requires = "etcd")]
     prefix: String,
-    /// Keeps the last good etcd config and its modules here, to start while etcd is down.
-    #[arg(long, value_name = "DIR", requires = "etcd")]
+    /// Keeps state here: the last good etcd config and its modules (to start while etcd is
+    /// down) and, in file mode, the hash of a generated admin key
+    /// (default in file mode: $XDG_STATE_HOME/weir or ~/.local/state/weir).
+    #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
+    /// Admin settings (keys, accounts, open paths) that replace the store's `admin` section.
+    #[arg(long, value_name = "FILE")]
+    admin_config: Option<PathBuf>,
     /// Where the proxy listens.
     #[arg(long, default_value = "0.0.0.0:9080")]
     listen: SocketAddr,
@@ -258,7 +275,9 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // The authoring commands print their own report; info logs would bury it.
     let default_level = match &cli.command {
-        Command::Plugin(PluginCommand::Check(_) | PluginCommand::Test(_)) => "warn",
+        Command::Plugin(PluginCommand::Check(_) | PluginCommand::Test(_)) | Command::Admin(_) => {
+            "warn"
+        }
         _ => "info",
     };
     tracing_subscriber::fmt()
@@ -292,6 +311,7 @@ fn main() -> anyhow::Result<()> {
             Command::Plugin(PluginCommand::Push(args)) => push(args).await,
             Command::Plugin(PluginCommand::Check(args)) => check(args).await,
             Command::Plugin(PluginCommand::Test(args)) => test(args).await,
+            Command::Admin(command) => admin_command(command),
         }
     })
 }
@@ -299,6 +319,16 @@ fn main() -> anyhow::Result<()> {
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     weir::server::raise_open_file_limit();
     let max_module_bytes = args.max_module_mb << 20;
+    let file_mode = args.config.is_some();
+    let admin = AdminOptions {
+        config_file: args.admin_config,
+        env_key: std::env::var("WEIR_ADMIN_KEY").ok(),
+        state_dir: match &args.state_dir {
+            Some(dir) => Some(dir.clone()),
+            None if file_mode => state_home(),
+            None => None,
+        },
+    };
     let config = match args.config {
         Some(path) => ConfigSource::File(path),
         None => ConfigSource::Etcd(EtcdOptions {
@@ -315,8 +345,20 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         access_log: args.access_log,
         module_cache: module_cache(args.module_cache.as_deref()),
         max_module_bytes,
+        admin,
     };
     let gateway = weir::start(options).await?;
+    if let Some(key) = &gateway.generated_admin_key {
+        // Shown once: weir keeps only its hash.
+        eprintln!(
+            "\nweir generated an admin key (it is shown only now; weir keeps its sha256):\n\n    \
+             {key}\n\nSend it as X-API-KEY to the admin API on http://{}\n",
+            gateway
+                .admin_addr
+                .map(|a| a.to_string())
+                .unwrap_or_default()
+        );
+    }
     weir::server::stop_signal()
         .await
         .context("listening for stop signals")?;
@@ -332,6 +374,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 async fn register(args: RegisterArgs) -> anyhow::Result<()> {
     let (host, port) = split_host_port(&args.addr)?;
     let node = ServiceNode {
+        status: Default::default(),
         host,
         port,
         weight: args.weight,
@@ -386,6 +429,36 @@ async fn push(args: PushArgs) -> anyhow::Result<()> {
     }
     let pushed = push_plugin(&args.etcd.options(), &args.name, &bytes, &settings).await?;
     println!("{pushed}");
+    Ok(())
+}
+
+/// The user's state folder for weir: $XDG_STATE_HOME/weir or ~/.local/state/weir.
+fn state_home() -> Option<PathBuf> {
+    std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".local/state")))
+        .map(|state| state.join("weir"))
+}
+
+fn admin_command(command: AdminCommand) -> anyhow::Result<()> {
+    match command {
+        AdminCommand::HashPassword => {
+            let mut password = String::new();
+            std::io::stdin()
+                .read_line(&mut password)
+                .context("reading the password from standard input")?;
+            let password = password.trim_end_matches(['\n', '\r']);
+            if password.is_empty() {
+                bail!("the password is empty");
+            }
+            println!("{}", weir::admin::auth::hash_password(password));
+        }
+        AdminCommand::NewKey => {
+            let key = weir::admin::auth::new_key();
+            println!("key:        {key}");
+            println!("key_sha256: {}", weir::plugin::sha256_hex(key.as_bytes()));
+        }
+    }
     Ok(())
 }
 

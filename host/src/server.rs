@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use prometheus_client::metrics::gauge::Gauge;
 
 use crate::access_log::AccessLogTarget;
-use crate::admin;
+use crate::admin::{self, Admin, AdminOptions, AdminSetupError};
 use crate::config::{MIN_HEADER_BYTES, ServerConfig};
 use crate::gateway::{Gateway, GatewayInitError};
 use crate::metrics::ListenerLabels;
@@ -78,6 +78,8 @@ pub struct GatewayOptions {
     /// The largest plugin module accepted from the store (for etcd, this replaces the
     /// options' own bound).
     pub max_module_bytes: u64,
+    /// How the admin listener is protected.
+    pub admin: AdminOptions,
 }
 
 /// Why a gateway did not start.
@@ -97,6 +99,9 @@ pub enum StartError {
     /// The gateway's state could not be created.
     #[error(transparent)]
     Init(#[from] GatewayInitError),
+    /// The admin listener would not be safe, or its settings are invalid.
+    #[error(transparent)]
+    Admin(#[from] AdminSetupError),
 }
 
 /// A gateway that is serving; drop it, or call [`RunningGateway::shutdown`] or
@@ -106,6 +111,8 @@ pub struct RunningGateway {
     pub addr: SocketAddr,
     /// The admin listener's address.
     pub admin_addr: Option<SocketAddr>,
+    /// The admin key weir generated at this start (no key was configured), to be shown once.
+    pub generated_admin_key: Option<String>,
     gateway: Arc<Gateway>,
     /// Stops the proxy listener (and then drains its connections).
     stop_accepting: CancellationToken,
@@ -219,26 +226,36 @@ pub async fn start(options: GatewayOptions) -> Result<RunningGateway, StartError
     ));
 
     let mut admin_addr = None;
+    let mut generated_admin_key = None;
     if let Some(listen) = options.admin_listen {
         let listener = bind(listen).await?;
         admin_addr = Some(listener.local_addr().map_err(|source| StartError::Bind {
             addr: listen,
             source,
         })?);
-        let admin_gateway = gateway.clone();
+        let (admin, generated) = Admin::prepare(
+            &options.admin,
+            listen,
+            gateway.clone(),
+            store.clone(),
+            options.max_module_bytes,
+        )
+        .await?;
+        generated_admin_key = generated;
         tasks.push(tokio::spawn(serve(
             "admin",
             listener,
             gateway.clone(),
             shutdown.clone(),
             Arc::new(std::sync::Mutex::new(Duration::ZERO)),
-            move |request, _| admin::handle(admin_gateway.clone(), request),
+            move |request, peer| admin::handle(admin.clone(), request, peer),
         )));
     }
     tracing::info!(%addr, admin = ?admin_addr, "weir is serving");
     Ok(RunningGateway {
         addr,
         admin_addr,
+        generated_admin_key,
         gateway,
         stop_accepting,
         shutdown,

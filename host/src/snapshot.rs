@@ -11,8 +11,9 @@ use std::sync::Arc;
 use http::Method;
 
 use crate::config::{
-    BalancerKind, ConfigObjects, FailurePolicy, Kind, NodeConfig, ObjectError, PluginConfig,
-    RouteConfig, Scheme, StripPrefix, TenantConfig, Timeouts, UpstreamConfig,
+    AdminConfig, BalancerKind, ConfigObjects, FailurePolicy, Kind, NodeConfig, ObjectError,
+    PluginConfig, RouteConfig, RouteStatus, Scheme, StripPrefix, TenantConfig, Timeouts,
+    UpstreamConfig,
 };
 use crate::edge::ServerSettings;
 use crate::metrics::{Metrics, PluginMetrics, RouteMetrics};
@@ -104,6 +105,8 @@ pub struct Snapshot {
     pub tenants: BTreeMap<String, TenantConfig>,
     /// How clients are treated: timeouts, limits, trusted proxies.
     pub server: Arc<ServerSettings>,
+    /// Who may use the admin listener (the store's `admin` section).
+    pub admin: Arc<AdminConfig>,
     /// Routes by id (the same values as in `routes`).
     pub route_list: BTreeMap<String, Arc<Route>>,
     /// Objects refused in the build that made this snapshot.
@@ -122,6 +125,7 @@ impl Snapshot {
             plugins: BTreeMap::new(),
             tenants: BTreeMap::new(),
             server: Arc::new(ServerSettings::default()),
+            admin: Arc::new(AdminConfig::default()),
             route_list: BTreeMap::new(),
             errors: Vec::new(),
             generation: 0,
@@ -178,6 +182,14 @@ impl BuildContext<'_> {
         let tenants = tenants.into_iter().map(|t| (t.name.clone(), t)).collect();
 
         let server = self.build_server(objects, previous, &keep);
+        let admin = match &objects.admin {
+            Some(config) if *config == *previous.admin => previous.admin.clone(),
+            Some(config) => Arc::new(config.clone()),
+            // A broken section keeps the previous one: it must neither lock everyone out nor
+            // open what it closed.
+            None if keep(Kind::Admin, "admin") => previous.admin.clone(),
+            None => Arc::new(AdminConfig::default()),
+        };
 
         // Plugins next: routes need them.
         let mut plugins = BTreeMap::new();
@@ -242,7 +254,11 @@ impl BuildContext<'_> {
         }
 
         let mut table = RouteTable::builder();
-        for (index, route) in route_list.values().enumerate() {
+        // A disabled route stays listed (and warm) but is not in the table: it answers 404.
+        let enabled = route_list
+            .values()
+            .filter(|route| route.config.status == RouteStatus::Enabled);
+        for (index, route) in enabled.enumerate() {
             let paths: Vec<&str> = route.config.paths().collect();
             let filter = RouteFilter {
                 methods: route
@@ -274,6 +290,7 @@ impl BuildContext<'_> {
             plugins,
             tenants,
             server,
+            admin,
             route_list,
             errors,
             generation: previous.generation + 1,
@@ -314,6 +331,7 @@ impl BuildContext<'_> {
                     host: node.host.clone(),
                     port: node.port,
                     weight: node.weight,
+                    status: node.status,
                 });
             }
             if live.is_empty() {
@@ -530,6 +548,7 @@ mod tests {
                 strip_prefix: strip,
                 plugins: vec![],
                 path_normalization: Default::default(),
+                status: Default::default(),
             },
             target: Target::Upstream(Arc::new(Upstream::new(
                 serde_json::from_value(

@@ -58,7 +58,12 @@ impl Upstream {
         let nodes = config
             .nodes
             .iter()
-            .map(|n| Arc::new(Node::new(format_addr(&n.host, n.port), n.weight)))
+            .map(|n| {
+                Arc::new(Node::new(
+                    format_addr(&n.host, n.port),
+                    n.effective_weight(),
+                ))
+            })
             .collect();
         let nodes = NodeSet::new(nodes, config.balancer);
         let send_stall = Duration::from_millis(config.timeout.send_ms);

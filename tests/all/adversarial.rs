@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use http::StatusCode;
 use serde_json::{Value, json};
+use weir_tests::admin_get;
 use weir_tests::{ChildGateway, Reply, Upstream, get, node, plugins, probe_entry, yaml};
 
 const HOSTILE_REQUESTS: usize = 10_000;
@@ -361,7 +362,9 @@ async fn a_component_that_imports_the_wasi_filesystem() {
         },
     )
     .await;
-    let status = get(&format!("{}/v1/status", gateway.admin)).await.json();
+    let status = admin_get(&format!("{}/v1/status", gateway.admin))
+        .await
+        .json();
     let reason = status["errors"]
         .as_array()
         .unwrap()

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use weir::client::{PushSettings, push_plugin, register};
 use weir::config::ServiceNode;
 use weir::store::etcd::EtcdOptions;
+use weir_tests::admin_get;
 use weir_tests::etcd::Etcd;
 use weir_tests::{TestGateway, Upstream, eventually, get, plugins};
 
@@ -117,6 +118,7 @@ async fn a_registered_node_serves_until_its_lease_ends() {
     // Node a: registered with `register`, which keeps its lease alive until cancelled.
     let stop_a = CancellationToken::new();
     let node = ServiceNode {
+        status: Default::default(),
         host: "127.0.0.1".into(),
         port: a.port(),
         weight: 1,
@@ -267,7 +269,7 @@ async fn a_pushed_plugin_swaps_under_load_without_a_failed_request_and_rolls_bac
         "only {} requests ran",
         served.load(Ordering::Relaxed)
     );
-    let status = get(&gateway.admin_url("/v1/status")).await.json();
+    let status = admin_get(&gateway.admin_url("/v1/status")).await.json();
     assert_eq!(status["plugins"][0]["sha256"], sha_a.as_str(), "{status}");
 }
 
@@ -320,7 +322,7 @@ async fn a_bad_module_and_a_bad_route_are_rejected_while_the_old_config_serves()
     .unwrap();
     let admin = gateway.admin_url("/v1/status");
     eventually("the bad module is reported", SOON, || async {
-        let status = get(&admin).await.json();
+        let status = admin_get(&admin).await.json();
         status["errors"].as_array().unwrap().iter().any(|e| {
             e["id"] == "variant"
                 && e["reason"]
@@ -342,7 +344,7 @@ async fn a_bad_module_and_a_bad_route_are_rejected_while_the_old_config_serves()
     )
     .await;
     eventually("both are reported", SOON, || async {
-        let status = get(&admin).await.json();
+        let status = admin_get(&admin).await.json();
         let errors = status["errors"].as_array().unwrap().clone();
         let has = |id: &str, text: &str| {
             errors
@@ -352,7 +354,7 @@ async fn a_bad_module_and_a_bad_route_are_rejected_while_the_old_config_serves()
         has("ghost", "no such module") && has("v", "unknown field `colour`")
     })
     .await;
-    let status = get(&admin).await.json();
+    let status = admin_get(&admin).await.json();
     let route_error = status["errors"]
         .as_array()
         .unwrap()

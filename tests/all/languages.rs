@@ -8,6 +8,7 @@ use bytes::Bytes;
 use http::{Method, StatusCode};
 use http_body_util::Full;
 use serde_json::{Value, json};
+use weir_tests::admin_get;
 use weir_tests::{
     Behaviour, ChildGateway, TestGateway, Upstream, eventually, get, node, plugins, request, send,
     yaml,
@@ -109,7 +110,9 @@ async fn the_python_example_splits_users_and_keeps_them_sticky() {
         gateway.log()
     );
     // The plugin's init refused the other route's config, with its reason.
-    let status = get(&format!("{}/v1/status", gateway.admin)).await.json();
+    let status = admin_get(&format!("{}/v1/status", gateway.admin))
+        .await
+        .json();
     let bad = status["errors"]
         .as_array()
         .unwrap()

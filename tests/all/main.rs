@@ -1,8 +1,10 @@
 //! Weir's integration tests: one binary, so that it links once.
 
+mod admin;
 mod adversarial;
 mod authoring;
 mod balancing;
+mod dashboard;
 mod drain;
 mod edge;
 mod etcd;

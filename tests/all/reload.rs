@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use http::StatusCode;
 use serde_json::{Value, json};
+use weir_tests::admin_get;
 use weir_tests::{TestGateway, Upstream, all_plugins, eventually, get, metric, node, yaml};
 
 fn config(upstream: &Upstream, route_extra: Value) -> String {
@@ -77,7 +78,7 @@ async fn bad_changes_are_reported_and_the_old_config_keeps_serving() {
         ))
         .await;
     check_still_old().await;
-    let status = get(&gateway.admin_url("/v1/status")).await.json();
+    let status = admin_get(&gateway.admin_url("/v1/status")).await.json();
     let reason = status["errors"][0]["reason"].as_str().unwrap();
     assert!(
         reason.contains("plugin \"no-such-plugin\" is not loaded"),

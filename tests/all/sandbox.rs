@@ -3,6 +3,7 @@
 
 use http::StatusCode;
 use serde_json::{Value, json};
+use weir_tests::admin_get;
 use weir_tests::{TestGateway, Upstream, get, node, yaml};
 
 /// Quarantine is off here, so that every call reaches the plugin; tests/all/tenants.rs has it on.
@@ -151,6 +152,6 @@ async fn a_plugin_that_fails_in_init_is_rejected_when_the_route_loads() {
     );
     assert_eq!(get(&gateway.url("/a")).await.status, StatusCode::NOT_FOUND);
     assert_eq!(get(&gateway.url("/ok")).await.status, StatusCode::OK);
-    let status = get(&gateway.admin_url("/v1/status")).await.json();
+    let status = admin_get(&gateway.admin_url("/v1/status")).await.json();
     assert_eq!(status["errors"].as_array().unwrap().len(), 2, "{status}");
 }

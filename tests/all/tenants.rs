@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use http::StatusCode;
 use serde_json::json;
+use weir_tests::admin_get;
 use weir_tests::{TestGateway, Upstream, eventually, get, node, probe_entry, yaml};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -23,7 +24,7 @@ async fn a_plugin_that_keeps_failing_is_quarantined_then_retried() {
     let reply = get(&url).await;
     assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(reply.json()["error"], "plugin flaky failed");
-    let status = get(&gateway.admin_url("/v1/status")).await.json();
+    let status = admin_get(&gateway.admin_url("/v1/status")).await.json();
     assert_eq!(status["quarantined"][0]["plugin"], "flaky", "{status}");
     let metrics = get(&gateway.admin_url("/metrics")).await.text();
     assert!(
@@ -35,7 +36,7 @@ async fn a_plugin_that_keeps_failing_is_quarantined_then_retried() {
     // After the backoff one call probes the plugin; it fails again, so it goes back for longer.
     let status_url = gateway.admin_url("/v1/status");
     eventually("the backoff runs out", Duration::from_secs(10), || async {
-        get(&status_url).await.json()["quarantined"][0]["retry_in_ms"] == 0
+        admin_get(&status_url).await.json()["quarantined"][0]["retry_in_ms"] == 0
     })
     .await;
     assert_eq!(get(&url).await.status, StatusCode::INTERNAL_SERVER_ERROR);
@@ -131,7 +132,7 @@ async fn tenant_quotas_bound_memory_and_instances() {
         ),
         "{metrics}"
     );
-    let status = get(&gateway.admin_url("/v1/status")).await.json();
+    let status = admin_get(&gateway.admin_url("/v1/status")).await.json();
     let small = status["tenants"]
         .as_array()
         .unwrap()

@@ -21,6 +21,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use weir::{AccessLogTarget, ConfigSource, GatewayOptions, RunningGateway};
 
+pub mod browser;
 pub mod etcd;
 
 /// Paths of the plugin components that build.rs built.
@@ -301,18 +302,26 @@ impl TestGateway {
             dir,
             ConfigSource::File(config),
             Some(module_cache.to_owned()),
+            test_admin(),
         )
         .await
     }
 
+    /// Starts a gateway on `source` with these admin options.
+    pub async fn start_admin(source: ConfigSource, admin: weir::AdminOptions) -> TestGateway {
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        Self::start_with(dir, source, None, admin).await
+    }
+
     async fn start_in(dir: tempfile::TempDir, source: ConfigSource) -> TestGateway {
-        Self::start_with(dir, source, None).await
+        Self::start_with(dir, source, None, test_admin()).await
     }
 
     async fn start_with(
         dir: tempfile::TempDir,
         source: ConfigSource,
         module_cache: Option<PathBuf>,
+        admin: weir::AdminOptions,
     ) -> TestGateway {
         let access_log = dir.path().join("access.log");
         let config = dir.path().join("weir.yaml");
@@ -323,6 +332,7 @@ impl TestGateway {
             access_log: AccessLogTarget::File(access_log.clone()),
             module_cache,
             max_module_bytes: weir::store::etcd::DEFAULT_MAX_MODULE_BYTES,
+            admin,
         };
         let running = weir::start(options).await.expect("the gateway starts");
         TestGateway {
@@ -331,6 +341,11 @@ impl TestGateway {
             config,
             access_log,
         }
+    }
+
+    /// The admin key this gateway generated at start, if it did.
+    pub fn generated_admin_key(&self) -> Option<&str> {
+        self.running().generated_admin_key.as_deref()
     }
 
     /// The gateway's shared state.
@@ -643,6 +658,7 @@ pub async fn serve_as_child() {
         access_log,
         module_cache: None,
         max_module_bytes: weir::store::etcd::DEFAULT_MAX_MODULE_BYTES,
+        admin: test_admin(),
     };
     weir::server::raise_open_file_limit();
     let running = weir::start(options).await.expect("the gateway starts");
@@ -883,6 +899,28 @@ where
 }
 
 /// GETs `url`.
+/// The admin key test gateways accept (as `WEIR_ADMIN_KEY` would set it).
+pub const ADMIN_KEY: &str = "weir-test-admin-key";
+
+/// Admin options with [`ADMIN_KEY`] as the environment's key.
+pub fn test_admin() -> weir::AdminOptions {
+    weir::AdminOptions {
+        env_key: Some(ADMIN_KEY.into()),
+        ..Default::default()
+    }
+}
+
+/// GET `url` on an admin listener, with [`ADMIN_KEY`].
+pub async fn admin_get(url: &str) -> Reply {
+    send(
+        request(Method::GET, url)
+            .header("x-api-key", ADMIN_KEY)
+            .body(Full::default())
+            .expect("a request"),
+    )
+    .await
+}
+
 pub async fn get(url: &str) -> Reply {
     send(
         request(Method::GET, url)

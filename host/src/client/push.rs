@@ -1,6 +1,6 @@
 //! `weir plugin push`: a module's bytes into etcd, and a plugin entry pointing at them.
 
-use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp};
 
 use crate::config::PluginConfig;
 use crate::plugin::sha256_hex;
@@ -85,21 +85,9 @@ pub async fn push_plugin(
     let client_err = |source| client_error(options, source);
     let chunks = bytes.len().div_ceil(CHUNK_BYTES).max(1);
 
-    let stored = client
-        .get(manifest_key.clone(), None)
+    let already_stored = store_chunks(&mut client, &root, &sha256, bytes)
         .await
         .map_err(client_err)?;
-    let already_stored = !stored.kvs().is_empty();
-    if !already_stored {
-        // Each chunk is its own request: a transaction holding them all would pass etcd's
-        // request limit. The manifest, written last, is what makes the module visible.
-        for (index, chunk) in bytes.chunks(CHUNK_BYTES).enumerate() {
-            client
-                .put(chunk_key(&root, &sha256, index), chunk, None)
-                .await
-                .map_err(client_err)?;
-        }
-    }
 
     let existing = client
         .get(entry_key.clone(), None)
@@ -153,11 +141,7 @@ pub async fn push_plugin(
         key: entry_key.clone(),
         reason: crate::config::describe(&errors),
     })?;
-    let manifest = serde_json::to_vec(&ModuleManifest {
-        size: bytes.len() as u64,
-        chunks: chunks as u64,
-    })
-    .expect("a manifest serializes");
+    let manifest = manifest(bytes.len());
     let txn = Txn::new().when([compare]).and_then([
         TxnOp::put(manifest_key, manifest, None),
         TxnOp::put(
@@ -180,4 +164,34 @@ pub async fn push_plugin(
         already_stored,
         entry,
     })
+}
+
+/// Writes a module's chunks unless its manifest is already stored; returns whether it was.
+/// Each chunk is its own request: a transaction holding them all would pass etcd's request
+/// limit. The manifest, written after, is what makes the module visible.
+pub(crate) async fn store_chunks(
+    client: &mut Client,
+    root: &str,
+    sha256: &str,
+    bytes: &[u8],
+) -> Result<bool, etcd_client::Error> {
+    let stored = client.get(format!("{root}/modules/{sha256}"), None).await?;
+    if !stored.kvs().is_empty() {
+        return Ok(true);
+    }
+    for (index, chunk) in bytes.chunks(CHUNK_BYTES).enumerate() {
+        client
+            .put(chunk_key(root, sha256, index), chunk, None)
+            .await?;
+    }
+    Ok(false)
+}
+
+/// The manifest of a module of `size` bytes.
+pub(crate) fn manifest(size: usize) -> Vec<u8> {
+    serde_json::to_vec(&ModuleManifest {
+        size: size as u64,
+        chunks: size.div_ceil(CHUNK_BYTES).max(1) as u64,
+    })
+    .expect("a manifest serializes")
 }

@@ -3,6 +3,7 @@
 //! downstream relies on a separate pass having run. [`parse`] is the one way in for every
 //! source, and says what is wrong as JSON pointers into the object.
 
+mod admin;
 mod node;
 mod plugin;
 mod route;
@@ -15,16 +16,17 @@ use std::fmt;
 
 use serde::Serialize;
 
+pub use self::admin::{Account, AdminConfig, ApiKey, OPENABLE, Role};
 pub use self::node::ServiceNode;
 pub use self::plugin::{
     FailurePolicy, Grants, HttpGrant, Isolation, Limits, PluginConfig, Quarantine, WasiGrant,
     is_sha256_hex,
 };
-pub use self::route::{PathNormalization, PluginRef, RouteConfig, StripPrefix};
+pub use self::route::{PathNormalization, PluginRef, RouteConfig, RouteStatus, StripPrefix};
 pub use self::server::{MIN_HEADER_BYTES, ServerConfig, TrustedProxy};
 pub use self::tenant::{Quotas, TenantConfig};
 pub use self::upstream::{
-    BalancerKind, HashOn, MAX_WEIGHT, NodeConfig, Scheme, Timeouts, UpstreamConfig,
+    BalancerKind, HashOn, MAX_WEIGHT, NodeConfig, NodeStatus, Scheme, Timeouts, UpstreamConfig,
 };
 
 /// The kinds of config object, as they appear in error reports and the etcd layout.
@@ -43,6 +45,8 @@ pub enum Kind {
     Server,
     /// A node registered under `services/<name>/<node>`.
     ServiceNode,
+    /// `admin`: who may use the admin listener.
+    Admin,
     /// A key the store does not understand.
     Key,
 }
@@ -56,6 +60,7 @@ impl fmt::Display for Kind {
             Kind::Tenant => "tenant",
             Kind::Server => "server",
             Kind::ServiceNode => "service node",
+            Kind::Admin => "admin",
             Kind::Key => "key",
         })
     }
@@ -168,6 +173,23 @@ pub(crate) use checked_serde;
 /// point into the object: `/nodes/0/port` for a port that is not a number, `/uri` for a bad
 /// path pattern.
 pub fn parse<T: ConfigObject>(json: &serde_json::Value) -> Result<T, Vec<FieldError>> {
+    // The times the admin API stamps on what it writes are the store's, not the object's.
+    if let Some(object) = json.as_object()
+        && TIMES.iter().any(|time| object.contains_key(*time))
+    {
+        let mut object = object.clone();
+        for time in TIMES {
+            object.remove(*time);
+        }
+        return parse_plain(&serde_json::Value::Object(object));
+    }
+    parse_plain(json)
+}
+
+/// The fields the admin API sets on every object it writes: seconds since the epoch.
+pub const TIMES: &[&str] = &["create_time", "update_time"];
+
+fn parse_plain<T: ConfigObject>(json: &serde_json::Value) -> Result<T, Vec<FieldError>> {
     let mut track = serde_path_to_error::Track::new();
     let deserializer = serde_path_to_error::Deserializer::new(json, &mut track);
     let object = match T::deserialize_unchecked(deserializer) {
@@ -297,6 +319,8 @@ pub struct ConfigObjects {
     pub services: BTreeMap<String, BTreeMap<String, ServiceNode>>,
     /// The `server` section, when the store has one (otherwise the defaults apply).
     pub server: Option<ServerConfig>,
+    /// The `admin` section, when the store has one.
+    pub admin: Option<AdminConfig>,
 }
 
 /// The longest any configured timeout may be: one day.
@@ -320,7 +344,7 @@ fn check_method(method: &str) -> Result<(), String> {
 }
 
 /// An id: letters, digits, `-`, `_` and `.`.
-fn check_id(id: &str) -> Result<(), String> {
+pub fn check_id(id: &str) -> Result<(), String> {
     if id.is_empty() {
         return Err("id is empty".into());
     }

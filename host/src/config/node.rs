@@ -4,11 +4,11 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
-use super::upstream::check_weight;
+use super::upstream::{NodeStatus, check_weight};
 use super::{Checks, ConfigObject, Kind, check_host, checked_serde, one};
 
 /// A backend that registered itself under `services/<name>/<node-id>`, usually with a lease.
-#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(remote = "Self", deny_unknown_fields)]
 pub struct ServiceNode {
     /// `host: 10.0.0.7`
@@ -18,12 +18,19 @@ pub struct ServiceNode {
     /// `weight: 1`: its share of the service's traffic.
     #[serde(default = "one")]
     pub weight: u32,
+    /// `status: offline` takes it out of rotation without deregistering it.
+    #[serde(default, skip_serializing_if = "is_online")]
+    pub status: NodeStatus,
     /// `meta: {zone: a}`: free-form data, shown by the admin API.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub meta: BTreeMap<String, serde_json::Value>,
 }
 
 checked_serde!(ServiceNode);
+
+fn is_online(status: &NodeStatus) -> bool {
+    *status == NodeStatus::Online
+}
 
 impl ConfigObject for ServiceNode {
     const KIND: Kind = Kind::ServiceNode;

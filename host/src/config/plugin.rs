@@ -8,7 +8,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use super::{Checks, ConfigObject, Kind, check_id, check_method, checked_serde, is_false};
 
 /// A plugin entry: a Wasm component, its limits and what happens when it fails.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(remote = "Self", deny_unknown_fields)]
 pub struct PluginConfig {
     /// `name: key-auth`: what routes call it.
@@ -45,7 +45,9 @@ pub struct PluginConfig {
 
 /// The host functions a plugin may import. Nothing but the request and response is granted
 /// unless listed here.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[derive(
+    Clone, Debug, Default, PartialEq, Eq, Hash, Deserialize, Serialize, schemars::JsonSchema,
+)]
 #[serde(deny_unknown_fields)]
 pub struct Grants {
     /// `log: true`: write to the gateway's log.
@@ -70,7 +72,7 @@ pub struct Grants {
 }
 
 /// Where a plugin's outbound HTTP calls may go.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HttpGrant {
     /// `hosts: [api.internal:8080, 10.0.0.5]`: `host` or `host:port` (port 80 when left out).
@@ -97,7 +99,7 @@ fn default_call_timeout_ms() -> u64 {
 }
 
 /// A WASI interface family that a grant enables.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum WasiGrant {
     /// `wasi:clocks/*`.
@@ -113,7 +115,7 @@ pub enum WasiGrant {
 }
 
 /// When a failing plugin stops being called, and for how long.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Quarantine {
     /// `traps: 5`: failures (traps, timeouts, limit hits) that trigger a quarantine; 0 never does.
@@ -150,7 +152,9 @@ fn default_quarantine_backoff_ms() -> u64 {
 }
 
 /// Whether a plugin's instances serve many requests or one.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize, Serialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum Isolation {
     /// Warm instances are reused across requests.
@@ -161,7 +165,7 @@ pub enum Isolation {
 }
 
 /// Per-plugin resource limits.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
     /// `memory_mb: 32`: linear memory per instance.
@@ -198,7 +202,9 @@ fn default_max_body_bytes() -> u64 {
 }
 
 /// What happens to a request when a plugin traps, times out or hits a limit.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize, Serialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum FailurePolicy {
     /// Answer 500 with a JSON error.

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use super::{Checks, ConfigObject, Isolation, Kind, check_id, check_method, checked_serde};
 
 /// A route: which requests it matches, where they go, and the plugins they pass through.
-#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(remote = "Self", deny_unknown_fields)]
 pub struct RouteConfig {
     /// `id: api`
@@ -42,10 +42,34 @@ pub struct RouteConfig {
     /// the normal form. For backends that need `%2F` kept; see docs/security.md for the risk.
     #[serde(default, skip_serializing_if = "PathNormalization::is_on")]
     pub path_normalization: PathNormalization,
+    /// `status: disabled` answers 404 as if the route were absent, and keeps it stored.
+    #[serde(default, skip_serializing_if = "RouteStatus::is_enabled")]
+    pub status: RouteStatus,
+}
+
+/// Whether a route serves: the dashboard's switch per route.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum RouteStatus {
+    /// It serves (the default).
+    #[default]
+    Enabled,
+    /// It answers 404, as if absent.
+    Disabled,
+}
+
+impl RouteStatus {
+    fn is_enabled(&self) -> bool {
+        *self == RouteStatus::Enabled
+    }
 }
 
 /// Whether a route's upstream gets the normal form of the path.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum PathNormalization {
     /// The normal form (the default).
@@ -62,7 +86,7 @@ impl PathNormalization {
 }
 
 /// How much of the path to remove before the request goes upstream.
-#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(untagged)]
 pub enum StripPrefix {
     /// `true`: the matched pattern's literal prefix, such as `/api` for `/api/*`.
@@ -72,7 +96,7 @@ pub enum StripPrefix {
 }
 
 /// One plugin in a route's chain.
-#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PluginRef {
     /// `name: key-auth`: a plugin entry's name.
@@ -92,6 +116,23 @@ fn empty_object() -> serde_json::Value {
 checked_serde!(RouteConfig);
 
 impl RouteConfig {
+    /// The objects it names, each with the JSON pointer that names it: its upstream and its
+    /// plugin entries.
+    pub fn references(&self) -> Vec<(String, Kind, &str)> {
+        let mut found = Vec::new();
+        if let Some(upstream) = &self.upstream_id {
+            found.push(("/upstream_id".to_owned(), Kind::Upstream, upstream.as_str()));
+        }
+        for (index, plugin) in self.plugins.iter().enumerate() {
+            found.push((
+                format!("/plugins/{index}/name"),
+                Kind::Plugin,
+                plugin.name.as_str(),
+            ));
+        }
+        found
+    }
+
     /// Every path pattern of the route, `uri` first.
     pub fn paths(&self) -> impl Iterator<Item = &str> {
         self.uri.iter().chain(self.uris.iter()).map(String::as_str)
@@ -154,11 +195,17 @@ impl ConfigObject for RouteConfig {
                 format!("strip_prefix {prefix:?} must start with / and name a segment"),
             );
         }
+        let mut seen = std::collections::HashSet::new();
         for (index, plugin) in self.plugins.iter().enumerate() {
             if plugin.name.is_empty() {
                 checks.fail(
                     format!("/plugins/{index}/name"),
                     "a plugin in `plugins` has no name",
+                );
+            } else if !seen.insert(plugin.name.as_str()) {
+                checks.fail(
+                    format!("/plugins/{index}/name"),
+                    format!("plugin {:?} is listed twice", plugin.name),
                 );
             }
         }

@@ -7,7 +7,7 @@ use super::{Checks, ConfigObject, Kind, check_timeout, checked_serde};
 /// How the gateway treats its clients: timeouts, limits and which proxies to believe. The
 /// `server:` section of the file, or `/weir/server` in etcd. Limits apply to connections
 /// accepted after a change; `trusted_proxies` to requests that arrive after it.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(remote = "Self", deny_unknown_fields)]
 pub struct ServerConfig {
     /// `header_timeout_ms: 10000`: to send a whole request head, from its first byte (or from
@@ -153,5 +153,18 @@ impl ConfigObject for ServerConfig {
                 ),
             );
         }
+    }
+}
+
+impl schemars::JsonSchema for TrustedProxy {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "TrustedProxy".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "description": "a network (`10.0.0.0/8`) or one address"
+        })
     }
 }

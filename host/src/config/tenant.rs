@@ -5,7 +5,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use super::{Checks, ConfigObject, Kind, check_id, checked_serde};
 
 /// A tenant: a party whose plugins share quotas, and whose kv namespaces no other tenant sees.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(remote = "Self", deny_unknown_fields)]
 pub struct TenantConfig {
     /// `name: team-a`
@@ -16,7 +16,7 @@ pub struct TenantConfig {
 }
 
 /// Limits on everything one tenant's plugins hold at once.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Quotas {
     /// `memory_mb: 256`: the linear memory of all its live instances together.

@@ -8,7 +8,7 @@ use super::{
 };
 
 /// An upstream: a set of nodes and how to balance, time out and retry across them.
-#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(remote = "Self", deny_unknown_fields)]
 pub struct UpstreamConfig {
     /// `id: backend`
@@ -34,7 +34,7 @@ pub struct UpstreamConfig {
 }
 
 /// A backend address.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NodeConfig {
     /// `host: 10.0.0.1` (an IP address or a DNS name)
@@ -44,10 +44,44 @@ pub struct NodeConfig {
     /// `weight: 2`: its share of traffic; 0 takes it out of rotation.
     #[serde(default = "one")]
     pub weight: u32,
+    /// `status: offline` takes it out of rotation and keeps its weight for when it is back.
+    #[serde(default, skip_serializing_if = "NodeStatus::is_online")]
+    pub status: NodeStatus,
+}
+
+/// Whether a node takes traffic: the dashboard's switch per node.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize, Serialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeStatus {
+    /// It takes its share (the default).
+    #[default]
+    Online,
+    /// It takes none.
+    Offline,
+}
+
+impl NodeStatus {
+    fn is_online(&self) -> bool {
+        *self == NodeStatus::Online
+    }
+}
+
+impl NodeConfig {
+    /// Its share of traffic now: its weight while online, 0 while offline.
+    pub fn effective_weight(&self) -> u32 {
+        match self.status {
+            NodeStatus::Online => self.weight,
+            NodeStatus::Offline => 0,
+        }
+    }
 }
 
 /// How an upstream picks a node.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum BalancerKind {
     /// Smooth weighted round robin.
@@ -98,7 +132,9 @@ impl<'de> Deserialize<'de> for HashOn {
 }
 
 /// The protocol spoken to an upstream's nodes.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize, Serialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Scheme {
     /// HTTP/1.1.
@@ -109,7 +145,7 @@ pub enum Scheme {
 }
 
 /// Upstream timeouts; each bounds one thing.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Timeouts {
     /// `connect_ms: 1000`: one attempt to open a connection to one node.
@@ -221,5 +257,19 @@ impl ConfigObject for UpstreamConfig {
             );
         }
         let _ = MAX_TIMEOUT_MS;
+    }
+}
+
+impl schemars::JsonSchema for HashOn {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "HashOn".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "pattern": "^(ip|uri|header:.+)$",
+            "description": "`ip`, `uri`, or `header:NAME`"
+        })
     }
 }

@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{
-    self, ConfigObject, ConfigObjects, Kind, ObjectError, PluginConfig, ServerConfig,
+    self, AdminConfig, ConfigObject, ConfigObjects, Kind, ObjectError, PluginConfig, ServerConfig,
 };
 use crate::snapshot::{BoxFuture, Desired, ModuleSource};
 use crate::store::{ConfigStore, Published, Publisher, StoreError};
@@ -234,7 +234,14 @@ pub fn parse(text: &str) -> Result<Desired, String> {
             Some("tenants") => {
                 objects.tenants = collect(value, &mut unparsed)?;
             }
-            Some("server") if value.is_null() => {}
+            Some("server" | "admin") if value.is_null() => {}
+            Some("admin") => match as_json(value).and_then(|json| {
+                config::parse::<AdminConfig>(&json)
+                    .map_err(|errors| ObjectError::fields(Kind::Admin, "admin", errors))
+            }) {
+                Ok(admin) => objects.admin = Some(admin),
+                Err(error) => unparsed.push(error.with_id(Kind::Admin, "admin")),
+            },
             Some("server") => match as_json(value).and_then(|json| {
                 config::parse::<ServerConfig>(&json)
                     .map_err(|errors| ObjectError::fields(Kind::Server, "server", errors))
@@ -244,7 +251,7 @@ pub fn parse(text: &str) -> Result<Desired, String> {
             },
             _ => {
                 return Err(format!(
-                    "unknown top-level key {}; expected routes, upstreams, plugins, tenants, server",
+                    "unknown top-level key {}; expected routes, upstreams, plugins, tenants, server, admin",
                     serde_norway::to_string(&key).unwrap_or_default().trim()
                 ));
             }
@@ -493,6 +500,20 @@ routes:
             "hash_on" => pick("ip|uri|header:x-user", "header:|cookie"),
             "scheme" => pick("http|grpc", "https"),
             "path_normalization" => pick("on|off", "raw"),
+            "status" => pick("enabled|disabled|online|offline", "off"),
+            "keys" => list(object("name key_sha256", "role")),
+            "accounts" => list(object("username password_hash", "role")),
+            "role" => pick("admin|viewer", "root"),
+            "key_sha256" => pick(
+                "0000000000000000000000000000000000000000000000000000000000000000",
+                "abc|",
+            ),
+            "password_hash" => pick(
+                "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$YWJjZGVmZ2hpamtsbW5vcHFyc3R1dnd4eXo",
+                "$2b$10$abc|plain",
+            ),
+            "open" => list(pick("/metrics|/healthz|/readyz", "/v1/status|/")),
+            "username" => pick("alice|bob", ""),
             "failure" => pick("closed|open", "maybe"),
             "isolation" => pick("pooled|per-request", "per_request"),
             "wasi" => list(pick("clocks|random|stdio|runtime", "files")),
@@ -502,7 +523,7 @@ routes:
                 "9F86D081884C7D659A2FEAA0C55AD015A3BF4F1B2B0B822CD15D6C15B0F00A08|abc|",
             ),
             "log" | "clock" | "kv" | "metrics" => any::<bool>().prop_map(Json::Bool).boxed(),
-            "nodes" => prop::collection::vec(object("host port", "weight"), 1..4)
+            "nodes" => prop::collection::vec(object("host port", "weight status"), 1..4)
                 .prop_map(Json::Array)
                 .boxed(),
             "timeout" => object("", "connect_ms send_ms read_ms idle_ms"),
@@ -550,7 +571,8 @@ routes:
         match kind {
             Kind::Route => object(
                 "id uri upstream_id",
-                "uris methods hosts priority service strip_prefix plugins path_normalization",
+                "uris methods hosts priority service strip_prefix plugins path_normalization \
+                 status",
             ),
             Kind::Upstream => object("id nodes", "type type hash_on scheme timeout retries"),
             Kind::Plugin => object(
@@ -563,7 +585,8 @@ routes:
                 "header_timeout_ms keepalive_timeout_ms body_timeout_ms send_timeout_ms \
                  max_header_bytes max_headers max_connections http2_max_streams trusted_proxies",
             ),
-            Kind::ServiceNode => object("host port", "weight meta"),
+            Kind::ServiceNode => object("host port", "weight meta status"),
+            Kind::Admin => object("", "keys accounts open session_minutes"),
             Kind::Key => json(),
         }
     }
@@ -583,6 +606,8 @@ routes:
             4 => list(Kind::Tenant).prop_map(|v| ("tenants", v)),
             4 => prop_oneof![12 => config_object(Kind::Server), 1 => json()]
                 .prop_map(|v| ("server", v)),
+            2 => prop_oneof![12 => config_object(Kind::Admin), 1 => json()]
+                .prop_map(|v| ("admin", v)),
             1 => (prop::sample::select(vec!["route", "services", ""]), json()),
         ]
         .prop_map(|(key, value)| (key.to_owned(), value))

@@ -194,6 +194,18 @@ pub struct StoredObject {
     pub created: i64,
 }
 
+/// A plugin module as a writable store holds it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct StoredModule {
+    /// The sha256 of its bytes: how plugin entries name it.
+    pub sha256: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Whether it was stored before this upload.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub already_stored: bool,
+}
+
 /// What a write expects to find, for optimistic concurrency.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Expect {
@@ -243,6 +255,25 @@ pub trait ConfigWriter: Send + Sync {
         value: &'a serde_json::Value,
         expect: Expect,
     ) -> BoxFuture<'a, Result<i64, WriteError>>;
+
+    /// Stores `hash` as the generated admin key's hash unless one is stored already; returns
+    /// the one in force.
+    fn claim_generated_key<'a>(
+        &'a self,
+        hash: &'a str,
+    ) -> BoxFuture<'a, Result<String, WriteError>>;
+
+    /// Every module stored.
+    fn modules(&self) -> BoxFuture<'_, Result<Vec<StoredModule>, WriteError>>;
+
+    /// Stores a module's bytes (unless stored already).
+    fn store_module<'a>(
+        &'a self,
+        bytes: &'a [u8],
+    ) -> BoxFuture<'a, Result<StoredModule, WriteError>>;
+
+    /// Deletes a module's manifest and chunks; returns whether it existed.
+    fn delete_module<'a>(&'a self, sha256: &'a str) -> BoxFuture<'a, Result<bool, WriteError>>;
 
     /// Deletes the object `kind`/`id` if `expect` holds; returns the revision of the delete.
     fn delete<'a>(

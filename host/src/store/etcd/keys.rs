@@ -19,10 +19,13 @@ use serde::{Deserialize, Serialize};
 
 use super::EtcdError;
 use crate::config::{
-    ConfigObject, FieldError, Kind, ObjectError, PluginConfig, RouteConfig, ServerConfig,
-    ServiceNode, TenantConfig, UpstreamConfig,
+    AdminConfig, ConfigObject, FieldError, Kind, ObjectError, PluginConfig, RouteConfig,
+    ServerConfig, ServiceNode, TenantConfig, UpstreamConfig,
 };
 use crate::plugin::sha256_hex;
+
+/// The key, under the prefix, that holds the sha256 of the admin key weir generated.
+pub const GENERATED_KEY: &str = "admin_generated_key";
 
 /// Module chunks stay well under etcd's default 1.5 MiB request limit.
 pub const CHUNK_BYTES: usize = 1 << 20;
@@ -35,6 +38,7 @@ pub(crate) enum Entry {
     Plugin(PluginConfig),
     Tenant(TenantConfig),
     Server(ServerConfig),
+    Admin(AdminConfig),
     Node {
         service: String,
         node: String,
@@ -59,6 +63,11 @@ pub(crate) fn parse_entry(root: &str, key: &str, value: &[u8]) -> Option<Entry> 
         "server" if rest == "server" => parse_json(value, Kind::Server, "server")
             .and_then(|json| parse_as(&json, "server"))
             .map(Entry::Server),
+        "admin" if rest == "admin" => parse_json(value, Kind::Admin, "admin")
+            .and_then(|json| parse_as(&json, "admin"))
+            .map(Entry::Admin),
+        // The hash of a key weir generated itself; the admin listener reads it, not the store.
+        GENERATED_KEY if rest == GENERATED_KEY => return None,
         "services" => {
             let Some((service, node)) = name
                 .split_once('/')

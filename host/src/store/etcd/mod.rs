@@ -216,6 +216,7 @@ impl Mirror {
                     objects.tenants.insert(tenant.name.clone(), tenant);
                 }
                 Entry::Server(server) => objects.server = Some(server),
+                Entry::Admin(admin) => objects.admin = Some(admin),
                 Entry::Node {
                     service,
                     node,
@@ -809,6 +810,10 @@ mod tests {
                 assert_eq!(section, Some("routes"));
                 config::verify(&route).unwrap();
             }
+            Entry::Admin(admin) => {
+                assert_eq!(key, "/weir/admin");
+                config::verify(&admin).unwrap();
+            }
             Entry::Upstream(upstream) => {
                 assert_eq!(section, Some("upstreams"));
                 crate::store::file::tests::check_upstream(&upstream);
@@ -837,6 +842,7 @@ mod tests {
                             host: value.host,
                             port: value.port,
                             weight: value.weight,
+                            status: value.status,
                         }],
                         balancer: BalancerKind::Roundrobin,
                         hash_on: None,

@@ -1,12 +1,14 @@
 //! The etcd store's write side: each object at its key, written with a compare on its
 //! revision so that two writers cannot overwrite each other unseen.
 
-use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
+use etcd_client::{Client, Compare, CompareOp, DeleteOptions, GetOptions, Txn, TxnOp};
 
 use super::EtcdStore;
+use super::keys::ModuleManifest;
 use crate::config::Kind;
+use crate::plugin::sha256_hex;
 use crate::snapshot::BoxFuture;
-use crate::store::{ConfigWriter, Expect, StoredObject, WriteError};
+use crate::store::{ConfigWriter, Expect, StoredModule, StoredObject, WriteError};
 
 /// The largest value written, well under etcd's default 1.5 MiB request limit.
 const MAX_VALUE_BYTES: usize = 1 << 20;
@@ -17,6 +19,7 @@ impl EtcdStore {
         let root = &self.root;
         Ok(match kind {
             Kind::Server => format!("{root}/server"),
+            Kind::Admin => format!("{root}/admin"),
             Kind::Key => return Err(WriteError::Unavailable("not a kind of object".into())),
             _ => format!("{root}/{}/{id}", section(kind)),
         })
@@ -38,6 +41,7 @@ fn section(kind: Kind) -> &'static str {
         Kind::Tenant => "tenants",
         Kind::ServiceNode => "services",
         Kind::Server => "server",
+        Kind::Admin => "admin",
         Kind::Key => "",
     }
 }
@@ -106,7 +110,7 @@ impl ConfigWriter for EtcdStore {
     fn list(&self, kind: Kind) -> BoxFuture<'_, Result<Vec<StoredObject>, WriteError>> {
         Box::pin(async move {
             let mut client = self.writing_client()?;
-            if kind == Kind::Server {
+            if matches!(kind, Kind::Server | Kind::Admin) {
                 let response = client
                     .get(self.key_of(kind, "")?, None)
                     .await
@@ -114,7 +118,7 @@ impl ConfigWriter for EtcdStore {
                 return Ok(response
                     .kvs()
                     .first()
-                    .map(|kv| stored("server".into(), kv))
+                    .map(|kv| stored(section(kind).into(), kv))
                     .into_iter()
                     .collect());
             }
@@ -153,6 +157,115 @@ impl ConfigWriter for EtcdStore {
             }
             self.write_if(key.clone(), TxnOp::put(key, bytes, None), expect)
                 .await
+        })
+    }
+
+    fn claim_generated_key<'a>(
+        &'a self,
+        hash: &'a str,
+    ) -> BoxFuture<'a, Result<String, WriteError>> {
+        Box::pin(async move {
+            let key = format!("{}/{}", self.root, super::keys::GENERATED_KEY);
+            match self
+                .write_if(
+                    key.clone(),
+                    TxnOp::put(key.clone(), hash, None),
+                    Expect::Absent,
+                )
+                .await
+            {
+                Ok(_) => Ok(hash.to_owned()),
+                Err(WriteError::Conflict { .. }) => {
+                    let mut client = self.writing_client()?;
+                    let response = client.get(key, None).await.map_err(unavailable)?;
+                    let kept = response
+                        .kvs()
+                        .first()
+                        .map(|kv| String::from_utf8_lossy(kv.value()).into_owned())
+                        .unwrap_or_default();
+                    Ok(kept)
+                }
+                Err(other) => Err(other),
+            }
+        })
+    }
+
+    fn modules(&self) -> BoxFuture<'_, Result<Vec<StoredModule>, WriteError>> {
+        Box::pin(async move {
+            let mut client = self.writing_client()?;
+            let prefix = format!("{}/modules/", self.root);
+            let response = client
+                .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
+                .await
+                .map_err(unavailable)?;
+            Ok(response
+                .kvs()
+                .iter()
+                .filter_map(|kv| {
+                    let sha256 = std::str::from_utf8(kv.key()).ok()?.strip_prefix(&prefix)?;
+                    // Chunks sit under the manifest's key; only manifests name modules.
+                    if sha256.contains('/') {
+                        return None;
+                    }
+                    let manifest = ModuleManifest::parse(kv.value(), u64::MAX).ok()?;
+                    Some(StoredModule {
+                        sha256: sha256.to_owned(),
+                        size: manifest.size,
+                        already_stored: true,
+                    })
+                })
+                .collect())
+        })
+    }
+
+    fn store_module<'a>(
+        &'a self,
+        bytes: &'a [u8],
+    ) -> BoxFuture<'a, Result<StoredModule, WriteError>> {
+        Box::pin(async move {
+            let max = self.options.max_module_bytes;
+            if bytes.len() as u64 > max {
+                return Err(WriteError::TooLarge(format!(
+                    "the module is {} bytes, over the {max}-byte bound (--max-module-mb)",
+                    bytes.len()
+                )));
+            }
+            let mut client = self.writing_client()?;
+            let sha256 = sha256_hex(bytes);
+            let already_stored =
+                crate::client::push::store_chunks(&mut client, &self.root, &sha256, bytes)
+                    .await
+                    .map_err(unavailable)?;
+            if !already_stored {
+                let manifest = crate::client::push::manifest(bytes.len());
+                client
+                    .put(format!("{}/modules/{sha256}", self.root), manifest, None)
+                    .await
+                    .map_err(unavailable)?;
+            }
+            Ok(StoredModule {
+                sha256,
+                size: bytes.len() as u64,
+                already_stored,
+            })
+        })
+    }
+
+    fn delete_module<'a>(&'a self, sha256: &'a str) -> BoxFuture<'a, Result<bool, WriteError>> {
+        Box::pin(async move {
+            let mut client = self.writing_client()?;
+            let key = format!("{}/modules/{sha256}", self.root);
+            // The manifest first: without it the chunks are invisible, so a crash in between
+            // leaves garbage, never a half module.
+            let manifest = client
+                .delete(key.clone(), None)
+                .await
+                .map_err(unavailable)?;
+            client
+                .delete(format!("{key}/"), Some(DeleteOptions::new().with_prefix()))
+                .await
+                .map_err(unavailable)?;
+            Ok(manifest.deleted() > 0)
         })
     }
 

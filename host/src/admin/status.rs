@@ -1,38 +1,12 @@
-//! The admin listener: Prometheus metrics, health, and the config status.
+//! What the admin listener reports: Prometheus metrics, health, and the config status.
 
-use std::sync::Arc;
-
-use http::{HeaderValue, Method, Request, Response, StatusCode, header};
-use hyper::body::Incoming;
+use http::{HeaderValue, Response, StatusCode, header};
 
 use crate::body::ProxyBody;
-use crate::error::json_error;
 use crate::gateway::Gateway;
-use crate::proxy::ResponseBody;
 
-/// Answers one admin request.
-pub async fn handle(gateway: Arc<Gateway>, request: Request<Incoming>) -> Response<ResponseBody> {
-    let response = match (request.method(), request.uri().path()) {
-        (&Method::GET, "/metrics") => text(
-            gateway.metrics().encode(),
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        ),
-        (&Method::GET, "/healthz") => text("ok\n".into(), "text/plain"),
-        (&Method::GET, "/v1/status") => status(&gateway),
-        (&Method::GET, "/readyz") => ready(&gateway),
-        (_, "/metrics" | "/healthz" | "/readyz" | "/v1/status") => {
-            json_error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed", "")
-        }
-        (_, path) => json_error(
-            StatusCode::NOT_FOUND,
-            &format!("no admin endpoint {path}"),
-            "",
-        ),
-    };
-    response.map(ResponseBody::plain)
-}
-
-fn text(body: String, content_type: &'static str) -> Response<ProxyBody> {
+/// A response with `body` of `content_type`.
+pub(super) fn text(body: String, content_type: &'static str) -> Response<ProxyBody> {
     let mut response = Response::new(ProxyBody::full(body));
     response
         .headers_mut()
@@ -42,7 +16,7 @@ fn text(body: String, content_type: &'static str) -> Response<ProxyBody> {
 
 /// 200 while the store delivers changes; 503 while the gateway serves its last good snapshot,
 /// or once it has started to drain.
-fn ready(gateway: &Gateway) -> Response<ProxyBody> {
+pub(super) fn ready(gateway: &Gateway) -> Response<ProxyBody> {
     let health = gateway.health();
     let draining = gateway.draining();
     let mut body = serde_json::to_value(&*health).expect("health serializes");
@@ -59,7 +33,7 @@ fn ready(gateway: &Gateway) -> Response<ProxyBody> {
     response
 }
 
-fn status(gateway: &Gateway) -> Response<ProxyBody> {
+pub(super) fn status(gateway: &Gateway) -> Response<ProxyBody> {
     let snapshot = gateway.snapshot();
     let body = serde_json::json!({
         "store": *gateway.health(),
@@ -93,5 +67,13 @@ fn status(gateway: &Gateway) -> Response<ProxyBody> {
     text(
         serde_json::to_string_pretty(&body).expect("status serializes"),
         "application/json",
+    )
+}
+
+/// `/metrics`, in the OpenMetrics text format.
+pub(super) fn metrics(gateway: &Gateway) -> Response<ProxyBody> {
+    text(
+        gateway.metrics().encode(),
+        "application/openmetrics-text; version=1.0.0; charset=utf-8",
     )
 }

@@ -1,0 +1,1035 @@
+//! The `/v1` admin API: config objects by kind, modules, validation and schemas, and the
+//! dashboard's login. docs/admin-api.md documents every endpoint.
+//!
+//! Writes go to the store's [`ConfigWriter`] with a compare on the object's revision (its
+//! `ETag`), and are checked by the same parser every store uses, so a write is refused with
+//! the words `/v1/status` would have shown after it.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use serde_json::{Value, json};
+
+use super::Admin;
+use super::auth::{CSRF_HEADER, LoginError, Principal, Refusal, SESSION_COOKIE, cookie};
+use crate::body::ProxyBody;
+use crate::config::{
+    self, AdminConfig, FieldError, Kind, PluginConfig, RouteConfig, ServerConfig, ServiceNode,
+    TenantConfig, UpstreamConfig,
+};
+use crate::store::{ConfigWriter, Expect, StoredObject, WriteError};
+
+/// The largest JSON body the API reads.
+const MAX_JSON_BYTES: usize = 1 << 20;
+/// The page size when none is asked for, and the largest one may ask for.
+const DEFAULT_PAGE_SIZE: usize = 50;
+const MAX_PAGE_SIZE: usize = 500;
+
+/// A JSON error answer.
+pub(crate) fn error(status: StatusCode, message: &str) -> Response<ProxyBody> {
+    answer(status, &json!({ "error": message }))
+}
+
+/// A JSON answer.
+fn answer(status: StatusCode, body: &Value) -> Response<ProxyBody> {
+    let mut response = Response::new(ProxyBody::full(
+        serde_json::to_string_pretty(body).expect("JSON serializes"),
+    ));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+/// The answer to a request that is not let in.
+pub(crate) fn refusal(refused: Refusal) -> Response<ProxyBody> {
+    let status = match refused {
+        Refusal::Missing | Refusal::Invalid => StatusCode::UNAUTHORIZED,
+        Refusal::Csrf | Refusal::ReadOnly => StatusCode::FORBIDDEN,
+    };
+    error(status, &refused.to_string())
+}
+
+/// Why a request could not be answered as asked; each becomes a JSON error.
+enum Failure {
+    Status(StatusCode, String),
+    Invalid(Kind, Vec<FieldError>),
+    Referenced(Kind, String, Vec<(Kind, String)>),
+    Changed(Kind, Option<i64>),
+}
+
+impl Failure {
+    fn into_response(self) -> Response<ProxyBody> {
+        match self {
+            Failure::Status(status, message) => error(status, &message),
+            Failure::Invalid(kind, errors) => answer(
+                StatusCode::BAD_REQUEST,
+                &json!({"error": format!("invalid {kind}"), "errors": errors}),
+            ),
+            Failure::Referenced(kind, id, by) => answer(
+                StatusCode::CONFLICT,
+                &json!({
+                    "error": format!(
+                        "{kind} {id:?} is in use; delete what uses it first, or add ?force=true"
+                    ),
+                    "referenced_by": by
+                        .iter()
+                        .map(|(kind, id)| json!({"kind": kind, "id": id}))
+                        .collect::<Vec<_>>(),
+                }),
+            ),
+            Failure::Changed(kind, current) => answer(
+                StatusCode::PRECONDITION_FAILED,
+                &json!({
+                    "error": format!("the {kind} changed since it was read (If-Match)"),
+                    "revision": current,
+                }),
+            ),
+        }
+    }
+}
+
+impl From<WriteError> for Failure {
+    fn from(error: WriteError) -> Self {
+        match error {
+            WriteError::Conflict { current } => Failure::Changed(Kind::Key, current),
+            WriteError::Unavailable(reason) => {
+                Failure::Status(StatusCode::SERVICE_UNAVAILABLE, reason)
+            }
+            WriteError::TooLarge(reason) => Failure::Status(StatusCode::PAYLOAD_TOO_LARGE, reason),
+        }
+    }
+}
+
+fn not_found(kind: Kind, id: &str) -> Failure {
+    Failure::Status(StatusCode::NOT_FOUND, format!("no {kind} {id:?}"))
+}
+
+fn bad_request(message: impl Into<String>) -> Failure {
+    Failure::Status(StatusCode::BAD_REQUEST, message.into())
+}
+
+type Answer = Result<Response<ProxyBody>, Failure>;
+
+/// Answers one request under `/v1`.
+pub(super) async fn handle(
+    admin: &Admin,
+    settings: &AdminConfig,
+    request: Request<Incoming>,
+    peer: IpAddr,
+) -> Response<ProxyBody> {
+    let path = request.uri().path().to_owned();
+    let segments: Vec<&str> = path.trim_start_matches("/v1").split('/').skip(1).collect();
+    let method = request.method().clone();
+    // Sign-in needs no credentials; everything else does.
+    match (&method, segments.as_slice()) {
+        (&Method::POST, ["login"]) => return login(admin, settings, request, peer).await,
+        (&Method::POST, ["logout"]) => return logout(admin, request.headers()),
+        (&Method::GET, ["session"]) => return session(admin, settings, request.headers()),
+        _ => {}
+    }
+    let reads = matches!(method, Method::GET | Method::HEAD)
+        || (method == Method::POST && segments.first() == Some(&"validate"));
+    let principal = match admin.auth.authenticate(settings, request.headers(), !reads) {
+        Ok(principal) => principal,
+        Err(refused) => return refusal(refused),
+    };
+    if segments
+        .iter()
+        .any(|s| s.is_empty() || config::check_id(s).is_err())
+    {
+        return error(StatusCode::NOT_FOUND, "no such admin endpoint");
+    }
+    let call = Call {
+        admin,
+        principal,
+        request,
+    };
+    let answered = match (&method, segments.as_slice()) {
+        (&Method::GET, ["status"]) => Ok(super::status::status(&admin.gateway)),
+        (&Method::GET, ["schema", kind]) => schema(kind),
+        (&Method::GET, ["schema", "plugins", name]) => Err(Failure::Status(
+            StatusCode::NOT_FOUND,
+            format!(
+                "plugin {name:?} does not describe its config: world weir:plugin@0.1 has no \
+                 config-schema export yet (docs/admin-api.md)"
+            ),
+        )),
+        (&Method::POST, ["validate", kind]) => call.validate(kind).await,
+        (&Method::GET, ["modules"]) => call.modules().await,
+        (&Method::POST, ["modules"]) => call.upload().await,
+        (&Method::DELETE, ["modules", sha256]) => call.delete_module(sha256).await,
+        (&Method::GET, ["services"]) => call.services().await,
+        (_, ["services", service, node]) => {
+            call.object(Kind::ServiceNode, &format!("{service}/{node}"))
+                .await
+        }
+        (_, ["server"]) => call.object(Kind::Server, "server").await,
+        (&Method::GET, [kind]) => match kind_of(kind) {
+            Some(kind) => call.list(kind).await,
+            None => Err(Failure::Status(
+                StatusCode::NOT_FOUND,
+                "no such admin endpoint".into(),
+            )),
+        },
+        (_, [kind, id]) => match kind_of(kind) {
+            Some(kind) => call.object(kind, id).await,
+            None => Err(Failure::Status(
+                StatusCode::NOT_FOUND,
+                "no such admin endpoint".into(),
+            )),
+        },
+        _ => Err(Failure::Status(
+            StatusCode::NOT_FOUND,
+            "no such admin endpoint".into(),
+        )),
+    };
+    answered.unwrap_or_else(Failure::into_response)
+}
+
+/// The kinds that live at `/v1/<kind>/<id>`.
+fn kind_of(segment: &str) -> Option<Kind> {
+    Some(match segment {
+        "routes" => Kind::Route,
+        "upstreams" => Kind::Upstream,
+        "plugins" => Kind::Plugin,
+        "tenants" => Kind::Tenant,
+        _ => return None,
+    })
+}
+
+/// One authenticated request.
+struct Call<'a> {
+    admin: &'a Admin,
+    principal: Principal,
+    request: Request<Incoming>,
+}
+
+impl<'a> Call<'a> {
+    fn writer(&self) -> Result<&'a dyn ConfigWriter, Failure> {
+        let admin: &'a Admin = self.admin;
+        admin.store.writer().ok_or_else(|| {
+            Failure::Status(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("config is managed by {}", admin.store.describe()),
+            )
+        })
+    }
+
+    fn query(&self, name: &str) -> Option<String> {
+        let query = self.request.uri().query()?;
+        query.split('&').find_map(|pair| {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            (key == name).then(|| value.to_owned())
+        })
+    }
+
+    async fn body(self, limit: usize) -> Result<Bytes, Failure> {
+        let body = Limited::new(self.request.into_body(), limit);
+        match body.collect().await {
+            Ok(collected) => Ok(collected.to_bytes()),
+            Err(error) if error.is::<http_body_util::LengthLimitError>() => Err(Failure::Status(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the body is over {limit} bytes"),
+            )),
+            Err(_) => Err(bad_request("the body could not be read")),
+        }
+    }
+
+    async fn json_body(self) -> Result<Value, Failure> {
+        let bytes = self.body(MAX_JSON_BYTES).await?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| Failure::Invalid(Kind::Key, vec![field("", format!("invalid JSON: {e}"))]))
+    }
+
+    /// `If-Match`, as what a write expects to find.
+    fn expect(&self, kind: Kind) -> Result<Expect, Failure> {
+        let headers = self.request.headers();
+        if headers
+            .get(header::IF_NONE_MATCH)
+            .is_some_and(|v| v.as_bytes() == b"*")
+        {
+            return Ok(Expect::Absent);
+        }
+        let Some(value) = headers.get(header::IF_MATCH) else {
+            return Ok(Expect::Anything);
+        };
+        let text = value.to_str().unwrap_or_default().trim();
+        if text == "*" {
+            return Ok(Expect::Anything);
+        }
+        text.trim_start_matches("W/")
+            .trim_matches('"')
+            .parse()
+            .map(Expect::Revision)
+            .map_err(|_| Failure::Changed(kind, None))
+    }
+
+    async fn list(self, kind: Kind) -> Answer {
+        let page = page_param(self.query("page").as_deref(), 1, "page")?;
+        let page_size = page_param(
+            self.query("page_size").as_deref(),
+            DEFAULT_PAGE_SIZE,
+            "page_size",
+        )?;
+        if page_size > MAX_PAGE_SIZE {
+            return Err(bad_request(format!("page_size is at most {MAX_PAGE_SIZE}")));
+        }
+        let objects = self.read_all(kind).await?;
+        let total = objects.len();
+        let list: Vec<Value> = objects
+            .into_iter()
+            .skip((page - 1).saturating_mul(page_size))
+            .take(page_size)
+            .map(|object| envelope(&object))
+            .collect();
+        Ok(answer(
+            StatusCode::OK,
+            &json!({"list": list, "total": total, "page": page, "page_size": page_size}),
+        ))
+    }
+
+    /// Every object of `kind`: from the store when it takes writes (so that a read follows a
+    /// write), else from what the store published.
+    async fn read_all(&self, kind: Kind) -> Result<Vec<StoredObject>, Failure> {
+        if let Some(writer) = self.admin.store.writer() {
+            let mut objects = writer.list(kind).await?;
+            objects.sort_by(|a, b| a.id.cmp(&b.id));
+            return Ok(objects);
+        }
+        let published = self.admin.store.subscribe().borrow().clone();
+        let objects = &published.desired.objects;
+        let stored = |id: &str, value: Value| StoredObject {
+            id: id.to_owned(),
+            value,
+            revision: 0,
+            created: 0,
+        };
+        let list = match kind {
+            Kind::Route => objects
+                .routes
+                .iter()
+                .map(|(id, o)| stored(id, to_json(o)))
+                .collect(),
+            Kind::Upstream => objects
+                .upstreams
+                .iter()
+                .map(|(id, o)| stored(id, to_json(o)))
+                .collect(),
+            Kind::Plugin => objects
+                .plugins
+                .iter()
+                .map(|(id, o)| stored(id, to_json(o)))
+                .collect(),
+            Kind::Tenant => objects
+                .tenants
+                .iter()
+                .map(|(id, o)| stored(id, to_json(o)))
+                .collect(),
+            Kind::Server => objects
+                .server
+                .iter()
+                .map(|o| stored("server", to_json(o)))
+                .collect(),
+            Kind::ServiceNode => objects
+                .services
+                .iter()
+                .flat_map(|(service, nodes)| {
+                    nodes
+                        .iter()
+                        .map(move |(node, o)| stored(&format!("{service}/{node}"), to_json(o)))
+                })
+                .collect(),
+            Kind::Admin | Kind::Key => Vec::new(),
+        };
+        Ok(list)
+    }
+
+    async fn read_one(&self, kind: Kind, id: &str) -> Result<Option<StoredObject>, Failure> {
+        if let Some(writer) = self.admin.store.writer() {
+            return Ok(writer.get(kind, id).await?);
+        }
+        Ok(self
+            .read_all(kind)
+            .await?
+            .into_iter()
+            .find(|object| object.id == id))
+    }
+
+    async fn object(self, kind: Kind, id: &str) -> Answer {
+        let method = self.request.method().clone();
+        match method {
+            Method::GET | Method::HEAD => {
+                let object = self
+                    .read_one(kind, id)
+                    .await?
+                    .ok_or_else(|| not_found(kind, id))?;
+                Ok(with_etag(
+                    answer(StatusCode::OK, &envelope(&object)),
+                    &object,
+                ))
+            }
+            Method::PUT => self.put(kind, id, false).await,
+            Method::PATCH => self.put(kind, id, true).await,
+            Method::DELETE => self.delete(kind, id).await,
+            _ => Err(Failure::Status(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed".into(),
+            )),
+        }
+    }
+
+    async fn put(self, kind: Kind, id: &str, patch: bool) -> Answer {
+        let writer = self.writer()?;
+        let mut expect = self.expect(kind)?;
+        let admin = self.admin;
+        let principal = self.principal.clone();
+        let existing = writer.get(kind, id).await?;
+        if let (Expect::Revision(wanted), current) = (expect, existing.as_ref().map(|e| e.revision))
+            && current != Some(wanted)
+        {
+            return Err(Failure::Changed(kind, current));
+        }
+        if expect == Expect::Absent && existing.is_some() {
+            return Err(Failure::Changed(kind, existing.map(|e| e.revision)));
+        }
+        let mut value = self.json_body().await?;
+        if patch {
+            let existing = existing.as_ref().ok_or_else(|| not_found(kind, id))?;
+            let mut merged = existing.value.clone();
+            merge_patch(&mut merged, &value);
+            value = merged;
+            if expect == Expect::Anything {
+                // Two PATCHes at once must not lose one: compare on what was patched.
+                expect = Expect::Revision(existing.revision);
+            }
+        }
+        let now = now_secs();
+        let object = value.as_object_mut().ok_or_else(|| {
+            Failure::Invalid(kind, vec![field("", "the body must be a JSON object")])
+        })?;
+        for time in config::TIMES {
+            object.remove(*time);
+        }
+        name_it(kind, id, &mut value)?;
+        check(admin, writer, kind, &value).await?;
+        let created = existing
+            .as_ref()
+            .and_then(|e| e.value.get("create_time").cloned())
+            .unwrap_or_else(|| json!(now));
+        let object = value.as_object_mut().expect("checked to be an object");
+        object.insert("create_time".into(), created);
+        object.insert("update_time".into(), json!(now));
+        let before = existing.as_ref().map(|e| e.revision);
+        let revision = writer
+            .put(kind, id, &value, expect)
+            .await
+            .map_err(|e| match e {
+                WriteError::Conflict { current } => Failure::Changed(kind, current),
+                other => other.into(),
+            })?;
+        audit(
+            &principal,
+            if patch { "patch" } else { "put" },
+            kind,
+            id,
+            before,
+            Some(revision),
+        );
+        let stored = StoredObject {
+            id: id.to_owned(),
+            value,
+            revision,
+            created: existing.map_or(revision, |e| e.created),
+        };
+        let status = if before.is_some() {
+            StatusCode::OK
+        } else {
+            StatusCode::CREATED
+        };
+        Ok(with_etag(answer(status, &envelope(&stored)), &stored))
+    }
+
+    async fn delete(self, kind: Kind, id: &str) -> Answer {
+        let writer = self.writer()?;
+        let expect = self.expect(kind)?;
+        let force = self.query("force").as_deref() == Some("true");
+        let existing = writer
+            .get(kind, id)
+            .await?
+            .ok_or_else(|| not_found(kind, id))?;
+        if !force {
+            let users = referrers(writer, kind, id).await?;
+            if !users.is_empty() {
+                return Err(Failure::Referenced(kind, id.to_owned(), users));
+            }
+        }
+        let revision = writer.delete(kind, id, expect).await.map_err(|e| match e {
+            WriteError::Conflict { current } => Failure::Changed(kind, current),
+            other => other.into(),
+        })?;
+        audit(
+            &self.principal,
+            "delete",
+            kind,
+            id,
+            Some(existing.revision),
+            None,
+        );
+        Ok(answer(
+            StatusCode::OK,
+            &json!({"deleted": id, "kind": kind, "revision": revision}),
+        ))
+    }
+
+    async fn validate(self, kind: &str) -> Answer {
+        let kind = match kind {
+            "server" => Kind::Server,
+            "services" => Kind::ServiceNode,
+            other => kind_of(other).ok_or_else(|| {
+                Failure::Status(StatusCode::NOT_FOUND, format!("no kind {other:?}"))
+            })?,
+        };
+        let admin = self.admin;
+        let value = self.json_body().await?;
+        match admin.store.writer() {
+            Some(writer) => check(admin, writer, kind, &value).await?,
+            None => check_object(kind, &value).map(drop)?,
+        }
+        Ok(answer(StatusCode::OK, &json!({"valid": true})))
+    }
+
+    async fn modules(self) -> Answer {
+        let Some(writer) = self.admin.store.writer() else {
+            // The file store names modules by path; show what is loaded.
+            let snapshot = self.admin.gateway.snapshot();
+            let list: Vec<Value> = snapshot
+                .plugins
+                .values()
+                .map(|p| json!({"sha256": p.module.sha256, "plugins": [p.config.name]}))
+                .collect();
+            return Ok(answer(
+                StatusCode::OK,
+                &json!({"total": list.len(), "list": list}),
+            ));
+        };
+        let modules = writer.modules().await?;
+        let plugins = parsed::<PluginConfig>(writer, Kind::Plugin).await?;
+        let list: Vec<Value> = modules
+            .iter()
+            .map(|m| {
+                let users: Vec<&str> = plugins
+                    .iter()
+                    .filter(|p| p.sha256.as_deref() == Some(m.sha256.as_str()))
+                    .map(|p| p.name.as_str())
+                    .collect();
+                json!({"sha256": m.sha256, "size": m.size, "plugins": users})
+            })
+            .collect();
+        Ok(answer(
+            StatusCode::OK,
+            &json!({"total": list.len(), "list": list}),
+        ))
+    }
+
+    async fn upload(self) -> Answer {
+        let admin = self.admin;
+        let principal = self.principal.clone();
+        let writer = self.writer()?;
+        let limit = usize::try_from(admin.max_module_bytes).unwrap_or(usize::MAX);
+        let bytes = self.body(limit).await?;
+        if bytes.is_empty() {
+            return Err(bad_request("the body must be a component's .wasm bytes"));
+        }
+        // Refuse what no gateway could load, before it is stored.
+        if let Err(error) = admin.gateway.runtime().load(bytes.to_vec()).await {
+            return Err(bad_request(format!("not a weir plugin component: {error}")));
+        }
+        let stored = writer.store_module(&bytes).await?;
+        audit(&principal, "upload", Kind::Key, &stored.sha256, None, None);
+        let status = if stored.already_stored {
+            StatusCode::OK
+        } else {
+            StatusCode::CREATED
+        };
+        Ok(answer(
+            status,
+            &serde_json::to_value(&stored).expect("JSON serializes"),
+        ))
+    }
+
+    async fn delete_module(self, sha256: &str) -> Answer {
+        let writer = self.writer()?;
+        let force = self.query("force").as_deref() == Some("true");
+        if !force {
+            let users: Vec<(Kind, String)> = parsed::<PluginConfig>(writer, Kind::Plugin)
+                .await?
+                .into_iter()
+                .filter(|p| p.sha256.as_deref() == Some(sha256))
+                .map(|p| (Kind::Plugin, p.name))
+                .collect();
+            if !users.is_empty() {
+                return Err(Failure::Referenced(Kind::Key, sha256.to_owned(), users));
+            }
+        }
+        if !writer.delete_module(sha256).await? {
+            return Err(Failure::Status(
+                StatusCode::NOT_FOUND,
+                format!("no module {sha256}"),
+            ));
+        }
+        audit(&self.principal, "delete", Kind::Key, sha256, None, None);
+        Ok(answer(StatusCode::OK, &json!({"deleted": sha256})))
+    }
+
+    async fn services(self) -> Answer {
+        let nodes = self.read_all(Kind::ServiceNode).await?;
+        let mut services: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+        for node in &nodes {
+            let (service, id) = node.id.split_once('/').unwrap_or((&node.id, ""));
+            let mut item = envelope(node);
+            item["id"] = json!(id);
+            services.entry(service.to_owned()).or_default().push(item);
+        }
+        let list: Vec<Value> = services
+            .into_iter()
+            .map(|(name, nodes)| json!({"name": name, "nodes": nodes}))
+            .collect();
+        Ok(answer(
+            StatusCode::OK,
+            &json!({"total": list.len(), "list": list}),
+        ))
+    }
+}
+
+fn to_json(object: &impl serde::Serialize) -> Value {
+    serde_json::to_value(object).expect("JSON serializes")
+}
+
+/// A positive number from the query, or `default`.
+fn page_param(text: Option<&str>, default: usize, name: &str) -> Result<usize, Failure> {
+    match text {
+        None | Some("") => Ok(default),
+        Some(text) => text
+            .parse::<usize>()
+            .ok()
+            .filter(|n| *n >= 1)
+            .ok_or_else(|| bad_request(format!("{name} must be a whole number from 1"))),
+    }
+}
+
+/// How an object is answered: `{id, revision, value}`.
+fn envelope(object: &StoredObject) -> Value {
+    json!({
+        "id": object.id,
+        "revision": (object.revision > 0).then_some(object.revision),
+        "value": object.value,
+    })
+}
+
+fn with_etag(mut response: Response<ProxyBody>, object: &StoredObject) -> Response<ProxyBody> {
+    if object.revision > 0
+        && let Ok(value) = HeaderValue::from_str(&format!("\"{}\"", object.revision))
+    {
+        response.headers_mut().insert(header::ETAG, value);
+    }
+    response
+}
+
+fn field(path: &str, message: impl Into<String>) -> FieldError {
+    FieldError {
+        path: path.to_owned(),
+        message: message.into(),
+    }
+}
+
+/// Puts the URL's id into the body (or checks the body's against it).
+fn name_it(kind: Kind, id: &str, value: &mut Value) -> Result<(), Failure> {
+    let id_field = match kind {
+        Kind::Route | Kind::Upstream => "id",
+        Kind::Plugin | Kind::Tenant => "name",
+        Kind::ServiceNode => {
+            return id
+                .split('/')
+                .try_for_each(config::check_id)
+                .map_err(|message| Failure::Invalid(kind, vec![field("", message)]));
+        }
+        _ => return Ok(()),
+    };
+    let object = value.as_object_mut().expect("checked to be an object");
+    match object.get(id_field) {
+        None => {
+            object.insert(id_field.into(), json!(id));
+            Ok(())
+        }
+        Some(Value::String(inner)) if inner == id => Ok(()),
+        Some(other) => Err(Failure::Invalid(
+            kind,
+            vec![field(
+                &format!("/{id_field}"),
+                format!("{other} does not match the {id_field} in the URL, {id:?}"),
+            )],
+        )),
+    }
+}
+
+/// Parses `value` as a `kind`; returns what it refers to (JSON pointer, kind, id).
+fn check_object(kind: Kind, value: &Value) -> Result<Vec<(String, Kind, String)>, Failure> {
+    let invalid = |errors| Failure::Invalid(kind, errors);
+    let owned = |refs: Vec<(String, Kind, &str)>| {
+        refs.into_iter()
+            .map(|(path, kind, id)| (path, kind, id.to_owned()))
+            .collect()
+    };
+    Ok(match kind {
+        Kind::Route => owned(
+            config::parse::<RouteConfig>(value)
+                .map_err(invalid)?
+                .references(),
+        ),
+        Kind::Plugin => {
+            let plugin = config::parse::<PluginConfig>(value).map_err(invalid)?;
+            let mut refs = Vec::new();
+            if let Some(tenant) = plugin.tenant {
+                refs.push(("/tenant".to_owned(), Kind::Tenant, tenant));
+            }
+            if let Some(sha256) = plugin.sha256 {
+                refs.push(("/sha256".to_owned(), Kind::Key, sha256));
+            }
+            if plugin.module.is_some() {
+                return Err(invalid(vec![field(
+                    "/module",
+                    "in etcd a plugin names its module by `sha256` (upload it with POST /v1/modules)",
+                )]));
+            }
+            refs
+        }
+        Kind::Upstream => config::parse::<UpstreamConfig>(value)
+            .map(|_| Vec::new())
+            .map_err(invalid)?,
+        Kind::Tenant => config::parse::<TenantConfig>(value)
+            .map(|_| Vec::new())
+            .map_err(invalid)?,
+        Kind::ServiceNode => config::parse::<ServiceNode>(value)
+            .map(|_| Vec::new())
+            .map_err(invalid)?,
+        Kind::Server => config::parse::<ServerConfig>(value)
+            .map(|_| Vec::new())
+            .map_err(invalid)?,
+        Kind::Admin | Kind::Key => return Err(bad_request("not a kind of object")),
+    })
+}
+
+/// Parses `value` and checks that what it refers to exists in the store.
+async fn check(
+    _admin: &Admin,
+    writer: &dyn ConfigWriter,
+    kind: Kind,
+    value: &Value,
+) -> Result<(), Failure> {
+    let references = check_object(kind, value)?;
+    let mut errors = Vec::new();
+    let mut modules = None;
+    for (path, referred, id) in references {
+        let exists = if referred == Kind::Key {
+            if modules.is_none() {
+                modules = Some(writer.modules().await?);
+            }
+            modules
+                .as_ref()
+                .is_some_and(|m| m.iter().any(|m| m.sha256 == id))
+        } else {
+            writer.get(referred, &id).await?.is_some()
+        };
+        if !exists {
+            let what = if referred == Kind::Key {
+                format!("module {id} is not stored (upload it with POST /v1/modules)")
+            } else {
+                format!("{referred} {id:?} does not exist")
+            };
+            errors.push(field(&path, what));
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(Failure::Invalid(kind, errors))
+    }
+}
+
+/// The objects of `kind` that parse.
+async fn parsed<T: config::ConfigObject>(
+    writer: &dyn ConfigWriter,
+    kind: Kind,
+) -> Result<Vec<T>, Failure> {
+    Ok(writer
+        .list(kind)
+        .await?
+        .iter()
+        .filter_map(|o| config::parse::<T>(&o.value).ok())
+        .collect())
+}
+
+/// What refers to `kind`/`id`, and so would break if it went.
+async fn referrers(
+    writer: &dyn ConfigWriter,
+    kind: Kind,
+    id: &str,
+) -> Result<Vec<(Kind, String)>, Failure> {
+    Ok(match kind {
+        Kind::Upstream | Kind::Plugin => parsed::<RouteConfig>(writer, Kind::Route)
+            .await?
+            .into_iter()
+            .filter(|route| {
+                route
+                    .references()
+                    .iter()
+                    .any(|(_, k, named)| *k == kind && *named == id)
+            })
+            .map(|route| (Kind::Route, route.id))
+            .collect(),
+        Kind::Tenant => parsed::<PluginConfig>(writer, Kind::Plugin)
+            .await?
+            .into_iter()
+            .filter(|plugin| plugin.tenant.as_deref() == Some(id))
+            .map(|plugin| (Kind::Plugin, plugin.name))
+            .collect(),
+        _ => Vec::new(),
+    })
+}
+
+/// RFC 7396: a JSON merge patch.
+fn merge_patch(target: &mut Value, patch: &Value) {
+    let Value::Object(patch) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = Value::Object(Default::default());
+    }
+    let target = target.as_object_mut().expect("made an object");
+    for (key, value) in patch {
+        if value.is_null() {
+            target.remove(key);
+        } else {
+            merge_patch(target.entry(key.clone()).or_insert(Value::Null), value);
+        }
+    }
+}
+
+/// One line per write, for whoever audits who changed what.
+fn audit(
+    principal: &Principal,
+    action: &str,
+    kind: Kind,
+    id: &str,
+    before: Option<i64>,
+    after: Option<i64>,
+) {
+    tracing::info!(
+        target: "weir::audit",
+        who = %principal.name,
+        role = ?principal.role,
+        action,
+        kind = %kind,
+        id,
+        before = ?before,
+        after = ?after,
+        "admin write"
+    );
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+/// `GET /v1/schema/<kind>`: the JSON Schema of a kind of object.
+fn schema(kind: &str) -> Answer {
+    let schema = match kind {
+        "routes" => schemars::schema_for!(RouteConfig),
+        "upstreams" => schemars::schema_for!(UpstreamConfig),
+        "plugins" => schemars::schema_for!(PluginConfig),
+        "tenants" => schemars::schema_for!(TenantConfig),
+        "services" => schemars::schema_for!(ServiceNode),
+        "server" => schemars::schema_for!(ServerConfig),
+        other => {
+            return Err(Failure::Status(
+                StatusCode::NOT_FOUND,
+                format!("no kind {other:?}"),
+            ));
+        }
+    };
+    Ok(answer(
+        StatusCode::OK,
+        &serde_json::to_value(schema).expect("JSON serializes"),
+    ))
+}
+
+/// `POST /v1/login`: `{username, password}` opens a session.
+async fn login(
+    admin: &Admin,
+    settings: &AdminConfig,
+    request: Request<Incoming>,
+    peer: IpAddr,
+) -> Response<ProxyBody> {
+    let body = match Limited::new(request.into_body(), 16 * 1024).collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(_) => return error(StatusCode::PAYLOAD_TOO_LARGE, "the body is too large"),
+    };
+    #[derive(serde::Deserialize)]
+    struct Login {
+        username: String,
+        password: String,
+    }
+    let Ok(form) = serde_json::from_slice::<Login>(&body) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "send {\"username\": ..., \"password\": ...}",
+        );
+    };
+    match admin
+        .auth
+        .login(settings, peer, &form.username, &form.password)
+    {
+        Ok(session) => {
+            tracing::info!(target: "weir::audit", who = %session.username, %peer, "login");
+            let mut response = answer(
+                StatusCode::OK,
+                &json!({
+                    "username": session.username,
+                    "role": session.role,
+                    "csrf_token": session.csrf,
+                    "expires": session.expires,
+                }),
+            );
+            let cookie = format!(
+                "{SESSION_COOKIE}={}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}",
+                session.token,
+                settings.session_minutes * 60
+            );
+            response.headers_mut().insert(
+                header::SET_COOKIE,
+                HeaderValue::from_str(&cookie).expect("a cookie is a header value"),
+            );
+            response
+        }
+        Err(LoginError::Wrong) => {
+            tracing::warn!(target: "weir::audit", user = %form.username, %peer, "failed login");
+            error(StatusCode::UNAUTHORIZED, &LoginError::Wrong.to_string())
+        }
+        Err(locked @ LoginError::LockedOut(seconds)) => {
+            let mut response = error(StatusCode::TOO_MANY_REQUESTS, &locked.to_string());
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from_str(&seconds.to_string()).expect("digits"),
+            );
+            response
+        }
+    }
+}
+
+/// `POST /v1/logout`: ends the session and clears its cookie.
+fn logout(admin: &Admin, headers: &HeaderMap) -> Response<ProxyBody> {
+    if let Some(token) = cookie(headers, SESSION_COOKIE) {
+        admin.auth.logout(token);
+    }
+    let mut response = answer(StatusCode::OK, &json!({"logged_out": true}));
+    response.headers_mut().insert(
+        header::SET_COOKIE,
+        HeaderValue::from_static("weir_session=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0"),
+    );
+    response
+}
+
+/// `GET /v1/session`: who the session cookie belongs to, and its CSRF token.
+fn session(admin: &Admin, settings: &AdminConfig, headers: &HeaderMap) -> Response<ProxyBody> {
+    let Some(token) = cookie(headers, SESSION_COOKIE) else {
+        return refusal(Refusal::Missing);
+    };
+    match admin.auth.session_principal(settings, token) {
+        Ok(principal) => answer(
+            StatusCode::OK,
+            &json!({
+                "username": principal.name,
+                "role": principal.role,
+                "csrf_token": admin.auth.csrf(token),
+                "csrf_header": CSRF_HEADER,
+            }),
+        ),
+        Err(refused) => refusal(refused),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_patch_follows_rfc_7396() {
+        // The RFC's own example (appendix A, in part).
+        let mut target = json!({"a": "b", "c": {"d": "e", "f": "g"}});
+        merge_patch(&mut target, &json!({"a": "z", "c": {"f": null}}));
+        assert_eq!(target, json!({"a": "z", "c": {"d": "e"}}));
+        let mut target = json!({"a": [{"b": "c"}]});
+        merge_patch(&mut target, &json!({"a": [1]}));
+        assert_eq!(target, json!({"a": [1]}));
+        let mut target = json!(["a", "b"]);
+        merge_patch(&mut target, &json!({"a": "c"}));
+        assert_eq!(target, json!({"a": "c"}));
+        let mut target = json!({"e": null});
+        merge_patch(&mut target, &json!({"a": 1}));
+        assert_eq!(target, json!({"e": null, "a": 1}));
+    }
+
+    #[test]
+    fn an_object_refers_to_its_upstream_plugins_tenant_and_module() {
+        let refs = check_object(
+            Kind::Route,
+            &json!({"id": "r", "uri": "/a", "upstream_id": "u", "plugins": [{"name": "p"}]}),
+        )
+        .ok()
+        .unwrap();
+        let refs: Vec<(&str, Kind, &str)> = refs
+            .iter()
+            .map(|(p, k, i)| (p.as_str(), *k, i.as_str()))
+            .collect();
+        assert_eq!(
+            refs,
+            [
+                ("/upstream_id", Kind::Upstream, "u"),
+                ("/plugins/0/name", Kind::Plugin, "p")
+            ]
+        );
+        let Err(Failure::Invalid(_, errors)) =
+            check_object(Kind::Plugin, &json!({"name": "p", "module": "p.wasm"}))
+        else {
+            panic!("a module path is refused in etcd");
+        };
+        assert_eq!(errors[0].path, "/module");
+    }
+
+    #[test]
+    fn the_url_names_the_object() {
+        let mut value = json!({"uri": "/a"});
+        name_it(Kind::Route, "r1", &mut value).ok().unwrap();
+        assert_eq!(value["id"], "r1");
+        let mut value = json!({"id": "other"});
+        let Err(Failure::Invalid(_, errors)) = name_it(Kind::Route, "r1", &mut value) else {
+            panic!("a different id is refused");
+        };
+        assert_eq!(errors[0].path, "/id");
+    }
+}

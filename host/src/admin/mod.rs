@@ -1,0 +1,220 @@
+//! The admin listener: the open probes and `/metrics`, the `/v1` API behind keys and sessions,
+//! and the dashboard at `/ui`.
+//!
+//! Every path under `/v1` is authenticated, whatever it looks like; only the paths in
+//! `admin.open` (by default `/metrics`, `/healthz` and `/readyz`) and the dashboard's static
+//! files are served to anyone. The dashboard's files hold no data: everything it shows comes
+//! through `/v1`.
+
+pub mod api;
+pub mod auth;
+mod status;
+mod ui;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use http::{Method, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+
+use self::auth::Auth;
+use crate::body::ProxyBody;
+use crate::config::{AdminConfig, OPENABLE};
+use crate::gateway::Gateway;
+use crate::plugin::sha256_hex;
+use crate::proxy::ResponseBody;
+use crate::store::ConfigStore;
+
+/// What the admin listener serves from.
+pub struct Admin {
+    /// The gateway it reports on.
+    pub gateway: Arc<Gateway>,
+    /// The store it reads and writes.
+    pub store: Arc<dyn ConfigStore>,
+    /// Keys, sessions and lockouts.
+    pub auth: Auth,
+    /// The largest module an upload may carry.
+    pub max_module_bytes: u64,
+}
+
+/// How the admin listener is protected, from the command line and the environment.
+#[derive(Clone, Debug, Default)]
+pub struct AdminOptions {
+    /// `--admin-config FILE`: admin settings that replace the store's.
+    pub config_file: Option<PathBuf>,
+    /// `WEIR_ADMIN_KEY`: an admin-role key for scripts and containers.
+    pub env_key: Option<String>,
+    /// Where the file store keeps a generated key's hash.
+    pub state_dir: Option<PathBuf>,
+}
+
+/// Why the admin listener cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminSetupError {
+    /// `--admin-config` is unreadable or invalid.
+    #[error("--admin-config {path}: {reason}")]
+    Config {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A non-loopback admin listener with no key configured.
+    #[error(
+        "the admin listener on {0} is reachable from other hosts, and no admin key is \
+         configured: set admin.keys (or admin.accounts) in the config, or WEIR_ADMIN_KEY, or \
+         listen on 127.0.0.1"
+    )]
+    Unprotected(SocketAddr),
+    /// A generated key's hash could not be kept.
+    #[error("cannot keep the generated admin key's hash: {0}")]
+    Generated(String),
+}
+
+/// The name of the file that keeps a generated key's hash in the state dir.
+const GENERATED_KEY_FILE: &str = "admin-key.sha256";
+
+impl Admin {
+    /// Sets up the admin listener's keys. With none configured it generates one (returned, to
+    /// be shown once) or reuses the one generated earlier (whose hash was kept); it refuses
+    /// a listener off loopback that only a generated key would protect.
+    pub async fn prepare(
+        options: &AdminOptions,
+        listen: SocketAddr,
+        gateway: Arc<Gateway>,
+        store: Arc<dyn ConfigStore>,
+        max_module_bytes: u64,
+    ) -> Result<(Arc<Admin>, Option<String>), AdminSetupError> {
+        let fixed = options.config_file.as_ref().map(read_config).transpose()?;
+        let env_key = options.env_key.as_deref().filter(|k| !k.is_empty());
+        let settings = fixed
+            .clone()
+            .unwrap_or_else(|| AdminConfig::clone(&gateway.snapshot().admin));
+        let configured =
+            !settings.keys.is_empty() || !settings.accounts.is_empty() || env_key.is_some();
+        if !configured && !listen.ip().is_loopback() {
+            return Err(AdminSetupError::Unprotected(listen));
+        }
+        let (generated_hash, shown) = if configured {
+            (None, None)
+        } else {
+            let (hash, shown) = generated_key(options, store.as_ref()).await?;
+            (Some(hash), shown)
+        };
+        let admin = Admin {
+            gateway,
+            store,
+            auth: Auth::new(fixed, env_key, generated_hash),
+            max_module_bytes,
+        };
+        Ok((Arc::new(admin), shown))
+    }
+}
+
+fn read_config(path: &PathBuf) -> Result<AdminConfig, AdminSetupError> {
+    let error = |reason: String| AdminSetupError::Config {
+        path: path.clone(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| error(e.to_string()))?;
+    let json: serde_json::Value =
+        serde_norway::from_str(&text).map_err(|e| error(format!("not YAML or JSON: {e}")))?;
+    crate::config::parse::<AdminConfig>(&json)
+        .map_err(|errors| error(crate::config::describe(&errors)))
+}
+
+/// The hash of the generated key in force, and the key itself when it was made just now.
+async fn generated_key(
+    options: &AdminOptions,
+    store: &dyn ConfigStore,
+) -> Result<(String, Option<String>), AdminSetupError> {
+    let key = auth::new_key();
+    let hash = sha256_hex(key.as_bytes());
+    if let Some(writer) = store.writer() {
+        let in_force = writer
+            .claim_generated_key(&hash)
+            .await
+            .map_err(|e| AdminSetupError::Generated(e.to_string()))?;
+        let shown = (in_force == hash).then_some(key);
+        return Ok((in_force, shown));
+    }
+    let Some(dir) = &options.state_dir else {
+        // Nowhere to keep it: a new key each start.
+        return Ok((hash, Some(key)));
+    };
+    let path = dir.join(GENERATED_KEY_FILE);
+    if let Ok(kept) = std::fs::read_to_string(&path)
+        && crate::config::is_sha256_hex(kept.trim())
+    {
+        tracing::info!(file = %path.display(), "using the admin key generated earlier (delete the file for a new one)");
+        return Ok((kept.trim().to_owned(), None));
+    }
+    write_private(&path, hash.as_bytes())
+        .map_err(|e| AdminSetupError::Generated(format!("{}: {e}", path.display())))?;
+    Ok((hash, Some(key)))
+}
+
+/// Writes a file only its owner can read, in a folder only its owner can enter.
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    if let Some(dir) = path.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(bytes)
+}
+
+/// Answers one admin request from `peer`.
+pub async fn handle(
+    admin: Arc<Admin>,
+    request: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<ResponseBody> {
+    let response = route(&admin, request, peer).await;
+    response.map(ResponseBody::plain)
+}
+
+async fn route(admin: &Admin, request: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+    let path = request.uri().path().to_owned();
+    let settings = admin.auth.settings(&admin.gateway.snapshot().admin);
+    if OPENABLE.contains(&path.as_str()) {
+        if request.method() != Method::GET && request.method() != Method::HEAD {
+            return api::error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
+        }
+        if !settings.open.contains(&path)
+            && let Err(refused) = admin.auth.authenticate(&settings, request.headers(), false)
+        {
+            return api::refusal(refused);
+        }
+        return match path.as_str() {
+            "/metrics" => status::metrics(&admin.gateway),
+            "/healthz" => status::text("ok\n".into(), "text/plain"),
+            _ => status::ready(&admin.gateway),
+        };
+    }
+    if path == "/v1" || path.starts_with("/v1/") {
+        return api::handle(admin, &settings, request, peer.ip()).await;
+    }
+    if path == "/" {
+        let mut response = Response::new(ProxyBody::Empty);
+        *response.status_mut() = StatusCode::FOUND;
+        response
+            .headers_mut()
+            .insert(header::LOCATION, http::HeaderValue::from_static("/ui/"));
+        return response;
+    }
+    if path == "/ui" || path.starts_with("/ui/") {
+        return ui::serve(request.method(), &path);
+    }
+    api::error(StatusCode::NOT_FOUND, "no such admin endpoint")
+}

@@ -1,0 +1,153 @@
+//! The `admin` section: who may use the admin API and the dashboard, and which admin paths are
+//! open to anyone (scrapers and probes).
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+use super::{Checks, ConfigObject, Kind, checked_serde, is_sha256_hex};
+
+/// Who may use the admin listener. The `admin:` section of the file, `<prefix>/admin` in etcd,
+/// or the file named by `--admin-config`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(remote = "Self", deny_unknown_fields)]
+pub struct AdminConfig {
+    /// `keys: [{name, key_sha256, role}]`: API keys, sent as `X-API-KEY`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keys: Vec<ApiKey>,
+    /// `accounts: [{username, password_hash, role}]`: dashboard logins.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub accounts: Vec<Account>,
+    /// `open: [/metrics, /healthz, /readyz]`: the paths anyone may read (the default is all
+    /// three; `[]` closes them).
+    #[serde(default = "default_open")]
+    pub open: Vec<String>,
+    /// `session_minutes: 480`: how long a dashboard login lasts.
+    #[serde(default = "default_session_minutes")]
+    pub session_minutes: u64,
+}
+
+/// What a key or an account may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Read and write.
+    Admin,
+    /// Read only.
+    Viewer,
+}
+
+/// An API key, stored as the sha256 of the key.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKey {
+    /// Who holds it, for the audit log.
+    pub name: String,
+    /// The key's sha256, in lower-case hex (`printf %s KEY | sha256sum`).
+    pub key_sha256: String,
+    /// What it may do.
+    pub role: Role,
+}
+
+/// A dashboard account.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Account {
+    /// The login name.
+    pub username: String,
+    /// An argon2id hash in PHC form (`weir admin hash-password` makes one).
+    pub password_hash: String,
+    /// What it may do.
+    pub role: Role,
+}
+
+/// The admin paths that may be left open.
+pub const OPENABLE: &[&str] = &["/metrics", "/healthz", "/readyz"];
+
+fn default_open() -> Vec<String> {
+    OPENABLE.iter().map(|p| (*p).to_owned()).collect()
+}
+
+fn default_session_minutes() -> u64 {
+    480
+}
+
+checked_serde!(AdminConfig);
+
+impl Default for AdminConfig {
+    /// No keys and no accounts; the probes and `/metrics` open.
+    fn default() -> Self {
+        AdminConfig {
+            keys: Vec::new(),
+            accounts: Vec::new(),
+            open: default_open(),
+            session_minutes: default_session_minutes(),
+        }
+    }
+}
+
+impl ConfigObject for AdminConfig {
+    const KIND: Kind = Kind::Admin;
+    const ID_FIELD: &'static str = "admin";
+
+    fn deserialize_unchecked<'de, D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        AdminConfig::deserialize(d)
+    }
+
+    fn id(&self) -> &str {
+        "admin"
+    }
+
+    fn check(&self, checks: &mut Checks) {
+        let mut names = std::collections::HashSet::new();
+        for (index, key) in self.keys.iter().enumerate() {
+            if key.name.is_empty() || key.name.len() > 64 {
+                checks.fail(
+                    format!("/keys/{index}/name"),
+                    "a key needs a name of 1 to 64 bytes",
+                );
+            }
+            if !names.insert(key.name.as_str()) {
+                checks.fail(format!("/keys/{index}/name"), "another key has this name");
+            }
+            if !is_sha256_hex(&key.key_sha256) {
+                checks.fail(
+                    format!("/keys/{index}/key_sha256"),
+                    "not 64 lower-case hex digits (the key's sha256, not the key)",
+                );
+            }
+        }
+        let mut users = std::collections::HashSet::new();
+        for (index, account) in self.accounts.iter().enumerate() {
+            if account.username.is_empty() || account.username.len() > 64 {
+                checks.fail(
+                    format!("/accounts/{index}/username"),
+                    "a username has 1 to 64 bytes",
+                );
+            }
+            if !users.insert(account.username.as_str()) {
+                checks.fail(
+                    format!("/accounts/{index}/username"),
+                    "another account has this username",
+                );
+            }
+            let argon2id = argon2::PasswordHash::new(&account.password_hash)
+                .is_ok_and(|hash| hash.algorithm.as_str() == "argon2id");
+            if !argon2id {
+                checks.fail(
+                    format!("/accounts/{index}/password_hash"),
+                    "not an argon2id hash in PHC form (make one with `weir admin hash-password`)",
+                );
+            }
+        }
+        for (index, path) in self.open.iter().enumerate() {
+            if !OPENABLE.contains(&path.as_str()) {
+                checks.fail(
+                    format!("/open/{index}"),
+                    format!("only {} may be open", OPENABLE.join(", ")),
+                );
+            }
+        }
+        if !(1..=10_080).contains(&self.session_minutes) {
+            checks.fail("/session_minutes", "not in 1..=10080 (a week)");
+        }
+    }
+}

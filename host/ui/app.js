@@ -1,0 +1,550 @@
+// The weir dashboard: one page over the /v1 admin API. Everything it shows comes from /v1 or
+// /metrics; these files hold no data. Writes carry the session's CSRF token.
+
+import { h, render } from "preact";
+import { useState, useEffect, useRef } from "preact/hooks";
+import htm from "htm";
+
+const html = htm.bind(h);
+
+// ---- The API -------------------------------------------------------------------------------
+
+const session = { csrf: null, username: null, role: null };
+
+class ApiError extends Error {
+  constructor(status, body) {
+    super(body && body.error ? body.error : `HTTP ${status}`);
+    this.status = status;
+    this.body = body || {};
+  }
+}
+
+async function api(method, path, body, raw) {
+  const headers = {};
+  if (method !== "GET" && session.csrf) headers["X-CSRF-Token"] = session.csrf;
+  let payload;
+  if (raw !== undefined) {
+    payload = raw;
+    headers["Content-Type"] = "application/wasm";
+  } else if (body !== undefined) {
+    payload = JSON.stringify(body);
+    headers["Content-Type"] = "application/json";
+  }
+  const response = await fetch(path, { method, headers, body: payload, credentials: "same-origin" });
+  const text = await response.text();
+  let json = null;
+  try { json = text ? JSON.parse(text) : null; } catch (_) { json = null; }
+  if (response.status === 401 && path !== "/v1/login" && path !== "/v1/session") {
+    session.csrf = null;
+    rerender();
+  }
+  if (!response.ok) throw new ApiError(response.status, json);
+  return json;
+}
+
+async function metrics() {
+  const response = await fetch("/metrics", { credentials: "same-origin" });
+  if (!response.ok) return [];
+  return parseMetrics(await response.text());
+}
+
+// Prometheus text: `name{a="b",c="d"} value` per line.
+function parseMetrics(text) {
+  const samples = [];
+  for (const line of text.split("\n")) {
+    if (!line || line.startsWith("#")) continue;
+    const match = line.match(/^([a-zA-Z_:][\w:]*)(\{(.*)\})?\s+(\S+)/);
+    if (!match) continue;
+    const labels = {};
+    for (const pair of (match[3] || "").matchAll(/(\w+)="((?:[^"\\]|\\.)*)"/g)) labels[pair[1]] = pair[2];
+    samples.push({ name: match[1], labels, value: Number(match[4]) });
+  }
+  return samples;
+}
+
+// ---- Shared pieces -------------------------------------------------------------------------
+
+let rerender = () => {};
+
+function useLoad(load, deps) {
+  const [state, setState] = useState({ loading: true });
+  const [tick, setTick] = useState(0);
+  useEffect(() => {
+    let live = true;
+    load().then(
+      (data) => live && setState({ data }),
+      (error) => live && setState({ error }),
+    );
+    return () => { live = false; };
+  }, [...(deps || []), tick]);
+  return [state, () => setTick((t) => t + 1)];
+}
+
+function Notice({ error }) {
+  if (!error) return null;
+  return html`<div class="notice error" id="form-error">${error.message || String(error)}</div>`;
+}
+
+function Loading({ state, children }) {
+  if (state.loading && !state.data) return html`<p class="loading">Loading…</p>`;
+  if (state.error) return html`<${Notice} error=${state.error} />`;
+  return children(state.data);
+}
+
+// The errors of one field: those whose JSON pointer is `path`.
+function FieldErrors({ errors, path }) {
+  const mine = (errors || []).filter((e) => e.path === path);
+  if (!mine.length) return null;
+  return html`${mine.map((e) => html`<div class="field-error" data-path=${path}>${e.message}</div>`)}`;
+}
+
+function Field({ label, path, errors, children }) {
+  const failed = (errors || []).some((e) => e.path === path);
+  return html`<label class=${failed ? "has-error" : ""}>
+    <span>${label}</span>${children}<${FieldErrors} errors=${errors} path=${path} />
+  </label>`;
+}
+
+function list(text) {
+  return text.split(",").map((s) => s.trim()).filter(Boolean);
+}
+
+// ---- Login ---------------------------------------------------------------------------------
+
+function Login({ onIn }) {
+  const [error, setError] = useState(null);
+  async function submit(event) {
+    event.preventDefault();
+    const form = event.target;
+    try {
+      const answer = await api("POST", "/v1/login", {
+        username: form.username.value,
+        password: form.password.value,
+      });
+      Object.assign(session, { csrf: answer.csrf_token, username: answer.username, role: answer.role });
+      onIn();
+    } catch (e) {
+      setError(e);
+    }
+  }
+  return html`<form class="login" onSubmit=${submit}>
+    <h1>weir</h1>
+    <${Notice} error=${error} />
+    <label><span>Username</span><input id="username" name="username" autocomplete="username" /></label>
+    <label><span>Password</span><input id="password" name="password" type="password" autocomplete="current-password" /></label>
+    <button class="primary" id="login-button" type="submit">Log in</button>
+  </form>`;
+}
+
+// ---- Overview ------------------------------------------------------------------------------
+
+// Samples of the per-route counters, kept while the page is open (at most 15 minutes).
+const history = [];
+const WINDOW_MS = 15 * 60 * 1000;
+
+function routeTotals(samples) {
+  const routes = {};
+  const route = (id) => (routes[id] ||= { total: 0, errors: 0, buckets: {} });
+  for (const s of samples) {
+    if (s.name === "weir_http_requests_total" && s.labels.route) {
+      route(s.labels.route).total += s.value;
+      if (s.labels.class === "5xx") route(s.labels.route).errors += s.value;
+    } else if (s.name === "weir_http_request_duration_seconds_bucket" && s.labels.route) {
+      route(s.labels.route).buckets[s.labels.le] = s.value;
+    }
+  }
+  return routes;
+}
+
+function p99(first, last) {
+  const bounds = Object.keys(last.buckets).sort((a, b) => Number(a) - Number(b));
+  const count = (le) => (last.buckets[le] || 0) - ((first && first.buckets[le]) || 0);
+  const all = count("+Inf");
+  if (!all) return null;
+  for (const le of bounds) if (count(le) >= 0.99 * all) return le === "+Inf" ? Infinity : Number(le);
+  return null;
+}
+
+function Overview() {
+  const [status, reload] = useLoad(() => api("GET", "/v1/status"));
+  const [, setTick] = useState(0);
+  useEffect(() => {
+    let live = true;
+    async function sample() {
+      const routes = routeTotals(await metrics());
+      const now = Date.now();
+      history.push({ t: now, routes });
+      while (history.length && now - history[0].t > WINDOW_MS) history.shift();
+      if (live) setTick((t) => t + 1);
+    }
+    sample();
+    const timer = setInterval(() => { sample(); reload(); }, 5000);
+    return () => { live = false; clearInterval(timer); };
+  }, []);
+  const first = history[0];
+  const last = history[history.length - 1];
+  const seconds = first && last ? Math.max((last.t - first.t) / 1000, 1) : 1;
+  const rows = last ? Object.keys(last.routes).filter((r) => r !== "none").sort() : [];
+  return html`<${Loading} state=${status}>${(s) => html`
+    <h1>Overview</h1>
+    <div class="cards">
+      <div class="card"><div class="label">Store</div>
+        <div class="value ${s.store.connected ? "ok" : "bad"}" id="store-state">
+          ${s.store.store} ${s.store.connected ? "connected" : "disconnected"}</div>
+        ${s.store.revision != null && html`<div class="label">revision ${s.store.revision}</div>`}
+        ${s.store.reason && html`<div class="label bad">${s.store.reason}</div>`}</div>
+      <div class="card"><div class="label">Config generation</div><div class="value">${s.generation}</div></div>
+      <div class="card"><div class="label">Routes</div><div class="value">${s.routes.length}</div></div>
+      <div class="card"><div class="label">Rejected objects</div>
+        <div class="value ${s.errors.length ? "bad" : "ok"}">${s.errors.length}</div></div>
+    </div>
+    <h2>Traffic by route <span class="muted">(since this page opened, up to 15 minutes)</span></h2>
+    <table id="traffic">
+      <tr><th>Route</th><th>Requests/s</th><th>Error rate (5xx)</th><th>p99</th></tr>
+      ${rows.map((id) => {
+        const a = (first && first.routes[id]) || { total: 0, errors: 0, buckets: {} };
+        const b = last.routes[id];
+        const total = b.total - a.total;
+        const p = p99(a, b);
+        return html`<tr data-route=${id}><td>${id}</td><td>${(total / seconds).toFixed(2)}</td>
+          <td>${total ? ((100 * (b.errors - a.errors)) / total).toFixed(1) + "%" : "–"}</td>
+          <td>${p == null ? "–" : p === Infinity ? "> max" : `≤ ${(p * 1000).toFixed(1)} ms`}</td></tr>`;
+      })}
+    </table>
+    <h2>Rejected objects</h2>
+    ${s.errors.length === 0
+      ? html`<p class="muted">None: every object in the store is serving.</p>`
+      : html`<table id="rejected"><tr><th>Kind</th><th>Id</th><th>Reason</th></tr>
+          ${s.errors.map((e) => html`<tr><td>${e.kind}</td><td>${e.id}</td><td>${e.reason}</td></tr>`)}</table>`}
+  `}<//>`;
+}
+
+// ---- Routes --------------------------------------------------------------------------------
+
+function Routes() {
+  const [routes, reload] = useLoad(() => api("GET", "/v1/routes?page_size=500"));
+  const [filter, setFilter] = useState("");
+  const [error, setError] = useState(null);
+  async function toggle(route) {
+    const disabled = route.value.status === "disabled";
+    try {
+      await api("PATCH", `/v1/routes/${route.id}`, { status: disabled ? null : "disabled" });
+      reload();
+    } catch (e) { setError(e); }
+  }
+  return html`<h1>Routes</h1>
+    <div class="toolbar">
+      <input id="route-filter" placeholder="Filter by id, path or upstream" value=${filter}
+        onInput=${(e) => setFilter(e.target.value)} />
+      <a class="button" id="new-route" href="#/routes/new">New route</a>
+    </div>
+    <${Notice} error=${error} />
+    <${Loading} state=${routes}>${(data) => html`
+      <table id="routes">
+        <tr><th>Enabled</th><th>Id</th><th>Paths</th><th>Hosts</th><th>Goes to</th><th>Plugins</th></tr>
+        ${data.list
+          .filter((r) => JSON.stringify(r.value).includes(filter) || r.id.includes(filter))
+          .map((r) => html`<tr data-route=${r.id}>
+            <td><input type="checkbox" class="switch route-status" data-route=${r.id}
+              checked=${r.value.status !== "disabled"} onChange=${() => toggle(r)} /></td>
+            <td><a href=${`#/routes/${r.id}`}>${r.id}</a></td>
+            <td><code>${[r.value.uri, ...(r.value.uris || [])].filter(Boolean).join(" ")}</code></td>
+            <td>${(r.value.hosts || []).join(", ") || html`<span class="muted">any</span>`}</td>
+            <td>${r.value.upstream_id ? `upstream ${r.value.upstream_id}` : `service ${r.value.service}`}</td>
+            <td>${(r.value.plugins || []).map((p) => p.name).join(", ")}</td>
+          </tr>`)}
+      </table>`}<//>`;
+}
+
+function RouteEditor({ id }) {
+  const creating = id === "new";
+  const [state] = useLoad(async () => ({
+    route: creating ? null : await api("GET", `/v1/routes/${id}`),
+    upstreams: await api("GET", "/v1/upstreams?page_size=500"),
+    plugins: await api("GET", "/v1/plugins?page_size=500"),
+  }), [id]);
+  return html`<${Loading} state=${state}>${(data) => html`<${RouteForm} creating=${creating} data=${data} />`}<//>`;
+}
+
+function routeFromForm(form) {
+  const route = {
+    id: form.id,
+    uri: form.uri || undefined,
+    methods: list(form.methods),
+    hosts: list(form.hosts),
+    plugins: form.plugins.map((p) => {
+      let config = {};
+      try { config = p.config.trim() ? JSON.parse(p.config) : {}; } catch (_) { config = p.config; }
+      return { name: p.name, config };
+    }),
+  };
+  if (form.target === "service") route.service = form.service; else route.upstream_id = form.upstream;
+  if (!form.enabled) route.status = "disabled";
+  return route;
+}
+
+function RouteForm({ creating, data }) {
+  const existing = data.route ? data.route.value : {};
+  const [form, setForm] = useState({
+    id: existing.id || "",
+    uri: existing.uri || "",
+    methods: (existing.methods || []).join(", "),
+    hosts: (existing.hosts || []).join(", "),
+    target: existing.service ? "service" : "upstream",
+    upstream: existing.upstream_id || (data.upstreams.list[0] && data.upstreams.list[0].id) || "",
+    service: existing.service || "",
+    enabled: existing.status !== "disabled",
+    plugins: (existing.plugins || []).map((p) => ({ name: p.name, config: JSON.stringify(p.config, null, 2) })),
+  });
+  const [tab, setTab] = useState("form");
+  const [json, setJson] = useState("");
+  const [errors, setErrors] = useState([]);
+  const [error, setError] = useState(null);
+  const set = (key) => (e) => setForm({ ...form, [key]: e.target.type === "checkbox" ? e.target.checked : e.target.value });
+  const setPlugin = (index, key) => (e) => {
+    const plugins = form.plugins.slice();
+    plugins[index] = { ...plugins[index], [key]: e.target.value };
+    setForm({ ...form, plugins });
+  };
+  function showJson() {
+    setJson(JSON.stringify(routeFromForm(form), null, 2));
+    setTab("json");
+  }
+  async function save(event) {
+    event.preventDefault();
+    setErrors([]);
+    setError(null);
+    let route;
+    if (tab === "json") {
+      try { route = JSON.parse(json); } catch (e) { setError(new Error(`The JSON does not parse: ${e.message}`)); return; }
+    } else {
+      route = routeFromForm(form);
+      const bad = route.plugins.findIndex((p) => typeof p.config === "string");
+      if (bad >= 0) { setErrors([{ path: `/plugins/${bad}/config`, message: "not valid JSON" }]); return; }
+    }
+    const id = route.id || form.id;
+    if (!id) { setErrors([{ path: "/id", message: "a route needs an id" }]); return; }
+    try {
+      await api("PUT", `/v1/routes/${encodeURIComponent(id)}`, route);
+      location.hash = "#/routes";
+    } catch (e) {
+      if (e.body && e.body.errors) setErrors(e.body.errors);
+      else setError(e);
+    }
+  }
+  const general = errors.filter((e) => !["/id", "/uri", "/methods", "/hosts", "/upstream_id", "/service"].includes(e.path)
+    && !e.path.startsWith("/plugins/"));
+  return html`<h1>${creating ? "New route" : `Route ${form.id}`}</h1>
+    <div class="tabs">
+      <button type="button" id="tab-form" class=${tab === "form" ? "active" : ""} onClick=${() => setTab("form")}>Form</button>
+      <button type="button" id="tab-json" class=${tab === "json" ? "active" : ""} onClick=${showJson}>JSON</button>
+    </div>
+    <${Notice} error=${error} />
+    ${general.map((e) => html`<div class="notice error field-error" data-path=${e.path}>${e.path || "route"}: ${e.message}</div>`)}
+    <form onSubmit=${save}>
+    ${tab === "json"
+      ? html`<textarea id="route-json" rows="20" value=${json} onInput=${(e) => setJson(e.target.value)} />`
+      : html`
+        <${Field} label="Id" path="/id" errors=${errors}>
+          <input type="text" id="route-id" value=${form.id} disabled=${!creating} onInput=${set("id")} /><//>
+        <${Field} label="Path (/exact, /prefix/*, /users/{id})" path="/uri" errors=${errors}>
+          <input type="text" id="route-uri" value=${form.uri} onInput=${set("uri")} /><//>
+        <${Field} label="Methods (comma-separated; empty for any)" path="/methods" errors=${errors}>
+          <input type="text" id="route-methods" value=${form.methods} onInput=${set("methods")} /><//>
+        <${Field} label="Hosts (comma-separated; empty for any)" path="/hosts" errors=${errors}>
+          <input type="text" id="route-hosts" value=${form.hosts} onInput=${set("hosts")} /><//>
+        <label><span>Goes to</span>
+          <select id="route-target" value=${form.target} onChange=${set("target")}>
+            <option value="upstream">an upstream</option><option value="service">a discovered service</option>
+          </select></label>
+        ${form.target === "upstream"
+          ? html`<${Field} label="Upstream" path="/upstream_id" errors=${errors}>
+              <select id="route-upstream" value=${form.upstream} onChange=${set("upstream")}>
+                ${data.upstreams.list.map((u) => html`<option value=${u.id}>${u.id}</option>`)}
+              </select><//>`
+          : html`<${Field} label="Service (or * for the first path segment)" path="/service" errors=${errors}>
+              <input type="text" id="route-service" value=${form.service} onInput=${set("service")} /><//>`}
+        <label><span>Enabled</span><input type="checkbox" id="route-enabled" checked=${form.enabled} onChange=${set("enabled")} /></label>
+        <h2>Plugins, in order</h2>
+        ${form.plugins.map((p, i) => html`<div class="plugin-row">
+          <${Field} label="Plugin" path=${`/plugins/${i}/name`} errors=${errors}>
+            <select id=${`plugin-name-${i}`} value=${p.name} onChange=${setPlugin(i, "name")}>
+              <option value="">choose…</option>
+              ${data.plugins.list.map((e) => html`<option value=${e.id}>${e.id}</option>`)}
+            </select><//>
+          <${Field} label="Config (JSON)" path=${`/plugins/${i}/config`} errors=${errors}>
+            <textarea id=${`plugin-config-${i}`} rows="4" value=${p.config} onInput=${setPlugin(i, "config")} /><//>
+          <button type="button" class="danger" onClick=${() => setForm({ ...form, plugins: form.plugins.filter((_, j) => j !== i) })}>Remove</button>
+        </div>`)}
+        <button type="button" id="add-plugin" onClick=${() => setForm({ ...form, plugins: [...form.plugins, { name: "", config: "{}" }] })}>Add a plugin</button>
+      `}
+      <p><button class="primary" id="save-route" type="submit">Save</button> <a href="#/routes">Cancel</a></p>
+    </form>`;
+}
+
+// ---- Upstreams and services ----------------------------------------------------------------
+
+function Upstreams() {
+  const [state, reload] = useLoad(async () => ({
+    upstreams: await api("GET", "/v1/upstreams?page_size=500"),
+    services: await api("GET", "/v1/services"),
+  }));
+  const [error, setError] = useState(null);
+  async function toggleNode(upstream, index) {
+    const nodes = upstream.value.nodes.map((n, i) =>
+      i === index ? { ...n, status: n.status === "offline" ? undefined : "offline" } : n);
+    try {
+      await api("PATCH", `/v1/upstreams/${upstream.id}`, { nodes });
+      reload();
+    } catch (e) { setError(e); }
+  }
+  async function toggleServiceNode(service, node) {
+    try {
+      await api("PATCH", `/v1/services/${service}/${node.id}`, { status: node.value.status === "offline" ? null : "offline" });
+      reload();
+    } catch (e) { setError(e); }
+  }
+  const nodeRow = (node, online, onToggle, attrs) => html`<tr>
+    <td><input type="checkbox" class="switch node-status" ...${attrs} checked=${online} onChange=${onToggle} /></td>
+    <td><code>${node.host}:${node.port}</code></td><td>${node.weight ?? 1}</td>
+    <td class="muted">no health checks configured</td></tr>`;
+  return html`<h1>Upstreams and services</h1><${Notice} error=${error} />
+    <${Loading} state=${state}>${(data) => html`
+      ${data.upstreams.list.map((u) => html`<h2>Upstream ${u.id} <span class="muted">${u.value.type || "roundrobin"}</span></h2>
+        <table data-upstream=${u.id}><tr><th>Online</th><th>Node</th><th>Weight</th><th>Health</th></tr>
+          ${u.value.nodes.map((n, i) => nodeRow(n, n.status !== "offline", () => toggleNode(u, i),
+            { "data-upstream": u.id, "data-node": String(i) }))}</table>`)}
+      ${data.services.list.map((s) => html`<h2>Service ${s.name} <span class="muted">registered nodes</span></h2>
+        <table data-service=${s.name}><tr><th>Online</th><th>Node</th><th>Weight</th><th>Health</th></tr>
+          ${s.nodes.map((n) => nodeRow(n.value, n.value.status !== "offline", () => toggleServiceNode(s.name, n),
+            { "data-service": s.name, "data-node": n.id }))}</table>`)}
+      ${!data.upstreams.list.length && !data.services.list.length && html`<p class="muted">No upstreams or services yet.</p>`}
+    `}<//>`;
+}
+
+// ---- Plugins -------------------------------------------------------------------------------
+
+function Plugins() {
+  const [state, reload] = useLoad(async () => ({
+    plugins: await api("GET", "/v1/plugins?page_size=500"),
+    modules: await api("GET", "/v1/modules"),
+    routes: await api("GET", "/v1/routes?page_size=500"),
+    status: await api("GET", "/v1/status"),
+    metrics: await metrics(),
+  }));
+  const [error, setError] = useState(null);
+  const [uploaded, setUploaded] = useState(null);
+  const file = useRef(null);
+  async function upload(event) {
+    event.preventDefault();
+    const chosen = file.current.files[0];
+    if (!chosen) return;
+    try {
+      setUploaded(await api("POST", "/v1/modules", undefined, chosen));
+      reload();
+    } catch (e) { setError(e); }
+  }
+  const sum = (samples, name, plugin) => samples
+    .filter((s) => s.name === name && s.labels.plugin === plugin)
+    .reduce((total, s) => total + s.value, 0);
+  return html`<h1>Plugins</h1><${Notice} error=${error} />
+    <${Loading} state=${state}>${(data) => html`
+      <table id="plugins"><tr><th>Plugin</th><th>Module</th><th>Tenant</th><th>Grants</th><th>Quarantine</th>
+        <th>Calls</th><th>Traps</th><th>Mean µs</th><th>Routes</th></tr>
+        ${data.plugins.list.map((p) => {
+          const calls = sum(data.metrics, "weir_plugin_calls_total", p.id);
+          const seconds = sum(data.metrics, "weir_plugin_call_duration_seconds_sum", p.id);
+          const count = sum(data.metrics, "weir_plugin_call_duration_seconds_count", p.id);
+          const traps = sum(data.metrics, "weir_plugin_failures_total", p.id);
+          const quarantined = data.status.quarantined.find((q) => q.plugin === p.id);
+          const users = data.routes.list.filter((r) => (r.value.plugins || []).some((x) => x.name === p.id));
+          return html`<tr data-plugin=${p.id}><td>${p.id}</td>
+            <td><code>${(p.value.sha256 || p.value.module || "").slice(0, 12)}</code></td>
+            <td>${p.value.tenant || html`<span class="muted">none</span>`}</td>
+            <td>${Object.keys(p.value.grants || {}).join(", ") || html`<span class="muted">none</span>`}</td>
+            <td>${quarantined ? html`<span class="bad">retry in ${Math.ceil(quarantined.retry_in_ms / 1000)} s</span>` : html`<span class="ok">no</span>`}</td>
+            <td>${calls}</td><td>${traps}</td><td>${count ? ((seconds / count) * 1e6).toFixed(0) : "–"}</td>
+            <td>${users.map((r) => html`<a href=${`#/routes/${r.id}`}>${r.id}</a> `)}</td></tr>`;
+        })}
+      </table>
+      <h2>Modules</h2>
+      <table id="modules"><tr><th>sha256</th><th>Size</th><th>Plugin entries</th></tr>
+        ${data.modules.list.map((m) => html`<tr><td><code>${m.sha256}</code></td>
+          <td>${m.size != null ? `${(m.size / 1024).toFixed(0)} KiB` : "–"}</td><td>${(m.plugins || []).join(", ")}</td></tr>`)}
+      </table>
+      <h2>Upload a module</h2>
+      <form onSubmit=${upload} class="toolbar">
+        <input type="file" id="module-file" accept=".wasm" ref=${file} />
+        <button class="primary" id="upload-module" type="submit">Upload</button>
+      </form>
+      ${uploaded && html`<div class="notice" id="uploaded">Stored: sha256 <code>${uploaded.sha256}</code>.
+        Point a plugin entry at it: <code>PUT /v1/plugins/NAME {"sha256": "${uploaded.sha256}"}</code></div>`}
+    `}<//>`;
+}
+
+// ---- Tenants -------------------------------------------------------------------------------
+
+function Tenants() {
+  const [state] = useLoad(() => api("GET", "/v1/status"));
+  const mib = (bytes) => `${(bytes / (1 << 20)).toFixed(1)} MiB`;
+  return html`<h1>Tenants</h1>
+    <${Loading} state=${state}>${(s) => s.tenants.length === 0
+      ? html`<p class="muted">No tenants: plugins run without quotas.</p>`
+      : html`<table id="tenants"><tr><th>Tenant</th><th>Memory</th><th>Instances</th><th>KV entries</th><th>KV bytes</th></tr>
+        ${s.tenants.map((t) => html`<tr data-tenant=${t.name}><td>${t.name}</td>
+          <td>${mib(t.usage.memory_bytes)} of ${t.quotas ? `${t.quotas.memory_mb} MiB` : "–"}</td>
+          <td>${t.usage.instances} of ${t.quotas ? t.quotas.instances : "–"}</td>
+          <td>${t.usage.kv_entries} of ${t.quotas ? t.quotas.kv_entries : "–"}</td>
+          <td>${t.usage.kv_bytes} of ${t.quotas ? t.quotas.kv_bytes : "–"}</td></tr>`)}
+      </table>`}<//>`;
+}
+
+// ---- The shell -----------------------------------------------------------------------------
+
+const PAGES = [
+  ["overview", "Overview"],
+  ["routes", "Routes"],
+  ["upstreams", "Upstreams"],
+  ["plugins", "Plugins"],
+  ["tenants", "Tenants"],
+];
+
+function App() {
+  const [, setTick] = useState(0);
+  const [checked, setChecked] = useState(false);
+  const [hash, setHash] = useState(location.hash);
+  rerender = () => setTick((t) => t + 1);
+  useEffect(() => {
+    const onHash = () => setHash(location.hash);
+    addEventListener("hashchange", onHash);
+    api("GET", "/v1/session").then(
+      (s) => { Object.assign(session, { csrf: s.csrf_token, username: s.username, role: s.role }); setChecked(true); },
+      () => setChecked(true),
+    );
+    return () => removeEventListener("hashchange", onHash);
+  }, []);
+  if (!checked) return html`<p class="loading">Loading…</p>`;
+  if (!session.csrf) return html`<${Login} onIn=${rerender} />`;
+  const [page, id] = hash.replace(/^#\/?/, "").split("/");
+  const current = PAGES.some(([p]) => p === page) ? page : "overview";
+  async function logout() {
+    try { await api("POST", "/v1/logout"); } catch (_) { /* the session is gone either way */ }
+    session.csrf = null;
+    location.hash = "";
+    rerender();
+  }
+  let body;
+  if (current === "routes" && id) body = html`<${RouteEditor} id=${decodeURIComponent(id)} />`;
+  else if (current === "routes") body = html`<${Routes} />`;
+  else if (current === "upstreams") body = html`<${Upstreams} />`;
+  else if (current === "plugins") body = html`<${Plugins} />`;
+  else if (current === "tenants") body = html`<${Tenants} />`;
+  else body = html`<${Overview} />`;
+  return html`<header><span class="brand">weir</span>
+      <nav>${PAGES.map(([p, label]) => html`<a href=${`#/${p}`} id=${`nav-${p}`} class=${p === current ? "active" : ""}>${label}</a>`)}</nav>
+      <span class="who">${session.username} (${session.role})</span>
+      <button id="logout" onClick=${logout}>Log out</button></header>
+    <main>${body}</main>`;
+}
+
+render(html`<${App} />`, document.getElementById("app"));

@@ -1,0 +1,184 @@
+//! The dashboard in a real headless Chromium, against a real gateway on a real etcd: log in,
+//! create a route with a plugin through the form and see it serve, see a validation error
+//! next to its field, switch a node offline and see traffic move, visit every page, log out.
+//! Each page's screenshot lands in target/screenshots (and docs/img with
+//! `WEIR_UPDATE_SCREENSHOTS=1`).
+
+use std::time::Duration;
+
+use http::{Method, StatusCode};
+use http_body_util::Full;
+use serde_json::json;
+use weir_tests::browser::Browser;
+use weir_tests::etcd::Etcd;
+use weir_tests::{ADMIN_KEY, TestGateway, Upstream, eventually, get, plugins, request, send};
+
+const SOON: Duration = Duration::from_secs(30);
+
+/// Writes through the API with the test key, for the set-up the browser does not do.
+async fn admin_put(gateway: &TestGateway, path: &str, body: serde_json::Value) {
+    let reply = send(
+        request(Method::PUT, &gateway.admin_url(path))
+            .header("x-api-key", ADMIN_KEY)
+            .body(Full::new(body.to_string().into()))
+            .unwrap(),
+    )
+    .await;
+    assert!(reply.status.is_success(), "{path}: {}", reply.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_logs_in_creates_a_route_moves_traffic_and_logs_out() {
+    let etcd = Etcd::start().await;
+    let password = "correct horse battery";
+    etcd.put(
+        "/weir/admin",
+        json!({"accounts": [{"username": "alice", "role": "admin",
+                             "password_hash": weir::admin::auth::hash_password(password)}]}),
+    )
+    .await;
+    let gateway = TestGateway::start_etcd(&etcd.url, None).await;
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    admin_put(
+        &gateway,
+        "/v1/upstreams/web",
+        json!({"nodes": [{"host": "127.0.0.1", "port": a.port()}, {"host": "127.0.0.1", "port": b.port()}]}),
+    )
+    .await;
+    // The module arrives through the API, as `weir plugin push` or the Plugins page would.
+    let module = send(
+        request(Method::POST, &gateway.admin_url("/v1/modules"))
+            .header("x-api-key", ADMIN_KEY)
+            .body(Full::new(std::fs::read(plugins::HEADERS).unwrap().into()))
+            .unwrap(),
+    )
+    .await
+    .json();
+    admin_put(
+        &gateway,
+        "/v1/plugins/headers",
+        json!({"sha256": module["sha256"]}),
+    )
+    .await;
+
+    let browser = Browser::start().await;
+    browser
+        .client
+        .goto(&gateway.admin_url("/ui/"))
+        .await
+        .unwrap();
+    browser.screenshot("login").await;
+    // A wrong password is refused where the form is.
+    browser.fill("#username", "alice").await;
+    browser.fill("#password", "wrong").await;
+    browser.click("#login-button").await;
+    browser
+        .find_text("#form-error", "wrong username or password")
+        .await;
+    browser.fill("#password", password).await;
+    browser.click("#login-button").await;
+    browser.find_text("header .who", "alice (admin)").await;
+
+    // A route with a plugin, through the form.
+    browser.click("#nav-routes").await;
+    browser.click("#new-route").await;
+    browser.fill("#route-id", "shop").await;
+    browser.fill("#route-uri", "/shop/*").await;
+    browser
+        .find("#route-upstream")
+        .await
+        .select_by_value("web")
+        .await
+        .unwrap();
+    browser.click("#add-plugin").await;
+    browser
+        .find("#plugin-name-0")
+        .await
+        .select_by_value("headers")
+        .await
+        .unwrap();
+    browser
+        .fill(
+            "#plugin-config-0",
+            r#"{"response": {"set": {"x-made-by": "dashboard"}}}"#,
+        )
+        .await;
+    browser.click("#save-route").await;
+    browser.find("#routes tr[data-route=shop]").await;
+    eventually("the new route serves with its plugin", SOON, || async {
+        let reply = get(&gateway.url("/shop/cart")).await;
+        reply.status == StatusCode::OK && reply.header("x-made-by") == Some("dashboard")
+    })
+    .await;
+    browser.screenshot("routes").await;
+
+    // A validation error shows next to its field, and nothing is stored.
+    browser.click("#new-route").await;
+    browser.fill("#route-id", "broken").await;
+    browser.fill("#route-uri", "no-slash").await;
+    browser.click("#save-route").await;
+    let error = browser.find(r#".field-error[data-path="/uri"]"#).await;
+    assert!(error.text().await.unwrap().contains("must start with /"));
+    let field = browser.find("label.has-error #route-uri").await;
+    assert_eq!(
+        field.prop("value").await.unwrap().as_deref(),
+        Some("no-slash")
+    );
+    browser.screenshot("route-error").await;
+    let stored = send(
+        request(Method::GET, &gateway.admin_url("/v1/routes/broken"))
+            .header("x-api-key", ADMIN_KEY)
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(stored.status, StatusCode::NOT_FOUND);
+
+    // Node a switched offline: traffic moves to b alone.
+    browser.click("#nav-upstreams").await;
+    browser
+        .click(r#"input.node-status[data-upstream="web"][data-node="0"]"#)
+        .await;
+    eventually("node a leaves the rotation", SOON, || async {
+        let before = (a.hits(), b.hits());
+        for _ in 0..4 {
+            get(&gateway.url("/shop/cart")).await;
+        }
+        a.hits() == before.0 && b.hits() == before.1 + 4
+    })
+    .await;
+    // The page shows what the store now holds.
+    browser
+        .find(r#"input.node-status[data-upstream="web"][data-node="0"]:not(:checked)"#)
+        .await;
+    browser.screenshot("upstreams").await;
+
+    // The other pages render what the API holds.
+    browser.click("#nav-plugins").await;
+    browser
+        .find_text("#plugins tr[data-plugin=headers]", "shop")
+        .await;
+    browser.screenshot("plugins").await;
+    browser.click("#nav-tenants").await;
+    browser.find_text("main", "Tenants").await;
+    browser.screenshot("tenants").await;
+    browser.click("#nav-overview").await;
+    browser.find_text("#store-state", "etcd connected").await;
+    browser.find("#traffic tr[data-route=shop]").await;
+    browser.screenshot("overview").await;
+
+    // Log out: the login form again, and the session no longer opens the API.
+    browser.click("#logout").await;
+    browser.find("#login-button").await;
+    let after = browser
+        .client
+        .execute(
+            "return fetch('/v1/routes', {credentials: 'same-origin'}).then(r => r.status)",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(after, json!(401));
+    browser.close().await;
+}
