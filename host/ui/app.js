@@ -382,6 +382,56 @@ function RouteForm({ creating, data }) {
     </form>`;
 }
 
+// ---- Any object as JSON ---------------------------------------------------------------------
+
+const KINDS = { upstreams: "upstream", plugins: "plugin entry", tenants: "tenant" };
+
+// Edits one object of `kind` as JSON; saves with If-Match, so a change made meanwhile by
+// someone else is refused (412) rather than overwritten.
+function JsonEditor({ kind, id }) {
+  const creating = id === "new";
+  const [state] = useLoad(async () => (creating ? null : api("GET", `/v1/${kind}/${id}`)), [kind, id]);
+  return html`<${Loading} state=${state}>${(object) => html`<${JsonForm} kind=${kind} creating=${creating} object=${object} />`}<//>`;
+}
+
+function JsonForm({ kind, creating, object }) {
+  const shown = { ...(object ? object.value : {}) };
+  for (const field of ["create_time", "update_time", "id", "name"]) delete shown[field];
+  const [name, setName] = useState(object ? object.id : "");
+  const [text, setText] = useState(JSON.stringify(shown, null, 2));
+  const [errors, setErrors] = useState([]);
+  const [error, setError] = useState(null);
+  async function save(event) {
+    event.preventDefault();
+    setErrors([]);
+    setError(null);
+    let value;
+    try { value = JSON.parse(text); } catch (e) { setErrors([{ path: "", message: `the JSON does not parse: ${e.message}` }]); return; }
+    if (!name) { setErrors([{ path: "/id", message: "it needs a name" }]); return; }
+    const headers = object && object.revision ? { "If-Match": `"${object.revision}"` } : { "If-None-Match": "*" };
+    try {
+      const response = await fetch(`/v1/${kind}/${encodeURIComponent(name)}`, {
+        method: "PUT", credentials: "same-origin", body: JSON.stringify(value),
+        headers: { ...headers, "Content-Type": "application/json", "X-CSRF-Token": session.csrf },
+      });
+      const answer = await response.json().catch(() => ({}));
+      if (response.status === 412) throw new Error(creating ? "it exists already" : "someone changed it since you opened it: reload to see their version");
+      if (!response.ok) { if (answer.errors) setErrors(answer.errors); else throw new ApiError(response.status, answer); return; }
+      location.hash = kind === "plugins" ? "#/plugins" : kind === "tenants" ? "#/tenants" : "#/upstreams";
+    } catch (e) { setError(e); }
+  }
+  return html`<h1>${creating ? `New ${KINDS[kind]}` : `${KINDS[kind]} ${name}`}</h1>
+    <${Notice} error=${error} />
+    <form onSubmit=${save}>
+      <${Field} label="Name" path="/id" errors=${errors}>
+        <input type="text" id="object-name" value=${name} disabled=${!creating} onInput=${(e) => setName(e.target.value)} /><//>
+      <${Field} label="JSON (the README's config reference has every field)" path="" errors=${errors}>
+        <textarea id="object-json" rows="18" value=${text} onInput=${(e) => setText(e.target.value)} /><//>
+      ${errors.filter((e) => e.path && e.path !== "/id").map((e) => html`<div class="field-error" data-path=${e.path}><code>${e.path}</code>: ${e.message}</div>`)}
+      <p><button class="primary" id="save-object" type="submit">Save</button></p>
+    </form>`;
+}
+
 // ---- Upstreams and services ----------------------------------------------------------------
 
 function Upstreams() {
@@ -409,8 +459,10 @@ function Upstreams() {
     <td><code>${node.host}:${node.port}</code></td><td>${node.weight ?? 1}</td>
     <td class="muted">no health checks configured</td></tr>`;
   return html`<h1>Upstreams and services</h1><${Notice} error=${error} />
+    <div class="toolbar"><a class="button" id="new-upstream" href="#/edit/upstreams/new">New upstream</a></div>
     <${Loading} state=${state}>${(data) => html`
-      ${data.upstreams.list.map((u) => html`<h2>Upstream ${u.id} <span class="muted">${u.value.type || "roundrobin"}</span></h2>
+      ${data.upstreams.list.map((u) => html`<h2>Upstream ${u.id} <span class="muted">${u.value.type || "roundrobin"}</span>
+        <a class="button" href=${`#/edit/upstreams/${u.id}`}>Edit</a></h2>
         <table data-upstream=${u.id}><tr><th>Online</th><th>Node</th><th>Weight</th><th>Health</th></tr>
           ${u.value.nodes.map((n, i) => nodeRow(n, n.status !== "offline", () => toggleNode(u, i),
             { "data-upstream": u.id, "data-node": String(i) }))}</table>`)}
@@ -448,6 +500,7 @@ function Plugins() {
     .filter((s) => s.name === name && s.labels.plugin === plugin)
     .reduce((total, s) => total + s.value, 0);
   return html`<h1>Plugins</h1><${Notice} error=${error} />
+    <div class="toolbar"><a class="button" id="new-plugin" href="#/edit/plugins/new">New plugin entry</a></div>
     <${Loading} state=${state}>${(data) => html`
       <table id="plugins"><tr><th>Plugin</th><th>Module</th><th>Tenant</th><th>Grants</th><th>Quarantine</th>
         <th>Calls</th><th>Traps</th><th>Mean µs</th><th>Routes</th></tr>
@@ -458,7 +511,7 @@ function Plugins() {
           const traps = sum(data.metrics, "weir_plugin_failures_total", p.id);
           const quarantined = data.status.quarantined.find((q) => q.plugin === p.id);
           const users = data.routes.list.filter((r) => (r.value.plugins || []).some((x) => x.name === p.id));
-          return html`<tr data-plugin=${p.id}><td>${p.id}</td>
+          return html`<tr data-plugin=${p.id}><td><a href=${`#/edit/plugins/${p.id}`}>${p.id}</a></td>
             <td><code>${(p.value.sha256 || p.value.module || "").slice(0, 12)}</code></td>
             <td>${p.value.tenant || html`<span class="muted">none</span>`}</td>
             <td>${Object.keys(p.value.grants || {}).join(", ") || html`<span class="muted">none</span>`}</td>
@@ -488,10 +541,11 @@ function Tenants() {
   const [state] = useLoad(() => api("GET", "/v1/status"));
   const mib = (bytes) => `${(bytes / (1 << 20)).toFixed(1)} MiB`;
   return html`<h1>Tenants</h1>
+    <div class="toolbar"><a class="button" id="new-tenant" href="#/edit/tenants/new">New tenant</a></div>
     <${Loading} state=${state}>${(s) => s.tenants.length === 0
       ? html`<p class="muted">No tenants: plugins run without quotas.</p>`
       : html`<table id="tenants"><tr><th>Tenant</th><th>Memory</th><th>Instances</th><th>KV entries</th><th>KV bytes</th></tr>
-        ${s.tenants.map((t) => html`<tr data-tenant=${t.name}><td>${t.name}</td>
+        ${s.tenants.map((t) => html`<tr data-tenant=${t.name}><td>${t.name === "default" ? t.name : html`<a href=${`#/edit/tenants/${t.name}`}>${t.name}</a>`}</td>
           <td>${mib(t.usage.memory_bytes)} of ${t.quotas ? `${t.quotas.memory_mb} MiB` : "–"}</td>
           <td>${t.usage.instances} of ${t.quotas ? t.quotas.instances : "–"}</td>
           <td>${t.usage.kv_entries} of ${t.quotas ? t.quotas.kv_entries : "–"}</td>
@@ -526,7 +580,9 @@ function App() {
   if (!checked) return html`<p class="loading">Loading…</p>`;
   if (!session.csrf) return html`<${Login} onIn=${rerender} />`;
   const [page, id] = hash.replace(/^#\/?/, "").split("/");
-  const current = PAGES.some(([p]) => p === page) ? page : "overview";
+  const [, kind, objectId] = hash.replace(/^#\/?/, "").split("/");
+  const editing = page === "edit" && KINDS[kind] && objectId;
+  const current = editing ? (kind === "upstreams" ? "upstreams" : kind) : PAGES.some(([p]) => p === page) ? page : "overview";
   async function logout() {
     try { await api("POST", "/v1/logout"); } catch (_) { /* the session is gone either way */ }
     session.csrf = null;
@@ -534,7 +590,8 @@ function App() {
     rerender();
   }
   let body;
-  if (current === "routes" && id) body = html`<${RouteEditor} id=${decodeURIComponent(id)} />`;
+  if (editing) body = html`<${JsonEditor} kind=${kind} id=${decodeURIComponent(objectId)} />`;
+  else if (current === "routes" && id) body = html`<${RouteEditor} id=${decodeURIComponent(id)} />`;
   else if (current === "routes") body = html`<${Routes} />`;
   else if (current === "upstreams") body = html`<${Upstreams} />`;
   else if (current === "plugins") body = html`<${Plugins} />`;

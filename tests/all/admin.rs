@@ -561,6 +561,31 @@ async fn an_uploaded_module_serves_through_a_route() {
         StatusCode::BAD_REQUEST,
     );
     assert_eq!(missing["errors"][0]["path"], "/sha256");
+
+    // The entry's other verbs: read, list, patch; then everything goes, in order.
+    let entry = expect(&api.get("/v1/plugins/headers").await, StatusCode::OK);
+    assert_eq!(entry["value"]["sha256"], sha256.as_str());
+    let entries = expect(&api.get("/v1/plugins").await, StatusCode::OK);
+    assert_eq!(entries["total"], 1);
+    let patched = expect(
+        &api.patch("/v1/plugins/headers", json!({"limits": {"timeout_ms": 20}}))
+            .await,
+        StatusCode::OK,
+    );
+    assert_eq!(patched["value"]["limits"]["timeout_ms"], 20);
+    assert_eq!(patched["value"]["sha256"], sha256.as_str());
+    expect(&api.delete("/v1/routes/r").await, StatusCode::OK);
+    expect(&api.delete("/v1/plugins/headers").await, StatusCode::OK);
+    expect(
+        &api.delete(&format!("/v1/modules/{sha256}")).await,
+        StatusCode::OK,
+    );
+    let modules = expect(&api.get("/v1/modules").await, StatusCode::OK);
+    assert_eq!(modules["total"], 0);
+    expect(
+        &api.delete(&format!("/v1/modules/{sha256}")).await,
+        StatusCode::NOT_FOUND,
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -588,6 +613,10 @@ async fn keys_roles_and_open_paths() {
         "/v1/schema/routes",
         "/v1/nothing.css",
         "/v1",
+        "/v1/",
+        "/v1//routes",
+        "/v1/v1/routes",
+        "/v1/../ui/app.js",
     ] {
         expect(&nobody.get(path).await, StatusCode::UNAUTHORIZED);
     }
@@ -598,6 +627,15 @@ async fn keys_roles_and_open_paths() {
     );
 
     expect(&viewer.get("/v1/routes").await, StatusCode::OK);
+    // Odd paths are not other names for an endpoint.
+    for path in [
+        "/v1/v1/routes",
+        "/v1//routes",
+        "/v1/routes/",
+        "/v1/routes/a%2Fb",
+    ] {
+        expect(&viewer.get(path).await, StatusCode::NOT_FOUND);
+    }
     expect(&viewer.get("/v1/status").await, StatusCode::OK);
     let refused = viewer
         .put(

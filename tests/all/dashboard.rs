@@ -46,22 +46,6 @@ async fn an_operator_logs_in_creates_a_route_moves_traffic_and_logs_out() {
         json!({"nodes": [{"host": "127.0.0.1", "port": a.port()}, {"host": "127.0.0.1", "port": b.port()}]}),
     )
     .await;
-    // The module arrives through the API, as `weir plugin push` or the Plugins page would.
-    let module = send(
-        request(Method::POST, &gateway.admin_url("/v1/modules"))
-            .header("x-api-key", ADMIN_KEY)
-            .body(Full::new(std::fs::read(plugins::HEADERS).unwrap().into()))
-            .unwrap(),
-    )
-    .await
-    .json();
-    admin_put(
-        &gateway,
-        "/v1/plugins/headers",
-        json!({"sha256": module["sha256"]}),
-    )
-    .await;
-
     let browser = Browser::start().await;
     browser
         .client
@@ -79,6 +63,21 @@ async fn an_operator_logs_in_creates_a_route_moves_traffic_and_logs_out() {
     browser.fill("#password", password).await;
     browser.click("#login-button").await;
     browser.find_text("header .who", "alice (admin)").await;
+
+    // A module uploaded on the Plugins page; its entry is put through the API (the dashboard
+    // has no entry form yet).
+    browser.click("#nav-plugins").await;
+    let wasm = std::fs::canonicalize(plugins::HEADERS).unwrap();
+    browser
+        .find("#module-file")
+        .await
+        .send_keys(&wasm.display().to_string())
+        .await
+        .unwrap();
+    browser.click("#upload-module").await;
+    let sha256 = weir::plugin::sha256_hex(&std::fs::read(&wasm).unwrap());
+    browser.find_text("#uploaded", &sha256).await;
+    admin_put(&gateway, "/v1/plugins/headers", json!({"sha256": sha256})).await;
 
     // A route with a plugin, through the form.
     browser.click("#nav-routes").await;
@@ -135,8 +134,25 @@ async fn an_operator_logs_in_creates_a_route_moves_traffic_and_logs_out() {
     .await;
     assert_eq!(stored.status, StatusCode::NOT_FOUND);
 
-    // Node a switched offline: traffic moves to b alone.
+    // An upstream through the JSON editor: refused at its pointer, then stored.
     browser.click("#nav-upstreams").await;
+    browser.click("#new-upstream").await;
+    browser.fill("#object-name", "spare").await;
+    browser.fill("#object-json", r#"{"nodes": []}"#).await;
+    browser.click("#save-object").await;
+    browser
+        .find_text(r#".field-error[data-path="/nodes"]"#, "empty")
+        .await;
+    browser
+        .fill(
+            "#object-json",
+            r#"{"nodes": [{"host": "127.0.0.1", "port": 9}]}"#,
+        )
+        .await;
+    browser.click("#save-object").await;
+    browser.find("table[data-upstream=spare]").await;
+
+    // Node a switched offline: traffic moves to b alone.
     browser
         .click(r#"input.node-status[data-upstream="web"][data-node="0"]"#)
         .await;

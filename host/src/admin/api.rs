@@ -129,7 +129,12 @@ pub(super) async fn handle(
     peer: IpAddr,
 ) -> Response<ProxyBody> {
     let path = request.uri().path().to_owned();
-    let segments: Vec<&str> = path.trim_start_matches("/v1").split('/').skip(1).collect();
+    let segments: Vec<&str> = path
+        .strip_prefix("/v1")
+        .unwrap_or_default()
+        .split('/')
+        .skip(1)
+        .collect();
     let method = request.method().clone();
     // Sign-in needs no credentials; everything else does.
     match (&method, segments.as_slice()) {
@@ -350,7 +355,7 @@ impl<'a> Call<'a> {
                         .map(move |(node, o)| stored(&format!("{service}/{node}"), to_json(o)))
                 })
                 .collect(),
-            Kind::Admin | Kind::Key => Vec::new(),
+            Kind::Admin | Kind::Module | Kind::Key => Vec::new(),
         };
         Ok(list)
     }
@@ -392,7 +397,6 @@ impl<'a> Call<'a> {
     async fn put(self, kind: Kind, id: &str, patch: bool) -> Answer {
         let writer = self.writer()?;
         let mut expect = self.expect(kind)?;
-        let admin = self.admin;
         let principal = self.principal.clone();
         let existing = writer.get(kind, id).await?;
         if let (Expect::Revision(wanted), current) = (expect, existing.as_ref().map(|e| e.revision))
@@ -422,7 +426,7 @@ impl<'a> Call<'a> {
             object.remove(*time);
         }
         name_it(kind, id, &mut value)?;
-        check(admin, writer, kind, &value).await?;
+        check(writer, kind, &value).await?;
         let created = existing
             .as_ref()
             .and_then(|e| e.value.get("create_time").cloned())
@@ -503,7 +507,7 @@ impl<'a> Call<'a> {
         let admin = self.admin;
         let value = self.json_body().await?;
         match admin.store.writer() {
-            Some(writer) => check(admin, writer, kind, &value).await?,
+            Some(writer) => check(writer, kind, &value).await?,
             None => check_object(kind, &value).map(drop)?,
         }
         Ok(answer(StatusCode::OK, &json!({"valid": true})))
@@ -556,7 +560,14 @@ impl<'a> Call<'a> {
             return Err(bad_request(format!("not a weir plugin component: {error}")));
         }
         let stored = writer.store_module(&bytes).await?;
-        audit(&principal, "upload", Kind::Key, &stored.sha256, None, None);
+        audit(
+            &principal,
+            "upload",
+            Kind::Module,
+            &stored.sha256,
+            None,
+            None,
+        );
         let status = if stored.already_stored {
             StatusCode::OK
         } else {
@@ -579,7 +590,7 @@ impl<'a> Call<'a> {
                 .map(|p| (Kind::Plugin, p.name))
                 .collect();
             if !users.is_empty() {
-                return Err(Failure::Referenced(Kind::Key, sha256.to_owned(), users));
+                return Err(Failure::Referenced(Kind::Module, sha256.to_owned(), users));
             }
         }
         if !writer.delete_module(sha256).await? {
@@ -588,7 +599,7 @@ impl<'a> Call<'a> {
                 format!("no module {sha256}"),
             ));
         }
-        audit(&self.principal, "delete", Kind::Key, sha256, None, None);
+        audit(&self.principal, "delete", Kind::Module, sha256, None, None);
         Ok(answer(StatusCode::OK, &json!({"deleted": sha256})))
     }
 
@@ -704,7 +715,7 @@ fn check_object(kind: Kind, value: &Value) -> Result<Vec<(String, Kind, String)>
                 refs.push(("/tenant".to_owned(), Kind::Tenant, tenant));
             }
             if let Some(sha256) = plugin.sha256 {
-                refs.push(("/sha256".to_owned(), Kind::Key, sha256));
+                refs.push(("/sha256".to_owned(), Kind::Module, sha256));
             }
             if plugin.module.is_some() {
                 return Err(invalid(vec![field(
@@ -726,22 +737,17 @@ fn check_object(kind: Kind, value: &Value) -> Result<Vec<(String, Kind, String)>
         Kind::Server => config::parse::<ServerConfig>(value)
             .map(|_| Vec::new())
             .map_err(invalid)?,
-        Kind::Admin | Kind::Key => return Err(bad_request("not a kind of object")),
+        Kind::Admin | Kind::Module | Kind::Key => return Err(bad_request("not a kind of object")),
     })
 }
 
 /// Parses `value` and checks that what it refers to exists in the store.
-async fn check(
-    _admin: &Admin,
-    writer: &dyn ConfigWriter,
-    kind: Kind,
-    value: &Value,
-) -> Result<(), Failure> {
+async fn check(writer: &dyn ConfigWriter, kind: Kind, value: &Value) -> Result<(), Failure> {
     let references = check_object(kind, value)?;
     let mut errors = Vec::new();
     let mut modules = None;
     for (path, referred, id) in references {
-        let exists = if referred == Kind::Key {
+        let exists = if referred == Kind::Module {
             if modules.is_none() {
                 modules = Some(writer.modules().await?);
             }
@@ -752,7 +758,7 @@ async fn check(
             writer.get(referred, &id).await?.is_some()
         };
         if !exists {
-            let what = if referred == Kind::Key {
+            let what = if referred == Kind::Module {
                 format!("module {id} is not stored (upload it with POST /v1/modules)")
             } else {
                 format!("{referred} {id:?} does not exist")

@@ -47,6 +47,8 @@ pub enum Kind {
     ServiceNode,
     /// `admin`: who may use the admin listener.
     Admin,
+    /// A plugin module, by sha256.
+    Module,
     /// A key the store does not understand.
     Key,
 }
@@ -61,6 +63,7 @@ impl fmt::Display for Kind {
             Kind::Server => "server",
             Kind::ServiceNode => "service node",
             Kind::Admin => "admin",
+            Kind::Module => "module",
             Kind::Key => "key",
         })
     }

@@ -587,7 +587,7 @@ routes:
             ),
             Kind::ServiceNode => object("host port", "weight meta status"),
             Kind::Admin => object("", "keys accounts open session_minutes"),
-            Kind::Key => json(),
+            Kind::Module | Kind::Key => json(),
         }
     }
 

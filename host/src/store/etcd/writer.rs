@@ -20,7 +20,9 @@ impl EtcdStore {
         Ok(match kind {
             Kind::Server => format!("{root}/server"),
             Kind::Admin => format!("{root}/admin"),
-            Kind::Key => return Err(WriteError::Unavailable("not a kind of object".into())),
+            Kind::Module | Kind::Key => {
+                return Err(WriteError::Unavailable("not a kind of object".into()));
+            }
             _ => format!("{root}/{}/{id}", section(kind)),
         })
     }
@@ -42,6 +44,7 @@ fn section(kind: Kind) -> &'static str {
         Kind::ServiceNode => "services",
         Kind::Server => "server",
         Kind::Admin => "admin",
+        Kind::Module => "modules",
         Kind::Key => "",
     }
 }
