@@ -130,3 +130,117 @@ pub fn json_error(status: StatusCode, message: &str, request_id: &str) -> Respon
     );
     response
 }
+
+/// Whether a request speaks gRPC (or gRPC-Web): its errors must be gRPC statuses, since a gRPC
+/// client cannot read a JSON body.
+pub fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// The gRPC status for an HTTP status the gateway (or a plugin) answered with.
+pub fn grpc_code(status: StatusCode) -> u8 {
+    match status.as_u16() {
+        400 => 3,             // INVALID_ARGUMENT
+        401 => 16,            // UNAUTHENTICATED
+        403 => 7,             // PERMISSION_DENIED
+        404 => 5,             // NOT_FOUND
+        408 | 504 => 4,       // DEADLINE_EXCEEDED
+        413 | 429 | 431 => 8, // RESOURCE_EXHAUSTED
+        500 => 13,            // INTERNAL
+        502 | 503 => 14,      // UNAVAILABLE
+        _ => 2,               // UNKNOWN
+    }
+}
+
+/// A gRPC trailers-only response: HTTP 200 with `grpc-status` and `grpc-message` in the only
+/// HEADERS frame, and no body.
+pub fn grpc_error(status: StatusCode, message: &str, request_id: &str) -> Response<ProxyBody> {
+    let mut response = Response::new(ProxyBody::Empty);
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    headers.insert(
+        "grpc-status",
+        HeaderValue::from(u16::from(grpc_code(status))),
+    );
+    headers.insert(
+        "grpc-message",
+        HeaderValue::from_str(&grpc_message(message)).expect("percent-encoded ASCII"),
+    );
+    if let Ok(id) = HeaderValue::from_str(request_id)
+        && !request_id.is_empty()
+    {
+        headers.insert("x-request-id", id);
+    }
+    response
+}
+
+/// `grpc-message`'s encoding: bytes outside printable ASCII, and `%`, percent-encoded; at most
+/// 1 KiB of the message.
+fn grpc_message(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    for byte in message.bytes().take(1024) {
+        if (0x20..=0x7e).contains(&byte) && byte != b'%' {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_errors_are_trailers_only_with_a_mapped_status() {
+        let response = grpc_error(StatusCode::BAD_GATEWAY, "upstream unavailable", "id-1");
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()["grpc-status"], "14");
+        assert_eq!(response.headers()["grpc-message"], "upstream unavailable");
+        assert_eq!(response.headers()["x-request-id"], "id-1");
+        assert!(matches!(response.body(), ProxyBody::Empty));
+        for (status, code) in [
+            (401, 16),
+            (403, 7),
+            (404, 5),
+            (429, 8),
+            (500, 13),
+            (503, 14),
+            (504, 4),
+        ] {
+            assert_eq!(
+                grpc_code(StatusCode::from_u16(status).unwrap()),
+                code,
+                "{status}"
+            );
+        }
+        // A message with bytes a header cannot hold is percent-encoded, and bounded.
+        assert_eq!(grpc_message("50% é\n"), "50%25 %C3%A9%0A");
+        assert_eq!(grpc_message(&"a".repeat(5000)).len(), 1024);
+    }
+
+    #[test]
+    fn grpc_requests_are_told_by_content_type() {
+        let mut headers = http::HeaderMap::new();
+        assert!(!is_grpc(&headers));
+        headers.insert(
+            header::CONTENT_TYPE,
+            "application/grpc+proto".parse().unwrap(),
+        );
+        assert!(is_grpc(&headers));
+        headers.insert(
+            header::CONTENT_TYPE,
+            "application/grpc-web".parse().unwrap(),
+        );
+        assert!(is_grpc(&headers));
+        headers.insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
+        assert!(!is_grpc(&headers));
+    }
+}

@@ -28,7 +28,7 @@ use crate::balancer::{InFlight, hash_key};
 use crate::body::{BodyError, ClientBody, CollectError, ProxyBody, collect_bounded};
 use crate::config::{FailurePolicy, HashOn, PathNormalization};
 use crate::edge::{self, strip_hop_by_hop};
-use crate::error::{GatewayError, json_error};
+use crate::error::{GatewayError, grpc_error, is_grpc, json_error};
 use crate::exchange::{BufferedBody, RequestView, ResponseView};
 use crate::gateway::Gateway;
 use crate::plugin::{Action, PluginError, Reply, Summary};
@@ -62,6 +62,7 @@ pub async fn handle(
         plugin_time: Duration::ZERO,
         kept_request: None,
         in_flight: None,
+        grpc: is_grpc(&parts.headers),
     };
     let arrival = match edge::arrive(&snapshot.server, &parts.uri, &mut parts.headers, peer.ip()) {
         Ok(arrival) => arrival,
@@ -118,7 +119,7 @@ pub async fn handle(
         Ok(RequestOutcome::Reply { reply, entered }) => {
             request.writable = false;
             finish.kept_request = Some(request);
-            (reply_response(reply), entered)
+            (reply_response(reply, finish.grpc), entered)
         }
         Ok(RequestOutcome::Forward(body)) => {
             if route.keeps_request {
@@ -280,11 +281,13 @@ async fn upstream_phase(
         Some(query) => format!("{path}?{query}"),
         None => path,
     };
+    let read_within = headers.get("grpc-timeout").and_then(grpc_timeout);
     let outbound = Outbound {
         method,
         path_and_query,
         headers,
         body,
+        read_within,
     };
     Ok(upstream::send(upstream, key, outbound).await?)
 }
@@ -385,6 +388,8 @@ pub struct Finish {
     kept_request: Option<RequestView>,
     /// Keeps the node's in-flight count up while the response streams.
     in_flight: Option<InFlight>,
+    /// Whether the client speaks gRPC: then errors are gRPC statuses, not JSON.
+    grpc: bool,
 }
 
 impl Finish {
@@ -422,7 +427,11 @@ impl Finish {
         } else {
             tracing::debug!(request_id = %self.request_id, %error, "gateway answered with an error");
         }
-        error.response(&self.request_id)
+        if self.grpc {
+            grpc_error(error.status(), &error.public_message(), &self.request_id)
+        } else {
+            error.response(&self.request_id)
+        }
     }
 }
 
@@ -581,7 +590,36 @@ fn read_only_copy(request: &RequestView) -> RequestView {
     }
 }
 
-fn reply_response(reply: Reply) -> Response<ProxyBody> {
+/// A plugin's answer. To a gRPC client, an answer that is not a gRPC response (no
+/// `grpc-status`) becomes a trailers-only gRPC status, with the body as its message.
+fn reply_response(reply: Reply, grpc: bool) -> Response<ProxyBody> {
+    let grpc_error_reply = grpc
+        && !reply
+            .headers
+            .iter()
+            .any(|(name, _)| name.eq_ignore_ascii_case("grpc-status"));
+    if grpc_error_reply {
+        let status =
+            StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let message = String::from_utf8_lossy(&reply.body);
+        let mut response = grpc_error(status, message.trim(), "");
+        for (name, value) in &reply.headers {
+            let (Ok(name), Ok(value)) = (
+                HeaderName::from_bytes(name.as_bytes()),
+                HeaderValue::from_str(value),
+            ) else {
+                continue;
+            };
+            if name == header::CONTENT_TYPE
+                || name == header::CONTENT_LENGTH
+                || name == header::TRANSFER_ENCODING
+            {
+                continue;
+            }
+            response.headers_mut().append(name, value);
+        }
+        return response;
+    }
     let mut response = Response::new(ProxyBody::full(reply.body));
     *response.status_mut() =
         StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -601,7 +639,46 @@ fn reply_response(reply: Reply) -> Response<ProxyBody> {
     response
 }
 
+/// A gRPC client's `grpc-timeout` (`100m`, `5S`: at most 8 digits and a unit of H, M, S, m, u
+/// or n), or `None` when it is not one.
+fn grpc_timeout(value: &HeaderValue) -> Option<Duration> {
+    let text = value.to_str().ok()?;
+    let (digits, unit) = text.split_at(text.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount * 3600),
+        "M" => Duration::from_secs(amount * 60),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
 /// A JSON error outside the proxy path (the admin listener uses the same shape).
 pub fn error_response(status: StatusCode, message: &str) -> Response<ProxyBody> {
     json_error(status, message, "")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse_as_the_spec_writes_them() {
+        let parse = |text: &str| grpc_timeout(&HeaderValue::from_str(text).unwrap());
+        assert_eq!(parse("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(parse("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(parse("2M"), Some(Duration::from_secs(120)));
+        assert_eq!(parse("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse("99999999u"), Some(Duration::from_micros(99_999_999)));
+        assert_eq!(parse("7n"), Some(Duration::from_nanos(7)));
+        for bad in ["", "m", "100", "100x", "123456789S", "-1S", "1.5S", "１S"] {
+            assert_eq!(parse(bad), None, "{bad:?}");
+        }
+    }
 }

@@ -435,6 +435,9 @@ pub struct Outbound {
     pub headers: HeaderMap,
     /// The body.
     pub body: OutboundBody,
+    /// A bound on the read time tighter than the upstream's `read_ms` (a gRPC client's
+    /// `grpc-timeout`).
+    pub read_within: Option<Duration>,
 }
 
 /// A request body handed to an upstream connection; it says when its last byte has been
@@ -617,12 +620,16 @@ pub async fn send(
         path_and_query,
         headers,
         body,
+        read_within,
     } = request;
     let path_and_query =
         PathAndQuery::try_from(path_and_query).map_err(|e| UpstreamError::Failed {
             node: upstream.config.id.clone(),
             reason: format!("bad upstream path: {e}"),
         })?;
+    let read = upstream
+        .read_timeout()
+        .min(read_within.unwrap_or(Duration::MAX));
     let mut attempt = Attempt {
         upstream,
         method,
@@ -630,6 +637,7 @@ pub async fn send(
         retry_after_send: false,
         headers,
         body: None,
+        read,
     };
     attempt.retry_after_send = attempt.method.is_idempotent() && body.replay().is_some();
     attempt.body = Some(body);
@@ -673,6 +681,8 @@ struct Attempt<'a> {
     headers: HeaderMap,
     /// What the next attempt sends; `None` once a body that cannot be replayed went out.
     body: Option<OutboundBody>,
+    /// How long a node may take to answer.
+    read: Duration,
 }
 
 impl Attempt<'_> {
@@ -724,10 +734,7 @@ impl Attempt<'_> {
                 headers,
                 body,
             );
-            match sender
-                .exchange(request, sent, upstream.read_timeout())
-                .await
-            {
+            match sender.exchange(request, sent, self.read).await {
                 Ok(response) => {
                     let (parts, incoming) = response.into_parts();
                     let give_back = match sender {
@@ -769,7 +776,7 @@ impl Attempt<'_> {
                 Err(Exchange::ReadTimeout) => {
                     return Err(UpstreamError::Timeout {
                         node: node.addr.clone(),
-                        ms: upstream.config.timeout.read_ms,
+                        ms: self.read.as_millis() as u64,
                     });
                 }
                 Err(Exchange::Failed(error)) => {

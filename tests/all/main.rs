@@ -8,6 +8,7 @@ mod dashboard;
 mod drain;
 mod edge;
 mod etcd;
+mod grpc;
 mod languages;
 mod module_cache;
 mod observability;

@@ -1,0 +1,135 @@
+//! gRPC clients get gRPC statuses: a gateway error, or a plugin's answer, on a request whose
+//! content-type is `application/grpc…` is a trailers-only response (HTTP 200 with
+//! `grpc-status` and `grpc-message`), which a gRPC client can read; others still get JSON.
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use http_body_util::{BodyExt, Full};
+use serde_json::json;
+use weir_tests::{TestGateway, all_plugins, get, request, yaml};
+
+/// An h2c call, as a gRPC client makes it; returns the status, headers and body bytes.
+async fn call(url: &str, extra: &[(&str, &str)]) -> (StatusCode, http::HeaderMap, Bytes) {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Full<Bytes>>();
+    let mut builder = request(Method::POST, url)
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    for (name, value) in extra {
+        builder = builder.header(*name, *value);
+    }
+    let response = client
+        .request(
+            builder
+                .body(Full::new(Bytes::from_static(b"\0\0\0\0\0")))
+                .unwrap(),
+        )
+        .await
+        .expect("a response");
+    let (parts, body) = response.into_parts();
+    let collected = body.collect().await.expect("the body");
+    assert!(
+        collected.trailers().is_none(),
+        "trailers-only: no separate trailers"
+    );
+    (parts.status, parts.headers, collected.to_bytes())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_errors_and_plugin_answers_reach_a_grpc_client_as_grpc_statuses() {
+    // A port nothing listens on: the node is down.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let gateway = TestGateway::start(&yaml(json!({
+        "upstreams": [{"id": "down", "scheme": "grpc", "nodes": [{"host": "127.0.0.1", "port": dead}]}],
+        "plugins": all_plugins(),
+        "routes": [
+            {"id": "down", "uri": "/down.Service/*", "upstream_id": "down"},
+            {"id": "guarded", "uri": "/guarded.Service/*", "upstream_id": "down",
+             "plugins": [{"name": "key-auth", "config": {"keys": ["k"]}}]},
+        ],
+    })))
+    .await;
+
+    let (status, headers, body) = call(&gateway.url("/nowhere.Service/Call"), &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["grpc-status"], "5", "NOT_FOUND: {headers:?}");
+    assert_eq!(headers["content-type"], "application/grpc");
+    assert!(body.is_empty());
+
+    let (status, headers, _) = call(&gateway.url("/down.Service/Call"), &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["grpc-status"], "14", "UNAVAILABLE: {headers:?}");
+    assert_eq!(headers["grpc-message"], "upstream unavailable");
+    assert!(headers.contains_key("x-request-id"));
+
+    // key-auth answers 401 without a key: the client reads UNAUTHENTICATED.
+    let (status, headers, body) = call(&gateway.url("/guarded.Service/Call"), &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["grpc-status"], "16", "UNAUTHENTICATED: {headers:?}");
+    assert!(body.is_empty());
+
+    // A client that is not gRPC still gets the JSON error.
+    let plain = get(&gateway.url("/nowhere")).await;
+    assert_eq!(plain.status, StatusCode::NOT_FOUND);
+    assert!(plain.json()["error"].as_str().unwrap().contains("no route"));
+}
+
+/// An h2c node that takes every call and never answers.
+async fn silent_node() -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|_request| async {
+                    std::future::pending::<
+                        Result<http::Response<Full<Bytes>>, std::convert::Infallible>,
+                    >()
+                    .await
+                });
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_timeout_bounds_the_wait_for_the_upstream() {
+    let port = silent_node().await;
+    let gateway = TestGateway::start(&yaml(json!({
+        "upstreams": [{"id": "slow", "scheme": "grpc", "timeout": {"read_ms": 600000},
+                       "nodes": [{"host": "127.0.0.1", "port": port}]}],
+        "routes": [{"id": "slow", "uri": "/slow.Service/*", "upstream_id": "slow"}],
+    })))
+    .await;
+    // The route would wait ten minutes; the client's deadline is 200 ms. The bound below is
+    // not an expected time: it only says the answer did not wait for read_ms.
+    let answer = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        call(
+            &gateway.url("/slow.Service/Call"),
+            &[("grpc-timeout", "200m")],
+        ),
+    )
+    .await
+    .expect("the client's grpc-timeout, not read_ms, bounds the wait");
+    let (status, headers, _) = answer;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        headers["grpc-status"], "4",
+        "DEADLINE_EXCEEDED: {headers:?}"
+    );
+    assert_eq!(headers["grpc-message"], "upstream timed out");
+}
