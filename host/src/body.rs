@@ -42,6 +42,9 @@ pub enum ProxyBody {
     Empty,
     /// A body held in memory, sent as one frame.
     Full(Option<Bytes>),
+    /// A body held in memory, then the trailers that came with it (a buffered gRPC message
+    /// keeps its `grpc-status`).
+    Trailed(Option<Bytes>, Option<http::HeaderMap>),
     /// The client's request body, streaming to the upstream.
     Client(ClientBody),
     /// An upstream's response body, streaming to the client.
@@ -58,6 +61,17 @@ impl ProxyBody {
             ProxyBody::Full(Some(bytes))
         }
     }
+
+    /// A body of these bytes, then these trailers, if any.
+    pub fn trailed(bytes: impl Into<Bytes>, trailers: Option<http::HeaderMap>) -> Self {
+        match trailers {
+            None => ProxyBody::full(bytes),
+            Some(trailers) => {
+                let bytes = bytes.into();
+                ProxyBody::Trailed((!bytes.is_empty()).then_some(bytes), Some(trailers))
+            }
+        }
+    }
 }
 
 impl Body for ProxyBody {
@@ -71,6 +85,13 @@ impl Body for ProxyBody {
         match self.get_mut() {
             ProxyBody::Empty => Poll::Ready(None),
             ProxyBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            ProxyBody::Trailed(bytes, trailers) => Poll::Ready(
+                bytes
+                    .take()
+                    .map(Frame::data)
+                    .or_else(|| trailers.take().map(Frame::trailers))
+                    .map(Ok),
+            ),
             ProxyBody::Client(body) => Pin::new(body).poll_frame(cx),
             ProxyBody::Upstream(body) => Pin::new(body).poll_frame(cx),
         }
@@ -80,6 +101,7 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Empty => true,
             ProxyBody::Full(bytes) => bytes.is_none(),
+            ProxyBody::Trailed(bytes, trailers) => bytes.is_none() && trailers.is_none(),
             ProxyBody::Client(body) => body.is_end_stream(),
             ProxyBody::Upstream(body) => body.is_end_stream(),
         }
@@ -90,6 +112,13 @@ impl Body for ProxyBody {
             ProxyBody::Empty => SizeHint::with_exact(0),
             ProxyBody::Full(bytes) => {
                 SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
+            }
+            // Not exact: an exact length would send the body without its trailers over
+            // HTTP/1.1 (trailers need chunked encoding).
+            ProxyBody::Trailed(bytes, _) => {
+                let mut hint = SizeHint::new();
+                hint.set_lower(bytes.as_ref().map_or(0, |b| b.len() as u64));
+                hint
             }
             ProxyBody::Client(body) => body.size_hint(),
             ProxyBody::Upstream(body) => body.size_hint(),

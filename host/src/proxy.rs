@@ -170,10 +170,14 @@ async fn request_phase(
     plugin_time: &mut Duration,
 ) -> (RequestView, Result<RequestOutcome, GatewayError>) {
     let mut streaming = Some(body);
+    let mut trailers = None;
     if let Some(limit) = route.request_body_limit {
         let body = streaming.take().expect("the body is still here");
         match collect_bounded(body, limit).await {
-            Ok((bytes, _trailers)) => request.body = BufferedBody::Buffered(bytes),
+            Ok((bytes, collected)) => {
+                request.body = BufferedBody::Buffered(bytes);
+                trailers = collected;
+            }
             Err(CollectError::TooLarge(limit)) => {
                 return (request, Err(GatewayError::RequestTooLarge(limit)));
             }
@@ -216,7 +220,7 @@ async fn request_phase(
     }
     request.writable = false;
     let body = match (&mut request.body, streaming) {
-        (BufferedBody::Buffered(bytes), _) => OutboundBody::Full(std::mem::take(bytes)),
+        (BufferedBody::Buffered(bytes), _) => OutboundBody::Full(std::mem::take(bytes), trailers),
         (BufferedBody::Streaming, Some(body)) => OutboundBody::Streaming(body),
         (BufferedBody::Streaming, None) => unreachable!("an unbuffered body is never taken"),
     };
@@ -268,7 +272,7 @@ async fn upstream_phase(
     } = request;
     // The client's were dropped at the edge; these are any a plugin added.
     strip_hop_by_hop(&mut headers);
-    if matches!(body, OutboundBody::Full(_)) {
+    if matches!(body, OutboundBody::Full(..)) {
         // The body may have been replaced; hyper sets the length of the one it sends.
         headers.remove(header::CONTENT_LENGTH);
     }
@@ -313,9 +317,13 @@ async fn response_phase(
     let wants_body = links
         .iter()
         .any(|link| link.pool.wants().on_response && link.pool.wants().response_body);
+    let mut trailers = None;
     let (body, mut streaming) = match route.response_body_limit.filter(|_| wants_body) {
         Some(limit) => match collect_bounded(body, limit).await {
-            Ok((bytes, _trailers)) => (Some(bytes), None),
+            Ok((bytes, collected)) => {
+                trailers = collected;
+                (Some(bytes), None)
+            }
             Err(CollectError::TooLarge(limit)) => {
                 return Err(GatewayError::ResponseTooLarge(limit));
             }
@@ -357,10 +365,10 @@ async fn response_phase(
     parts.headers = view.headers;
     let body = match (view.body, streaming.take()) {
         (Some(bytes), _) => {
-            if view.body_replaced {
+            if view.body_replaced || trailers.is_some() {
                 parts.headers.remove(header::CONTENT_LENGTH);
             }
-            ProxyBody::full(bytes)
+            ProxyBody::trailed(bytes, trailers)
         }
         (None, Some(body)) => body,
         (None, None) => ProxyBody::Empty,

@@ -396,8 +396,8 @@ impl UpstreamError {
 
 /// The body of a request on its way upstream.
 pub enum OutboundBody {
-    /// Held in memory: every retry sends it again.
-    Full(Bytes),
+    /// Held in memory, with the trailers that came with it: every retry sends it again.
+    Full(Bytes, Option<HeaderMap>),
     /// Streaming from the client: sent at most once, unless it is empty.
     Streaming(ClientBody),
 }
@@ -406,9 +406,11 @@ impl OutboundBody {
     /// A copy for another attempt, if this body can be sent again.
     fn replay(&self) -> Option<OutboundBody> {
         match self {
-            OutboundBody::Full(bytes) => Some(OutboundBody::Full(bytes.clone())),
+            OutboundBody::Full(bytes, trailers) => {
+                Some(OutboundBody::Full(bytes.clone(), trailers.clone()))
+            }
             OutboundBody::Streaming(body) if body.is_end_stream() => {
-                Some(OutboundBody::Full(Bytes::new()))
+                Some(OutboundBody::Full(Bytes::new(), None))
             }
             OutboundBody::Streaming(_) => None,
         }
@@ -416,7 +418,7 @@ impl OutboundBody {
 
     fn into_proxy_body(self, idle: Duration) -> ProxyBody {
         match self {
-            OutboundBody::Full(bytes) => ProxyBody::full(bytes),
+            OutboundBody::Full(bytes, trailers) => ProxyBody::trailed(bytes, trailers),
             OutboundBody::Streaming(mut body) => {
                 body.tighten(idle, Stalled::Upstream);
                 ProxyBody::Client(body)
@@ -760,8 +762,13 @@ impl Attempt<'_> {
                     self.headers = parts.headers;
                     self.body = Some(match outgoing.into_inner() {
                         ProxyBody::Client(client) => OutboundBody::Streaming(client),
-                        ProxyBody::Full(bytes) => OutboundBody::Full(bytes.unwrap_or_default()),
-                        _ => OutboundBody::Full(Bytes::new()),
+                        ProxyBody::Full(bytes) => {
+                            OutboundBody::Full(bytes.unwrap_or_default(), None)
+                        }
+                        ProxyBody::Trailed(bytes, trailers) => {
+                            OutboundBody::Full(bytes.unwrap_or_default(), trailers)
+                        }
+                        _ => OutboundBody::Full(Bytes::new(), None),
                     });
                     if reused {
                         // A pooled connection the node had closed: try a new one.

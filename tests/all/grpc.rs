@@ -133,3 +133,79 @@ async fn a_grpc_timeout_bounds_the_wait_for_the_upstream() {
     );
     assert_eq!(headers["grpc-message"], "upstream timed out");
 }
+
+/// An h2c node that answers with the request's body, then trailers: `grpc-status: 0` and
+/// `x-request-trailer`, the request's `x-client-trailer` trailer (or `none`).
+async fn echo_node() -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    |request: http::Request<hyper::body::Incoming>| async move {
+                        let collected = request.into_body().collect().await.unwrap();
+                        let seen = collected
+                            .trailers()
+                            .and_then(|t| t.get("x-client-trailer"))
+                            .map_or("none".to_owned(), |v| v.to_str().unwrap().to_owned());
+                        let mut trailers = http::HeaderMap::new();
+                        trailers.insert("grpc-status", "0".parse().unwrap());
+                        trailers.insert("x-request-trailer", seen.parse().unwrap());
+                        let body = Full::new(collected.to_bytes())
+                            .with_trailers(async move { Some(Ok(trailers)) });
+                        let response = http::Response::builder()
+                            .header("content-type", "application/grpc")
+                            .body(body)
+                            .unwrap();
+                        Ok::<_, std::convert::Infallible>(response)
+                    },
+                );
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trailers_survive_a_plugin_that_buffers_both_bodies() {
+    let port = echo_node().await;
+    let gateway = TestGateway::start(&yaml(json!({
+        "upstreams": [{"id": "echo", "scheme": "grpc", "nodes": [{"host": "127.0.0.1", "port": port}]}],
+        "plugins": [weir_tests::probe_entry("probe", json!({}))],
+        "routes": [{"id": "echo", "uri": "/echo.Service/*", "upstream_id": "echo",
+                    "plugins": [{"name": "probe", "config": {"mode": "body", "suffix": "!"}}]}],
+    })))
+    .await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>>();
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("x-client-trailer", "t1".parse().unwrap());
+    let body = Full::new(Bytes::from_static(b"hello"))
+        .with_trailers(async move { Some(Ok(trailers)) })
+        .boxed();
+    let call = request(Method::POST, &gateway.url("/echo.Service/Echo"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(body)
+        .unwrap();
+    let response = client.request(call).await.expect("a response");
+    assert_eq!(response.status(), StatusCode::OK);
+    let collected = response.into_body().collect().await.unwrap();
+    let trailers = collected
+        .trailers()
+        .cloned()
+        .expect("the upstream's trailers");
+    // The plugin changed both bodies, and both sets of trailers went through.
+    assert_eq!(collected.to_bytes(), "HELLO!");
+    assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(trailers["x-request-trailer"], "t1");
+}
