@@ -60,7 +60,8 @@ pub(super) fn status(gateway: &Gateway) -> Response<ProxyBody> {
         }).collect::<Vec<_>>(),
         "quarantined": gateway.runtime().quarantined().iter().map(|(plugin, left)| serde_json::json!({
             "plugin": plugin,
-            "retry_in_ms": left.as_millis() as u64,
+            // Rounded up: 0 means the next call probes the plugin, not "in under 1 ms".
+            "retry_in_ms": left.as_micros().div_ceil(1000) as u64,
         })).collect::<Vec<_>>(),
         "errors": snapshot.errors,
     });
