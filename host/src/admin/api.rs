@@ -745,15 +745,9 @@ fn check_object(kind: Kind, value: &Value) -> Result<Vec<(String, Kind, String)>
 async fn check(writer: &dyn ConfigWriter, kind: Kind, value: &Value) -> Result<(), Failure> {
     let references = check_object(kind, value)?;
     let mut errors = Vec::new();
-    let mut modules = None;
     for (path, referred, id) in references {
         let exists = if referred == Kind::Module {
-            if modules.is_none() {
-                modules = Some(writer.modules().await?);
-            }
-            modules
-                .as_ref()
-                .is_some_and(|m| m.iter().any(|m| m.sha256 == id))
+            writer.module(&id).await?.is_some()
         } else {
             writer.get(referred, &id).await?.is_some()
         };

@@ -266,6 +266,12 @@ pub trait ConfigWriter: Send + Sync {
     /// Every module stored.
     fn modules(&self) -> BoxFuture<'_, Result<Vec<StoredModule>, WriteError>>;
 
+    /// One module, if it is stored.
+    fn module<'a>(
+        &'a self,
+        sha256: &'a str,
+    ) -> BoxFuture<'a, Result<Option<StoredModule>, WriteError>>;
+
     /// Stores a module's bytes (unless stored already).
     fn store_module<'a>(
         &'a self,

@@ -76,6 +76,32 @@ fn compare(key: &str, expect: Expect) -> Option<Compare> {
 }
 
 impl EtcdStore {
+    /// The keys under `prefix`, each with what follows the prefix, with their values unless
+    /// `keys_only`.
+    async fn keys_under(
+        &self,
+        prefix: &str,
+        keys_only: bool,
+    ) -> Result<Vec<(String, etcd_client::KeyValue)>, WriteError> {
+        let mut client = self.writing_client()?;
+        let mut options = GetOptions::new().with_prefix();
+        if keys_only {
+            options = options.with_keys_only();
+        }
+        let response = client
+            .get(prefix, Some(options))
+            .await
+            .map_err(unavailable)?;
+        Ok(response
+            .kvs()
+            .iter()
+            .filter_map(|kv| {
+                let rest = std::str::from_utf8(kv.key()).ok()?.strip_prefix(prefix)?;
+                Some((rest.to_owned(), kv.clone()))
+            })
+            .collect())
+    }
+
     /// Runs `op` on `key` if `expect` holds; returns the revision it was written at.
     async fn write_if(&self, key: String, op: TxnOp, expect: Expect) -> Result<i64, WriteError> {
         let mut client = self.writing_client()?;
@@ -126,18 +152,11 @@ impl ConfigWriter for EtcdStore {
                     .collect());
             }
             let prefix = format!("{}/{}/", self.root, section(kind));
-            let response = client
-                .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
-                .await
-                .map_err(unavailable)?;
-            Ok(response
-                .kvs()
-                .iter()
-                .filter_map(|kv| {
-                    let key = std::str::from_utf8(kv.key()).ok()?;
-                    let id = key.strip_prefix(&prefix)?;
-                    Some(stored(id.to_owned(), kv))
-                })
+            Ok(self
+                .keys_under(&prefix, false)
+                .await?
+                .into_iter()
+                .map(|(id, kv)| stored(id, &kv))
                 .collect())
         })
     }
@@ -195,29 +214,39 @@ impl ConfigWriter for EtcdStore {
 
     fn modules(&self) -> BoxFuture<'_, Result<Vec<StoredModule>, WriteError>> {
         Box::pin(async move {
+            // Keys only: the values under this prefix are every module's bytes.
+            let names = self
+                .keys_under(&format!("{}/modules/", self.root), true)
+                .await?;
+            let mut modules = Vec::new();
+            // Chunks sit under their manifest's key; only manifests name modules.
+            for (sha256, _) in names.iter().filter(|(name, _)| !name.contains('/')) {
+                if let Some(module) = self.module(sha256).await? {
+                    modules.push(module);
+                }
+            }
+            Ok(modules)
+        })
+    }
+
+    fn module<'a>(
+        &'a self,
+        sha256: &'a str,
+    ) -> BoxFuture<'a, Result<Option<StoredModule>, WriteError>> {
+        Box::pin(async move {
             let mut client = self.writing_client()?;
-            let prefix = format!("{}/modules/", self.root);
             let response = client
-                .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
+                .get(format!("{}/modules/{sha256}", self.root), None)
                 .await
                 .map_err(unavailable)?;
-            Ok(response
-                .kvs()
-                .iter()
-                .filter_map(|kv| {
-                    let sha256 = std::str::from_utf8(kv.key()).ok()?.strip_prefix(&prefix)?;
-                    // Chunks sit under the manifest's key; only manifests name modules.
-                    if sha256.contains('/') {
-                        return None;
-                    }
-                    let manifest = ModuleManifest::parse(kv.value(), u64::MAX).ok()?;
-                    Some(StoredModule {
-                        sha256: sha256.to_owned(),
-                        size: manifest.size,
-                        already_stored: true,
-                    })
+            Ok(response.kvs().first().and_then(|kv| {
+                let manifest = ModuleManifest::parse(kv.value(), u64::MAX).ok()?;
+                Some(StoredModule {
+                    sha256: sha256.to_owned(),
+                    size: manifest.size,
+                    already_stored: true,
                 })
-                .collect())
+            }))
         })
     }
 
