@@ -4,6 +4,7 @@
 
 use bytes::Bytes;
 use http::{Method, StatusCode};
+use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use serde_json::json;
 use weir_tests::{TestGateway, all_plugins, get, request, yaml};
@@ -79,8 +80,14 @@ async fn gateway_errors_and_plugin_answers_reach_a_grpc_client_as_grpc_statuses(
     assert!(plain.json()["error"].as_str().unwrap().contains("no route"));
 }
 
-/// An h2c node that takes every call and never answers.
-async fn silent_node() -> u16 {
+/// Serves `answer` over h2c on a free loopback port; returns the port.
+async fn h2c_node<F, Fut>(answer: F) -> u16
+where
+    F: Fn(http::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = http::Response<BoxBody<Bytes, std::convert::Infallible>>>
+        + Send
+        + 'static,
+{
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move {
@@ -88,12 +95,11 @@ async fn silent_node() -> u16 {
             let Ok((stream, _)) = listener.accept().await else {
                 return;
             };
+            let answer = answer.clone();
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(|_request| async {
-                    std::future::pending::<
-                        Result<http::Response<Full<Bytes>>, std::convert::Infallible>,
-                    >()
-                    .await
+                let service = hyper::service::service_fn(move |request| {
+                    let answer = answer.clone();
+                    async move { Ok::<_, std::convert::Infallible>(answer(request).await) }
                 });
                 let _ =
                     hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
@@ -103,6 +109,11 @@ async fn silent_node() -> u16 {
         }
     });
     port
+}
+
+/// An h2c node that takes every call and never answers.
+async fn silent_node() -> u16 {
+    h2c_node(|_request| std::future::pending()).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -137,41 +148,24 @@ async fn a_grpc_timeout_bounds_the_wait_for_the_upstream() {
 /// An h2c node that answers with the request's body, then trailers: `grpc-status: 0` and
 /// `x-request-trailer`, the request's `x-client-trailer` trailer (or `none`).
 async fn echo_node() -> u16 {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(
-                    |request: http::Request<hyper::body::Incoming>| async move {
-                        let collected = request.into_body().collect().await.unwrap();
-                        let seen = collected
-                            .trailers()
-                            .and_then(|t| t.get("x-client-trailer"))
-                            .map_or("none".to_owned(), |v| v.to_str().unwrap().to_owned());
-                        let mut trailers = http::HeaderMap::new();
-                        trailers.insert("grpc-status", "0".parse().unwrap());
-                        trailers.insert("x-request-trailer", seen.parse().unwrap());
-                        let body = Full::new(collected.to_bytes())
-                            .with_trailers(async move { Some(Ok(trailers)) });
-                        let response = http::Response::builder()
-                            .header("content-type", "application/grpc")
-                            .body(body)
-                            .unwrap();
-                        Ok::<_, std::convert::Infallible>(response)
-                    },
-                );
-                let _ =
-                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                        .await;
-            });
-        }
-    });
-    port
+    h2c_node(|request: http::Request<hyper::body::Incoming>| async move {
+        let collected = request.into_body().collect().await.unwrap();
+        let seen = collected
+            .trailers()
+            .and_then(|t| t.get("x-client-trailer"))
+            .map_or("none".to_owned(), |v| v.to_str().unwrap().to_owned());
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", "0".parse().unwrap());
+        trailers.insert("x-request-trailer", seen.parse().unwrap());
+        let body = Full::new(collected.to_bytes())
+            .with_trailers(async move { Some(Ok(trailers)) })
+            .boxed();
+        http::Response::builder()
+            .header("content-type", "application/grpc")
+            .body(body)
+            .unwrap()
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -186,7 +180,7 @@ async fn trailers_survive_a_plugin_that_buffers_both_bodies() {
     .await;
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .http2_only(true)
-        .build_http::<http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>>();
+        .build_http::<BoxBody<Bytes, std::convert::Infallible>>();
     let mut trailers = http::HeaderMap::new();
     trailers.insert("x-client-trailer", "t1".parse().unwrap());
     let body = Full::new(Bytes::from_static(b"hello"))
