@@ -203,3 +203,27 @@ async fn trailers_survive_a_plugin_that_buffers_both_bodies() {
     assert_eq!(trailers["grpc-status"], "0");
     assert_eq!(trailers["x-request-trailer"], "t1");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstreams_trailers_only_error_reaches_the_client_intact() {
+    // A gRPC server's error with no message: grpc-status in the only HEADERS frame.
+    let port = h2c_node(|_request| async {
+        http::Response::builder()
+            .header("content-type", "application/grpc")
+            .header("grpc-status", "14")
+            .header("grpc-message", "backend%20down")
+            .body(Full::new(Bytes::new()).boxed())
+            .unwrap()
+    })
+    .await;
+    let gateway = TestGateway::start(&yaml(json!({
+        "upstreams": [{"id": "g", "scheme": "grpc", "nodes": [{"host": "127.0.0.1", "port": port}]}],
+        "routes": [{"id": "g", "uri": "/g.Service/*", "upstream_id": "g"}],
+    })))
+    .await;
+    let (status, headers, body) = call(&gateway.url("/g.Service/Call"), &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["grpc-status"], "14", "{headers:?}");
+    assert_eq!(headers["grpc-message"], "backend%20down");
+    assert!(body.is_empty(), "no message: {body:?}");
+}
