@@ -601,36 +601,19 @@ fn read_only_copy(request: &RequestView) -> RequestView {
 /// A plugin's answer. To a gRPC client, an answer that is not a gRPC response (no
 /// `grpc-status`) becomes a trailers-only gRPC status, with the body as its message.
 fn reply_response(reply: Reply, grpc: bool) -> Response<ProxyBody> {
+    let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let grpc_error_reply = grpc
         && !reply
             .headers
             .iter()
             .any(|(name, _)| name.eq_ignore_ascii_case("grpc-status"));
-    if grpc_error_reply {
-        let status =
-            StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let message = String::from_utf8_lossy(&reply.body);
-        let mut response = grpc_error(status, message.trim(), "");
-        for (name, value) in &reply.headers {
-            let (Ok(name), Ok(value)) = (
-                HeaderName::from_bytes(name.as_bytes()),
-                HeaderValue::from_str(value),
-            ) else {
-                continue;
-            };
-            if name == header::CONTENT_TYPE
-                || name == header::CONTENT_LENGTH
-                || name == header::TRANSFER_ENCODING
-            {
-                continue;
-            }
-            response.headers_mut().append(name, value);
-        }
-        return response;
-    }
-    let mut response = Response::new(ProxyBody::full(reply.body));
-    *response.status_mut() =
-        StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut response = if grpc_error_reply {
+        grpc_error(status, String::from_utf8_lossy(&reply.body).trim(), "")
+    } else {
+        let mut response = Response::new(ProxyBody::full(reply.body));
+        *response.status_mut() = status;
+        response
+    };
     for (name, value) in reply.headers {
         let (Ok(name), Ok(value)) = (
             HeaderName::from_bytes(name.as_bytes()),
@@ -639,7 +622,9 @@ fn reply_response(reply: Reply, grpc: bool) -> Response<ProxyBody> {
             tracing::debug!(header = name, "plugin reply header dropped: invalid");
             continue;
         };
-        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+        // The gateway frames the body (and, for a gRPC status, says what it is).
+        let framing = name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING;
+        if framing || (grpc_error_reply && name == header::CONTENT_TYPE) {
             continue;
         }
         response.headers_mut().append(name, value);
