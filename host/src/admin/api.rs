@@ -99,16 +99,28 @@ impl Failure {
     }
 }
 
-impl From<WriteError> for Failure {
-    fn from(error: WriteError) -> Self {
-        match error {
-            WriteError::Conflict { current } => Failure::Changed(Kind::Key, current),
+impl Failure {
+    /// Why a write of a `kind` did not happen.
+    fn write(kind: Kind) -> impl FnOnce(WriteError) -> Failure {
+        move |error| match error {
+            WriteError::Conflict { current } => Failure::Changed(kind, current),
             WriteError::Unavailable(reason) => {
                 Failure::Status(StatusCode::SERVICE_UNAVAILABLE, reason)
             }
             WriteError::TooLarge(reason) => Failure::Status(StatusCode::PAYLOAD_TOO_LARGE, reason),
         }
     }
+}
+
+impl From<WriteError> for Failure {
+    /// For reads and module writes, which compare no revision.
+    fn from(error: WriteError) -> Self {
+        Failure::write(Kind::Key)(error)
+    }
+}
+
+fn no_endpoint() -> Failure {
+    Failure::Status(StatusCode::NOT_FOUND, "no such admin endpoint".into())
 }
 
 fn not_found(kind: Kind, id: &str) -> Failure {
@@ -182,22 +194,13 @@ pub(super) async fn handle(
         (_, ["server"]) => call.object(Kind::Server, "server").await,
         (&Method::GET, [kind]) => match kind_of(kind) {
             Some(kind) => call.list(kind).await,
-            None => Err(Failure::Status(
-                StatusCode::NOT_FOUND,
-                "no such admin endpoint".into(),
-            )),
+            None => Err(no_endpoint()),
         },
         (_, [kind, id]) => match kind_of(kind) {
             Some(kind) => call.object(kind, id).await,
-            None => Err(Failure::Status(
-                StatusCode::NOT_FOUND,
-                "no such admin endpoint".into(),
-            )),
+            None => Err(no_endpoint()),
         },
-        _ => Err(Failure::Status(
-            StatusCode::NOT_FOUND,
-            "no such admin endpoint".into(),
-        )),
+        _ => Err(no_endpoint()),
     };
     answered.unwrap_or_else(Failure::into_response)
 }
@@ -438,10 +441,7 @@ impl<'a> Call<'a> {
         let revision = writer
             .put(kind, id, &value, expect)
             .await
-            .map_err(|e| match e {
-                WriteError::Conflict { current } => Failure::Changed(kind, current),
-                other => other.into(),
-            })?;
+            .map_err(Failure::write(kind))?;
         audit(
             &principal,
             if patch { "patch" } else { "put" },
@@ -478,10 +478,10 @@ impl<'a> Call<'a> {
                 return Err(Failure::Referenced(kind, id.to_owned(), users));
             }
         }
-        let revision = writer.delete(kind, id, expect).await.map_err(|e| match e {
-            WriteError::Conflict { current } => Failure::Changed(kind, current),
-            other => other.into(),
-        })?;
+        let revision = writer
+            .delete(kind, id, expect)
+            .await
+            .map_err(Failure::write(kind))?;
         audit(
             &self.principal,
             "delete",
