@@ -269,26 +269,31 @@ impl Auth {
 
     /// The CSRF token that goes with session `token`.
     pub fn csrf(&self, token: &str) -> String {
-        let mut mac = HmacSha256::new_from_slice(&self.secret).expect("any key length");
-        mac.update(b"csrf.");
-        mac.update(token.as_bytes());
-        B64.encode(mac.finalize().into_bytes())
+        B64.encode(self.mac(b"csrf.", token.as_bytes()).finalize().into_bytes())
     }
 
     fn sign(&self, payload: &[u8]) -> Vec<u8> {
+        self.mac(b"session.", payload)
+            .finalize()
+            .into_bytes()
+            .to_vec()
+    }
+
+    /// An HMAC over `data` with the secret, for one `purpose`, so that a token made for one
+    /// purpose never verifies for another.
+    fn mac(&self, purpose: &[u8], data: &[u8]) -> HmacSha256 {
         let mut mac = HmacSha256::new_from_slice(&self.secret).expect("any key length");
-        mac.update(b"session.");
-        mac.update(payload);
-        mac.finalize().into_bytes().to_vec()
+        mac.update(purpose);
+        mac.update(data);
+        mac
     }
 
     fn claims(&self, token: &str) -> Option<Claims> {
         let (payload, signature) = token.split_once('.')?;
         let signature = B64.decode(signature).ok()?;
-        let mut mac = HmacSha256::new_from_slice(&self.secret).expect("any key length");
-        mac.update(b"session.");
-        mac.update(payload.as_bytes());
-        mac.verify_slice(&signature).ok()?;
+        self.mac(b"session.", payload.as_bytes())
+            .verify_slice(&signature)
+            .ok()?;
         let payload: serde_json::Value = serde_json::from_slice(&B64.decode(payload).ok()?).ok()?;
         Some(Claims {
             username: payload["u"].as_str()?.to_owned(),
