@@ -46,6 +46,17 @@ fn main() {
         );
     }
     println!("cargo:rerun-if-changed=build.rs");
+    println!(
+        "cargo:rerun-if-changed={}",
+        manifest.join("proto").display()
+    );
+    // The gRPC service the tonic tests run behind weir.
+    tonic_prost_build::configure()
+        .compile_protos(
+            &[manifest.join("proto/echo.proto")],
+            &[manifest.join("proto")],
+        )
+        .expect("compiling tests/proto/echo.proto (protoc: apt-get install protobuf-compiler)");
 
     let packages: Vec<&str> = COMPONENTS.iter().map(|(package, _)| *package).collect();
     let release = build(&workspace, "wasm-plugins", &packages, &[]);

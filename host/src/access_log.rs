@@ -54,6 +54,10 @@ pub struct AccessRecord<'a> {
     pub latency_us: u64,
     /// Microseconds spent inside plugins.
     pub plugin_us: u64,
+    /// For an upgraded connection (WebSocket): the bytes each way and how it ended; then
+    /// `latency_us` is the connection's whole life.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upgraded: Option<crate::upgrade::Spliced>,
 }
 
 /// Writes access-log lines through a background thread.

@@ -49,6 +49,8 @@ pub enum ProxyBody {
     Client(ClientBody),
     /// An upstream's response body, streaming to the client.
     Upstream(UpstreamBody),
+    /// A gRPC response body on its way to a gRPC-Web client: its trailers become a frame.
+    GrpcWeb(Box<crate::grpc_web::WebBody>),
 }
 
 impl ProxyBody {
@@ -94,6 +96,7 @@ impl Body for ProxyBody {
             ),
             ProxyBody::Client(body) => Pin::new(body).poll_frame(cx),
             ProxyBody::Upstream(body) => Pin::new(body).poll_frame(cx),
+            ProxyBody::GrpcWeb(body) => Pin::new(&mut **body).poll_frame(cx),
         }
     }
 
@@ -104,6 +107,7 @@ impl Body for ProxyBody {
             ProxyBody::Trailed(bytes, trailers) => bytes.is_none() && trailers.is_none(),
             ProxyBody::Client(body) => body.is_end_stream(),
             ProxyBody::Upstream(body) => body.is_end_stream(),
+            ProxyBody::GrpcWeb(body) => body.is_end_stream(),
         }
     }
 
@@ -122,6 +126,7 @@ impl Body for ProxyBody {
             }
             ProxyBody::Client(body) => body.size_hint(),
             ProxyBody::Upstream(body) => body.size_hint(),
+            ProxyBody::GrpcWeb(body) => body.size_hint(),
         }
     }
 }

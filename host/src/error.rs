@@ -57,6 +57,10 @@ pub enum GatewayError {
     /// The upstream failed while sending a body that a plugin buffers.
     #[error("could not read the upstream response body: {0}")]
     ResponseBody(String),
+    /// The upstream answered 101 to a request that did not ask to upgrade (or named no
+    /// protocol).
+    #[error("the upstream switched protocols unasked")]
+    UnaskedUpgrade,
 }
 
 impl GatewayError {
@@ -82,7 +86,8 @@ impl GatewayError {
             GatewayError::Upstream(e) if e.is_timeout() => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::Upstream(_)
             | GatewayError::ResponseTooLarge(_)
-            | GatewayError::ResponseBody(_) => StatusCode::BAD_GATEWAY,
+            | GatewayError::ResponseBody(_)
+            | GatewayError::UnaskedUpgrade => StatusCode::BAD_GATEWAY,
         }
     }
 
@@ -109,7 +114,9 @@ impl GatewayError {
             GatewayError::ResponseTooLarge(limit) => {
                 format!("upstream response body is over {limit} bytes")
             }
-            GatewayError::ResponseBody(_) => "upstream failed while sending its response".into(),
+            GatewayError::ResponseBody(_) | GatewayError::UnaskedUpgrade => {
+                "upstream failed while sending its response".into()
+            }
         }
     }
 

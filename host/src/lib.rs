@@ -16,6 +16,7 @@ pub mod edge;
 pub mod error;
 pub mod exchange;
 pub mod gateway;
+pub mod grpc_web;
 pub mod kv;
 pub mod metrics;
 pub mod plugin;
@@ -26,6 +27,8 @@ pub mod server;
 pub mod snapshot;
 pub mod store;
 pub mod timeouts;
+pub mod tls;
+pub mod upgrade;
 pub mod upstream;
 
 pub use access_log::AccessLogTarget;

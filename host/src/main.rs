@@ -151,6 +151,10 @@ struct RunArgs {
     /// Where the proxy listens.
     #[arg(long, default_value = "0.0.0.0:9080")]
     listen: SocketAddr,
+    /// Where the TLS proxy listener listens (default: the config's `server.tls_listen`, or
+    /// none). Certificates come from the store's `ssl` objects.
+    #[arg(long, value_name = "ADDR")]
+    tls_listen: Option<SocketAddr>,
     /// Where the admin listener (metrics, status) listens.
     #[arg(long, default_value = "127.0.0.1:9180")]
     admin_listen: SocketAddr,
@@ -341,6 +345,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let options = GatewayOptions {
         config,
         listen: args.listen,
+        tls_listen: args.tls_listen,
         admin_listen: Some(args.admin_listen),
         access_log: args.access_log,
         module_cache: module_cache(args.module_cache.as_deref()),

@@ -88,6 +88,21 @@ pub struct ListenerLabels {
     pub listener: &'static str,
 }
 
+/// Labels of `weir_tls_cert_expiry_seconds`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CertLabels {
+    /// The `ssl` object's id.
+    pub id: String,
+}
+
+/// Labels of `weir_tls_handshake_failures_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeFailureLabels {
+    /// `timeout`, or `error` (no certificate for the name, a protocol the client cannot
+    /// speak, a reset).
+    pub kind: &'static str,
+}
+
 /// Labels of `weir_client_timeouts_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ClientTimeoutLabels {
@@ -152,6 +167,10 @@ pub struct Metrics {
     pub client_timeouts: Family<ClientTimeoutLabels, Counter>,
     /// Requests refused for their shape before routing, by kind.
     pub client_errors: Family<ClientErrorLabels, Counter>,
+    /// When each served certificate expires, as seconds since the epoch.
+    pub cert_expiry: Family<CertLabels, Gauge>,
+    /// TLS handshakes that failed, by kind.
+    pub handshake_failures: Family<HandshakeFailureLabels, Counter>,
     /// Requests that matched no route (or were refused before routing), as `route="none"`.
     pub unrouted: RouteMetrics,
 }
@@ -268,6 +287,18 @@ impl Metrics {
             "Requests refused for their shape before routing (header_too_large, bad_request, protocol)",
             client_errors.clone(),
         );
+        let cert_expiry = Family::<CertLabels, Gauge>::default();
+        registry.register(
+            "tls_cert_expiry_seconds",
+            "When each served certificate expires, as seconds since the epoch",
+            cert_expiry.clone(),
+        );
+        let handshake_failures = Family::<HandshakeFailureLabels, Counter>::default();
+        registry.register(
+            "tls_handshake_failures",
+            "TLS handshakes on the proxy listener that failed, by kind (timeout, error)",
+            handshake_failures.clone(),
+        );
         let mut metrics = Metrics {
             registry,
             requests,
@@ -287,6 +318,8 @@ impl Metrics {
             connections_refused,
             client_timeouts,
             client_errors,
+            cert_expiry,
+            handshake_failures,
             unrouted: RouteMetrics::detached(),
         };
         metrics.unrouted = metrics.route("none");

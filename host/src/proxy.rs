@@ -11,7 +11,7 @@
 //!    body is done (or the client went away).
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -31,9 +31,12 @@ use crate::edge::{self, strip_hop_by_hop};
 use crate::error::{GatewayError, grpc_error, is_grpc, json_error};
 use crate::exchange::{BufferedBody, RequestView, ResponseView};
 use crate::gateway::Gateway;
+use crate::grpc_web;
 use crate::plugin::{Action, PluginError, Reply, Summary};
+use crate::server::Peer;
 use crate::snapshot::{Route, Snapshot, Target};
 use crate::timeouts::{IdleBody, ServingRequest, Stalled};
+use crate::upgrade::{self, Spliced};
 use crate::upstream::{self, Outbound, OutboundBody, Upstream, UpstreamError};
 
 /// The header a request id is read from when the client sends one.
@@ -43,7 +46,7 @@ const REQUEST_ID_HEADER: &str = "x-request-id";
 pub async fn handle(
     gateway: Arc<Gateway>,
     request: Request<Incoming>,
-    peer: SocketAddr,
+    peer: Peer,
 ) -> Response<ResponseBody> {
     let started = Instant::now();
     let snapshot = gateway.snapshot();
@@ -52,7 +55,7 @@ pub async fn handle(
         gateway: gateway.clone(),
         started,
         request_id: request_id(&parts.headers),
-        client_ip: peer.ip().to_canonical(),
+        client_ip: peer.addr.ip().to_canonical(),
         method: parts.method.clone(),
         uri: parts.uri.clone(),
         normal_path: None,
@@ -63,8 +66,12 @@ pub async fn handle(
         kept_request: None,
         in_flight: None,
         grpc: is_grpc(&parts.headers),
+        grpc_web: grpc_web::is_grpc_web(&parts.headers),
+        upgraded: None,
     };
-    let arrival = match edge::arrive(&snapshot.server, &parts.uri, &mut parts.headers, peer.ip()) {
+    // Read before the edge drops `Connection` and `Upgrade` as hop-by-hop.
+    let upgrade = upgrade::requested(&parts.method, parts.version, &parts.headers);
+    let arrival = match edge::arrive(&snapshot.server, &parts.uri, &mut parts.headers, peer) {
         Ok(arrival) => arrival,
         Err(error) => return finish.fail(error),
     };
@@ -82,6 +89,18 @@ pub async fn handle(
     };
     let route = matched.route.clone();
     finish.route = Some(route.clone());
+    // Translated only where the route says so; elsewhere gRPC-Web goes upstream as it came.
+    finish.grpc_web &= route.config.grpc_web;
+    if finish.grpc_web {
+        grpc_web::request_to_grpc(&mut parts.headers);
+    }
+    // Only a route that allows it upgrades; elsewhere the request goes on as plain HTTP.
+    let upgrade = upgrade
+        .filter(|_| route.config.websocket)
+        .and_then(|protocol| {
+            let client = parts.extensions.remove::<hyper::upgrade::OnUpgrade>()?;
+            Some((protocol, client))
+        });
     let routed_path = match route.config.path_normalization {
         PathNormalization::On => {
             if let Some(unsafe_form) = arrival.raw_only {
@@ -115,6 +134,7 @@ pub async fn handle(
     let (mut request, outcome) =
         request_phase(&route, request, body, &mut finish.plugin_time).await;
     finish.request_id = request.id.clone();
+    let mut switched = None;
     let (response, entered) = match outcome {
         Ok(RequestOutcome::Reply { reply, entered }) => {
             request.writable = false;
@@ -126,14 +146,32 @@ pub async fn handle(
                 finish.kept_request = Some(read_only_copy(&request));
             }
             let upstream = resolve_upstream(&snapshot, &route, service.as_deref());
+            let protocol = upgrade.as_ref().map(|(protocol, _)| protocol.clone());
             let sent = match upstream {
-                Ok(upstream) => upstream_phase(upstream, request, body).await,
+                Ok(upstream) => upstream_phase(upstream, request, body, protocol).await,
                 Err(error) => Err(error),
             };
             let response = match sent {
-                Ok((response, in_flight)) => {
+                Ok((mut response, in_flight, idle)) => {
                     finish.upstream = Some(in_flight.node().addr.clone());
                     finish.in_flight = Some(in_flight);
+                    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                        let upstream_side = response
+                            .extensions_mut()
+                            .remove::<hyper::upgrade::OnUpgrade>();
+                        let protocol = response.headers().get(header::UPGRADE).cloned();
+                        match (upgrade, upstream_side, protocol) {
+                            (Some((_, client)), Some(upstream_side), Some(protocol)) => {
+                                switched = Some(Switch {
+                                    client,
+                                    upstream: upstream_side,
+                                    protocol,
+                                    idle,
+                                });
+                            }
+                            _ => return finish.fail(GatewayError::UnaskedUpgrade),
+                        }
+                    }
                     response.map(ProxyBody::Upstream)
                 }
                 Err(error) => finish.answer_error(error),
@@ -144,9 +182,22 @@ pub async fn handle(
     };
 
     match response_phase(&route, &mut finish, response, entered).await {
-        Ok(response) => finish.respond(response),
+        Ok(response) => match switched {
+            Some(switch) => finish.splice(response, switch),
+            None => finish.respond(response),
+        },
         Err(error) => finish.fail(error),
     }
+}
+
+/// An upgrade the upstream accepted: both connections, once hyper lets go of them.
+struct Switch {
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    /// The upstream's `Upgrade` answer.
+    protocol: HeaderValue,
+    /// How long the spliced connections may both be quiet.
+    idle: Duration,
 }
 
 /// What the request phase decided.
@@ -251,7 +302,8 @@ async fn upstream_phase(
     upstream: &Upstream,
     request: RequestView,
     body: OutboundBody,
-) -> Result<(Response<upstream::UpstreamBody>, InFlight), GatewayError> {
+    upgrade: Option<HeaderValue>,
+) -> Result<(Response<upstream::UpstreamBody>, InFlight, Duration), GatewayError> {
     let key = match &upstream.config.hash_on {
         None => 0,
         Some(HashOn::Ip) => hash_key(request.client_ip.to_string().as_bytes()),
@@ -272,11 +324,15 @@ async fn upstream_phase(
     } = request;
     // The client's were dropped at the edge; these are any a plugin added.
     strip_hop_by_hop(&mut headers);
+    if let Some(protocol) = &upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, protocol.clone());
+    }
     if matches!(body, OutboundBody::Full(..)) {
         // The body may have been replaced; hyper sets the length of the one it sends.
         headers.remove(header::CONTENT_LENGTH);
     }
-    if upstream.config.scheme == crate::config::Scheme::Grpc {
+    if upstream.config.scheme.is_http2() {
         // HTTP/2 carries the authority in the URI; gRPC needs `te: trailers`.
         headers.remove(header::HOST);
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -292,8 +348,11 @@ async fn upstream_phase(
         headers,
         body,
         read_within,
+        upgrade: upgrade.is_some(),
     };
-    Ok(upstream::send(upstream, key, outbound).await?)
+    let (response, in_flight) = upstream::send(upstream, key, outbound).await?;
+    let idle = Duration::from_millis(upstream.config.timeout.idle_ms);
+    Ok((response, in_flight, idle))
 }
 
 /// Phase 4: runs `on-response` in reverse order over the plugins that `entered` the chain,
@@ -398,18 +457,74 @@ pub struct Finish {
     in_flight: Option<InFlight>,
     /// Whether the client speaks gRPC: then errors are gRPC statuses, not JSON.
     grpc: bool,
+    /// Whether the client speaks gRPC-Web: then the answer is translated back to it.
+    grpc_web: bool,
+    /// How an upgraded connection went, once it is over.
+    upgraded: Option<Spliced>,
 }
 
 impl Finish {
+    /// Answers 101 and splices the two connections in a task of their own, which finishes
+    /// (access log, metrics, `on-log`) when the spliced connection ends.
+    fn splice(mut self, response: Response<ProxyBody>, switch: Switch) -> Response<ResponseBody> {
+        self.status = StatusCode::SWITCHING_PROTOCOLS;
+        let (mut parts, _) = response.into_parts();
+        parts.status = StatusCode::SWITCHING_PROTOCOLS;
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(header::UPGRADE, switch.protocol);
+        let (serving, held) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            // The connection counts as serving a request while spliced, so that its
+            // between-requests timeouts do not apply.
+            let _serving = held.await.ok();
+            let (client, upstream) = tokio::join!(switch.client, switch.upstream);
+            let spliced = match (client, upstream) {
+                (Ok(client), Ok(upstream)) => {
+                    upgrade::splice(
+                        hyper_util::rt::TokioIo::new(client),
+                        hyper_util::rt::TokioIo::new(upstream),
+                        switch.idle,
+                    )
+                    .await
+                }
+                (client, upstream) => {
+                    let error = client.err().or(upstream.err());
+                    tracing::debug!(request_id = %self.request_id, ?error, "upgrade did not complete");
+                    Spliced {
+                        ended: "error",
+                        ..Spliced::default()
+                    }
+                }
+            };
+            self.upgraded.replace(spliced);
+        });
+        Response::from_parts(
+            parts,
+            ResponseBody {
+                inner: ProxyBody::Empty,
+                _finish: None,
+                _serving: None,
+                upgraded: Some(serving),
+            },
+        )
+    }
+
     fn respond(mut self, response: Response<ProxyBody>) -> Response<ResponseBody> {
         self.status = response.status();
-        let (parts, body) = response.into_parts();
+        let (mut parts, mut body) = response.into_parts();
+        if self.grpc_web {
+            grpc_web::response_to_web(&mut parts.headers);
+            body = ProxyBody::GrpcWeb(Box::new(grpc_web::WebBody::new(body)));
+        }
         Response::from_parts(
             parts,
             ResponseBody {
                 inner: body,
                 _finish: Some(self),
                 _serving: None,
+                upgraded: None,
             },
         )
     }
@@ -461,6 +576,7 @@ impl Drop for Finish {
                 status,
                 latency_us: latency.as_micros() as u64,
                 plugin_us: self.plugin_time.as_micros() as u64,
+                upgraded: self.upgraded,
             });
         }
         let Some(route) = self.route.take() else {
@@ -516,6 +632,8 @@ pub struct ResponseBody {
     _finish: Option<Finish>,
     /// Held only for its `Drop`.
     _serving: Option<ServingRequest>,
+    /// For a 101: where the connection's serving guard goes, to be held while spliced.
+    upgraded: Option<tokio::sync::oneshot::Sender<ServingRequest>>,
 }
 
 impl ResponseBody {
@@ -525,12 +643,19 @@ impl ResponseBody {
             inner,
             _finish: None,
             _serving: None,
+            upgraded: None,
         }
     }
 
-    /// The same body, holding the connection's count of requests being served until it is done.
+    /// The same body, holding the connection's count of requests being served until it is done
+    /// (for an upgrade, until the spliced connection is).
     pub fn serving(mut self, serving: ServingRequest) -> Self {
-        self._serving = Some(serving);
+        match self.upgraded.take() {
+            Some(splice) => {
+                let _ = splice.send(serving);
+            }
+            None => self._serving = Some(serving),
+        }
         self
     }
 }

@@ -23,13 +23,15 @@ use crate::access_log::AccessLogTarget;
 use crate::admin::{self, Admin, AdminOptions, AdminSetupError};
 use crate::config::{MIN_HEADER_BYTES, ServerConfig};
 use crate::gateway::{Gateway, GatewayInitError};
-use crate::metrics::ListenerLabels;
+use crate::metrics::{HandshakeFailureLabels, ListenerLabels};
 use crate::proxy::{self, ResponseBody};
 use crate::reconcile::Reconciler;
 use crate::store::etcd::{EtcdOptions, EtcdStore};
 use crate::store::file::FileStore;
 use crate::store::{ConfigStore, StoreError};
 use crate::timeouts::{ConnectionActivity, ReadClock, TimedIo, TimeoutCounters};
+use crate::tls::{self, SniResolver};
+use tokio_rustls::TlsAcceptor;
 
 /// How long [`RunningGateway::shutdown`] waits for open connections to finish.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -69,6 +71,8 @@ pub struct GatewayOptions {
     pub config: ConfigSource,
     /// The proxy listener's address.
     pub listen: SocketAddr,
+    /// The TLS proxy listener's address; when `None`, the config's `server.tls_listen`.
+    pub tls_listen: Option<SocketAddr>,
     /// The admin listener's address (metrics, status), if any.
     pub admin_listen: Option<SocketAddr>,
     /// Where access-log lines go.
@@ -109,18 +113,21 @@ pub enum StartError {
 pub struct RunningGateway {
     /// The proxy listener's address (useful with port 0).
     pub addr: SocketAddr,
+    /// The TLS proxy listener's address, when there is one.
+    pub tls_addr: Option<SocketAddr>,
     /// The admin listener's address.
     pub admin_addr: Option<SocketAddr>,
     /// The admin key weir generated at this start (no key was configured), to be shown once.
     pub generated_admin_key: Option<String>,
     gateway: Arc<Gateway>,
-    /// Stops the proxy listener (and then drains its connections).
+    /// Stops the proxy listeners (and then drains their connections).
     stop_accepting: CancellationToken,
     /// Stops everything else: the admin listener and the config watch.
     shutdown: CancellationToken,
     /// Sets how long the proxy listener waits for its connections once it stops.
     drain_timeout: Arc<std::sync::Mutex<Duration>>,
-    proxy: Option<JoinHandle<()>>,
+    /// The proxy listeners, plain and TLS.
+    proxies: Vec<JoinHandle<()>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -149,7 +156,7 @@ impl RunningGateway {
         let deadline = tokio::time::Instant::now() + options.timeout;
         *self.drain_timeout.lock().expect("drain timeout lock") = options.timeout;
         self.stop_accepting.cancel();
-        if let Some(proxy) = self.proxy.take() {
+        for proxy in self.proxies.drain(..) {
             let _ = proxy.await;
         }
         let on_log = self.gateway.pending_on_log();
@@ -216,14 +223,41 @@ pub async fn start(options: GatewayOptions) -> Result<RunningGateway, StartError
         source,
     })?;
     let proxy_gateway = gateway.clone();
-    let proxy = tokio::spawn(serve(
+    let proxy_handler =
+        move |request, client| proxy::handle(proxy_gateway.clone(), request, client);
+    let mut proxies = vec![tokio::spawn(serve(
         "proxy",
         listener,
+        None,
         gateway.clone(),
         stop_accepting.clone(),
         drain_timeout.clone(),
-        move |request, client| proxy::handle(proxy_gateway.clone(), request, client),
-    ));
+        proxy_handler.clone(),
+    ))];
+
+    let mut tls_addr = None;
+    let tls_listen = options
+        .tls_listen
+        .or(gateway.snapshot().server.config.tls_listen);
+    if let Some(listen) = tls_listen {
+        let listener = bind(listen).await?;
+        tls_addr = Some(listener.local_addr().map_err(|source| StartError::Bind {
+            addr: listen,
+            source,
+        })?);
+        let certs = gateway.clone();
+        let resolver = SniResolver(move || certs.snapshot().certs.clone());
+        let acceptor = TlsAcceptor::from(tls::server_config(Arc::new(resolver)));
+        proxies.push(tokio::spawn(serve(
+            "proxy_tls",
+            listener,
+            Some(acceptor),
+            gateway.clone(),
+            stop_accepting.clone(),
+            drain_timeout.clone(),
+            proxy_handler,
+        )));
+    }
 
     let mut admin_addr = None;
     let mut generated_admin_key = None;
@@ -245,22 +279,24 @@ pub async fn start(options: GatewayOptions) -> Result<RunningGateway, StartError
         tasks.push(tokio::spawn(serve(
             "admin",
             listener,
+            None,
             gateway.clone(),
             shutdown.clone(),
             Arc::new(std::sync::Mutex::new(Duration::ZERO)),
             move |request, peer| admin::handle(admin.clone(), request, peer),
         )));
     }
-    tracing::info!(%addr, admin = ?admin_addr, "weir is serving");
+    tracing::info!(%addr, tls = ?tls_addr, admin = ?admin_addr, "weir is serving");
     Ok(RunningGateway {
         addr,
+        tls_addr,
         admin_addr,
         generated_admin_key,
         gateway,
         stop_accepting,
         shutdown,
         drain_timeout,
-        proxy: Some(proxy),
+        proxies,
         tasks,
     })
 }
@@ -296,17 +332,28 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
         .map_err(|source| StartError::Bind { addr, source })
 }
 
-/// Accepts connections until `stop`, serving HTTP/1.1 and HTTP/2 on each under the live
-/// `server` limits, then lets them finish for up to `drain_timeout`.
+/// Who is at the other end of a client connection.
+#[derive(Clone, Copy, Debug)]
+pub struct Peer {
+    /// The TCP peer's address.
+    pub addr: SocketAddr,
+    /// Whether the connection is TLS.
+    pub tls: bool,
+}
+
+/// Accepts connections until `stop`, serving HTTP/1.1 and HTTP/2 (over TLS when `tls` is
+/// set) on each under the live `server` limits, then lets them finish for up to
+/// `drain_timeout`.
 async fn serve<H, F>(
     name: &'static str,
     listener: TcpListener,
+    tls: Option<TlsAcceptor>,
     gateway: Arc<Gateway>,
     stop: CancellationToken,
     drain_timeout: Arc<std::sync::Mutex<Duration>>,
     handler: H,
 ) where
-    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    H: Fn(Request<Incoming>, Peer) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<ResponseBody>> + Send + 'static,
 {
     let graceful = GracefulShutdown::new();
@@ -358,24 +405,59 @@ async fn serve<H, F>(
             counters.clone(),
         );
         let handler = handler.clone();
+        let client = Peer {
+            addr: peer,
+            tls: tls.is_some(),
+        };
         let service = service_fn(move |request| {
             let serving = activity.begin();
             // Boxed once here, so that hyper moves a pointer rather than the whole request future.
-            let response = Box::pin(handler(request, peer));
+            let response = Box::pin(handler(request, client));
             async move { Ok::<_, Infallible>(response.await.map(|body| body.serving(serving))) }
         });
-        let connection = connection_builder(limits)
-            .serve_connection(TokioIo::new(io), service)
-            .into_owned();
-        let connection = graceful.watch(connection);
+        let builder = connection_builder(limits);
+        let watcher = graceful.watcher();
         let open_now = OpenConnection::new(&open_gauge);
         let client_errors = (
             metrics.client_error("header_too_large"),
             metrics.client_error("protocol"),
         );
+        let handshake = tls.clone().map(|acceptor| {
+            let timeout = Duration::from_millis(limits.tls_handshake_timeout_ms);
+            (acceptor, timeout, metrics.handshake_failures.clone())
+        });
         tokio::spawn(async move {
             let _open = open_now;
-            if let Err(error) = connection.await {
+            let result = match handshake {
+                None => {
+                    let connection =
+                        builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+                    watcher.watch(connection.into_owned()).await
+                }
+                Some((acceptor, timeout, failures)) => {
+                    let stream = match tokio::time::timeout(timeout, acceptor.accept(io)).await {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(error)) => {
+                            failures
+                                .get_or_create(&HandshakeFailureLabels { kind: "error" })
+                                .inc();
+                            tracing::debug!(%peer, %error, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            failures
+                                .get_or_create(&HandshakeFailureLabels { kind: "timeout" })
+                                .inc();
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    let connection =
+                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    watcher.watch(connection.into_owned()).await
+                }
+            };
+            if let Err(error) = result {
                 match error.downcast_ref::<hyper::Error>() {
                     Some(e) if e.is_parse_too_large() => client_errors.0.inc(),
                     Some(e) if e.is_parse() => client_errors.1.inc(),

@@ -12,13 +12,14 @@ use http::Method;
 
 use crate::config::{
     AdminConfig, BalancerKind, ConfigObjects, FailurePolicy, Kind, NodeConfig, ObjectError,
-    PluginConfig, RouteConfig, RouteStatus, Scheme, StripPrefix, TenantConfig, Timeouts,
+    PluginConfig, RouteConfig, RouteStatus, Scheme, SslConfig, StripPrefix, TenantConfig, Timeouts,
     UpstreamConfig,
 };
 use crate::edge::ServerSettings;
 use crate::metrics::{Metrics, PluginMetrics, RouteMetrics};
 use crate::plugin::{Module, PluginPool, PluginRuntime};
 use crate::router::{RouteFilter, RouteTable};
+use crate::tls::{CertTable, Certified};
 use crate::upstream::{ClientPool, Upstream};
 
 /// A plugin entry whose module compiled.
@@ -39,6 +40,15 @@ pub struct ChainLink {
     pub failure: FailurePolicy,
     /// Calls, failures and latency of this plugin on this route.
     pub metrics: PluginMetrics,
+}
+
+/// A certificate that loaded.
+#[derive(Debug)]
+pub struct LoadedCert {
+    /// Its config object.
+    pub config: SslConfig,
+    /// The chain and key, ready to serve.
+    pub certified: Certified,
 }
 
 /// Where a route sends its requests.
@@ -107,6 +117,10 @@ pub struct Snapshot {
     pub server: Arc<ServerSettings>,
     /// Who may use the admin listener (the store's `admin` section).
     pub admin: Arc<AdminConfig>,
+    /// Certificates that loaded, by id.
+    pub ssl: BTreeMap<String, Arc<LoadedCert>>,
+    /// Which certificate answers which server name.
+    pub certs: Arc<CertTable>,
     /// Routes by id (the same values as in `routes`).
     pub route_list: BTreeMap<String, Arc<Route>>,
     /// Objects refused in the build that made this snapshot.
@@ -126,6 +140,8 @@ impl Snapshot {
             tenants: BTreeMap::new(),
             server: Arc::new(ServerSettings::default()),
             admin: Arc::new(AdminConfig::default()),
+            ssl: BTreeMap::new(),
+            certs: Arc::new(CertTable::default()),
             route_list: BTreeMap::new(),
             errors: Vec::new(),
             generation: 0,
@@ -211,14 +227,15 @@ impl BuildContext<'_> {
             let old = previous.upstreams.get(id);
             // Keep the running upstream when nothing changed: its counters and pools live on.
             let built = match old {
-                Some(old) if old.config == *config => old.clone(),
-                _ => Arc::new(Upstream::new(config.clone(), self.clients, self.metrics)),
+                Some(old) if old.config == *config => Ok(old.clone()),
+                _ => Upstream::new(config.clone(), self.clients, self.metrics).map(Arc::new),
             };
-            upstreams.insert(id.clone(), built);
+            accept(&mut upstreams, &mut errors, Kind::Upstream, id, built, old);
         }
         keep_unparsed(&mut upstreams, &previous.upstreams, Kind::Upstream, &keep);
 
         let services = self.build_services(objects, previous);
+        let (ssl, certs) = self.build_certificates(objects, previous, &keep, &mut errors);
 
         let mut route_list = BTreeMap::new();
         let mut candidates: Vec<(&String, &RouteConfig)> = objects.routes.iter().collect();
@@ -291,6 +308,8 @@ impl BuildContext<'_> {
             tenants,
             server,
             admin,
+            ssl,
+            certs,
             route_list,
             errors,
             generation: previous.generation + 1,
@@ -315,6 +334,64 @@ impl BuildContext<'_> {
             return previous.server.clone();
         }
         Arc::new(ServerSettings::new(config.clone()))
+    }
+
+    /// The certificates that load, and the table that picks one by server name. A certificate
+    /// that fails keeps its previous version serving; one that claims a name another already
+    /// has is left out.
+    fn build_certificates(
+        &self,
+        objects: &ConfigObjects,
+        previous: &Snapshot,
+        keep: &impl Fn(Kind, &str) -> bool,
+        errors: &mut Vec<ObjectError>,
+    ) -> (BTreeMap<String, Arc<LoadedCert>>, Arc<CertTable>) {
+        let mut loaded = BTreeMap::new();
+        for (id, config) in &objects.ssl {
+            let old = previous.ssl.get(id);
+            let built = match old {
+                Some(old) if old.config == *config => Ok(old.clone()),
+                _ => crate::tls::certified_key(&config.cert, &config.key)
+                    .map(|certified| {
+                        Arc::new(LoadedCert {
+                            config: config.clone(),
+                            certified,
+                        })
+                    })
+                    .map_err(|e| e.to_string()),
+            };
+            accept(&mut loaded, errors, Kind::Ssl, id, built, old);
+        }
+        keep_unparsed(&mut loaded, &previous.ssl, Kind::Ssl, keep);
+        if loaded.len() == previous.ssl.len()
+            && loaded
+                .iter()
+                .zip(&previous.ssl)
+                .all(|((a, x), (b, y))| a == b && Arc::ptr_eq(x, y))
+        {
+            return (loaded, previous.certs.clone());
+        }
+        let (table, refused) = CertTable::build(
+            loaded
+                .values()
+                .map(|cert| (&cert.config, cert.certified.key.clone())),
+        );
+        for (id, reason) in refused {
+            loaded.remove(&id);
+            errors.push(ObjectError::new(Kind::Ssl, id, reason));
+        }
+        for id in previous.ssl.keys().filter(|id| !loaded.contains_key(*id)) {
+            self.metrics
+                .cert_expiry
+                .remove(&crate::metrics::CertLabels { id: id.clone() });
+        }
+        for (id, cert) in &loaded {
+            self.metrics
+                .cert_expiry
+                .get_or_create(&crate::metrics::CertLabels { id: id.clone() })
+                .set(cert.certified.not_after);
+        }
+        (loaded, Arc::new(table))
     }
 
     /// Each service with live nodes becomes a round-robin upstream over them.
@@ -343,12 +420,19 @@ impl BuildContext<'_> {
                 balancer: BalancerKind::Roundrobin,
                 hash_on: None,
                 scheme: Scheme::Http,
+                tls: None,
                 timeout: Timeouts::default(),
                 retries: None,
             };
             let upstream = match previous.services.get(name) {
                 Some(old) if old.config == config => old.clone(),
-                _ => Arc::new(Upstream::new(config, self.clients, self.metrics)),
+                _ => match Upstream::new(config, self.clients, self.metrics) {
+                    Ok(upstream) => Arc::new(upstream),
+                    Err(reason) => {
+                        tracing::warn!(service = %name, %reason, "service not served");
+                        continue;
+                    }
+                },
             };
             services.insert(name.clone(), upstream);
         }
@@ -549,15 +633,20 @@ mod tests {
                 plugins: vec![],
                 path_normalization: Default::default(),
                 status: Default::default(),
+                websocket: false,
+                grpc_web: false,
             },
-            target: Target::Upstream(Arc::new(Upstream::new(
-                serde_json::from_value(
-                    serde_json::json!({"id": "u", "nodes": [{"host": "h", "port": 1}]}),
+            target: Target::Upstream(Arc::new(
+                Upstream::new(
+                    serde_json::from_value(
+                        serde_json::json!({"id": "u", "nodes": [{"host": "h", "port": 1}]}),
+                    )
+                    .unwrap(),
+                    &ClientPool::default(),
+                    &Metrics::new(),
                 )
                 .unwrap(),
-                &ClientPool::default(),
-                &Metrics::new(),
-            ))),
+            )),
             chain: vec![],
             built_from: vec![],
             request_body_limit: None,

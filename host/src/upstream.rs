@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::{self, Authority, PathAndQuery};
-use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, header};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, header};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
@@ -30,9 +30,12 @@ use tokio::time::Instant;
 
 use crate::balancer::{InFlight, Node, NodeSet};
 use crate::body::{BodyError, ClientBody, ProxyBody, reached_end};
-use crate::config::{Scheme, UpstreamConfig};
+use crate::config::{Scheme, UpstreamConfig, UpstreamTls};
 use crate::metrics::Metrics;
 use crate::timeouts::{IdleBody, Stalled, TimedIo};
+use crate::tls::{self, ClientTlsError};
+use rustls_pki_types::ServerName;
+use tokio_rustls::TlsConnector;
 
 /// An idle HTTP/1.1 connection older than this is closed rather than reused.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -53,8 +56,13 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// Builds the runtime form of a validated upstream config.
-    pub fn new(config: UpstreamConfig, clients: &ClientPool, metrics: &Metrics) -> Self {
+    /// Builds the runtime form of a validated upstream config; only its TLS settings can
+    /// fail (a CA bundle that holds no certificate, a system without roots).
+    pub fn new(
+        config: UpstreamConfig,
+        clients: &ClientPool,
+        metrics: &Metrics,
+    ) -> Result<Self, String> {
         let nodes = config
             .nodes
             .iter()
@@ -70,18 +78,31 @@ impl Upstream {
         let connections = config
             .nodes
             .iter()
-            .map(|n| clients.node(config.scheme, &n.host, n.port, send_stall))
-            .collect();
+            .map(|n| {
+                let key = NodeKey {
+                    scheme: config.scheme,
+                    tls: config.tls.clone().filter(|_| config.scheme.is_tls()),
+                    host: n.host.clone(),
+                    port: n.port,
+                    send_stall,
+                };
+                clients.node(key)
+            })
+            .collect::<Result<_, _>>()
+            .map_err(|e: ClientTlsError| format!("tls: {e}"))?;
+        if config.scheme.is_tls() && !config.tls.as_ref().is_none_or(|tls| tls.verify) {
+            tracing::warn!(upstream = %config.id, "tls.verify is false: any certificate is accepted from this upstream's nodes");
+        }
         let others = nodes.selectable().saturating_sub(1);
         let retries = config.retries.map_or(others, |r| r as usize);
         let failures = FailureCounters::new(metrics, &config.id);
-        Upstream {
+        Ok(Upstream {
             config,
             nodes,
             connections,
             attempts: retries + 1,
             failures,
-        }
+        })
     }
 
     fn connect_timeout(&self) -> Duration {
@@ -148,45 +169,49 @@ pub struct ClientPool {
     nodes: Mutex<HashMap<NodeKey, Weak<NodeConnections>>>,
 }
 
+/// What makes two nodes' connections interchangeable.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct NodeKey {
     scheme: Scheme,
+    tls: Option<UpstreamTls>,
     host: String,
     port: u16,
     send_stall: Duration,
 }
 
 impl ClientPool {
-    /// The connections to `host:port` spoken to with `scheme`.
-    fn node(
-        &self,
-        scheme: Scheme,
-        host: &str,
-        port: u16,
-        send_stall: Duration,
-    ) -> Arc<NodeConnections> {
-        let key = NodeKey {
-            scheme,
-            host: host.to_owned(),
-            port,
-            send_stall,
-        };
+    /// The connections to the node `key` names.
+    fn node(&self, key: NodeKey) -> Result<Arc<NodeConnections>, ClientTlsError> {
         let mut nodes = self.nodes.lock().expect("node pool lock");
         if let Some(existing) = nodes.get(&key).and_then(Weak::upgrade) {
-            return existing;
+            return Ok(existing);
         }
         nodes.retain(|_, weak| weak.strong_count() > 0);
-        let authority = Authority::try_from(format_addr(host, port))
+        let authority = Authority::try_from(format_addr(&key.host, key.port))
             .expect("validate() accepts only hosts that parse as an authority");
+        let tls = if key.scheme.is_tls() {
+            let settings = key.tls.clone().unwrap_or_default();
+            let alpn = if key.scheme.is_http2() {
+                tls::ALPN_H2
+            } else {
+                tls::ALPN_HTTP1
+            };
+            let config = tls::client_config(&settings, alpn)?;
+            let name = tls::server_name(&settings, &key.host)?;
+            Some((TlsConnector::from(config), name))
+        } else {
+            None
+        };
         let fresh = Arc::new(NodeConnections {
             key: key.clone(),
             authority,
+            tls,
             idle: Mutex::new(Vec::new()),
             shared: Mutex::new(None),
             opening_shared: tokio::sync::Mutex::new(()),
         });
         nodes.insert(key, Arc::downgrade(&fresh));
-        fresh
+        Ok(fresh)
     }
 }
 
@@ -200,6 +225,8 @@ enum Sender {
 pub struct NodeConnections {
     key: NodeKey,
     authority: Authority,
+    /// For https and grpcs: the connector and the name it asks for.
+    tls: Option<(TlsConnector, ServerName<'static>)>,
     idle: Mutex<Vec<(http1::SendRequest<OutgoingBody>, Instant)>>,
     shared: Mutex<Option<http2::SendRequest<OutgoingBody>>>,
     /// One HTTP/2 connection is opened at a time, so that concurrent first requests share it.
@@ -224,68 +251,82 @@ impl NodeConnections {
         if !fresh && let Some(sender) = self.reuse().await {
             return Ok((sender, true));
         }
-        let _opening = match self.key.scheme {
-            Scheme::Grpc => {
-                let opening = self.opening_shared.lock().await;
-                // Another request may have opened it while this one waited.
-                if !fresh && let Some(sender) = self.reuse().await {
-                    return Ok((sender, true));
-                }
-                Some(opening)
+        let _opening = if self.key.scheme.is_http2() {
+            let opening = self.opening_shared.lock().await;
+            // Another request may have opened it while this one waited.
+            if !fresh && let Some(sender) = self.reuse().await {
+                return Ok((sender, true));
             }
-            Scheme::Http => None,
+            Some(opening)
+        } else {
+            None
         };
-        let stream = self.connect().await?;
-        let io = TokioIo::new(TimedIo::new(stream, self.key.send_stall));
-        let refused = |e: hyper::Error| ConnectFailure(format!("handshake: {e}"));
-        match self.key.scheme {
-            Scheme::Http => {
-                let (sender, connection) =
-                    http1::Builder::new().handshake(io).await.map_err(refused)?;
-                tokio::spawn(async move {
-                    if let Err(error) = connection.await {
-                        tracing::debug!(%error, "upstream connection ended with an error");
-                    }
-                });
-                Ok((Sender::Http1(sender), false))
-            }
-            Scheme::Grpc => {
-                let (sender, connection) = http2::Builder::new(TokioExecutor::new())
-                    .timer(TokioTimer::new())
-                    .handshake(io)
+        let stream = TimedIo::new(self.connect().await?, self.key.send_stall);
+        let sender = match &self.tls {
+            Some((connector, name)) => {
+                let stream = connector
+                    .connect(name.clone(), stream)
                     .await
-                    .map_err(refused)?;
-                tokio::spawn(async move {
-                    if let Err(error) = connection.await {
-                        tracing::debug!(%error, "upstream connection ended with an error");
-                    }
-                });
-                *self.shared.lock().expect("shared connection lock") = Some(sender.clone());
-                Ok((Sender::Http2(sender), false))
+                    .map_err(|e| ConnectFailure(format!("TLS handshake: {}", error_chain(&e))))?;
+                self.handshake(TokioIo::new(stream)).await?
             }
+            None => self.handshake(TokioIo::new(stream)).await?,
+        };
+        if let Sender::Http2(shared) = &sender {
+            *self.shared.lock().expect("shared connection lock") = Some(shared.clone());
+        }
+        Ok((sender, false))
+    }
+
+    /// Speaks HTTP/1.1 or HTTP/2 (as the scheme says) over a new connection.
+    async fn handshake<I>(&self, io: I) -> Result<Sender, ConnectFailure>
+    where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
+        let refused = |e: hyper::Error| ConnectFailure(format!("handshake: {e}"));
+        if self.key.scheme.is_http2() {
+            let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .handshake(io)
+                .await
+                .map_err(refused)?;
+            tokio::spawn(async move {
+                if let Err(error) = connection.await {
+                    tracing::debug!(%error, "upstream connection ended with an error");
+                }
+            });
+            Ok(Sender::Http2(sender))
+        } else {
+            let (sender, connection) =
+                http1::Builder::new().handshake(io).await.map_err(refused)?;
+            tokio::spawn(async move {
+                // With upgrades, so that a 101 hands the connection to the WebSocket splice.
+                if let Err(error) = connection.with_upgrades().await {
+                    tracing::debug!(%error, "upstream connection ended with an error");
+                }
+            });
+            Ok(Sender::Http1(sender))
         }
     }
 
     async fn reuse(&self) -> Option<Sender> {
-        match self.key.scheme {
-            Scheme::Grpc => {
-                let shared = self.shared.lock().expect("shared connection lock");
-                shared
-                    .as_ref()
-                    .filter(|sender| !sender.is_closed())
-                    .map(|sender| Sender::Http2(sender.clone()))
+        if self.key.scheme.is_http2() {
+            let shared = self.shared.lock().expect("shared connection lock");
+            return shared
+                .as_ref()
+                .filter(|sender| !sender.is_closed())
+                .map(|sender| Sender::Http2(sender.clone()));
+        }
+        loop {
+            let (mut sender, since) = self.idle.lock().expect("idle connection lock").pop()?;
+            if sender.is_closed() || since.elapsed() > IDLE_TIMEOUT {
+                continue;
             }
-            Scheme::Http => loop {
-                let (mut sender, since) = self.idle.lock().expect("idle connection lock").pop()?;
-                if sender.is_closed() || since.elapsed() > IDLE_TIMEOUT {
-                    continue;
-                }
-                // Its last response was read to the end; the connection may still be wrapping
-                // that exchange up, which takes moments.
-                if sender.ready().await.is_ok() {
-                    return Some(Sender::Http1(sender));
-                }
-            },
+            // Its last response was read to the end; the connection may still be wrapping
+            // that exchange up, which takes moments.
+            if sender.ready().await.is_ok() {
+                return Some(Sender::Http1(sender));
+            }
         }
     }
 
@@ -440,6 +481,9 @@ pub struct Outbound {
     /// A bound on the read time tighter than the upstream's `read_ms` (a gRPC client's
     /// `grpc-timeout`).
     pub read_within: Option<Duration>,
+    /// Whether it asks to upgrade: it then goes on a connection of its own, never a pooled
+    /// one, and a 101 keeps that connection out of the pool.
+    pub upgrade: bool,
 }
 
 /// A request body handed to an upstream connection; it says when its last byte has been
@@ -623,7 +667,14 @@ pub async fn send(
         headers,
         body,
         read_within,
+        upgrade,
     } = request;
+    if upgrade && upstream.config.scheme.is_http2() {
+        return Err(UpstreamError::Failed {
+            node: upstream.config.id.clone(),
+            reason: "an upgrade needs an HTTP/1.1 upstream (scheme http or https)".into(),
+        });
+    }
     let path_and_query =
         PathAndQuery::try_from(path_and_query).map_err(|e| UpstreamError::Failed {
             node: upstream.config.id.clone(),
@@ -640,6 +691,7 @@ pub async fn send(
         headers,
         body: None,
         read,
+        upgrade,
     };
     attempt.retry_after_send = attempt.method.is_idempotent() && body.replay().is_some();
     attempt.body = Some(body);
@@ -685,6 +737,8 @@ struct Attempt<'a> {
     body: Option<OutboundBody>,
     /// How long a node may take to answer.
     read: Duration,
+    /// Whether the request asks to upgrade.
+    upgrade: bool,
 }
 
 impl Attempt<'_> {
@@ -699,7 +753,7 @@ impl Attempt<'_> {
         let upstream = self.upstream;
         let connections = &upstream.connections[index];
         let keep_copy = self.retry_after_send && !last;
-        let mut fresh = false;
+        let mut fresh = self.upgrade;
         loop {
             let checkout =
                 tokio::time::timeout(upstream.connect_timeout(), connections.checkout(fresh));
@@ -740,6 +794,11 @@ impl Attempt<'_> {
                 Ok(response) => {
                     let (parts, incoming) = response.into_parts();
                     let give_back = match sender {
+                        // Upgraded: the connection now belongs to the splice.
+                        Sender::Http1(_) if parts.status == StatusCode::SWITCHING_PROTOCOLS => None,
+                        // An upgrade the node declined: the connection may be left in any
+                        // state, so it is not reused.
+                        Sender::Http1(_) if self.upgrade => None,
                         // A response without a body (HEAD, 204, 304) is never read: its
                         // connection is free now.
                         Sender::Http1(sender) if incoming.is_end_stream() => {
@@ -818,7 +877,11 @@ fn build_request(
         Sender::Http2(_) => {
             *request.version_mut() = http::Version::HTTP_2;
             let mut parts = uri::Parts::default();
-            parts.scheme = Some(uri::Scheme::HTTP);
+            parts.scheme = Some(if connections.tls.is_some() {
+                uri::Scheme::HTTPS
+            } else {
+                uri::Scheme::HTTP
+            });
             parts.authority = Some(connections.authority.clone());
             parts.path_and_query = Some(path_and_query.clone());
             Uri::from_parts(parts).expect("scheme, authority and path make a URI")

@@ -835,6 +835,7 @@ async fn with_no_key_configured_weir_generates_one_and_refuses_to_listen_beyond_
     let exposed = weir::GatewayOptions {
         config: ConfigSource::File(config.clone()),
         listen: "127.0.0.1:0".parse().unwrap(),
+        tls_listen: None,
         admin_listen: Some("0.0.0.0:0".parse().unwrap()),
         access_log: weir::AccessLogTarget::Off,
         module_cache: None,

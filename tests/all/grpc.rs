@@ -227,3 +227,300 @@ async fn an_upstreams_trailers_only_error_reaches_the_client_intact() {
     assert_eq!(headers["grpc-message"], "backend%20down");
     assert!(body.is_empty(), "no message: {body:?}");
 }
+
+mod tonic_peers {
+    //! A tonic client and a tonic server with weir between them: every kind of call, metadata
+    //! both ways, an error status, a 1 MiB message, the gateway's own error, and a route whose
+    //! plugin buffers both bodies.
+
+    use futures_util::StreamExt;
+    use serde_json::json;
+    use tonic::Code;
+    use tonic::transport::Channel;
+    use weir_tests::grpc::echo::echo_client::EchoClient;
+    use weir_tests::grpc::echo::{EchoReply, EchoRequest};
+    use weir_tests::grpc::echo_server;
+    use weir_tests::{TestGateway, yaml};
+
+    fn ask(message: &str) -> EchoRequest {
+        EchoRequest {
+            message: message.into(),
+            ..EchoRequest::default()
+        }
+    }
+
+    async fn client(gateway: &TestGateway) -> EchoClient<Channel> {
+        let channel = Channel::from_shared(format!("http://{}", gateway.addr()))
+            .unwrap()
+            .connect()
+            .await
+            .expect("an h2c connection to weir");
+        EchoClient::new(channel)
+            .max_decoding_message_size(8 << 20)
+            .max_encoding_message_size(8 << 20)
+    }
+
+    async fn gateway_for(port: u16, plugins: serde_json::Value) -> TestGateway {
+        TestGateway::start(&yaml(json!({
+            "upstreams": [{"id": "echo", "scheme": "grpc", "nodes": [{"host": "127.0.0.1", "port": port}]}],
+            "plugins": [weir_tests::probe_entry("probe", json!({}))],
+            "routes": [{"id": "echo", "uri": "/weir.test.Echo/*", "upstream_id": "echo",
+                        "plugins": plugins}],
+        })))
+        .await
+    }
+
+    /// Every kind of call through `gateway`, checked end to end. `interleaved`: the
+    /// bidirectional call waits for each answer before it sends the next message (which a
+    /// route that buffers the whole request body cannot do).
+    async fn every_kind_of_call(gateway: &TestGateway, interleaved: bool) {
+        let mut echo = client(gateway).await;
+
+        let mut request = tonic::Request::new(ask("hello"));
+        request
+            .metadata_mut()
+            .insert("x-client-meta", "from-the-client".parse().unwrap());
+        let response = echo.unary(request).await.expect("unary");
+        assert_eq!(
+            response.metadata().get("x-server-meta").unwrap(),
+            "from-the-client"
+        );
+        assert_eq!(response.get_ref().message, "hello");
+
+        let mut stream = echo
+            .server_stream(EchoRequest {
+                count: 5,
+                ..ask("n")
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut got = Vec::new();
+        while let Some(reply) = stream.next().await {
+            got.push(reply.unwrap().message);
+        }
+        assert_eq!(got, ["n 0", "n 1", "n 2", "n 3", "n 4"]);
+
+        // Messages, then an error with trailing metadata: it comes in the HTTP/2 trailers.
+        let mut stream = echo
+            .server_stream(EchoRequest {
+                count: 2,
+                fail: "late".into(),
+                ..ask("m")
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(stream.next().await.unwrap().unwrap().message, "m 0");
+        assert_eq!(stream.next().await.unwrap().unwrap().message, "m 1");
+        let status = stream.next().await.unwrap().unwrap_err();
+        assert_eq!(status.code(), Code::Aborted);
+        assert_eq!(status.message(), "late");
+        assert_eq!(
+            status.metadata().get("x-trailer").unwrap(),
+            "from-the-server"
+        );
+
+        let outgoing = futures_util::stream::iter((0..10).map(|i| ask(&format!("c{i}"))));
+        let joined = echo.client_stream(outgoing).await.unwrap().into_inner();
+        assert_eq!(joined.message, "c0,c1,c2,c3,c4,c5,c6,c7,c8,c9");
+
+        if interleaved {
+            let (sender, receiver) = tokio::sync::mpsc::channel(1);
+            let outgoing = tokio_stream_of(receiver);
+            let mut replies = echo.bidi(outgoing).await.unwrap().into_inner();
+            for i in 0..10 {
+                // One at a time: each answer comes back before the next message goes.
+                sender.send(ask(&format!("b{i}"))).await.unwrap();
+                let reply: EchoReply = replies.next().await.unwrap().unwrap();
+                assert_eq!(reply.message, format!("B{i}"));
+            }
+            drop(sender);
+            assert!(replies.next().await.is_none());
+        } else {
+            let outgoing = futures_util::stream::iter((0..10).map(|i| ask(&format!("b{i}"))));
+            let replies = echo.bidi(outgoing).await.unwrap().into_inner();
+            let got: Vec<String> = replies.map(|r| r.unwrap().message).collect().await;
+            let expected: Vec<String> = (0..10).map(|i| format!("B{i}")).collect();
+            assert_eq!(got, expected);
+        }
+
+        let status = echo
+            .unary(EchoRequest {
+                fail: "boom: it failed".into(),
+                ..ask("x")
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Aborted);
+        assert_eq!(status.message(), "boom: it failed");
+    }
+
+    fn tokio_stream_of(
+        mut receiver: tokio::sync::mpsc::Receiver<EchoRequest>,
+    ) -> impl futures_util::Stream<Item = EchoRequest> {
+        futures_util::stream::poll_fn(move |cx| receiver.poll_recv(cx))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_kind_of_call_goes_through() {
+        let server = echo_server().await;
+        let gateway = gateway_for(server.port(), json!([])).await;
+        every_kind_of_call(&gateway, true).await;
+
+        // A 1 MiB message each way.
+        let payload = vec![0xA5u8; 1 << 20];
+        let reply = client(&gateway)
+            .await
+            .unary(EchoRequest {
+                payload: payload.clone(),
+                ..ask("big")
+            })
+            .await
+            .expect("a 1 MiB unary call");
+        assert_eq!(reply.into_inner().payload, payload);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_kind_of_call_goes_through_a_plugin_that_buffers_both_bodies() {
+        let server = echo_server().await;
+        let gateway = gateway_for(
+            server.port(),
+            json!([{"name": "probe", "config": {"mode": "inspect"}}]),
+        )
+        .await;
+        every_kind_of_call(&gateway, false).await;
+        // The plugin did read the bodies it was given.
+        let response = client(&gateway)
+            .await
+            .unary(ask("seen"))
+            .await
+            .expect("unary");
+        let bytes: usize = response
+            .metadata()
+            .get("x-response-body-bytes")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(bytes > 5, "the buffered reply: {bytes} bytes");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_client_reads_the_gateways_own_error_as_unavailable() {
+        let dead = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let gateway = gateway_for(dead, json!([])).await;
+        let status = client(&gateway)
+            .await
+            .unary(ask("anyone?"))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert_eq!(status.message(), "upstream unavailable");
+    }
+}
+
+mod grpc_web {
+    //! gRPC-Web from a browser (the wire format built here, over HTTP/1.1) to a tonic server
+    //! that speaks only gRPC.
+
+    use bytes::{Buf, Bytes};
+    use http::{Method, StatusCode};
+    use http_body_util::{BodyExt, Full};
+    use prost::Message;
+    use serde_json::json;
+    use weir_tests::grpc::echo::{EchoReply, EchoRequest};
+    use weir_tests::grpc::echo_server;
+    use weir_tests::{TestGateway, request, yaml};
+
+    /// One gRPC-Web frame: flag, length, payload.
+    fn frame(flag: u8, payload: &[u8]) -> Vec<u8> {
+        let mut out = vec![flag];
+        out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        out.extend_from_slice(payload);
+        out
+    }
+
+    /// The frames of a gRPC-Web body, as (flag, payload).
+    fn frames(mut body: Bytes) -> Vec<(u8, Bytes)> {
+        let mut out = Vec::new();
+        while body.has_remaining() {
+            let flag = body.get_u8();
+            let length = body.get_u32() as usize;
+            out.push((flag, body.split_to(length)));
+        }
+        out
+    }
+
+    async fn call(
+        gateway: &TestGateway,
+        path: &str,
+        message: EchoRequest,
+    ) -> (StatusCode, http::HeaderMap, Vec<(u8, Bytes)>) {
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<Full<Bytes>>();
+        let body = frame(0, &message.encode_to_vec());
+        let call = request(Method::POST, &gateway.url(path))
+            .header("content-type", "application/grpc-web+proto")
+            .header("x-grpc-web", "1")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        let response = client.request(call).await.expect("a response");
+        let (parts, body) = response.into_parts();
+        let collected = body.collect().await.unwrap();
+        assert!(
+            collected.trailers().is_none(),
+            "no HTTP trailers for a browser"
+        );
+        (parts.status, parts.headers, frames(collected.to_bytes()))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_grpc_web_call_gets_its_trailers_as_the_last_frame() {
+        let server = echo_server().await;
+        let gateway = TestGateway::start(&yaml(json!({
+            "upstreams": [{"id": "echo", "scheme": "grpc", "nodes": [{"host": "127.0.0.1", "port": server.port()}]}],
+            "routes": [{"id": "echo", "uri": "/weir.test.Echo/*", "upstream_id": "echo", "grpc_web": true}],
+        })))
+        .await;
+
+        let ask = EchoRequest {
+            message: "from a browser".into(),
+            ..EchoRequest::default()
+        };
+        let (status, headers, frames) = call(&gateway, "/weir.test.Echo/Unary", ask).await;
+        assert_eq!(status, StatusCode::OK);
+        // tonic answers `application/grpc`, which becomes `application/grpc-web`.
+        assert_eq!(headers["content-type"], "application/grpc-web");
+        assert_eq!(frames.len(), 2, "a message, then the trailers: {frames:?}");
+        assert_eq!(frames[0].0, 0);
+        let reply = EchoReply::decode(frames[0].1.clone()).unwrap();
+        assert_eq!(reply.message, "from a browser");
+        assert_eq!(frames[1].0, 0x80);
+        let trailers = String::from_utf8(frames[1].1.to_vec()).unwrap();
+        assert!(trailers.contains("grpc-status:0\r\n"), "{trailers:?}");
+
+        // Messages, then an error: its status and metadata are in the trailers frame.
+        let ask = EchoRequest {
+            message: "s".into(),
+            count: 2,
+            fail: "stop".into(),
+            ..EchoRequest::default()
+        };
+        let (_, _, frames) = call(&gateway, "/weir.test.Echo/ServerStream", ask).await;
+        assert_eq!(frames.len(), 3, "{frames:?}");
+        let trailers = String::from_utf8(frames[2].1.to_vec()).unwrap();
+        assert!(trailers.contains("grpc-status:10\r\n"), "{trailers:?}");
+        assert!(trailers.contains("grpc-message:stop\r\n"), "{trailers:?}");
+        assert!(
+            trailers.contains("x-trailer:from-the-server\r\n"),
+            "{trailers:?}"
+        );
+    }
+}

@@ -17,3 +17,5 @@ mod reload;
 mod routing;
 mod sandbox;
 mod tenants;
+mod tls;
+mod websocket;

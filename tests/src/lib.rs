@@ -23,6 +23,8 @@ use weir::{AccessLogTarget, ConfigSource, GatewayOptions, RunningGateway};
 
 pub mod browser;
 pub mod etcd;
+pub mod grpc;
+pub mod tls;
 
 /// Paths of the plugin components that build.rs built.
 pub mod plugins {
@@ -328,6 +330,7 @@ impl TestGateway {
         let options = GatewayOptions {
             config: source,
             listen: "127.0.0.1:0".parse().expect("an address"),
+            tls_listen: Some("127.0.0.1:0".parse().expect("an address")),
             admin_listen: Some("127.0.0.1:0".parse().expect("an address")),
             access_log: AccessLogTarget::File(access_log.clone()),
             module_cache,
@@ -360,6 +363,13 @@ impl TestGateway {
     /// The proxy listener's address.
     pub fn addr(&self) -> SocketAddr {
         self.running().addr
+    }
+
+    /// The TLS proxy listener's address.
+    pub fn tls_addr(&self) -> SocketAddr {
+        self.running()
+            .tls_addr
+            .expect("test gateways listen for TLS")
     }
 
     /// The proxy URL for `path`.
@@ -654,6 +664,7 @@ pub async fn serve_as_child() {
     let options = GatewayOptions {
         config,
         listen: "127.0.0.1:0".parse().expect("an address"),
+        tls_listen: None,
         admin_listen: Some("127.0.0.1:0".parse().expect("an address")),
         access_log,
         module_cache: None,

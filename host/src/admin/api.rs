@@ -20,7 +20,7 @@ use super::auth::{CSRF_HEADER, LoginError, Principal, Refusal, SESSION_COOKIE, c
 use crate::body::ProxyBody;
 use crate::config::{
     self, AdminConfig, FieldError, Kind, PluginConfig, RouteConfig, ServerConfig, ServiceNode,
-    TenantConfig, UpstreamConfig,
+    SslConfig, TenantConfig, UpstreamConfig,
 };
 use crate::store::{ConfigWriter, Expect, StoredObject, WriteError};
 
@@ -212,6 +212,7 @@ fn kind_of(segment: &str) -> Option<Kind> {
         "upstreams" => Kind::Upstream,
         "plugins" => Kind::Plugin,
         "tenants" => Kind::Tenant,
+        "ssl" => Kind::Ssl,
         _ => return None,
     })
 }
@@ -341,6 +342,11 @@ impl<'a> Call<'a> {
                 .collect(),
             Kind::Tenant => objects
                 .tenants
+                .iter()
+                .map(|(id, o)| stored(id, to_json(o)))
+                .collect(),
+            Kind::Ssl => objects
+                .ssl
                 .iter()
                 .map(|(id, o)| stored(id, to_json(o)))
                 .collect(),
@@ -639,13 +645,28 @@ fn page_param(text: Option<&str>, default: usize, name: &str) -> Result<usize, F
     }
 }
 
-/// How an object is answered: `{id, revision, value}`.
+/// How an object is answered: `{id, revision, value}`, private keys left out.
 fn envelope(object: &StoredObject) -> Value {
+    let mut value = object.value.clone();
+    redact(&mut value);
     json!({
         "id": object.id,
         "revision": (object.revision > 0).then_some(object.revision),
-        "value": object.value,
+        "value": value,
     })
+}
+
+/// What stands in for a private key in an answer: keys are written, never read back.
+pub const REDACTED: &str = "<redacted>";
+
+/// Replaces the private keys an object holds (an `ssl` object's `key`, an upstream's
+/// `tls.client_key`), so that no answer carries one. A PATCH still merges over the stored key.
+fn redact(value: &mut Value) {
+    for pointer in ["/key", "/tls/client_key"] {
+        if let Some(key @ Value::String(_)) = value.pointer_mut(pointer) {
+            *key = Value::String(REDACTED.into());
+        }
+    }
 }
 
 fn with_etag(mut response: Response<ProxyBody>, object: &StoredObject) -> Response<ProxyBody> {
@@ -667,7 +688,7 @@ fn field(path: &str, message: impl Into<String>) -> FieldError {
 /// Puts the URL's id into the body (or checks the body's against it).
 fn name_it(kind: Kind, id: &str, value: &mut Value) -> Result<(), Failure> {
     let id_field = match kind {
-        Kind::Route | Kind::Upstream => "id",
+        Kind::Route | Kind::Upstream | Kind::Ssl => "id",
         Kind::Plugin | Kind::Tenant => "name",
         Kind::ServiceNode => {
             return id
@@ -729,6 +750,9 @@ fn check_object(kind: Kind, value: &Value) -> Result<Vec<(String, Kind, String)>
             .map(|_| Vec::new())
             .map_err(invalid)?,
         Kind::Tenant => config::parse::<TenantConfig>(value)
+            .map(|_| Vec::new())
+            .map_err(invalid)?,
+        Kind::Ssl => config::parse::<SslConfig>(value)
             .map(|_| Vec::new())
             .map_err(invalid)?,
         Kind::ServiceNode => config::parse::<ServiceNode>(value)
@@ -863,6 +887,7 @@ fn schema(kind: &str) -> Answer {
         "upstreams" => schemars::schema_for!(UpstreamConfig),
         "plugins" => schemars::schema_for!(PluginConfig),
         "tenants" => schemars::schema_for!(TenantConfig),
+        "ssl" => schemars::schema_for!(SslConfig),
         "services" => schemars::schema_for!(ServiceNode),
         "server" => schemars::schema_for!(ServerConfig),
         other => {

@@ -24,6 +24,7 @@ use crate::config::{AdminConfig, OPENABLE};
 use crate::gateway::Gateway;
 use crate::plugin::sha256_hex;
 use crate::proxy::ResponseBody;
+use crate::server::Peer;
 use crate::store::ConfigStore;
 
 /// What the admin listener serves from.
@@ -178,9 +179,9 @@ fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
 pub async fn handle(
     admin: Arc<Admin>,
     request: Request<Incoming>,
-    peer: SocketAddr,
+    peer: Peer,
 ) -> Response<ResponseBody> {
-    let response = route(&admin, request, peer).await;
+    let response = route(&admin, request, peer.addr).await;
     response.map(ResponseBody::plain)
 }
 

@@ -35,6 +35,9 @@ pub(super) fn ready(gateway: &Gateway) -> Response<ProxyBody> {
 
 pub(super) fn status(gateway: &Gateway) -> Response<ProxyBody> {
     let snapshot = gateway.snapshot();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
     let body = serde_json::json!({
         "store": *gateway.health(),
         "generation": snapshot.generation,
@@ -58,6 +61,13 @@ pub(super) fn status(gateway: &Gateway) -> Response<ProxyBody> {
                 "usage": {"memory_bytes": memory, "instances": instances, "kv_entries": kv_entries, "kv_bytes": kv_bytes},
             })
         }).collect::<Vec<_>>(),
+        "certificates": snapshot.ssl.iter().map(|(id, cert)| serde_json::json!({
+            "id": id,
+            "snis": cert.config.snis,
+            "default": cert.config.default,
+            "not_after": cert.certified.not_after,
+            "expires_in_seconds": cert.certified.not_after - now,
+        })).collect::<Vec<_>>(),
         "quarantined": gateway.runtime().quarantined().iter().map(|(plugin, left)| serde_json::json!({
             "plugin": plugin,
             // Rounded up: 0 means the next call probes the plugin, not "in under 1 ms".

@@ -8,6 +8,7 @@ mod node;
 mod plugin;
 mod route;
 mod server;
+mod ssl;
 mod tenant;
 mod upstream;
 
@@ -24,9 +25,11 @@ pub use self::plugin::{
 };
 pub use self::route::{PathNormalization, PluginRef, RouteConfig, RouteStatus, StripPrefix};
 pub use self::server::{MIN_HEADER_BYTES, ServerConfig, TrustedProxy};
+pub use self::ssl::SslConfig;
 pub use self::tenant::{Quotas, TenantConfig};
 pub use self::upstream::{
     BalancerKind, HashOn, MAX_WEIGHT, NodeConfig, NodeStatus, Scheme, Timeouts, UpstreamConfig,
+    UpstreamTls,
 };
 
 /// The kinds of config object, as they appear in error reports and the etcd layout.
@@ -47,6 +50,8 @@ pub enum Kind {
     ServiceNode,
     /// `admin`: who may use the admin listener.
     Admin,
+    /// `ssl`: a certificate the TLS listener serves.
+    Ssl,
     /// A plugin module, by sha256.
     Module,
     /// A key the store does not understand.
@@ -63,6 +68,7 @@ impl fmt::Display for Kind {
             Kind::Server => "server",
             Kind::ServiceNode => "service node",
             Kind::Admin => "admin",
+            Kind::Ssl => "ssl",
             Kind::Module => "module",
             Kind::Key => "key",
         })
@@ -324,6 +330,8 @@ pub struct ConfigObjects {
     pub server: Option<ServerConfig>,
     /// The `admin` section, when the store has one.
     pub admin: Option<AdminConfig>,
+    /// Certificates by id.
+    pub ssl: BTreeMap<String, SslConfig>,
 }
 
 /// The longest any configured timeout may be: one day.
@@ -394,6 +402,10 @@ fn one() -> u32 {
 /// The default of the timeouts that bound a stream's pauses: a minute.
 fn default_stream_ms() -> u64 {
     60_000
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn is_false(value: &bool) -> bool {

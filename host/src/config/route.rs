@@ -45,6 +45,15 @@ pub struct RouteConfig {
     /// `status: disabled` answers 404 as if the route were absent, and keeps it stored.
     #[serde(default, skip_serializing_if = "RouteStatus::is_enabled")]
     pub status: RouteStatus,
+    /// `websocket: true` forwards `Upgrade` requests (WebSocket and others) and splices the
+    /// connections after the upstream's 101. Elsewhere an upgrade request goes upstream as a
+    /// plain request, without its upgrade headers.
+    #[serde(default, skip_serializing_if = "super::is_false")]
+    pub websocket: bool,
+    /// `grpc_web: true` translates browsers' gRPC-Web requests (`application/grpc-web`,
+    /// `application/grpc-web+proto`) to gRPC for the upstream, and the answers back.
+    #[serde(default, skip_serializing_if = "super::is_false")]
+    pub grpc_web: bool,
 }
 
 /// Whether a route serves: the dashboard's switch per route.

@@ -38,6 +38,14 @@ pub struct ServerConfig {
     /// `trusted_proxies: [10.0.0.0/8]`: peers whose `X-Forwarded-*` headers are believed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub trusted_proxies: Vec<TrustedProxy>,
+    /// `tls_listen: 0.0.0.0:9443`: where the TLS listener binds, when `--tls-listen` is not
+    /// given. Read at start; a change takes effect at the next restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<String>")]
+    pub tls_listen: Option<std::net::SocketAddr>,
+    /// `tls_handshake_timeout_ms: 10000`: for a client to finish its TLS handshake.
+    #[serde(default = "default_header_timeout_ms")]
+    pub tls_handshake_timeout_ms: u64,
 }
 
 /// A network whose `X-Forwarded-*` headers are believed: `10.0.0.0/8`, or one address.
@@ -76,6 +84,8 @@ impl Default for ServerConfig {
             max_connections: default_max_connections(),
             http2_max_streams: default_http2_max_streams(),
             trusted_proxies: Vec::new(),
+            tls_listen: None,
+            tls_handshake_timeout_ms: default_header_timeout_ms(),
         }
     }
 }
@@ -123,6 +133,7 @@ impl ConfigObject for ServerConfig {
             ("keepalive_timeout_ms", self.keepalive_timeout_ms),
             ("body_timeout_ms", self.body_timeout_ms),
             ("send_timeout_ms", self.send_timeout_ms),
+            ("tls_handshake_timeout_ms", self.tls_handshake_timeout_ms),
         ] {
             checks.check(format!("/{name}"), check_timeout(name, ms));
         }

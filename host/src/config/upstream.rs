@@ -21,9 +21,13 @@ pub struct UpstreamConfig {
     /// `hash_on: ip | uri | header:x-user-id`, for `type: chash`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hash_on: Option<HashOn>,
-    /// `scheme: http | grpc`: grpc speaks HTTP/2 without TLS (h2c).
+    /// `scheme: http | https | grpc | grpcs`: grpc speaks HTTP/2 without TLS (h2c), grpcs
+    /// HTTP/2 over TLS.
     #[serde(default)]
     pub scheme: Scheme,
+    /// `tls: {ca: PEM, sni: api.internal, verify: true}`: for https and grpcs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<UpstreamTls>,
     /// `timeout: {connect_ms: 1000, read_ms: 15000}`
     #[serde(default)]
     pub timeout: Timeouts,
@@ -142,6 +146,67 @@ pub enum Scheme {
     Http,
     /// HTTP/2 without TLS (h2c), for gRPC.
     Grpc,
+    /// HTTP/1.1 over TLS.
+    Https,
+    /// HTTP/2 over TLS, for gRPC.
+    Grpcs,
+}
+
+impl Scheme {
+    /// Whether connections speak HTTP/2.
+    pub fn is_http2(self) -> bool {
+        matches!(self, Scheme::Grpc | Scheme::Grpcs)
+    }
+
+    /// Whether connections are TLS.
+    pub fn is_tls(self) -> bool {
+        matches!(self, Scheme::Https | Scheme::Grpcs)
+    }
+}
+
+/// How connections to an https or grpcs upstream are verified and identified.
+#[derive(Clone, PartialEq, Eq, Hash, Deserialize, Serialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTls {
+    /// `ca: "-----BEGIN CERTIFICATE-----..."`: the PEM roots to trust instead of the system's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<String>,
+    /// `sni: api.internal`: the name to ask for and verify, instead of the node's host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sni: Option<String>,
+    /// `verify: false` accepts any certificate; weir logs a warning when it loads one.
+    #[serde(default = "super::yes")]
+    pub verify: bool,
+    /// `client_cert: PEM`: a chain to present (mutual TLS), with `client_key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cert: Option<String>,
+    /// `client_key: PEM`: the key of `client_cert`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_key: Option<String>,
+}
+
+impl Default for UpstreamTls {
+    fn default() -> Self {
+        UpstreamTls {
+            ca: None,
+            sni: None,
+            verify: true,
+            client_cert: None,
+            client_key: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for UpstreamTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The client key never reaches a log line.
+        f.debug_struct("UpstreamTls")
+            .field("sni", &self.sni)
+            .field("verify", &self.verify)
+            .field("ca", &self.ca.is_some())
+            .field("client_cert", &self.client_cert.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Upstream timeouts; each bounds one thing.
@@ -257,6 +322,50 @@ impl ConfigObject for UpstreamConfig {
             );
         }
         let _ = MAX_TIMEOUT_MS;
+        if self.tls.is_some() && !self.scheme.is_tls() {
+            checks.fail("/tls", "`tls` applies to scheme https or grpcs");
+        }
+        if self.scheme.is_tls() {
+            self.check_tls(checks);
+        }
+    }
+}
+
+impl UpstreamConfig {
+    /// The TLS settings of an https or grpcs upstream: they must build a client config, and
+    /// each node must have a name to verify (its host, or `tls.sni`).
+    fn check_tls(&self, checks: &mut Checks) {
+        let tls = self.tls.clone().unwrap_or_default();
+        if let Err(error) = crate::tls::client_config(&tls, crate::tls::ALPN_H2) {
+            checks.fail("/tls", error.to_string());
+        }
+        if tls.client_cert.is_some() != tls.client_key.is_some() {
+            checks.fail(
+                "/tls",
+                "set both `client_cert` and `client_key`, or neither",
+            );
+        }
+        match &tls.sni {
+            Some(sni) => checks.check(
+                "/tls/sni",
+                crate::tls::server_name(&tls, sni)
+                    .map(drop)
+                    .map_err(|e| e.to_string()),
+            ),
+            None => {
+                for (index, node) in self.nodes.iter().enumerate() {
+                    if crate::tls::server_name(&tls, &node.host).is_err() {
+                        checks.fail(
+                            format!("/nodes/{index}/host"),
+                            format!(
+                                "{:?} is not a name TLS can verify; set `tls.sni`",
+                                node.host
+                            ),
+                        );
+                    }
+                }
+            }
+        }
     }
 }
 

@@ -13,6 +13,7 @@ use ipnet::IpNet;
 
 use crate::config::ServerConfig;
 use crate::error::GatewayError;
+use crate::server::Peer;
 
 use self::normalise::{PathError, normalise};
 
@@ -53,12 +54,13 @@ pub struct Arrival<'a> {
     pub client_ip: IpAddr,
 }
 
-/// Phase 0: checks and normalises the request head in place. `peer` is the TCP peer's address.
+/// Phase 0: checks and normalises the request head in place. `peer` is the connection's
+/// other end.
 pub fn arrive<'a>(
     settings: &ServerSettings,
     uri: &'a http::Uri,
     headers: &mut HeaderMap,
-    peer: IpAddr,
+    peer: Peer,
 ) -> Result<Arrival<'a>, GatewayError> {
     // HTTP/1.1 refuses a request head this large before it gets here; HTTP/2 does not count.
     if headers.len() > settings.config.max_headers {
@@ -70,7 +72,8 @@ pub fn arrive<'a>(
     }
     let normal = normalise(uri.path()).map_err(|e| GatewayError::BadRequest(e.to_string()))?;
     strip_hop_by_hop(headers);
-    let peer = peer.to_canonical();
+    let proto = if peer.tls { "https" } else { "http" };
+    let peer = peer.addr.ip().to_canonical();
     let trusted = &settings.trusted_proxies;
     let client_ip = forwarded::client_ip(peer, headers, trusted);
     let host = request_authority(uri, headers);
@@ -84,7 +87,7 @@ pub fn arrive<'a>(
         headers,
         peer,
         forwarded::is_trusted(peer, trusted),
-        "http",
+        proto,
         host.as_ref(),
     );
     Ok(Arrival {
@@ -189,7 +192,10 @@ mod tests {
     #[test]
     fn arrival_refuses_two_hosts_and_bad_paths() {
         let settings = ServerSettings::default();
-        let peer: IpAddr = "127.0.0.1".parse().unwrap();
+        let peer = Peer {
+            addr: "127.0.0.1:5000".parse().unwrap(),
+            tls: false,
+        };
         let mut h = HeaderMap::new();
         h.append(header::HOST, "a".parse().unwrap());
         h.append(header::HOST, "b".parse().unwrap());
@@ -205,5 +211,22 @@ mod tests {
         let uri: http::Uri = "//a/./b".parse().unwrap();
         let arrival = arrive(&settings, &uri, &mut HeaderMap::new(), peer).unwrap();
         assert_eq!(arrival.path, "/a/b");
+    }
+
+    #[test]
+    fn a_tls_connection_is_forwarded_as_https() {
+        let settings = ServerSettings::default();
+        let uri: http::Uri = "/x".parse().unwrap();
+        for (tls, proto) in [(false, "http"), (true, "https")] {
+            let peer = Peer {
+                addr: "192.0.2.1:5000".parse().unwrap(),
+                tls,
+            };
+            let mut h = HeaderMap::new();
+            // An untrusted peer's own claim is replaced.
+            h.insert(&forwarded::X_FORWARDED_PROTO, "gopher".parse().unwrap());
+            arrive(&settings, &uri, &mut h, peer).unwrap();
+            assert_eq!(h[&forwarded::X_FORWARDED_PROTO], proto);
+        }
     }
 }

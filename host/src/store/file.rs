@@ -72,7 +72,7 @@ impl FileStore {
     /// Reads and parses the file.
     pub async fn read(&self) -> Result<Desired, FileStoreError> {
         let text = self.read_text().await?;
-        parse(&text).map_err(|reason| FileStoreError::Invalid {
+        parse_in(&text, &self.base).map_err(|reason| FileStoreError::Invalid {
             path: self.path.clone(),
             reason,
         })
@@ -208,9 +208,16 @@ impl ModuleSource for FileStore {
     }
 }
 
-/// Parses the YAML text into objects. Only a file that is not YAML, or not a mapping of the
-/// known lists, fails as a whole; a bad object is reported alone.
+/// Parses the YAML text into objects, reading certificate files relative to the current
+/// folder.
 pub fn parse(text: &str) -> Result<Desired, String> {
+    parse_in(text, Path::new("."))
+}
+
+/// Parses the YAML text into objects; an `ssl` object's `cert` or `key` that is not PEM is
+/// a path relative to `base`. Only a file that is not YAML, or not a mapping of the known
+/// lists, fails as a whole; a bad object is reported alone.
+pub fn parse_in(text: &str, base: &Path) -> Result<Desired, String> {
     let document: Value =
         serde_norway::from_str(text).map_err(|e| format!("not valid YAML: {e}"))?;
     let mapping = match document {
@@ -234,6 +241,10 @@ pub fn parse(text: &str) -> Result<Desired, String> {
             Some("tenants") => {
                 objects.tenants = collect(value, &mut unparsed)?;
             }
+            Some("ssl") => {
+                let value = read_pem_files(value, base, &mut unparsed);
+                objects.ssl = collect(value, &mut unparsed)?;
+            }
             Some("server" | "admin") if value.is_null() => {}
             Some("admin") => match as_json(value).and_then(|json| {
                 config::parse::<AdminConfig>(&json)
@@ -251,13 +262,62 @@ pub fn parse(text: &str) -> Result<Desired, String> {
             },
             _ => {
                 return Err(format!(
-                    "unknown top-level key {}; expected routes, upstreams, plugins, tenants, server, admin",
+                    "unknown top-level key {}; expected routes, upstreams, plugins, tenants, ssl, server, admin",
                     serde_norway::to_string(&key).unwrap_or_default().trim()
                 ));
             }
         }
     }
     Ok(Desired { objects, unparsed })
+}
+
+/// The largest certificate or key file read.
+const MAX_PEM_FILE_BYTES: u64 = 1 << 20;
+
+/// The `ssl` list with each `cert` and `key` that names a file replaced by the file's text. An
+/// object whose file cannot be read is reported and left out.
+fn read_pem_files(list: Value, base: &Path, errors: &mut Vec<ObjectError>) -> Value {
+    let Value::Sequence(items) = list else {
+        return list;
+    };
+    let mut kept = Vec::new();
+    for (index, mut item) in items.into_iter().enumerate() {
+        let label = item
+            .get("id")
+            .and_then(Value::as_str)
+            .map_or_else(|| format!("#{index}"), str::to_owned);
+        let mut failed = None;
+        for field in ["cert", "key"] {
+            let Some(Value::String(text)) = item.get_mut(field) else {
+                continue;
+            };
+            if text.contains("-----BEGIN") {
+                continue;
+            }
+            match read_pem_file(&base.join(&*text)) {
+                Ok(contents) => *text = contents,
+                Err(reason) => failed = Some(format!("/{field}: {reason}")),
+            }
+        }
+        match failed {
+            Some(reason) => errors.push(ObjectError::new(Kind::Ssl, label, reason)),
+            None => kept.push(item),
+        }
+    }
+    Value::Sequence(kept)
+}
+
+fn read_pem_file(path: &Path) -> Result<String, String> {
+    let size = std::fs::metadata(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+        .len();
+    if size > MAX_PEM_FILE_BYTES {
+        return Err(format!(
+            "{} is {size} bytes, over the {MAX_PEM_FILE_BYTES}-byte bound",
+            path.display()
+        ));
+    }
+    std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
 }
 
 /// A YAML value as the JSON the validator reads; YAML that JSON cannot hold (a mapping key
@@ -587,6 +647,7 @@ routes:
             ),
             Kind::ServiceNode => object("host port", "weight meta status"),
             Kind::Admin => object("", "keys accounts open session_minutes"),
+            Kind::Ssl => object("id cert key", "snis default"),
             Kind::Module | Kind::Key => json(),
         }
     }
@@ -620,7 +681,7 @@ routes:
         config::verify(upstream).unwrap();
         let metrics = crate::metrics::Metrics::new();
         let pool = crate::upstream::ClientPool::default();
-        let built = crate::upstream::Upstream::new(upstream.clone(), &pool, &metrics);
+        let built = crate::upstream::Upstream::new(upstream.clone(), &pool, &metrics).unwrap();
         assert_eq!(built.nodes.nodes().len(), upstream.nodes.len());
     }
 
@@ -644,7 +705,7 @@ routes:
         let heaviest = upstream(crate::config::MAX_WEIGHT).objects.upstreams["u"].clone();
         let metrics = crate::metrics::Metrics::new();
         let pool = crate::upstream::ClientPool::default();
-        crate::upstream::Upstream::new(heaviest, &pool, &metrics);
+        crate::upstream::Upstream::new(heaviest, &pool, &metrics).unwrap();
     }
 
     /// Everything the gateway does with a parsed document before it serves it, that could

@@ -6,6 +6,7 @@
 //! <prefix>/upstreams/<id>         upstream JSON
 //! <prefix>/plugins/<name>         plugin entry JSON, naming its module by sha256
 //! <prefix>/tenants/<name>         tenant JSON: quotas
+//! <prefix>/ssl/<id>               certificate JSON {cert, key, snis, default?}
 //! <prefix>/server                 server JSON: client timeouts, limits, trusted proxies
 //! <prefix>/services/<name>/<node> node JSON {host, port, weight?, meta?}, under a lease
 //! <prefix>/modules/<sha256>       {"size": N, "chunks": C}
@@ -20,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use super::EtcdError;
 use crate::config::{
     AdminConfig, ConfigObject, FieldError, Kind, ObjectError, PluginConfig, RouteConfig,
-    ServerConfig, ServiceNode, TenantConfig, UpstreamConfig,
+    ServerConfig, ServiceNode, SslConfig, TenantConfig, UpstreamConfig,
 };
 use crate::plugin::sha256_hex;
 
@@ -37,6 +38,7 @@ pub(crate) enum Entry {
     Upstream(UpstreamConfig),
     Plugin(PluginConfig),
     Tenant(TenantConfig),
+    Ssl(SslConfig),
     Server(ServerConfig),
     Admin(AdminConfig),
     Node {
@@ -60,6 +62,7 @@ pub(crate) fn parse_entry(root: &str, key: &str, value: &[u8]) -> Option<Entry> 
         "upstreams" => parse_object(value, name).map(Entry::Upstream),
         "plugins" => parse_object(value, name).map(Entry::Plugin),
         "tenants" => parse_object(value, name).map(Entry::Tenant),
+        "ssl" => parse_object(value, name).map(Entry::Ssl),
         "server" if rest == "server" => parse_json(value, Kind::Server, "server")
             .and_then(|json| parse_as(&json, "server"))
             .map(Entry::Server),
@@ -88,7 +91,7 @@ pub(crate) fn parse_entry(root: &str, key: &str, value: &[u8]) -> Option<Entry> 
                     value,
                 })
         }
-        "consumers" | "ssl" => {
+        "consumers" => {
             return invalid(
                 Kind::Key,
                 name,

@@ -215,6 +215,9 @@ impl Mirror {
                 Entry::Tenant(tenant) => {
                     objects.tenants.insert(tenant.name.clone(), tenant);
                 }
+                Entry::Ssl(ssl) => {
+                    objects.ssl.insert(ssl.id.clone(), ssl);
+                }
                 Entry::Server(server) => objects.server = Some(server),
                 Entry::Admin(admin) => objects.admin = Some(admin),
                 Entry::Node {
@@ -702,7 +705,10 @@ mod tests {
         assert!(parse_entry("/weir", "/weir/modules/abc/000001", b"..").is_none());
         assert!(parse_entry("/weir", "/other/routes/x", b"{}").is_none());
         assert!(
-            matches!(parse_entry("/weir", "/weir/ssl/x", b"{}"), Some(Entry::Invalid(e)) if e.reason.contains("not supported"))
+            matches!(parse_entry("/weir", "/weir/consumers/x", b"{}"), Some(Entry::Invalid(e)) if e.reason.contains("not supported"))
+        );
+        assert!(
+            matches!(parse_entry("/weir", "/weir/ssl/x", b"{}"), Some(Entry::Invalid(e)) if e.kind == Kind::Ssl && e.reason.contains("missing field `cert`"))
         );
         assert!(
             matches!(parse_entry("/weir", "/weir/colours/x", b"{}"), Some(Entry::Invalid(e)) if e.kind == Kind::Key)
@@ -830,6 +836,10 @@ mod tests {
                 assert_eq!(key, "/weir/server");
                 config::verify(&server).unwrap();
             }
+            Entry::Ssl(ssl) => {
+                assert_eq!(section, Some("ssl"));
+                config::verify(&ssl).unwrap();
+            }
             Entry::Node { service, value, .. } => {
                 assert_eq!(section, Some("services"));
                 config::verify(&value).unwrap();
@@ -847,12 +857,13 @@ mod tests {
                         balancer: BalancerKind::Roundrobin,
                         hash_on: None,
                         scheme: Scheme::Http,
+                        tls: None,
                         timeout: Default::default(),
                         retries: None,
                     };
                     let metrics = crate::metrics::Metrics::new();
                     let pool = crate::upstream::ClientPool::default();
-                    crate::upstream::Upstream::new(config, &pool, &metrics);
+                    crate::upstream::Upstream::new(config, &pool, &metrics).unwrap();
                 }
             }
             Entry::Invalid(error) => {

@@ -44,6 +44,7 @@ fn section(kind: Kind) -> &'static str {
         Kind::ServiceNode => "services",
         Kind::Server => "server",
         Kind::Admin => "admin",
+        Kind::Ssl => "ssl",
         Kind::Module => "modules",
         Kind::Key => "",
     }

@@ -42,6 +42,9 @@ enum Config {
     InstanceCounter,
     /// Holds `mb` MiB in the instance from the first request on, then answers 200.
     Hold { mb: u32 },
+    /// Buffers both bodies without changing them, and says how long they were in
+    /// `x-request-body-bytes` (to the upstream) and `x-response-body-bytes` (to the client).
+    Inspect,
 }
 
 /// Requests this instance has seen (for `instance-counter`).
@@ -71,14 +74,15 @@ impl Plugin for Probe {
     }
 
     fn wants(&self) -> Wants {
-        let body = matches!(self.0, Config::Body { .. } | Config::BodyFlood { .. });
+        let both = matches!(self.0, Config::Body { .. } | Config::Inspect);
+        let body = both || matches!(self.0, Config::BodyFlood { .. });
         let trace = matches!(self.0, Config::Trace { .. });
         Wants {
             on_request: true,
-            on_response: matches!(self.0, Config::Body { .. }) || trace,
+            on_response: both || trace,
             on_log: trace,
             request_body: body,
-            response_body: matches!(self.0, Config::Body { .. }),
+            response_body: both,
         }
     }
 
@@ -169,6 +173,11 @@ impl Plugin for Probe {
                 }
                 Action::Respond(Reply::text(200, held.len().to_string()))
             }
+            Config::Inspect => {
+                let length = req.body().unwrap_or_default().len();
+                let _ = req.set_header("x-request-body-bytes", &length.to_string());
+                Action::Continue
+            }
             Config::KvRead { key } => Action::Respond(Reply::text(
                 200,
                 kv::get_string(key).unwrap_or_else(|| "none".into()),
@@ -186,6 +195,10 @@ impl Plugin for Probe {
             Config::Trace { .. } => {
                 let tag = req.get_var("probe-tag").unwrap_or_default();
                 let _ = resp.set_header("x-probe-tag", &tag);
+            }
+            Config::Inspect => {
+                let length = resp.body().unwrap_or_default().len();
+                let _ = resp.set_header("x-response-body-bytes", &length.to_string());
             }
             _ => {}
         }

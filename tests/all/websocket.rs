@@ -1,0 +1,201 @@
+//! WebSocket through weir: a real WebSocket server (tokio-tungstenite) behind a route with
+//! `websocket: true`, a client that exchanges a thousand messages, key-auth guarding the
+//! upgrade, and the access log's byte counts once the connection ends.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use weir_tests::{TestGateway, Upstream, all_plugins, node, raw_get, raw_request, yaml};
+
+/// A WebSocket server that echoes every text and binary message.
+async fn echo_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut socket) = tokio_tungstenite::accept_async(stream).await else {
+                    return;
+                };
+                while let Some(Ok(message)) = socket.next().await {
+                    if (message.is_text() || message.is_binary())
+                        && socket.send(message).await.is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_route_carries_a_thousand_messages_behind_key_auth() {
+    let server = echo_server().await;
+    let plain = Upstream::start("plain").await;
+    let gateway = TestGateway::start(&yaml(json!({
+        "upstreams": [
+            {"id": "ws", "nodes": [{"host": "127.0.0.1", "port": server.port()}]},
+            {"id": "plain", "nodes": [node(&plain)]},
+        ],
+        "plugins": all_plugins(),
+        "routes": [
+            {"id": "ws", "uri": "/ws", "upstream_id": "ws", "websocket": true,
+             "plugins": [{"name": "key-auth", "config": {"keys": ["secret"]}}]},
+            {"id": "plain", "uri": "/plain", "upstream_id": "plain"},
+        ],
+    })))
+    .await;
+    let url = format!("ws://{}/ws", gateway.addr());
+
+    // Without a key, key-auth answers before any upgrade.
+    let refused = tokio_tungstenite::connect_async(url.as_str()).await;
+    match refused {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 401)
+        }
+        other => panic!("expected a 401, got {other:?}"),
+    }
+
+    let mut request = url.as_str().into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("x-api-key", "secret".parse().unwrap());
+    let (mut socket, response) = tokio_tungstenite::connect_async(request)
+        .await
+        .expect("the upgrade goes through");
+    assert_eq!(response.status(), 101);
+    let mut sent = 0usize;
+    for i in 0..1000 {
+        let text = format!("message {i} {}", "x".repeat(i % 100));
+        sent += text.len();
+        socket.send(Message::text(text.clone())).await.unwrap();
+        let echoed = tokio::time::timeout(Duration::from_secs(10), socket.next())
+            .await
+            .expect("an echo in time")
+            .expect("the socket is open")
+            .expect("a message");
+        assert_eq!(echoed.into_text().unwrap().as_str(), text);
+    }
+    let payload = vec![7u8; 200_000];
+    socket.send(Message::binary(payload.clone())).await.unwrap();
+    let echoed = socket.next().await.unwrap().unwrap();
+    assert_eq!(echoed.into_data().as_ref(), &payload[..]);
+    socket.close(None).await.unwrap();
+    while socket.next().await.is_some() {}
+    drop(socket);
+
+    // The connection's line is written when it ends, with the bytes each way.
+    let lines = gateway.access_log(2).await;
+    let line = lines
+        .iter()
+        .find(|l| l["route"] == "ws" && l["status"] == 101)
+        .unwrap_or_else(|| panic!("no line for the upgraded connection: {lines:?}"));
+    let from_client = line["upgraded"]["bytes_from_client"].as_u64().unwrap();
+    let to_client = line["upgraded"]["bytes_to_client"].as_u64().unwrap();
+    // Frames add headers (and the client's are masked), so more than the payloads went by.
+    assert!(from_client as usize > sent + payload.len(), "{line}");
+    assert!(to_client as usize > sent + payload.len(), "{line}");
+    assert_eq!(line["upgraded"]["ended"], "closed");
+
+    // On a route without `websocket: true`, an upgrade request goes upstream as plain HTTP,
+    // without its upgrade headers.
+    let request = raw_get(
+        "/plain",
+        &[("connection", "upgrade"), ("upgrade", "websocket")],
+    );
+    let reply = raw_request(gateway.addr(), &request).await;
+    assert_eq!(reply.status, 200, "{}", reply.head);
+    let echo: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+    assert!(echo["headers"].get("upgrade").is_none(), "{echo}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_declines_the_upgrade_is_answered_as_it_said() {
+    // A plain HTTP server: it answers the upgrade request with 200, not 101.
+    let plain = Upstream::start("plain").await;
+    let gateway = TestGateway::start(&yaml(json!({
+        "upstreams": [{"id": "plain", "nodes": [node(&plain)]}],
+        "routes": [{"id": "ws", "uri": "/ws", "upstream_id": "plain", "websocket": true}],
+    })))
+    .await;
+    let url = format!("ws://{}/ws", gateway.addr());
+    match tokio_tungstenite::connect_async(url.as_str()).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 200)
+        }
+        other => panic!("expected the upstream's 200, got {other:?}"),
+    }
+    // It did see the upgrade headers: the route allows them through.
+    let request = raw_get(
+        "/ws",
+        &[("connection", "upgrade"), ("upgrade", "websocket")],
+    );
+    let reply = raw_request(gateway.addr(), &request).await;
+    let echo: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+    assert_eq!(echo["headers"]["upgrade"], "websocket", "{echo}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_websocket_outlives_the_between_requests_timeouts_and_ends_at_idle_ms() {
+    let server = echo_server().await;
+    let gateway = TestGateway::start(&yaml(json!({
+        "server": {"header_timeout_ms": 100, "keepalive_timeout_ms": 100},
+        "upstreams": [{"id": "ws", "nodes": [{"host": "127.0.0.1", "port": server.port()}],
+                       "timeout": {"idle_ms": 1500}}],
+        "routes": [{"id": "ws", "uri": "/ws", "upstream_id": "ws", "websocket": true}],
+    })))
+    .await;
+    let url = format!("ws://{}/ws", gateway.addr());
+    let (mut socket, _) = tokio_tungstenite::connect_async(url.as_str())
+        .await
+        .unwrap();
+    socket.send(Message::text("first")).await.unwrap();
+    assert_eq!(
+        socket
+            .next()
+            .await
+            .unwrap()
+            .unwrap()
+            .into_text()
+            .unwrap()
+            .as_str(),
+        "first"
+    );
+    // Quiet for several times the head and keep-alive timeouts, but within idle_ms: those
+    // bound a connection between requests, not a spliced one.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    socket.send(Message::text("second")).await.unwrap();
+    assert_eq!(
+        socket
+            .next()
+            .await
+            .unwrap()
+            .unwrap()
+            .into_text()
+            .unwrap()
+            .as_str(),
+        "second"
+    );
+    // Then quiet past idle_ms: the gateway closes both sides.
+    let closed = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match socket.next().await {
+                None | Some(Err(_)) => return,
+                Some(Ok(Message::Close(_))) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the idle connection was closed");
+    let lines = gateway.access_log(1).await;
+    let line = lines.iter().find(|l| l["status"] == 101).expect("a line");
+    assert_eq!(line["upgraded"]["ended"], "idle", "{line}");
+}
