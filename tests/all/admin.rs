@@ -859,3 +859,74 @@ async fn with_no_key_configured_weir_generates_one_and_refuses_to_listen_beyond_
     assert_eq!(running.generated_admin_key, None);
     running.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_are_written_checked_and_never_read_back() {
+    let (_etcd, gateway) = etcd_gateway().await;
+    let api = Api::new(&gateway, ADMIN_KEY);
+    let ca = weir_tests::tls::TestCa::new("admin test CA");
+    let leaf = ca.leaf(&["api.test", "www.test"]);
+    let other = ca.leaf(&["api.test"]);
+
+    // A key that is not the certificate's is refused, and says which field.
+    let reply = api
+        .put(
+            "/v1/ssl/api",
+            json!({"cert": leaf.cert_pem, "key": other.key_pem, "snis": ["api.test"]}),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.text());
+    let errors = reply.json()["errors"].clone();
+    assert_eq!(errors[0]["path"], "/key", "{errors}");
+    // So are garbage and a name that is not a DNS name.
+    let reply = api
+        .put(
+            "/v1/ssl/api",
+            json!({"cert": "-----BEGIN CERTIFICATE-----\nnope\n-----END CERTIFICATE-----\n",
+                   "key": leaf.key_pem, "snis": ["API.test:443"]}),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.text());
+    let paths: Vec<String> = reply.json()["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["path"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(paths.contains(&"/snis/0".to_owned()), "{paths:?}");
+    assert!(paths.contains(&"/cert".to_owned()), "{paths:?}");
+
+    let reply = api
+        .put(
+            "/v1/ssl/api",
+            json!({"cert": leaf.cert_pem, "key": leaf.key_pem, "snis": ["api.test"]}),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
+    // No answer carries the key: not the write's, not a read, not a list.
+    assert!(!reply.text().contains("PRIVATE KEY"), "{}", reply.text());
+    let read = api.get("/v1/ssl/api").await;
+    assert_eq!(read.json()["value"]["key"], "<redacted>");
+    assert!(!api.get("/v1/ssl").await.text().contains("PRIVATE KEY"));
+
+    // A PATCH without the key keeps the stored one, and the certificate serves the new name.
+    let reply = api
+        .patch("/v1/ssl/api", json!({"snis": ["api.test", "www.test"]}))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let config = weir_tests::tls::client_config(&ca.pem(), &[b"http/1.1"]);
+    let addr = gateway.tls_addr();
+    eventually("the patched certificate serves its new name", SOON, || {
+        let config = config.clone();
+        let der = leaf.der.clone();
+        async move {
+            let got = weir_tests::tls::connect(addr, "www.test", config).await;
+            matches!(got, Ok((_, shown)) if shown == der)
+        }
+    })
+    .await;
+    let (_, shown) = weir_tests::tls::connect(addr, "api.test", config)
+        .await
+        .expect("the stored key still serves");
+    assert_eq!(shown, leaf.der);
+}

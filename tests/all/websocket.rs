@@ -47,7 +47,8 @@ async fn a_websocket_route_carries_a_thousand_messages_behind_key_auth() {
         "plugins": all_plugins(),
         "routes": [
             {"id": "ws", "uri": "/ws", "upstream_id": "ws", "websocket": true,
-             "plugins": [{"name": "key-auth", "config": {"keys": ["secret"]}}]},
+             "plugins": [{"name": "key-auth", "config": {"keys": ["secret"]}},
+                         {"name": "probe", "config": {"mode": "trace", "tag": "ws"}}]},
             {"id": "plain", "uri": "/plain", "upstream_id": "plain"},
         ],
     })))
@@ -103,6 +104,20 @@ async fn a_websocket_route_carries_a_thousand_messages_behind_key_auth() {
     assert!(from_client as usize > sent + payload.len(), "{line}");
     assert!(to_client as usize > sent + payload.len(), "{line}");
     assert_eq!(line["upgraded"]["ended"], "closed");
+    // on-log ran once, for the upgraded connection, when it ended.
+    let metrics = gateway.admin_url("/metrics");
+    weir_tests::eventually("on-log ran", Duration::from_secs(30), || {
+        let metrics = metrics.clone();
+        async move {
+            weir_tests::metric(
+                &metrics,
+                r#"weir_plugin_events_total{plugin="probe",name="ws-logged"}"#,
+            )
+            .await
+                == 1.0
+        }
+    })
+    .await;
 
     // On a route without `websocket: true`, an upgrade request goes upstream as plain HTTP,
     // without its upgrade headers.
