@@ -342,3 +342,50 @@ async fn https_upstreams_are_verified_against_their_ca() {
         StatusCode::OK
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_wants_a_client_certificate_gets_the_configured_one() {
+    let ca = TestCa::new("upstream CA");
+    let clients = TestCa::new("client CA");
+    let leaf = ca.leaf(&["backend.internal"]);
+    let client = clients.leaf(&["weir.gateway"]);
+    let mtls = TlsUpstream::start_with("mtls", &leaf, Some(&clients.pem())).await;
+    let upstream = |id: &str, tls: serde_json::Value| {
+        json!({"id": id, "scheme": "https",
+               "nodes": [{"host": "127.0.0.1", "port": mtls.port()}], "tls": tls})
+    };
+    let gateway = TestGateway::start(&yaml(json!({
+        "upstreams": [
+            upstream("with", json!({"ca": ca.pem(), "sni": "backend.internal",
+                                    "client_cert": client.cert_pem, "client_key": client.key_pem})),
+            upstream("without", json!({"ca": ca.pem(), "sni": "backend.internal"})),
+        ],
+        "routes": [
+            {"id": "with", "uri": "/with", "upstream_id": "with"},
+            {"id": "without", "uri": "/without", "upstream_id": "without"},
+        ],
+    })))
+    .await;
+    assert!(gateway.errors().is_empty(), "{:?}", gateway.errors());
+    let reply = get(&gateway.url("/with")).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.json()["upstream"], "mtls");
+    assert_eq!(
+        get(&gateway.url("/without")).await.status,
+        StatusCode::BAD_GATEWAY
+    );
+
+    // Half a client identity is refused when the config is read.
+    gateway
+        .reload(&yaml(json!({
+            "upstreams": [upstream("half", json!({"ca": ca.pem(), "client_cert": client.cert_pem}))],
+        })))
+        .await;
+    let errors = gateway.errors();
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.id == "half" && e.reason.contains("client_key")),
+        "{errors:?}"
+    );
+}

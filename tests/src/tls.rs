@@ -152,16 +152,38 @@ pub struct TlsUpstream {
 impl TlsUpstream {
     /// An HTTPS echo upstream called `name` that presents `leaf`.
     pub async fn start(name: &str, leaf: &Leaf) -> TlsUpstream {
+        Self::start_with(name, leaf, None).await
+    }
+
+    /// An HTTPS echo upstream that presents `leaf` and, when `client_ca` is set, accepts only
+    /// clients with a certificate that CA signed (mutual TLS).
+    pub async fn start_with(name: &str, leaf: &Leaf, client_ca: Option<&str>) -> TlsUpstream {
         let chain: Vec<CertificateDer<'static>> =
             CertificateDer::pem_slice_iter(leaf.cert_pem.as_bytes())
                 .collect::<Result<_, _>>()
                 .expect("leaf PEM");
         let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).expect("key PEM");
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
-            .expect("TLS versions")
-            .with_no_client_auth()
+            .expect("TLS versions");
+        let builder = match client_ca {
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for cert in CertificateDer::pem_slice_iter(ca.as_bytes()) {
+                    roots.add(cert.expect("CA PEM")).expect("a CA root");
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider,
+                )
+                .build()
+                .expect("a client verifier");
+                builder.with_client_cert_verifier(verifier)
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let mut config = builder
             .with_single_cert(chain, key)
             .expect("a server certificate");
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
