@@ -8,7 +8,11 @@
 //!    (or when an idempotent request that can go again was not answered);
 //! 4. [`response_phase`] runs `on-response` in reverse order;
 //! 5. [`Finish`] writes the access log, records metrics and runs `on-log` once the response
-//!    body is done (or the client went away).
+//!    body is done (or the client went away); for an upgrade the upstream accepted (WebSocket),
+//!    `Finish::splice` answers 101 and finishes when the spliced connection ends.
+//!
+//! A route can also translate: `grpc_web` turns a browser's gRPC-Web into gRPC on the way in
+//! and back in `Finish::respond`.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -155,22 +159,9 @@ pub async fn handle(
                 Ok((mut response, in_flight, idle)) => {
                     finish.upstream = Some(in_flight.node().addr.clone());
                     finish.in_flight = Some(in_flight);
-                    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-                        let upstream_side = response
-                            .extensions_mut()
-                            .remove::<hyper::upgrade::OnUpgrade>();
-                        let protocol = response.headers().get(header::UPGRADE).cloned();
-                        match (upgrade, upstream_side, protocol) {
-                            (Some((_, client)), Some(upstream_side), Some(protocol)) => {
-                                switched = Some(Switch {
-                                    client,
-                                    upstream: upstream_side,
-                                    protocol,
-                                    idle,
-                                });
-                            }
-                            _ => return finish.fail(GatewayError::UnaskedUpgrade),
-                        }
+                    match accepted_upgrade(&mut response, upgrade, idle) {
+                        Ok(switch) => switched = switch,
+                        Err(error) => return finish.fail(error),
                     }
                     response.map(ProxyBody::Upstream)
                 }
@@ -187,6 +178,31 @@ pub async fn handle(
             None => finish.respond(response),
         },
         Err(error) => finish.fail(error),
+    }
+}
+
+/// The upgrade an upstream's 101 accepted, if it answered 101; a 101 to a request that asked
+/// for no upgrade (or one that names no protocol) is the upstream's failure.
+fn accepted_upgrade(
+    response: &mut Response<upstream::UpstreamBody>,
+    asked: Option<(HeaderValue, hyper::upgrade::OnUpgrade)>,
+    idle: Duration,
+) -> Result<Option<Switch>, GatewayError> {
+    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        return Ok(None);
+    }
+    let upstream = response
+        .extensions_mut()
+        .remove::<hyper::upgrade::OnUpgrade>();
+    let protocol = response.headers().get(header::UPGRADE).cloned();
+    match (asked, upstream, protocol) {
+        (Some((_, client)), Some(upstream), Some(protocol)) => Ok(Some(Switch {
+            client,
+            upstream,
+            protocol,
+            idle,
+        })),
+        _ => Err(GatewayError::UnaskedUpgrade),
     }
 }
 
