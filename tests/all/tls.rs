@@ -161,13 +161,15 @@ fn client_config_without_name_check(ca_pem: &str) -> std::sync::Arc<rustls::Clie
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn http2_is_negotiated_over_tls() {
+async fn http2_is_negotiated_over_tls_and_plugins_behave_as_over_http1() {
     let ca = TestCa::new("weir test CA");
     let api = ca.leaf(&["api.test"]);
     let up = Upstream::start("u").await;
     let gateway = TestGateway::start(&yaml(json!({
         "upstreams": [{"id": "u", "nodes": [node(&up)]}],
-        "routes": [{"id": "r", "uri": "/*", "upstream_id": "u"}],
+        "plugins": weir_tests::all_plugins(),
+        "routes": [{"id": "r", "uri": "/*", "upstream_id": "u",
+                    "plugins": [{"name": "key-auth", "config": {"keys": ["k"]}}]}],
         "ssl": [ssl("api", &api, &["api.test"])],
     })))
     .await;
@@ -183,12 +185,43 @@ async fn http2_is_negotiated_over_tls() {
     .await
     .unwrap();
     tokio::spawn(connection);
-    let request = http::Request::get("https://api.test/over-h2")
-        .body(http_body_util::Full::new(bytes::Bytes::new()))
-        .unwrap();
-    let response = sender.send_request(request).await.unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    assert_eq!(response.version(), http::Version::HTTP_2);
+    let mut over_h2 = Vec::new();
+    for key in [None, Some("wrong"), Some("k")] {
+        let mut request = http::Request::get("https://api.test/over-h2");
+        if let Some(key) = key {
+            request = request.header("x-api-key", key);
+        }
+        let request = request
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.version(), http::Version::HTTP_2);
+        over_h2.push(response.status());
+    }
+    // The same requests over HTTP/1.1 on the plain listener get the same answers.
+    let mut over_h1 = Vec::new();
+    for key in [None, Some("wrong"), Some("k")] {
+        let mut request = weir_tests::request(http::Method::GET, &gateway.url("/over-h1"));
+        if let Some(key) = key {
+            request = request.header("x-api-key", key);
+        }
+        let reply = weir_tests::send(
+            request
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .unwrap(),
+        )
+        .await;
+        over_h1.push(reply.status);
+    }
+    assert_eq!(
+        over_h2,
+        [
+            StatusCode::UNAUTHORIZED,
+            StatusCode::UNAUTHORIZED,
+            StatusCode::OK
+        ]
+    );
+    assert_eq!(over_h1, over_h2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
