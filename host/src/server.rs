@@ -17,8 +17,6 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use prometheus_client::metrics::gauge::Gauge;
-
 use crate::access_log::AccessLogTarget;
 use crate::admin::{self, Admin, AdminOptions, AdminSetupError};
 use crate::config::{MIN_HEADER_BYTES, ServerConfig};
@@ -392,7 +390,8 @@ async fn serve<H, F>(
             continue;
         }
         let _ = stream.set_nodelay(true);
-        let activity = Arc::new(ConnectionActivity::default());
+        // Counted as open for as long as the socket lives, through an upgrade too.
+        let activity = Arc::new(ConnectionActivity::counted(&open_gauge));
         let clock = ReadClock {
             header: Duration::from_millis(limits.header_timeout_ms),
             keepalive: Duration::from_millis(limits.keepalive_timeout_ms),
@@ -417,7 +416,6 @@ async fn serve<H, F>(
         });
         let builder = connection_builder(limits);
         let watcher = graceful.watcher();
-        let open_now = OpenConnection::new(&open_gauge);
         let client_errors = (
             metrics.client_error("header_too_large"),
             metrics.client_error("protocol"),
@@ -427,7 +425,6 @@ async fn serve<H, F>(
             (acceptor, timeout, metrics.handshake_failures.clone())
         });
         tokio::spawn(async move {
-            let _open = open_now;
             let result = match handshake {
                 None => {
                     let connection =
@@ -501,19 +498,3 @@ fn connection_builder(limits: &ServerConfig) -> auto::Builder<TokioExecutor> {
 
 /// hyper's own bound on header lines, which parses them on the stack.
 const DEFAULT_MAX_HEADERS: usize = 100;
-
-/// Counts a client connection as open while it lives.
-struct OpenConnection(Gauge);
-
-impl OpenConnection {
-    fn new(gauge: &Gauge) -> Self {
-        gauge.inc();
-        OpenConnection(gauge.clone())
-    }
-}
-
-impl Drop for OpenConnection {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
-}

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use http_body::{Body, Frame, SizeHint};
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
@@ -48,7 +49,9 @@ impl LazyTimer {
 }
 
 /// What the request path tells a client connection's read clock: how many of its requests
-/// are being served, how many have begun, and when the last one ended.
+/// are being served, how many have begun, and when the last one ended. It lives as long as the
+/// connection's socket (an upgraded connection's too), so it also keeps the connection counted
+/// as open.
 #[derive(Debug)]
 pub struct ConnectionActivity {
     in_flight: AtomicUsize,
@@ -56,6 +59,8 @@ pub struct ConnectionActivity {
     /// When the last request ended, in ms after `origin`.
     ended_ms: AtomicU64,
     origin: Instant,
+    /// The listener's open-connection gauge, decremented when the connection is gone.
+    open: Option<Gauge>,
 }
 
 impl Default for ConnectionActivity {
@@ -65,11 +70,28 @@ impl Default for ConnectionActivity {
             begun: AtomicU64::new(0),
             ended_ms: AtomicU64::new(0),
             origin: Instant::now(),
+            open: None,
+        }
+    }
+}
+
+impl Drop for ConnectionActivity {
+    fn drop(&mut self) {
+        if let Some(open) = &self.open {
+            open.dec();
         }
     }
 }
 
 impl ConnectionActivity {
+    /// A new connection's activity, counted in `open` until it is dropped.
+    pub fn counted(open: &Gauge) -> Self {
+        open.inc();
+        let mut activity = ConnectionActivity::default();
+        activity.open = Some(open.clone());
+        activity
+    }
+
     /// Marks a request as being served until the returned guard drops.
     pub fn begin(self: &Arc<Self>) -> ServingRequest {
         self.in_flight.fetch_add(1, Ordering::Relaxed);

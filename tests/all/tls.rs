@@ -296,9 +296,19 @@ async fn a_certificate_replaced_in_etcd_serves_at_the_next_handshake_and_a_bad_o
         json!({"cert": "not a certificate", "key": "nor a key", "snis": ["api.test"]}),
     )
     .await;
-    let generation = gateway.generation();
-    eventually("the garbage is seen", SOON, || async {
-        gateway.generation() > generation
+    eventually("the garbage is reported", SOON, || {
+        let url = status_url.clone();
+        async move {
+            let status = admin_get(&url).await.json();
+            status["errors"].as_array().is_some_and(|errors| {
+                errors.iter().any(|e| {
+                    e["kind"] == "ssl"
+                        && e["reason"]
+                            .as_str()
+                            .is_some_and(|r| r.contains("holds no certificate"))
+                })
+            })
+        }
     })
     .await;
     let (_, shown) = connect(gateway.tls_addr(), "api.test", config.clone())

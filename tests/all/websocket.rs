@@ -214,3 +214,40 @@ async fn a_quiet_websocket_outlives_the_between_requests_timeouts_and_ends_at_id
     let line = lines.iter().find(|l| l["status"] == 101).expect("a line");
     assert_eq!(line["upgraded"]["ended"], "idle", "{line}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_websocket_counts_against_max_connections() {
+    let server = echo_server().await;
+    let gateway = TestGateway::start(&yaml(json!({
+        "server": {"max_connections": 1},
+        "upstreams": [{"id": "ws", "nodes": [{"host": "127.0.0.1", "port": server.port()}]}],
+        "routes": [{"id": "ws", "uri": "/ws", "upstream_id": "ws", "websocket": true}],
+    })))
+    .await;
+    let url = format!("ws://{}/ws", gateway.addr());
+    let (mut socket, _) = tokio_tungstenite::connect_async(url.as_str())
+        .await
+        .unwrap();
+    socket.send(Message::text("hi")).await.unwrap();
+    socket.next().await.unwrap().unwrap();
+    let metrics = gateway.admin_url("/metrics");
+    let open = r#"weir_connections_open{listener="proxy"}"#;
+    assert_eq!(weir_tests::metric(&metrics, open).await, 1.0);
+    // The spliced connection is still one of the listener's: a second one is turned away.
+    assert!(
+        tokio_tungstenite::connect_async(url.as_str())
+            .await
+            .is_err(),
+        "over max_connections"
+    );
+    drop(socket);
+    weir_tests::eventually(
+        "the closed socket is no longer counted",
+        Duration::from_secs(30),
+        || {
+            let metrics = metrics.clone();
+            async move { weir_tests::metric(&metrics, open).await == 0.0 }
+        },
+    )
+    .await;
+}
