@@ -384,7 +384,9 @@ function RouteForm({ creating, data }) {
 
 // ---- Any object as JSON ---------------------------------------------------------------------
 
-const KINDS = { upstreams: "upstream", plugins: "plugin entry", tenants: "tenant" };
+const KINDS = { upstreams: "upstream", plugins: "plugin entry", tenants: "tenant", ssl: "certificate" };
+// Where each kind's list lives, to go back to after a save.
+const LIST_OF = { upstreams: "upstreams", plugins: "plugins", tenants: "tenants", ssl: "certificates" };
 
 // Edits one object of `kind` as JSON; saves with If-Match, so a change made meanwhile by
 // someone else is refused (412) rather than overwritten.
@@ -397,6 +399,9 @@ function JsonEditor({ kind, id }) {
 function JsonForm({ kind, creating, object }) {
   const shown = { ...(object ? object.value : {}) };
   for (const field of ["create_time", "update_time", "id", "name"]) delete shown[field];
+  // A stored private key is never shown; leaving `key` out keeps it (the save is a PATCH).
+  const keepsKey = kind === "ssl" && !creating;
+  if (keepsKey) delete shown.key;
   const [name, setName] = useState(object ? object.id : "");
   const [text, setText] = useState(JSON.stringify(shown, null, 2));
   const [errors, setErrors] = useState([]);
@@ -411,13 +416,13 @@ function JsonForm({ kind, creating, object }) {
     const headers = object && object.revision ? { "If-Match": `"${object.revision}"` } : { "If-None-Match": "*" };
     try {
       const response = await fetch(`/v1/${kind}/${encodeURIComponent(name)}`, {
-        method: "PUT", credentials: "same-origin", body: JSON.stringify(value),
+        method: keepsKey ? "PATCH" : "PUT", credentials: "same-origin", body: JSON.stringify(value),
         headers: { ...headers, "Content-Type": "application/json", "X-CSRF-Token": session.csrf },
       });
       const answer = await response.json().catch(() => ({}));
       if (response.status === 412) throw new Error(creating ? "it exists already" : "someone changed it since you opened it: reload to see their version");
       if (!response.ok) { if (answer.errors) setErrors(answer.errors); else throw new ApiError(response.status, answer); return; }
-      location.hash = kind === "plugins" ? "#/plugins" : kind === "tenants" ? "#/tenants" : "#/upstreams";
+      location.hash = `#/${LIST_OF[kind]}`;
     } catch (e) { setError(e); }
   }
   return html`<h1>${creating ? `New ${KINDS[kind]}` : `${KINDS[kind]} ${name}`}</h1>
@@ -553,6 +558,33 @@ function Tenants() {
       </table>`}<//>`;
 }
 
+// ---- Certificates --------------------------------------------------------------------------
+
+function Certificates() {
+  // Names from the store (a save shows at once); expiry from what is serving.
+  const [state] = useLoad(async () => ({
+    stored: await api("GET", "/v1/ssl?page_size=500"),
+    status: await api("GET", "/v1/status"),
+  }));
+  const days = (seconds) => Math.floor(seconds / 86400);
+  return html`<h1>Certificates</h1>
+    <p class="muted">Served on the TLS listener, chosen by the client's SNI. Keys are never shown.</p>
+    <div class="toolbar"><a class="button" id="new-certificate" href="#/edit/ssl/new">New certificate</a></div>
+    <${Loading} state=${state}>${(s) => s.stored.list.length === 0
+      ? html`<p class="muted">No certificates.</p>`
+      : html`<table id="certificates"><tr><th>Certificate</th><th>Names</th><th>Expires in</th></tr>
+        ${s.stored.list.map((c) => {
+          const serving = s.status.certificates.find((x) => x.id === c.id);
+          const rejected = s.status.errors.find((e) => e.kind === "ssl" && e.id === c.id);
+          return html`<tr data-certificate=${c.id}>
+            <td><a href=${`#/edit/ssl/${c.id}`}>${c.id}</a></td>
+            <td>${(c.value.snis || []).join(", ")}${c.value.default ? " (default)" : ""}</td>
+            <td class=${!serving || days(serving.expires_in_seconds) < 14 ? "bad" : ""}>${serving
+              ? `${days(serving.expires_in_seconds)} days` : rejected ? `not served: ${rejected.reason}` : "not served yet"}</td></tr>`;
+        })}
+      </table>`}<//>`;
+}
+
 // ---- The shell -----------------------------------------------------------------------------
 
 const PAGES = [
@@ -561,6 +593,7 @@ const PAGES = [
   ["upstreams", "Upstreams"],
   ["plugins", "Plugins"],
   ["tenants", "Tenants"],
+  ["certificates", "Certificates"],
 ];
 
 function App() {
@@ -582,7 +615,7 @@ function App() {
   const [page, id] = hash.replace(/^#\/?/, "").split("/");
   const [, kind, objectId] = hash.replace(/^#\/?/, "").split("/");
   const editing = page === "edit" && KINDS[kind] && objectId;
-  const current = editing ? (kind === "upstreams" ? "upstreams" : kind) : PAGES.some(([p]) => p === page) ? page : "overview";
+  const current = editing ? LIST_OF[kind] : PAGES.some(([p]) => p === page) ? page : "overview";
   async function logout() {
     try { await api("POST", "/v1/logout"); } catch (_) { /* the session is gone either way */ }
     session.csrf = null;
@@ -596,6 +629,7 @@ function App() {
   else if (current === "upstreams") body = html`<${Upstreams} />`;
   else if (current === "plugins") body = html`<${Plugins} />`;
   else if (current === "tenants") body = html`<${Tenants} />`;
+  else if (current === "certificates") body = html`<${Certificates} />`;
   else body = html`<${Overview} />`;
   return html`<header><span class="brand">weir</span>
       <nav>${PAGES.map(([p, label]) => html`<a href=${`#/${p}`} id=${`nav-${p}`} class=${p === current ? "active" : ""}>${label}</a>`)}</nav>

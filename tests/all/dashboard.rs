@@ -46,6 +46,14 @@ async fn an_operator_logs_in_creates_a_route_moves_traffic_and_logs_out() {
         json!({"nodes": [{"host": "127.0.0.1", "port": a.port()}, {"host": "127.0.0.1", "port": b.port()}]}),
     )
     .await;
+    let ca = weir_tests::tls::TestCa::new("dashboard CA");
+    let leaf = ca.leaf(&["shop.test", "www.shop.test"]);
+    admin_put(
+        &gateway,
+        "/v1/ssl/shop",
+        json!({"cert": leaf.cert_pem, "key": leaf.key_pem, "snis": ["shop.test"]}),
+    )
+    .await;
     let browser = Browser::start().await;
     browser
         .client
@@ -179,6 +187,41 @@ async fn an_operator_logs_in_creates_a_route_moves_traffic_and_logs_out() {
     browser.click("#nav-tenants").await;
     browser.find_text("main", "Tenants").await;
     browser.screenshot("tenants").await;
+
+    // Certificates: listed with their expiry; edited without ever showing the key.
+    eventually("the certificate serves", SOON, || async {
+        !gateway.gateway().snapshot().ssl.is_empty()
+    })
+    .await;
+    browser.click("#nav-certificates").await;
+    browser
+        .find_text("#certificates tr[data-certificate=shop]", "days")
+        .await;
+    browser.screenshot("certificates").await;
+    browser
+        .click("#certificates tr[data-certificate=shop] a")
+        .await;
+    browser.find("#object-json").await;
+    let shown = browser
+        .client
+        .execute(
+            "return document.getElementById('object-json').value",
+            vec![],
+        )
+        .await
+        .unwrap();
+    let shown = shown.as_str().unwrap_or_default().to_owned();
+    assert!(shown.contains("shop.test"), "{shown}");
+    assert!(
+        !shown.contains("PRIVATE KEY") && !shown.contains("\"key\""),
+        "{shown}"
+    );
+    let edited = shown.replace(r#""shop.test""#, r#""shop.test", "www.shop.test""#);
+    browser.fill("#object-json", &edited).await;
+    browser.click("#save-object").await;
+    browser
+        .find_text("#certificates tr[data-certificate=shop]", "www.shop.test")
+        .await;
     browser.click("#nav-overview").await;
     browser.find_text("#store-state", "etcd connected").await;
     browser.find("#traffic tr[data-route=shop]").await;

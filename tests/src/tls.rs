@@ -59,6 +59,15 @@ impl TestCa {
     pub fn leaf(&self, names: &[&str]) -> Leaf {
         let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
         let mut params = CertificateParams::new(names.clone()).expect("leaf params");
+        // Valid for a year or two, as a real certificate is (rcgen's default runs to 4096).
+        let year = 1970
+            + (std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("after 1970")
+                .as_secs()
+                / 31_556_952) as i32;
+        params.not_before = rcgen::date_time_ymd(year - 1, 1, 1);
+        params.not_after = rcgen::date_time_ymd(year + 2, 1, 1);
         params.distinguished_name.push(
             DnType::CommonName,
             names.first().cloned().unwrap_or_default(),
