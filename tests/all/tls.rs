@@ -270,21 +270,7 @@ async fn a_certificate_replaced_in_etcd_serves_at_the_next_handshake_and_a_bad_o
     let mismatched = json!({"cert": stranger.cert_pem, "key": first.key_pem, "snis": ["api.test"]});
     etcd.put("/weir/ssl/api", mismatched).await;
     let status_url = gateway.admin_url("/v1/status");
-    eventually("the bad certificate is reported", SOON, || {
-        let url = status_url.clone();
-        async move {
-            let status = admin_get(&url).await.json();
-            status["errors"].as_array().is_some_and(|errors| {
-                errors.iter().any(|e| {
-                    e["kind"] == "ssl"
-                        && e["reason"]
-                            .as_str()
-                            .is_some_and(|r| r.contains("does not match the certificate"))
-                })
-            })
-        }
-    })
-    .await;
+    ssl_error_reported(&status_url, "does not match the certificate").await;
     let (_, shown) = connect(gateway.tls_addr(), "api.test", config.clone())
         .await
         .unwrap();
@@ -296,21 +282,7 @@ async fn a_certificate_replaced_in_etcd_serves_at_the_next_handshake_and_a_bad_o
         json!({"cert": "not a certificate", "key": "nor a key", "snis": ["api.test"]}),
     )
     .await;
-    eventually("the garbage is reported", SOON, || {
-        let url = status_url.clone();
-        async move {
-            let status = admin_get(&url).await.json();
-            status["errors"].as_array().is_some_and(|errors| {
-                errors.iter().any(|e| {
-                    e["kind"] == "ssl"
-                        && e["reason"]
-                            .as_str()
-                            .is_some_and(|r| r.contains("holds no certificate"))
-                })
-            })
-        }
-    })
-    .await;
+    ssl_error_reported(&status_url, "holds no certificate").await;
     let (_, shown) = connect(gateway.tls_addr(), "api.test", config.clone())
         .await
         .unwrap();
@@ -321,6 +293,19 @@ async fn a_certificate_replaced_in_etcd_serves_at_the_next_handshake_and_a_bad_o
     eventually("the name is no longer served", SOON, || {
         let config = config.clone();
         async move { connect(addr, "api.test", config).await.is_err() }
+    })
+    .await;
+}
+
+/// Waits until `/v1/status` (at `status_url`) reports an `ssl` object refused for `reason`.
+async fn ssl_error_reported(status_url: &str, reason: &str) {
+    eventually(&format!("an ssl error: {reason}"), SOON, || async {
+        let status = admin_get(status_url).await.json();
+        status["errors"].as_array().is_some_and(|errors| {
+            errors.iter().any(|e| {
+                e["kind"] == "ssl" && e["reason"].as_str().is_some_and(|r| r.contains(reason))
+            })
+        })
     })
     .await;
 }

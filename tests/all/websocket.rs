@@ -35,6 +35,20 @@ async fn echo_server() -> SocketAddr {
     addr
 }
 
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Sends `text` and returns the next text message that comes back.
+async fn round_trip(socket: &mut Socket, text: &str) -> String {
+    socket.send(Message::text(text)).await.unwrap();
+    let echoed = tokio::time::timeout(Duration::from_secs(10), socket.next())
+        .await
+        .expect("an echo in time")
+        .expect("the socket is open")
+        .expect("a message");
+    echoed.into_text().unwrap().as_str().to_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_websocket_route_carries_a_thousand_messages_behind_key_auth() {
     let server = echo_server().await;
@@ -76,13 +90,7 @@ async fn a_websocket_route_carries_a_thousand_messages_behind_key_auth() {
     for i in 0..1000 {
         let text = format!("message {i} {}", "x".repeat(i % 100));
         sent += text.len();
-        socket.send(Message::text(text.clone())).await.unwrap();
-        let echoed = tokio::time::timeout(Duration::from_secs(10), socket.next())
-            .await
-            .expect("an echo in time")
-            .expect("the socket is open")
-            .expect("a message");
-        assert_eq!(echoed.into_text().unwrap().as_str(), text);
+        assert_eq!(round_trip(&mut socket, &text).await, text);
     }
     let payload = vec![7u8; 200_000];
     socket.send(Message::binary(payload.clone())).await.unwrap();
@@ -171,33 +179,11 @@ async fn a_quiet_websocket_outlives_the_between_requests_timeouts_and_ends_at_id
     let (mut socket, _) = tokio_tungstenite::connect_async(url.as_str())
         .await
         .unwrap();
-    socket.send(Message::text("first")).await.unwrap();
-    assert_eq!(
-        socket
-            .next()
-            .await
-            .unwrap()
-            .unwrap()
-            .into_text()
-            .unwrap()
-            .as_str(),
-        "first"
-    );
+    assert_eq!(round_trip(&mut socket, "first").await, "first");
     // Quiet for several times the head and keep-alive timeouts, but within idle_ms: those
     // bound a connection between requests, not a spliced one.
     tokio::time::sleep(Duration::from_millis(600)).await;
-    socket.send(Message::text("second")).await.unwrap();
-    assert_eq!(
-        socket
-            .next()
-            .await
-            .unwrap()
-            .unwrap()
-            .into_text()
-            .unwrap()
-            .as_str(),
-        "second"
-    );
+    assert_eq!(round_trip(&mut socket, "second").await, "second");
     // Then quiet past idle_ms: the gateway closes both sides.
     let closed = tokio::time::timeout(Duration::from_secs(20), async {
         loop {
@@ -228,8 +214,7 @@ async fn an_open_websocket_counts_against_max_connections() {
     let (mut socket, _) = tokio_tungstenite::connect_async(url.as_str())
         .await
         .unwrap();
-    socket.send(Message::text("hi")).await.unwrap();
-    socket.next().await.unwrap().unwrap();
+    assert_eq!(round_trip(&mut socket, "hi").await, "hi");
     let metrics = gateway.admin_url("/metrics");
     let open = r#"weir_connections_open{listener="proxy"}"#;
     assert_eq!(weir_tests::metric(&metrics, open).await, 1.0);
