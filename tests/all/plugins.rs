@@ -279,3 +279,178 @@ async fn vars_carry_from_on_request_to_on_response_and_on_log() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+mod limit_count {
+    //! limit-count through a real gateway: the count, the headers, keys, groups, and configs
+    //! refused at load.
+
+    use http::StatusCode;
+    use serde_json::json;
+    use weir_tests::{TestGateway, Upstream, all_plugins, get, node, request, send, yaml};
+
+    async fn get_as(url: &str, user: &str) -> weir_tests::Reply {
+        send(
+            request(http::Method::GET, url)
+                .header("x-user", user)
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .unwrap(),
+        )
+        .await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_count_holds_per_key_and_the_headers_say_so() {
+        let up = Upstream::start("u").await;
+        // A day-long window, so that no window ends during the test.
+        let limit = |extra: serde_json::Value| {
+            let mut config = json!({"count": 3, "window_s": 86400});
+            for (k, v) in extra.as_object().unwrap() {
+                config[k] = v.clone();
+            }
+            json!([{"name": "limit-count", "config": config}])
+        };
+        let gateway = TestGateway::start(&yaml(json!({
+            "upstreams": [{"id": "u", "nodes": [node(&up)]}],
+            "plugins": all_plugins(),
+            "routes": [
+                {"id": "by-ip", "uri": "/ip", "upstream_id": "u", "plugins": limit(json!({}))},
+                {"id": "by-user", "uri": "/user", "upstream_id": "u",
+                 "plugins": limit(json!({"key": "header:x-user"}))},
+                {"id": "shared-a", "uri": "/a", "upstream_id": "u",
+                 "plugins": limit(json!({"group": "ab", "count": 2}))},
+                {"id": "shared-b", "uri": "/b", "upstream_id": "u",
+                 "plugins": limit(json!({"group": "ab", "count": 2}))},
+            ],
+        })))
+        .await;
+        assert!(gateway.errors().is_empty(), "{:?}", gateway.errors());
+
+        for remaining in ["2", "1", "0"] {
+            let reply = get(&gateway.url("/ip")).await;
+            assert_eq!(reply.status, StatusCode::OK);
+            assert_eq!(reply.header("x-ratelimit-limit"), Some("3"));
+            assert_eq!(reply.header("x-ratelimit-remaining"), Some(remaining));
+            assert_eq!(reply.header("ratelimit-policy"), Some("3;w=86400"));
+        }
+        let refused = get(&gateway.url("/ip")).await;
+        assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(refused.json()["error"], "too many requests");
+        assert_eq!(refused.header("x-ratelimit-remaining"), Some("0"));
+        let reset: u64 = refused.header("retry-after").unwrap().parse().unwrap();
+        assert!((1..=86400).contains(&reset), "{reset}");
+        assert!(
+            refused
+                .header("ratelimit")
+                .is_some_and(|v| v.starts_with("limit=3, remaining=0, reset=")),
+            "{:?}",
+            refused.headers
+        );
+        assert_eq!(
+            up.hits(),
+            3,
+            "the refused request never reached the upstream"
+        );
+
+        // Each user has a counter of their own.
+        for _ in 0..3 {
+            assert_eq!(
+                get_as(&gateway.url("/user"), "ann").await.status,
+                StatusCode::OK
+            );
+        }
+        assert_eq!(
+            get_as(&gateway.url("/user"), "ann").await.status,
+            StatusCode::TOO_MANY_REQUESTS
+        );
+        assert_eq!(
+            get_as(&gateway.url("/user"), "bob").await.status,
+            StatusCode::OK
+        );
+
+        // A group is one counter across its routes.
+        assert_eq!(get(&gateway.url("/a")).await.status, StatusCode::OK);
+        assert_eq!(get(&gateway.url("/b")).await.status, StatusCode::OK);
+        assert_eq!(
+            get(&gateway.url("/a")).await.status,
+            StatusCode::TOO_MANY_REQUESTS
+        );
+        assert_eq!(
+            get(&gateway.url("/b")).await.status,
+            StatusCode::TOO_MANY_REQUESTS
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_window_ends_and_the_count_starts_again() {
+        let up = Upstream::start("u").await;
+        let gateway = TestGateway::start(&yaml(json!({
+            "upstreams": [{"id": "u", "nodes": [node(&up)]}],
+            "plugins": all_plugins(),
+            "routes": [{"id": "r", "uri": "/r", "upstream_id": "u",
+                        "plugins": [{"name": "limit-count", "config": {"count": 1, "window_s": 1}}]}],
+        })))
+        .await;
+        // Waits for a refusal, then for the next window to let one through again: the event
+        // itself, not a guess at the time.
+        weir_tests::eventually("a refusal", std::time::Duration::from_secs(10), || async {
+            get(&gateway.url("/r")).await.status == StatusCode::TOO_MANY_REQUESTS
+        })
+        .await;
+        weir_tests::eventually(
+            "the next window",
+            std::time::Duration::from_secs(10),
+            || async { get(&gateway.url("/r")).await.status == StatusCode::OK },
+        )
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bad_configs_are_refused_at_load_with_their_reason() {
+        let up = Upstream::start("u").await;
+        let cases = [
+            (
+                json!({"count": 0, "window_s": 60}),
+                "`count` must be at least 1",
+            ),
+            (json!({"count": 1, "window_s": 0}), "`window_s` must be in"),
+            (
+                json!({"count": 1, "window_s": 60, "key": "cookie"}),
+                "not ip, route or header",
+            ),
+            (
+                json!({"count": 1, "window_s": 60, "policy": "cluster"}),
+                "not supported yet",
+            ),
+            (
+                json!({"count": 1, "window_s": 60, "rejected_code": 99}),
+                "rejected_code",
+            ),
+            (
+                json!({"count": 1, "window_s": 60, "colour": "red"}),
+                "unknown field",
+            ),
+        ];
+        let routes: Vec<serde_json::Value> = cases
+            .iter()
+            .enumerate()
+            .map(|(i, (config, _))| {
+                json!({"id": format!("r{i}"), "uri": format!("/r{i}"), "upstream_id": "u",
+                       "plugins": [{"name": "limit-count", "config": config}]})
+            })
+            .collect();
+        let gateway = TestGateway::start(&yaml(json!({
+            "upstreams": [{"id": "u", "nodes": [node(&up)]}],
+            "plugins": all_plugins(),
+            "routes": routes,
+        })))
+        .await;
+        let errors = gateway.errors();
+        for (i, (_, expected)) in cases.iter().enumerate() {
+            let error = errors
+                .iter()
+                .find(|e| e.id == format!("r{i}"))
+                .unwrap_or_else(|| panic!("route r{i} was not refused: {errors:?}"));
+            assert!(error.reason.contains(expected), "r{i}: {}", error.reason);
+        }
+    }
+}

@@ -38,11 +38,15 @@ pub fn all_plugins() -> serde_json::Value {
         ("headers", plugins::HEADERS),
         ("ip-restriction", plugins::IP_RESTRICTION),
         ("key-auth", plugins::KEY_AUTH),
+        ("limit-count", plugins::LIMIT_COUNT),
         ("probe", plugins::PROBE),
     ]
     .iter()
     .map(|(name, path)| match *name {
         "probe" => probe_entry(name, serde_json::json!({})),
+        "limit-count" => {
+            serde_json::json!({ "name": name, "module": path, "grants": {"kv": true, "clock": true} })
+        }
         _ => serde_json::json!({ "name": name, "module": path }),
     })
     .collect();

@@ -1,0 +1,236 @@
+//! limit-count: at most `count` requests per `window_s` seconds for each key (the client's
+//! address, a header, the route, or several of these together), counted in fixed windows in
+//! the plugin's kv.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+use weir_sdk::{Action, Plugin, Reply, Request, Response, Wants, kv};
+
+/// `{"count": 100, "window_s": 60, "key": "ip"}`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Config {
+    /// Requests allowed per window.
+    count: u64,
+    /// The window's length in seconds.
+    window_s: u64,
+    /// What is counted: `ip`, `route`, `header:NAME`, or a list of these (counted together).
+    #[serde(default = "default_key")]
+    key: KeySpec,
+    /// Routes that name the same group share one counter; by default each route has its own.
+    #[serde(default)]
+    group: Option<String>,
+    /// The status of a refused request.
+    #[serde(default = "default_rejected_code")]
+    rejected_code: u16,
+    /// The message of a refused request.
+    #[serde(default = "default_rejected_msg")]
+    rejected_msg: String,
+    /// `local`: counted on this gateway.
+    #[serde(default = "default_policy")]
+    policy: String,
+    /// Send the `X-RateLimit-*` and `RateLimit*` headers (on by default).
+    #[serde(default = "yes")]
+    show_limit_headers: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum KeySpec {
+    One(String),
+    Several(Vec<String>),
+}
+
+fn default_key() -> KeySpec {
+    KeySpec::One("ip".into())
+}
+
+fn default_rejected_code() -> u16 {
+    429
+}
+
+fn default_rejected_msg() -> String {
+    "too many requests".into()
+}
+
+fn default_policy() -> String {
+    "local".into()
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// One part of the counted key.
+enum KeyPart {
+    Ip,
+    Route,
+    Header(String),
+}
+
+struct LimitCount {
+    count: u64,
+    window_s: u64,
+    parts: Vec<KeyPart>,
+    group: Option<String>,
+    rejected_code: u16,
+    rejected_msg: String,
+    show_limit_headers: bool,
+}
+
+/// The var that carries what on-request counted to on-response.
+const COUNTED: &str = "limit-count.counted";
+
+/// The longest window: a day.
+const MAX_WINDOW_S: u64 = 86_400;
+
+impl LimitCount {
+    /// The counter's key for `req` in the window that starts at `window_start`.
+    fn counter(&self, req: &Request, window_start: u64) -> String {
+        let mut key = match &self.group {
+            Some(group) => format!("g:{group}"),
+            None => format!("r:{}", req.route_id()),
+        };
+        key.push_str(&format!("|{window_start}"));
+        for part in &self.parts {
+            key.push('|');
+            match part {
+                KeyPart::Ip => key.push_str(&req.client_ip()),
+                KeyPart::Route => key.push_str(&req.route_id()),
+                KeyPart::Header(name) => {
+                    // Bounded, so that a client cannot grow the kv's keys without limit.
+                    let value = req.header(name).unwrap_or_default();
+                    let value: String = value.chars().take(256).collect();
+                    key.push_str(&value);
+                }
+            }
+        }
+        key
+    }
+
+    /// The limit headers for `remaining` requests left and `reset` seconds to the window's end.
+    fn headers(&self, remaining: u64, reset: u64) -> Vec<(String, String)> {
+        if !self.show_limit_headers {
+            return Vec::new();
+        }
+        vec![
+            ("x-ratelimit-limit".into(), self.count.to_string()),
+            ("x-ratelimit-remaining".into(), remaining.to_string()),
+            ("x-ratelimit-reset".into(), reset.to_string()),
+            (
+                "ratelimit-policy".into(),
+                format!("{};w={}", self.count, self.window_s),
+            ),
+            (
+                "ratelimit".into(),
+                format!("limit={}, remaining={remaining}, reset={reset}", self.count),
+            ),
+        ]
+    }
+}
+
+fn parse_part(text: &str) -> Result<KeyPart, String> {
+    match text {
+        "ip" => Ok(KeyPart::Ip),
+        "route" => Ok(KeyPart::Route),
+        other => match other.strip_prefix("header:") {
+            Some(name) if !name.is_empty() => Ok(KeyPart::Header(name.to_ascii_lowercase())),
+            _ => Err(format!(
+                "key {other:?} is not ip, route or header:NAME (consumer comes with consumers)"
+            )),
+        },
+    }
+}
+
+impl Plugin for LimitCount {
+    type Config = Config;
+
+    fn new(config: Config) -> Result<Self, String> {
+        if config.count == 0 {
+            return Err("`count` must be at least 1".into());
+        }
+        if !(1..=MAX_WINDOW_S).contains(&config.window_s) {
+            return Err(format!("`window_s` must be in 1..={MAX_WINDOW_S}"));
+        }
+        if !(200..=599).contains(&config.rejected_code) {
+            return Err("`rejected_code` must be a status in 200..=599".into());
+        }
+        if config.policy != "local" {
+            return Err(format!(
+                "policy {:?} is not supported yet; `local` counts on this gateway",
+                config.policy
+            ));
+        }
+        let texts = match config.key {
+            KeySpec::One(one) => vec![one],
+            KeySpec::Several(several) => several,
+        };
+        if texts.is_empty() {
+            return Err("`key` lists nothing to count by".into());
+        }
+        let parts = texts
+            .iter()
+            .map(|t| parse_part(t))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(LimitCount {
+            count: config.count,
+            window_s: config.window_s,
+            parts,
+            group: config.group,
+            rejected_code: config.rejected_code,
+            rejected_msg: config.rejected_msg,
+            show_limit_headers: config.show_limit_headers,
+        })
+    }
+
+    fn wants(&self) -> Wants {
+        Wants {
+            on_request: true,
+            on_response: self.show_limit_headers,
+            on_log: false,
+            request_body: false,
+            response_body: false,
+        }
+    }
+
+    fn on_request(&self, req: &Request) -> Action {
+        let now_s = weir_sdk::now_ms() / 1000;
+        let window_start = now_s - now_s % self.window_s;
+        let reset = window_start + self.window_s - now_s;
+        let key = self.counter(req, window_start);
+        // The counter outlives its window by a second, so a late request never restarts it.
+        let ttl = Duration::from_secs(reset + 1);
+        let used = match kv::incr(&key, 1, Some(ttl)) {
+            Ok(used) => u64::try_from(used).unwrap_or(0),
+            // The kv is full or failing: the plugin's failure policy is the operator's choice,
+            // so fail the call rather than guess.
+            Err(error) => panic!("limit-count: the counter failed: {error}"),
+        };
+        if used > self.count {
+            let mut reply = Reply::error(self.rejected_code, &self.rejected_msg)
+                .with_header("retry-after", &reset.to_string());
+            for (name, value) in self.headers(0, reset) {
+                reply = reply.with_header(&name, &value);
+            }
+            return Action::Respond(reply);
+        }
+        req.set_var(COUNTED, &format!("{} {reset}", self.count - used));
+        Action::Continue
+    }
+
+    fn on_response(&self, req: &Request, resp: &Response) {
+        let Some(counted) = req.get_var(COUNTED) else {
+            return;
+        };
+        let mut fields = counted.split(' ').filter_map(|n| n.parse::<u64>().ok());
+        let (Some(remaining), Some(reset)) = (fields.next(), fields.next()) else {
+            return;
+        };
+        for (name, value) in self.headers(remaining, reset) {
+            let _ = resp.set_header(&name, &value);
+        }
+    }
+}
+
+weir_sdk::export_plugin!(LimitCount);
