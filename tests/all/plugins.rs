@@ -454,3 +454,98 @@ mod limit_count {
         }
     }
 }
+
+mod rewrite {
+    //! rewrite through a real gateway: regex captures, a fixed path, host and method, and
+    //! configs refused at load.
+
+    use http::StatusCode;
+    use serde_json::json;
+    use weir_tests::{TestGateway, Upstream, all_plugins, get, node, yaml};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn paths_hosts_and_methods_are_rewritten() {
+        let up = Upstream::start("u").await;
+        let rewrite = |config: serde_json::Value| json!([{"name": "rewrite", "config": config}]);
+        let gateway = TestGateway::start(&yaml(json!({
+            "upstreams": [{"id": "u", "nodes": [node(&up)]}],
+            "plugins": all_plugins(),
+            "routes": [
+                {"id": "regex", "uri": "/api/v1/*", "upstream_id": "u",
+                 "plugins": rewrite(json!({"regex_uri": ["^/api/v1/users/(?P<id>[0-9]+)$", "/v2/people/${id}"]}))},
+                {"id": "fixed", "uri": "/old/*", "upstream_id": "u",
+                 "plugins": rewrite(json!({"uri": "/new", "regex_uri": ["^/old/(.*)", "/ignored/$1"],
+                                           "host": "backend.internal", "method": "POST"}))},
+                {"id": "broken", "uri": "/broken/*", "upstream_id": "u",
+                 "plugins": rewrite(json!({"regex_uri": ["^/broken/(.*)", "/x?$1"]}))},
+            ],
+        })))
+        .await;
+        assert!(gateway.errors().is_empty(), "{:?}", gateway.errors());
+
+        let echo = get(&gateway.url("/api/v1/users/42?full=1")).await.json();
+        assert_eq!(echo["path"], "/v2/people/42");
+        assert_eq!(echo["query"], "full=1", "the query is kept");
+        // A path the pattern does not match goes up as it came.
+        let echo = get(&gateway.url("/api/v1/teams/7")).await.json();
+        assert_eq!(echo["path"], "/api/v1/teams/7");
+
+        let echo = get(&gateway.url("/old/thing")).await.json();
+        assert_eq!(echo["path"], "/new", "a fixed uri wins over regex_uri");
+        assert_eq!(echo["method"], "POST");
+        assert_eq!(echo["headers"]["host"], "backend.internal");
+
+        // A replacement that makes something that is not a path is the config's mistake: 500
+        // with the reason, and nothing goes upstream.
+        let hits = up.hits();
+        let reply = get(&gateway.url("/broken/a")).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "{}",
+            reply.text()
+        );
+        assert!(reply.text().contains("invalid path"), "{}", reply.text());
+        assert_eq!(up.hits(), hits);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bad_configs_are_refused_at_load_with_their_reason() {
+        let up = Upstream::start("u").await;
+        let cases = [
+            (json!({}), "set at least one"),
+            (json!({"regex_uri": ["^/(", "/x"]}), "`regex_uri` pattern"),
+            (json!({"regex_uri": ["^/a"]}), "[pattern, replacement]"),
+            (json!({"regex_uri": ["^/a", "b"]}), "must start with /"),
+            (
+                json!({"regex_uri": ["a".repeat(2000), "/b"]}),
+                "over 1024 bytes",
+            ),
+            (json!({"uri": "relative"}), "`uri` must start with /"),
+            (json!({"method": "BREW"}), "is not one of"),
+            (json!({"host": "a/b"}), "is not a host"),
+        ];
+        let routes: Vec<serde_json::Value> = cases
+            .iter()
+            .enumerate()
+            .map(|(i, (config, _))| {
+                json!({"id": format!("r{i}"), "uri": format!("/r{i}"), "upstream_id": "u",
+                       "plugins": [{"name": "rewrite", "config": config}]})
+            })
+            .collect();
+        let gateway = TestGateway::start(&yaml(json!({
+            "upstreams": [{"id": "u", "nodes": [node(&up)]}],
+            "plugins": all_plugins(),
+            "routes": routes,
+        })))
+        .await;
+        let errors = gateway.errors();
+        for (i, (_, expected)) in cases.iter().enumerate() {
+            let error = errors
+                .iter()
+                .find(|e| e.id == format!("r{i}"))
+                .unwrap_or_else(|| panic!("route r{i} was not refused: {errors:?}"));
+            assert!(error.reason.contains(expected), "r{i}: {}", error.reason);
+        }
+    }
+}

@@ -39,6 +39,7 @@ pub fn all_plugins() -> serde_json::Value {
         ("ip-restriction", plugins::IP_RESTRICTION),
         ("key-auth", plugins::KEY_AUTH),
         ("limit-count", plugins::LIMIT_COUNT),
+        ("rewrite", plugins::REWRITE),
         ("probe", plugins::PROBE),
     ]
     .iter()
@@ -46,6 +47,9 @@ pub fn all_plugins() -> serde_json::Value {
         "probe" => probe_entry(name, serde_json::json!({})),
         "limit-count" => {
             serde_json::json!({ "name": name, "module": path, "grants": {"kv": true, "clock": true} })
+        }
+        "rewrite" => {
+            serde_json::json!({ "name": name, "module": path, "grants": {"wasi": ["random"]} })
         }
         _ => serde_json::json!({ "name": name, "module": path }),
     })
