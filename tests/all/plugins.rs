@@ -549,3 +549,202 @@ mod rewrite {
         }
     }
 }
+
+mod cors {
+    //! cors through a real gateway: preflights answered by the plugin, responses marked for
+    //! allowed origins only, and configs refused at load.
+
+    use http::{Method, StatusCode};
+    use serde_json::json;
+    use weir_tests::{TestGateway, Upstream, all_plugins, node, request, send, yaml};
+
+    async fn call(url: &str, method: Method, headers: &[(&str, &str)]) -> weir_tests::Reply {
+        let mut builder = request(method, url);
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        send(
+            builder
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .unwrap(),
+        )
+        .await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn allowed_origins_get_the_headers_and_others_do_not() {
+        let up = Upstream::start("u").await;
+        let gateway = TestGateway::start(&yaml(json!({
+            "upstreams": [{"id": "u", "nodes": [node(&up)]}],
+            "plugins": all_plugins(),
+            "routes": [
+                {"id": "listed", "uri": "/listed", "upstream_id": "u",
+                 "plugins": [{"name": "cors", "config": {
+                     "allow_origins": "https://app.example.com",
+                     "allow_origins_by_regex": ["https://[a-z]+\\.preview\\.example\\.com"],
+                     "allow_methods": "GET,POST", "allow_headers": "x-token",
+                     "expose_headers": "x-request-id", "max_age": 600, "allow_credential": true}}]},
+                {"id": "any", "uri": "/any", "upstream_id": "u",
+                 "plugins": [{"name": "cors", "config": {}}]},
+            ],
+        })))
+        .await;
+        assert!(gateway.errors().is_empty(), "{:?}", gateway.errors());
+        let hits = up.hits();
+
+        // A preflight from an allowed origin is answered by the plugin.
+        let preflight = call(
+            &gateway.url("/listed"),
+            Method::OPTIONS,
+            &[
+                ("origin", "https://app.example.com"),
+                ("access-control-request-method", "POST"),
+                ("access-control-request-headers", "x-token"),
+            ],
+        )
+        .await;
+        assert_eq!(preflight.status, StatusCode::OK);
+        assert_eq!(
+            preflight.header("access-control-allow-origin"),
+            Some("https://app.example.com")
+        );
+        assert_eq!(
+            preflight.header("access-control-allow-methods"),
+            Some("GET,POST")
+        );
+        assert_eq!(
+            preflight.header("access-control-allow-headers"),
+            Some("x-token")
+        );
+        assert_eq!(preflight.header("access-control-max-age"), Some("600"));
+        assert_eq!(
+            preflight.header("access-control-allow-credentials"),
+            Some("true")
+        );
+        assert_eq!(up.hits(), hits, "a preflight never reaches the upstream");
+
+        // The actual request goes upstream and comes back marked.
+        let reply = call(
+            &gateway.url("/listed"),
+            Method::GET,
+            &[("origin", "https://pr-7.preview.example.com")],
+        )
+        .await;
+        // `pr-7` has a digit and a dash: the pattern is [a-z]+, anchored, so it is refused.
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(reply.header("access-control-allow-origin"), None);
+        let reply = call(
+            &gateway.url("/listed"),
+            Method::GET,
+            &[("origin", "https://blue.preview.example.com")],
+        )
+        .await;
+        assert_eq!(
+            reply.header("access-control-allow-origin"),
+            Some("https://blue.preview.example.com")
+        );
+        assert_eq!(
+            reply.header("access-control-expose-headers"),
+            Some("x-request-id")
+        );
+        assert_eq!(
+            reply.header("access-control-allow-credentials"),
+            Some("true")
+        );
+
+        // An origin that only contains an allowed one is not allowed.
+        for origin in [
+            "https://app.example.com.evil.test",
+            "https://evil.test",
+            "https://blue.preview.example.com.evil.test",
+        ] {
+            let reply = call(&gateway.url("/listed"), Method::GET, &[("origin", origin)]).await;
+            assert_eq!(
+                reply.header("access-control-allow-origin"),
+                None,
+                "{origin}"
+            );
+            let preflight = call(
+                &gateway.url("/listed"),
+                Method::OPTIONS,
+                &[("origin", origin), ("access-control-request-method", "GET")],
+            )
+            .await;
+            assert_eq!(
+                preflight.header("access-control-allow-origin"),
+                None,
+                "{origin}"
+            );
+        }
+
+        // The defaults: any origin, answered with `*`, every method, the asked-for headers.
+        let preflight = call(
+            &gateway.url("/any"),
+            Method::OPTIONS,
+            &[
+                ("origin", "https://anyone.test"),
+                ("access-control-request-method", "DELETE"),
+                ("access-control-request-headers", "x-a, x-b"),
+            ],
+        )
+        .await;
+        assert_eq!(preflight.header("access-control-allow-origin"), Some("*"));
+        assert_eq!(
+            preflight.header("access-control-allow-headers"),
+            Some("x-a, x-b")
+        );
+        assert!(
+            preflight
+                .header("access-control-allow-methods")
+                .is_some_and(|m| m.contains("DELETE"))
+        );
+        assert_eq!(preflight.header("access-control-allow-credentials"), None);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bad_configs_are_refused_at_load_with_their_reason() {
+        let up = Upstream::start("u").await;
+        let cases = [
+            (json!({"allow_credential": true}), "refused by browsers"),
+            (
+                json!({"allow_origins": "app.example.com"}),
+                "is not scheme://host",
+            ),
+            (
+                json!({"allow_origins": "https://a.test/path"}),
+                "is not scheme://host",
+            ),
+            (
+                json!({"allow_origins": ",", "allow_origins_by_regex": []}),
+                "lists no origin",
+            ),
+            (
+                json!({"allow_origins": "https://a.test", "allow_origins_by_regex": ["("]}),
+                "allow_origins_by_regex",
+            ),
+            (json!({"max_age": -1}), "invalid value"),
+        ];
+        let routes: Vec<serde_json::Value> = cases
+            .iter()
+            .enumerate()
+            .map(|(i, (config, _))| {
+                json!({"id": format!("r{i}"), "uri": format!("/r{i}"), "upstream_id": "u",
+                       "plugins": [{"name": "cors", "config": config}]})
+            })
+            .collect();
+        let gateway = TestGateway::start(&yaml(json!({
+            "upstreams": [{"id": "u", "nodes": [node(&up)]}],
+            "plugins": all_plugins(),
+            "routes": routes,
+        })))
+        .await;
+        let errors = gateway.errors();
+        for (i, (_, expected)) in cases.iter().enumerate() {
+            let error = errors
+                .iter()
+                .find(|e| e.id == format!("r{i}"))
+                .unwrap_or_else(|| panic!("route r{i} was not refused: {errors:?}"));
+            assert!(error.reason.contains(expected), "r{i}: {}", error.reason);
+        }
+    }
+}

@@ -40,6 +40,7 @@ pub fn all_plugins() -> serde_json::Value {
         ("key-auth", plugins::KEY_AUTH),
         ("limit-count", plugins::LIMIT_COUNT),
         ("rewrite", plugins::REWRITE),
+        ("cors", plugins::CORS),
         ("probe", plugins::PROBE),
     ]
     .iter()
@@ -48,7 +49,7 @@ pub fn all_plugins() -> serde_json::Value {
         "limit-count" => {
             serde_json::json!({ "name": name, "module": path, "grants": {"kv": true, "clock": true} })
         }
-        "rewrite" => {
+        "rewrite" | "cors" => {
             serde_json::json!({ "name": name, "module": path, "grants": {"wasi": ["random"]} })
         }
         _ => serde_json::json!({ "name": name, "module": path }),
