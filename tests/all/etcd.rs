@@ -595,3 +595,42 @@ async fn the_server_section_lives_at_weir_server() {
     let reply = weir_tests::raw_request(gateway.addr(), &weir_tests::raw_get("/", &many)).await;
     assert_eq!(reply.status, 431);
 }
+
+/// The seed's "dynamic IP firewall": ip-restriction's lists change in etcd and the next
+/// requests see the change, with no restart and nothing else touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ip_restriction_list_changed_in_etcd_is_live() {
+    let etcd = Etcd::start().await;
+    let up = Upstream::start("u").await;
+    put_upstream(&etcd, "u", &up).await;
+    let bytes = std::fs::read(plugins::IP_RESTRICTION).expect("a built component");
+    push_plugin(
+        &options(&etcd),
+        "ip-restriction",
+        &bytes,
+        &PushSettings::default(),
+    )
+    .await
+    .expect("push");
+    let route = |deny: &str| {
+        json!({"uri": "/fw", "upstream_id": "u",
+               "plugins": [{"name": "ip-restriction", "config": {"deny": [deny]}}]})
+    };
+    etcd.put("/weir/routes/fw", route("192.0.2.0/24")).await;
+    let gateway = TestGateway::start_etcd(&etcd.url, None).await;
+    let url = gateway.url("/fw");
+    assert_eq!(get(&url).await.status, StatusCode::OK);
+
+    // The test's own address goes on the deny list: refused from the next request on.
+    etcd.put("/weir/routes/fw", route("127.0.0.0/8")).await;
+    eventually("127.0.0.1 is denied", SOON, || {
+        answers(url.clone(), StatusCode::FORBIDDEN)
+    })
+    .await;
+    // And off it again.
+    etcd.put("/weir/routes/fw", route("198.51.100.7")).await;
+    eventually("127.0.0.1 is allowed again", SOON, || {
+        answers(url.clone(), StatusCode::OK)
+    })
+    .await;
+}
