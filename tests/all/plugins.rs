@@ -405,6 +405,50 @@ mod limit_count {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_sliding_window_still_counts_the_previous_window_when_a_fixed_one_has_forgotten() {
+        let up = Upstream::start("u").await;
+        let limit = |window_type: &str| {
+            json!([{"name": "limit-count",
+                    "config": {"count": 2, "window_s": 2, "window_type": window_type}}])
+        };
+        let gateway = TestGateway::start(&yaml(json!({
+            "upstreams": [{"id": "u", "nodes": [node(&up)]}],
+            "plugins": all_plugins(),
+            "routes": [
+                {"id": "fixed", "uri": "/fixed", "upstream_id": "u", "plugins": limit("fixed")},
+                {"id": "sliding", "uri": "/sliding", "upstream_id": "u", "plugins": limit("sliding")},
+            ],
+        })))
+        .await;
+        let soon = std::time::Duration::from_secs(20);
+        // Both routes used up in the same window (retried until they are).
+        weir_tests::eventually("both limits reached in one window", soon, || async {
+            for _ in 0..3 {
+                get(&gateway.url("/fixed")).await;
+                get(&gateway.url("/sliding")).await;
+            }
+            get(&gateway.url("/fixed")).await.status == StatusCode::TOO_MANY_REQUESTS
+                && get(&gateway.url("/sliding")).await.status == StatusCode::TOO_MANY_REQUESTS
+        })
+        .await;
+        // The moment the fixed window lets a request through again, a new window has begun;
+        // the sliding one still weighs the previous window's requests, so it refuses.
+        weir_tests::eventually("a new fixed window", soon, || async {
+            get(&gateway.url("/fixed")).await.status == StatusCode::OK
+        })
+        .await;
+        assert_eq!(
+            get(&gateway.url("/sliding")).await.status,
+            StatusCode::TOO_MANY_REQUESTS
+        );
+        // As the window slides on, the old requests weigh less, and one gets through.
+        weir_tests::eventually("the sliding window lets one through", soon, || async {
+            get(&gateway.url("/sliding")).await.status == StatusCode::OK
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn bad_configs_are_refused_at_load_with_their_reason() {
         let up = Upstream::start("u").await;
         let cases = [
@@ -428,6 +472,10 @@ mod limit_count {
             (
                 json!({"count": 1, "window_s": 60, "colour": "red"}),
                 "unknown field",
+            ),
+            (
+                json!({"count": 1, "window_s": 60, "window_type": "rolling"}),
+                "unknown variant",
             ),
         ];
         let routes: Vec<serde_json::Value> = cases

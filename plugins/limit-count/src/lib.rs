@@ -33,6 +33,18 @@ struct Config {
     /// Send the `X-RateLimit-*` and `RateLimit*` headers (on by default).
     #[serde(default = "yes")]
     show_limit_headers: bool,
+    /// `fixed` windows, or `sliding`: the previous window's count, weighted by how much of it
+    /// the sliding window still covers, counts too.
+    #[serde(default)]
+    window_type: WindowType,
+}
+
+#[derive(Clone, Copy, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case")]
+enum WindowType {
+    #[default]
+    Fixed,
+    Sliding,
 }
 
 #[derive(Deserialize)]
@@ -77,6 +89,7 @@ struct LimitCount {
     rejected_code: u16,
     rejected_msg: String,
     show_limit_headers: bool,
+    window_type: WindowType,
 }
 
 /// The var that carries what on-request counted to on-response.
@@ -181,6 +194,7 @@ impl Plugin for LimitCount {
             rejected_code: config.rejected_code,
             rejected_msg: config.rejected_msg,
             show_limit_headers: config.show_limit_headers,
+            window_type: config.window_type,
         })
     }
 
@@ -195,19 +209,40 @@ impl Plugin for LimitCount {
     }
 
     fn on_request(&self, req: &Request) -> Action {
-        let now_s = weir_sdk::now_ms() / 1000;
-        let window_start = now_s - now_s % self.window_s;
-        let reset = window_start + self.window_s - now_s;
+        let now_ms = weir_sdk::now_ms();
+        let window_ms = self.window_s * 1000;
+        let window_start = now_ms / 1000 / self.window_s * self.window_s;
+        let into_window_ms = now_ms - window_start * 1000;
+        let reset = (window_ms - into_window_ms).div_ceil(1000);
         let key = self.counter(req, window_start);
-        // The counter outlives its window by a second, so a late request never restarts it.
-        let ttl = Duration::from_secs(reset + 1);
-        let used = match kv::incr(&key, 1, Some(ttl)) {
-            Ok(used) => u64::try_from(used).unwrap_or(0),
+        // A counter outlives its window (by one more window when it will be read as the
+        // previous one), so that a late request never restarts it.
+        let keep = match self.window_type {
+            WindowType::Fixed => reset + 1,
+            WindowType::Sliding => reset + self.window_s + 1,
+        };
+        let counted = match kv::incr(&key, 1, Some(Duration::from_secs(keep))) {
+            Ok(counted) => u64::try_from(counted).unwrap_or(0),
             // The kv is full or failing: the plugin's failure policy is the operator's choice,
             // so fail the call rather than guess.
             Err(error) => panic!("limit-count: the counter failed: {error}"),
         };
+        let used = match self.window_type {
+            WindowType::Fixed => counted,
+            WindowType::Sliding => {
+                let previous = self.counter(req, window_start.saturating_sub(self.window_s));
+                let before = kv::get_string(&previous)
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .unwrap_or(0);
+                // The share of the previous window the sliding window still covers.
+                let weight = window_ms - into_window_ms;
+                counted + (before * weight).div_ceil(window_ms)
+            }
+        };
         if used > self.count {
+            // Only requests let through count, so a client that keeps retrying is not held
+            // off longer than the limit says.
+            let _ = kv::incr(&key, -1, None);
             let mut reply = Reply::error(self.rejected_code, &self.rejected_msg)
                 .with_header("retry-after", &reset.to_string());
             for (name, value) in self.headers(0, reset) {
@@ -215,7 +250,10 @@ impl Plugin for LimitCount {
             }
             return Action::Respond(reply);
         }
-        req.set_var(COUNTED, &format!("{} {reset}", self.count - used));
+        req.set_var(
+            COUNTED,
+            &format!("{} {reset}", self.count.saturating_sub(used)),
+        );
         Action::Continue
     }
 
