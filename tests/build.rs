@@ -38,6 +38,7 @@ fn main() {
         "plugins/ip-restriction",
         "plugins/key-auth",
         "plugins/limit-count",
+        "plugins/limit-key",
         "plugins/rewrite",
         "plugins/cors",
         "plugins/rust-example",

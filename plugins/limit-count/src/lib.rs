@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use limit_key::{KeySpec, LimitKey};
 use serde::Deserialize;
 use weir_sdk::{Action, Plugin, Reply, Request, Response, Wants, kv};
 
@@ -16,7 +17,7 @@ struct Config {
     /// The window's length in seconds.
     window_s: u64,
     /// What is counted: `ip`, `route`, `header:NAME`, or a list of these (counted together).
-    #[serde(default = "default_key")]
+    #[serde(default)]
     key: KeySpec,
     /// Routes that name the same group share one counter; by default each route has its own.
     #[serde(default)]
@@ -47,17 +48,6 @@ enum WindowType {
     Sliding,
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum KeySpec {
-    One(String),
-    Several(Vec<String>),
-}
-
-fn default_key() -> KeySpec {
-    KeySpec::One("ip".into())
-}
-
 fn default_rejected_code() -> u16 {
     429
 }
@@ -74,17 +64,10 @@ fn yes() -> bool {
     true
 }
 
-/// One part of the counted key.
-enum KeyPart {
-    Ip,
-    Route,
-    Header(String),
-}
-
 struct LimitCount {
     count: u64,
     window_s: u64,
-    parts: Vec<KeyPart>,
+    key: LimitKey,
     group: Option<String>,
     rejected_code: u16,
     rejected_msg: String,
@@ -106,19 +89,7 @@ impl LimitCount {
             None => format!("r:{}", req.route_id()),
         };
         key.push_str(&format!("|{window_start}"));
-        for part in &self.parts {
-            key.push('|');
-            match part {
-                KeyPart::Ip => key.push_str(&req.client_ip()),
-                KeyPart::Route => key.push_str(&req.route_id()),
-                KeyPart::Header(name) => {
-                    // Bounded, so that a client cannot grow the kv's keys without limit.
-                    let value = req.header(name).unwrap_or_default();
-                    let value: String = value.chars().take(256).collect();
-                    key.push_str(&value);
-                }
-            }
-        }
+        key.push_str(&self.key.of(req));
         key
     }
 
@@ -143,19 +114,6 @@ impl LimitCount {
     }
 }
 
-fn parse_part(text: &str) -> Result<KeyPart, String> {
-    match text {
-        "ip" => Ok(KeyPart::Ip),
-        "route" => Ok(KeyPart::Route),
-        other => match other.strip_prefix("header:") {
-            Some(name) if !name.is_empty() => Ok(KeyPart::Header(name.to_ascii_lowercase())),
-            _ => Err(format!(
-                "key {other:?} is not ip, route or header:NAME (consumer comes with consumers)"
-            )),
-        },
-    }
-}
-
 impl Plugin for LimitCount {
     type Config = Config;
 
@@ -175,21 +133,11 @@ impl Plugin for LimitCount {
                 config.policy
             ));
         }
-        let texts = match config.key {
-            KeySpec::One(one) => vec![one],
-            KeySpec::Several(several) => several,
-        };
-        if texts.is_empty() {
-            return Err("`key` lists nothing to count by".into());
-        }
-        let parts = texts
-            .iter()
-            .map(|t| parse_part(t))
-            .collect::<Result<Vec<_>, _>>()?;
+        let key = LimitKey::parse(config.key)?;
         Ok(LimitCount {
             count: config.count,
             window_s: config.window_s,
-            parts,
+            key,
             group: config.group,
             rejected_code: config.rejected_code,
             rejected_msg: config.rejected_msg,
