@@ -796,3 +796,119 @@ mod cors {
         }
     }
 }
+
+mod limit_req {
+    //! limit-req through a real gateway: the burst, refusal with Retry-After, the rate
+    //! refilling, keys, and configs refused at load.
+
+    use http::StatusCode;
+    use serde_json::json;
+    use weir_tests::{TestGateway, Upstream, all_plugins, get, node, request, send, yaml};
+
+    async fn get_as(url: &str, user: &str) -> StatusCode {
+        send(
+            request(http::Method::GET, url)
+                .header("x-user", user)
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .status
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_burst_goes_through_then_the_rate_holds() {
+        let up = Upstream::start("u").await;
+        let gateway = TestGateway::start(&yaml(json!({
+            "upstreams": [{"id": "u", "nodes": [node(&up)]}],
+            "plugins": all_plugins(),
+            "routes": [
+                // One a minute, so that the schedule does not move during the burst.
+                {"id": "slow", "uri": "/slow", "upstream_id": "u",
+                 "plugins": [{"name": "limit-req", "config": {"rate": 0.0166667, "burst": 2,
+                                                              "key": "header:x-user"}}]},
+                {"id": "fast", "uri": "/fast", "upstream_id": "u",
+                 "plugins": [{"name": "limit-req", "config": {"rate": 1, "burst": 0}}]},
+            ],
+        })))
+        .await;
+        assert!(gateway.errors().is_empty(), "{:?}", gateway.errors());
+
+        // The first request and a burst of two more; then refused.
+        for _ in 0..3 {
+            assert_eq!(get_as(&gateway.url("/slow"), "ann").await, StatusCode::OK);
+        }
+        let refused = send(
+            request(http::Method::GET, &gateway.url("/slow"))
+                .header("x-user", "ann")
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+        let wait: u64 = refused.header("retry-after").unwrap().parse().unwrap();
+        assert!((1..=60).contains(&wait), "{wait}");
+        // Refused requests do not use up the schedule: still refused, not further behind.
+        assert_eq!(
+            get_as(&gateway.url("/slow"), "ann").await,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        // Another key has its own bucket.
+        assert_eq!(get_as(&gateway.url("/slow"), "bob").await, StatusCode::OK);
+
+        // One a second with no burst: a quick second request is refused, and a later one
+        // gets through as the bucket drains.
+        let mut statuses = Vec::new();
+        for _ in 0..3 {
+            statuses.push(get(&gateway.url("/fast")).await.status);
+        }
+        assert!(
+            statuses.contains(&StatusCode::SERVICE_UNAVAILABLE),
+            "{statuses:?}"
+        );
+        weir_tests::eventually(
+            "the rate lets one more through",
+            std::time::Duration::from_secs(10),
+            || async { get(&gateway.url("/fast")).await.status == StatusCode::OK },
+        )
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bad_configs_are_refused_at_load_with_their_reason() {
+        let up = Upstream::start("u").await;
+        let cases = [
+            (json!({"rate": 0}), "`rate` must be in"),
+            (json!({"rate": 1e9}), "`rate` must be in"),
+            (json!({"rate": 1, "nodelay": false}), "not supported yet"),
+            (
+                json!({"rate": 1, "key": "cookie:x"}),
+                "not ip, route or header",
+            ),
+            (json!({"rate": 1, "rejected_code": 700}), "rejected_code"),
+            (json!({"burst": 1}), "missing field `rate`"),
+        ];
+        let routes: Vec<serde_json::Value> = cases
+            .iter()
+            .enumerate()
+            .map(|(i, (config, _))| {
+                json!({"id": format!("r{i}"), "uri": format!("/r{i}"), "upstream_id": "u",
+                       "plugins": [{"name": "limit-req", "config": config}]})
+            })
+            .collect();
+        let gateway = TestGateway::start(&yaml(json!({
+            "upstreams": [{"id": "u", "nodes": [node(&up)]}],
+            "plugins": all_plugins(),
+            "routes": routes,
+        })))
+        .await;
+        let errors = gateway.errors();
+        for (i, (_, expected)) in cases.iter().enumerate() {
+            let error = errors
+                .iter()
+                .find(|e| e.id == format!("r{i}"))
+                .unwrap_or_else(|| panic!("route r{i} was not refused: {errors:?}"));
+            assert!(error.reason.contains(expected), "r{i}: {}", error.reason);
+        }
+    }
+}

@@ -39,6 +39,7 @@ pub fn all_plugins() -> serde_json::Value {
         ("ip-restriction", plugins::IP_RESTRICTION),
         ("key-auth", plugins::KEY_AUTH),
         ("limit-count", plugins::LIMIT_COUNT),
+        ("limit-req", plugins::LIMIT_REQ),
         ("rewrite", plugins::REWRITE),
         ("cors", plugins::CORS),
         ("probe", plugins::PROBE),
@@ -46,7 +47,7 @@ pub fn all_plugins() -> serde_json::Value {
     .iter()
     .map(|(name, path)| match *name {
         "probe" => probe_entry(name, serde_json::json!({})),
-        "limit-count" => {
+        "limit-count" | "limit-req" => {
             serde_json::json!({ "name": name, "module": path, "grants": {"kv": true, "clock": true} })
         }
         "rewrite" | "cors" => {
