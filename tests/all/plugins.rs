@@ -912,3 +912,207 @@ mod limit_req {
         }
     }
 }
+
+mod body_crypt {
+    //! body-crypt through a real gateway: JWE (dir, A256GCM) made and opened here with
+    //! RustCrypto's aes-gcm, tampering, key rotation, and configs refused at load.
+
+    use aes_gcm::aead::{Aead, KeyInit, Payload};
+    use aes_gcm::{Aes256Gcm, Nonce};
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+    use http::{Method, StatusCode};
+    use serde_json::json;
+    use weir_tests::{TestGateway, Upstream, all_plugins, node, request, send, yaml};
+
+    const OLD: [u8; 32] = [7; 32];
+    const NEW: [u8; 32] = [9; 32];
+
+    fn seal(key: &[u8; 32], kid: &str, plain: &[u8], iv: [u8; 12]) -> String {
+        let protected = B64.encode(
+            json!({"alg": "dir", "enc": "A256GCM", "kid": kid, "cty": "application/json"})
+                .to_string(),
+        );
+        let sealed = Aes256Gcm::new_from_slice(key)
+            .unwrap()
+            .encrypt(
+                Nonce::from_slice(&iv),
+                Payload {
+                    msg: plain,
+                    aad: protected.as_bytes(),
+                },
+            )
+            .unwrap();
+        let (ciphertext, tag) = sealed.split_at(sealed.len() - 16);
+        format!(
+            "{protected}..{}.{}.{}",
+            B64.encode(iv),
+            B64.encode(ciphertext),
+            B64.encode(tag)
+        )
+    }
+
+    /// Opens a JWE with `key`; returns the plaintext and the protected header.
+    fn open(key: &[u8; 32], jwe: &str) -> (Vec<u8>, serde_json::Value) {
+        let parts: Vec<&str> = jwe.split('.').collect();
+        assert_eq!(parts.len(), 5, "{jwe}");
+        assert!(parts[1].is_empty(), "dir has no encrypted key");
+        let header: serde_json::Value =
+            serde_json::from_slice(&B64.decode(parts[0]).unwrap()).unwrap();
+        let mut sealed = B64.decode(parts[3]).unwrap();
+        sealed.extend(B64.decode(parts[4]).unwrap());
+        let iv = B64.decode(parts[2]).unwrap();
+        let plain = Aes256Gcm::new_from_slice(key)
+            .unwrap()
+            .decrypt(
+                Nonce::from_slice(&iv),
+                Payload {
+                    msg: &sealed,
+                    aad: parts[0].as_bytes(),
+                },
+            )
+            .expect("the gateway's JWE opens");
+        (plain, header)
+    }
+
+    async fn post(url: &str, body: String) -> weir_tests::Reply {
+        send(
+            request(Method::POST, url)
+                .header("content-type", "application/jose")
+                .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+                .unwrap(),
+        )
+        .await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bodies_are_decrypted_for_the_upstream_and_encrypted_for_the_client() {
+        let up = Upstream::start("u").await;
+        let config = json!({
+            "keys": {"old": B64.encode(OLD), "new": B64.encode(NEW)},
+            "active": "new", "request": "decrypt", "response": "encrypt"
+        });
+        let gateway = TestGateway::start(&yaml(json!({
+            "upstreams": [{"id": "u", "nodes": [node(&up)]}],
+            "plugins": all_plugins(),
+            "routes": [{"id": "r", "uri": "/secret", "upstream_id": "u",
+                        "plugins": [{"name": "body-crypt", "config": config}]}],
+        })))
+        .await;
+        assert!(gateway.errors().is_empty(), "{:?}", gateway.errors());
+
+        // A body sealed with the old key (rotation: it still opens) reaches the upstream in
+        // the clear, with the content type it had inside.
+        let reply = post(
+            &gateway.url("/secret"),
+            seal(&OLD, "old", br#"{"card":"4111"}"#, [1; 12]),
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        assert_eq!(reply.header("content-type"), Some("application/jose"));
+        // The answer is sealed with the active key; inside is the upstream's echo.
+        let (plain, header) = open(&NEW, &reply.text());
+        assert_eq!(header["kid"], "new");
+        assert_eq!(header["alg"], "dir");
+        assert_eq!(header["enc"], "A256GCM");
+        let echo: serde_json::Value = serde_json::from_slice(&plain).unwrap();
+        assert_eq!(echo["body"], r#"{"card":"4111"}"#);
+        assert_eq!(echo["headers"]["content-type"], "application/json");
+        // A fresh nonce each time: the same answer never seals the same way twice.
+        let again = post(&gateway.url("/secret"), seal(&NEW, "new", b"x", [2; 12])).await;
+        let third = post(&gateway.url("/secret"), seal(&NEW, "new", b"x", [2; 12])).await;
+        let iv = |jwe: &str| jwe.split('.').nth(2).unwrap().to_owned();
+        assert_ne!(iv(&again.text()), iv(&third.text()));
+
+        // Tampered, under an unknown key, with alg none, or not a JWE at all: 400, and the
+        // upstream never sees it.
+        let hits = up.hits();
+        let good = seal(&NEW, "new", b"hello", [3; 12]);
+        let mut parts: Vec<String> = good.split('.').map(str::to_owned).collect();
+        let mut ciphertext = B64.decode(&parts[3]).unwrap();
+        ciphertext[0] ^= 1;
+        parts[3] = B64.encode(ciphertext);
+        let tampered = parts.join(".");
+        let none = format!(
+            "{}..{}.{}.{}",
+            B64.encode(r#"{"alg":"none","enc":"A256GCM","kid":"new"}"#),
+            parts[2],
+            parts[3],
+            parts[4]
+        );
+        for (what, body) in [
+            ("tampered", tampered),
+            ("unknown kid", seal(&[1; 32], "other", b"hello", [4; 12])),
+            (
+                "wrong key under a known kid",
+                seal(&[1; 32], "new", b"hello", [4; 12]),
+            ),
+            ("alg none", none),
+            ("not a JWE", "hello".to_owned()),
+        ] {
+            let reply = post(&gateway.url("/secret"), body).await;
+            assert_eq!(
+                reply.status,
+                StatusCode::BAD_REQUEST,
+                "{what}: {}",
+                reply.text()
+            );
+            assert!(reply.text().contains("could not be decrypted"), "{what}");
+        }
+        assert_eq!(up.hits(), hits, "nothing refused reached the upstream");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bad_configs_are_refused_at_load_with_their_reason() {
+        let up = Upstream::start("u").await;
+        let key = B64.encode(OLD);
+        let cases = [
+            (
+                json!({"keys": {}, "active": "a", "request": "decrypt"}),
+                "`keys` is empty",
+            ),
+            (
+                json!({"keys": {"a": B64.encode([1u8; 5])}, "active": "a", "request": "decrypt"}),
+                "not 32",
+            ),
+            (
+                json!({"keys": {"a": "***"}, "active": "a", "request": "decrypt"}),
+                "not base64url",
+            ),
+            (
+                json!({"keys": {"a": key}, "active": "b", "request": "decrypt"}),
+                "is not one of `keys`",
+            ),
+            (
+                json!({"keys": {"a": key}, "active": "a"}),
+                "set `request: decrypt`",
+            ),
+            (
+                json!({"keys": {"a": key}, "active": "a", "request": "encrypt"}),
+                "can only be decrypt",
+            ),
+        ];
+        let routes: Vec<serde_json::Value> = cases
+            .iter()
+            .enumerate()
+            .map(|(i, (config, _))| {
+                json!({"id": format!("r{i}"), "uri": format!("/r{i}"), "upstream_id": "u",
+                       "plugins": [{"name": "body-crypt", "config": config}]})
+            })
+            .collect();
+        let gateway = TestGateway::start(&yaml(json!({
+            "upstreams": [{"id": "u", "nodes": [node(&up)]}],
+            "plugins": all_plugins(),
+            "routes": routes,
+        })))
+        .await;
+        let errors = gateway.errors();
+        for (i, (_, expected)) in cases.iter().enumerate() {
+            let error = errors
+                .iter()
+                .find(|e| e.id == format!("r{i}"))
+                .unwrap_or_else(|| panic!("route r{i} was not refused: {errors:?}"));
+            assert!(error.reason.contains(expected), "r{i}: {}", error.reason);
+        }
+    }
+}

@@ -42,6 +42,7 @@ pub fn all_plugins() -> serde_json::Value {
         ("limit-req", plugins::LIMIT_REQ),
         ("rewrite", plugins::REWRITE),
         ("cors", plugins::CORS),
+        ("body-crypt", plugins::BODY_CRYPT),
         ("probe", plugins::PROBE),
     ]
     .iter()
@@ -50,7 +51,7 @@ pub fn all_plugins() -> serde_json::Value {
         "limit-count" | "limit-req" => {
             serde_json::json!({ "name": name, "module": path, "grants": {"kv": true, "clock": true} })
         }
-        "rewrite" | "cors" => {
+        "rewrite" | "cors" | "body-crypt" => {
             serde_json::json!({ "name": name, "module": path, "grants": {"wasi": ["random"]} })
         }
         _ => serde_json::json!({ "name": name, "module": path }),
