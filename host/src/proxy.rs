@@ -491,7 +491,10 @@ impl Finish {
             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         parts.headers.insert(header::UPGRADE, switch.protocol);
         let (serving, held) = tokio::sync::oneshot::channel();
-        tokio::spawn(async move {
+        // Tracked with the `on-log` calls, so that a drain waits for the spliced connection
+        // (up to its timeout) and its access-log line is written before the log closes.
+        let tracker = self.gateway.pending_on_log().clone();
+        tracker.spawn(async move {
             // The connection counts as serving a request while spliced, so that its
             // between-requests timeouts do not apply.
             let _serving = held.await.ok();

@@ -457,6 +457,14 @@ impl TestGateway {
             running.shutdown().await;
         }
     }
+
+    /// Drains as on SIGTERM, then stops; the temporary folder (and its access log) stays
+    /// until the value is dropped.
+    pub async fn drain(&mut self, options: weir::DrainOptions) {
+        if let Some(running) = self.running.take() {
+            running.drain(options).await;
+        }
+    }
 }
 
 /// A gateway running in a child process: the `weir-test-gateway` binary of this package,
