@@ -13,6 +13,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -224,7 +225,7 @@ pub async fn start(options: GatewayOptions) -> Result<RunningGateway, StartError
     let proxy_handler =
         move |request, client| proxy::handle(proxy_gateway.clone(), request, client);
     let mut proxies = vec![tokio::spawn(serve(
-        "proxy",
+        PROXY_LISTENERS[0],
         listener,
         None,
         gateway.clone(),
@@ -247,7 +248,7 @@ pub async fn start(options: GatewayOptions) -> Result<RunningGateway, StartError
         let resolver = SniResolver(move || certs.snapshot().certs.clone());
         let acceptor = TlsAcceptor::from(tls::server_config(Arc::new(resolver)));
         proxies.push(tokio::spawn(serve(
-            "proxy_tls",
+            PROXY_LISTENERS[1],
             listener,
             Some(acceptor),
             gateway.clone(),
@@ -330,6 +331,9 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
         .map_err(|source| StartError::Bind { addr, source })
 }
 
+/// The proxy listeners' names, as their metrics label them.
+const PROXY_LISTENERS: [&str; 2] = ["proxy", "proxy_tls"];
+
 /// Who is at the other end of a client connection.
 #[derive(Clone, Copy, Debug)]
 pub struct Peer {
@@ -360,6 +364,19 @@ async fn serve<H, F>(
     let open_gauge = metrics
         .connections_open
         .get_or_create_owned(&listener_labels);
+    // The proxy listeners, plain and TLS, share one `max_connections`; the admin listener
+    // has its own.
+    let budget: Vec<Gauge> = if PROXY_LISTENERS.contains(&name) {
+        PROXY_LISTENERS
+            .iter()
+            .map(|listener| {
+                let labels = ListenerLabels { listener };
+                metrics.connections_open.get_or_create_owned(&labels)
+            })
+            .collect()
+    } else {
+        vec![open_gauge.clone()]
+    };
     let refused = metrics
         .connections_refused
         .get_or_create_owned(&listener_labels);
@@ -383,8 +400,9 @@ async fn serve<H, F>(
         };
         let settings = gateway.snapshot().server.clone();
         let limits = &settings.config;
-        // The gauge is the count: one per connection task alive.
-        if usize::try_from(open_gauge.get()).unwrap_or(0) >= limits.max_connections {
+        // The gauges are the count: one per connection alive.
+        let open: i64 = budget.iter().map(Gauge::get).sum();
+        if usize::try_from(open).unwrap_or(0) >= limits.max_connections {
             refused.inc();
             drop(stream);
             continue;

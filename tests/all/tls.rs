@@ -417,3 +417,49 @@ async fn an_upstream_that_wants_a_client_certificate_gets_the_configured_one() {
         "{errors:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_plain_and_tls_listeners_share_one_max_connections() {
+    let ca = TestCa::new("weir test CA");
+    let api = ca.leaf(&["api.test"]);
+    let up = Upstream::start("u").await;
+    let gateway = TestGateway::start(&yaml(json!({
+        "server": {"max_connections": 1},
+        "upstreams": [{"id": "u", "nodes": [node(&up)]}],
+        "routes": [{"id": "r", "uri": "/*", "upstream_id": "u"}],
+        "ssl": [ssl("api", &api, &["api.test"])],
+    })))
+    .await;
+    let open = |listener: &'static str| {
+        gateway
+            .gateway()
+            .metrics()
+            .connections_open
+            .get_or_create(&weir::metrics::ListenerLabels { listener })
+            .get()
+    };
+    // One plain connection, held open, uses the whole budget...
+    let held = tokio::net::TcpStream::connect(gateway.addr())
+        .await
+        .unwrap();
+    eventually("the plain connection is counted", SOON, || async {
+        open("proxy") == 1
+    })
+    .await;
+    // ...so a TLS client is turned away at accept.
+    let config = client_config(&ca.pem(), &[b"http/1.1"]);
+    assert!(
+        connect(gateway.tls_addr(), "api.test", config.clone())
+            .await
+            .is_err(),
+        "over the shared max_connections"
+    );
+    assert_eq!(open("proxy_tls"), 0);
+    drop(held);
+    let addr = gateway.tls_addr();
+    eventually("a TLS client gets in once the plain one left", SOON, || {
+        let config = config.clone();
+        async move { connect(addr, "api.test", config).await.is_ok() }
+    })
+    .await;
+}
