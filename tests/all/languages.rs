@@ -2,7 +2,7 @@
 //! componentize-js) and run through a gateway process with config, kv and log; and the module
 //! cache that keeps big components from being compiled again on restart.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, StatusCode};
@@ -197,14 +197,11 @@ async fn a_restart_loads_the_python_plugin_from_the_disk_cache() {
         "plugins": [python_entry()],
         "routes": [{"id": "ab", "uri": "/*", "upstream_id": "u", "plugins": [{"name": "ab", "config": {}}]}],
     }));
-    let mut first_requests = Vec::new();
+    // How much time the cache saves is a benchmark's question; this test checks that the
+    // restart loaded the artifact instead of compiling.
     for (start, expected) in [("first", "compiled"), ("restart", "disk")] {
-        let started = Instant::now();
         let gateway = TestGateway::start_cached(&config, cache.path()).await;
-        let loaded = started.elapsed();
-        let request_started = Instant::now();
         assert_eq!(get(&gateway.url("/x")).await.status, StatusCode::OK);
-        let first_request = request_started.elapsed();
         let metrics = get(&gateway.admin_url("/metrics")).await.text();
         let line = format!(r#"weir_module_loads_total{{source="{expected}"}} 1"#);
         assert!(metrics.contains(&line), "{start}: {line} in {metrics}");
@@ -214,16 +211,8 @@ async fn a_restart_loads_the_python_plugin_from_the_disk_cache() {
                 "the restart compiled again: {metrics}"
             );
         }
-        eprintln!(
-            "python plugin, {start}: config loaded in {loaded:?}, first request took {first_request:?}"
-        );
-        first_requests.push(loaded);
         gateway.stop().await;
     }
-    assert!(
-        first_requests[1] < first_requests[0],
-        "loading from the cache should be faster: {first_requests:?}"
-    );
     // A damaged artifact is not trusted: it is compiled again and replaced.
     let artifact = walk(cache.path())
         .into_iter()

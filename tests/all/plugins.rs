@@ -266,18 +266,18 @@ async fn vars_carry_from_on_request_to_on_response_and_on_log() {
         );
     }
     // on-log runs after the response; its counter shows up in the metrics.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    loop {
-        let metrics = get(&gateway.admin_url("/metrics")).await.text();
-        if metrics.contains(r#"weir_plugin_events_total{plugin="probe",name="t1-logged"} 3"#) {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "on-log never counted 3:\n{metrics}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    let metrics_url = gateway.admin_url("/metrics");
+    weir_tests::eventually(
+        "on-log to count 3",
+        std::time::Duration::from_secs(5),
+        || async {
+            get(&metrics_url)
+                .await
+                .text()
+                .contains(r#"weir_plugin_events_total{plugin="probe",name="t1-logged"} 3"#)
+        },
+    )
+    .await;
 }
 
 mod limit_count {

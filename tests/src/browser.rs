@@ -3,7 +3,7 @@
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use fantoccini::{Client, ClientBuilder, Locator};
 
@@ -55,14 +55,16 @@ impl Browser {
         );
         let url = format!("http://127.0.0.1:{port}");
         // chromedriver takes a moment to listen: wait until it accepts a connection.
-        let started = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                started.elapsed() < PATIENCE,
-                "chromedriver never listened.\n{INSTALL_HINT}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let listening = tokio::time::timeout(PATIENCE, async {
+            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert!(
+            listening.is_ok(),
+            "chromedriver never listened.\n{INSTALL_HINT}"
+        );
         let client = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
             .capabilities(capabilities)
             .connect(&url)
@@ -87,21 +89,20 @@ impl Browser {
 
     /// Waits until the element `css` holds `text`.
     pub async fn find_text(&self, css: &str, text: &str) -> fantoccini::elements::Element {
-        let started = Instant::now();
-        loop {
-            if let Ok(elements) = self.client.find_all(Locator::Css(css)).await {
-                for element in elements {
-                    if element.text().await.is_ok_and(|t| t.contains(text)) {
-                        return element;
+        let found = tokio::time::timeout(PATIENCE, async {
+            loop {
+                if let Ok(elements) = self.client.find_all(Locator::Css(css)).await {
+                    for element in elements {
+                        if element.text().await.is_ok_and(|t| t.contains(text)) {
+                            return element;
+                        }
                     }
                 }
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            assert!(
-                started.elapsed() < PATIENCE,
-                "no {css} holding {text:?} after {PATIENCE:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await;
+        found.unwrap_or_else(|_| panic!("no {css} holding {text:?} after {PATIENCE:?}"))
     }
 
     /// Types `text` into the (emptied) field `css`.

@@ -3,7 +3,7 @@
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use etcd_client::{Client, GetOptions, PutOptions};
 
@@ -71,29 +71,28 @@ impl Etcd {
             Err(e) => panic!("starting etcd: {e}"),
         };
         self.child = Some(child);
-        let started = Instant::now();
-        loop {
-            if let Ok(mut client) = Client::connect([&self.url], None).await
-                && client.status().await.is_ok()
-            {
-                return;
+        let ready = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                if let Ok(mut client) = Client::connect([&self.url], None).await
+                    && client.status().await.is_ok()
+                {
+                    return;
+                }
+                if let Some(status) = self
+                    .child
+                    .as_mut()
+                    .and_then(|c| c.try_wait().ok().flatten())
+                {
+                    panic!(
+                        "etcd exited with {status}; see {}",
+                        self.data.path().join("etcd.log").display()
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                panic!(
-                    "etcd exited with {status}; see {}",
-                    self.data.path().join("etcd.log").display()
-                );
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(20),
-                "etcd did not become ready"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await;
+        assert!(ready.is_ok(), "etcd did not become ready");
     }
 
     /// Kills etcd (its data stays, for [`Etcd::restart`]).

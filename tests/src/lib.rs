@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response, StatusCode};
@@ -414,18 +414,13 @@ impl TestGateway {
     /// Rewrites the config file and waits until a new snapshot is live.
     pub async fn reload(&self, yaml: &str) {
         let before = self.generation();
-        let started = Instant::now();
-        // Write beside and rename, as editors do, so the watcher never reads half a file.
-        let staging = self.dir.path().join(".weir.yaml.new");
-        std::fs::write(&staging, yaml).expect("writing the new config");
-        std::fs::rename(&staging, &self.config).expect("replacing the config");
-        while self.generation() == before {
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "the new config never went live"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        self.write_config(yaml);
+        eventually(
+            "the new config to go live",
+            Duration::from_secs(30),
+            || async { self.generation() != before },
+        )
+        .await;
     }
 
     /// Writes the config file without waiting (for changes that must not apply).
@@ -437,18 +432,21 @@ impl TestGateway {
 
     /// The access log's lines, parsed, once at least `at_least` are there.
     pub async fn access_log(&self, at_least: usize) -> Vec<serde_json::Value> {
-        let started = Instant::now();
-        loop {
-            let text = std::fs::read_to_string(&self.access_log).unwrap_or_default();
-            let lines: Vec<serde_json::Value> = text
+        let read = || {
+            std::fs::read_to_string(&self.access_log)
+                .unwrap_or_default()
                 .lines()
                 .map(|l| serde_json::from_str(l).expect("each access-log line is JSON"))
-                .collect();
-            if lines.len() >= at_least || started.elapsed() > Duration::from_secs(5) {
-                return lines;
+                .collect::<Vec<serde_json::Value>>()
+        };
+        // Fewer lines than asked for, after the wait, are the caller's to judge.
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            while read().len() < at_least {
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        })
+        .await;
+        read()
     }
 
     /// Stops the gateway and waits for it to drain.
@@ -564,19 +562,18 @@ impl ChildGateway {
             .stderr(log)
             .spawn()
             .expect("starting the child gateway");
-        let started = Instant::now();
-        let addresses = loop {
-            if let Ok(text) = std::fs::read_to_string(&addr_file)
-                && text.ends_with('\n')
-            {
-                break text;
+        let addresses = tokio::time::timeout(Duration::from_secs(60), async {
+            loop {
+                if let Ok(text) = std::fs::read_to_string(&addr_file)
+                    && text.ends_with('\n')
+                {
+                    return text;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "the child gateway did not start"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+        })
+        .await
+        .expect("the child gateway wrote its addresses");
         let mut lines = addresses.lines();
         let url = lines.next().expect("the proxy address").to_owned();
         let admin = lines.next().expect("the admin address").to_owned();
@@ -918,14 +915,16 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let started = Instant::now();
-    while !check().await {
-        assert!(
-            started.elapsed() < limit,
-            "timed out after {limit:?} waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let happened = tokio::time::timeout(limit, async {
+        while !check().await {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(
+        happened.is_ok(),
+        "gave up after {limit:?} waiting for: {what}"
+    );
 }
 
 /// GETs `url`.
