@@ -16,12 +16,40 @@ async fn gateway_with(up: &Upstream, routes: Value) -> TestGateway {
     .await
 }
 
-async fn get_with(url: &str, headers: &[(&str, &str)]) -> weir_tests::Reply {
-    let mut builder = request(Method::GET, url);
+/// `method url` with `headers` and no body.
+async fn call_with(method: Method, url: &str, headers: &[(&str, &str)]) -> weir_tests::Reply {
+    let mut builder = request(method, url);
     for (name, value) in headers {
         builder = builder.header(*name, *value);
     }
     send(builder.body(Full::<Bytes>::default()).unwrap()).await
+}
+
+async fn get_with(url: &str, headers: &[(&str, &str)]) -> weir_tests::Reply {
+    call_with(Method::GET, url, headers).await
+}
+
+/// Checks that each config in `cases` is refused when a route using `plugin` with it loads,
+/// with a reason that contains the case's words.
+async fn assert_refused_at_load(plugin: &str, cases: &[(Value, &str)]) {
+    let up = Upstream::start("u").await;
+    let routes: Vec<Value> = cases
+        .iter()
+        .enumerate()
+        .map(|(i, (config, _))| {
+            json!({"id": format!("r{i}"), "uri": format!("/r{i}"), "upstream_id": "u",
+                   "plugins": [{"name": plugin, "config": config}]})
+        })
+        .collect();
+    let gateway = gateway_with(&up, Value::Array(routes)).await;
+    let errors = gateway.errors();
+    for (i, (_, expected)) in cases.iter().enumerate() {
+        let error = errors
+            .iter()
+            .find(|e| e.id == format!("r{i}"))
+            .unwrap_or_else(|| panic!("route r{i} was not refused: {errors:?}"));
+        assert!(error.reason.contains(expected), "r{i}: {}", error.reason);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -286,16 +314,10 @@ mod limit_count {
 
     use http::StatusCode;
     use serde_json::json;
-    use weir_tests::{TestGateway, Upstream, all_plugins, get, node, request, send, yaml};
+    use weir_tests::{Upstream, get};
 
     async fn get_as(url: &str, user: &str) -> weir_tests::Reply {
-        send(
-            request(http::Method::GET, url)
-                .header("x-user", user)
-                .body(http_body_util::Full::new(bytes::Bytes::new()))
-                .unwrap(),
-        )
-        .await
+        super::get_with(url, &[("x-user", user)]).await
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -309,10 +331,9 @@ mod limit_count {
             }
             json!([{"name": "limit-count", "config": config}])
         };
-        let gateway = TestGateway::start(&yaml(json!({
-            "upstreams": [{"id": "u", "nodes": [node(&up)]}],
-            "plugins": all_plugins(),
-            "routes": [
+        let gateway = super::gateway_with(
+            &up,
+            json!([
                 {"id": "by-ip", "uri": "/ip", "upstream_id": "u", "plugins": limit(json!({}))},
                 {"id": "by-user", "uri": "/user", "upstream_id": "u",
                  "plugins": limit(json!({"key": "header:x-user"}))},
@@ -320,8 +341,8 @@ mod limit_count {
                  "plugins": limit(json!({"group": "ab", "count": 2}))},
                 {"id": "shared-b", "uri": "/b", "upstream_id": "u",
                  "plugins": limit(json!({"group": "ab", "count": 2}))},
-            ],
-        })))
+            ]),
+        )
         .await;
         assert!(gateway.errors().is_empty(), "{:?}", gateway.errors());
 
@@ -383,13 +404,8 @@ mod limit_count {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_window_ends_and_the_count_starts_again() {
         let up = Upstream::start("u").await;
-        let gateway = TestGateway::start(&yaml(json!({
-            "upstreams": [{"id": "u", "nodes": [node(&up)]}],
-            "plugins": all_plugins(),
-            "routes": [{"id": "r", "uri": "/r", "upstream_id": "u",
-                        "plugins": [{"name": "limit-count", "config": {"count": 1, "window_s": 1}}]}],
-        })))
-        .await;
+        let gateway = super::gateway_with(&up, json!([{"id": "r", "uri": "/r", "upstream_id": "u",
+                        "plugins": [{"name": "limit-count", "config": {"count": 1, "window_s": 1}}]}])).await;
         // Waits for a refusal, then for the next window to let one through again: the event
         // itself, not a guess at the time.
         weir_tests::eventually("a refusal", std::time::Duration::from_secs(10), || async {
@@ -411,15 +427,10 @@ mod limit_count {
             json!([{"name": "limit-count",
                     "config": {"count": 2, "window_s": 2, "window_type": window_type}}])
         };
-        let gateway = TestGateway::start(&yaml(json!({
-            "upstreams": [{"id": "u", "nodes": [node(&up)]}],
-            "plugins": all_plugins(),
-            "routes": [
+        let gateway = super::gateway_with(&up, json!([
                 {"id": "fixed", "uri": "/fixed", "upstream_id": "u", "plugins": limit("fixed")},
                 {"id": "sliding", "uri": "/sliding", "upstream_id": "u", "plugins": limit("sliding")},
-            ],
-        })))
-        .await;
+            ])).await;
         let soon = std::time::Duration::from_secs(20);
         // Both routes used up in the same window (retried until they are).
         weir_tests::eventually("both limits reached in one window", soon, || async {
@@ -450,7 +461,6 @@ mod limit_count {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn bad_configs_are_refused_at_load_with_their_reason() {
-        let up = Upstream::start("u").await;
         let cases = [
             (
                 json!({"count": 0, "window_s": 60}),
@@ -478,28 +488,7 @@ mod limit_count {
                 "unknown variant",
             ),
         ];
-        let routes: Vec<serde_json::Value> = cases
-            .iter()
-            .enumerate()
-            .map(|(i, (config, _))| {
-                json!({"id": format!("r{i}"), "uri": format!("/r{i}"), "upstream_id": "u",
-                       "plugins": [{"name": "limit-count", "config": config}]})
-            })
-            .collect();
-        let gateway = TestGateway::start(&yaml(json!({
-            "upstreams": [{"id": "u", "nodes": [node(&up)]}],
-            "plugins": all_plugins(),
-            "routes": routes,
-        })))
-        .await;
-        let errors = gateway.errors();
-        for (i, (_, expected)) in cases.iter().enumerate() {
-            let error = errors
-                .iter()
-                .find(|e| e.id == format!("r{i}"))
-                .unwrap_or_else(|| panic!("route r{i} was not refused: {errors:?}"));
-            assert!(error.reason.contains(expected), "r{i}: {}", error.reason);
-        }
+        super::assert_refused_at_load("limit-count", &cases).await;
     }
 }
 
@@ -509,16 +498,13 @@ mod rewrite {
 
     use http::StatusCode;
     use serde_json::json;
-    use weir_tests::{TestGateway, Upstream, all_plugins, get, node, yaml};
+    use weir_tests::{Upstream, get};
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn paths_hosts_and_methods_are_rewritten() {
         let up = Upstream::start("u").await;
         let rewrite = |config: serde_json::Value| json!([{"name": "rewrite", "config": config}]);
-        let gateway = TestGateway::start(&yaml(json!({
-            "upstreams": [{"id": "u", "nodes": [node(&up)]}],
-            "plugins": all_plugins(),
-            "routes": [
+        let gateway = super::gateway_with(&up, json!([
                 {"id": "regex", "uri": "/api/v1/*", "upstream_id": "u",
                  "plugins": rewrite(json!({"regex_uri": ["^/api/v1/users/(?P<id>[0-9]+)$", "/v2/people/${id}"]}))},
                 {"id": "fixed", "uri": "/old/*", "upstream_id": "u",
@@ -526,9 +512,7 @@ mod rewrite {
                                            "host": "backend.internal", "method": "POST"}))},
                 {"id": "broken", "uri": "/broken/*", "upstream_id": "u",
                  "plugins": rewrite(json!({"regex_uri": ["^/broken/(.*)", "/x?$1"]}))},
-            ],
-        })))
-        .await;
+            ])).await;
         assert!(gateway.errors().is_empty(), "{:?}", gateway.errors());
 
         let echo = get(&gateway.url("/api/v1/users/42?full=1")).await.json();
@@ -559,7 +543,6 @@ mod rewrite {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn bad_configs_are_refused_at_load_with_their_reason() {
-        let up = Upstream::start("u").await;
         let cases = [
             (json!({}), "set at least one"),
             (json!({"regex_uri": ["^/(", "/x"]}), "`regex_uri` pattern"),
@@ -573,28 +556,7 @@ mod rewrite {
             (json!({"method": "BREW"}), "is not one of"),
             (json!({"host": "a/b"}), "is not a host"),
         ];
-        let routes: Vec<serde_json::Value> = cases
-            .iter()
-            .enumerate()
-            .map(|(i, (config, _))| {
-                json!({"id": format!("r{i}"), "uri": format!("/r{i}"), "upstream_id": "u",
-                       "plugins": [{"name": "rewrite", "config": config}]})
-            })
-            .collect();
-        let gateway = TestGateway::start(&yaml(json!({
-            "upstreams": [{"id": "u", "nodes": [node(&up)]}],
-            "plugins": all_plugins(),
-            "routes": routes,
-        })))
-        .await;
-        let errors = gateway.errors();
-        for (i, (_, expected)) in cases.iter().enumerate() {
-            let error = errors
-                .iter()
-                .find(|e| e.id == format!("r{i}"))
-                .unwrap_or_else(|| panic!("route r{i} was not refused: {errors:?}"));
-            assert!(error.reason.contains(expected), "r{i}: {}", error.reason);
-        }
+        super::assert_refused_at_load("rewrite", &cases).await;
     }
 }
 
@@ -604,28 +566,14 @@ mod cors {
 
     use http::{Method, StatusCode};
     use serde_json::json;
-    use weir_tests::{TestGateway, Upstream, all_plugins, node, request, send, yaml};
-
-    async fn call(url: &str, method: Method, headers: &[(&str, &str)]) -> weir_tests::Reply {
-        let mut builder = request(method, url);
-        for (name, value) in headers {
-            builder = builder.header(*name, *value);
-        }
-        send(
-            builder
-                .body(http_body_util::Full::new(bytes::Bytes::new()))
-                .unwrap(),
-        )
-        .await
-    }
+    use weir_tests::Upstream;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn allowed_origins_get_the_headers_and_others_do_not() {
         let up = Upstream::start("u").await;
-        let gateway = TestGateway::start(&yaml(json!({
-            "upstreams": [{"id": "u", "nodes": [node(&up)]}],
-            "plugins": all_plugins(),
-            "routes": [
+        let gateway = super::gateway_with(
+            &up,
+            json!([
                 {"id": "listed", "uri": "/listed", "upstream_id": "u",
                  "plugins": [{"name": "cors", "config": {
                      "allow_origins": "https://app.example.com",
@@ -634,16 +582,16 @@ mod cors {
                      "expose_headers": "x-request-id", "max_age": 600, "allow_credential": true}}]},
                 {"id": "any", "uri": "/any", "upstream_id": "u",
                  "plugins": [{"name": "cors", "config": {}}]},
-            ],
-        })))
+            ]),
+        )
         .await;
         assert!(gateway.errors().is_empty(), "{:?}", gateway.errors());
         let hits = up.hits();
 
         // A preflight from an allowed origin is answered by the plugin.
-        let preflight = call(
-            &gateway.url("/listed"),
+        let preflight = super::call_with(
             Method::OPTIONS,
+            &gateway.url("/listed"),
             &[
                 ("origin", "https://app.example.com"),
                 ("access-control-request-method", "POST"),
@@ -672,18 +620,18 @@ mod cors {
         assert_eq!(up.hits(), hits, "a preflight never reaches the upstream");
 
         // The actual request goes upstream and comes back marked.
-        let reply = call(
-            &gateway.url("/listed"),
+        let reply = super::call_with(
             Method::GET,
+            &gateway.url("/listed"),
             &[("origin", "https://pr-7.preview.example.com")],
         )
         .await;
         // `pr-7` has a digit and a dash: the pattern is [a-z]+, anchored, so it is refused.
         assert_eq!(reply.status, StatusCode::OK);
         assert_eq!(reply.header("access-control-allow-origin"), None);
-        let reply = call(
-            &gateway.url("/listed"),
+        let reply = super::call_with(
             Method::GET,
+            &gateway.url("/listed"),
             &[("origin", "https://blue.preview.example.com")],
         )
         .await;
@@ -706,15 +654,16 @@ mod cors {
             "https://evil.test",
             "https://blue.preview.example.com.evil.test",
         ] {
-            let reply = call(&gateway.url("/listed"), Method::GET, &[("origin", origin)]).await;
+            let reply =
+                super::call_with(Method::GET, &gateway.url("/listed"), &[("origin", origin)]).await;
             assert_eq!(
                 reply.header("access-control-allow-origin"),
                 None,
                 "{origin}"
             );
-            let preflight = call(
-                &gateway.url("/listed"),
+            let preflight = super::call_with(
                 Method::OPTIONS,
+                &gateway.url("/listed"),
                 &[("origin", origin), ("access-control-request-method", "GET")],
             )
             .await;
@@ -726,9 +675,9 @@ mod cors {
         }
 
         // The defaults: any origin, answered with `*`, every method, the asked-for headers.
-        let preflight = call(
-            &gateway.url("/any"),
+        let preflight = super::call_with(
             Method::OPTIONS,
+            &gateway.url("/any"),
             &[
                 ("origin", "https://anyone.test"),
                 ("access-control-request-method", "DELETE"),
@@ -751,7 +700,6 @@ mod cors {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn bad_configs_are_refused_at_load_with_their_reason() {
-        let up = Upstream::start("u").await;
         let cases = [
             (json!({"allow_credential": true}), "refused by browsers"),
             (
@@ -772,28 +720,7 @@ mod cors {
             ),
             (json!({"max_age": -1}), "invalid value"),
         ];
-        let routes: Vec<serde_json::Value> = cases
-            .iter()
-            .enumerate()
-            .map(|(i, (config, _))| {
-                json!({"id": format!("r{i}"), "uri": format!("/r{i}"), "upstream_id": "u",
-                       "plugins": [{"name": "cors", "config": config}]})
-            })
-            .collect();
-        let gateway = TestGateway::start(&yaml(json!({
-            "upstreams": [{"id": "u", "nodes": [node(&up)]}],
-            "plugins": all_plugins(),
-            "routes": routes,
-        })))
-        .await;
-        let errors = gateway.errors();
-        for (i, (_, expected)) in cases.iter().enumerate() {
-            let error = errors
-                .iter()
-                .find(|e| e.id == format!("r{i}"))
-                .unwrap_or_else(|| panic!("route r{i} was not refused: {errors:?}"));
-            assert!(error.reason.contains(expected), "r{i}: {}", error.reason);
-        }
+        super::assert_refused_at_load("cors", &cases).await;
     }
 }
 
@@ -803,34 +730,26 @@ mod limit_req {
 
     use http::StatusCode;
     use serde_json::json;
-    use weir_tests::{TestGateway, Upstream, all_plugins, get, node, request, send, yaml};
+    use weir_tests::{Upstream, get};
 
     async fn get_as(url: &str, user: &str) -> StatusCode {
-        send(
-            request(http::Method::GET, url)
-                .header("x-user", user)
-                .body(http_body_util::Full::new(bytes::Bytes::new()))
-                .unwrap(),
-        )
-        .await
-        .status
+        super::get_with(url, &[("x-user", user)]).await.status
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_burst_goes_through_then_the_rate_holds() {
         let up = Upstream::start("u").await;
-        let gateway = TestGateway::start(&yaml(json!({
-            "upstreams": [{"id": "u", "nodes": [node(&up)]}],
-            "plugins": all_plugins(),
-            "routes": [
+        let gateway = super::gateway_with(
+            &up,
+            json!([
                 // One a minute, so that the schedule does not move during the burst.
                 {"id": "slow", "uri": "/slow", "upstream_id": "u",
                  "plugins": [{"name": "limit-req", "config": {"rate": 0.0166667, "burst": 2,
                                                               "key": "header:x-user"}}]},
                 {"id": "fast", "uri": "/fast", "upstream_id": "u",
                  "plugins": [{"name": "limit-req", "config": {"rate": 1, "burst": 0}}]},
-            ],
-        })))
+            ]),
+        )
         .await;
         assert!(gateway.errors().is_empty(), "{:?}", gateway.errors());
 
@@ -838,13 +757,7 @@ mod limit_req {
         for _ in 0..3 {
             assert_eq!(get_as(&gateway.url("/slow"), "ann").await, StatusCode::OK);
         }
-        let refused = send(
-            request(http::Method::GET, &gateway.url("/slow"))
-                .header("x-user", "ann")
-                .body(http_body_util::Full::new(bytes::Bytes::new()))
-                .unwrap(),
-        )
-        .await;
+        let refused = super::get_with(&gateway.url("/slow"), &[("x-user", "ann")]).await;
         assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
         let wait: u64 = refused.header("retry-after").unwrap().parse().unwrap();
         assert!((1..=60).contains(&wait), "{wait}");
@@ -876,7 +789,6 @@ mod limit_req {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn bad_configs_are_refused_at_load_with_their_reason() {
-        let up = Upstream::start("u").await;
         let cases = [
             (json!({"rate": 0}), "`rate` must be in"),
             (json!({"rate": 1e9}), "`rate` must be in"),
@@ -888,28 +800,7 @@ mod limit_req {
             (json!({"rate": 1, "rejected_code": 700}), "rejected_code"),
             (json!({"burst": 1}), "missing field `rate`"),
         ];
-        let routes: Vec<serde_json::Value> = cases
-            .iter()
-            .enumerate()
-            .map(|(i, (config, _))| {
-                json!({"id": format!("r{i}"), "uri": format!("/r{i}"), "upstream_id": "u",
-                       "plugins": [{"name": "limit-req", "config": config}]})
-            })
-            .collect();
-        let gateway = TestGateway::start(&yaml(json!({
-            "upstreams": [{"id": "u", "nodes": [node(&up)]}],
-            "plugins": all_plugins(),
-            "routes": routes,
-        })))
-        .await;
-        let errors = gateway.errors();
-        for (i, (_, expected)) in cases.iter().enumerate() {
-            let error = errors
-                .iter()
-                .find(|e| e.id == format!("r{i}"))
-                .unwrap_or_else(|| panic!("route r{i} was not refused: {errors:?}"));
-            assert!(error.reason.contains(expected), "r{i}: {}", error.reason);
-        }
+        super::assert_refused_at_load("limit-req", &cases).await;
     }
 }
 
@@ -923,7 +814,7 @@ mod body_crypt {
     use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
     use http::{Method, StatusCode};
     use serde_json::json;
-    use weir_tests::{TestGateway, Upstream, all_plugins, node, request, send, yaml};
+    use weir_tests::{Upstream, request, send};
 
     const OLD: [u8; 32] = [7; 32];
     const NEW: [u8; 32] = [9; 32];
@@ -992,12 +883,11 @@ mod body_crypt {
             "keys": {"old": B64.encode(OLD), "new": B64.encode(NEW)},
             "active": "new", "request": "decrypt", "response": "encrypt"
         });
-        let gateway = TestGateway::start(&yaml(json!({
-            "upstreams": [{"id": "u", "nodes": [node(&up)]}],
-            "plugins": all_plugins(),
-            "routes": [{"id": "r", "uri": "/secret", "upstream_id": "u",
-                        "plugins": [{"name": "body-crypt", "config": config}]}],
-        })))
+        let gateway = super::gateway_with(
+            &up,
+            json!([{"id": "r", "uri": "/secret", "upstream_id": "u",
+                        "plugins": [{"name": "body-crypt", "config": config}]}]),
+        )
         .await;
         assert!(gateway.errors().is_empty(), "{:?}", gateway.errors());
 
@@ -1064,7 +954,6 @@ mod body_crypt {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn bad_configs_are_refused_at_load_with_their_reason() {
-        let up = Upstream::start("u").await;
         let key = B64.encode(OLD);
         let cases = [
             (
@@ -1092,27 +981,6 @@ mod body_crypt {
                 "can only be decrypt",
             ),
         ];
-        let routes: Vec<serde_json::Value> = cases
-            .iter()
-            .enumerate()
-            .map(|(i, (config, _))| {
-                json!({"id": format!("r{i}"), "uri": format!("/r{i}"), "upstream_id": "u",
-                       "plugins": [{"name": "body-crypt", "config": config}]})
-            })
-            .collect();
-        let gateway = TestGateway::start(&yaml(json!({
-            "upstreams": [{"id": "u", "nodes": [node(&up)]}],
-            "plugins": all_plugins(),
-            "routes": routes,
-        })))
-        .await;
-        let errors = gateway.errors();
-        for (i, (_, expected)) in cases.iter().enumerate() {
-            let error = errors
-                .iter()
-                .find(|e| e.id == format!("r{i}"))
-                .unwrap_or_else(|| panic!("route r{i} was not refused: {errors:?}"));
-            assert!(error.reason.contains(expected), "r{i}: {}", error.reason);
-        }
+        super::assert_refused_at_load("body-crypt", &cases).await;
     }
 }
