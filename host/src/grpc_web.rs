@@ -20,29 +20,30 @@ const TRAILERS_FLAG: u8 = 0x80;
 /// The content-type prefix of a gRPC-Web request.
 const WEB: &str = "application/grpc-web";
 
-/// Whether a request is binary gRPC-Web.
-pub fn is_grpc_web(headers: &HeaderMap) -> bool {
+/// What follows `application/grpc-web` in a request's content type, when it is binary
+/// gRPC-Web: `""`, `+proto`, or parameters after `;`.
+fn web_suffix(headers: &HeaderMap) -> Option<&str> {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix(WEB))
-        .is_some_and(|rest| rest.is_empty() || rest.starts_with('+') || rest.starts_with(';'))
+        .filter(|rest| rest.is_empty() || rest.starts_with('+') || rest.starts_with(';'))
+}
+
+/// Whether a request is binary gRPC-Web.
+pub fn is_grpc_web(headers: &HeaderMap) -> bool {
+    web_suffix(headers).is_some()
 }
 
 /// Makes a gRPC-Web request's head a gRPC one: `application/grpc-web+proto` becomes
 /// `application/grpc+proto`. The body's framing is the same in both.
 pub fn request_to_grpc(headers: &mut HeaderMap) {
-    let Some(rest) = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix(WEB))
-        .map(str::to_owned)
+    let Some(value) = web_suffix(headers)
+        .and_then(|rest| HeaderValue::from_str(&format!("application/grpc{rest}")).ok())
     else {
         return;
     };
-    if let Ok(value) = HeaderValue::from_str(&format!("application/grpc{rest}")) {
-        headers.insert(header::CONTENT_TYPE, value);
-    }
+    headers.insert(header::CONTENT_TYPE, value);
     // The length stays right (the body is unchanged), but HTTP/2 does not need it.
     headers.remove(header::CONTENT_LENGTH);
 }

@@ -152,11 +152,13 @@ pub async fn handle(
             let upstream = resolve_upstream(&snapshot, &route, service.as_deref());
             let protocol = upgrade.as_ref().map(|(protocol, _)| protocol.clone());
             let sent = match upstream {
-                Ok(upstream) => upstream_phase(upstream, request, body, protocol).await,
+                Ok(upstream) => upstream_phase(upstream, request, body, protocol)
+                    .await
+                    .map(|sent| (sent, upstream.idle_timeout())),
                 Err(error) => Err(error),
             };
             let response = match sent {
-                Ok((mut response, in_flight, idle)) => {
+                Ok(((mut response, in_flight), idle)) => {
                     finish.upstream = Some(in_flight.node().addr.clone());
                     finish.in_flight = Some(in_flight);
                     match accepted_upgrade(&mut response, upgrade, idle) {
@@ -319,7 +321,7 @@ async fn upstream_phase(
     request: RequestView,
     body: OutboundBody,
     upgrade: Option<HeaderValue>,
-) -> Result<(Response<upstream::UpstreamBody>, InFlight, Duration), GatewayError> {
+) -> Result<(Response<upstream::UpstreamBody>, InFlight), GatewayError> {
     let key = match &upstream.config.hash_on {
         None => 0,
         Some(HashOn::Ip) => hash_key(request.client_ip.to_string().as_bytes()),
@@ -366,9 +368,7 @@ async fn upstream_phase(
         read_within,
         upgrade: upgrade.is_some(),
     };
-    let (response, in_flight) = upstream::send(upstream, key, outbound).await?;
-    let idle = Duration::from_millis(upstream.config.timeout.idle_ms);
-    Ok((response, in_flight, idle))
+    Ok(upstream::send(upstream, key, outbound).await?)
 }
 
 /// Phase 4: runs `on-response` in reverse order over the plugins that `entered` the chain,

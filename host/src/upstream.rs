@@ -90,7 +90,7 @@ impl Upstream {
             })
             .collect::<Result<_, _>>()
             .map_err(|e: ClientTlsError| format!("tls: {e}"))?;
-        if config.scheme.is_tls() && !config.tls.as_ref().is_none_or(|tls| tls.verify) {
+        if config.scheme.is_tls() && config.tls.as_ref().is_some_and(|tls| !tls.verify) {
             tracing::warn!(upstream = %config.id, "tls.verify is false: any certificate is accepted from this upstream's nodes");
         }
         let others = nodes.selectable().saturating_sub(1);
@@ -113,7 +113,8 @@ impl Upstream {
         Duration::from_millis(self.config.timeout.read_ms)
     }
 
-    fn idle_timeout(&self) -> Duration {
+    /// The longest a body may stop moving, in either direction (`timeout.idle_ms`).
+    pub fn idle_timeout(&self) -> Duration {
         Duration::from_millis(self.config.timeout.idle_ms)
     }
 }
