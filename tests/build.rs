@@ -160,7 +160,8 @@ fn build_python(workspace: &Path, out: &Path) {
             "-d",
             "wit",
             "-w",
-            "plugin",
+            // The examples stay on 0.1.0: they show that a plugin built then still loads.
+            "weir:plugin/plugin@0.1.0",
             "componentize",
             "-p",
             "plugins/python-example",
@@ -197,7 +198,8 @@ fn build_javascript(workspace: &Path, out: &Path) {
     std::fs::create_dir_all(out).expect("creating the output folder");
     let status = Command::new(tool)
         .current_dir(&folder)
-        .args(["app.js", "--wit", "../../wit", "--world-name", "plugin"])
+        .args(["app.js", "--wit", "../../wit"])
+        .args(["--world-name", "weir:plugin/plugin@0.1.0"])
         .args(["--disable", "http", "fetch-event", "-o"])
         .arg(out.join("js_example.wasm"))
         .status()

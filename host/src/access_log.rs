@@ -54,6 +54,9 @@ pub struct AccessRecord<'a> {
     pub latency_us: u64,
     /// Microseconds spent inside plugins.
     pub plugin_us: u64,
+    /// The consumer an auth plugin found, if one did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub consumer: Option<&'a str>,
     /// For an upgraded connection (WebSocket): the bytes each way and how it ended; then
     /// `latency_us` is the connection's whole life.
     #[serde(skip_serializing_if = "Option::is_none")]

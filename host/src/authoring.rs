@@ -11,7 +11,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use serde::Serialize;
 
 use crate::config::{Grants, Isolation, PluginConfig};
-use crate::exchange::{BufferedBody, RequestView, ResponseView, headers};
+use crate::exchange::{BufferedBody, Directory, RequestView, ResponseView, headers};
 use crate::metrics::Metrics;
 use crate::plugin::{Action, PluginError, PluginRuntime, Summary, grants};
 
@@ -294,6 +294,10 @@ pub async fn run(
         writable: true,
         body_access: false,
         body_limit: 0,
+        consumer: None,
+        upstream: None,
+        response_edits: Vec::new(),
+        directory: Directory::default(),
     };
     let (mut view, outcome) = if wants.on_request {
         pool.on_request(view).await

@@ -49,6 +49,73 @@ pub struct RequestView {
     pub body_access: bool,
     /// The largest body the plugin being called may write.
     pub body_limit: u64,
+    /// The consumer a plugin marked the request as made by.
+    pub consumer: Option<Arc<str>>,
+    /// The upstream a plugin chose instead of the route's.
+    pub upstream: Option<String>,
+    /// Response header edits plugins queued in `on-request`, applied when the answer is sent.
+    pub response_edits: Vec<ResponseEdit>,
+    /// The snapshot the request was routed by: what plugins look consumers and upstreams up in.
+    pub directory: Directory,
+}
+
+/// The snapshot a request was routed by, as plugins see it during the request.
+#[derive(Clone)]
+pub struct Directory(pub Arc<crate::snapshot::Snapshot>);
+
+impl Default for Directory {
+    fn default() -> Self {
+        Directory(Arc::new(crate::snapshot::Snapshot::empty()))
+    }
+}
+
+impl std::fmt::Debug for Directory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Directory(generation {})", self.0.generation)
+    }
+}
+
+/// One response header edit a plugin queued in `on-request`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ResponseEdit {
+    /// Replace the header's values with this one.
+    Set(HeaderName, HeaderValue),
+    /// Add this value.
+    Append(HeaderName, HeaderValue),
+    /// Remove every value.
+    Remove(HeaderName),
+}
+
+impl ResponseEdit {
+    /// A checked edit: a valid name the gateway does not own, and a valid value.
+    pub fn new(
+        kind: fn(HeaderName, HeaderValue) -> Self,
+        name: &str,
+        value: &str,
+    ) -> Result<Self, String> {
+        let (name, value) = headers::parse(name, Some(value))?;
+        Ok(kind(name, value.expect("parsed with a value")))
+    }
+
+    /// A checked removal.
+    pub fn remove(name: &str) -> Result<Self, String> {
+        headers::parse(name, None).map(|(name, _)| ResponseEdit::Remove(name))
+    }
+
+    /// Applies the edit to a response's headers.
+    pub fn apply(&self, map: &mut HeaderMap) {
+        match self {
+            ResponseEdit::Set(name, value) => {
+                map.insert(name.clone(), value.clone());
+            }
+            ResponseEdit::Append(name, value) => {
+                map.append(name.clone(), value.clone());
+            }
+            ResponseEdit::Remove(name) => {
+                map.remove(name);
+            }
+        }
+    }
 }
 
 /// The response head and body as plugins see them in `on-response`.
@@ -205,7 +272,11 @@ pub mod headers {
             .collect()
     }
 
-    fn parse(name: &str, value: Option<&str>) -> Result<(HeaderName, Option<HeaderValue>), String> {
+    /// A header name the gateway does not own, and a value, both checked.
+    pub(super) fn parse(
+        name: &str,
+        value: Option<&str>,
+    ) -> Result<(HeaderName, Option<HeaderValue>), String> {
         let name = HeaderName::from_bytes(name.as_bytes())
             .map_err(|_| format!("{name:?} is not a header name"))?;
         if FRAMING_HEADERS.contains(&name.as_str()) {
@@ -260,7 +331,31 @@ mod tests {
             writable: true,
             body_access: false,
             body_limit: 4,
+            consumer: None,
+            upstream: None,
+            response_edits: Vec::new(),
+            directory: Directory::default(),
         }
+    }
+
+    #[test]
+    fn queued_response_edits_are_checked_then_applied_in_order() {
+        assert!(ResponseEdit::new(ResponseEdit::Set, "content-length", "1").is_err());
+        assert!(ResponseEdit::new(ResponseEdit::Set, "x-a", "a\nb").is_err());
+        assert!(ResponseEdit::remove("transfer-encoding").is_err());
+        let edits = [
+            ResponseEdit::new(ResponseEdit::Set, "X-A", "1").unwrap(),
+            ResponseEdit::new(ResponseEdit::Append, "x-a", "2").unwrap(),
+            ResponseEdit::remove("x-b").unwrap(),
+        ];
+        let mut map = HeaderMap::new();
+        map.insert("x-a", HeaderValue::from_static("0"));
+        map.insert("x-b", HeaderValue::from_static("0"));
+        edits.iter().for_each(|edit| edit.apply(&mut map));
+        assert_eq!(
+            headers::all(&map),
+            vec![("x-a".into(), "1".into()), ("x-a".into(), "2".into())]
+        );
     }
 
     #[test]

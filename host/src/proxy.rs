@@ -33,7 +33,7 @@ use crate::body::{BodyError, ClientBody, CollectError, ProxyBody, collect_bounde
 use crate::config::{FailurePolicy, HashOn, PathNormalization};
 use crate::edge::{self, strip_hop_by_hop};
 use crate::error::{GatewayError, grpc_error, is_grpc, json_error};
-use crate::exchange::{BufferedBody, RequestView, ResponseView};
+use crate::exchange::{BufferedBody, Directory, RequestView, ResponseEdit, ResponseView};
 use crate::gateway::Gateway;
 use crate::grpc_web;
 use crate::plugin::{Action, PluginError, Reply, Summary};
@@ -45,6 +45,9 @@ use crate::upstream::{self, Outbound, OutboundBody, Upstream, UpstreamError};
 
 /// The header a request id is read from when the client sends one.
 const REQUEST_ID_HEADER: &str = "x-request-id";
+/// The header that tells the upstream which consumer an auth plugin found; a client's own
+/// copy is dropped on arrival, so the upstream can trust it.
+const CONSUMER_HEADER: HeaderName = HeaderName::from_static("x-consumer-username");
 
 /// Handles one request from arrival to the response head; the body streams afterwards.
 pub async fn handle(
@@ -72,6 +75,8 @@ pub async fn handle(
         grpc: is_grpc(&parts.headers),
         grpc_web: grpc_web::is_grpc_web(&parts.headers),
         upgraded: None,
+        consumer: None,
+        response_edits: Vec::new(),
     };
     // Read before the edge drops `Connection` and `Upgrade` as hop-by-hop.
     let upgrade = upgrade::requested(&parts.method, parts.version, &parts.headers);
@@ -80,6 +85,7 @@ pub async fn handle(
         Err(error) => return finish.fail(error),
     };
     finish.client_ip = arrival.client_ip;
+    parts.headers.remove(CONSUMER_HEADER);
     if let std::borrow::Cow::Owned(normal) = &arrival.path {
         finish.normal_path = Some(normal.clone());
     }
@@ -133,11 +139,22 @@ pub async fn handle(
         writable: true,
         body_access: false,
         body_limit: 0,
+        consumer: None,
+        upstream: None,
+        response_edits: Vec::new(),
+        directory: Directory(snapshot.clone()),
     };
 
     let (mut request, outcome) =
         request_phase(&route, request, body, &mut finish.plugin_time).await;
     finish.request_id = request.id.clone();
+    finish.consumer = request.consumer.clone();
+    finish.response_edits = std::mem::take(&mut request.response_edits);
+    if let Some(consumer) = &request.consumer
+        && let Ok(value) = HeaderValue::from_str(consumer)
+    {
+        request.headers.insert(CONSUMER_HEADER, value);
+    }
     let mut switched = None;
     let (response, entered) = match outcome {
         Ok(RequestOutcome::Reply { reply, entered }) => {
@@ -149,7 +166,16 @@ pub async fn handle(
             if route.keeps_request {
                 finish.kept_request = Some(read_only_copy(&request));
             }
-            let upstream = resolve_upstream(&snapshot, &route, service.as_deref());
+            let upstream = match &request.upstream {
+                // Checked when the plugin chose it, against this same snapshot.
+                Some(id) => snapshot
+                    .upstreams
+                    .get(id)
+                    .ok_or_else(|| GatewayError::NoService {
+                        service: id.clone(),
+                    }),
+                None => resolve_upstream(&snapshot, &route, service.as_deref()),
+            };
             let protocol = upgrade.as_ref().map(|(protocol, _)| protocol.clone());
             let sent = match upstream {
                 Ok(upstream) => upstream_phase(upstream, request, body, protocol)
@@ -477,6 +503,10 @@ pub struct Finish {
     grpc_web: bool,
     /// How an upgraded connection went, once it is over.
     upgraded: Option<Spliced>,
+    /// The consumer an auth plugin found.
+    consumer: Option<Arc<str>>,
+    /// Response header edits plugins queued in `on-request`, applied to whatever is answered.
+    response_edits: Vec<ResponseEdit>,
 }
 
 impl Finish {
@@ -486,6 +516,9 @@ impl Finish {
         self.status = StatusCode::SWITCHING_PROTOCOLS;
         let (mut parts, _) = response.into_parts();
         parts.status = StatusCode::SWITCHING_PROTOCOLS;
+        for edit in &self.response_edits {
+            edit.apply(&mut parts.headers);
+        }
         parts
             .headers
             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -533,6 +566,10 @@ impl Finish {
     fn respond(mut self, response: Response<ProxyBody>) -> Response<ResponseBody> {
         self.status = response.status();
         let (mut parts, mut body) = response.into_parts();
+        // After every `on-response`, on every answer: upstream, plugin reply or error alike.
+        for edit in &self.response_edits {
+            edit.apply(&mut parts.headers);
+        }
         if self.grpc_web {
             grpc_web::response_to_web(&mut parts.headers);
             body = ProxyBody::GrpcWeb(Box::new(grpc_web::WebBody::new(body)));
@@ -595,6 +632,7 @@ impl Drop for Finish {
                 status,
                 latency_us: latency.as_micros() as u64,
                 plugin_us: self.plugin_time.as_micros() as u64,
+                consumer: self.consumer.as_deref(),
                 upgraded: self.upgraded,
             });
         }
@@ -739,6 +777,10 @@ fn read_only_copy(request: &RequestView) -> RequestView {
         writable: false,
         body_access: false,
         body_limit: 0,
+        consumer: request.consumer.clone(),
+        upstream: request.upstream.clone(),
+        response_edits: Vec::new(),
+        directory: request.directory.clone(),
     }
 }
 

@@ -11,9 +11,9 @@ use std::sync::Arc;
 use http::Method;
 
 use crate::config::{
-    AdminConfig, BalancerKind, ConfigObjects, FailurePolicy, Kind, NodeConfig, ObjectError,
-    PluginConfig, RouteConfig, RouteStatus, Scheme, SslConfig, StripPrefix, TenantConfig, Timeouts,
-    UpstreamConfig,
+    AdminConfig, BalancerKind, ConfigObjects, ConsumerConfig, Consumers, FailurePolicy, Kind,
+    NodeConfig, ObjectError, PluginConfig, RouteConfig, RouteStatus, Scheme, SslConfig,
+    StripPrefix, TenantConfig, Timeouts, UpstreamConfig,
 };
 use crate::edge::ServerSettings;
 use crate::metrics::{Metrics, PluginMetrics, RouteMetrics};
@@ -121,6 +121,8 @@ pub struct Snapshot {
     pub ssl: BTreeMap<String, Arc<LoadedCert>>,
     /// Which certificate answers which server name.
     pub certs: Arc<CertTable>,
+    /// Consumers, indexed by their credentials.
+    pub consumers: Arc<Consumers>,
     /// Routes by id (the same values as in `routes`).
     pub route_list: BTreeMap<String, Arc<Route>>,
     /// Objects refused in the build that made this snapshot.
@@ -142,6 +144,7 @@ impl Snapshot {
             admin: Arc::new(AdminConfig::default()),
             ssl: BTreeMap::new(),
             certs: Arc::new(CertTable::default()),
+            consumers: Arc::default(),
             route_list: BTreeMap::new(),
             errors: Vec::new(),
             generation: 0,
@@ -236,6 +239,7 @@ impl BuildContext<'_> {
 
         let services = self.build_services(objects, previous);
         let (ssl, certs) = self.build_certificates(objects, previous, &keep, &mut errors);
+        let consumers = build_consumers(objects, previous, &keep);
 
         let mut route_list = BTreeMap::new();
         let mut candidates: Vec<(&String, &RouteConfig)> = objects.routes.iter().collect();
@@ -310,6 +314,7 @@ impl BuildContext<'_> {
             admin,
             ssl,
             certs,
+            consumers,
             route_list,
             errors,
             generation: previous.generation + 1,
@@ -590,6 +595,32 @@ fn accept<T: Clone>(
 }
 
 /// Objects the store could not parse keep the version that was serving.
+/// The consumers index: the previous one when no consumer changed (re-indexing many thousands
+/// costs real time), else a new one. A consumer whose new version did not parse keeps its old.
+fn build_consumers(
+    objects: &ConfigObjects,
+    previous: &Snapshot,
+    keep: &impl Fn(Kind, &str) -> bool,
+) -> Arc<Consumers> {
+    let mut wanted: BTreeMap<&str, &ConsumerConfig> = objects
+        .consumers
+        .iter()
+        .map(|(name, consumer)| (name.as_str(), consumer))
+        .collect();
+    for name in previous.consumers.names() {
+        if keep(Kind::Consumer, name)
+            && !wanted.contains_key(name)
+            && let Some(old) = previous.consumers.get(name)
+        {
+            wanted.insert(name, old);
+        }
+    }
+    if previous.consumers.same_as(wanted.values().copied()) {
+        return previous.consumers.clone();
+    }
+    Arc::new(Consumers::new(wanted.into_values()))
+}
+
 fn keep_unparsed<T: Clone>(
     into: &mut BTreeMap<String, T>,
     previous: &BTreeMap<String, T>,

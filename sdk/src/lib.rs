@@ -3,7 +3,7 @@
 //! ```ignore
 //! use weir_sdk::{Action, Plugin, Request};
 //!
-//! #[derive(serde::Deserialize)]
+//! #[derive(serde::Deserialize, schemars::JsonSchema)]
 //! struct Config { header: String }
 //!
 //! struct Stamp { header: String }
@@ -26,6 +26,7 @@
 
 use std::sync::OnceLock;
 
+use schemars::JsonSchema;
 use serde::de::DeserializeOwned;
 
 /// The bindings that wit-bindgen generates from wit/; plugins use the re-exports below.
@@ -34,23 +35,28 @@ use serde::de::DeserializeOwned;
 pub mod wit {
     wit_bindgen::generate!({
         path: "../wit",
-        world: "plugin",
+        world: "weir:plugin/plugin@0.2.0",
+        // 0.2.0 includes 0.1.0's interfaces, which live in another package (wit/deps).
+        generate_all,
         pub_export_macro: true,
         export_macro_name: "export_bindings",
         default_bindings_module: "weir_sdk::wit",
     });
 }
 
-pub use wit::exports::weir::plugin::filter::Wants;
-pub use wit::weir::plugin::http::{Action, Reply, Request, Response, Summary};
-pub use wit::weir::plugin::log::Level;
+pub use wit::exports::weir::plugin0_1_0::filter::Wants;
+pub use wit::weir::plugin0_1_0::http::{Action, Reply, Request, Response, Summary};
+pub use wit::weir::plugin0_1_0::log::Level;
 
 /// A Weir plugin. One value is built per instance from the route's config, then serves requests.
 ///
 /// Only `new` is required; every phase has a default that lets the request through.
 pub trait Plugin: Sized + Send + Sync + 'static {
     /// The route's `config` object, parsed from JSON; an error in it rejects the route.
-    type Config: DeserializeOwned;
+    ///
+    /// Its JSON Schema (derived with `schemars::JsonSchema`) is what the plugin's `describe`
+    /// gives the gateway, which checks each route's config against it before `init`.
+    type Config: DeserializeOwned + JsonSchema;
 
     /// Builds the plugin from its config, or says why the config is wrong.
     fn new(config: Self::Config) -> Result<Self, String>;
@@ -107,12 +113,12 @@ impl Reply {
 
 /// Writes a line to the gateway's log, tagged with the plugin's name.
 pub fn log(level: Level, message: &str) {
-    wit::weir::plugin::log::write(level, message);
+    wit::weir::plugin0_1_0::log::write(level, message);
 }
 
 /// The plugin's key/value store, shared by all of its instances and namespaced to it.
 pub mod kv {
-    use crate::wit::weir::plugin::kv as raw;
+    use crate::wit::weir::plugin0_1_0::kv as raw;
     use std::time::Duration;
 
     /// Returns the bytes under `key`, if present and not expired.
@@ -147,12 +153,12 @@ pub mod kv {
 
 /// Outbound HTTP calls, to the hosts the plugin's `grants.http` lists.
 pub mod http {
-    pub use crate::wit::weir::plugin::http_client::{IncomingResponse, OutgoingRequest};
+    pub use crate::wit::weir::plugin0_1_0::http_client::{IncomingResponse, OutgoingRequest};
 
     /// Sends a request and waits for the whole response. A host or method the grant does not
     /// list, a timeout, or a response over the grant's size comes back as an error.
     pub fn send(request: &OutgoingRequest) -> Result<IncomingResponse, String> {
-        crate::wit::weir::plugin::http_client::send(request)
+        crate::wit::weir::plugin0_1_0::http_client::send(request)
     }
 
     /// A GET of `url` with no headers.
@@ -166,26 +172,85 @@ pub mod http {
     }
 }
 
+/// The consumers the store knows; a plugin needs `grants.consumers` listing the credential
+/// sections it may read.
+pub mod consumers {
+    use crate::Request;
+    use crate::wit::weir::plugin0_2_0::consumers as raw;
+    pub use raw::Consumer;
+
+    /// Finds the consumer whose `plugin` credential has `field` equal to `value`.
+    ///
+    /// `Ok(None)` when no consumer has it; an error when the grant does not list `plugin` or
+    /// when several consumers share the value (an auth plugin should then refuse).
+    pub fn lookup(plugin: &str, field: &str, value: &str) -> Result<Option<Consumer>, String> {
+        raw::lookup(plugin, field, value)
+    }
+
+    /// Marks the request as made by consumer `name` (in `on_request`); the upstream sees it as
+    /// `x-consumer-username`, the access log as `consumer`.
+    pub fn set(req: &Request, name: &str) -> Result<(), String> {
+        raw::set_consumer(req, name)
+    }
+
+    /// The consumer an earlier plugin marked the request as made by.
+    pub fn current(req: &Request) -> Option<String> {
+        raw::current(req)
+    }
+}
+
+/// Sends the request to the upstream `id` instead of the route's own (in `on_request`).
+pub fn set_upstream(req: &Request, id: &str) -> Result<(), String> {
+    wit::weir::plugin0_2_0::routing::set_upstream(req, id)
+}
+
+/// Response headers set from `on_request`, applied when the response arrives (upstream answer,
+/// plugin reply or gateway error alike), so that a plugin needs no `on_response` for them.
+pub mod response {
+    use crate::Request;
+    use crate::wit::weir::plugin0_2_0::response_edits as raw;
+
+    /// Sets response header `name` to `value`, replacing any values it had.
+    pub fn set_header(req: &Request, name: &str, value: &str) -> Result<(), String> {
+        raw::set_response_header(req, name, value)
+    }
+
+    /// Adds a value to response header `name`.
+    pub fn append_header(req: &Request, name: &str, value: &str) -> Result<(), String> {
+        raw::append_response_header(req, name, value)
+    }
+
+    /// Removes every value of response header `name`.
+    pub fn remove_header(req: &Request, name: &str) -> Result<(), String> {
+        raw::remove_response_header(req, name)
+    }
+}
+
 /// Adds `value` to the plugin's counter `name`, exported as `weir_plugin_events_total`.
 pub fn counter_add(name: &str, value: u64) {
-    wit::weir::plugin::metrics::counter_add(name, value);
+    wit::weir::plugin0_1_0::metrics::counter_add(name, value);
 }
 
 /// Milliseconds since the Unix epoch, from the gateway's clock.
 pub fn now_ms() -> u64 {
-    wit::weir::plugin::clock::now_ms()
+    wit::weir::plugin0_1_0::clock::now_ms()
 }
 
 /// Glue between the generated `Guest` trait and [`Plugin`]; used by [`export_plugin!`].
 #[doc(hidden)]
 pub mod __private {
     use super::*;
-    use crate::wit::exports::weir::plugin::filter::Guest;
+    use crate::wit::exports::weir::plugin0_1_0::filter::Guest;
+    use crate::wit::exports::weir::plugin0_2_0::describe::{Guest as Describe, PluginInfo};
 
     /// Ties an exported type to the plugin type and the instance's one plugin value.
     pub trait Exported: 'static {
         /// The user's plugin type.
         type Plugin: Plugin;
+        /// The plugin crate's name.
+        const NAME: &'static str;
+        /// The plugin crate's version.
+        const VERSION: &'static str;
         /// Where this instance keeps its plugin value.
         fn slot() -> &'static OnceLock<Self::Plugin>;
     }
@@ -226,6 +291,17 @@ pub mod __private {
             plugin::<E>().on_log(req, &summary)
         }
     }
+
+    impl<E: Exported> Describe for E {
+        fn describe() -> PluginInfo {
+            let schema = schemars::schema_for!(<E::Plugin as Plugin>::Config);
+            PluginInfo {
+                name: E::NAME.into(),
+                version: E::VERSION.into(),
+                config_schema: serde_json::to_string(&schema).unwrap_or_default(),
+            }
+        }
+    }
 }
 
 /// Exports a [`Plugin`] type as the component's filter.
@@ -237,6 +313,8 @@ macro_rules! export_plugin {
 
         impl $crate::__private::Exported for __WeirExport {
             type Plugin = $plugin;
+            const NAME: &'static str = env!("CARGO_PKG_NAME");
+            const VERSION: &'static str = env!("CARGO_PKG_VERSION");
             fn slot() -> &'static ::std::sync::OnceLock<$plugin> {
                 static SLOT: ::std::sync::OnceLock<$plugin> = ::std::sync::OnceLock::new();
                 &SLOT

@@ -4,6 +4,7 @@ mod admin;
 mod adversarial;
 mod authoring;
 mod balancing;
+mod consumers;
 mod dashboard;
 mod drain;
 mod edge;

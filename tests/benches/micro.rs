@@ -12,7 +12,7 @@ use http::{HeaderMap, HeaderValue, Method};
 use serde_json::json;
 use weir::config::{Isolation, PluginConfig};
 use weir::edge::normalise::normalise;
-use weir::exchange::{BufferedBody, RequestView};
+use weir::exchange::{BufferedBody, Directory, RequestView};
 use weir::metrics::Metrics;
 use weir::plugin::{PluginPool, PluginRuntime};
 use weir::router::{RouteFilter, RouteTable};
@@ -36,6 +36,10 @@ fn request() -> RequestView {
         writable: true,
         body_access: false,
         body_limit: 0,
+        consumer: None,
+        upstream: None,
+        response_edits: Vec::new(),
+        directory: Directory::default(),
     }
 }
 

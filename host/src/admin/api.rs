@@ -19,8 +19,8 @@ use super::Admin;
 use super::auth::{CSRF_HEADER, LoginError, Principal, Refusal, SESSION_COOKIE, cookie};
 use crate::body::ProxyBody;
 use crate::config::{
-    self, AdminConfig, FieldError, Kind, PluginConfig, RouteConfig, ServerConfig, ServiceNode,
-    SslConfig, TenantConfig, UpstreamConfig,
+    self, AdminConfig, ConsumerConfig, FieldError, Kind, PluginConfig, RouteConfig, ServerConfig,
+    ServiceNode, SslConfig, TenantConfig, UpstreamConfig,
 };
 use crate::store::{ConfigWriter, Expect, StoredObject, WriteError};
 
@@ -175,13 +175,7 @@ pub(super) async fn handle(
     let answered = match (&method, segments.as_slice()) {
         (&Method::GET, ["status"]) => Ok(super::status::status(&admin.gateway)),
         (&Method::GET, ["schema", kind]) => schema(kind),
-        (&Method::GET, ["schema", "plugins", name]) => Err(Failure::Status(
-            StatusCode::NOT_FOUND,
-            format!(
-                "plugin {name:?} does not describe its config: world weir:plugin@0.1 has no \
-                 config-schema export yet (docs/admin-api.md)"
-            ),
-        )),
+        (&Method::GET, ["schema", "plugins", name]) => plugin_schema(&admin.gateway, name),
         (&Method::POST, ["validate", kind]) => call.validate(kind).await,
         (&Method::GET, ["modules"]) => call.modules().await,
         (&Method::POST, ["modules"]) => call.upload().await,
@@ -213,6 +207,7 @@ fn kind_of(segment: &str) -> Option<Kind> {
         "plugins" => Kind::Plugin,
         "tenants" => Kind::Tenant,
         "ssl" => Kind::Ssl,
+        "consumers" => Kind::Consumer,
         _ => return None,
     })
 }
@@ -347,6 +342,11 @@ impl<'a> Call<'a> {
                 .collect(),
             Kind::Ssl => objects
                 .ssl
+                .iter()
+                .map(|(id, o)| stored(id, to_json(o)))
+                .collect(),
+            Kind::Consumer => objects
+                .consumers
                 .iter()
                 .map(|(id, o)| stored(id, to_json(o)))
                 .collect(),
@@ -659,13 +659,55 @@ fn envelope(object: &StoredObject) -> Value {
 /// What stands in for a private key in an answer: keys are written, never read back.
 pub const REDACTED: &str = "<redacted>";
 
+/// Credential fields that are secrets, in any consumer's credential section.
+const SECRET_FIELDS: &[&str] = &["secret", "password", "private_key"];
+
 /// Replaces the private keys an object holds (an `ssl` object's `key`, an upstream's
-/// `tls.client_key`), so that no answer carries one. A PATCH still merges over the stored key.
+/// `tls.client_key`, a consumer's secrets and key-auth key), so that no answer carries one.
+/// A PATCH still merges over the stored secret.
 fn redact(value: &mut Value) {
-    for pointer in ["/key", "/tls/client_key"] {
+    for pointer in ["/key", "/tls/client_key", "/credentials/key-auth/key"] {
         if let Some(key @ Value::String(_)) = value.pointer_mut(pointer) {
             *key = Value::String(REDACTED.into());
         }
+    }
+    if let Some(Value::Object(sections)) = value.pointer_mut("/credentials") {
+        for section in sections.values_mut().filter_map(Value::as_object_mut) {
+            for (_, secret) in section
+                .iter_mut()
+                .filter(|(name, value)| SECRET_FIELDS.contains(&name.as_str()) && value.is_string())
+            {
+                *secret = Value::String(REDACTED.into());
+            }
+        }
+    }
+}
+
+/// A consumer written back with a redacted placeholder would store the placeholder as its
+/// secret: refuse it, and say how to keep the stored one.
+fn refuse_placeholders(value: &Value) -> Result<(), Vec<FieldError>> {
+    let Some(Value::Object(sections)) = value.pointer("/credentials") else {
+        return Ok(());
+    };
+    let errors: Vec<_> = sections
+        .iter()
+        .filter_map(|(plugin, section)| Some((plugin, section.as_object()?)))
+        .flat_map(|(plugin, section)| {
+            section
+                .iter()
+                .filter(|(_, value)| value.as_str() == Some(REDACTED))
+                .map(move |(name, _)| {
+                    field(
+                        &format!("/credentials/{plugin}/{name}"),
+                        "is the redacted placeholder; send the secret, or PATCH without it to keep the stored one",
+                    )
+                })
+        })
+        .collect();
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors)
     }
 }
 
@@ -689,7 +731,7 @@ fn field(path: &str, message: impl Into<String>) -> FieldError {
 fn name_it(kind: Kind, id: &str, value: &mut Value) -> Result<(), Failure> {
     let id_field = match kind {
         Kind::Route | Kind::Upstream | Kind::Ssl => "id",
-        Kind::Plugin | Kind::Tenant => "name",
+        Kind::Plugin | Kind::Tenant | Kind::Consumer => "name",
         Kind::ServiceNode => {
             return id
                 .split('/')
@@ -755,6 +797,12 @@ fn check_object(kind: Kind, value: &Value) -> Result<Vec<(String, Kind, String)>
         Kind::Ssl => config::parse::<SslConfig>(value)
             .map(|_| Vec::new())
             .map_err(invalid)?,
+        Kind::Consumer => {
+            refuse_placeholders(value).map_err(invalid)?;
+            config::parse::<ConsumerConfig>(value)
+                .map(|_| Vec::new())
+                .map_err(invalid)?
+        }
         Kind::ServiceNode => config::parse::<ServiceNode>(value)
             .map(|_| Vec::new())
             .map_err(invalid)?,
@@ -880,6 +928,28 @@ fn now_secs() -> u64 {
         .unwrap_or_default()
 }
 
+/// `GET /v1/schema/plugins/<name>`: the config schema a 0.2.0 plugin described itself with.
+fn plugin_schema(gateway: &crate::gateway::Gateway, name: &str) -> Answer {
+    let snapshot = gateway.snapshot();
+    let Some(plugin) = snapshot.plugins.get(name) else {
+        return Err(Failure::Status(
+            StatusCode::NOT_FOUND,
+            format!("no plugin {name:?} is loaded"),
+        ));
+    };
+    match plugin.module.info() {
+        Some(info) => Ok(answer(StatusCode::OK, &info.schema)),
+        None => Err(Failure::Status(
+            StatusCode::NOT_FOUND,
+            format!(
+                "plugin {name:?} does not describe its config: it is built against \
+                 weir:plugin@{}, or no route uses it yet",
+                plugin.module.world()
+            ),
+        )),
+    }
+}
+
 /// `GET /v1/schema/<kind>`: the JSON Schema of a kind of object.
 fn schema(kind: &str) -> Answer {
     let schema = match kind {
@@ -888,6 +958,7 @@ fn schema(kind: &str) -> Answer {
         "plugins" => schemars::schema_for!(PluginConfig),
         "tenants" => schemars::schema_for!(TenantConfig),
         "ssl" => schemars::schema_for!(SslConfig),
+        "consumers" => schemars::schema_for!(ConsumerConfig),
         "services" => schemars::schema_for!(ServiceNode),
         "server" => schemars::schema_for!(ServerConfig),
         other => {

@@ -52,7 +52,12 @@ pub(super) fn status(gateway: &Gateway) -> Response<ProxyBody> {
         "plugins": snapshot.plugins.iter().map(|(name, p)| serde_json::json!({
             "name": name,
             "sha256": p.module.sha256,
+            "world": p.module.world(),
+            "describes": p.module.info().map(|info| serde_json::json!({
+                "name": info.name, "version": info.version,
+            })),
         })).collect::<Vec<_>>(),
+        "consumers": snapshot.consumers.len(),
         "tenants": gateway.runtime().tenants().all().iter().map(|tenant| {
             let (memory, instances, kv_entries, kv_bytes) = tenant.usage();
             serde_json::json!({

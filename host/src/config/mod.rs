@@ -4,6 +4,7 @@
 //! source, and says what is wrong as JSON pointers into the object.
 
 mod admin;
+mod consumer;
 mod node;
 mod plugin;
 mod route;
@@ -18,6 +19,7 @@ use std::fmt;
 use serde::Serialize;
 
 pub use self::admin::{Account, AdminConfig, ApiKey, OPENABLE, Role};
+pub use self::consumer::{ConsumerConfig, Consumers, LookupError};
 pub use self::node::ServiceNode;
 pub use self::plugin::{
     FailurePolicy, Grants, HttpGrant, Isolation, Limits, PluginConfig, Quarantine, WasiGrant,
@@ -52,6 +54,8 @@ pub enum Kind {
     Admin,
     /// `ssl`: a certificate the TLS listener serves.
     Ssl,
+    /// `consumers`: a caller with credentials.
+    Consumer,
     /// A plugin module, by sha256.
     Module,
     /// A key the store does not understand.
@@ -69,6 +73,7 @@ impl fmt::Display for Kind {
             Kind::ServiceNode => "service node",
             Kind::Admin => "admin",
             Kind::Ssl => "ssl",
+            Kind::Consumer => "consumer",
             Kind::Module => "module",
             Kind::Key => "key",
         })
@@ -332,6 +337,8 @@ pub struct ConfigObjects {
     pub admin: Option<AdminConfig>,
     /// Certificates by id.
     pub ssl: BTreeMap<String, SslConfig>,
+    /// Consumers by name.
+    pub consumers: BTreeMap<String, ConsumerConfig>,
 }
 
 /// The longest any configured timeout may be: one day.

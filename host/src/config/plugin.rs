@@ -69,6 +69,14 @@ pub struct Grants {
     /// component may import. Files, sockets and environment variables are never reachable.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub wasi: Vec<WasiGrant>,
+    /// `consumers: [jwt-auth]`: look consumers up by these credential sections, and mark a
+    /// request as made by a consumer. Credentials are secrets: grant only the sections the
+    /// plugin checks.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub consumers: Vec<String>,
+    /// `routing: true`: send a request to another upstream than its route's (traffic-split).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub routing: bool,
 }
 
 /// Where a plugin's outbound HTTP calls may go.
@@ -274,6 +282,12 @@ impl ConfigObject for PluginConfig {
             checks.fail(
                 "/limits/max_body_bytes",
                 format!("limits.max_body_bytes {max_body_bytes} is not in 1..=1073741824"),
+            );
+        }
+        for (index, section) in self.grants.consumers.iter().enumerate() {
+            checks.check(
+                format!("/grants/consumers/{index}"),
+                super::check_id(section).map_err(|e| format!("grants.consumers: {e}")),
             );
         }
         if let Some(http) = &self.grants.http {

@@ -1,15 +1,18 @@
 //! The host side's one `bindgen!` of wit/: typed imports to implement and exports to call.
+//!
+//! It binds the newest world (0.2.0), which includes 0.1.0's interfaces unchanged; a 0.1.0
+//! plugin is the same component without 0.2.0's imports and its `describe` export.
 
 wasmtime::component::bindgen!({
     path: "../wit",
-    world: "plugin",
+    world: "weir:plugin/plugin@0.2.0",
     imports: {
-        "weir:plugin/http-client.send": async | trappable,
+        "weir:plugin/http-client@0.1.0.send": async | trappable,
         default: trappable,
     },
     exports: { default: async },
     with: {
-        "weir:plugin/http.request": crate::exchange::RequestView,
-        "weir:plugin/http.response": crate::exchange::ResponseView,
+        "weir:plugin/http@0.1.0.request": crate::exchange::RequestView,
+        "weir:plugin/http@0.1.0.response": crate::exchange::ResponseView,
     },
 });

@@ -10,7 +10,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
-use super::bindings::weir::plugin::http_client::{IncomingResponse, OutgoingRequest};
+use super::bindings::weir::plugin0_1_0::http_client::{IncomingResponse, OutgoingRequest};
 use crate::config::HttpGrant;
 
 /// Headers a plugin may not set on a call: the client manages the connection and framing.

@@ -8,12 +8,13 @@ use wasmtime::component::{Resource, ResourceTable};
 use wasmtime::{ResourceLimiter, Result};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use super::bindings::weir::plugin::{clock, http, http_client, kv, log, metrics};
+use super::bindings::weir::plugin0_1_0::{clock, http, http_client, kv, log, metrics};
+use super::bindings::weir::plugin0_2_0::{consumers, response_edits, routing};
 use super::callout::Callouts;
 use super::health::PluginHealth;
 use super::tenant::{QuotaExceeded, Tenant};
 use crate::config::{Grants, WasiGrant};
-use crate::exchange::{RequestView, ResponseView, headers};
+use crate::exchange::{Directory, RequestView, ResponseEdit, ResponseView, headers};
 use crate::kv::{KvError, KvStore};
 use crate::metrics::{Metrics, PluginEventLabels};
 
@@ -249,6 +250,8 @@ pub struct InstanceState {
     pub clock: CallClock,
     /// What the call in progress may still add to headers.
     pub edits: EditBudget,
+    /// The snapshot the request in progress was routed by, for consumer lookups.
+    pub directory: Option<Directory>,
     scope: Arc<PluginScope>,
     _slot: InstanceSlot,
 }
@@ -279,6 +282,7 @@ impl InstanceState {
                 budget_ticks,
             },
             edits: EditBudget::full(),
+            directory: None,
             scope,
             _slot: slot,
         }
@@ -463,6 +467,153 @@ impl http_client::Host for InstanceState {
         };
         // While this awaits, the plugin does not run, so no tick is counted against it.
         Ok(self.scope.callouts.send(&grant, request).await)
+    }
+}
+
+/// The most response edits one request may queue, across all of its plugins.
+const MAX_QUEUED_EDITS: usize = 100;
+
+impl InstanceState {
+    /// Queues a checked response edit on the request, within the call's edit budget.
+    fn queue(
+        &mut self,
+        req: &Resource<RequestView>,
+        edit: Result<ResponseEdit, String>,
+    ) -> Result<Result<(), String>> {
+        let view = self.table.get_mut(req)?;
+        if let Err(refused) = view.check_writable() {
+            return Ok(Err(refused));
+        }
+        let edit = match edit {
+            Ok(edit) => edit,
+            Err(refused) => return Ok(Err(refused)),
+        };
+        if view.response_edits.len() >= MAX_QUEUED_EDITS {
+            return Err(wasmtime::Error::new(LimitExceeded(format!(
+                "a request may queue at most {MAX_QUEUED_EDITS} response edits"
+            ))));
+        }
+        view.response_edits.push(edit);
+        Ok(Ok(()))
+    }
+}
+
+impl response_edits::Host for InstanceState {
+    fn set_response_header(
+        &mut self,
+        req: Resource<RequestView>,
+        name: String,
+        value: String,
+    ) -> Result<Result<(), String>> {
+        self.edits.spend(&name, &value)?;
+        let edit = ResponseEdit::new(ResponseEdit::Set, &name, &value);
+        self.queue(&req, edit)
+    }
+
+    fn append_response_header(
+        &mut self,
+        req: Resource<RequestView>,
+        name: String,
+        value: String,
+    ) -> Result<Result<(), String>> {
+        self.edits.spend(&name, &value)?;
+        let edit = ResponseEdit::new(ResponseEdit::Append, &name, &value);
+        self.queue(&req, edit)
+    }
+
+    fn remove_response_header(
+        &mut self,
+        req: Resource<RequestView>,
+        name: String,
+    ) -> Result<Result<(), String>> {
+        self.edits.spend(&name, "")?;
+        let edit = ResponseEdit::remove(&name);
+        self.queue(&req, edit)
+    }
+}
+
+impl routing::Host for InstanceState {
+    fn set_upstream(
+        &mut self,
+        req: Resource<RequestView>,
+        id: String,
+    ) -> Result<Result<(), String>> {
+        let view = self.table.get_mut(&req)?;
+        if let Err(refused) = view.check_writable() {
+            return Ok(Err(refused));
+        }
+        if !view.directory.0.upstreams.contains_key(&id) {
+            let mut shown = id;
+            shown.truncate(128);
+            return Ok(Err(format!("there is no upstream {shown:?}")));
+        }
+        view.upstream = Some(id);
+        Ok(Ok(()))
+    }
+}
+
+impl consumers::Host for InstanceState {
+    fn lookup(
+        &mut self,
+        plugin: String,
+        field: String,
+        value: String,
+    ) -> Result<Result<Option<consumers::Consumer>, String>> {
+        if !self.scope.grants.consumers.contains(&plugin) {
+            tracing::debug!(plugin = %self.scope.name, section = %plugin, "consumer lookup not granted");
+            return Ok(Err(format!(
+                "this plugin's grant does not list the {plugin:?} credentials"
+            )));
+        }
+        let Some(directory) = &self.directory else {
+            return Ok(Err("consumers are looked up during a request".into()));
+        };
+        let found = match directory.0.consumers.lookup(&plugin, &field, &value) {
+            Ok(found) => found,
+            Err(ambiguous) => {
+                // Two consumers share a credential: the operator's to fix, so say so.
+                tracing::warn!(plugin = %self.scope.name, %ambiguous, "consumer lookup refused");
+                return Ok(Err(ambiguous.to_string()));
+            }
+        };
+        Ok(Ok(found.map(|consumer| consumers::Consumer {
+            name: consumer.name.clone(),
+            labels: consumer
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            credential: consumer
+                .credentials
+                .get(&plugin)
+                .map(|c| serde_json::Value::Object(c.clone()).to_string())
+                .unwrap_or_default(),
+        })))
+    }
+
+    fn set_consumer(
+        &mut self,
+        req: Resource<RequestView>,
+        name: String,
+    ) -> Result<Result<(), String>> {
+        if self.scope.grants.consumers.is_empty() {
+            return Ok(Err("this plugin has no consumers grant".into()));
+        }
+        let view = self.table.get_mut(&req)?;
+        if let Err(refused) = view.check_writable() {
+            return Ok(Err(refused));
+        }
+        match view.directory.0.consumers.get(&name) {
+            Some(consumer) => {
+                view.consumer = Some(Arc::from(consumer.name.as_str()));
+                Ok(Ok(()))
+            }
+            None => Ok(Err("there is no such consumer".into())),
+        }
+    }
+
+    fn current(&mut self, req: Resource<RequestView>) -> Result<Option<String>> {
+        Ok(self.table.get(&req)?.consumer.as_deref().map(str::to_owned))
     }
 }
 

@@ -15,11 +15,15 @@ use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
-use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::component::{Component, HasSelf, InstancePre, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
-pub use self::bindings::exports::weir::plugin::filter::Wants;
-pub use self::bindings::weir::plugin::http::{Action, Reply, Summary};
+use self::bindings::exports::weir::plugin0_1_0::filter::GuestIndices as FilterIndices;
+pub use self::bindings::exports::weir::plugin0_1_0::filter::Wants;
+use self::bindings::exports::weir::plugin0_2_0::describe::{
+    GuestIndices as DescribeIndices, PluginInfo as RawPluginInfo,
+};
+pub use self::bindings::weir::plugin0_1_0::http::{Action, Reply, Summary};
 use self::callout::Callouts;
 use self::health::PluginHealth;
 use self::host::{InstanceState, Shared};
@@ -110,7 +114,104 @@ pub struct Module {
     pub imports: Vec<String>,
     /// The interfaces it exports, such as `weir:plugin/filter@0.1.0`.
     pub exports: Vec<String>,
-    pre: bindings::PluginPre<InstanceState>,
+    pre: InstancePre<InstanceState>,
+    /// Where `weir:plugin/filter@0.1.0`'s functions are, which every plugin exports.
+    filter: FilterIndices,
+    /// Where `describe` is, for a 0.2.0 plugin.
+    describe: Option<DescribeIndices>,
+    /// What the plugin said of itself, once asked (by the first pool to use it).
+    info: tokio::sync::OnceCell<Option<Arc<PluginInfo>>>,
+}
+
+impl Module {
+    /// The world version the plugin was built against: `0.2.0` when it exports `describe`.
+    pub fn world(&self) -> &'static str {
+        if self.describe.is_some() {
+            "0.2.0"
+        } else {
+            "0.1.0"
+        }
+    }
+
+    /// What the plugin said of itself, if it has been asked (0.1.0 plugins say nothing).
+    pub fn info(&self) -> Option<Arc<PluginInfo>> {
+        self.info.get().cloned().flatten()
+    }
+}
+
+/// The largest config schema a plugin may describe itself with.
+const MAX_SCHEMA_BYTES: usize = 256 << 10;
+
+/// What a 0.2.0 plugin's `describe` said, checked: its name, version and config schema.
+pub struct PluginInfo {
+    /// The plugin's own name for itself.
+    pub name: String,
+    /// Its version.
+    pub version: String,
+    /// The JSON Schema of its route config.
+    pub schema: serde_json::Value,
+    validator: jsonschema::Validator,
+}
+
+impl std::fmt::Debug for PluginInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginInfo")
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PluginInfo {
+    /// Checks what the guest returned: bounded strings, and a schema that compiles (with no
+    /// remote references: the gateway fetches nothing a plugin names).
+    fn checked(raw: RawPluginInfo) -> Result<Self, String> {
+        let short = |s: &str| s.len() <= 128 && s.chars().all(|c| !c.is_control());
+        if !short(&raw.name) || !short(&raw.version) {
+            return Err("its name or version is over 128 bytes or holds control characters".into());
+        }
+        if raw.config_schema.len() > MAX_SCHEMA_BYTES {
+            return Err(format!(
+                "its config schema of {} bytes is over the {MAX_SCHEMA_BYTES}-byte limit",
+                raw.config_schema.len()
+            ));
+        }
+        let schema: serde_json::Value = serde_json::from_str(&raw.config_schema)
+            .map_err(|e| format!("its config schema is not JSON: {e}"))?;
+        let validator = jsonschema::validator_for(&schema)
+            .map_err(|e| format!("its config schema is not a JSON Schema: {e}"))?;
+        Ok(PluginInfo {
+            name: raw.name,
+            version: raw.version,
+            schema,
+            validator,
+        })
+    }
+
+    /// Checks a route's config against the schema: each error with its JSON pointer.
+    pub fn validate(&self, config: &serde_json::Value) -> Result<(), String> {
+        let errors: Vec<String> = self
+            .validator
+            .iter_errors(config)
+            .take(8)
+            .map(|error| {
+                let at = error.instance_path().to_string();
+                if at.is_empty() {
+                    error.to_string()
+                } else {
+                    format!("{at}: {error}")
+                }
+            })
+            .collect();
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "config does not match the plugin's schema: {}",
+                errors.join("; ")
+            ))
+        }
+    }
 }
 
 impl std::fmt::Debug for Module {
@@ -265,7 +366,7 @@ impl PluginRuntime {
             .imports(&self.engine)
             .map(|(name, _)| name.to_owned())
             .collect();
-        let exports = component
+        let exports: Vec<String> = component
             .component_type()
             .exports(&self.engine)
             .map(|(name, _)| name.to_owned())
@@ -282,14 +383,28 @@ impl PluginRuntime {
                 ))
             }
         })?;
-        let pre = bindings::PluginPre::new(instance_pre).map_err(|e| {
+        let filter = FilterIndices::new(&instance_pre).map_err(|e| {
             PluginError::Instantiate(format!("it does not implement weir:plugin/filter: {e:#}"))
         })?;
+        // Only 0.2.0 plugins describe themselves; for them it is part of the contract.
+        let describe = if exports
+            .iter()
+            .any(|e| e.starts_with("weir:plugin/describe@"))
+        {
+            Some(DescribeIndices::new(&instance_pre).map_err(|e| {
+                PluginError::Instantiate(format!("its weir:plugin/describe is not 0.2.0's: {e:#}"))
+            })?)
+        } else {
+            None
+        };
         let module = Arc::new(Module {
             sha256: sha256.clone(),
             imports,
             exports,
-            pre,
+            pre: instance_pre,
+            filter,
+            describe,
+            info: tokio::sync::OnceCell::new(),
         });
         let mut modules = self.modules.lock().expect("module registry lock");
         modules.retain(|_, weak| weak.strong_count() > 0);

@@ -7,14 +7,14 @@ use crossbeam_queue::ArrayQueue;
 use wasmtime::component::Resource;
 use wasmtime::{Engine, Store, Trap, UpdateDeadline};
 
-use super::bindings::{self, exports::weir::plugin::filter::Wants};
+use super::bindings::exports::weir::plugin0_1_0::filter::{Guest as Filter, Wants};
 use super::health::Admission;
 use super::host::{
     InstanceSlot, InstanceState, LimitExceeded, MAX_HEADER_BYTES, MAX_HEADER_EDITS, MemoryHit,
     PluginScope,
 };
 use super::tenant::QuotaExceeded;
-use super::{Action, EPOCH_TICK, Module, PluginError, Summary};
+use super::{Action, EPOCH_TICK, Module, PluginError, PluginInfo, Summary};
 use crate::config::{Isolation, Limits};
 use crate::exchange::{RequestView, ResponseView};
 
@@ -24,7 +24,8 @@ const MAX_IDLE: usize = 64;
 /// One live instance and its store.
 struct PluginInstance {
     store: Store<InstanceState>,
-    plugin: bindings::Plugin,
+    instance: wasmtime::component::Instance,
+    filter: Filter,
 }
 
 /// Instances of one module, each initialised with the same config.
@@ -81,10 +82,48 @@ impl PluginPool {
             },
             idle: ArrayQueue::new(MAX_IDLE),
         };
-        let (instance, wants) = pool.instantiate().await?;
-        pool.wants = wants;
+        let mut instance = pool.instantiate_bare().await?;
+        if let Some(info) = pool.described(&mut instance).await? {
+            let config: serde_json::Value = if pool.config.trim().is_empty() {
+                serde_json::json!({})
+            } else {
+                serde_json::from_str(&pool.config)
+                    .map_err(|e| PluginError::Config(format!("config is not JSON: {e}")))?
+            };
+            info.validate(&config).map_err(PluginError::Config)?;
+        }
+        pool.wants = pool.init(&mut instance).await?;
         pool.checkin(instance);
         Ok(pool)
+    }
+
+    /// What the plugin says of itself: asked once per module, on its first instance, before
+    /// any `init`. A 0.1.0 plugin says nothing.
+    async fn described(
+        &self,
+        instance: &mut PluginInstance,
+    ) -> Result<Option<Arc<PluginInfo>>, PluginError> {
+        let Some(indices) = &self.module.describe else {
+            return Ok(None);
+        };
+        let info = self
+            .module
+            .info
+            .get_or_try_init(|| async {
+                let describe = indices
+                    .load(&mut instance.store, &instance.instance)
+                    .map_err(|e| PluginError::Instantiate(format!("{e:#}")))?;
+                self.arm(instance);
+                let raw = describe
+                    .call_describe(&mut instance.store)
+                    .await
+                    .map_err(|e| self.classify(e, &instance.store, PluginError::Trap))?;
+                let info = PluginInfo::checked(raw)
+                    .map_err(|reason| PluginError::Instantiate(format!("describe: {reason}")))?;
+                Ok::<_, PluginError>(Some(Arc::new(info)))
+            })
+            .await?;
+        Ok(info.clone())
     }
 
     /// The plugin's name.
@@ -116,7 +155,29 @@ impl PluginPool {
         ticks(Duration::from_millis(self.limits.timeout_ms))
     }
 
-    async fn instantiate(&self) -> Result<(PluginInstance, Wants), PluginError> {
+    /// A new instance, initialised with the pool's config.
+    async fn instantiate(&self) -> Result<PluginInstance, PluginError> {
+        let mut instance = self.instantiate_bare().await?;
+        self.init(&mut instance).await?;
+        Ok(instance)
+    }
+
+    /// Calls `init` with the pool's config: what the plugin wants, or why it refused.
+    async fn init(&self, instance: &mut PluginInstance) -> Result<Wants, PluginError> {
+        self.arm(instance);
+        let init = instance
+            .filter
+            .call_init(&mut instance.store, &self.config)
+            .await;
+        match init {
+            Ok(Ok(wants)) => Ok(wants),
+            Ok(Err(reason)) => Err(PluginError::Config(reason)),
+            Err(e) => Err(self.classify(e, &instance.store, PluginError::Trap)),
+        }
+    }
+
+    /// A new instance, before `init`.
+    async fn instantiate_bare(&self) -> Result<PluginInstance, PluginError> {
         let slot = InstanceSlot::take(self.scope.tenant())
             .map_err(|e| PluginError::Quota(e.to_string()))?;
         let memory_limit = usize::try_from(self.limits.memory_mb).unwrap_or(usize::MAX) << 20;
@@ -136,22 +197,20 @@ impl PluginPool {
         });
         store.data_mut().begin_call();
         store.set_epoch_deadline(1);
-        let plugin = match self.module.pre.instantiate_async(&mut store).await {
-            Ok(plugin) => plugin,
+        let instance = match self.module.pre.instantiate_async(&mut store).await {
+            Ok(instance) => instance,
             Err(e) => return Err(self.classify(e, &store, PluginError::Instantiate)),
         };
-        let mut instance = PluginInstance { store, plugin };
-        self.arm(&mut instance);
-        let init = instance
-            .plugin
-            .weir_plugin_filter()
-            .call_init(&mut instance.store, &self.config)
-            .await;
-        match init {
-            Ok(Ok(wants)) => Ok((instance, wants)),
-            Ok(Err(reason)) => Err(PluginError::Config(reason)),
-            Err(e) => Err(self.classify(e, &instance.store, PluginError::Trap)),
-        }
+        let filter = self
+            .module
+            .filter
+            .load(&mut store, &instance)
+            .map_err(|e| PluginError::Instantiate(format!("{e:#}")))?;
+        Ok(PluginInstance {
+            store,
+            instance,
+            filter,
+        })
     }
 
     /// An instance for one call, unless the plugin is quarantined.
@@ -161,7 +220,7 @@ impl PluginPool {
         }
         let instance = match self.idle.pop() {
             Some(instance) => Ok(instance),
-            None => self.instantiate().await.map(|(instance, _)| instance),
+            None => self.instantiate().await,
         };
         instance.map_err(|e| self.record(e))
     }
@@ -247,14 +306,16 @@ impl PluginPool {
         };
         request.body_access = self.wants.request_body;
         request.body_limit = self.limits.max_body_bytes;
+        instance.store.data_mut().directory = Some(request.directory.clone());
         let handle = push(&mut instance.store, request);
         self.arm(&mut instance);
         let outcome = instance
-            .plugin
-            .weir_plugin_filter()
+            .filter
             .call_on_request(&mut instance.store, Resource::new_borrow(handle.rep()))
             .await;
         let request = take(&mut instance.store, handle);
+        // An idle instance must not keep an old snapshot alive.
+        instance.store.data_mut().directory = None;
         let outcome = self
             .settle(instance, outcome)
             .and_then(|action| self.check_reply(action));
@@ -302,8 +363,7 @@ impl PluginPool {
         let resp = push(&mut instance.store, response);
         self.arm(&mut instance);
         let outcome = instance
-            .plugin
-            .weir_plugin_filter()
+            .filter
             .call_on_response(
                 &mut instance.store,
                 Resource::new_borrow(req.rep()),
@@ -328,8 +388,7 @@ impl PluginPool {
         let handle = push(&mut instance.store, request);
         self.arm(&mut instance);
         let outcome = instance
-            .plugin
-            .weir_plugin_filter()
+            .filter
             .call_on_log(
                 &mut instance.store,
                 Resource::new_borrow(handle.rep()),

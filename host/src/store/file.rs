@@ -241,6 +241,9 @@ pub fn parse_in(text: &str, base: &Path) -> Result<Desired, String> {
             Some("tenants") => {
                 objects.tenants = collect(value, &mut unparsed)?;
             }
+            Some("consumers") => {
+                objects.consumers = collect(value, &mut unparsed)?;
+            }
             Some("ssl") => {
                 let value = read_pem_files(value, base, &mut unparsed);
                 objects.ssl = collect(value, &mut unparsed)?;
@@ -262,7 +265,7 @@ pub fn parse_in(text: &str, base: &Path) -> Result<Desired, String> {
             },
             _ => {
                 return Err(format!(
-                    "unknown top-level key {}; expected routes, upstreams, plugins, tenants, ssl, server, admin",
+                    "unknown top-level key {}; expected routes, upstreams, plugins, tenants, consumers, ssl, server, admin",
                     serde_norway::to_string(&key).unwrap_or_default().trim()
                 ));
             }
@@ -648,6 +651,7 @@ routes:
             Kind::ServiceNode => object("host port", "weight meta status"),
             Kind::Admin => object("", "keys accounts open session_minutes"),
             Kind::Ssl => object("id cert key", "snis default"),
+            Kind::Consumer => object("name", "labels credentials"),
             Kind::Module | Kind::Key => json(),
         }
     }

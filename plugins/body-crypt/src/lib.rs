@@ -13,7 +13,7 @@ use weir_sdk::{Action, Plugin, Reply, Request, Response, Wants};
 
 /// `{"keys": {"k1": "<base64url of 32 bytes>"}, "active": "k1", "request": "decrypt",
 /// "response": "encrypt"}`.
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct Config {
     /// Keys by id (`kid`), each 32 bytes in base64url, as a JWK's `k`.
@@ -31,7 +31,7 @@ struct Config {
     content_types: Vec<String>,
 }
 
-#[derive(Clone, Copy, Deserialize, PartialEq)]
+#[derive(Clone, Copy, Deserialize, schemars::JsonSchema, PartialEq)]
 #[serde(rename_all = "snake_case")]
 enum Direction {
     Decrypt,
@@ -39,7 +39,7 @@ enum Direction {
 }
 
 /// The protected header weir writes and accepts.
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 struct Header {
     alg: String,
     enc: String,

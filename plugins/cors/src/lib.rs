@@ -6,7 +6,7 @@ use serde::Deserialize;
 use weir_sdk::{Action, Plugin, Reply, Request, Response, Wants};
 
 /// `{"allow_origins": "https://app.example.com", "allow_credential": true}`.
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct Config {
     /// `*` (any origin), `**` (any, even with credentials), or a comma-separated list of

@@ -3,10 +3,10 @@
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
-use weir_sdk::{Action, Plugin, Request, Response, Wants};
+use weir_sdk::{Action, Plugin, Request, Wants};
 
 /// `{"request": {..}, "response": {..}}`, each an [`Edits`].
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, schemars::JsonSchema, Default)]
 #[serde(deny_unknown_fields)]
 struct Config {
     #[serde(default)]
@@ -16,7 +16,7 @@ struct Config {
 }
 
 /// Edits applied in this order: remove, then set, then add.
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, schemars::JsonSchema, Default)]
 #[serde(deny_unknown_fields)]
 struct Edits {
     /// Headers to remove: `remove: [x-internal]`.
@@ -76,15 +76,19 @@ impl HeaderEdit for Request {
     }
 }
 
-impl HeaderEdit for Response {
+/// The response's headers, edited from `on_request`: the gateway applies the queued edits to
+/// whatever is answered, so no `on_response` call is needed.
+struct Queued<'a>(&'a Request);
+
+impl HeaderEdit for Queued<'_> {
     fn remove(&self, name: &str) {
-        self.remove_header(name)
+        let _ = weir_sdk::response::remove_header(self.0, name);
     }
     fn set(&self, name: &str, value: &str) -> Result<(), String> {
-        self.set_header(name, value)
+        weir_sdk::response::set_header(self.0, name, value)
     }
     fn append(&self, name: &str, value: &str) -> Result<(), String> {
-        self.append_header(name, value)
+        weir_sdk::response::append_header(self.0, name, value)
     }
 }
 
@@ -116,8 +120,8 @@ impl Plugin for Headers {
 
     fn wants(&self) -> Wants {
         Wants {
-            on_request: !self.config.request.is_empty(),
-            on_response: !self.config.response.is_empty(),
+            on_request: !self.config.request.is_empty() || !self.config.response.is_empty(),
+            on_response: false,
             on_log: false,
             request_body: false,
             response_body: false,
@@ -126,11 +130,8 @@ impl Plugin for Headers {
 
     fn on_request(&self, req: &Request) -> Action {
         apply(&self.config.request, req);
+        apply(&self.config.response, &Queued(req));
         Action::Continue
-    }
-
-    fn on_response(&self, _req: &Request, resp: &Response) {
-        apply(&self.config.response, resp);
     }
 }
 

@@ -7,7 +7,7 @@ use serde::Deserialize;
 use weir_sdk::{Action, Plugin, Reply, Request};
 
 /// `{"allow": [CIDR..]}`, `{"deny": [CIDR..]}`, or both (deny is checked first).
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct Config {
     #[serde(default)]

@@ -9,7 +9,7 @@ use serde::Deserialize;
 use weir_sdk::{Action, Plugin, Reply, Request, Response, Wants, kv};
 
 /// `{"count": 100, "window_s": 60, "key": "ip"}`.
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct Config {
     /// Requests allowed per window.
@@ -40,7 +40,7 @@ struct Config {
     window_type: WindowType,
 }
 
-#[derive(Clone, Copy, Default, Deserialize, PartialEq)]
+#[derive(Clone, Copy, Default, Deserialize, schemars::JsonSchema, PartialEq)]
 #[serde(rename_all = "snake_case")]
 enum WindowType {
     #[default]

@@ -5,7 +5,7 @@ use serde::Deserialize;
 use weir_sdk::Request;
 
 /// `key` as configured: `"ip"`, or `["ip", "header:x-user"]`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(untagged)]
 pub enum KeySpec {
     /// One part.

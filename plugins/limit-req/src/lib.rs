@@ -8,7 +8,7 @@ use serde::Deserialize;
 use weir_sdk::{Action, Plugin, Reply, Request, kv};
 
 /// `{"rate": 10, "burst": 20, "key": "ip"}`.
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct Config {
     /// Requests per second, on average.

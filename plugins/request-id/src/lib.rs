@@ -1,10 +1,10 @@
 //! request-id: gives every request an id header, sends it upstream and back to the client.
 
 use serde::Deserialize;
-use weir_sdk::{Action, Plugin, Request, Response, Wants};
+use weir_sdk::{Action, Plugin, Request, Wants};
 
 /// `{}` or `{"header": "x-trace-id"}`.
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct Config {
     #[serde(default = "default_header")]
@@ -40,7 +40,7 @@ impl Plugin for RequestId {
     fn wants(&self) -> Wants {
         Wants {
             on_request: true,
-            on_response: true,
+            on_response: false,
             on_log: false,
             request_body: false,
             response_body: false,
@@ -56,11 +56,9 @@ impl Plugin for RequestId {
                 let _ = req.set_header(&self.header, &req.id());
             }
         }
+        // Queued for whatever is answered: the upstream's response, a reply, or an error.
+        let _ = weir_sdk::response::set_header(req, &self.header, &req.id());
         Action::Continue
-    }
-
-    fn on_response(&self, req: &Request, resp: &Response) {
-        let _ = resp.set_header(&self.header, &req.id());
     }
 }
 

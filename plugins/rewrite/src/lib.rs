@@ -6,7 +6,7 @@ use serde::Deserialize;
 use weir_sdk::{Action, Plugin, Reply, Request};
 
 /// `{"regex_uri": ["^/api/v1/(.*)", "/$1"], "host": "backend.internal", "method": "POST"}`.
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct Config {
     /// `[pattern, replacement]`: the path, where the pattern matches, becomes the replacement

@@ -5,7 +5,7 @@ use serde::Deserialize;
 use weir_sdk::{Action, Level, Plugin, Reply, Request, Response, Wants, kv};
 
 /// The route's `config` object. Unknown fields are errors, reported when the route loads.
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct Config {
     /// The header that carries the count to the upstream.

@@ -7,6 +7,7 @@
 //! <prefix>/plugins/<name>         plugin entry JSON, naming its module by sha256
 //! <prefix>/tenants/<name>         tenant JSON: quotas
 //! <prefix>/ssl/<id>               certificate JSON {cert, key, snis, default?}
+//! <prefix>/consumers/<name>       consumer JSON {name, labels?, credentials}
 //! <prefix>/server                 server JSON: client timeouts, limits, trusted proxies
 //! <prefix>/services/<name>/<node> node JSON {host, port, weight?, meta?}, under a lease
 //! <prefix>/modules/<sha256>       {"size": N, "chunks": C}
@@ -20,8 +21,8 @@ use serde::{Deserialize, Serialize};
 
 use super::EtcdError;
 use crate::config::{
-    AdminConfig, ConfigObject, FieldError, Kind, ObjectError, PluginConfig, RouteConfig,
-    ServerConfig, ServiceNode, SslConfig, TenantConfig, UpstreamConfig,
+    AdminConfig, ConfigObject, ConsumerConfig, FieldError, Kind, ObjectError, PluginConfig,
+    RouteConfig, ServerConfig, ServiceNode, SslConfig, TenantConfig, UpstreamConfig,
 };
 use crate::plugin::sha256_hex;
 
@@ -39,6 +40,7 @@ pub(crate) enum Entry {
     Plugin(PluginConfig),
     Tenant(TenantConfig),
     Ssl(SslConfig),
+    Consumer(ConsumerConfig),
     Server(ServerConfig),
     Admin(AdminConfig),
     Node {
@@ -63,6 +65,7 @@ pub(crate) fn parse_entry(root: &str, key: &str, value: &[u8]) -> Option<Entry> 
         "plugins" => parse_object(value, name).map(Entry::Plugin),
         "tenants" => parse_object(value, name).map(Entry::Tenant),
         "ssl" => parse_object(value, name).map(Entry::Ssl),
+        "consumers" => parse_object(value, name).map(Entry::Consumer),
         "server" if rest == "server" => parse_json(value, Kind::Server, "server")
             .and_then(|json| parse_as(&json, "server"))
             .map(Entry::Server),
@@ -90,13 +93,6 @@ pub(crate) fn parse_entry(root: &str, key: &str, value: &[u8]) -> Option<Entry> 
                     node: node.to_owned(),
                     value,
                 })
-        }
-        "consumers" => {
-            return invalid(
-                Kind::Key,
-                name,
-                format!("{section} are not supported by this version of weir"),
-            );
         }
         _ => return invalid(Kind::Key, rest, format!("unknown key under {root}/")),
     };

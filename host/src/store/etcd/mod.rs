@@ -218,6 +218,9 @@ impl Mirror {
                 Entry::Ssl(ssl) => {
                     objects.ssl.insert(ssl.id.clone(), ssl);
                 }
+                Entry::Consumer(consumer) => {
+                    objects.consumers.insert(consumer.name.clone(), consumer);
+                }
                 Entry::Server(server) => objects.server = Some(server),
                 Entry::Admin(admin) => objects.admin = Some(admin),
                 Entry::Node {
@@ -705,7 +708,10 @@ mod tests {
         assert!(parse_entry("/weir", "/weir/modules/abc/000001", b"..").is_none());
         assert!(parse_entry("/weir", "/other/routes/x", b"{}").is_none());
         assert!(
-            matches!(parse_entry("/weir", "/weir/consumers/x", b"{}"), Some(Entry::Invalid(e)) if e.reason.contains("not supported"))
+            matches!(parse_entry("/weir", "/weir/consumers/x", b"{}"), Some(Entry::Consumer(c)) if c.name == "x")
+        );
+        assert!(
+            matches!(parse_entry("/weir", "/weir/consumers/x", br#"{"credentials": {"key-auth": "k"}}"#), Some(Entry::Invalid(e)) if e.kind == Kind::Consumer && e.reason.contains("/credentials/key-auth"))
         );
         assert!(
             matches!(parse_entry("/weir", "/weir/ssl/x", b"{}"), Some(Entry::Invalid(e)) if e.kind == Kind::Ssl && e.reason.contains("missing field `cert`"))
@@ -839,6 +845,10 @@ mod tests {
             Entry::Ssl(ssl) => {
                 assert_eq!(section, Some("ssl"));
                 config::verify(&ssl).unwrap();
+            }
+            Entry::Consumer(consumer) => {
+                assert_eq!(section, Some("consumers"));
+                config::verify(&consumer).unwrap();
             }
             Entry::Node { service, value, .. } => {
                 assert_eq!(section, Some("services"));

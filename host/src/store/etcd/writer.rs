@@ -45,6 +45,7 @@ fn section(kind: Kind) -> &'static str {
         Kind::Server => "server",
         Kind::Admin => "admin",
         Kind::Ssl => "ssl",
+        Kind::Consumer => "consumers",
         Kind::Module => "modules",
         Kind::Key => "",
     }

@@ -4,7 +4,7 @@
 use serde::Deserialize;
 use weir_sdk::{Action, Plugin, Reply, Request};
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 struct Config {}
 
 struct FsReader;

@@ -3,7 +3,7 @@
 use serde::Deserialize;
 use weir_sdk::{Action, Level, Plugin, Reply, Request, Response, Summary, Wants, kv};
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(tag = "mode", rename_all = "kebab-case", deny_unknown_fields)]
 enum Config {
     /// Answers with this status and body; the upstream is never called.

@@ -1,0 +1,270 @@
+//! Consumers and the 0.2.0 world through a real gateway: key-auth finding consumers by their
+//! keys, the consumer name reaching the upstream and the access log, live consumer changes,
+//! config schemas checked before `init`, queued response edits on every answer, and a 0.1.0
+//! component still loading beside 0.2.0 ones.
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use http_body_util::Full;
+use serde_json::{Value, json};
+use weir_tests::{
+    TestGateway, Upstream, admin_get, all_plugins, node, plugins, request, send, yaml,
+};
+
+/// A config with one upstream, every first-party plugin (key-auth granted the `key-auth`
+/// credentials), `consumers` and `routes`.
+fn config(up: &Upstream, consumers: Value, routes: Value) -> String {
+    let mut entries = all_plugins();
+    for entry in entries.as_array_mut().unwrap() {
+        if entry["name"] == "key-auth" {
+            entry["grants"] = json!({"consumers": ["key-auth"]});
+        }
+    }
+    yaml(json!({
+        "upstreams": [{"id": "u", "nodes": [node(up)]}],
+        "plugins": entries,
+        "consumers": consumers,
+        "routes": routes,
+    }))
+}
+
+async fn get_with(url: &str, headers: &[(&str, &str)]) -> weir_tests::Reply {
+    let mut builder = request(Method::GET, url);
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
+    send(builder.body(Full::<Bytes>::default()).unwrap()).await
+}
+
+fn key_auth_route(config: Value) -> Value {
+    json!([{"id": "r", "uri": "/*", "upstream_id": "u",
+            "plugins": [{"name": "key-auth", "config": config}]}])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_auth_finds_the_consumer_and_the_upstream_and_log_see_its_name() {
+    let up = Upstream::start("u").await;
+    let consumers = json!([
+        {"name": "alice", "labels": {"team": "a"}, "credentials": {"key-auth": {"key": "alice-key"}}},
+        {"name": "bob", "credentials": {"key-auth": {"key": "bob-key"}}},
+    ]);
+    let gateway = TestGateway::start(&config(
+        &up,
+        consumers.clone(),
+        key_auth_route(json!({"keys": ["inline-key"]})),
+    ))
+    .await;
+    assert!(gateway.errors().is_empty(), "{:?}", gateway.errors());
+
+    // A consumer's key: the upstream learns who, and a client's own claim is dropped.
+    let reply = get_with(
+        &gateway.url("/a"),
+        &[
+            ("x-api-key", "alice-key"),
+            ("x-consumer-username", "mallory"),
+        ],
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.json()["headers"]["x-consumer-username"], "alice");
+
+    // An inline key still works, names no consumer, and a forged name never reaches upstream.
+    let reply = get_with(
+        &gateway.url("/b"),
+        &[("x-api-key", "inline-key"), ("x-consumer-username", "bob")],
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert!(reply.json()["headers"].get("x-consumer-username").is_none());
+
+    // Unknown keys, and another plugin's credential fields, let nobody in.
+    for key in ["nobody", "team", "a"] {
+        let reply = get_with(&gateway.url("/c"), &[("x-api-key", key)]).await;
+        assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{key}");
+    }
+
+    let log = gateway.access_log(5).await;
+    assert_eq!(log[0]["consumer"], "alice");
+    assert!(log[1].get("consumer").is_none(), "{}", log[1]);
+
+    // Consumers change live: bob's key goes, carol comes, and two consumers sharing a key is
+    // refused for both rather than guessed.
+    gateway
+        .reload(&config(
+            &up,
+            json!([
+                {"name": "alice", "credentials": {"key-auth": {"key": "alice-key"}}},
+                {"name": "carol", "credentials": {"key-auth": {"key": "carol-key"}}},
+                {"name": "dave", "credentials": {"key-auth": {"key": "shared"}}},
+                {"name": "erin", "credentials": {"key-auth": {"key": "shared"}}},
+            ]),
+            key_auth_route(json!({"keys": ["inline-key"]})),
+        ))
+        .await;
+    let status = |key: &'static str| {
+        let url = gateway.url("/d");
+        async move { get_with(&url, &[("x-api-key", key)]).await }
+    };
+    assert_eq!(status("bob-key").await.status, StatusCode::UNAUTHORIZED);
+    let carol = status("carol-key").await;
+    assert_eq!(carol.json()["headers"]["x-consumer-username"], "carol");
+    assert_eq!(status("shared").await.status, StatusCode::UNAUTHORIZED);
+
+    let status = admin_get(&gateway.admin_url("/v1/status")).await.json();
+    assert_eq!(status["consumers"], 4, "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_consumers_grant_only_inline_keys_work() {
+    let up = Upstream::start("u").await;
+    let yaml = yaml(json!({
+        "upstreams": [{"id": "u", "nodes": [node(&up)]}],
+        "plugins": [{"name": "key-auth", "module": plugins::KEY_AUTH}],
+        "consumers": [{"name": "alice", "credentials": {"key-auth": {"key": "alice-key"}}}],
+        "routes": key_auth_route(json!({"keys": ["inline-key"]})),
+    }));
+    let gateway = TestGateway::start(&yaml).await;
+    assert!(gateway.errors().is_empty(), "{:?}", gateway.errors());
+    let inline = get_with(&gateway.url("/"), &[("x-api-key", "inline-key")]).await;
+    assert_eq!(inline.status, StatusCode::OK);
+    let consumer = get_with(&gateway.url("/"), &[("x-api-key", "alice-key")]).await;
+    assert_eq!(consumer.status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_consumer_is_refused_at_its_field_and_the_rest_load() {
+    let up = Upstream::start("u").await;
+    let gateway = TestGateway::start(&config(
+        &up,
+        json!([
+            {"name": "ok", "credentials": {"key-auth": {"key": "ok-key"}}},
+            {"name": "bad name", "credentials": {"key-auth": {"key": "k"}}},
+            {"name": "flat", "credentials": {"key-auth": "not an object"}},
+        ]),
+        key_auth_route(json!({})),
+    ))
+    .await;
+    let errors = gateway.errors();
+    let reason = |id: &str| {
+        errors
+            .iter()
+            .find(|e| e.id == id || e.reason.contains(id))
+            .map(|e| e.reason.clone())
+            .unwrap_or_else(|| panic!("{id} was not refused: {errors:?}"))
+    };
+    assert!(reason("bad name").contains("/name"));
+    assert!(reason("flat").contains("/credentials/key-auth"));
+    let ok = get_with(&gateway.url("/"), &[("x-api-key", "ok-key")]).await;
+    assert_eq!(ok.json()["headers"]["x-consumer-username"], "ok");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_config_is_checked_against_the_plugins_own_schema_before_init() {
+    let up = Upstream::start("u").await;
+    let routes = json!([
+        {"id": "good", "uri": "/good", "upstream_id": "u",
+         "plugins": [{"name": "request-id", "config": {"header": "x-trace-id"}}]},
+        {"id": "typo", "uri": "/typo", "upstream_id": "u",
+         "plugins": [{"name": "request-id", "config": {"haeder": "x-trace-id"}}]},
+        {"id": "wrong-type", "uri": "/wrong", "upstream_id": "u",
+         "plugins": [{"name": "limit-count", "config": {"count": "three", "window_s": 60}}]},
+        {"id": "py", "uri": "/py", "upstream_id": "u", "plugins": [{"name": "ab", "config": {"header": "x-user", "percent_b": 50}}]},
+    ]);
+    let mut entries = all_plugins();
+    entries.as_array_mut().unwrap().push(json!({
+        "name": "ab", "module": plugins::PYTHON_EXAMPLE,
+        "grants": {"log": true, "clock": true, "kv": true, "metrics": true, "http": {"hosts": []},
+                   "wasi": ["runtime", "clocks", "random"]},
+        "limits": {"memory_mb": 128, "timeout_ms": 1000},
+    }));
+    let gateway = TestGateway::start(&yaml(json!({
+        "upstreams": [{"id": "u", "nodes": [node(&up)]}],
+        "plugins": entries,
+        "routes": routes,
+    })))
+    .await;
+    let errors = gateway.errors();
+    let reason = |id: &str| {
+        errors
+            .iter()
+            .find(|e| e.id == id)
+            .map(|e| e.reason.clone())
+            .unwrap_or_else(|| panic!("route {id} was not refused: {errors:?}"))
+    };
+    assert!(
+        reason("typo").contains("does not match the plugin's schema"),
+        "{}",
+        reason("typo")
+    );
+    assert!(reason("typo").contains("haeder"), "{}", reason("typo"));
+    assert!(
+        reason("wrong-type").contains("/count"),
+        "{}",
+        reason("wrong-type")
+    );
+    assert!(
+        !errors.iter().any(|e| e.id == "good" || e.id == "py"),
+        "{errors:?}"
+    );
+
+    // The admin API serves the schema the plugin described itself with.
+    let schema = admin_get(&gateway.admin_url("/v1/schema/plugins/request-id")).await;
+    assert_eq!(schema.status, StatusCode::OK, "{}", schema.text());
+    assert!(
+        schema.json()["properties"]["header"].is_object(),
+        "{}",
+        schema.text()
+    );
+
+    // Status says which world each plugin was built against: the Python example (built by
+    // the tests with componentize-py against 0.1.0) loads and serves beside 0.2.0 plugins.
+    let status = admin_get(&gateway.admin_url("/v1/status")).await.json();
+    let world = |name: &str| {
+        status["plugins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .map(|p| p["world"].clone())
+    };
+    assert_eq!(world("request-id"), Some(json!("0.2.0")));
+    assert_eq!(world("ab"), Some(json!("0.1.0")));
+    let py = admin_get(&gateway.admin_url("/v1/schema/plugins/ab")).await;
+    assert_eq!(py.status, StatusCode::NOT_FOUND);
+    assert!(py.text().contains("0.1.0"), "{}", py.text());
+    let reply = get_with(&gateway.url("/py"), &[("x-user", "u1")]).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_response_headers_mark_replies_and_gateway_errors_too() {
+    let up = Upstream::start("u").await;
+    let gateway = TestGateway::start(&yaml(json!({
+        "upstreams": [
+            {"id": "u", "nodes": [node(&up)]},
+            // Nothing listens on port 1: the gateway answers 502 itself.
+            {"id": "down", "nodes": [{"host": "127.0.0.1", "port": 1}], "retries": 0},
+        ],
+        "plugins": all_plugins(),
+        "routes": [
+            {"id": "refused", "uri": "/refused", "upstream_id": "u", "plugins": [
+                {"name": "request-id"},
+                {"name": "key-auth", "config": {"keys": ["k"]}},
+            ]},
+            {"id": "down", "uri": "/down", "upstream_id": "down",
+             "plugins": [{"name": "request-id"}, {"name": "headers", "config": {
+                 "response": {"set": {"x-frame-options": "DENY"}}}}]},
+        ],
+    })))
+    .await;
+    // key-auth answers 401 after request-id ran: the reply still carries the id.
+    let reply = get_with(&gateway.url("/refused"), &[]).await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(reply.header("x-request-id").map(str::len), Some(36));
+    // The gateway's own 502 carries both plugins' queued headers.
+    let reply = get_with(&gateway.url("/down"), &[]).await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY, "{}", reply.text());
+    assert_eq!(reply.header("x-frame-options"), Some("DENY"));
+    let id = reply.header("x-request-id").expect("the id is stamped");
+    assert!(reply.text().contains(id), "{}", reply.text());
+}
