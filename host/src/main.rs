@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 use weir::client::{PushSettings, push_plugin};
 use weir::config::{FailurePolicy, Grants, ServiceNode, WasiGrant};
+use weir::plugin::signature::ModuleSignature;
 use weir::store::etcd::EtcdOptions;
 use weir::{AccessLogTarget, AdminOptions, ConfigSource, DrainOptions, GatewayOptions};
 
@@ -56,6 +57,18 @@ enum PluginCommand {
     Check(CheckArgs),
     /// Runs a component against a described request, without a gateway, and prints what it did.
     Test(TestArgs),
+    /// Signs a component with an Ed25519 key: writes FILE.sig, which gateways with
+    /// `server.trusted_keys` check before they load the module.
+    Sign(SignArgs),
+}
+
+#[derive(Args)]
+struct SignArgs {
+    /// The Ed25519 private key, PKCS#8 PEM (`openssl genpkey -algorithm ed25519 -out key.pem`).
+    #[arg(long)]
+    key: PathBuf,
+    /// The component file.
+    file: PathBuf,
 }
 
 #[derive(Args)]
@@ -226,6 +239,9 @@ struct PushArgs {
     /// when given, they replace the entry's grants.
     #[arg(long = "grant", value_name = "GRANT")]
     grants: Vec<String>,
+    /// Signs the module with this Ed25519 PKCS#8 PEM key and stores the signature in the entry.
+    #[arg(long = "sign", value_name = "KEY")]
+    sign: Option<PathBuf>,
 }
 
 /// Builds grants from `--grant` values.
@@ -279,9 +295,10 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // The authoring commands print their own report; info logs would bury it.
     let default_level = match &cli.command {
-        Command::Plugin(PluginCommand::Check(_) | PluginCommand::Test(_)) | Command::Admin(_) => {
-            "warn"
-        }
+        Command::Plugin(
+            PluginCommand::Check(_) | PluginCommand::Test(_) | PluginCommand::Sign(_),
+        )
+        | Command::Admin(_) => "warn",
         _ => "info",
     };
     tracing_subscriber::fmt()
@@ -315,6 +332,7 @@ fn main() -> anyhow::Result<()> {
             Command::Plugin(PluginCommand::Push(args)) => push(args).await,
             Command::Plugin(PluginCommand::Check(args)) => check(args).await,
             Command::Plugin(PluginCommand::Test(args)) => test(args).await,
+            Command::Plugin(PluginCommand::Sign(args)) => sign(args),
             Command::Admin(command) => admin_command(command),
         }
     })
@@ -426,6 +444,10 @@ async fn push(args: PushArgs) -> anyhow::Result<()> {
         } else {
             Some(parse_grants(&args.grants)?)
         },
+        signature: match &args.sign {
+            Some(key) => Some(signature_of(key, &module.sha256)?),
+            None => None,
+        },
     };
     if let Some(grants) = &settings.grants
         && let Err(refused) = weir::plugin::grants::check(&module.imports, grants)
@@ -434,6 +456,32 @@ async fn push(args: PushArgs) -> anyhow::Result<()> {
     }
     let pushed = push_plugin(&args.etcd.options(), &args.name, &bytes, &settings).await?;
     println!("{pushed}");
+    Ok(())
+}
+
+/// The signature of the module with `sha256`, made with the private key in `key`.
+fn signature_of(key: &std::path::Path, sha256: &str) -> anyhow::Result<ModuleSignature> {
+    let pem = std::fs::read(key).with_context(|| format!("reading {}", key.display()))?;
+    weir::plugin::signature::sign(&pem, sha256).with_context(|| key.display().to_string())
+}
+
+/// `weir plugin sign`: writes FILE.sig beside the component.
+fn sign(args: SignArgs) -> anyhow::Result<()> {
+    let bytes =
+        std::fs::read(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
+    let sha256 = weir::plugin::sha256_hex(&bytes);
+    let signature = signature_of(&args.key, &sha256)?;
+    let mut out = args.file.clone().into_os_string();
+    out.push(".sig");
+    let out = PathBuf::from(out);
+    let json = serde_json::to_string_pretty(&signature)? + "\n";
+    std::fs::write(&out, json).with_context(|| format!("writing {}", out.display()))?;
+    println!(
+        "signed {} (sha256 {sha256}) with key {}: {}",
+        args.file.display(),
+        signature.public_key,
+        out.display()
+    );
     Ok(())
 }
 

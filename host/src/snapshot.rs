@@ -17,6 +17,7 @@ use crate::config::{
 };
 use crate::edge::ServerSettings;
 use crate::metrics::{Metrics, PluginMetrics, RouteMetrics};
+use crate::plugin::signature::{self, ModuleSignature, TrustedKey};
 use crate::plugin::{Module, PluginPool, PluginRuntime};
 use crate::router::{RouteFilter, RouteTable};
 use crate::tls::{CertTable, Certified};
@@ -29,6 +30,8 @@ pub struct LoadedPlugin {
     pub config: PluginConfig,
     /// The compiled module.
     pub module: Arc<Module>,
+    /// The trusted key that signed it, when `server.trusted_keys` is set.
+    pub signed_by: Option<String>,
 }
 
 /// One plugin in a route's chain.
@@ -159,6 +162,15 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub trait ModuleSource: Send + Sync {
     /// The bytes of `plugin`'s module, or why they cannot be had.
     fn fetch<'a>(&'a self, plugin: &'a PluginConfig) -> BoxFuture<'a, Result<Vec<u8>, String>>;
+
+    /// The module's signature: the entry's own `signature`, unless the store keeps it
+    /// elsewhere (the file store also reads `<module>.sig` beside the module).
+    fn signature<'a>(
+        &'a self,
+        plugin: &'a PluginConfig,
+    ) -> BoxFuture<'a, Result<Option<ModuleSignature>, String>> {
+        Box::pin(async move { Ok(plugin.signature.clone()) })
+    }
 }
 
 /// What a snapshot build needs from the gateway.
@@ -216,10 +228,13 @@ impl BuildContext<'_> {
             let old = previous.plugins.get(name);
             // A module named by sha256 cannot change; a module file may have been rebuilt, so
             // it is read again (unchanged bytes hit the runtime's module cache).
-            let unchanged = old.filter(|old| old.config == *config && config.sha256.is_some());
+            // A change of trusted keys checks every module again.
+            let unchanged = old.filter(|old| {
+                old.config == *config && config.sha256.is_some() && same_trust(&server, previous)
+            });
             let loaded = match unchanged {
                 Some(old) => Ok(old.clone()),
-                None => self.load_plugin(config).await,
+                None => self.load_plugin(config, &server.config.trusted_keys).await,
             };
             accept(&mut plugins, &mut errors, Kind::Plugin, name, loaded, old);
         }
@@ -444,7 +459,11 @@ impl BuildContext<'_> {
         services
     }
 
-    async fn load_plugin(&self, config: &PluginConfig) -> Result<Arc<LoadedPlugin>, String> {
+    async fn load_plugin(
+        &self,
+        config: &PluginConfig,
+        trusted_keys: &[TrustedKey],
+    ) -> Result<Arc<LoadedPlugin>, String> {
         let bytes = self.modules.fetch(config).await?;
         if let Some(expected) = &config.sha256 {
             let actual = crate::plugin::sha256_hex(&bytes);
@@ -453,6 +472,15 @@ impl BuildContext<'_> {
             }
         }
         let module = self.runtime.load(bytes).await.map_err(|e| e.to_string())?;
+        // With trusted keys, only a module one of them signed loads; without, nothing changes.
+        let signed_by = if trusted_keys.is_empty() {
+            None
+        } else {
+            let signature = self.modules.signature(config).await?;
+            let signer = signature::verify(trusted_keys, &module.sha256, signature.as_ref())
+                .map_err(|e| e.to_string())?;
+            Some(signer.to_owned())
+        };
         crate::plugin::grants::check(&module.imports, &config.grants)?;
         if self
             .runtime
@@ -468,6 +496,7 @@ impl BuildContext<'_> {
         Ok(Arc::new(LoadedPlugin {
             config: config.clone(),
             module,
+            signed_by,
         }))
     }
 
@@ -595,6 +624,11 @@ fn accept<T: Clone>(
 }
 
 /// Objects the store could not parse keep the version that was serving.
+/// Whether the trusted keys are the ones `previous` was built with.
+fn same_trust(server: &ServerSettings, previous: &Snapshot) -> bool {
+    server.config.trusted_keys == previous.server.config.trusted_keys
+}
+
 /// The consumers index: the previous one when no consumer changed (re-indexing many thousands
 /// costs real time), else a new one. A consumer whose new version did not parse keeps its old.
 fn build_consumers(

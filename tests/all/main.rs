@@ -17,6 +17,7 @@ mod plugins;
 mod reload;
 mod routing;
 mod sandbox;
+mod signing;
 mod tenants;
 mod tls;
 mod websocket;

@@ -53,6 +53,7 @@ pub(super) fn status(gateway: &Gateway) -> Response<ProxyBody> {
             "name": name,
             "sha256": p.module.sha256,
             "world": p.module.world(),
+            "signed_by": p.signed_by,
             "describes": p.module.info().map(|info| serde_json::json!({
                 "name": info.name, "version": info.version,
             })),

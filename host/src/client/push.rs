@@ -20,6 +20,8 @@ pub struct PushSettings {
     pub failure: Option<crate::config::FailurePolicy>,
     /// `grants`, replacing the entry's.
     pub grants: Option<crate::config::Grants>,
+    /// `signature`: the module's, made with `--sign KEY`.
+    pub signature: Option<crate::plugin::signature::ModuleSignature>,
 }
 
 /// What `weir plugin push` did.
@@ -116,12 +118,19 @@ pub async fn push_plugin(
                 grants: Default::default(),
                 tenant: None,
                 quarantine: Default::default(),
+                signature: None,
             },
             Compare::version(entry_key.clone(), CompareOp::Equal, 0),
         ),
     };
     entry.module = None;
     entry.sha256 = Some(sha256.clone());
+    // A signature is of one module's bytes: a new one replaces it, and other bytes drop it.
+    if settings.signature.is_some() {
+        entry.signature = settings.signature.clone();
+    } else if entry.signature.as_ref().is_some_and(|s| s.sha256 != sha256) {
+        entry.signature = None;
+    }
     if let Some(memory_mb) = settings.memory_mb {
         entry.limits.memory_mb = memory_mb;
     }

@@ -41,6 +41,11 @@ pub struct PluginConfig {
     /// within `window_ms`, the plugin is not called for `backoff_ms` (its failure policy answers).
     #[serde(default)]
     pub quarantine: Quarantine,
+    /// `signature: {sha256, public_key, signature}`: the module's signature, as `weir plugin
+    /// sign` writes it. Needed when `server.trusted_keys` is set; in the file store a
+    /// `<module>.sig` beside the module does as well.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<crate::plugin::signature::ModuleSignature>,
 }
 
 /// The host functions a plugin may import. Nothing but the request and response is granted
@@ -235,6 +240,7 @@ impl std::hash::Hash for PluginConfig {
         self.grants.hash(state);
         self.tenant.hash(state);
         self.quarantine.hash(state);
+        self.signature.hash(state);
     }
 }
 

@@ -3,6 +3,7 @@
 use serde::{Deserialize, Deserializer, Serialize};
 
 use super::{Checks, ConfigObject, Kind, check_timeout, checked_serde};
+use crate::plugin::signature::{TrustedKey, public_key_bytes};
 
 /// How the gateway treats its clients: timeouts, limits and which proxies to believe. The
 /// `server:` section of the file, or `/weir/server` in etcd. Limits apply to connections
@@ -46,6 +47,10 @@ pub struct ServerConfig {
     /// `tls_handshake_timeout_ms: 10000`: for a client to finish its TLS handshake.
     #[serde(default = "default_header_timeout_ms")]
     pub tls_handshake_timeout_ms: u64,
+    /// `trusted_keys: [{name: ci, public_key: "-----BEGIN PUBLIC KEY-----..."}]`: when set,
+    /// only modules signed by one of these Ed25519 keys load (`weir plugin sign`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trusted_keys: Vec<TrustedKey>,
 }
 
 /// A network whose `X-Forwarded-*` headers are believed: `10.0.0.0/8`, or one address.
@@ -86,6 +91,7 @@ impl Default for ServerConfig {
             trusted_proxies: Vec::new(),
             tls_listen: None,
             tls_handshake_timeout_ms: default_header_timeout_ms(),
+            trusted_keys: Vec::new(),
         }
     }
 }
@@ -151,6 +157,21 @@ impl ConfigObject for ServerConfig {
                 "/max_headers",
                 format!("max_headers {} is not in 1..=10000", self.max_headers),
             );
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (index, key) in self.trusted_keys.iter().enumerate() {
+            if key.name.is_empty() || key.name.len() > 64 || !names.insert(&key.name) {
+                checks.fail(
+                    format!("/trusted_keys/{index}/name"),
+                    "a trusted key's name is 1 to 64 bytes and unique",
+                );
+            }
+            if let Err(error) = public_key_bytes(&key.public_key) {
+                checks.fail(
+                    format!("/trusted_keys/{index}/public_key"),
+                    error.to_string(),
+                );
+            }
         }
         if self.max_connections == 0 {
             checks.fail("/max_connections", "max_connections must be at least 1");

@@ -7,6 +7,7 @@ pub mod grants;
 pub mod health;
 mod host;
 mod pool;
+pub mod signature;
 pub mod tenant;
 
 use std::collections::HashMap;

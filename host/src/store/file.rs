@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{
     self, AdminConfig, ConfigObject, ConfigObjects, Kind, ObjectError, PluginConfig, ServerConfig,
 };
+use crate::plugin::signature::ModuleSignature;
 use crate::snapshot::{BoxFuture, Desired, ModuleSource};
 use crate::store::{ConfigStore, Published, Publisher, StoreError};
 
@@ -182,7 +183,46 @@ impl ConfigStore for FileStore {
     }
 }
 
+/// The largest `.sig` file read beside a module.
+const MAX_SIGNATURE_FILE_BYTES: u64 = 4 << 10;
+
 impl ModuleSource for FileStore {
+    fn signature<'a>(
+        &'a self,
+        plugin: &'a PluginConfig,
+    ) -> BoxFuture<'a, Result<Option<ModuleSignature>, String>> {
+        Box::pin(async move {
+            if plugin.signature.is_some() {
+                return Ok(plugin.signature.clone());
+            }
+            let Some(module) = &plugin.module else {
+                return Ok(None);
+            };
+            let mut path = self.base.join(module).into_os_string();
+            path.push(".sig");
+            let path = std::path::PathBuf::from(path);
+            let text = match tokio::fs::metadata(&path).await {
+                Ok(meta) if meta.len() > MAX_SIGNATURE_FILE_BYTES => {
+                    return Err(format!(
+                        "{} is over {MAX_SIGNATURE_FILE_BYTES} bytes",
+                        path.display()
+                    ));
+                }
+                Ok(_) => tokio::fs::read_to_string(&path)
+                    .await
+                    .map_err(|e| format!("cannot read {}: {e}", path.display()))?,
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(error) => return Err(format!("cannot read {}: {error}", path.display())),
+            };
+            serde_json::from_str(&text).map(Some).map_err(|e| {
+                format!(
+                    "{} is not a signature `weir plugin sign` wrote: {e}",
+                    path.display()
+                )
+            })
+        })
+    }
+
     fn fetch<'a>(&'a self, plugin: &'a PluginConfig) -> BoxFuture<'a, Result<Vec<u8>, String>> {
         Box::pin(async move {
             let module = plugin
