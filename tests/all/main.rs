@@ -2,6 +2,7 @@
 
 mod admin;
 mod adversarial;
+mod auth;
 mod authoring;
 mod balancing;
 mod consumers;

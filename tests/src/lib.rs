@@ -43,6 +43,9 @@ pub fn all_plugins() -> serde_json::Value {
         ("rewrite", plugins::REWRITE),
         ("cors", plugins::CORS),
         ("body-crypt", plugins::BODY_CRYPT),
+        ("jwt-auth", plugins::JWT_AUTH),
+        ("basic-auth", plugins::BASIC_AUTH),
+        ("traffic-split", plugins::TRAFFIC_SPLIT),
         ("probe", plugins::PROBE),
     ]
     .iter()
@@ -54,6 +57,18 @@ pub fn all_plugins() -> serde_json::Value {
         "rewrite" | "cors" | "body-crypt" => {
             serde_json::json!({ "name": name, "module": path, "grants": {"wasi": ["random"]} })
         }
+        // wasi random: jsonwebtoken links its (never called) signing code, which draws randoms.
+        "jwt-auth" => serde_json::json!({ "name": name, "module": path, "grants": {
+            "consumers": ["jwt-auth"], "clock": true, "log": true, "wasi": ["random"],
+        }}),
+        // A password hash costs tens of ms and argon2id's default 19 MiB, more on a busy machine.
+        "basic-auth" => serde_json::json!({ "name": name, "module": path,
+            "grants": {"consumers": ["basic-auth"], "log": true},
+            "limits": {"timeout_ms": 2000, "memory_mb": 64},
+        }),
+        "traffic-split" => serde_json::json!({ "name": name, "module": path,
+            "grants": {"routing": true, "log": true, "wasi": ["random"]},
+        }),
         _ => serde_json::json!({ "name": name, "module": path }),
     })
     .collect();
