@@ -7,14 +7,14 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
-use bytes::Bytes;
 use hmac::{Hmac, Mac};
-use http::{Method, StatusCode};
-use http_body_util::Full;
+use http::StatusCode;
 use rsa::pkcs8::{EncodePublicKey, LineEnding};
 use rsa::signature::{SignatureEncoding, Signer};
 use serde_json::{Value, json};
-use weir_tests::{TestGateway, Upstream, all_plugins, node, request, send, yaml};
+use weir_tests::{TestGateway, Upstream, all_plugins, node, yaml};
+
+use crate::plugins::{assert_refused_at_load, get_with};
 
 /// A gateway whose upstreams are `u` (`up`) and `canary`, with `consumers` and `routes`.
 async fn gateway_with(
@@ -33,37 +33,6 @@ async fn gateway_with(
         "routes": routes,
     })))
     .await
-}
-
-async fn get_with(url: &str, headers: &[(&str, &str)]) -> weir_tests::Reply {
-    let mut builder = request(Method::GET, url);
-    for (name, value) in headers {
-        builder = builder.header(*name, *value);
-    }
-    send(builder.body(Full::<Bytes>::default()).unwrap()).await
-}
-
-/// Checks that each config in `cases` is refused when a route using `plugin` with it loads,
-/// with a reason that contains the case's words.
-async fn assert_refused_at_load(plugin: &str, cases: &[(Value, &str)]) {
-    let (up, canary) = (Upstream::start("u").await, Upstream::start("canary").await);
-    let routes: Vec<Value> = cases
-        .iter()
-        .enumerate()
-        .map(|(i, (config, _))| {
-            json!({"id": format!("r{i}"), "uri": format!("/r{i}"), "upstream_id": "u",
-                   "plugins": [{"name": plugin, "config": config}]})
-        })
-        .collect();
-    let gateway = gateway_with(&up, &canary, json!([]), Value::Array(routes)).await;
-    let errors = gateway.errors();
-    for (i, (_, expected)) in cases.iter().enumerate() {
-        let error = errors
-            .iter()
-            .find(|e| e.id == format!("r{i}"))
-            .unwrap_or_else(|| panic!("route r{i} was not refused: {errors:?}"));
-        assert!(error.reason.contains(expected), "r{i}: {}", error.reason);
-    }
 }
 
 /// Asserts a 401 with `message` and a `WWW-Authenticate` that starts with `challenge`.

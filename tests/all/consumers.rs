@@ -3,13 +3,11 @@
 //! config schemas checked before `init`, queued response edits on every answer, and a 0.1.0
 //! component still loading beside 0.2.0 ones.
 
-use bytes::Bytes;
-use http::{Method, StatusCode};
-use http_body_util::Full;
+use http::StatusCode;
 use serde_json::{Value, json};
-use weir_tests::{
-    TestGateway, Upstream, admin_get, all_plugins, node, plugins, request, send, yaml,
-};
+use weir_tests::{TestGateway, Upstream, admin_get, all_plugins, node, plugins, yaml};
+
+use crate::plugins::get_with;
 
 /// A config with one upstream, every first-party plugin (key-auth granted the `key-auth`
 /// credentials), `consumers` and `routes`.
@@ -26,14 +24,6 @@ fn config(up: &Upstream, consumers: Value, routes: Value) -> String {
         "consumers": consumers,
         "routes": routes,
     }))
-}
-
-async fn get_with(url: &str, headers: &[(&str, &str)]) -> weir_tests::Reply {
-    let mut builder = request(Method::GET, url);
-    for (name, value) in headers {
-        builder = builder.header(*name, *value);
-    }
-    send(builder.body(Full::<Bytes>::default()).unwrap()).await
 }
 
 fn key_auth_route(config: Value) -> Value {
@@ -267,4 +257,34 @@ async fn queued_response_headers_mark_replies_and_gateway_errors_too() {
     assert_eq!(reply.header("x-frame-options"), Some("DENY"));
     let id = reply.header("x-request-id").expect("the id is stamped");
     assert!(reply.text().contains(id), "{}", reply.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limit_count_counts_each_consumer_on_its_own() {
+    let up = Upstream::start("u").await;
+    let gateway = TestGateway::start(&config(
+        &up,
+        json!([
+            {"name": "alice", "credentials": {"key-auth": {"key": "alice-key"}}},
+            {"name": "bob", "credentials": {"key-auth": {"key": "bob-key"}}},
+        ]),
+        json!([{"id": "r", "uri": "/*", "upstream_id": "u", "plugins": [
+            {"name": "key-auth", "config": {}},
+            {"name": "limit-count", "config": {"count": 2, "window_s": 60, "key": "consumer"}},
+        ]}]),
+    ))
+    .await;
+    assert!(gateway.errors().is_empty(), "{:?}", gateway.errors());
+    let call = |key: &'static str| {
+        let url = gateway.url("/");
+        async move { get_with(&url, &[("x-api-key", key)]).await.status }
+    };
+    // Both come from one address: only the consumer tells them apart.
+    for _ in 0..2 {
+        assert_eq!(call("alice-key").await, StatusCode::OK);
+    }
+    assert_eq!(call("alice-key").await, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(call("bob-key").await, StatusCode::OK);
+    assert_eq!(call("bob-key").await, StatusCode::OK);
+    assert_eq!(call("bob-key").await, StatusCode::TOO_MANY_REQUESTS);
 }

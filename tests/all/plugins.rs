@@ -25,13 +25,14 @@ async fn call_with(method: Method, url: &str, headers: &[(&str, &str)]) -> weir_
     send(builder.body(Full::<Bytes>::default()).unwrap()).await
 }
 
-async fn get_with(url: &str, headers: &[(&str, &str)]) -> weir_tests::Reply {
+/// GET `url` with `headers`.
+pub(crate) async fn get_with(url: &str, headers: &[(&str, &str)]) -> weir_tests::Reply {
     call_with(Method::GET, url, headers).await
 }
 
 /// Checks that each config in `cases` is refused when a route using `plugin` with it loads,
 /// with a reason that contains the case's words.
-async fn assert_refused_at_load(plugin: &str, cases: &[(Value, &str)]) {
+pub(crate) async fn assert_refused_at_load(plugin: &str, cases: &[(Value, &str)]) {
     let up = Upstream::start("u").await;
     let routes: Vec<Value> = cases
         .iter()
@@ -469,7 +470,7 @@ mod limit_count {
             (json!({"count": 1, "window_s": 0}), "`window_s` must be in"),
             (
                 json!({"count": 1, "window_s": 60, "key": "cookie"}),
-                "not ip, route or header",
+                "not ip, route, consumer or header",
             ),
             (
                 json!({"count": 1, "window_s": 60, "policy": "cluster"}),
@@ -795,7 +796,7 @@ mod limit_req {
             (json!({"rate": 1, "nodelay": false}), "not supported yet"),
             (
                 json!({"rate": 1, "key": "cookie:x"}),
-                "not ip, route or header",
+                "not ip, route, consumer or header",
             ),
             (json!({"rate": 1, "rejected_code": 700}), "rejected_code"),
             (json!({"burst": 1}), "\"rate\" is a required property"),

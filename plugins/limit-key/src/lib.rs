@@ -1,5 +1,5 @@
-//! What weir's rate-limiting plugins count by: the client's address, the route, a header, or
-//! several of these together. Shared by limit-count and limit-req.
+//! What weir's rate-limiting plugins count by: the client's address, the route, a header, the
+//! consumer an auth plugin found, or several of these together. Shared by limit-count and limit-req.
 
 use serde::Deserialize;
 use weir_sdk::Request;
@@ -26,6 +26,7 @@ enum KeyPart {
     Ip,
     Route,
     Header(String),
+    Consumer,
 }
 
 /// A parsed key: what a request is counted under.
@@ -53,12 +54,13 @@ impl LimitKey {
             .map(|text| match text.as_str() {
                 "ip" => Ok(KeyPart::Ip),
                 "route" => Ok(KeyPart::Route),
+                "consumer" => Ok(KeyPart::Consumer),
                 other => match other.strip_prefix("header:") {
                     Some(name) if !name.is_empty() => {
                         Ok(KeyPart::Header(name.to_ascii_lowercase()))
                     }
                     _ => Err(format!(
-                        "key {other:?} is not ip, route or header:NAME (consumer comes with consumers)"
+                        "key {other:?} is not ip, route, consumer or header:NAME"
                     )),
                 },
             })
@@ -66,7 +68,8 @@ impl LimitKey {
         Ok(LimitKey { parts })
     }
 
-    /// `req`'s key: its parts, each after a `|`. A missing header counts as empty.
+    /// `req`'s key: its parts, each after a `|`. A missing header counts as empty; so does a
+    /// missing consumer (put the auth plugin first, so that every request has one).
     pub fn of(&self, req: &Request) -> String {
         let mut key = String::new();
         for part in &self.parts {
@@ -77,6 +80,9 @@ impl LimitKey {
                 KeyPart::Header(name) => {
                     let value = req.header(name).unwrap_or_default();
                     key.extend(value.chars().take(MAX_HEADER_CHARS));
+                }
+                KeyPart::Consumer => {
+                    key.push_str(&weir_sdk::consumers::current(req).unwrap_or_default());
                 }
             }
         }
