@@ -111,6 +111,31 @@ impl Reply {
     }
 }
 
+/// The config of a plugin that takes none: any object, or nothing, is accepted.
+#[derive(Debug, Default, serde::Deserialize, JsonSchema)]
+pub struct NoConfig {}
+
+/// The first value of query parameter `name` (percent- and `+`-decoded), if the query has it.
+pub fn query_param(req: &Request, name: &str) -> Option<String> {
+    let query = req.query()?;
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(key, _)| key == name)
+        .map(|(_, value)| value.into_owned())
+}
+
+/// The value of cookie `name` among the request's `cookie` headers (quotes removed).
+pub fn cookie(req: &Request, name: &str) -> Option<String> {
+    req.headers()
+        .into_iter()
+        .filter(|(header, _)| header == "cookie")
+        .find_map(|(_, value)| {
+            value.split(';').find_map(|pair| {
+                let (key, value) = pair.trim().split_once('=')?;
+                (key.trim() == name).then(|| value.trim().trim_matches('"').to_owned())
+            })
+        })
+}
+
 /// Writes a line to the gateway's log, tagged with the plugin's name.
 pub fn log(level: Level, message: &str) {
     wit::weir::plugin0_1_0::log::write(level, message);

@@ -7,7 +7,7 @@ use jsonwebtoken::{Algorithm, DecodingKey};
 use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::{Map, Value};
-use weir_sdk::{Action, Level, Plugin, Reply, Request, consumers};
+use weir_sdk::{Action, Level, Plugin, Reply, Request, consumers, cookie, query_param};
 
 /// `{"header": "authorization", "query": "jwt", "cookie": "jwt", "claim": "key",
 /// "algorithms": ["RS256"], "clock_skew_s": 30, "hide_credentials": true}`.
@@ -295,19 +295,6 @@ fn decoding_key(consumer: &str, credential: &Credential, alg: Alg) -> Result<Dec
     })
 }
 
-/// The cookie `name` among the request's `cookie` headers.
-fn cookie_value(req: &Request, name: &str) -> Option<String> {
-    req.headers()
-        .into_iter()
-        .filter(|(header, _)| header == "cookie")
-        .find_map(|(_, value)| {
-            value.split(';').find_map(|pair| {
-                let (key, value) = pair.trim().split_once('=')?;
-                (key.trim() == name).then(|| value.trim().trim_matches('"').to_owned())
-            })
-        })
-}
-
 /// The request's query without parameter `name`.
 fn without_param(query: &str, name: &str) -> Option<String> {
     let kept: Vec<&str> = query
@@ -333,16 +320,15 @@ impl JwtAuth {
             };
             return Some((token.to_owned(), Source::Header));
         }
-        if let (Some(name), Some(query)) = (self.query.as_deref(), req.query()) {
-            let found = form_urlencoded::parse(query.as_bytes())
-                .find(|(key, _)| key == name)
-                .map(|(_, value)| value.into_owned());
-            if let Some(token) = found {
-                return Some((token, Source::Query));
-            }
+        if let Some(token) = self
+            .query
+            .as_deref()
+            .and_then(|name| query_param(req, name))
+        {
+            return Some((token, Source::Query));
         }
         let name = self.cookie.as_deref()?;
-        cookie_value(req, name).map(|token| (token, Source::Cookie))
+        cookie(req, name).map(|token| (token, Source::Cookie))
     }
 
     /// The name of the consumer who signed `token`, checked at `now_ms`.

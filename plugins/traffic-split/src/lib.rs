@@ -3,7 +3,7 @@
 
 use schemars::JsonSchema;
 use serde::Deserialize;
-use weir_sdk::{Action, Level, Plugin, Reply, Request};
+use weir_sdk::{Action, Level, Plugin, Reply, Request, cookie, query_param};
 
 /// `{"rules": [{"match": [{"header": "x-canary", "value": "1"}],
 /// "upstreams": [{"id": "canary", "weight": 1}, {"weight": 9}]}]}`.
@@ -92,19 +92,6 @@ struct TrafficSplit {
     rules: Vec<Rule>,
 }
 
-/// The cookie `name` among the request's `cookie` headers.
-fn cookie_value(req: &Request, name: &str) -> Option<String> {
-    req.headers()
-        .into_iter()
-        .filter(|(header, _)| header == "cookie")
-        .find_map(|(_, value)| {
-            value.split(';').find_map(|pair| {
-                let (key, value) = pair.trim().split_once('=')?;
-                (key.trim() == name).then(|| value.trim().trim_matches('"').to_owned())
-            })
-        })
-}
-
 impl Condition {
     fn parse(config: ConditionConfig) -> Result<Condition, String> {
         let place = match (config.header, config.query, config.cookie) {
@@ -132,12 +119,8 @@ impl Condition {
     fn holds(&self, req: &Request) -> bool {
         let found = match &self.place {
             Place::Header(name) => req.header(name),
-            Place::Query(name) => req.query().and_then(|query| {
-                form_urlencoded::parse(query.as_bytes())
-                    .find(|(key, _)| key == name)
-                    .map(|(_, value)| value.into_owned())
-            }),
-            Place::Cookie(name) => cookie_value(req, name),
+            Place::Query(name) => query_param(req, name),
+            Place::Cookie(name) => cookie(req, name),
         };
         found.is_some_and(|found| self.values.is_empty() || self.values.contains(&found))
     }
