@@ -520,6 +520,7 @@ impl PluginRuntime {
             scope,
             entry.limits,
             isolation,
+            config,
             key.config.clone(),
         );
         let pool = Arc::new(pool.await?);

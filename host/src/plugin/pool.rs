@@ -57,13 +57,15 @@ fn ticks(budget: Duration) -> u64 {
 }
 
 impl PluginPool {
-    /// Creates the pool and its first instance; the plugin's `init` validates `config` here.
+    /// Creates the pool and its first instance; the plugin's schema (for a 0.2.0 plugin) and
+    /// then its `init` validate `config` here. `config` is `json` as text, as `init` takes it.
     pub(super) async fn new(
         engine: Engine,
         module: Arc<Module>,
         scope: Arc<PluginScope>,
         limits: Limits,
         isolation: Isolation,
+        json: &serde_json::Value,
         config: String,
     ) -> Result<Self, PluginError> {
         let mut pool = PluginPool {
@@ -84,13 +86,7 @@ impl PluginPool {
         };
         let mut instance = pool.instantiate_bare().await?;
         if let Some(info) = pool.described(&mut instance).await? {
-            let config: serde_json::Value = if pool.config.trim().is_empty() {
-                serde_json::json!({})
-            } else {
-                serde_json::from_str(&pool.config)
-                    .map_err(|e| PluginError::Config(format!("config is not JSON: {e}")))?
-            };
-            info.validate(&config).map_err(PluginError::Config)?;
+            info.validate(json).map_err(PluginError::Config)?;
         }
         pool.wants = pool.init(&mut instance).await?;
         pool.checkin(instance);
