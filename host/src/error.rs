@@ -79,7 +79,7 @@ impl GatewayError {
             GatewayError::RequestTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::RequestBody(_) => StatusCode::BAD_REQUEST,
             GatewayError::Plugin {
-                error: PluginError::Quarantined(_),
+                error: PluginError::Quarantined(_) | PluginError::KvUnavailable(_),
                 ..
             } => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::Plugin { .. } => StatusCode::INTERNAL_SERVER_ERROR,

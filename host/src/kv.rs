@@ -1,8 +1,13 @@
 //! The plugin key/value store: namespaced per tenant and plugin, with per-entry TTLs, atomic
-//! counters, and every entry counted against its tenant's quotas.
+//! counters, and every entry counted against its tenant's quotas. A plugin entry may keep its
+//! kv on Redis instead ([`RedisStore`]), shared by every gateway.
+
+mod redis_store;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
 
 use moka::notification::RemovalCause;
 use moka::ops::compute::Op;
@@ -57,6 +62,46 @@ pub enum KvError {
     /// The tenant is at its kv quota.
     #[error(transparent)]
     Quota(#[from] QuotaExceeded),
+    /// Redis refused the increment (the value is not an integer, or it would overflow).
+    #[error("{0}")]
+    Refused(String),
+}
+
+pub use redis_store::RedisStore;
+
+/// The kv's backend could not be reached; the plugin call fails under its `failure` policy.
+#[derive(Debug, thiserror::Error)]
+#[error("the kv backend is unavailable: {0}")]
+pub struct KvUnavailable(pub String);
+
+/// The Redis server that plugin entries with `kv: {backend: redis}` use, replaced when
+/// `server.redis_url` changes; running plugins see the change at their next call.
+#[derive(Clone, Default)]
+pub struct RedisSlot(Arc<ArcSwapOption<RedisStore>>);
+
+impl RedisSlot {
+    /// Points the slot at `url` (keeping the open store when nothing changed), or empties it.
+    pub fn configure(&self, url: Option<&str>, timeout: Duration) -> Result<(), String> {
+        let current = self.0.load();
+        match (url, current.as_deref()) {
+            (Some(url), Some(store)) if store.is(url, timeout) => Ok(()),
+            (Some(url), _) => {
+                self.0.store(Some(Arc::new(RedisStore::new(url, timeout)?)));
+                Ok(())
+            }
+            (None, _) => {
+                self.0.store(None);
+                Ok(())
+            }
+        }
+    }
+
+    /// The store, if `server.redis_url` is set.
+    pub fn current(&self) -> Result<Arc<RedisStore>, KvUnavailable> {
+        self.0
+            .load_full()
+            .ok_or_else(|| KvUnavailable("server.redis_url is not set".into()))
+    }
 }
 
 /// One store shared by all plugins; each plugin sees only its own namespace.

@@ -56,6 +56,17 @@ pub struct QuarantineLabels {
     pub tenant: String,
 }
 
+/// Labels of `weir_kv_unavailable_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KvUnavailableLabels {
+    /// The plugin name.
+    pub plugin: String,
+    /// The plugin's tenant.
+    pub tenant: String,
+    /// The backend that could not be reached: `redis`.
+    pub backend: &'static str,
+}
+
 /// Labels of `weir_plugin_events_total`, the counters plugins add to.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PluginEventLabels {
@@ -147,6 +158,8 @@ pub struct Metrics {
     pub quarantines: Family<QuarantineLabels, Counter>,
     /// Counters that plugins add to.
     pub plugin_events: Family<PluginEventLabels, Counter>,
+    /// Plugin kv calls that failed because the kv's backend could not be reached.
+    pub kv_unavailable: Family<KvUnavailableLabels, Counter>,
     /// Config reloads by outcome.
     pub reloads: Family<ReloadLabels, Counter>,
     /// Config objects currently rejected.
@@ -224,6 +237,12 @@ impl Metrics {
             "plugin_quarantines",
             "Times a plugin was quarantined",
             quarantines.clone(),
+        );
+        let kv_unavailable = Family::<KvUnavailableLabels, Counter>::default();
+        registry.register(
+            "kv_unavailable",
+            "Plugin kv calls that failed because the kv's backend (Redis) could not be reached",
+            kv_unavailable.clone(),
         );
         let plugin_events = Family::<PluginEventLabels, Counter>::default();
         registry.register(
@@ -308,6 +327,7 @@ impl Metrics {
             plugin_failures,
             quarantines,
             plugin_events,
+            kv_unavailable,
             reloads,
             config_errors,
             routes,
@@ -367,6 +387,16 @@ impl Metrics {
             plugin: plugin.to_owned(),
             tenant: tenant.to_owned(),
         })
+    }
+
+    /// The counter of `plugin`'s kv calls that found its `backend` unreachable.
+    pub fn kv_unavailable(&self, plugin: &str, tenant: &str, backend: &'static str) -> Counter {
+        self.kv_unavailable
+            .get_or_create_owned(&KvUnavailableLabels {
+                plugin: plugin.to_owned(),
+                tenant: tenant.to_owned(),
+                backend,
+            })
     }
 
     /// Handles for one plugin on one route, looked up once per snapshot.

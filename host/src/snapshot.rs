@@ -12,12 +12,12 @@ use http::Method;
 
 use crate::config::{
     AdminConfig, BalancerKind, ConfigObjects, ConsumerConfig, Consumers, FailurePolicy, Kind,
-    NodeConfig, ObjectError, PluginConfig, RouteConfig, RouteStatus, Scheme, SslConfig,
-    StripPrefix, TenantConfig, Timeouts, UpstreamConfig,
+    KvBackend, NodeConfig, ObjectError, PluginConfig, RouteConfig, RouteStatus, Scheme,
+    ServerConfig, SslConfig, StripPrefix, TenantConfig, Timeouts, UpstreamConfig,
 };
 use crate::edge::ServerSettings;
 use crate::metrics::{Metrics, PluginMetrics, RouteMetrics};
-use crate::plugin::signature::{self, ModuleSignature, TrustedKey};
+use crate::plugin::signature::{self, ModuleSignature};
 use crate::plugin::{Module, PluginPool, PluginRuntime};
 use crate::router::{RouteFilter, RouteTable};
 use crate::tls::{CertTable, Certified};
@@ -213,6 +213,15 @@ impl BuildContext<'_> {
         let tenants = tenants.into_iter().map(|t| (t.name.clone(), t)).collect();
 
         let server = self.build_server(objects, previous, &keep);
+        let redis_timeout = std::time::Duration::from_millis(server.config.redis_timeout_ms);
+        if let Err(error) = self
+            .runtime
+            .redis()
+            .configure(server.config.redis_url.as_deref(), redis_timeout)
+        {
+            // The URL was checked when the section parsed; this is only a belt to those braces.
+            tracing::warn!("server.redis_url: {error}");
+        }
         let admin = match &objects.admin {
             Some(config) if *config == *previous.admin => previous.admin.clone(),
             Some(config) => Arc::new(config.clone()),
@@ -228,13 +237,15 @@ impl BuildContext<'_> {
             let old = previous.plugins.get(name);
             // A module named by sha256 cannot change; a module file may have been rebuilt, so
             // it is read again (unchanged bytes hit the runtime's module cache).
-            // A change of trusted keys checks every module again.
+            // A change of trusted keys or of Redis checks every module again.
             let unchanged = old.filter(|old| {
-                old.config == *config && config.sha256.is_some() && same_trust(&server, previous)
+                old.config == *config
+                    && config.sha256.is_some()
+                    && same_plugin_settings(&server, previous)
             });
             let loaded = match unchanged {
                 Some(old) => Ok(old.clone()),
-                None => self.load_plugin(config, &server.config.trusted_keys).await,
+                None => self.load_plugin(config, &server.config).await,
             };
             accept(&mut plugins, &mut errors, Kind::Plugin, name, loaded, old);
         }
@@ -462,8 +473,15 @@ impl BuildContext<'_> {
     async fn load_plugin(
         &self,
         config: &PluginConfig,
-        trusted_keys: &[TrustedKey],
+        server: &ServerConfig,
     ) -> Result<Arc<LoadedPlugin>, String> {
+        if config.kv.backend == KvBackend::Redis && server.redis_url.is_none() {
+            return Err(
+                "kv: {backend: redis} needs server.redis_url, the Redis server the gateways share"
+                    .into(),
+            );
+        }
+        let trusted_keys = &server.trusted_keys;
         let bytes = self.modules.fetch(config).await?;
         if let Some(expected) = &config.sha256 {
             let actual = crate::plugin::sha256_hex(&bytes);
@@ -624,9 +642,11 @@ fn accept<T: Clone>(
 }
 
 /// Objects the store could not parse keep the version that was serving.
-/// Whether the trusted keys are the ones `previous` was built with.
-fn same_trust(server: &ServerSettings, previous: &Snapshot) -> bool {
-    server.config.trusted_keys == previous.server.config.trusted_keys
+/// Whether the server settings that decide if a module loads (the trusted keys, and whether
+/// Redis is configured) are the ones `previous` was built with.
+fn same_plugin_settings(server: &ServerSettings, previous: &Snapshot) -> bool {
+    let (now, before) = (&server.config, &previous.server.config);
+    now.trusted_keys == before.trusted_keys && now.redis_url.is_some() == before.redis_url.is_some()
 }
 
 /// The consumers index: the previous one when no consumer changed (re-indexing many thousands

@@ -171,6 +171,12 @@ pub mod kv {
         raw::incr(key, delta, ttl.map(millis))
     }
 
+    /// Whether every gateway on the store shares this kv (the plugin entry says
+    /// `kv: {backend: redis}`), so that its counters count across gateways.
+    pub fn shared() -> bool {
+        crate::wit::weir::plugin0_2_0::kv_scope::shared()
+    }
+
     fn millis(ttl: Duration) -> u64 {
         u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)
     }

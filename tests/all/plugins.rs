@@ -474,7 +474,7 @@ mod limit_count {
             ),
             (
                 json!({"count": 1, "window_s": 60, "policy": "cluster"}),
-                "not supported yet",
+                "this plugin entry's kv is this gateway's memory",
             ),
             (
                 json!({"count": 1, "window_s": 60, "rejected_code": 99}),

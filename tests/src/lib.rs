@@ -24,6 +24,7 @@ use weir::{AccessLogTarget, ConfigSource, GatewayOptions, RunningGateway};
 pub mod browser;
 pub mod etcd;
 pub mod grpc;
+pub mod redis;
 pub mod tls;
 
 /// Paths of the plugin components that build.rs built.

@@ -671,6 +671,11 @@ fn redact(value: &mut Value) {
             *key = Value::String(REDACTED.into());
         }
     }
+    if let Some(Value::String(url)) = value.pointer_mut("/redis_url")
+        && let Some(redacted) = redact_url_password(url)
+    {
+        *url = redacted;
+    }
     if let Some(Value::Object(sections)) = value.pointer_mut("/credentials") {
         for section in sections.values_mut().filter_map(Value::as_object_mut) {
             for (_, secret) in section
@@ -680,6 +685,29 @@ fn redact(value: &mut Value) {
                 *secret = Value::String(REDACTED.into());
             }
         }
+    }
+}
+
+/// `redis://user:secret@host:6379` → `redis://user:<redacted>@host:6379`; `None` for a URL
+/// with no password.
+fn redact_url_password(url: &str) -> Option<String> {
+    let (scheme, rest) = url.split_once("://")?;
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or(rest);
+    let (userinfo, host) = authority.rsplit_once('@')?;
+    let (user, _password) = userinfo.split_once(':')?;
+    let tail = &rest[authority.len()..];
+    Some(format!("{scheme}://{user}:{REDACTED}@{host}{tail}"))
+}
+
+/// A server section written back with the redacted Redis URL would store the placeholder as
+/// its password: refuse it.
+fn refuse_url_placeholder(value: &Value) -> Result<(), Vec<FieldError>> {
+    match value.pointer("/redis_url").and_then(Value::as_str) {
+        Some(url) if url.contains(REDACTED) => Err(vec![field(
+            "/redis_url",
+            "holds the redacted placeholder; send the password, or PATCH without redis_url to keep the stored one",
+        )]),
+        _ => Ok(()),
     }
 }
 
@@ -806,9 +834,12 @@ fn check_object(kind: Kind, value: &Value) -> Result<Vec<(String, Kind, String)>
         Kind::ServiceNode => config::parse::<ServiceNode>(value)
             .map(|_| Vec::new())
             .map_err(invalid)?,
-        Kind::Server => config::parse::<ServerConfig>(value)
-            .map(|_| Vec::new())
-            .map_err(invalid)?,
+        Kind::Server => {
+            refuse_url_placeholder(value).map_err(invalid)?;
+            config::parse::<ServerConfig>(value)
+                .map(|_| Vec::new())
+                .map_err(invalid)?
+        }
         Kind::Admin | Kind::Module | Kind::Key => return Err(bad_request("not a kind of object")),
     })
 }
@@ -1072,6 +1103,26 @@ fn session(admin: &Admin, settings: &AdminConfig, headers: &HeaderMap) -> Respon
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_redis_password_is_never_read_back_nor_written_as_the_placeholder() {
+        let mut server = json!({"redis_url": "redis://app:s3cret@10.0.0.7:6379/0?protocol=resp3"});
+        redact(&mut server);
+        assert_eq!(
+            server["redis_url"],
+            "redis://app:<redacted>@10.0.0.7:6379/0?protocol=resp3"
+        );
+        assert!(refuse_url_placeholder(&server).is_err());
+        let mut plain = json!({"redis_url": "redis://10.0.0.7:6379/0"});
+        redact(&mut plain);
+        assert_eq!(plain["redis_url"], "redis://10.0.0.7:6379/0");
+        assert!(refuse_url_placeholder(&plain).is_ok());
+        assert_eq!(
+            redact_url_password("redis://:p@ss@host").as_deref(),
+            Some("redis://:<redacted>@host"),
+            "the last @ ends the userinfo"
+        );
+    }
 
     #[test]
     fn merge_patch_follows_rfc_7396() {

@@ -119,6 +119,7 @@ pub async fn push_plugin(
                 tenant: None,
                 quarantine: Default::default(),
                 signature: None,
+                kv: Default::default(),
             },
             Compare::version(entry_key.clone(), CompareOp::Equal, 0),
         ),

@@ -22,8 +22,8 @@ pub use self::admin::{Account, AdminConfig, ApiKey, OPENABLE, Role};
 pub use self::consumer::{ConsumerConfig, Consumers, LookupError};
 pub use self::node::ServiceNode;
 pub use self::plugin::{
-    FailurePolicy, Grants, HttpGrant, Isolation, Limits, PluginConfig, Quarantine, WasiGrant,
-    is_sha256_hex,
+    FailurePolicy, Grants, HttpGrant, Isolation, KvBackend, KvConfig, Limits, PluginConfig,
+    Quarantine, WasiGrant, is_sha256_hex,
 };
 pub use self::route::{PathNormalization, PluginRef, RouteConfig, RouteStatus, StripPrefix};
 pub use self::server::{MIN_HEADER_BYTES, ServerConfig, TrustedProxy};

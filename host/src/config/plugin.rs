@@ -41,6 +41,11 @@ pub struct PluginConfig {
     /// within `window_ms`, the plugin is not called for `backoff_ms` (its failure policy answers).
     #[serde(default)]
     pub quarantine: Quarantine,
+    /// `kv: {backend: redis}`: where the plugin's kv keeps its keys. `memory` (the default) is
+    /// this gateway's own; `redis` is the server at `server.redis_url`, which every gateway
+    /// naming it shares, so that a counter counts across gateways.
+    #[serde(default, skip_serializing_if = "KvConfig::is_default")]
+    pub kv: KvConfig,
     /// `signature: {sha256, public_key, signature}`: the module's signature, as `weir plugin
     /// sign` writes it. Needed when `server.trusted_keys` is set; in the file store a
     /// `<module>.sig` beside the module does as well.
@@ -227,6 +232,36 @@ pub enum FailurePolicy {
     Open,
 }
 
+/// Where a plugin entry's kv lives.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize, Serialize, schemars::JsonSchema,
+)]
+#[serde(deny_unknown_fields)]
+pub struct KvConfig {
+    /// `backend: memory` (the default) or `redis`.
+    #[serde(default)]
+    pub backend: KvBackend,
+}
+
+impl KvConfig {
+    fn is_default(&self) -> bool {
+        *self == KvConfig::default()
+    }
+}
+
+/// The store behind a plugin's kv.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize, Serialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum KvBackend {
+    /// This gateway's memory: fast, and lost on restart.
+    #[default]
+    Memory,
+    /// The Redis server at `server.redis_url`, shared by every gateway that names it.
+    Redis,
+}
+
 checked_serde!(PluginConfig);
 
 impl std::hash::Hash for PluginConfig {
@@ -241,6 +276,7 @@ impl std::hash::Hash for PluginConfig {
         self.tenant.hash(state);
         self.quarantine.hash(state);
         self.signature.hash(state);
+        self.kv.hash(state);
     }
 }
 
@@ -288,6 +324,12 @@ impl ConfigObject for PluginConfig {
             checks.fail(
                 "/limits/max_body_bytes",
                 format!("limits.max_body_bytes {max_body_bytes} is not in 1..=1073741824"),
+            );
+        }
+        if self.kv.backend == KvBackend::Redis && !self.grants.kv {
+            checks.fail(
+                "/kv/backend",
+                "kv: {backend: redis} is for a plugin with a kv; add grants: {kv: true}",
             );
         }
         for (index, section) in self.grants.consumers.iter().enumerate() {

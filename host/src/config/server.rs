@@ -51,6 +51,14 @@ pub struct ServerConfig {
     /// only modules signed by one of these Ed25519 keys load (`weir plugin sign`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub trusted_keys: Vec<TrustedKey>,
+    /// `redis_url: redis://10.0.0.7:6379/0`: the Redis server behind plugin entries that say
+    /// `kv: {backend: redis}`. A password goes in the URL (`redis://:secret@host:6379`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis_url: Option<String>,
+    /// `redis_timeout_ms: 500`: to connect to Redis, and for each of its answers. Past it the
+    /// kv call fails, and the plugin's `failure` policy answers.
+    #[serde(default = "default_redis_timeout_ms")]
+    pub redis_timeout_ms: u64,
 }
 
 /// A network whose `X-Forwarded-*` headers are believed: `10.0.0.0/8`, or one address.
@@ -92,12 +100,18 @@ impl Default for ServerConfig {
             tls_listen: None,
             tls_handshake_timeout_ms: default_header_timeout_ms(),
             trusted_keys: Vec::new(),
+            redis_url: None,
+            redis_timeout_ms: default_redis_timeout_ms(),
         }
     }
 }
 
 fn default_header_timeout_ms() -> u64 {
     10_000
+}
+
+fn default_redis_timeout_ms() -> u64 {
+    500
 }
 
 fn default_max_header_bytes() -> usize {
@@ -140,6 +154,7 @@ impl ConfigObject for ServerConfig {
             ("body_timeout_ms", self.body_timeout_ms),
             ("send_timeout_ms", self.send_timeout_ms),
             ("tls_handshake_timeout_ms", self.tls_handshake_timeout_ms),
+            ("redis_timeout_ms", self.redis_timeout_ms),
         ] {
             checks.check(format!("/{name}"), check_timeout(name, ms));
         }
@@ -172,6 +187,11 @@ impl ConfigObject for ServerConfig {
                     error.to_string(),
                 );
             }
+        }
+        if let Some(url) = &self.redis_url
+            && let Err(error) = crate::kv::RedisStore::check_url(url)
+        {
+            checks.fail("/redis_url", error);
         }
         if self.max_connections == 0 {
             checks.fail("/max_connections", "max_connections must be at least 1");

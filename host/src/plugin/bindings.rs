@@ -8,6 +8,11 @@ wasmtime::component::bindgen!({
     world: "weir:plugin/plugin@0.2.0",
     imports: {
         "weir:plugin/http-client@0.1.0.send": async | trappable,
+        // A kv on Redis awaits the network; the memory kv answers at once.
+        "weir:plugin/kv@0.1.0.get": async | trappable,
+        "weir:plugin/kv@0.1.0.set": async | trappable,
+        "weir:plugin/kv@0.1.0.delete": async | trappable,
+        "weir:plugin/kv@0.1.0.incr": async | trappable,
         default: trappable,
     },
     exports: { default: async },

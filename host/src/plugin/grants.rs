@@ -21,7 +21,7 @@ fn unversioned(import: &str) -> &str {
 fn offer(import: &str, grants: &Grants) -> Offer {
     let wasi = |grant| grants.wasi.contains(&grant);
     match unversioned(import) {
-        "weir:plugin/http" | "weir:plugin/response-edits" => Offer::Inert,
+        "weir:plugin/http" | "weir:plugin/response-edits" | "weir:plugin/kv-scope" => Offer::Inert,
         // Linked for every plugin, so that one which can also work without consumers (key-auth
         // with inline keys) loads without the grant; each call checks `grants.consumers`.
         "weir:plugin/consumers" => Offer::Inert,

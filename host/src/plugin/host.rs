@@ -9,13 +9,13 @@ use wasmtime::{ResourceLimiter, Result};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::weir::plugin0_1_0::{clock, http, http_client, kv, log, metrics};
-use super::bindings::weir::plugin0_2_0::{consumers, response_edits, routing};
+use super::bindings::weir::plugin0_2_0::{consumers, kv_scope, response_edits, routing};
 use super::callout::Callouts;
 use super::health::PluginHealth;
 use super::tenant::{QuotaExceeded, Tenant};
-use crate::config::{Grants, WasiGrant};
+use crate::config::{Grants, KvBackend, WasiGrant};
 use crate::exchange::{Directory, RequestView, ResponseEdit, ResponseView, headers};
-use crate::kv::{KvError, KvStore};
+use crate::kv::{KvError, KvStore, KvUnavailable, RedisSlot, RedisStore};
 use crate::metrics::{Metrics, PluginEventLabels};
 
 /// The longest log line a plugin may write; longer ones are cut.
@@ -45,6 +45,8 @@ pub struct PluginScope {
     grants: Grants,
     health: Arc<PluginHealth>,
     kv: KvStore,
+    kv_backend: KvBackend,
+    redis: RedisSlot,
     metrics: Arc<Metrics>,
     callouts: Callouts,
     counter_names: std::sync::Mutex<std::collections::HashSet<String>>,
@@ -56,6 +58,8 @@ pub struct PluginScope {
 pub struct Shared {
     /// The kv store.
     pub kv: KvStore,
+    /// The Redis server behind `kv: {backend: redis}`.
+    pub redis: RedisSlot,
     /// The gateway's metrics.
     pub metrics: Arc<Metrics>,
     /// The client for outbound calls.
@@ -68,11 +72,12 @@ pub struct Shared {
 pub type LogCapture = Arc<std::sync::Mutex<Vec<(String, String)>>>;
 
 impl PluginScope {
-    /// The scope of plugin `name` belonging to `tenant`.
+    /// The scope of plugin `name` belonging to `tenant`, with its kv on `kv_backend`.
     pub fn new(
         name: &str,
         tenant: Arc<Tenant>,
         grants: Grants,
+        kv_backend: KvBackend,
         health: Arc<PluginHealth>,
         shared: &Shared,
     ) -> Self {
@@ -83,6 +88,8 @@ impl PluginScope {
             grants,
             health,
             kv: shared.kv.clone(),
+            kv_backend,
+            redis: shared.redis.clone(),
             metrics: shared.metrics.clone(),
             callouts: shared.callouts.clone(),
             counter_names: Default::default(),
@@ -376,17 +383,43 @@ fn ttl(ms: Option<u64>) -> Option<Duration> {
     ms.map(Duration::from_millis)
 }
 
-impl kv::Host for InstanceState {
-    fn get(&mut self, key: String) -> Result<Option<Vec<u8>>> {
-        check_key(&key)?;
-        Ok(self
-            .scope
-            .kv
-            .get(&self.scope.namespace, &key)
-            .map(|v| v.to_vec()))
+impl InstanceState {
+    /// The Redis store, when this plugin's kv lives there.
+    fn redis(&self) -> Option<Result<Arc<RedisStore>>> {
+        (self.scope.kv_backend == KvBackend::Redis).then(|| {
+            self.scope
+                .redis
+                .current()
+                .map_err(|e| self.kv_unavailable(e))
+        })
     }
 
-    fn set(&mut self, key: String, value: Vec<u8>, ttl_ms: Option<u64>) -> Result<()> {
+    /// Counts an unreachable kv backend and turns it into the error that fails the call.
+    fn kv_unavailable(&self, error: KvUnavailable) -> wasmtime::Error {
+        let scope = &self.scope;
+        scope
+            .metrics
+            .kv_unavailable(&scope.name, scope.tenant.name(), "redis")
+            .inc();
+        tracing::warn!(plugin = %scope.name, tenant = scope.tenant.name(), "{error}");
+        wasmtime::Error::new(error)
+    }
+}
+
+impl kv::Host for InstanceState {
+    async fn get(&mut self, key: String) -> Result<Option<Vec<u8>>> {
+        check_key(&key)?;
+        let scope = &self.scope;
+        if let Some(redis) = self.redis() {
+            return redis?
+                .get(&scope.namespace, &key)
+                .await
+                .map_err(|e| self.kv_unavailable(e));
+        }
+        Ok(scope.kv.get(&scope.namespace, &key).map(|v| v.to_vec()))
+    }
+
+    async fn set(&mut self, key: String, value: Vec<u8>, ttl_ms: Option<u64>) -> Result<()> {
         check_key(&key)?;
         if value.len() > MAX_KV_VALUE {
             return Err(wasmtime::Error::new(LimitExceeded(format!(
@@ -395,19 +428,32 @@ impl kv::Host for InstanceState {
             ))));
         }
         let scope = &self.scope;
+        if let Some(redis) = self.redis() {
+            return redis?
+                .set(&scope.namespace, &key, &value, ttl(ttl_ms))
+                .await
+                .map_err(|e| self.kv_unavailable(e));
+        }
         scope
             .kv
             .set(&scope.namespace, &key, &value, ttl(ttl_ms), &scope.tenant)
             .map_err(wasmtime::Error::new)
     }
 
-    fn delete(&mut self, key: String) -> Result<()> {
+    async fn delete(&mut self, key: String) -> Result<()> {
         check_key(&key)?;
-        self.scope.kv.delete(&self.scope.namespace, &key);
+        let scope = &self.scope;
+        if let Some(redis) = self.redis() {
+            return redis?
+                .delete(&scope.namespace, &key)
+                .await
+                .map_err(|e| self.kv_unavailable(e));
+        }
+        scope.kv.delete(&scope.namespace, &key);
         Ok(())
     }
 
-    fn incr(
+    async fn incr(
         &mut self,
         key: String,
         delta: i64,
@@ -415,14 +461,26 @@ impl kv::Host for InstanceState {
     ) -> Result<Result<i64, String>> {
         check_key(&key)?;
         let scope = &self.scope;
-        match scope
-            .kv
-            .incr(&scope.namespace, &key, delta, ttl(ttl_ms), &scope.tenant)
-        {
+        let counted = match self.redis() {
+            Some(redis) => redis?
+                .incr(&scope.namespace, &key, delta, ttl(ttl_ms))
+                .await
+                .map_err(|e| self.kv_unavailable(e))?,
+            None => scope
+                .kv
+                .incr(&scope.namespace, &key, delta, ttl(ttl_ms), &scope.tenant),
+        };
+        match counted {
             Ok(value) => Ok(Ok(value)),
             Err(KvError::Quota(quota)) => Err(wasmtime::Error::new(quota)),
             Err(other) => Ok(Err(other.to_string())),
         }
+    }
+}
+
+impl kv_scope::Host for InstanceState {
+    fn shared(&mut self) -> Result<bool> {
+        Ok(self.scope.kv_backend == KvBackend::Redis)
     }
 }
 

@@ -32,7 +32,7 @@ pub use self::host::{LogCapture, MAX_HEADER_BYTES, MAX_HEADER_EDITS, PluginScope
 pub use self::pool::PluginPool;
 use self::tenant::Tenants;
 use crate::config::{Isolation, PluginConfig};
-use crate::kv::KvStore;
+use crate::kv::{KvStore, RedisSlot};
 use crate::metrics::Metrics;
 
 /// How often the engine's epoch advances; CPU deadlines are counted in these ticks.
@@ -73,6 +73,9 @@ pub enum PluginError {
     /// The guest trapped (a panic, an unreachable, an out-of-bounds access...).
     #[error("plugin trapped: {0}")]
     Trap(String),
+    /// The plugin's kv backend (Redis) could not be reached.
+    #[error("{0}")]
+    KvUnavailable(String),
     /// The plugin failed too often and is not being called for now.
     #[error("plugin is quarantined for {} ms more", .0.as_millis())]
     Quarantined(Duration),
@@ -90,12 +93,13 @@ impl PluginError {
             PluginError::Quota(_) => "quota",
             PluginError::Limit(_) => "limit",
             PluginError::Trap(_) => "trap",
+            PluginError::KvUnavailable(_) => "kv_unavailable",
             PluginError::Quarantined(_) => "quarantined",
         }
     }
 
     /// Whether the failure counts towards a quarantine: the plugin's own misbehaviour does,
-    /// a full tenant quota or a quarantine does not.
+    /// a full tenant quota, an unreachable kv backend or a quarantine does not.
     pub fn counts_against_plugin(&self) -> bool {
         matches!(
             self,
@@ -291,6 +295,7 @@ pub struct PluginRuntime {
     recent: moka::sync::Cache<String, Arc<Module>>,
     pools: Mutex<HashMap<PoolKey, Weak<PluginPool>>>,
     kv: KvStore,
+    redis: RedisSlot,
     metrics: Arc<Metrics>,
     tenants: Tenants,
     health: Mutex<HashMap<String, Arc<PluginHealth>>>,
@@ -328,6 +333,7 @@ impl PluginRuntime {
                 .build(),
             pools: Mutex::new(HashMap::new()),
             kv: KvStore::new(KV_CAPACITY_BYTES),
+            redis: RedisSlot::default(),
             metrics,
             tenants: Tenants::default(),
             health: Mutex::new(HashMap::new()),
@@ -340,6 +346,11 @@ impl PluginRuntime {
     /// The key/value store plugins share.
     pub fn kv(&self) -> &KvStore {
         &self.kv
+    }
+
+    /// The Redis server behind plugin entries with `kv: {backend: redis}`.
+    pub fn redis(&self) -> &RedisSlot {
+        &self.redis
     }
 
     /// Compiles `bytes` off the async threads, or returns the module compiled earlier.
@@ -503,6 +514,7 @@ impl PluginRuntime {
         })?;
         let shared = Shared {
             kv: self.kv.clone(),
+            redis: self.redis.clone(),
             metrics: self.metrics.clone(),
             callouts: self.callouts.clone(),
             log_capture: self.log_capture.clone(),
@@ -511,6 +523,7 @@ impl PluginRuntime {
             &entry.name,
             tenant,
             entry.grants.clone(),
+            entry.kv.backend,
             self.health_of(entry),
             &shared,
         ));

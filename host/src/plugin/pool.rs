@@ -17,6 +17,7 @@ use super::tenant::QuotaExceeded;
 use super::{Action, EPOCH_TICK, Module, PluginError, PluginInfo, Summary};
 use crate::config::{Isolation, Limits};
 use crate::exchange::{RequestView, ResponseView};
+use crate::kv::KvUnavailable;
 
 /// Idle instances kept per pool; instances beyond this are dropped after use.
 const MAX_IDLE: usize = 64;
@@ -246,6 +247,9 @@ impl PluginPool {
         }
         if let Some(limit) = error.downcast_ref::<LimitExceeded>() {
             return PluginError::Limit(limit.0.clone());
+        }
+        if let Some(unavailable) = error.downcast_ref::<KvUnavailable>() {
+            return PluginError::KvUnavailable(unavailable.to_string());
         }
         match &store.data().memory.hit {
             Some(MemoryHit::Plugin) => return PluginError::Memory(self.limits.memory_mb),

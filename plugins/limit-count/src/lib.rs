@@ -28,9 +28,11 @@ struct Config {
     /// The message of a refused request.
     #[serde(default = "default_rejected_msg")]
     rejected_msg: String,
-    /// `local`: counted on this gateway.
-    #[serde(default = "default_policy")]
-    policy: String,
+    /// `local`: counted on this gateway, in its memory. `cluster`: counted across every
+    /// gateway, on the Redis server the plugin entry's `kv: {backend: redis}` names. By default,
+    /// whichever the entry's kv is.
+    #[serde(default)]
+    policy: Option<Policy>,
     /// Send the `X-RateLimit-*` and `RateLimit*` headers (on by default).
     #[serde(default = "yes")]
     show_limit_headers: bool,
@@ -38,6 +40,13 @@ struct Config {
     /// the sliding window still covers, counts too.
     #[serde(default)]
     window_type: WindowType,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, schemars::JsonSchema, PartialEq)]
+#[serde(rename_all = "snake_case")]
+enum Policy {
+    Local,
+    Cluster,
 }
 
 #[derive(Clone, Copy, Default, Deserialize, schemars::JsonSchema, PartialEq)]
@@ -54,10 +63,6 @@ fn default_rejected_code() -> u16 {
 
 fn default_rejected_msg() -> String {
     "too many requests".into()
-}
-
-fn default_policy() -> String {
-    "local".into()
 }
 
 fn yes() -> bool {
@@ -127,11 +132,26 @@ impl Plugin for LimitCount {
         if !(200..=599).contains(&config.rejected_code) {
             return Err("`rejected_code` must be a status in 200..=599".into());
         }
-        if config.policy != "local" {
-            return Err(format!(
-                "policy {:?} is not supported yet; `local` counts on this gateway",
-                config.policy
-            ));
+        // The counters are wherever the entry's kv is, so a policy that says otherwise would
+        // count in a way the operator did not ask for.
+        match (config.policy, kv::shared()) {
+            (Some(Policy::Cluster), false) => {
+                return Err(
+                    "policy `cluster` counts across gateways on Redis, but this \
+                     plugin entry's kv is this gateway's memory: give the entry \
+                     `kv: {backend: redis}` and set `server.redis_url`"
+                        .into(),
+                );
+            }
+            (Some(Policy::Local), true) => {
+                return Err(
+                    "policy `local` counts on this gateway, but this plugin entry's kv \
+                     is on Redis and shared by every gateway: say `policy: cluster`, or use \
+                     an entry without `kv: {backend: redis}`"
+                        .into(),
+                );
+            }
+            _ => {}
         }
         let key = LimitKey::parse(config.key)?;
         Ok(LimitCount {
