@@ -511,6 +511,12 @@ impl BuildContext<'_> {
                 "tenant {tenant:?} does not exist (add it under tenants)"
             ));
         }
+        // Asked now, so that the admin API can serve the schema before any route uses the
+        // plugin, and a module whose description is broken fails here rather than on a route.
+        self.runtime
+            .describe(config, &module)
+            .await
+            .map_err(|e| e.to_string())?;
         Ok(Arc::new(LoadedPlugin {
             config: config.clone(),
             module,

@@ -538,6 +538,22 @@ async fn an_uploaded_module_serves_through_a_route() {
         get(&gateway.url("/h")).await.header("x-via") == Some("admin-api")
     })
     .await;
+    // A route whose plugin config breaks the schema the plugin described itself with is
+    // refused at the field's pointer, and nothing is stored.
+    let bad = expect(
+        &api.put(
+            "/v1/routes/bad",
+            json!({"uri": "/bad", "upstream_id": "u",
+                   "plugins": [{"name": "headers", "config": {"response": {"set": "x-via"}}}]}),
+        )
+        .await,
+        StatusCode::BAD_REQUEST,
+    );
+    assert_eq!(
+        bad["errors"][0]["path"], "/plugins/0/config/response/set",
+        "{bad}"
+    );
+    expect(&api.get("/v1/routes/bad").await, StatusCode::NOT_FOUND);
     let modules = expect(&api.get("/v1/modules").await, StatusCode::OK);
     assert_eq!(modules["list"][0]["sha256"], sha256.as_str());
     assert_eq!(modules["list"][0]["plugins"], json!(["headers"]));

@@ -205,6 +205,15 @@ async fn a_route_config_is_checked_against_the_plugins_own_schema_before_init() 
         "{}",
         schema.text()
     );
+    // So is the schema of a plugin no route uses: it described itself when its entry loaded,
+    // which a form that builds the first route using it needs.
+    let unused = admin_get(&gateway.admin_url("/v1/schema/plugins/body-crypt")).await;
+    assert_eq!(unused.status, StatusCode::OK, "{}", unused.text());
+    assert!(
+        unused.json()["properties"]["keys"].is_object(),
+        "{}",
+        unused.text()
+    );
 
     // Status says which world each plugin was built against: the Python example (built by
     // the tests with componentize-py against 0.1.0) loads and serves beside 0.2.0 plugins.

@@ -407,6 +407,7 @@ impl<'a> Call<'a> {
         let writer = self.writer()?;
         let mut expect = self.expect(kind)?;
         let principal = self.principal.clone();
+        let admin = self.admin;
         let existing = writer.get(kind, id).await?;
         if let (Expect::Revision(wanted), current) = (expect, existing.as_ref().map(|e| e.revision))
             && current != Some(wanted)
@@ -436,6 +437,7 @@ impl<'a> Call<'a> {
         }
         name_it(kind, id, &mut value)?;
         check(writer, kind, &value).await?;
+        check_plugin_configs(&admin.gateway.snapshot(), kind, &value)?;
         let created = existing
             .as_ref()
             .and_then(|e| e.value.get("create_time").cloned())
@@ -516,6 +518,7 @@ impl<'a> Call<'a> {
             Some(writer) => check(writer, kind, &value).await?,
             None => check_object(kind, &value).map(drop)?,
         }
+        check_plugin_configs(&admin.gateway.snapshot(), kind, &value)?;
         Ok(answer(StatusCode::OK, &json!({"valid": true})))
     }
 
@@ -870,6 +873,40 @@ async fn check(writer: &dyn ConfigWriter, kind: Kind, value: &Value) -> Result<(
     }
 }
 
+/// Checks each plugin config of a route against the schema its plugin described itself with
+/// (when the plugin is loaded and is a 0.2.0 one), so that a bad field is refused at its pointer
+/// now rather than reported when the route fails to load.
+fn check_plugin_configs(
+    snapshot: &crate::snapshot::Snapshot,
+    kind: Kind,
+    value: &Value,
+) -> Result<(), Failure> {
+    if kind != Kind::Route {
+        return Ok(());
+    }
+    let Ok(route) = config::parse::<RouteConfig>(value) else {
+        return Ok(());
+    };
+    let mut errors = Vec::new();
+    for (index, plugin) in route.plugins.iter().enumerate() {
+        let Some(info) = snapshot
+            .plugins
+            .get(&plugin.name)
+            .and_then(|loaded| loaded.module.info())
+        else {
+            continue;
+        };
+        for (at, message) in info.errors(&plugin.config) {
+            errors.push(field(&format!("/plugins/{index}/config{at}"), message));
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(Failure::Invalid(kind, errors))
+    }
+}
+
 /// The objects of `kind` that parse.
 async fn parsed<T: config::ConfigObject>(
     writer: &dyn ConfigWriter,
@@ -974,7 +1011,7 @@ fn plugin_schema(gateway: &crate::gateway::Gateway, name: &str) -> Answer {
             StatusCode::NOT_FOUND,
             format!(
                 "plugin {name:?} does not describe its config: it is built against \
-                 weir:plugin@{}, or no route uses it yet",
+                 weir:plugin@{}",
                 plugin.module.world()
             ),
         )),

@@ -196,13 +196,11 @@ impl PluginInfo {
     /// Checks a route's config against the schema: each error with its JSON pointer.
     pub fn validate(&self, config: &serde_json::Value) -> Result<(), String> {
         let errors: Vec<String> = self
-            .validator
-            .iter_errors(config)
-            .take(8)
-            .map(|error| {
-                let at = error.instance_path().to_string();
+            .errors(config)
+            .into_iter()
+            .map(|(at, error)| {
                 if at.is_empty() {
-                    error.to_string()
+                    error
                 } else {
                     format!("{at}: {error}")
                 }
@@ -216,6 +214,16 @@ impl PluginInfo {
                 errors.join("; ")
             ))
         }
+    }
+
+    /// Where `config` breaks the schema (a JSON pointer, empty for the whole) and how; at most
+    /// eight of them.
+    pub fn errors(&self, config: &serde_json::Value) -> Vec<(String, String)> {
+        self.validator
+            .iter_errors(config)
+            .take(8)
+            .map(|error| (error.instance_path().to_string(), error.to_string()))
+            .collect()
     }
 }
 
@@ -482,6 +490,48 @@ impl PluginRuntime {
         }
     }
 
+    /// What every instance of plugin `entry` shares: its tenant, grants, kv and health.
+    fn scope(&self, entry: &PluginConfig) -> Result<Arc<PluginScope>, PluginError> {
+        let tenant = self.tenants.get(entry.tenant.as_deref()).ok_or_else(|| {
+            PluginError::Config(format!(
+                "tenant {:?} does not exist",
+                entry.tenant.as_deref().unwrap_or_default()
+            ))
+        })?;
+        let shared = Shared {
+            kv: self.kv.clone(),
+            redis: self.redis.clone(),
+            metrics: self.metrics.clone(),
+            callouts: self.callouts.clone(),
+            log_capture: self.log_capture.clone(),
+        };
+        Ok(Arc::new(PluginScope::new(
+            &entry.name,
+            tenant,
+            entry.grants.clone(),
+            entry.kv.backend,
+            self.health_of(entry),
+            &shared,
+        )))
+    }
+
+    /// What `module` says of itself (a 0.2.0 plugin's `describe`), asked once per module on an
+    /// instance of plugin `entry` that serves no request, so that its schema is known and
+    /// checked when the module loads rather than when a route first uses it.
+    pub async fn describe(
+        &self,
+        entry: &PluginConfig,
+        module: &Arc<Module>,
+    ) -> Result<Option<Arc<PluginInfo>>, PluginError> {
+        PluginPool::describe(
+            self.engine.clone(),
+            module.clone(),
+            self.scope(entry)?,
+            entry.limits,
+        )
+        .await
+    }
+
     /// A pool of instances of `module` for plugin `entry`, initialised with a route's `config`,
     /// shared with any pool that has the same entry, module, isolation and config.
     pub async fn pool(
@@ -506,31 +556,10 @@ impl PluginRuntime {
         {
             return Ok(pool);
         }
-        let tenant = self.tenants.get(entry.tenant.as_deref()).ok_or_else(|| {
-            PluginError::Config(format!(
-                "tenant {:?} does not exist",
-                entry.tenant.as_deref().unwrap_or_default()
-            ))
-        })?;
-        let shared = Shared {
-            kv: self.kv.clone(),
-            redis: self.redis.clone(),
-            metrics: self.metrics.clone(),
-            callouts: self.callouts.clone(),
-            log_capture: self.log_capture.clone(),
-        };
-        let scope = Arc::new(PluginScope::new(
-            &entry.name,
-            tenant,
-            entry.grants.clone(),
-            entry.kv.backend,
-            self.health_of(entry),
-            &shared,
-        ));
         let pool = PluginPool::new(
             self.engine.clone(),
             module.clone(),
-            scope,
+            self.scope(entry)?,
             entry.limits,
             isolation,
             config,

@@ -69,7 +69,26 @@ impl PluginPool {
         json: &serde_json::Value,
         config: String,
     ) -> Result<Self, PluginError> {
-        let mut pool = PluginPool {
+        let mut pool = Self::unstarted(engine, module, scope, limits, isolation, config);
+        let mut instance = pool.instantiate_bare().await?;
+        if let Some(info) = pool.described(&mut instance).await? {
+            info.validate(json).map_err(PluginError::Config)?;
+        }
+        pool.wants = pool.init(&mut instance).await?;
+        pool.checkin(instance);
+        Ok(pool)
+    }
+
+    /// A pool with no instance yet, which has not called `init`.
+    fn unstarted(
+        engine: Engine,
+        module: Arc<Module>,
+        scope: Arc<PluginScope>,
+        limits: Limits,
+        isolation: Isolation,
+        config: String,
+    ) -> Self {
+        PluginPool {
             engine,
             module,
             scope,
@@ -84,14 +103,33 @@ impl PluginPool {
                 response_body: false,
             },
             idle: ArrayQueue::new(MAX_IDLE),
-        };
-        let mut instance = pool.instantiate_bare().await?;
-        if let Some(info) = pool.described(&mut instance).await? {
-            info.validate(json).map_err(PluginError::Config)?;
         }
-        pool.wants = pool.init(&mut instance).await?;
-        pool.checkin(instance);
-        Ok(pool)
+    }
+
+    /// What `module` says of itself, asked on an instance that is then dropped (unless the
+    /// module was asked before). A 0.1.0 plugin says nothing.
+    pub(super) async fn describe(
+        engine: Engine,
+        module: Arc<Module>,
+        scope: Arc<PluginScope>,
+        limits: Limits,
+    ) -> Result<Option<Arc<PluginInfo>>, PluginError> {
+        if module.describe.is_none() {
+            return Ok(None);
+        }
+        if let Some(info) = module.info.get() {
+            return Ok(info.clone());
+        }
+        let pool = Self::unstarted(
+            engine,
+            module,
+            scope,
+            limits,
+            Isolation::PerRequest,
+            String::new(),
+        );
+        let mut instance = pool.instantiate_bare().await?;
+        pool.described(&mut instance).await
     }
 
     /// What the plugin says of itself: asked once per module, on its first instance, before
