@@ -294,16 +294,16 @@ function RouteForm({ creating, data }) {
     upstream: existing.upstream_id || (data.upstreams.list[0] && data.upstreams.list[0].id) || "",
     service: existing.service || "",
     enabled: existing.status !== "disabled",
-    plugins: (existing.plugins || []).map((p) => ({ name: p.name, config: JSON.stringify(p.config, null, 2) })),
+    plugins: (existing.plugins || []).map((p) => ({ name: p.name, config: JSON.stringify(p.config, null, 2), mode: "form" })),
   });
   const [tab, setTab] = useState("form");
   const [json, setJson] = useState("");
   const [errors, setErrors] = useState([]);
   const [error, setError] = useState(null);
   const set = (key) => (e) => setForm({ ...form, [key]: e.target.type === "checkbox" ? e.target.checked : e.target.value });
-  const setPlugin = (index, key) => (e) => {
+  const setPlugin = (index) => (changes) => {
     const plugins = form.plugins.slice();
-    plugins[index] = { ...plugins[index], [key]: e.target.value };
+    plugins[index] = { ...plugins[index], ...changes };
     setForm({ ...form, plugins });
   };
   function showJson() {
@@ -366,20 +366,153 @@ function RouteForm({ creating, data }) {
               <input type="text" id="route-service" value=${form.service} onInput=${set("service")} /><//>`}
         <label><span>Enabled</span><input type="checkbox" id="route-enabled" checked=${form.enabled} onChange=${set("enabled")} /></label>
         <h2>Plugins, in order</h2>
-        ${form.plugins.map((p, i) => html`<div class="plugin-row">
-          <${Field} label="Plugin" path=${`/plugins/${i}/name`} errors=${errors}>
-            <select id=${`plugin-name-${i}`} value=${p.name} onChange=${setPlugin(i, "name")}>
-              <option value="">choose…</option>
-              ${data.plugins.list.map((e) => html`<option value=${e.id}>${e.id}</option>`)}
-            </select><//>
-          <${Field} label="Config (JSON)" path=${`/plugins/${i}/config`} errors=${errors}>
-            <textarea id=${`plugin-config-${i}`} rows="4" value=${p.config} onInput=${setPlugin(i, "config")} /><//>
-          <button type="button" class="danger" onClick=${() => setForm({ ...form, plugins: form.plugins.filter((_, j) => j !== i) })}>Remove</button>
-        </div>`)}
-        <button type="button" id="add-plugin" onClick=${() => setForm({ ...form, plugins: [...form.plugins, { name: "", config: "{}" }] })}>Add a plugin</button>
+        ${form.plugins.map((p, i) => html`<${PluginRow} index=${i} plugin=${p} entries=${data.plugins.list}
+          errors=${errors} onChange=${setPlugin(i)}
+          onRemove=${() => setForm({ ...form, plugins: form.plugins.filter((_, j) => j !== i) })} />`)}
+        <button type="button" id="add-plugin" onClick=${() => setForm({ ...form, plugins: [...form.plugins, { name: "", config: "{}", mode: "form" }] })}>Add a plugin</button>
       `}
       <p><button class="primary" id="save-route" type="submit">Save</button> <a href="#/routes">Cancel</a></p>
     </form>`;
+}
+
+// ---- A route's plugin, with a form built from the plugin's own config schema -----------------
+
+// The schema each plugin described itself with (GET /v1/schema/plugins/<name>), or null for a
+// plugin that does not describe itself (a 0.1.0 one): asked once per page load.
+const schemas = new Map();
+
+function pluginSchema(name) {
+  if (!name) return Promise.resolve(null);
+  if (!schemas.has(name)) {
+    schemas.set(name, api("GET", `/v1/schema/plugins/${encodeURIComponent(name)}`).catch(() => null));
+  }
+  return schemas.get(name);
+}
+
+// Follows `$ref`s into the schema's `$defs` and unwraps an optional value (`anyOf: [X, null]`),
+// keeping the outer description.
+function resolveSchema(root, node) {
+  for (let depth = 0; node && depth < 8; depth++) {
+    const description = node.description;
+    if (typeof node.$ref === "string" && node.$ref.startsWith("#/$defs/")) {
+      const target = (root.$defs || {})[node.$ref.slice(8)] || {};
+      node = { ...target, description: description || target.description, default: node.default ?? target.default };
+      continue;
+    }
+    const alternatives = node.anyOf || node.oneOf;
+    if (Array.isArray(alternatives) && alternatives.length === 2 && alternatives.some((a) => a.type === "null")) {
+      const target = alternatives.find((a) => a.type !== "null");
+      node = { ...target, description: description || target.description, default: node.default ?? target.default };
+      continue;
+    }
+    break;
+  }
+  return node || {};
+}
+
+// Which input a property gets: a choice, a yes/no, a number, text, or JSON for anything else.
+function inputKind(node) {
+  const type = Array.isArray(node.type) ? node.type.find((t) => t !== "null") : node.type;
+  if (Array.isArray(node.enum) && node.enum.every((v) => typeof v === "string")) return { kind: "choice", options: node.enum };
+  if (Array.isArray(node.oneOf) && node.oneOf.every((o) => typeof o.const === "string")) {
+    return { kind: "choice", options: node.oneOf.map((o) => o.const) };
+  }
+  if (type === "boolean") return { kind: "boolean" };
+  if (type === "integer" || type === "number") return { kind: "number" };
+  if (type === "string") return { kind: "text" };
+  return { kind: "json" };
+}
+
+// The errors at `path` or inside it, shown at `path` (an error deep in an object field shows at
+// that field, with the rest of its pointer).
+function errorsAt(errors, path) {
+  return (errors || [])
+    .filter((e) => e.path === path || e.path.startsWith(`${path}/`))
+    .map((e) => (e.path === path ? e : { path, message: `${e.path.slice(path.length)}: ${e.message}` }));
+}
+
+function PluginRow({ index, plugin, entries, errors, onChange, onRemove }) {
+  const [state] = useLoad(() => pluginSchema(plugin.name), [plugin.name]);
+  const schema = state.data && state.data.properties ? state.data : null;
+  let value;
+  try { value = JSON.parse(plugin.config.trim() || "{}"); } catch (_) { value = undefined; }
+  const isObject = value && typeof value === "object" && !Array.isArray(value);
+  const mode = schema && isObject && plugin.mode !== "json" ? "form" : "json";
+  const configPath = `/plugins/${index}/config`;
+  return html`<div class="plugin-row" data-plugin=${plugin.name}>
+    <${Field} label="Plugin" path=${`/plugins/${index}/name`} errors=${errors}>
+      <select id=${`plugin-name-${index}`} value=${plugin.name} onChange=${(e) => onChange({ name: e.target.value })}>
+        <option value="">choose…</option>
+        ${entries.map((e) => html`<option value=${e.id}>${e.id}</option>`)}
+      </select><//>
+    ${schema && html`<div class="tabs small">
+      <button type="button" id=${`plugin-${index}-mode-form`} class=${mode === "form" ? "active" : ""}
+        disabled=${!isObject} onClick=${() => onChange({ mode: "form" })}>Form</button>
+      <button type="button" id=${`plugin-${index}-mode-json`} class=${mode === "json" ? "active" : ""}
+        onClick=${() => onChange({ mode: "json" })}>JSON</button>
+    </div>`}
+    ${mode === "form"
+      ? html`<${SchemaForm} key=${plugin.name} index=${index} schema=${schema} value=${value} errors=${errors}
+          onValue=${(next) => onChange({ config: JSON.stringify(next, null, 2) })} />
+        <${FieldErrors} errors=${errors} path=${configPath} />`
+      : html`<${Field} label="Config (JSON)" path=${configPath} errors=${errorsAt(errors, configPath)}>
+          <textarea id=${`plugin-config-${index}`} rows="4" value=${plugin.config}
+            onInput=${(e) => onChange({ config: e.target.value })} /><//>`}
+    <button type="button" class="danger" onClick=${onRemove}>Remove</button>
+  </div>`;
+}
+
+// One input per top-level property of a plugin's config schema. A field left empty is left out
+// of the config, so the plugin's default applies.
+function SchemaForm({ index, schema, value, errors, onValue }) {
+  const required = new Set(schema.required || []);
+  const update = (key, next) => {
+    const config = { ...value };
+    if (next === undefined) delete config[key]; else config[key] = next;
+    onValue(config);
+  };
+  return html`<div class="plugin-form">${Object.entries(schema.properties).map(([key, raw]) => {
+    const node = resolveSchema(schema, raw);
+    const id = `plugin-${index}-field-${key}`;
+    const path = `/plugins/${index}/config/${key}`;
+    const hint = node.default !== undefined && node.default !== null ? `default ${JSON.stringify(node.default)}` : "";
+    const label = html`<code>${key}</code>${required.has(key) ? " (required)" : ""}${node.description ? ` — ${node.description}` : ""}`;
+    return html`<${Field} label=${label} path=${path} errors=${errorsAt(errors, path)}>
+      <${SchemaInput} id=${id} node=${node} hint=${hint} current=${value[key]} onValue=${(next) => update(key, next)} /><//>`;
+  })}</div>`;
+}
+
+function SchemaInput({ id, node, hint, current, onValue }) {
+  const kind = inputKind(node);
+  const [text, setText] = useState(current === undefined ? "" : JSON.stringify(current, null, 2));
+  const [bad, setBad] = useState(false);
+  switch (kind.kind) {
+    case "choice":
+      return html`<select id=${id} value=${current === undefined ? "" : current}
+        onChange=${(e) => onValue(e.target.value === "" ? undefined : e.target.value)}>
+        <option value="">${hint || "not set"}</option>
+        ${kind.options.map((o) => html`<option value=${o}>${o}</option>`)}
+      </select>`;
+    case "boolean":
+      return html`<select id=${id} value=${current === undefined ? "" : String(current)}
+        onChange=${(e) => onValue(e.target.value === "" ? undefined : e.target.value === "true")}>
+        <option value="">${hint || "not set"}</option><option value="true">yes</option><option value="false">no</option>
+      </select>`;
+    case "number":
+      return html`<input type="number" id=${id} placeholder=${hint} value=${current === undefined ? "" : current}
+        onInput=${(e) => onValue(e.target.value === "" ? undefined : Number(e.target.value))} />`;
+    case "text":
+      return html`<input type="text" id=${id} placeholder=${hint} value=${current === undefined ? "" : current}
+        onInput=${(e) => onValue(e.target.value === "" ? undefined : e.target.value)} />`;
+    default:
+      // Objects and lists are typed as JSON; the config changes once the text parses.
+      return html`<textarea id=${id} rows="3" placeholder=${hint} value=${text} class=${bad ? "unparsed" : ""}
+        onInput=${(e) => {
+          setText(e.target.value);
+          if (!e.target.value.trim()) { setBad(false); onValue(undefined); return; }
+          try { onValue(JSON.parse(e.target.value)); setBad(false); } catch (_) { setBad(true); }
+        }} />${bad ? html`<div class="field-error">not JSON yet</div>` : null}`;
+  }
 }
 
 // ---- Any object as JSON ---------------------------------------------------------------------

@@ -1,5 +1,5 @@
 //! The dashboard in a real headless Chromium, against a real gateway on a real etcd: log in,
-//! create a route with a plugin through the form and see it serve, see a validation error
+//! create a route with plugins through forms built from their schemas and see it serve, see a validation error
 //! next to its field, switch a node offline and see traffic move, visit every page, log out.
 //! Each page's screenshot lands in target/screenshots (and docs/img with
 //! `WEIR_UPDATE_SCREENSHOTS=1`).
@@ -72,22 +72,38 @@ async fn an_operator_logs_in_creates_a_route_moves_traffic_and_logs_out() {
     browser.click("#login-button").await;
     browser.find_text("header .who", "alice (admin)").await;
 
-    // A module uploaded on the Plugins page; its entry is put through the API (the dashboard
-    // has no entry form yet).
+    // Modules uploaded on the Plugins page; their entries are put through the API (the
+    // dashboard has no entry form yet).
     browser.click("#nav-plugins").await;
-    let wasm = std::fs::canonicalize(plugins::HEADERS).unwrap();
-    browser
-        .find("#module-file")
-        .await
-        .send_keys(&wasm.display().to_string())
-        .await
-        .unwrap();
-    browser.click("#upload-module").await;
-    let sha256 = weir::plugin::sha256_hex(&std::fs::read(&wasm).unwrap());
-    browser.find_text("#uploaded", &sha256).await;
-    admin_put(&gateway, "/v1/plugins/headers", json!({"sha256": sha256})).await;
+    let mut uploaded = Vec::new();
+    for module in [plugins::HEADERS, plugins::LIMIT_COUNT] {
+        let wasm = std::fs::canonicalize(module).unwrap();
+        browser
+            .find("#module-file")
+            .await
+            .send_keys(&wasm.display().to_string())
+            .await
+            .unwrap();
+        browser.click("#upload-module").await;
+        let sha256 = weir::plugin::sha256_hex(&std::fs::read(&wasm).unwrap());
+        browser.find_text("#uploaded", &sha256).await;
+        uploaded.push(sha256);
+    }
+    admin_put(
+        &gateway,
+        "/v1/plugins/headers",
+        json!({"sha256": uploaded[0]}),
+    )
+    .await;
+    admin_put(
+        &gateway,
+        "/v1/plugins/limit-count",
+        json!({"sha256": uploaded[1], "grants": {"kv": true, "clock": true}}),
+    )
+    .await;
 
-    // A route with a plugin, through the form.
+    // A route with two plugins, through the form. Each plugin's fields come from the schema
+    // it described itself with: typed inputs with the field's doc, JSON for objects.
     browser.click("#nav-routes").await;
     browser.click("#new-route").await;
     browser.fill("#route-id", "shop").await;
@@ -98,24 +114,56 @@ async fn an_operator_logs_in_creates_a_route_moves_traffic_and_logs_out() {
         .select_by_value("web")
         .await
         .unwrap();
-    browser.click("#add-plugin").await;
-    browser
-        .find("#plugin-name-0")
-        .await
-        .select_by_value("headers")
-        .await
-        .unwrap();
+    for (index, plugin) in ["headers", "limit-count"].iter().enumerate() {
+        browser.click("#add-plugin").await;
+        browser
+            .find(&format!("#plugin-name-{index}"))
+            .await
+            .select_by_value(plugin)
+            .await
+            .unwrap();
+    }
     browser
         .fill(
-            "#plugin-config-0",
-            r#"{"response": {"set": {"x-made-by": "dashboard"}}}"#,
+            "#plugin-0-field-response",
+            r#"{"set": {"x-made-by": "dashboard"}}"#,
         )
         .await;
+    browser
+        .find_text(
+            ".plugin-row[data-plugin=limit-count]",
+            "Requests allowed per window",
+        )
+        .await;
+    browser.fill("#plugin-1-field-count", "1000").await;
+    browser.fill("#plugin-1-field-window_s", "86400").await;
+    browser
+        .find("#plugin-1-field-window_type")
+        .await
+        .select_by_value("sliding")
+        .await
+        .unwrap();
+    browser.screenshot("route-plugin-form").await;
+    // The same config as JSON, which is what is saved.
+    browser.click("#plugin-1-mode-json").await;
+    let config = browser
+        .find("#plugin-config-1")
+        .await
+        .prop("value")
+        .await
+        .unwrap();
+    let config: serde_json::Value = serde_json::from_str(&config.unwrap()).unwrap();
+    assert_eq!(
+        config,
+        json!({"count": 1000, "window_s": 86400, "window_type": "sliding"})
+    );
     browser.click("#save-route").await;
     browser.find("#routes tr[data-route=shop]").await;
     eventually("the new route serves with its plugin", SOON, || async {
         let reply = get(&gateway.url("/shop/cart")).await;
-        reply.status == StatusCode::OK && reply.header("x-made-by") == Some("dashboard")
+        reply.status == StatusCode::OK
+            && reply.header("x-made-by") == Some("dashboard")
+            && reply.header("x-ratelimit-limit") == Some("1000")
     })
     .await;
     browser.screenshot("routes").await;
