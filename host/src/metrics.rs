@@ -16,6 +16,22 @@ pub struct RequestLabels {
     pub class: &'static str,
 }
 
+/// Labels of `weir_consumer_http_requests_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConsumerRequestLabels {
+    /// The route id.
+    pub route: String,
+    /// The consumer an auth plugin found.
+    pub consumer: String,
+    /// `2xx`, `3xx`, `4xx` or `5xx` (1xx counts as `1xx`).
+    pub class: &'static str,
+}
+
+/// The class label of a status: `1xx` to `5xx`.
+fn status_class(status: u16) -> &'static str {
+    ["1xx", "2xx", "3xx", "4xx", "5xx"][usize::from((status / 100).clamp(1, 5)) - 1]
+}
+
 /// Labels of the per-route latency histogram.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
@@ -43,7 +59,8 @@ pub struct PluginFailureLabels {
     pub route: String,
     /// The plugin's tenant.
     pub tenant: String,
-    /// `trap`, `timeout`, `memory`, `limit`, `quota`, `instantiate` or `quarantined`.
+    /// `trap`, `timeout`, `memory`, `limit`, `quota`, `instantiate`, `kv_unavailable` or
+    /// `quarantined`.
     pub kind: &'static str,
 }
 
@@ -146,6 +163,8 @@ pub struct Metrics {
     registry: Registry,
     /// Requests by route and status class.
     pub requests: Family<RequestLabels, Counter>,
+    /// Requests by route, consumer and status class, where `server.metrics_per_consumer` says.
+    pub consumer_requests: Family<ConsumerRequestLabels, Counter>,
     /// Request latency by route, in seconds.
     pub latency: HistogramFamily<RouteLabels>,
     /// Plugin calls by plugin, route and tenant.
@@ -210,6 +229,12 @@ impl Metrics {
             "http_requests",
             "Requests by route and status class",
             requests.clone(),
+        );
+        let consumer_requests = Family::<ConsumerRequestLabels, Counter>::default();
+        registry.register(
+            "consumer_http_requests",
+            "Requests by route, consumer and status class (with server.metrics_per_consumer)",
+            consumer_requests.clone(),
         );
         let latency: HistogramFamily<RouteLabels> = Family::new_with_constructor(latency_histogram);
         registry.register(
@@ -321,6 +346,7 @@ impl Metrics {
         let mut metrics = Metrics {
             registry,
             requests,
+            consumer_requests,
             latency,
             plugin_calls,
             plugin_latency,
@@ -387,6 +413,17 @@ impl Metrics {
             plugin: plugin.to_owned(),
             tenant: tenant.to_owned(),
         })
+    }
+
+    /// Counts a request on `route` by `consumer` that ended with `status`.
+    pub fn consumer_request(&self, route: &str, consumer: &str, status: u16) {
+        self.consumer_requests
+            .get_or_create(&ConsumerRequestLabels {
+                route: route.to_owned(),
+                consumer: consumer.to_owned(),
+                class: status_class(status),
+            })
+            .inc();
     }
 
     /// The counter of `plugin`'s kv calls that found its `backend` unreachable.

@@ -76,6 +76,7 @@ pub async fn handle(
         grpc_web: grpc_web::is_grpc_web(&parts.headers),
         upgraded: None,
         consumer: None,
+        consumer_metrics: false,
         response_edits: Vec::new(),
     };
     // Read before the edge drops `Connection` and `Upgrade` as hop-by-hop.
@@ -149,6 +150,7 @@ pub async fn handle(
         request_phase(&route, request, body, &mut finish.plugin_time).await;
     finish.request_id = request.id.clone();
     finish.consumer = request.consumer.clone();
+    finish.consumer_metrics = snapshot.server.config.metrics_per_consumer;
     finish.response_edits = std::mem::take(&mut request.response_edits);
     if let Some(consumer) = &request.consumer
         && let Ok(value) = HeaderValue::from_str(consumer)
@@ -505,6 +507,8 @@ pub struct Finish {
     upgraded: Option<Spliced>,
     /// The consumer an auth plugin found.
     consumer: Option<Arc<str>>,
+    /// Whether requests are also counted by consumer (`server.metrics_per_consumer`).
+    consumer_metrics: bool,
     /// Response header edits plugins queued in `on-request`, applied to whatever is answered.
     response_edits: Vec<ResponseEdit>,
 }
@@ -644,6 +648,13 @@ impl Drop for Finish {
             return;
         };
         route.metrics.record(status, latency.as_secs_f64());
+        if self.consumer_metrics
+            && let Some(consumer) = &self.consumer
+        {
+            self.gateway
+                .metrics()
+                .consumer_request(&route.id, consumer, status);
+        }
         let Some(mut request) = self.kept_request.take() else {
             return;
         };

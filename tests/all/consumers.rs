@@ -1,11 +1,12 @@
 //! Consumers and the 0.2.0 world through a real gateway: key-auth finding consumers by their
-//! keys, the consumer name reaching the upstream and the access log, live consumer changes,
+//! keys, the consumer name reaching the upstream, the access log and (where configured) the
+//! metrics, live consumer changes,
 //! config schemas checked before `init`, queued response edits on every answer, and a 0.1.0
 //! component still loading beside 0.2.0 ones.
 
 use http::StatusCode;
 use serde_json::{Value, json};
-use weir_tests::{TestGateway, Upstream, admin_get, all_plugins, node, plugins, yaml};
+use weir_tests::{TestGateway, Upstream, admin_get, all_plugins, get, node, plugins, yaml};
 
 use crate::plugins::get_with;
 
@@ -77,20 +78,26 @@ async fn key_auth_finds_the_consumer_and_the_upstream_and_log_see_its_name() {
     assert_eq!(log[0]["consumer"], "alice");
     assert!(log[1].get("consumer").is_none(), "{}", log[1]);
 
+    // Requests are counted by consumer only where the server section says so.
+    let by_consumer = "weir_consumer_http_requests_total{";
+    let metrics = get(&gateway.admin_url("/metrics")).await.text();
+    assert!(!metrics.contains(by_consumer), "{metrics}");
+
     // Consumers change live: bob's key goes, carol comes, and two consumers sharing a key is
-    // refused for both rather than guessed.
-    gateway
-        .reload(&config(
-            &up,
-            json!([
-                {"name": "alice", "credentials": {"key-auth": {"key": "alice-key"}}},
-                {"name": "carol", "credentials": {"key-auth": {"key": "carol-key"}}},
-                {"name": "dave", "credentials": {"key-auth": {"key": "shared"}}},
-                {"name": "erin", "credentials": {"key-auth": {"key": "shared"}}},
-            ]),
-            key_auth_route(json!({"keys": ["inline-key"]})),
-        ))
-        .await;
+    // refused for both rather than guessed. Counting by consumer is switched on.
+    let mut reloaded: Value = serde_json::from_str(&config(
+        &up,
+        json!([
+            {"name": "alice", "credentials": {"key-auth": {"key": "alice-key"}}},
+            {"name": "carol", "credentials": {"key-auth": {"key": "carol-key"}}},
+            {"name": "dave", "credentials": {"key-auth": {"key": "shared"}}},
+            {"name": "erin", "credentials": {"key-auth": {"key": "shared"}}},
+        ]),
+        key_auth_route(json!({"keys": ["inline-key"]})),
+    ))
+    .unwrap();
+    reloaded["server"] = json!({"metrics_per_consumer": true});
+    gateway.reload(&yaml(reloaded)).await;
     let status = |key: &'static str| {
         let url = gateway.url("/d");
         async move { get_with(&url, &[("x-api-key", key)]).await }
@@ -99,6 +106,17 @@ async fn key_auth_finds_the_consumer_and_the_upstream_and_log_see_its_name() {
     let carol = status("carol-key").await;
     assert_eq!(carol.json()["headers"]["x-consumer-username"], "carol");
     assert_eq!(status("shared").await.status, StatusCode::UNAUTHORIZED);
+    let metrics = get(&gateway.admin_url("/metrics")).await.text();
+    assert!(
+        metrics.contains(
+            r#"weir_consumer_http_requests_total{route="r",consumer="carol",class="2xx"} 1"#
+        ),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains(r#"consumer="bob""#),
+        "a refused key names no consumer: {metrics}"
+    );
 
     let status = admin_get(&gateway.admin_url("/v1/status")).await.json();
     assert_eq!(status["consumers"], 4, "{status}");

@@ -59,6 +59,11 @@ pub struct ServerConfig {
     /// kv call fails, and the plugin's `failure` policy answers.
     #[serde(default = "default_redis_timeout_ms")]
     pub redis_timeout_ms: u64,
+    /// `metrics_per_consumer: true`: also count requests by the consumer an auth plugin found,
+    /// in `weir_consumer_http_requests_total{route, consumer, class}`. That is a series per
+    /// consumer and route, so it is off by default.
+    #[serde(default, skip_serializing_if = "super::is_false")]
+    pub metrics_per_consumer: bool,
 }
 
 /// A network whose `X-Forwarded-*` headers are believed: `10.0.0.0/8`, or one address.
@@ -102,6 +107,7 @@ impl Default for ServerConfig {
             trusted_keys: Vec::new(),
             redis_url: None,
             redis_timeout_ms: default_redis_timeout_ms(),
+            metrics_per_consumer: false,
         }
     }
 }
