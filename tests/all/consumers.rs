@@ -192,13 +192,7 @@ async fn a_route_config_is_checked_against_the_plugins_own_schema_before_init() 
     })))
     .await;
     let errors = gateway.errors();
-    let reason = |id: &str| {
-        errors
-            .iter()
-            .find(|e| e.id == id)
-            .map(|e| e.reason.clone())
-            .unwrap_or_else(|| panic!("route {id} was not refused: {errors:?}"))
-    };
+    let reason = |id: &str| gateway.refusal(id);
     assert!(
         reason("typo").contains("does not match the plugin's schema"),
         "{}",

@@ -135,13 +135,7 @@ async fn a_plugin_that_fails_in_init_is_rejected_when_the_route_loads() {
     })))
     .await;
     let errors = gateway.errors();
-    let reason = |id: &str| {
-        errors
-            .iter()
-            .find(|e| e.id == id)
-            .map(|e| e.reason.clone())
-            .unwrap_or_default()
-    };
+    let reason = |id: &str| gateway.refusal(id);
     assert!(
         reason("init-panics").contains("plugin trapped"),
         "{errors:?}"

@@ -71,14 +71,7 @@ async fn only_modules_a_trusted_key_signed_load() {
     ])))
     .await;
 
-    let errors = gateway.errors();
-    let reason = |id: &str| {
-        errors
-            .iter()
-            .find(|e| e.id == id && e.kind == weir::config::Kind::Plugin)
-            .map(|e| e.reason.clone())
-            .unwrap_or_else(|| panic!("plugin {id} was not refused: {errors:?}"))
-    };
+    let reason = |id: &str| gateway.refusal(id);
     assert!(
         reason("unsigned").contains("not signed"),
         "{}",

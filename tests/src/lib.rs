@@ -427,6 +427,16 @@ impl TestGateway {
         self.running().gateway().snapshot().errors.clone()
     }
 
+    /// Why the object `id` was refused; panics, listing what was refused, if it was not.
+    pub fn refusal(&self, id: &str) -> String {
+        let errors = self.errors();
+        errors
+            .iter()
+            .find(|e| e.id == id)
+            .map(|e| e.reason.clone())
+            .unwrap_or_else(|| panic!("{id} was not refused: {errors:?}"))
+    }
+
     /// Rewrites the config file and waits until a new snapshot is live.
     pub async fn reload(&self, yaml: &str) {
         let before = self.generation();
