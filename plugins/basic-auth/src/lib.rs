@@ -33,6 +33,11 @@ struct Credential {
     password: Option<String>,
 }
 
+/// What an unknown username's password is checked against: argon2id with the default
+/// parameters (those `weir` and the docs make hashes with), so that refusing an unknown user
+/// costs as long as refusing a known one, and the time does not tell which usernames exist.
+const DECOY_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c2l4dGVlbi1ieXRlLXNsdA$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+
 /// The longest `Authorization` header looked at; a longer one is refused unread.
 const MAX_HEADER_BYTES: usize = 4096;
 
@@ -119,7 +124,10 @@ impl BasicAuth {
         let (user, password) = decode(value).ok_or(None)?;
         let consumer = match consumers::lookup("basic-auth", "username", &user) {
             Ok(Some(consumer)) => consumer,
-            Ok(None) => return Err(None),
+            Ok(None) => {
+                let _ = password_matches(&password, DECOY_HASH);
+                return Err(None);
+            }
             // Not granted, or two consumers share the username: never pick one.
             Err(error) => return Err(Some(format!("the consumer lookup failed: {error}"))),
         };
@@ -208,6 +216,14 @@ mod tests {
             .hash_password(password.as_bytes(), &salt)
             .unwrap()
             .to_string()
+    }
+
+    #[test]
+    fn the_decoy_hash_costs_a_real_check() {
+        // A decoy that failed to parse would be refused at once, and the time would tell.
+        assert_eq!(password_matches("anything", DECOY_HASH), Ok(false));
+        let hash = PasswordHash::new(DECOY_HASH).unwrap();
+        assert_eq!(hash.params.get_decimal("m"), Some(19456));
     }
 
     #[test]
