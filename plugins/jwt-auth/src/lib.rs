@@ -37,6 +37,12 @@ struct Config {
     /// `hide_credentials: true`: the upstream never sees the token.
     #[serde(default)]
     hide_credentials: bool,
+    /// `issuer: https://login.example.com`: the token's `iss` must be exactly this.
+    #[serde(default)]
+    issuer: Option<String>,
+    /// `audience: orders-api`: the token's `aud` (a string, or a list of them) must name this.
+    #[serde(default)]
+    audience: Option<String>,
 }
 
 fn default_header() -> Option<String> {
@@ -195,6 +201,8 @@ struct JwtAuth {
     algorithms: Vec<Alg>,
     clock_skew_s: u64,
     hide_credentials: bool,
+    issuer: Option<String>,
+    audience: Option<String>,
 }
 
 /// The JSON object in one base64url part of a token.
@@ -408,6 +416,21 @@ impl JwtAuth {
                 log: None,
             });
         }
+        if let Some(issuer) = &self.issuer
+            && token.claims.get("iss").and_then(Value::as_str) != Some(issuer)
+        {
+            return Err(Refusal::invalid());
+        }
+        if let Some(audience) = &self.audience {
+            let named = match token.claims.get("aud") {
+                Some(Value::String(aud)) => aud == audience,
+                Some(Value::Array(auds)) => auds.iter().any(|a| a.as_str() == Some(audience)),
+                _ => false,
+            };
+            if !named {
+                return Err(Refusal::invalid());
+            }
+        }
         Ok(())
     }
 
@@ -485,6 +508,8 @@ impl Plugin for JwtAuth {
             algorithms: config.algorithms,
             clock_skew_s: config.clock_skew_s,
             hide_credentials: config.hide_credentials,
+            issuer: config.issuer,
+            audience: config.audience,
         })
     }
 
@@ -722,6 +747,36 @@ mod tests {
         check(&strict, &fractional, hs256_credential()).unwrap();
         let text = token(json!({"key": "user-a", "exp": "tomorrow"}));
         assert!(check(&strict, &text, hs256_credential()).is_err());
+    }
+
+    #[test]
+    fn issuer_and_audience_hold_where_the_route_names_them() {
+        let pinned = plugin(json!({"issuer": "https://login.test", "audience": "orders"}));
+        let token = |claims: Value| sign(Algorithm::HS256, &hs256_key(), claims);
+        let good = token(json!({"key": "user-a", "iss": "https://login.test", "aud": "orders"}));
+        check(&pinned, &good, hs256_credential()).unwrap();
+        let listed = token(json!({"key": "user-a", "iss": "https://login.test",
+                                  "aud": ["billing", "orders"]}));
+        check(&pinned, &listed, hs256_credential()).unwrap();
+        for claims in [
+            json!({"key": "user-a", "iss": "https://evil.test", "aud": "orders"}),
+            json!({"key": "user-a", "iss": "https://login.test", "aud": "billing"}),
+            json!({"key": "user-a", "iss": "https://login.test"}),
+            json!({"key": "user-a", "aud": "orders"}),
+            json!({"key": "user-a", "iss": "https://login.test", "aud": [7]}),
+        ] {
+            assert!(
+                check(&pinned, &token(claims.clone()), hs256_credential()).is_err(),
+                "{claims}"
+            );
+        }
+        // Without them, neither claim is looked at.
+        check(
+            &plugin(json!({})),
+            &token(json!({"key": "user-a", "iss": "x"})),
+            hs256_credential(),
+        )
+        .unwrap();
     }
 
     #[test]
