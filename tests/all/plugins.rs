@@ -583,11 +583,24 @@ mod cors {
                      "expose_headers": "x-request-id", "max_age": 600, "allow_credential": true}}]},
                 {"id": "any", "uri": "/any", "upstream_id": "u",
                  "plugins": [{"name": "cors", "config": {}}]},
+                {"id": "guarded", "uri": "/guarded", "upstream_id": "u",
+                 "plugins": [{"name": "cors", "config": {}},
+                             {"name": "key-auth", "config": {"keys": ["k"]}}]},
             ]),
         )
         .await;
         assert!(gateway.errors().is_empty(), "{:?}", gateway.errors());
         let hits = up.hits();
+
+        // A later plugin's refusal carries the headers too, so the page can read why.
+        let refused = super::call_with(
+            Method::GET,
+            &gateway.url("/guarded"),
+            &[("origin", "https://app.example.com")],
+        )
+        .await;
+        assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
+        assert_eq!(refused.header("access-control-allow-origin"), Some("*"));
 
         // A preflight from an allowed origin is answered by the plugin.
         let preflight = super::call_with(

@@ -3,7 +3,7 @@
 
 use regex::Regex;
 use serde::Deserialize;
-use weir_sdk::{Action, Plugin, Reply, Request, Response, Wants};
+use weir_sdk::{Action, Plugin, Reply, Request, Wants, response};
 
 /// `{"allow_origins": "https://app.example.com", "allow_credential": true}`.
 #[derive(Deserialize, schemars::JsonSchema)]
@@ -61,9 +61,6 @@ struct Cors {
 }
 
 const ALL_METHODS: &str = "GET,POST,PUT,DELETE,PATCH,HEAD,OPTIONS,CONNECT,TRACE";
-
-/// The var that tells on-response which origin to allow.
-const ALLOWED: &str = "cors.allow-origin";
 
 /// A comma-separated list, trimmed, without empty items.
 fn list(text: &str) -> Vec<String> {
@@ -155,7 +152,7 @@ impl Plugin for Cors {
     fn wants(&self) -> Wants {
         Wants {
             on_request: true,
-            on_response: true,
+            on_response: false,
             on_log: false,
             request_body: false,
             response_body: false,
@@ -170,8 +167,18 @@ impl Plugin for Cors {
         let preflight =
             req.method() == "OPTIONS" && req.header("access-control-request-method").is_some();
         if !preflight {
+            // Queued for the answer, whoever gives it (the upstream, a later plugin, or the
+            // gateway's own error), so that the browser can read it; no on-response call.
             if let Some(allowed) = allowed {
-                req.set_var(ALLOWED, &allowed);
+                let _ = response::set_header(req, "access-control-allow-origin", &allowed);
+                let _ = response::append_header(req, "vary", "Origin");
+                if !self.expose.is_empty() {
+                    let _ =
+                        response::set_header(req, "access-control-expose-headers", &self.expose);
+                }
+                if self.credentials {
+                    let _ = response::set_header(req, "access-control-allow-credentials", "true");
+                }
             }
             return Action::Continue;
         }
@@ -194,20 +201,6 @@ impl Plugin for Cors {
             }
         }
         Action::Respond(reply)
-    }
-
-    fn on_response(&self, req: &Request, resp: &Response) {
-        let Some(allowed) = req.get_var(ALLOWED) else {
-            return;
-        };
-        let _ = resp.set_header("access-control-allow-origin", &allowed);
-        let _ = resp.append_header("vary", "Origin");
-        if !self.expose.is_empty() {
-            let _ = resp.set_header("access-control-expose-headers", &self.expose);
-        }
-        if self.credentials {
-            let _ = resp.set_header("access-control-allow-credentials", "true");
-        }
     }
 }
 

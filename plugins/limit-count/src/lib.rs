@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use limit_key::{KeySpec, LimitKey};
 use serde::Deserialize;
-use weir_sdk::{Action, Plugin, Reply, Request, Response, Wants, kv};
+use weir_sdk::{Action, Plugin, Reply, Request, Wants, kv, response};
 
 /// `{"count": 100, "window_s": 60, "key": "ip"}`.
 #[derive(Deserialize, schemars::JsonSchema)]
@@ -79,9 +79,6 @@ struct LimitCount {
     show_limit_headers: bool,
     window_type: WindowType,
 }
-
-/// The var that carries what on-request counted to on-response.
-const COUNTED: &str = "limit-count.counted";
 
 /// The longest window: a day.
 const MAX_WINDOW_S: u64 = 86_400;
@@ -169,7 +166,7 @@ impl Plugin for LimitCount {
     fn wants(&self) -> Wants {
         Wants {
             on_request: true,
-            on_response: self.show_limit_headers,
+            on_response: false,
             on_log: false,
             request_body: false,
             response_body: false,
@@ -218,24 +215,11 @@ impl Plugin for LimitCount {
             }
             return Action::Respond(reply);
         }
-        req.set_var(
-            COUNTED,
-            &format!("{} {reset}", self.count.saturating_sub(used)),
-        );
-        Action::Continue
-    }
-
-    fn on_response(&self, req: &Request, resp: &Response) {
-        let Some(counted) = req.get_var(COUNTED) else {
-            return;
-        };
-        let mut fields = counted.split(' ').filter_map(|n| n.parse::<u64>().ok());
-        let (Some(remaining), Some(reset)) = (fields.next(), fields.next()) else {
-            return;
-        };
-        for (name, value) in self.headers(remaining, reset) {
-            let _ = resp.set_header(&name, &value);
+        // Queued for the answer, whoever gives it; no on-response call.
+        for (name, value) in self.headers(self.count.saturating_sub(used), reset) {
+            let _ = response::set_header(req, &name, &value);
         }
+        Action::Continue
     }
 }
 
