@@ -4,11 +4,91 @@
 //! selection never takes a lock. Round robin walks a precomputed smooth-weighted schedule with an
 //! atomic cursor; consistent hashing binary-searches a ring; least-connections reads per-node
 //! in-flight counters that the [`InFlight`] guard keeps.
+//!
+//! Passive health checks ([`Ejection`]) leave a node that keeps failing out of selection for a
+//! while; when every candidate is out, selection ignores ejections (fails open) rather than
+//! leave the upstream with nothing to try.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock};
+use std::time::Instant;
 
-use crate::config::BalancerKind;
+use crate::config::{BalancerKind, PassiveCheck};
+
+static CLOCK_START: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+/// Milliseconds of the gateway's monotonic clock, which ejections are timed by (never 0).
+pub fn now_ms() -> u64 {
+    u64::try_from(CLOCK_START.elapsed().as_millis()).unwrap_or(u64::MAX) + 1
+}
+
+/// The longest an ejection lasts, however often the node was ejected before (unless
+/// `eject_ms` itself is longer).
+const MAX_EJECTION_MS: u64 = 600_000;
+
+/// How one attempt on a node went, as passive health checks judge it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// An answer that is not one of the unhealthy statuses.
+    Success,
+    /// A refused or reset connection, or an unhealthy status.
+    Failure,
+    /// No connection, or no answer, in time.
+    Timeout,
+    /// Not the node's doing (the client's body failed, say): counts for nothing.
+    Neither,
+}
+
+/// Passive health checking of one upstream's nodes, in its runtime form.
+#[derive(Clone, Debug)]
+pub struct Ejection {
+    statuses: Vec<u16>,
+    failures: u32,
+    timeouts: u32,
+    eject_ms: u64,
+    max_ejected_percent: u64,
+}
+
+impl Ejection {
+    /// The runtime form of a validated `checks.passive`.
+    pub fn new(config: &PassiveCheck) -> Self {
+        Ejection {
+            statuses: config.unhealthy.statuses.clone(),
+            failures: config.unhealthy.failures,
+            timeouts: config.unhealthy.timeouts,
+            eject_ms: config.eject_ms,
+            max_ejected_percent: u64::from(config.max_ejected_percent),
+        }
+    }
+
+    /// How an answer with `status` counts.
+    pub fn judge(&self, status: u16) -> Outcome {
+        if self.statuses.contains(&status) {
+            Outcome::Failure
+        } else {
+            Outcome::Success
+        }
+    }
+
+    /// How long the `n`th ejection in a row (from 0) lasts: doubled each time, up to a cap.
+    fn duration_ms(&self, n: u32) -> u64 {
+        let cap = MAX_EJECTION_MS.max(self.eject_ms);
+        self.eject_ms.saturating_mul(1u64 << n.min(20)).min(cap)
+    }
+}
+
+/// What passive health checks know of one node.
+#[derive(Debug, Default)]
+struct Health {
+    /// Failures in a row.
+    failures: AtomicU32,
+    /// Timeouts in a row.
+    timeouts: AtomicU32,
+    /// Until when it is ejected, on [`now_ms`]'s clock; 0 when it never was.
+    ejected_until: AtomicU64,
+    /// Ejections since its last success, which lengthen the next one.
+    ejections: AtomicU32,
+}
 
 /// One backend address and its live counters.
 #[derive(Debug)]
@@ -18,6 +98,7 @@ pub struct Node {
     /// Share of traffic; 0 takes it out of rotation.
     pub weight: u32,
     active: AtomicUsize,
+    health: Health,
 }
 
 impl Node {
@@ -27,12 +108,23 @@ impl Node {
             addr: addr.into(),
             weight,
             active: AtomicUsize::new(0),
+            health: Health::default(),
         }
     }
 
     /// Requests in flight to this node.
     pub fn active(&self) -> usize {
         self.active.load(Ordering::Relaxed)
+    }
+
+    /// How much longer it is ejected at `now_ms`, if it is.
+    pub fn ejected_for_ms(&self, now_ms: u64) -> Option<u64> {
+        let until = self.health.ejected_until.load(Ordering::Relaxed);
+        (until > now_ms).then(|| until - now_ms)
+    }
+
+    fn is_ejected(&self, now_ms: u64) -> bool {
+        self.health.ejected_until.load(Ordering::Relaxed) > now_ms
     }
 }
 
@@ -65,6 +157,7 @@ pub struct NodeSet {
     nodes: Vec<Arc<Node>>,
     strategy: Strategy,
     cursor: AtomicUsize,
+    ejection: Option<Ejection>,
 }
 
 #[derive(Debug)]
@@ -86,6 +179,11 @@ const MAX_RING: u64 = 64 * 1024;
 impl NodeSet {
     /// Builds a set; nodes with weight 0 are kept for display but never selected.
     pub fn new(nodes: Vec<Arc<Node>>, kind: BalancerKind) -> Self {
+        Self::checked(nodes, kind, None)
+    }
+
+    /// Builds a set whose nodes are ejected as `ejection` says (none: never).
+    pub fn checked(nodes: Vec<Arc<Node>>, kind: BalancerKind, ejection: Option<Ejection>) -> Self {
         let strategy = match kind {
             BalancerKind::Roundrobin => Strategy::Schedule(smooth_schedule(&nodes)),
             BalancerKind::Chash => Strategy::Ring(hash_ring(&nodes)),
@@ -95,7 +193,51 @@ impl NodeSet {
             nodes,
             strategy,
             cursor: AtomicUsize::new(0),
+            ejection,
         }
+    }
+
+    /// The set's passive health checking, if it has any.
+    pub fn ejection(&self) -> Option<&Ejection> {
+        self.ejection.as_ref()
+    }
+
+    /// Records how an attempt on node `index` went at `now_ms`. True when this ejected it.
+    pub fn record(&self, index: usize, outcome: Outcome, now_ms: u64) -> bool {
+        let Some(ejection) = &self.ejection else {
+            return false;
+        };
+        let health = &self.nodes[index].health;
+        let (streak, threshold) = match outcome {
+            Outcome::Neither => return false,
+            Outcome::Success => {
+                health.failures.store(0, Ordering::Relaxed);
+                health.timeouts.store(0, Ordering::Relaxed);
+                health.ejections.store(0, Ordering::Relaxed);
+                // A node tried while out (failing open) and found working is back at once.
+                health.ejected_until.store(0, Ordering::Relaxed);
+                return false;
+            }
+            Outcome::Failure => (&health.failures, ejection.failures),
+            Outcome::Timeout => (&health.timeouts, ejection.timeouts),
+        };
+        let count = streak.fetch_add(1, Ordering::Relaxed) + 1;
+        if threshold == 0 || count < threshold || self.nodes[index].is_ejected(now_ms) {
+            return false;
+        }
+        // Never more than the allowed share out at once (two ejections at the same moment can
+        // pass this together; the share is a bound on purpose, not an exact count).
+        let out = self.nodes.iter().filter(|n| n.is_ejected(now_ms)).count() as u64;
+        if (out + 1) * 100 > ejection.max_ejected_percent * self.nodes.len() as u64 {
+            return false;
+        }
+        let n = health.ejections.fetch_add(1, Ordering::Relaxed);
+        health
+            .ejected_until
+            .store(now_ms + ejection.duration_ms(n), Ordering::Relaxed);
+        health.failures.store(0, Ordering::Relaxed);
+        health.timeouts.store(0, Ordering::Relaxed);
+        true
     }
 
     /// Every node, in config order.
@@ -108,17 +250,32 @@ impl NodeSet {
         self.nodes.iter().filter(|n| n.weight > 0).count()
     }
 
-    /// Picks a node, skipping those in `tried`. `key` is the request's hash for a chash set.
-    pub fn select(&self, key: u64, tried: &[usize]) -> Option<usize> {
+    /// Picks a node at `now_ms`, skipping those in `tried` and those ejected; `None` when every
+    /// node was tried. `key` is the request's hash for a chash set. The flag is true when every
+    /// untried node was ejected, so one was picked regardless (failing open).
+    pub fn select(&self, key: u64, tried: &[usize], now_ms: u64) -> Option<(usize, bool)> {
+        let start = self.advance(tried);
+        let healthy = self.pick(key, start, |i| {
+            tried.contains(&i) || self.nodes[i].is_ejected(now_ms)
+        });
+        match healthy {
+            Some(index) => Some((index, false)),
+            None => self
+                .pick(key, start, |i| tried.contains(&i))
+                .map(|index| (index, true)),
+        }
+    }
+
+    /// The first node from `start` (a schedule or scan position) that `skip` does not rule out.
+    fn pick(&self, key: u64, start: usize, skip: impl Fn(usize) -> bool) -> Option<usize> {
         match &self.strategy {
             Strategy::Schedule(schedule) => {
                 if schedule.is_empty() {
                     return None;
                 }
-                let start = self.advance(tried);
                 (0..schedule.len())
                     .map(|i| schedule[(start + i) % schedule.len()])
-                    .find(|n| !tried.contains(n))
+                    .find(|&n| !skip(n))
             }
             Strategy::Ring(ring) => {
                 if ring.is_empty() {
@@ -127,15 +284,14 @@ impl NodeSet {
                 let start = ring.partition_point(|&(point, _)| point < key);
                 (0..ring.len())
                     .map(|i| ring[(start + i) % ring.len()].1)
-                    .find(|n| !tried.contains(n))
+                    .find(|&n| !skip(n))
             }
             Strategy::LeastConn => {
                 // Rotate the scan's start so that ties spread instead of piling onto node 0.
-                let start = self.advance(tried);
                 let len = self.nodes.len();
                 (0..len)
                     .map(|i| (start + i) % len)
-                    .filter(|&i| self.nodes[i].weight > 0 && !tried.contains(&i))
+                    .filter(|&i| self.nodes[i].weight > 0 && !skip(i))
                     .min_by(|&a, &b| {
                         // Compare (active+1)/weight without division.
                         let cost = |i: usize| {
@@ -229,6 +385,13 @@ pub fn hash_key(bytes: &[u8]) -> u64 {
 mod tests {
     use super::*;
 
+    impl NodeSet {
+        /// `select` at time 1, for tests without ejections.
+        fn pick_now(&self, key: u64, tried: &[usize]) -> Option<usize> {
+            self.select(key, tried, 1).map(|(index, _)| index)
+        }
+    }
+
     #[test]
     fn retries_do_not_shift_the_round_robin_schedule() {
         let nodes = vec![Arc::new(Node::new("a", 1)), Arc::new(Node::new("b", 1))];
@@ -236,10 +399,10 @@ mod tests {
         // Node 0 fails every time it is picked; the retry goes to 1.
         let mut first_picks = Vec::new();
         for _ in 0..6 {
-            let first = set.select(0, &[]).unwrap();
+            let first = set.pick_now(0, &[]).unwrap();
             first_picks.push(first);
             if first == 0 {
-                assert_eq!(set.select(0, &[0]), Some(1));
+                assert_eq!(set.pick_now(0, &[0]), Some(1));
             }
         }
         assert_eq!(first_picks, [0, 1, 0, 1, 0, 1]);
@@ -257,7 +420,7 @@ mod tests {
     fn counts(set: &NodeSet, picks: usize, key: impl Fn(usize) -> u64) -> Vec<usize> {
         let mut counts = vec![0; set.nodes().len()];
         for i in 0..picks {
-            counts[set.select(key(i), &[]).unwrap()] += 1;
+            counts[set.pick_now(key(i), &[]).unwrap()] += 1;
         }
         counts
     }
@@ -265,7 +428,7 @@ mod tests {
     #[test]
     fn round_robin_follows_weights_smoothly() {
         let s = set(&[5, 1, 1], BalancerKind::Roundrobin);
-        let first: Vec<_> = (0..7).map(|_| s.select(0, &[]).unwrap()).collect();
+        let first: Vec<_> = (0..7).map(|_| s.pick_now(0, &[]).unwrap()).collect();
         // Nginx's documented order for weights 5,1,1: a a b a c a a.
         assert_eq!(first, vec![0, 0, 1, 0, 2, 0, 0]);
         assert_eq!(counts(&s, 700, |_| 0), vec![500, 100, 100]);
@@ -276,9 +439,9 @@ mod tests {
         let s = set(&[1, 0, 1], BalancerKind::Roundrobin);
         assert_eq!(counts(&s, 100, |_| 0), vec![50, 0, 50]);
         for _ in 0..10 {
-            assert_eq!(s.select(0, &[0]), Some(2));
+            assert_eq!(s.pick_now(0, &[0]), Some(2));
         }
-        assert_eq!(s.select(0, &[0, 2]), None);
+        assert_eq!(s.pick_now(0, &[0, 2]), None);
     }
 
     #[test]
@@ -293,22 +456,28 @@ mod tests {
         let keys: Vec<u64> = (0..2000)
             .map(|i| hash_key(format!("user-{i}").as_bytes()))
             .collect();
-        let before: Vec<_> = keys.iter().map(|k| four.select(*k, &[]).unwrap()).collect();
-        let again: Vec<_> = keys.iter().map(|k| four.select(*k, &[]).unwrap()).collect();
+        let before: Vec<_> = keys
+            .iter()
+            .map(|k| four.pick_now(*k, &[]).unwrap())
+            .collect();
+        let again: Vec<_> = keys
+            .iter()
+            .map(|k| four.pick_now(*k, &[]).unwrap())
+            .collect();
         assert_eq!(before, again);
         let spread = counts(&four, 2000, |i| keys[i]);
         assert!(spread.iter().all(|&c| c > 300), "{spread:?}");
         // Removing node 3 (by weight 0) only moves the keys that were on it.
         let three = set(&[1, 1, 1, 0], BalancerKind::Chash);
         for (k, old) in keys.iter().zip(&before) {
-            let new = three.select(*k, &[]).unwrap();
+            let new = three.pick_now(*k, &[]).unwrap();
             if *old != 3 {
                 assert_eq!(new, *old);
             }
         }
         // A retry moves to another node.
-        let first = four.select(keys[0], &[]).unwrap();
-        assert_ne!(four.select(keys[0], &[first]).unwrap(), first);
+        let first = four.pick_now(keys[0], &[]).unwrap();
+        assert_ne!(four.pick_now(keys[0], &[first]).unwrap(), first);
     }
 
     #[test]
@@ -317,14 +486,121 @@ mod tests {
         let busy: Vec<_> = (0..3).map(|_| InFlight::begin(s.node(0).clone())).collect();
         let also: Vec<_> = (0..2).map(|_| InFlight::begin(s.node(2).clone())).collect();
         // Costs: node0 4/1, node1 1/1, node2 3/2.
-        assert_eq!(s.select(0, &[]), Some(1));
+        assert_eq!(s.pick_now(0, &[]), Some(1));
         let one = InFlight::begin(s.node(1).clone());
         // node1 now 2/1, node2 3/2: node2 wins.
-        assert_eq!(s.select(0, &[]), Some(2));
+        assert_eq!(s.pick_now(0, &[]), Some(2));
         drop((busy, also, one));
         assert_eq!(s.nodes().iter().map(|n| n.active()).sum::<usize>(), 0);
         // All idle with equal weights: ties rotate across nodes.
         let even = set(&[1, 1, 1], BalancerKind::LeastConn);
         assert_eq!(counts(&even, 300, |_| 0), vec![100, 100, 100]);
+    }
+
+    fn passive(failures: u32, timeouts: u32, max_ejected_percent: u8) -> Ejection {
+        Ejection::new(&PassiveCheck {
+            unhealthy: crate::config::PassiveUnhealthy {
+                statuses: vec![502, 503, 504],
+                failures,
+                timeouts,
+            },
+            eject_ms: 1000,
+            max_ejected_percent,
+        })
+    }
+
+    fn checked(n: usize, ejection: Ejection) -> NodeSet {
+        let nodes = (0..n)
+            .map(|i| Arc::new(Node::new(format!("10.0.0.{i}:80"), 1)))
+            .collect();
+        NodeSet::checked(nodes, BalancerKind::Roundrobin, Some(ejection))
+    }
+
+    #[test]
+    fn failures_in_a_row_eject_a_node_and_a_success_breaks_the_streak() {
+        let s = checked(3, passive(3, 2, 50));
+        assert!(!s.record(0, Outcome::Failure, 10));
+        assert!(!s.record(0, Outcome::Failure, 10));
+        assert!(
+            !s.record(0, Outcome::Success, 10),
+            "a success resets the streak"
+        );
+        assert!(!s.record(0, Outcome::Failure, 10));
+        assert!(!s.record(0, Outcome::Failure, 10));
+        assert!(!s.record(0, Outcome::Neither, 10), "not the node's doing");
+        assert!(s.record(0, Outcome::Failure, 10));
+        assert_eq!(s.node(0).ejected_for_ms(10), Some(1000));
+        // While it is out, it is never picked; the others share its traffic.
+        for _ in 0..20 {
+            let (index, failed_open) = s.select(0, &[], 500).unwrap();
+            assert_ne!(index, 0);
+            assert!(!failed_open);
+        }
+        // Its time up, it is back.
+        assert_eq!(s.node(0).ejected_for_ms(1010), None);
+        assert!((0..3).any(|_| s.select(0, &[], 1010).unwrap().0 == 0));
+        // Timeouts count on their own streak; with node 0 out, a second node would be more
+        // than half of three.
+        assert!(!s.record(1, Outcome::Timeout, 20));
+        assert!(!s.record(1, Outcome::Timeout, 20), "over the share");
+        assert!(
+            s.record(1, Outcome::Timeout, 2000),
+            "node 0 is back: within the share"
+        );
+        assert_eq!(
+            (
+                s.node(0).ejected_for_ms(2000),
+                s.node(1).ejected_for_ms(2000)
+            ),
+            (None, Some(1000))
+        );
+    }
+
+    #[test]
+    fn a_repeat_ejection_lasts_twice_as_long_until_a_success() {
+        let s = checked(2, passive(1, 0, 50));
+        assert!(s.record(0, Outcome::Failure, 1));
+        assert_eq!(s.node(0).ejected_for_ms(1), Some(1000));
+        assert!(s.record(0, Outcome::Failure, 2000));
+        assert_eq!(s.node(0).ejected_for_ms(2000), Some(2000));
+        assert!(s.record(0, Outcome::Failure, 5000));
+        assert_eq!(s.node(0).ejected_for_ms(5000), Some(4000));
+        assert!(
+            !s.record(0, Outcome::Timeout, 10_000),
+            "timeouts: 0 never ejects"
+        );
+        s.record(0, Outcome::Success, 10_000);
+        assert!(s.record(0, Outcome::Failure, 10_001));
+        assert_eq!(s.node(0).ejected_for_ms(10_001), Some(1000));
+        // The doubling stops at the cap.
+        assert_eq!(passive(1, 1, 50).duration_ms(40), MAX_EJECTION_MS);
+    }
+
+    #[test]
+    fn no_more_than_the_share_is_ejected_and_an_all_out_set_fails_open() {
+        let s = checked(4, passive(1, 1, 50));
+        assert!(s.record(0, Outcome::Failure, 1));
+        assert!(s.record(1, Outcome::Failure, 1));
+        assert!(!s.record(2, Outcome::Failure, 1), "half are out already");
+        assert_eq!(s.node(2).ejected_for_ms(1), None);
+        // With the share at 100%, every node can go; then one is tried regardless.
+        let all = checked(2, passive(1, 1, 100));
+        assert!(all.record(0, Outcome::Failure, 1));
+        assert!(all.record(1, Outcome::Failure, 1));
+        let (first, failed_open) = all.select(0, &[], 2).unwrap();
+        assert!(failed_open);
+        assert_eq!(all.select(0, &[first], 2).map(|(i, _)| i), Some(1 - first));
+        assert_eq!(all.select(0, &[0, 1], 2), None);
+        // A node tried while out and found working is back at once.
+        all.record(first, Outcome::Success, 3);
+        assert_eq!(all.select(0, &[], 3), Some((first, false)));
+    }
+
+    #[test]
+    fn statuses_are_judged_by_the_configured_list() {
+        let e = passive(1, 1, 50);
+        assert_eq!(e.judge(503), Outcome::Failure);
+        assert_eq!(e.judge(500), Outcome::Success);
+        assert_eq!(e.judge(200), Outcome::Success);
     }
 }

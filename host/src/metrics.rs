@@ -109,6 +109,22 @@ pub struct UpstreamFailureLabels {
     pub kind: &'static str,
 }
 
+/// Labels of `weir_upstream_ejections_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EjectionLabels {
+    /// The upstream id.
+    pub upstream: String,
+    /// The node, `host:port`.
+    pub node: String,
+}
+
+/// Labels of `weir_upstream_fail_open_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    /// The upstream id.
+    pub upstream: String,
+}
+
 /// Labels of the per-listener connection metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ListenerLabels {
@@ -191,6 +207,10 @@ pub struct Metrics {
     pub module_loads: Family<ModuleLoadLabels, Counter>,
     /// Failed attempts to reach an upstream's nodes, by kind.
     pub upstream_failures: Family<UpstreamFailureLabels, Counter>,
+    /// Nodes ejected by passive health checks, by upstream and node.
+    pub upstream_ejections: Family<EjectionLabels, Counter>,
+    /// Picks made among ejected nodes because every candidate was ejected, by upstream.
+    pub upstream_fail_open: Family<UpstreamLabels, Counter>,
     /// Client connections open now, by listener.
     pub connections_open: Family<ListenerLabels, Gauge>,
     /// Client connections closed at accept because `server.max_connections` were open.
@@ -301,6 +321,18 @@ impl Metrics {
             "Full re-reads of the config store after a compaction",
             store_resyncs.clone(),
         );
+        let upstream_ejections = Family::<EjectionLabels, Counter>::default();
+        registry.register(
+            "upstream_ejections",
+            "Nodes ejected by passive health checks",
+            upstream_ejections.clone(),
+        );
+        let upstream_fail_open = Family::<UpstreamLabels, Counter>::default();
+        registry.register(
+            "upstream_fail_open",
+            "Requests sent to an ejected node because every candidate node was ejected",
+            upstream_fail_open.clone(),
+        );
         let upstream_failures = Family::<UpstreamFailureLabels, Counter>::default();
         registry.register(
             "upstream_failures",
@@ -360,6 +392,8 @@ impl Metrics {
             store_resyncs,
             module_loads,
             upstream_failures,
+            upstream_ejections,
+            upstream_fail_open,
             connections_open,
             connections_refused,
             client_timeouts,
@@ -370,6 +404,24 @@ impl Metrics {
         };
         metrics.unrouted = metrics.route("none");
         metrics
+    }
+
+    /// The counter of `upstream`'s failed attempts of `kind`.
+    /// The counter of `node`'s ejections from `upstream`.
+    pub fn upstream_ejections(&self, upstream: &str, node: &str) -> Counter {
+        self.upstream_ejections
+            .get_or_create_owned(&EjectionLabels {
+                upstream: upstream.to_owned(),
+                node: node.to_owned(),
+            })
+    }
+
+    /// The counter of `upstream`'s picks made among ejected nodes.
+    pub fn upstream_fail_open(&self, upstream: &str) -> Counter {
+        self.upstream_fail_open
+            .get_or_create_owned(&UpstreamLabels {
+                upstream: upstream.to_owned(),
+            })
     }
 
     /// The counter of `upstream`'s failed attempts of `kind`.

@@ -454,6 +454,7 @@ impl BuildContext<'_> {
                 tls: None,
                 timeout: Timeouts::default(),
                 retries: None,
+                checks: Default::default(),
             };
             let upstream = match previous.services.get(name) {
                 Some(old) if old.config == config => old.clone(),

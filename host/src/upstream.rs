@@ -28,7 +28,7 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::balancer::{InFlight, Node, NodeSet};
+use crate::balancer::{self, Ejection, InFlight, Node, NodeSet, Outcome};
 use crate::body::{BodyError, ClientBody, ProxyBody, reached_end};
 use crate::config::{Scheme, UpstreamConfig, UpstreamTls};
 use crate::metrics::Metrics;
@@ -53,6 +53,9 @@ pub struct Upstream {
     connections: Vec<Arc<NodeConnections>>,
     attempts: usize,
     failures: FailureCounters,
+    /// `weir_upstream_ejections_total`, per node in the order of `nodes`.
+    ejections: Vec<Counter>,
+    fail_open: Counter,
 }
 
 impl Upstream {
@@ -73,7 +76,8 @@ impl Upstream {
                 ))
             })
             .collect();
-        let nodes = NodeSet::new(nodes, config.balancer);
+        let ejection = config.checks.passive.as_ref().map(Ejection::new);
+        let nodes = NodeSet::checked(nodes, config.balancer, ejection);
         let send_stall = Duration::from_millis(config.timeout.send_ms);
         let connections = config
             .nodes
@@ -96,13 +100,33 @@ impl Upstream {
         let others = nodes.selectable().saturating_sub(1);
         let retries = config.retries.map_or(others, |r| r as usize);
         let failures = FailureCounters::new(metrics, &config.id);
+        let ejections = nodes
+            .nodes()
+            .iter()
+            .map(|node| metrics.upstream_ejections(&config.id, &node.addr))
+            .collect();
+        let fail_open = metrics.upstream_fail_open(&config.id);
         Ok(Upstream {
             config,
             nodes,
             connections,
             attempts: retries + 1,
             failures,
+            ejections,
+            fail_open,
         })
+    }
+
+    /// Tells passive health checks how an attempt on node `index` went.
+    fn judge(&self, index: usize, outcome: Outcome) {
+        if self.nodes.ejection().is_none() {
+            return;
+        }
+        if self.nodes.record(index, outcome, balancer::now_ms()) {
+            self.ejections[index].inc();
+            let node = &self.nodes.node(index).addr;
+            tracing::warn!(upstream = %self.config.id, %node, "node ejected by passive health checks");
+        }
     }
 
     fn connect_timeout(&self) -> Duration {
@@ -425,6 +449,17 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
+    /// How the failure counts against its node, for passive health checks.
+    fn outcome(&self) -> Outcome {
+        match self {
+            UpstreamError::Connect { .. } | UpstreamError::Failed { .. } => Outcome::Failure,
+            UpstreamError::ConnectTimeout { .. }
+            | UpstreamError::Timeout { .. }
+            | UpstreamError::SendTimeout { .. } => Outcome::Timeout,
+            UpstreamError::NoNodes | UpstreamError::RequestBody { .. } => Outcome::Neither,
+        }
+    }
+
     /// Whether the client should get 504 rather than 502.
     pub fn is_timeout(&self) -> bool {
         matches!(
@@ -699,18 +734,28 @@ pub async fn send(
     let mut tried = Vec::new();
     let mut last_error = UpstreamError::NoNodes;
     for number in 0..upstream.attempts {
-        let Some(index) = upstream.nodes.select(key, &tried) else {
+        let Some((index, failed_open)) = upstream.nodes.select(key, &tried, balancer::now_ms())
+        else {
             break;
         };
+        if failed_open {
+            upstream.fail_open.inc();
+        }
         tried.push(index);
         let node = upstream.nodes.node(index).clone();
         let in_flight = InFlight::begin(node.clone());
         let last = number + 1 == upstream.attempts;
         let error = match attempt.on(index, &node, last).await {
-            Ok(response) => return Ok((response, in_flight)),
+            Ok(response) => {
+                if let Some(ejection) = upstream.nodes.ejection() {
+                    upstream.judge(index, ejection.judge(response.status().as_u16()));
+                }
+                return Ok((response, in_flight));
+            }
             Err(error) => error,
         };
         upstream.failures.record(&error);
+        upstream.judge(index, error.outcome());
         tracing::debug!(node = %node.addr, %error, "upstream attempt failed");
         let again = match &error {
             UpstreamError::Connect { .. } | UpstreamError::ConnectTimeout { .. } => true,

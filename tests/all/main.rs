@@ -17,6 +17,7 @@ mod module_cache;
 mod observability;
 mod plugins;
 mod reload;
+mod resilience;
 mod routing;
 mod sandbox;
 mod signing;

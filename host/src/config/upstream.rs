@@ -35,6 +35,93 @@ pub struct UpstreamConfig {
     /// By default, one per other node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retries: Option<u32>,
+    /// `checks: {passive: {..}}`: how the gateway tells that a node is unwell, and leaves it
+    /// out of rotation for a while.
+    #[serde(default, skip_serializing_if = "HealthChecks::is_empty")]
+    pub checks: HealthChecks,
+}
+
+/// An upstream's health checks.
+#[derive(
+    Clone, Debug, Default, PartialEq, Eq, Hash, Deserialize, Serialize, schemars::JsonSchema,
+)]
+#[serde(deny_unknown_fields)]
+pub struct HealthChecks {
+    /// `passive: {unhealthy: {statuses: [502, 503, 504], failures: 5, timeouts: 3},
+    /// eject_ms: 30000}`: judged on real traffic; a node that fails too often in a row is
+    /// ejected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub passive: Option<PassiveCheck>,
+}
+
+impl HealthChecks {
+    fn is_empty(&self) -> bool {
+        self.passive.is_none()
+    }
+}
+
+/// Outlier ejection on real traffic.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Deserialize, Serialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PassiveCheck {
+    /// What makes a node unhealthy, in a row.
+    #[serde(default)]
+    pub unhealthy: PassiveUnhealthy,
+    /// `eject_ms: 30000`: how long an ejected node is left out; doubled each time it is
+    /// ejected again (up to 10 minutes, or `eject_ms` if longer), reset by a success.
+    #[serde(default = "default_eject_ms")]
+    pub eject_ms: u64,
+    /// `max_ejected_percent: 50`: never more of the upstream's nodes than this are out at once,
+    /// so that an outage of every node is still tried rather than answered by the gateway.
+    #[serde(default = "default_max_ejected_percent")]
+    pub max_ejected_percent: u8,
+}
+
+/// The consecutive outcomes that eject a node.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Deserialize, Serialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PassiveUnhealthy {
+    /// `statuses: [502, 503, 504]`: answers that count as failures.
+    #[serde(default = "default_unhealthy_statuses")]
+    pub statuses: Vec<u16>,
+    /// `failures: 5`: failures in a row (a refused or reset connection, or a status above)
+    /// that eject the node; 0 never does.
+    #[serde(default = "default_unhealthy_failures")]
+    pub failures: u32,
+    /// `timeouts: 3`: timeouts in a row (connecting, or waiting for the answer) that eject it;
+    /// 0 never does.
+    #[serde(default = "default_unhealthy_timeouts")]
+    pub timeouts: u32,
+}
+
+impl Default for PassiveUnhealthy {
+    fn default() -> Self {
+        PassiveUnhealthy {
+            statuses: default_unhealthy_statuses(),
+            failures: default_unhealthy_failures(),
+            timeouts: default_unhealthy_timeouts(),
+        }
+    }
+}
+
+fn default_eject_ms() -> u64 {
+    30_000
+}
+
+fn default_max_ejected_percent() -> u8 {
+    50
+}
+
+fn default_unhealthy_statuses() -> Vec<u16> {
+    vec![502, 503, 504]
+}
+
+fn default_unhealthy_failures() -> u32 {
+    5
+}
+
+fn default_unhealthy_timeouts() -> u32 {
+    3
 }
 
 /// A backend address.
@@ -322,6 +409,26 @@ impl ConfigObject for UpstreamConfig {
             );
         }
         let _ = MAX_TIMEOUT_MS;
+        if let Some(passive) = &self.checks.passive {
+            checks.check(
+                "/checks/passive/eject_ms",
+                check_timeout("checks.passive.eject_ms", passive.eject_ms),
+            );
+            if passive.max_ejected_percent > 100 {
+                checks.fail(
+                    "/checks/passive/max_ejected_percent",
+                    "max_ejected_percent is a share of the nodes, 0 to 100",
+                );
+            }
+            for (index, status) in passive.unhealthy.statuses.iter().enumerate() {
+                if !(100..=599).contains(status) {
+                    checks.fail(
+                        format!("/checks/passive/unhealthy/statuses/{index}"),
+                        format!("{status} is not an HTTP status"),
+                    );
+                }
+            }
+        }
         if self.tls.is_some() && !self.scheme.is_tls() {
             checks.fail("/tls", "`tls` applies to scheme https or grpcs");
         }

@@ -870,6 +870,7 @@ mod tests {
                         tls: None,
                         timeout: Default::default(),
                         retries: None,
+                        checks: Default::default(),
                     };
                     let metrics = crate::metrics::Metrics::new();
                     let pool = crate::upstream::ClientPool::default();

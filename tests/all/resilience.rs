@@ -1,0 +1,150 @@
+//! Upstream resilience through a real gateway: passive health checks eject a node that keeps
+//! failing on real traffic, never more than the allowed share of nodes, and an upstream whose
+//! every node is out is still tried (failing open) rather than answered by the gateway.
+
+use http::StatusCode;
+use serde_json::{Value, json};
+use weir_tests::{Behaviour, TestGateway, Upstream, get, metric, node, yaml};
+
+/// A gateway with one route `/` to upstream `u` of `nodes`, checked passively as `passive` says.
+async fn gateway(nodes: Vec<Value>, passive: Value) -> TestGateway {
+    let gateway = TestGateway::start(&yaml(json!({
+        "upstreams": [{"id": "u", "nodes": nodes, "checks": {"passive": passive}}],
+        "routes": [{"id": "r", "uri": "/*", "upstream_id": "u"}],
+    })))
+    .await;
+    assert!(gateway.errors().is_empty(), "{:?}", gateway.errors());
+    gateway
+}
+
+async fn failing(name: &str) -> Upstream {
+    Upstream::start_with(
+        name,
+        Behaviour {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            ..Behaviour::default()
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_answering_503_is_ejected_after_its_failures_in_a_row() {
+    let (good, bad) = (Upstream::start("good").await, failing("bad").await);
+    let gateway = gateway(
+        vec![node(&good), node(&bad)],
+        json!({"unhealthy": {"failures": 3}, "eject_ms": 600000}),
+    )
+    .await;
+    let mut statuses = Vec::new();
+    for _ in 0..20 {
+        statuses.push(get(&gateway.url("/x")).await.status);
+    }
+    // Round robin alternates; the bad node's third 503 in a row ejects it, and the rest go to
+    // the good one. A 503 is the node's answer: it goes back to the client, not retried.
+    let unavailable = statuses
+        .iter()
+        .filter(|s| **s == StatusCode::SERVICE_UNAVAILABLE)
+        .count();
+    assert_eq!(unavailable, 3, "{statuses:?}");
+    assert_eq!(bad.hits(), 3);
+    assert_eq!(good.hits(), 17);
+    let ejections = format!(
+        r#"weir_upstream_ejections_total{{upstream="u",node="127.0.0.1:{}"}}"#,
+        bad.port()
+    );
+    assert_eq!(
+        metric(&gateway.admin_url("/metrics"), &ejections).await,
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_node_is_ejected_and_then_no_longer_dialled() {
+    let good = Upstream::start("good").await;
+    // A port nothing listens on: every connection is refused (and retried on the good node).
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let gateway = gateway(
+        vec![node(&good), json!({"host": "127.0.0.1", "port": closed})],
+        json!({"unhealthy": {"failures": 2}, "eject_ms": 600000}),
+    )
+    .await;
+    let refused = r#"weir_upstream_failures_total{upstream="u",kind="connect"}"#;
+    for _ in 0..20 {
+        assert_eq!(get(&gateway.url("/x")).await.status, StatusCode::OK);
+    }
+    // Two refusals in a row eject it; from then on it is not dialled at all.
+    assert_eq!(metric(&gateway.admin_url("/metrics"), refused).await, 2.0);
+    assert_eq!(good.hits(), 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_every_node_failing_requests_still_reach_the_upstream() {
+    let (a, b) = (failing("a").await, failing("b").await);
+    // At most half the nodes may be out: one is ejected, the other keeps being tried.
+    let half = gateway(
+        vec![node(&a), node(&b)],
+        json!({"unhealthy": {"failures": 1}, "eject_ms": 600000}),
+    )
+    .await;
+    for _ in 0..10 {
+        let reply = get(&half.url("/x")).await;
+        assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            reply.header("x-upstream").is_some(),
+            "the upstream's own answer, not the gateway's"
+        );
+    }
+    let hits_before = a.hits() + b.hits();
+    assert_eq!(hits_before, 10);
+
+    // Even with every node allowed out, a request is sent to one of them (failing open), and
+    // that is counted.
+    let all = gateway(
+        vec![node(&a), node(&b)],
+        json!({"unhealthy": {"failures": 1}, "eject_ms": 600000, "max_ejected_percent": 100}),
+    )
+    .await;
+    for _ in 0..10 {
+        let reply = get(&all.url("/x")).await;
+        assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(reply.header("x-upstream").is_some());
+    }
+    assert_eq!(a.hits() + b.hits() - hits_before, 10);
+    let opened = metric(
+        &all.admin_url("/metrics"),
+        r#"weir_upstream_fail_open_total{upstream="u"}"#,
+    )
+    .await;
+    assert_eq!(opened, 8.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_passive_checks_are_refused_at_their_field() {
+    let up = Upstream::start("u").await;
+    let gateway = TestGateway::start(&yaml(json!({
+        "upstreams": [
+            {"id": "share", "nodes": [node(&up)],
+             "checks": {"passive": {"max_ejected_percent": 150}}},
+            {"id": "status", "nodes": [node(&up)],
+             "checks": {"passive": {"unhealthy": {"statuses": [5030]}}}},
+            {"id": "eject", "nodes": [node(&up)], "checks": {"passive": {"eject_ms": 0}}},
+            {"id": "typo", "nodes": [node(&up)], "checks": {"pasive": {}}},
+        ],
+    })))
+    .await;
+    for (id, expected) in [
+        ("share", "/checks/passive/max_ejected_percent"),
+        ("status", "/checks/passive/unhealthy/statuses/0"),
+        ("eject", "/checks/passive/eject_ms"),
+        ("typo", "pasive"),
+    ] {
+        let reason = gateway.refusal(id);
+        assert!(reason.contains(expected), "{id}: {reason}");
+    }
+}
