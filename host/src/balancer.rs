@@ -9,11 +9,11 @@
 //! while; when every candidate is out, selection ignores ejections (fails open) rather than
 //! leave the upstream with nothing to try.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Instant;
 
-use crate::config::{BalancerKind, PassiveCheck};
+use crate::config::{ActiveCheck, BalancerKind, PassiveCheck};
 
 static CLOCK_START: LazyLock<Instant> = LazyLock::new(Instant::now);
 
@@ -77,9 +77,34 @@ impl Ejection {
     }
 }
 
-/// What passive health checks know of one node.
+/// The thresholds of active health checks, in their runtime form.
+#[derive(Clone, Debug)]
+pub struct Probing {
+    successes: u32,
+    failures: u32,
+    timeouts: u32,
+}
+
+impl Probing {
+    /// The thresholds of a validated `checks.active`.
+    pub fn new(config: &ActiveCheck) -> Self {
+        Probing {
+            successes: config.healthy.successes,
+            failures: config.unhealthy.failures,
+            timeouts: config.unhealthy.timeouts,
+        }
+    }
+}
+
+/// What health checks know of one node.
 #[derive(Debug, Default)]
 struct Health {
+    /// Set while active probes find it unhealthy.
+    down: AtomicBool,
+    /// Probes in a row that succeeded, failed or timed out.
+    probe_successes: AtomicU32,
+    probe_failures: AtomicU32,
+    probe_timeouts: AtomicU32,
     /// Failures in a row.
     failures: AtomicU32,
     /// Timeouts in a row.
@@ -99,6 +124,8 @@ pub struct Node {
     pub weight: u32,
     active: AtomicUsize,
     health: Health,
+    /// Why its last probe failed, if it did.
+    last_probe_error: std::sync::Mutex<Option<String>>,
 }
 
 impl Node {
@@ -109,7 +136,21 @@ impl Node {
             weight,
             active: AtomicUsize::new(0),
             health: Health::default(),
+            last_probe_error: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Why its last probe failed, if it did.
+    pub fn last_probe_error(&self) -> Option<String> {
+        self.last_probe_error
+            .lock()
+            .expect("probe error lock")
+            .clone()
+    }
+
+    /// Remembers how its last probe went.
+    pub fn set_last_probe_error(&self, error: Option<String>) {
+        *self.last_probe_error.lock().expect("probe error lock") = error;
     }
 
     /// Requests in flight to this node.
@@ -125,6 +166,16 @@ impl Node {
 
     fn is_ejected(&self, now_ms: u64) -> bool {
         self.health.ejected_until.load(Ordering::Relaxed) > now_ms
+    }
+
+    /// Whether active probes find it healthy (true when it is not probed).
+    pub fn is_up(&self) -> bool {
+        !self.health.down.load(Ordering::Relaxed)
+    }
+
+    /// Whether selection leaves it out at `now_ms`.
+    fn is_out(&self, now_ms: u64) -> bool {
+        !self.is_up() || self.is_ejected(now_ms)
     }
 }
 
@@ -158,6 +209,7 @@ pub struct NodeSet {
     strategy: Strategy,
     cursor: AtomicUsize,
     ejection: Option<Ejection>,
+    probing: Option<Probing>,
 }
 
 #[derive(Debug)]
@@ -179,11 +231,17 @@ const MAX_RING: u64 = 64 * 1024;
 impl NodeSet {
     /// Builds a set; nodes with weight 0 are kept for display but never selected.
     pub fn new(nodes: Vec<Arc<Node>>, kind: BalancerKind) -> Self {
-        Self::checked(nodes, kind, None)
+        Self::checked(nodes, kind, None, None)
     }
 
-    /// Builds a set whose nodes are ejected as `ejection` says (none: never).
-    pub fn checked(nodes: Vec<Arc<Node>>, kind: BalancerKind, ejection: Option<Ejection>) -> Self {
+    /// Builds a set whose nodes are ejected as `ejection` says and taken out and back as the
+    /// probes `probing` judges say (none: never).
+    pub fn checked(
+        nodes: Vec<Arc<Node>>,
+        kind: BalancerKind,
+        ejection: Option<Ejection>,
+        probing: Option<Probing>,
+    ) -> Self {
         let strategy = match kind {
             BalancerKind::Roundrobin => Strategy::Schedule(smooth_schedule(&nodes)),
             BalancerKind::Chash => Strategy::Ring(hash_ring(&nodes)),
@@ -194,7 +252,42 @@ impl NodeSet {
             strategy,
             cursor: AtomicUsize::new(0),
             ejection,
+            probing,
         }
+    }
+
+    /// Records a probe of node `index`; `Some(healthy)` when this changed its state.
+    pub fn observe(&self, index: usize, outcome: Outcome) -> Option<bool> {
+        let probing = self.probing.as_ref()?;
+        let health = &self.nodes[index].health;
+        let (streak, threshold, healthy) = match outcome {
+            Outcome::Neither => return None,
+            Outcome::Success => {
+                health.probe_failures.store(0, Ordering::Relaxed);
+                health.probe_timeouts.store(0, Ordering::Relaxed);
+                (&health.probe_successes, probing.successes, true)
+            }
+            Outcome::Failure => {
+                health.probe_successes.store(0, Ordering::Relaxed);
+                (&health.probe_failures, probing.failures, false)
+            }
+            Outcome::Timeout => {
+                health.probe_successes.store(0, Ordering::Relaxed);
+                (&health.probe_timeouts, probing.timeouts, false)
+            }
+        };
+        let count = streak.fetch_add(1, Ordering::Relaxed) + 1;
+        let was_up = self.nodes[index].is_up();
+        if healthy == was_up || threshold == 0 || count < threshold {
+            return None;
+        }
+        health.down.store(!healthy, Ordering::Relaxed);
+        if healthy {
+            // Back by its probes: whatever passive checks held against it is forgiven too.
+            health.ejected_until.store(0, Ordering::Relaxed);
+            health.ejections.store(0, Ordering::Relaxed);
+        }
+        Some(healthy)
     }
 
     /// The set's passive health checking, if it has any.
@@ -256,7 +349,7 @@ impl NodeSet {
     pub fn select(&self, key: u64, tried: &[usize], now_ms: u64) -> Option<(usize, bool)> {
         let start = self.advance(tried);
         let healthy = self.pick(key, start, |i| {
-            tried.contains(&i) || self.nodes[i].is_ejected(now_ms)
+            tried.contains(&i) || self.nodes[i].is_out(now_ms)
         });
         match healthy {
             Some(index) => Some((index, false)),
@@ -513,7 +606,7 @@ mod tests {
         let nodes = (0..n)
             .map(|i| Arc::new(Node::new(format!("10.0.0.{i}:80"), 1)))
             .collect();
-        NodeSet::checked(nodes, BalancerKind::Roundrobin, Some(ejection))
+        NodeSet::checked(nodes, BalancerKind::Roundrobin, Some(ejection), None)
     }
 
     #[test]
@@ -602,5 +695,46 @@ mod tests {
         assert_eq!(e.judge(503), Outcome::Failure);
         assert_eq!(e.judge(500), Outcome::Success);
         assert_eq!(e.judge(200), Outcome::Success);
+    }
+
+    #[test]
+    fn probes_take_a_node_out_and_bring_it_back() {
+        let probing = Probing {
+            successes: 2,
+            failures: 3,
+            timeouts: 2,
+        };
+        let nodes = (0..2)
+            .map(|i| Arc::new(Node::new(format!("10.0.0.{i}:80"), 1)))
+            .collect();
+        let s = NodeSet::checked(nodes, BalancerKind::Roundrobin, None, Some(probing));
+        assert_eq!(s.observe(0, Outcome::Failure), None);
+        assert_eq!(s.observe(0, Outcome::Failure), None);
+        assert_eq!(
+            s.observe(0, Outcome::Success),
+            None,
+            "a success breaks the streak"
+        );
+        assert_eq!(s.observe(0, Outcome::Timeout), None);
+        assert_eq!(s.observe(0, Outcome::Timeout), Some(false));
+        assert!(!s.node(0).is_up());
+        assert!((0..10).all(|_| s.select(0, &[], 1) == Some((1, false))));
+        assert_eq!(s.observe(0, Outcome::Timeout), None, "already out");
+        assert_eq!(s.observe(0, Outcome::Success), None);
+        assert_eq!(
+            s.observe(0, Outcome::Failure),
+            None,
+            "a failure breaks the way back"
+        );
+        assert_eq!(s.observe(0, Outcome::Success), None);
+        assert_eq!(s.observe(0, Outcome::Success), Some(true));
+        assert!(s.node(0).is_up());
+        assert!((0..4).any(|_| s.select(0, &[], 1) == Some((0, false))));
+        // With both out, one is still tried.
+        for _ in 0..2 {
+            s.observe(0, Outcome::Timeout);
+            s.observe(1, Outcome::Timeout);
+        }
+        assert_eq!(s.select(0, &[], 1).map(|(_, open)| open), Some(true));
     }
 }

@@ -109,9 +109,10 @@ pub struct UpstreamFailureLabels {
     pub kind: &'static str,
 }
 
-/// Labels of `weir_upstream_ejections_total`.
+/// Labels of the per-node upstream metrics (`weir_upstream_ejections_total`,
+/// `weir_upstream_node_healthy`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct EjectionLabels {
+pub struct NodeLabels {
     /// The upstream id.
     pub upstream: String,
     /// The node, `host:port`.
@@ -208,7 +209,9 @@ pub struct Metrics {
     /// Failed attempts to reach an upstream's nodes, by kind.
     pub upstream_failures: Family<UpstreamFailureLabels, Counter>,
     /// Nodes ejected by passive health checks, by upstream and node.
-    pub upstream_ejections: Family<EjectionLabels, Counter>,
+    pub upstream_ejections: Family<NodeLabels, Counter>,
+    /// 1 while active probes find a node healthy, 0 while they do not.
+    pub upstream_node_healthy: Family<NodeLabels, Gauge>,
     /// Picks made among ejected nodes because every candidate was ejected, by upstream.
     pub upstream_fail_open: Family<UpstreamLabels, Counter>,
     /// Client connections open now, by listener.
@@ -321,11 +324,17 @@ impl Metrics {
             "Full re-reads of the config store after a compaction",
             store_resyncs.clone(),
         );
-        let upstream_ejections = Family::<EjectionLabels, Counter>::default();
+        let upstream_ejections = Family::<NodeLabels, Counter>::default();
         registry.register(
             "upstream_ejections",
             "Nodes ejected by passive health checks",
             upstream_ejections.clone(),
+        );
+        let upstream_node_healthy = Family::<NodeLabels, Gauge>::default();
+        registry.register(
+            "upstream_node_healthy",
+            "1 while active health checks find a node healthy, 0 while they do not",
+            upstream_node_healthy.clone(),
         );
         let upstream_fail_open = Family::<UpstreamLabels, Counter>::default();
         registry.register(
@@ -393,6 +402,7 @@ impl Metrics {
             module_loads,
             upstream_failures,
             upstream_ejections,
+            upstream_node_healthy,
             upstream_fail_open,
             connections_open,
             connections_refused,
@@ -409,11 +419,18 @@ impl Metrics {
     /// The counter of `upstream`'s failed attempts of `kind`.
     /// The counter of `node`'s ejections from `upstream`.
     pub fn upstream_ejections(&self, upstream: &str, node: &str) -> Counter {
-        self.upstream_ejections
-            .get_or_create_owned(&EjectionLabels {
-                upstream: upstream.to_owned(),
-                node: node.to_owned(),
-            })
+        self.upstream_ejections.get_or_create_owned(&NodeLabels {
+            upstream: upstream.to_owned(),
+            node: node.to_owned(),
+        })
+    }
+
+    /// The gauge of whether `node` of `upstream` is healthy by its probes.
+    pub fn upstream_node_healthy(&self, upstream: &str, node: &str) -> Gauge {
+        self.upstream_node_healthy.get_or_create_owned(&NodeLabels {
+            upstream: upstream.to_owned(),
+            node: node.to_owned(),
+        })
     }
 
     /// The counter of `upstream`'s picks made among ejected nodes.

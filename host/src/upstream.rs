@@ -28,7 +28,7 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::balancer::{self, Ejection, InFlight, Node, NodeSet, Outcome};
+use crate::balancer::{self, Ejection, InFlight, Node, NodeSet, Outcome, Probing};
 use crate::body::{BodyError, ClientBody, ProxyBody, reached_end};
 use crate::config::{Scheme, UpstreamConfig, UpstreamTls};
 use crate::metrics::Metrics;
@@ -48,7 +48,7 @@ pub struct Upstream {
     /// The config it was built from.
     pub config: UpstreamConfig,
     /// The nodes and their balancer.
-    pub nodes: NodeSet,
+    pub nodes: Arc<NodeSet>,
     /// Each node's connections, in the order of `nodes`.
     connections: Vec<Arc<NodeConnections>>,
     attempts: usize,
@@ -56,6 +56,8 @@ pub struct Upstream {
     /// `weir_upstream_ejections_total`, per node in the order of `nodes`.
     ejections: Vec<Counter>,
     fail_open: Counter,
+    /// Stops the active health checks' task when the upstream goes.
+    _probes: Option<tokio_util::sync::DropGuard>,
 }
 
 impl Upstream {
@@ -77,7 +79,8 @@ impl Upstream {
             })
             .collect();
         let ejection = config.checks.passive.as_ref().map(Ejection::new);
-        let nodes = NodeSet::checked(nodes, config.balancer, ejection);
+        let probing = config.checks.active.as_ref().map(Probing::new);
+        let nodes = Arc::new(NodeSet::checked(nodes, config.balancer, ejection, probing));
         let send_stall = Duration::from_millis(config.timeout.send_ms);
         let connections = config
             .nodes
@@ -106,6 +109,14 @@ impl Upstream {
             .map(|node| metrics.upstream_ejections(&config.id, &node.addr))
             .collect();
         let fail_open = metrics.upstream_fail_open(&config.id);
+        let probes = config.checks.active.clone().and_then(|check| {
+            let gauges = nodes
+                .nodes()
+                .iter()
+                .map(|node| metrics.upstream_node_healthy(&config.id, &node.addr))
+                .collect();
+            crate::probe::start(&config.id, nodes.clone(), &config.nodes, check, gauges)
+        });
         Ok(Upstream {
             config,
             nodes,
@@ -114,6 +125,7 @@ impl Upstream {
             failures,
             ejections,
             fail_open,
+            _probes: probes,
         })
     }
 

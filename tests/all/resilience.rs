@@ -1,10 +1,15 @@
-//! Upstream resilience through a real gateway: passive health checks eject a node that keeps
-//! failing on real traffic, never more than the allowed share of nodes, and an upstream whose
-//! every node is out is still tried (failing open) rather than answered by the gateway.
+//! Upstream resilience through a real gateway: active probes take a node that went away out of
+//! rotation and bring it back; passive health checks eject a node that keeps failing on real
+//! traffic, never more than the allowed share of nodes; and an upstream whose every node is out
+//! is still tried (failing open) rather than answered by the gateway.
+
+use std::time::Duration;
 
 use http::StatusCode;
 use serde_json::{Value, json};
-use weir_tests::{Behaviour, TestGateway, Upstream, get, metric, node, yaml};
+use weir_tests::{
+    Behaviour, TestGateway, Upstream, admin_get, eventually, get, metric, node, yaml,
+};
 
 /// A gateway with one route `/` to upstream `u` of `nodes`, checked passively as `passive` says.
 async fn gateway(nodes: Vec<Value>, passive: Value) -> TestGateway {
@@ -147,4 +152,73 @@ async fn bad_passive_checks_are_refused_at_their_field() {
         let reason = gateway.refusal(id);
         assert!(reason.contains(expected), "{id}: {reason}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_take_a_node_that_went_away_out_and_bring_it_back() {
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let b_addr = b.addr;
+    let gateway = TestGateway::start(&yaml(json!({
+        "upstreams": [{"id": "u", "nodes": [node(&a), node(&b)], "checks": {"active": {
+            "type": "http", "path": "/healthz", "interval_ms": 100, "timeout_ms": 1000,
+            "healthy": {"successes": 2}, "unhealthy": {"failures": 2},
+        }}}],
+        "routes": [{"id": "r", "uri": "/*", "upstream_id": "u"}],
+    })))
+    .await;
+    assert!(gateway.errors().is_empty(), "{:?}", gateway.errors());
+    let metrics = gateway.admin_url("/metrics");
+    let healthy = format!(
+        r#"weir_upstream_node_healthy{{upstream="u",node="127.0.0.1:{}"}}"#,
+        b_addr.port()
+    );
+    let soon = Duration::from_secs(20);
+    eventually("b is probed", soon, || async { b.hits() >= 2 }).await;
+    assert_eq!(metric(&metrics, &healthy).await, 1.0);
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        let reply = get(&gateway.url("/x")).await;
+        seen.push(reply.header("x-upstream").map(str::to_owned));
+    }
+    assert!(
+        seen.contains(&Some("b".into())),
+        "b takes its turn while healthy: {seen:?}"
+    );
+
+    // b goes away: its probes fail, it leaves rotation, and no request is sent to it (so none
+    // is refused and retried).
+    drop(b);
+    eventually("b is unhealthy", soon, || async {
+        metric(&metrics, &healthy).await == 0.0
+    })
+    .await;
+    for _ in 0..10 {
+        let reply = get(&gateway.url("/x")).await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(reply.header("x-upstream"), Some("a"));
+    }
+    let refused = r#"weir_upstream_failures_total{upstream="u",kind="connect"}"#;
+    assert_eq!(metric(&metrics, refused).await, 0.0);
+    let status = admin_get(&gateway.admin_url("/v1/status")).await.json();
+    let b_state = &status["upstream_health"]["u"][1];
+    assert_eq!(b_state["healthy"], false, "{status}");
+    assert!(
+        b_state["last_probe_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("connect")),
+        "{b_state}"
+    );
+
+    // Back on its port: two good probes in a row return it to rotation.
+    let b = Upstream::start_at("b-again", b_addr).await;
+    eventually("b is healthy again", soon, || async {
+        metric(&metrics, &healthy).await == 1.0
+    })
+    .await;
+    eventually("b takes traffic again", soon, || async {
+        get(&gateway.url("/x")).await.header("x-upstream") == Some("b-again")
+    })
+    .await;
+    drop(b);
 }

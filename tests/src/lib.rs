@@ -174,6 +174,18 @@ impl Upstream {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("binding an upstream");
+        Self::serve(name, behaviour, listener)
+    }
+
+    /// An echo upstream called `name` on `addr`: one that went away, back on its port.
+    pub async fn start_at(name: &str, addr: SocketAddr) -> Upstream {
+        let listener = TcpListener::bind(addr)
+            .await
+            .expect("binding an upstream where one was");
+        Self::serve(name, Behaviour::default(), listener)
+    }
+
+    fn serve(name: &str, behaviour: Behaviour, listener: TcpListener) -> Upstream {
         let addr = listener.local_addr().expect("upstream address");
         let hits = Arc::new(AtomicUsize::new(0));
         let connections = Arc::new(AtomicUsize::new(0));
@@ -189,14 +201,20 @@ impl Upstream {
                 };
                 accepted_count.fetch_add(1, Ordering::SeqCst);
                 let (name, behaviour, counter) = (name.clone(), behaviour.clone(), counter.clone());
+                let mut gone = stopped.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |request| {
                         counter.fetch_add(1, Ordering::SeqCst);
                         answer(name.clone(), behaviour.clone(), request)
                     });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    let connection = builder.serve_connection(TokioIo::new(stream), service);
+                    // A stopped upstream closes its open connections too, as a node that
+                    // went away would.
+                    tokio::select! {
+                        _ = connection => {}
+                        _ = gone.changed() => {}
+                    }
                 });
             }
         });

@@ -33,6 +33,31 @@ pub(super) fn ready(gateway: &Gateway) -> Response<ProxyBody> {
     response
 }
 
+/// The state of each node of the upstreams that have health checks: whether its probes find it
+/// healthy, how long it stays ejected, and why its last probe failed.
+fn upstream_health(snapshot: &crate::snapshot::Snapshot) -> serde_json::Value {
+    let now = crate::balancer::now_ms();
+    let checked = snapshot
+        .upstreams
+        .iter()
+        .filter(|(_, u)| u.config.checks.active.is_some() || u.config.checks.passive.is_some());
+    serde_json::Value::Object(
+        checked
+            .map(|(id, upstream)| {
+                let nodes = upstream.nodes.nodes().iter().map(|node| {
+                    serde_json::json!({
+                        "node": node.addr,
+                        "healthy": node.is_up(),
+                        "ejected_for_ms": node.ejected_for_ms(now),
+                        "last_probe_error": node.last_probe_error(),
+                    })
+                });
+                (id.clone(), serde_json::Value::Array(nodes.collect()))
+            })
+            .collect(),
+    )
+}
+
 pub(super) fn status(gateway: &Gateway) -> Response<ProxyBody> {
     let snapshot = gateway.snapshot();
     let now = std::time::SystemTime::now()
@@ -43,6 +68,7 @@ pub(super) fn status(gateway: &Gateway) -> Response<ProxyBody> {
         "generation": snapshot.generation,
         "routes": snapshot.route_list.keys().collect::<Vec<_>>(),
         "upstreams": snapshot.upstreams.keys().collect::<Vec<_>>(),
+        "upstream_health": upstream_health(&snapshot),
         "services": snapshot.services.iter().map(|(name, service)| (name.clone(), service
             .nodes
             .nodes()

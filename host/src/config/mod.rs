@@ -30,8 +30,9 @@ pub use self::server::{MIN_HEADER_BYTES, ServerConfig, TrustedProxy};
 pub use self::ssl::SslConfig;
 pub use self::tenant::{Quotas, TenantConfig};
 pub use self::upstream::{
-    BalancerKind, HashOn, HealthChecks, MAX_WEIGHT, NodeConfig, NodeStatus, PassiveCheck,
-    PassiveUnhealthy, Scheme, Timeouts, UpstreamConfig, UpstreamTls,
+    ActiveCheck, ActiveHealthy, ActiveUnhealthy, BalancerKind, HashOn, HealthChecks, MAX_WEIGHT,
+    NodeConfig, NodeStatus, PassiveCheck, PassiveUnhealthy, ProbeKind, Scheme, Timeouts,
+    UpstreamConfig, UpstreamTls,
 };
 
 /// The kinds of config object, as they appear in error reports and the etcd layout.

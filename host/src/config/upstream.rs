@@ -47,6 +47,10 @@ pub struct UpstreamConfig {
 )]
 #[serde(deny_unknown_fields)]
 pub struct HealthChecks {
+    /// `active: {type: http, path: /healthz, interval_ms: 2000}`: probes each node on an
+    /// interval, from one task per upstream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active: Option<ActiveCheck>,
     /// `passive: {unhealthy: {statuses: [502, 503, 504], failures: 5, timeouts: 3},
     /// eject_ms: 30000}`: judged on real traffic; a node that fails too often in a row is
     /// ejected.
@@ -56,8 +60,111 @@ pub struct HealthChecks {
 
 impl HealthChecks {
     fn is_empty(&self) -> bool {
-        self.passive.is_none()
+        self.active.is_none() && self.passive.is_none()
     }
+}
+
+/// Probes of each node on an interval.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Deserialize, Serialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ActiveCheck {
+    /// `type: http` (a GET of `path`, plain HTTP/1.1) or `tcp` (a connection is made).
+    #[serde(rename = "type", default)]
+    pub kind: ProbeKind,
+    /// `path: /healthz`: what an http probe asks for.
+    #[serde(default = "default_probe_path")]
+    pub path: String,
+    /// `interval_ms: 2000`: between one round of probes and the next.
+    #[serde(default = "default_probe_interval_ms")]
+    pub interval_ms: u64,
+    /// `timeout_ms: 1000`: for one probe, connection included.
+    #[serde(default = "default_probe_timeout_ms")]
+    pub timeout_ms: u64,
+    /// What brings an unhealthy node back.
+    #[serde(default)]
+    pub healthy: ActiveHealthy,
+    /// What takes a healthy node out.
+    #[serde(default)]
+    pub unhealthy: ActiveUnhealthy,
+}
+
+/// How a node is probed.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize, Serialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum ProbeKind {
+    /// A GET of `path`; healthy when the status is one of `healthy.statuses`.
+    #[default]
+    Http,
+    /// A TCP connection; healthy when it is made.
+    Tcp,
+}
+
+/// Probes in a row that bring an unhealthy node back.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Deserialize, Serialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ActiveHealthy {
+    /// `successes: 2`: successful probes in a row.
+    #[serde(default = "default_probe_successes")]
+    pub successes: u32,
+    /// `statuses: [200, 302]`: what an http probe must answer.
+    #[serde(default = "default_probe_statuses")]
+    pub statuses: Vec<u16>,
+}
+
+impl Default for ActiveHealthy {
+    fn default() -> Self {
+        ActiveHealthy {
+            successes: default_probe_successes(),
+            statuses: default_probe_statuses(),
+        }
+    }
+}
+
+/// Probes in a row that take a healthy node out.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Deserialize, Serialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ActiveUnhealthy {
+    /// `failures: 3`: refused connections or other statuses, in a row.
+    #[serde(default = "default_probe_failures")]
+    pub failures: u32,
+    /// `timeouts: 3`: probes that timed out, in a row.
+    #[serde(default = "default_probe_failures")]
+    pub timeouts: u32,
+}
+
+impl Default for ActiveUnhealthy {
+    fn default() -> Self {
+        ActiveUnhealthy {
+            failures: default_probe_failures(),
+            timeouts: default_probe_failures(),
+        }
+    }
+}
+
+fn default_probe_path() -> String {
+    "/".into()
+}
+
+fn default_probe_interval_ms() -> u64 {
+    2000
+}
+
+fn default_probe_timeout_ms() -> u64 {
+    1000
+}
+
+fn default_probe_successes() -> u32 {
+    2
+}
+
+fn default_probe_statuses() -> Vec<u16> {
+    vec![200, 302]
+}
+
+fn default_probe_failures() -> u32 {
+    3
 }
 
 /// Outlier ejection on real traffic.
@@ -409,6 +516,9 @@ impl ConfigObject for UpstreamConfig {
             );
         }
         let _ = MAX_TIMEOUT_MS;
+        if let Some(active) = &self.checks.active {
+            self.check_active(active, checks);
+        }
         if let Some(passive) = &self.checks.passive {
             checks.check(
                 "/checks/passive/eject_ms",
@@ -439,6 +549,51 @@ impl ConfigObject for UpstreamConfig {
 }
 
 impl UpstreamConfig {
+    /// `checks.active`: a probe that can be made, on an interval that does not flood the nodes.
+    fn check_active(&self, active: &ActiveCheck, checks: &mut Checks) {
+        if !(100..=MAX_TIMEOUT_MS).contains(&active.interval_ms) {
+            checks.fail(
+                "/checks/active/interval_ms",
+                format!("checks.active.interval_ms is not in 100..={MAX_TIMEOUT_MS}"),
+            );
+        }
+        checks.check(
+            "/checks/active/timeout_ms",
+            check_timeout("checks.active.timeout_ms", active.timeout_ms),
+        );
+        if active.kind == ProbeKind::Http {
+            if self.scheme != Scheme::Http {
+                checks.fail(
+                    "/checks/active/type",
+                    "http probes are plain HTTP/1.1; for this scheme use type: tcp",
+                );
+            }
+            if !active.path.starts_with('/')
+                || active.path.len() > 1024
+                || active.path.bytes().any(|b| b <= b' ' || b == 0x7f)
+            {
+                checks.fail(
+                    "/checks/active/path",
+                    "path must start with / and hold no spaces or control characters",
+                );
+            }
+        }
+        for (index, status) in active.healthy.statuses.iter().enumerate() {
+            if !(100..=599).contains(status) {
+                checks.fail(
+                    format!("/checks/active/healthy/statuses/{index}"),
+                    format!("{status} is not an HTTP status"),
+                );
+            }
+        }
+        if active.healthy.successes == 0 {
+            checks.fail(
+                "/checks/active/healthy/successes",
+                "successes must be at least 1",
+            );
+        }
+    }
+
     /// The TLS settings of an https or grpcs upstream: they must build a client config, and
     /// each node must have a name to verify (its host, or `tls.sni`).
     fn check_tls(&self, checks: &mut Checks) {
