@@ -207,7 +207,8 @@ impl Upstream {
                         counter.fetch_add(1, Ordering::SeqCst);
                         answer(name.clone(), behaviour.clone(), request)
                     });
-                    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    let builder =
+                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
                     let connection = builder.serve_connection(TokioIo::new(stream), service);
                     // A stopped upstream closes its open connections too, as a node that
                     // went away would.
