@@ -314,6 +314,17 @@ async fn answer(
     Ok(response)
 }
 
+/// The whole lines of an access log, parsed. A line the gateway is still writing has no newline
+/// yet, and is left for the next read.
+fn access_log_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let whole = text.rfind('\n').map_or("", |end| &text[..end]);
+    whole
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each access-log line is JSON"))
+        .collect()
+}
+
 /// A gateway running in this process on port 0, with its config file in a temporary folder.
 pub struct TestGateway {
     running: Option<RunningGateway>,
@@ -477,13 +488,7 @@ impl TestGateway {
 
     /// The access log's lines, parsed, once at least `at_least` are there.
     pub async fn access_log(&self, at_least: usize) -> Vec<serde_json::Value> {
-        let read = || {
-            std::fs::read_to_string(&self.access_log)
-                .unwrap_or_default()
-                .lines()
-                .map(|l| serde_json::from_str(l).expect("each access-log line is JSON"))
-                .collect::<Vec<serde_json::Value>>()
-        };
+        let read = || access_log_lines(&self.access_log);
         // Fewer lines than asked for, after the wait, are the caller's to judge.
         let _ = tokio::time::timeout(Duration::from_secs(5), async {
             while read().len() < at_least {
@@ -642,11 +647,7 @@ impl ChildGateway {
 
     /// The access log's lines so far.
     pub fn access_log(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(self.dir.path().join("access.log"))
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("each access-log line is JSON"))
-            .collect()
+        access_log_lines(&self.dir.path().join("access.log"))
     }
 
     /// Whether the process is still running.
