@@ -295,6 +295,12 @@ impl NodeSet {
         self.ejection.as_ref()
     }
 
+    /// The time to select at: [`now_ms`] when the set ejects nodes; without ejection no node
+    /// ever has an ejection to time, so the clock is not read.
+    pub fn select_time(&self) -> u64 {
+        if self.ejection.is_some() { now_ms() } else { 0 }
+    }
+
     /// Records how an attempt on node `index` went at `now_ms`. True when this ejected it.
     pub fn record(&self, index: usize, outcome: Outcome, now_ms: u64) -> bool {
         let Some(ejection) = &self.ejection else {
@@ -304,11 +310,15 @@ impl NodeSet {
         let (streak, threshold) = match outcome {
             Outcome::Neither => return false,
             Outcome::Success => {
-                health.failures.store(0, Ordering::Relaxed);
-                health.timeouts.store(0, Ordering::Relaxed);
-                health.ejections.store(0, Ordering::Relaxed);
+                // Most answers are successes on a node with nothing to forget: read before
+                // writing, so that they do not all write the node's shared counters.
+                clear(&health.failures);
+                clear(&health.timeouts);
+                clear(&health.ejections);
                 // A node tried while out (failing open) and found working is back at once.
-                health.ejected_until.store(0, Ordering::Relaxed);
+                if health.ejected_until.load(Ordering::Relaxed) != 0 {
+                    health.ejected_until.store(0, Ordering::Relaxed);
+                }
                 return false;
             }
             Outcome::Failure => (&health.failures, ejection.failures),
@@ -410,6 +420,13 @@ impl NodeSet {
         } else {
             self.cursor.load(Ordering::Relaxed)
         }
+    }
+}
+
+/// Sets a streak counter to 0, writing only when it is not 0 already.
+fn clear(counter: &AtomicU32) {
+    if counter.load(Ordering::Relaxed) != 0 {
+        counter.store(0, Ordering::Relaxed);
     }
 }
 

@@ -746,7 +746,10 @@ pub async fn send(
     let mut tried = Vec::new();
     let mut last_error = UpstreamError::NoNodes;
     for number in 0..upstream.attempts {
-        let Some((index, failed_open)) = upstream.nodes.select(key, &tried, balancer::now_ms())
+        let Some((index, failed_open)) =
+            upstream
+                .nodes
+                .select(key, &tried, upstream.nodes.select_time())
         else {
             break;
         };

@@ -523,6 +523,13 @@ impl PluginRuntime {
         entry: &PluginConfig,
         module: &Arc<Module>,
     ) -> Result<Option<Arc<PluginInfo>>, PluginError> {
+        // Asked before (or a 0.1.0 plugin): no scope, no instance.
+        if module.describe.is_none() {
+            return Ok(None);
+        }
+        if let Some(info) = module.info.get() {
+            return Ok(info.clone());
+        }
         PluginPool::describe(
             self.engine.clone(),
             module.clone(),

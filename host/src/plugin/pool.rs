@@ -106,20 +106,14 @@ impl PluginPool {
         }
     }
 
-    /// What `module` says of itself, asked on an instance that is then dropped (unless the
-    /// module was asked before). A 0.1.0 plugin says nothing.
+    /// What `module` says of itself, asked on an instance that is then dropped (`described`
+    /// keeps the answer on the module). A 0.1.0 plugin says nothing.
     pub(super) async fn describe(
         engine: Engine,
         module: Arc<Module>,
         scope: Arc<PluginScope>,
         limits: Limits,
     ) -> Result<Option<Arc<PluginInfo>>, PluginError> {
-        if module.describe.is_none() {
-            return Ok(None);
-        }
-        if let Some(info) = module.info.get() {
-            return Ok(info.clone());
-        }
         let pool = Self::unstarted(
             engine,
             module,
