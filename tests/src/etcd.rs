@@ -1,11 +1,12 @@
 //! A real etcd-server for a test: started on free loopback ports, stopped when dropped.
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use etcd_client::{Client, GetOptions, PutOptions};
+
+use crate::free_port;
 
 const INSTALL_HINT: &str = "etcd-server is not installed: the etcd tests need a real etcd.\n\
      Install it with:  sudo apt-get install -y etcd-server   (or run ./.ci/run, which does)";
@@ -18,13 +19,6 @@ pub struct Etcd {
     peer_port: u16,
     data: tempfile::TempDir,
     child: Option<Child>,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-        .port()
 }
 
 impl Etcd {
@@ -97,10 +91,7 @@ impl Etcd {
 
     /// Kills etcd (its data stays, for [`Etcd::restart`]).
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        crate::kill_child(&mut self.child);
     }
 
     /// Starts etcd again on the same ports with the same data.

@@ -314,6 +314,22 @@ async fn answer(
     Ok(response)
 }
 
+/// A loopback port nothing listens on now, for a server a test starts.
+pub(crate) fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
+/// Kills a server process a test started, if it runs, and reaps it.
+pub(crate) fn kill_child(child: &mut Option<std::process::Child>) {
+    if let Some(mut child) = child.take() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
 /// The whole lines of an access log, parsed. A line the gateway is still writing has no newline
 /// yet, and is left for the next read.
 fn access_log_lines(path: &std::path::Path) -> Vec<serde_json::Value> {

@@ -1,7 +1,7 @@
 //! A real redis-server for a test: started on a free loopback port, stopped when dropped.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -21,10 +21,7 @@ pub struct Redis {
 impl Redis {
     /// Starts redis-server and waits until it answers PING.
     pub async fn start() -> Redis {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free loopback port")
-            .port();
+        let port = crate::free_port();
         let mut redis = Redis {
             url: format!("redis://127.0.0.1:{port}/0"),
             port,
@@ -92,10 +89,7 @@ impl Redis {
 
     /// Stops the server (it keeps nothing; [`Redis::restart`] starts it empty).
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        crate::kill_child(&mut self.child);
     }
 
     /// Starts the server again on the same port.
