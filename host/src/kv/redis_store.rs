@@ -50,18 +50,12 @@ pub struct RedisStore {
 impl RedisStore {
     /// Checks a `server.redis_url` without connecting.
     pub fn check_url(url: &str) -> Result<(), String> {
-        if url.starts_with("rediss://") || url.starts_with("valkeys://") {
-            return Err("TLS to Redis (rediss://) is not supported yet; use redis://".into());
-        }
-        Client::open(url)
-            .map(drop)
-            .map_err(|e| format!("redis_url is not a Redis URL such as redis://host:6379/0: {e}"))
+        client(url).map(drop)
     }
 
     /// A store on the server at `url`; it connects at its first call.
     pub fn new(url: &str, timeout: Duration) -> Result<Self, String> {
-        Self::check_url(url)?;
-        let client = Client::open(url).map_err(|e| e.to_string())?;
+        let client = client(url)?;
         Ok(RedisStore {
             client,
             url: url.to_owned(),
@@ -195,6 +189,15 @@ impl RedisStore {
             KvUnavailable(format!("Redis: {error}"))
         })
     }
+}
+
+/// The client for `url`, which must be a plain (not TLS) Redis URL.
+fn client(url: &str) -> Result<Client, String> {
+    if url.starts_with("rediss://") || url.starts_with("valkeys://") {
+        return Err("TLS to Redis (rediss://) is not supported yet; use redis://".into());
+    }
+    Client::open(url)
+        .map_err(|e| format!("redis_url is not a Redis URL such as redis://host:6379/0: {e}"))
 }
 
 /// The Redis key of a plugin's `key`. A namespace is `tenant/plugin`, and neither name may
