@@ -179,26 +179,30 @@ impl Node {
     }
 }
 
-/// Counts a request as in flight to a node until it is dropped.
+/// Counts a request as in flight to a node until it is dropped, and holds its place under
+/// the node's `max_connections` as long.
 #[derive(Debug)]
-pub struct InFlight(Arc<Node>);
+pub struct InFlight {
+    node: Arc<Node>,
+    _slot: Option<tokio::sync::OwnedSemaphorePermit>,
+}
 
 impl InFlight {
-    /// Marks a request as in flight to `node`.
-    pub fn begin(node: Arc<Node>) -> Self {
+    /// Marks a request as in flight to `node`, in `slot` if the node's connections are limited.
+    pub fn begin(node: Arc<Node>, slot: Option<tokio::sync::OwnedSemaphorePermit>) -> Self {
         node.active.fetch_add(1, Ordering::Relaxed);
-        InFlight(node)
+        InFlight { node, _slot: slot }
     }
 
     /// The node the request went to.
     pub fn node(&self) -> &Arc<Node> {
-        &self.0
+        &self.node
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::Relaxed);
+        self.node.active.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -593,11 +597,15 @@ mod tests {
     #[test]
     fn least_conn_prefers_the_idlest_node_relative_to_weight() {
         let s = set(&[1, 1, 2], BalancerKind::LeastConn);
-        let busy: Vec<_> = (0..3).map(|_| InFlight::begin(s.node(0).clone())).collect();
-        let also: Vec<_> = (0..2).map(|_| InFlight::begin(s.node(2).clone())).collect();
+        let busy: Vec<_> = (0..3)
+            .map(|_| InFlight::begin(s.node(0).clone(), None))
+            .collect();
+        let also: Vec<_> = (0..2)
+            .map(|_| InFlight::begin(s.node(2).clone(), None))
+            .collect();
         // Costs: node0 4/1, node1 1/1, node2 3/2.
         assert_eq!(s.pick_now(0, &[]), Some(1));
-        let one = InFlight::begin(s.node(1).clone());
+        let one = InFlight::begin(s.node(1).clone(), None);
         // node1 now 2/1, node2 3/2: node2 wins.
         assert_eq!(s.pick_now(0, &[]), Some(2));
         drop((busy, also, one));

@@ -84,6 +84,9 @@ impl GatewayError {
             } => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::Plugin { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             GatewayError::Upstream(e) if e.is_timeout() => StatusCode::GATEWAY_TIMEOUT,
+            GatewayError::Upstream(UpstreamError::Saturated { .. }) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             GatewayError::Upstream(_)
             | GatewayError::ResponseTooLarge(_)
             | GatewayError::ResponseBody(_)
@@ -110,6 +113,7 @@ impl GatewayError {
             }
             GatewayError::Plugin { plugin, .. } => format!("plugin {plugin} failed"),
             GatewayError::Upstream(e) if e.is_timeout() => "upstream timed out".into(),
+            GatewayError::Upstream(UpstreamError::Saturated { .. }) => "upstream is busy".into(),
             GatewayError::Upstream(_) => "upstream unavailable".into(),
             GatewayError::ResponseTooLarge(limit) => {
                 format!("upstream response body is over {limit} bytes")

@@ -23,6 +23,7 @@ pub mod plugin;
 pub mod probe;
 pub mod proxy;
 pub mod reconcile;
+pub mod retry;
 pub mod router;
 pub mod server;
 pub mod snapshot;

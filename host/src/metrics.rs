@@ -126,6 +126,15 @@ pub struct UpstreamLabels {
     pub upstream: String,
 }
 
+/// Labels of `weir_upstream_retries_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RetryLabels {
+    /// The upstream id.
+    pub upstream: String,
+    /// What sent the request to another node: connect_failure, timeout, reset or status.
+    pub on: &'static str,
+}
+
 /// Labels of the per-listener connection metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ListenerLabels {
@@ -214,6 +223,12 @@ pub struct Metrics {
     pub upstream_node_healthy: Family<NodeLabels, Gauge>,
     /// Picks made among ejected nodes because every candidate was ejected, by upstream.
     pub upstream_fail_open: Family<UpstreamLabels, Counter>,
+    /// Requests sent again to another node, by upstream and why.
+    pub upstream_retries: Family<RetryLabels, Counter>,
+    /// Retries the retry budget refused, by upstream.
+    pub upstream_retry_budget_exhausted: Family<UpstreamLabels, Counter>,
+    /// Requests that found every node at `max_connections` for `queue_ms`, by upstream.
+    pub upstream_queue_full: Family<UpstreamLabels, Counter>,
     /// Client connections open now, by listener.
     pub connections_open: Family<ListenerLabels, Gauge>,
     /// Client connections closed at accept because `server.max_connections` were open.
@@ -342,6 +357,24 @@ impl Metrics {
             "Requests sent to an ejected node because every candidate node was ejected",
             upstream_fail_open.clone(),
         );
+        let upstream_retries = Family::<RetryLabels, Counter>::default();
+        registry.register(
+            "upstream_retries",
+            "Requests sent again to another node, by why",
+            upstream_retries.clone(),
+        );
+        let upstream_retry_budget_exhausted = Family::<UpstreamLabels, Counter>::default();
+        registry.register(
+            "upstream_retry_budget_exhausted",
+            "Retries not made because the upstream's retry budget was spent",
+            upstream_retry_budget_exhausted.clone(),
+        );
+        let upstream_queue_full = Family::<UpstreamLabels, Counter>::default();
+        registry.register(
+            "upstream_queue_full",
+            "Requests answered 503 after waiting queue_ms for a node under max_connections",
+            upstream_queue_full.clone(),
+        );
         let upstream_failures = Family::<UpstreamFailureLabels, Counter>::default();
         registry.register(
             "upstream_failures",
@@ -404,6 +437,9 @@ impl Metrics {
             upstream_ejections,
             upstream_node_healthy,
             upstream_fail_open,
+            upstream_retries,
+            upstream_retry_budget_exhausted,
+            upstream_queue_full,
             connections_open,
             connections_refused,
             client_timeouts,
@@ -414,6 +450,30 @@ impl Metrics {
         };
         metrics.unrouted = metrics.route("none");
         metrics
+    }
+
+    /// The counter of `upstream`'s retries for `on`.
+    pub fn upstream_retries(&self, upstream: &str, on: &'static str) -> Counter {
+        self.upstream_retries.get_or_create_owned(&RetryLabels {
+            upstream: upstream.to_owned(),
+            on,
+        })
+    }
+
+    /// The counter of `upstream`'s retries refused by its budget.
+    pub fn upstream_retry_budget_exhausted(&self, upstream: &str) -> Counter {
+        self.upstream_retry_budget_exhausted
+            .get_or_create_owned(&UpstreamLabels {
+                upstream: upstream.to_owned(),
+            })
+    }
+
+    /// The counter of `upstream`'s requests that waited out `queue_ms`.
+    pub fn upstream_queue_full(&self, upstream: &str) -> Counter {
+        self.upstream_queue_full
+            .get_or_create_owned(&UpstreamLabels {
+                upstream: upstream.to_owned(),
+            })
     }
 
     /// The counter of `upstream`'s failed attempts of `kind`.

@@ -11,9 +11,9 @@ use std::sync::Arc;
 use http::Method;
 
 use crate::config::{
-    AdminConfig, BalancerKind, ConfigObjects, ConsumerConfig, Consumers, FailurePolicy, Kind,
-    KvBackend, NodeConfig, ObjectError, PluginConfig, RouteConfig, RouteStatus, Scheme,
-    ServerConfig, SslConfig, StripPrefix, TenantConfig, Timeouts, UpstreamConfig,
+    AdminConfig, ConfigObjects, ConsumerConfig, Consumers, FailurePolicy, Kind, KvBackend,
+    NodeConfig, ObjectError, PluginConfig, RouteConfig, RouteStatus, ServerConfig, ServiceSettings,
+    SslConfig, StripPrefix, TenantConfig,
 };
 use crate::edge::ServerSettings;
 use crate::metrics::{Metrics, PluginMetrics, RouteMetrics};
@@ -263,7 +263,7 @@ impl BuildContext<'_> {
         }
         keep_unparsed(&mut upstreams, &previous.upstreams, Kind::Upstream, &keep);
 
-        let services = self.build_services(objects, previous);
+        let services = self.build_services(objects, previous, &keep);
         let (ssl, certs) = self.build_certificates(objects, previous, &keep, &mut errors);
         let consumers = build_consumers(objects, previous, &keep);
 
@@ -425,36 +425,37 @@ impl BuildContext<'_> {
         (loaded, Arc::new(table))
     }
 
-    /// Each service with live nodes becomes a round-robin upstream over them.
+    /// Each service with live nodes becomes an upstream over them, with its stored settings
+    /// (round robin and the defaults without any).
+    /// Settings that no longer parse keep the previous ones, as any other object does.
     fn build_services(
         &self,
         objects: &ConfigObjects,
         previous: &Snapshot,
+        keep: &impl Fn(Kind, &str) -> bool,
     ) -> BTreeMap<String, Arc<Upstream>> {
         let mut services = BTreeMap::new();
         for (name, nodes) in &objects.services {
-            let mut live = Vec::new();
-            for node in nodes.values() {
-                live.push(NodeConfig {
+            let live: Vec<NodeConfig> = nodes
+                .values()
+                .map(|node| NodeConfig {
                     host: node.host.clone(),
                     port: node.port,
                     weight: node.weight,
                     status: node.status,
-                });
-            }
+                })
+                .collect();
             if live.is_empty() {
                 continue;
             }
-            let config = UpstreamConfig {
-                id: name.clone(),
-                nodes: live,
-                balancer: BalancerKind::Roundrobin,
-                hash_on: None,
-                scheme: Scheme::Http,
-                tls: None,
-                timeout: Timeouts::default(),
-                retries: None,
-                checks: Default::default(),
+            let config = match objects.service_settings.get(name) {
+                Some(settings) => settings.upstream(live),
+                None => match previous.services.get(name) {
+                    Some(old) if keep(Kind::ServiceSettings, name) => {
+                        ServiceSettings::of(&old.config).upstream(live)
+                    }
+                    _ => ServiceSettings::plain(name).upstream(live),
+                },
             };
             let upstream = match previous.services.get(name) {
                 Some(old) if old.config == config => old.clone(),

@@ -25,13 +25,14 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus_client::metrics::counter::Counter;
 use tokio::net::TcpStream;
-use tokio::sync::oneshot;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio::time::Instant;
 
 use crate::balancer::{self, Ejection, InFlight, Node, NodeSet, Outcome, Probing};
 use crate::body::{BodyError, ClientBody, ProxyBody, reached_end};
 use crate::config::{Scheme, UpstreamConfig, UpstreamTls};
 use crate::metrics::Metrics;
+use crate::retry::{Miss, RetryPolicy};
 use crate::timeouts::{IdleBody, Stalled, TimedIo};
 use crate::tls::{self, ClientTlsError};
 use rustls_pki_types::ServerName;
@@ -52,7 +53,12 @@ pub struct Upstream {
     /// Each node's connections, in the order of `nodes`.
     connections: Vec<Arc<NodeConnections>>,
     attempts: usize,
+    retry: RetryPolicy,
+    /// Per node, in the order of `nodes`: a slot for each request allowed in flight at once
+    /// (`max_connections`); none without a limit.
+    slots: Option<Vec<Arc<Semaphore>>>,
     failures: FailureCounters,
+    retries: RetryCounters,
     /// `weir_upstream_ejections_total`, per node in the order of `nodes`.
     ejections: Vec<Counter>,
     fail_open: Counter,
@@ -109,6 +115,16 @@ impl Upstream {
             .map(|node| metrics.upstream_ejections(&config.id, &node.addr))
             .collect();
         let fail_open = metrics.upstream_fail_open(&config.id);
+        let retries_counted = RetryCounters::new(metrics, &config.id);
+        let retry = RetryPolicy::new(&config);
+        let slots = config.max_connections.map(|limit| {
+            let limit = usize::try_from(limit)
+                .unwrap_or(usize::MAX)
+                .min(Semaphore::MAX_PERMITS);
+            (0..config.nodes.len())
+                .map(|_| Arc::new(Semaphore::new(limit)))
+                .collect()
+        });
         let probes = config.checks.active.clone().and_then(|check| {
             let gauges = nodes
                 .nodes()
@@ -122,7 +138,10 @@ impl Upstream {
             nodes,
             connections,
             attempts: retries + 1,
+            retry,
+            slots,
             failures,
+            retries: retries_counted,
             ejections,
             fail_open,
             _probes: probes,
@@ -138,6 +157,67 @@ impl Upstream {
             self.ejections[index].inc();
             let node = &self.nodes.node(index).addr;
             tracing::warn!(upstream = %self.config.id, %node, "node ejected by passive health checks");
+        }
+    }
+
+    /// A node for the next attempt, not one of `tried` while another can be had, and its slot
+    /// under `max_connections`. When every candidate is full the request waits up to
+    /// `queue_ms` for the first one's next free slot.
+    async fn pick(&self, key: u64, tried: &[usize]) -> Result<Option<Pick>, UpstreamError> {
+        let now = self.nodes.select_time();
+        let first = self.nodes.select(key, tried, now).or_else(|| {
+            // Every node was tried: an operator who asked for more retries than there are
+            // nodes gets them on nodes tried before.
+            let again = self.config.retries.is_some() && !tried.is_empty();
+            again.then(|| self.nodes.select(key, &[], now)).flatten()
+        });
+        let Some((index, failed_open)) = first else {
+            return Ok(None);
+        };
+        let Some(slots) = &self.slots else {
+            return Ok(Some(Pick {
+                index,
+                failed_open,
+                slot: None,
+            }));
+        };
+        let mut full = tried.to_vec();
+        let mut candidate = Some((index, failed_open));
+        while let Some((index, failed_open)) = candidate {
+            if let Ok(slot) = slots[index].clone().try_acquire_owned() {
+                return Ok(Some(Pick {
+                    index,
+                    failed_open,
+                    slot: Some(slot),
+                }));
+            }
+            full.push(index);
+            candidate = self.nodes.select(key, &full, now);
+        }
+        let queue = Duration::from_millis(self.config.timeout.queue_ms);
+        match tokio::time::timeout(queue, slots[index].clone().acquire_owned()).await {
+            Ok(Ok(slot)) => Ok(Some(Pick {
+                index,
+                failed_open,
+                slot: Some(slot),
+            })),
+            _ => {
+                self.retries.queue_full.inc();
+                Err(UpstreamError::Saturated {
+                    upstream: self.config.id.clone(),
+                    ms: self.config.timeout.queue_ms,
+                })
+            }
+        }
+    }
+
+    /// Takes a retry after a node took the request from the budget, and counts it either way.
+    fn withdraw_retry(&self) -> bool {
+        if self.retry.withdraw(balancer::now_ms()) {
+            true
+        } else {
+            self.retries.budget_exhausted.inc();
+            false
         }
     }
 
@@ -194,7 +274,52 @@ impl FailureCounters {
             UpstreamError::SendTimeout { .. } => self.send_timeout.inc(),
             UpstreamError::Timeout { .. } => self.read_timeout.inc(),
             UpstreamError::Failed { .. } => self.failed.inc(),
-            UpstreamError::NoNodes | UpstreamError::RequestBody { .. } => 0,
+            UpstreamError::NoNodes
+            | UpstreamError::RequestBody { .. }
+            | UpstreamError::Saturated { .. } => 0,
+        };
+    }
+}
+
+/// The node an attempt goes to.
+struct Pick {
+    index: usize,
+    /// Whether it was picked among ejected nodes because every candidate was ejected.
+    failed_open: bool,
+    /// Its place under `max_connections`.
+    slot: Option<OwnedSemaphorePermit>,
+}
+
+/// `weir_upstream_retries_total` and the budget's and queue's counters for one upstream.
+#[derive(Debug)]
+struct RetryCounters {
+    connect_failure: Counter,
+    timeout: Counter,
+    reset: Counter,
+    status: Counter,
+    budget_exhausted: Counter,
+    queue_full: Counter,
+}
+
+impl RetryCounters {
+    fn new(metrics: &Metrics, upstream: &str) -> Self {
+        let on = |why| metrics.upstream_retries(upstream, why);
+        RetryCounters {
+            connect_failure: on("connect_failure"),
+            timeout: on("timeout"),
+            reset: on("reset"),
+            status: on("status"),
+            budget_exhausted: metrics.upstream_retry_budget_exhausted(upstream),
+            queue_full: metrics.upstream_queue_full(upstream),
+        }
+    }
+
+    fn record(&self, miss: Miss) {
+        match miss {
+            Miss::ConnectFailure => self.connect_failure.inc(),
+            Miss::Timeout => self.timeout.inc(),
+            Miss::Reset => self.reset.inc(),
+            Miss::Status(_) => self.status.inc(),
         };
     }
 }
@@ -458,6 +583,14 @@ pub enum UpstreamError {
     /// No node can be selected.
     #[error("no node is available")]
     NoNodes,
+    /// Every candidate node had `max_connections` requests in flight for `queue_ms`.
+    #[error("every node of {upstream} stayed at max_connections for {ms} ms")]
+    Saturated {
+        /// The upstream.
+        upstream: String,
+        /// The queue timeout.
+        ms: u64,
+    },
 }
 
 impl UpstreamError {
@@ -468,7 +601,25 @@ impl UpstreamError {
             UpstreamError::ConnectTimeout { .. }
             | UpstreamError::Timeout { .. }
             | UpstreamError::SendTimeout { .. } => Outcome::Timeout,
-            UpstreamError::NoNodes | UpstreamError::RequestBody { .. } => Outcome::Neither,
+            UpstreamError::NoNodes
+            | UpstreamError::RequestBody { .. }
+            | UpstreamError::Saturated { .. } => Outcome::Neither,
+        }
+    }
+
+    /// What `retry_on` calls this failure, if it names it at all.
+    fn miss(&self) -> Option<Miss> {
+        match self {
+            UpstreamError::Connect { .. } | UpstreamError::ConnectTimeout { .. } => {
+                Some(Miss::ConnectFailure)
+            }
+            UpstreamError::Timeout { .. } => Some(Miss::Timeout),
+            UpstreamError::Failed { .. } => Some(Miss::Reset),
+            // A send timeout means the node is not reading: the body may be half gone.
+            UpstreamError::SendTimeout { .. }
+            | UpstreamError::NoNodes
+            | UpstreamError::RequestBody { .. }
+            | UpstreamError::Saturated { .. } => None,
         }
     }
 
@@ -701,8 +852,9 @@ async fn wait_for_head(
     })
 }
 
-/// Sends `request` to a node of `upstream`, trying other nodes when a connection cannot be made
-/// (or, for an idempotent request that can be sent again, when a node does not answer in time).
+/// Sends `request` to a node of `upstream`, trying other nodes as its retry policy says: after
+/// a failed connection, and (for a method in `retry_methods` whose body can be sent again,
+/// within the retry budget) after a timeout, a reset or a `retry_on` status.
 /// `key` is the consistent-hash key (ignored by other balancers).
 pub async fn send(
     upstream: &Upstream,
@@ -731,58 +883,88 @@ pub async fn send(
     let read = upstream
         .read_timeout()
         .min(read_within.unwrap_or(Duration::MAX));
+    let policy = &upstream.retry;
+    if policy.has_budget() {
+        policy.request(balancer::now_ms());
+    }
+    let resend = policy.may_resend(&method) && body.replay().is_some();
     let mut attempt = Attempt {
         upstream,
         method,
         path_and_query,
-        retry_after_send: false,
+        retry_after_send: resend,
         headers,
-        body: None,
+        body: Some(body),
         read,
         upgrade,
     };
-    attempt.retry_after_send = attempt.method.is_idempotent() && body.replay().is_some();
-    attempt.body = Some(body);
     let mut tried = Vec::new();
     let mut last_error = UpstreamError::NoNodes;
+    // An answer with a `retry_on` status, given to the client if no other node does better.
+    let mut fallback: Option<(Response<UpstreamBody>, InFlight)> = None;
+    // Why this attempt is a retry, counted once it has a node to go to.
+    let mut retrying: Option<Miss> = None;
     for number in 0..upstream.attempts {
-        let Some((index, failed_open)) =
-            upstream
-                .nodes
-                .select(key, &tried, upstream.nodes.select_time())
-        else {
-            break;
+        let pick = match upstream.pick(key, &tried).await {
+            Ok(Some(pick)) => pick,
+            Ok(None) => break,
+            Err(error) => {
+                last_error = error;
+                break;
+            }
         };
-        if failed_open {
+        if let Some(miss) = retrying.take() {
+            upstream.retries.record(miss);
+        }
+        let index = pick.index;
+        if pick.failed_open {
             upstream.fail_open.inc();
         }
         tried.push(index);
         let node = upstream.nodes.node(index).clone();
-        let in_flight = InFlight::begin(node.clone());
+        let in_flight = InFlight::begin(node.clone(), pick.slot);
         let last = number + 1 == upstream.attempts;
-        let error = match attempt.on(index, &node, last).await {
+        retrying = Some(match attempt.on(index, &node, last).await {
             Ok(response) => {
+                let status = response.status().as_u16();
                 if let Some(ejection) = upstream.nodes.ejection() {
-                    upstream.judge(index, ejection.judge(response.status().as_u16()));
+                    upstream.judge(index, ejection.judge(status));
                 }
-                return Ok((response, in_flight));
+                let again = !last
+                    && attempt.retry_after_send
+                    && attempt.body.is_some()
+                    && policy.retries_status(status)
+                    && upstream.withdraw_retry();
+                if !again {
+                    return Ok((response, in_flight));
+                }
+                tracing::debug!(node = %node.addr, status, "upstream answered a retry_on status");
+                fallback = Some((response, in_flight));
+                Miss::Status(status)
             }
-            Err(error) => error,
-        };
-        upstream.failures.record(&error);
-        upstream.judge(index, error.outcome());
-        tracing::debug!(node = %node.addr, %error, "upstream attempt failed");
-        let again = match &error {
-            UpstreamError::Connect { .. } | UpstreamError::ConnectTimeout { .. } => true,
-            UpstreamError::Timeout { .. } => attempt.retry_after_send,
-            _ => false,
-        };
-        last_error = error;
-        if !again || attempt.body.is_none() {
-            break;
-        }
+            Err(error) => {
+                upstream.failures.record(&error);
+                upstream.judge(index, error.outcome());
+                tracing::debug!(node = %node.addr, %error, "upstream attempt failed");
+                let miss = error.miss();
+                last_error = error;
+                let again = match miss {
+                    Some(miss) if !policy.covers(miss) => false,
+                    Some(Miss::ConnectFailure) => !last,
+                    Some(_) => !last && attempt.retry_after_send && upstream.withdraw_retry(),
+                    None => false,
+                };
+                match miss {
+                    Some(miss) if again && attempt.body.is_some() => miss,
+                    _ => break,
+                }
+            }
+        });
     }
-    Err(last_error)
+    match fallback {
+        Some(answer) => Ok(answer),
+        None => Err(last_error),
+    }
 }
 
 /// One request's state across its attempts.

@@ -948,3 +948,95 @@ async fn certificates_are_written_checked_and_never_read_back() {
         .expect("the stored key still serves");
     assert_eq!(shown, leaf.der);
 }
+
+/// Which nodes answer `count` requests to `url` carrying `x-user: user`.
+async fn answered_by(url: &str, user: &str, count: usize) -> std::collections::BTreeSet<String> {
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..count {
+        let reply = send(
+            request(Method::GET, url)
+                .header("x-user", user)
+                .body(Full::default())
+                .expect("a request"),
+        )
+        .await;
+        seen.insert(reply.header("x-upstream").unwrap_or("none").to_owned());
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_settings_change_how_a_discovered_service_is_balanced() {
+    let (etcd, gateway) = etcd_gateway().await;
+    let api = Api::new(&gateway, ADMIN_KEY);
+    let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
+    for (id, up) in [("a", &a), ("b", &b)] {
+        etcd.put(
+            &format!("/weir/services/users/{id}"),
+            json!({"host": "127.0.0.1", "port": up.port()}),
+        )
+        .await;
+    }
+    expect(
+        &api.put(
+            "/v1/routes/users",
+            json!({"uri": "/users/*", "service": "users"}),
+        )
+        .await,
+        StatusCode::CREATED,
+    );
+    let url = gateway.url("/users/1");
+    // Without settings: round robin over both.
+    eventually("both nodes serve", SOON, || async {
+        answered_by(&url, "ann", 4).await.len() == 2
+    })
+    .await;
+
+    // Hashing on a header keeps one user on one node.
+    let settings = json!({"type": "chash", "hash_on": "header:x-user", "retry_on": [503]});
+    expect(
+        &api.put("/v1/service-settings/users", settings).await,
+        StatusCode::CREATED,
+    );
+    eventually("the service hashes on x-user", SOON, || async {
+        answered_by(&url, "ann", 10).await.len() == 1
+    })
+    .await;
+    let stored = expect(&api.get("/v1/service-settings/users").await, StatusCode::OK);
+    assert_eq!(stored["value"]["hash_on"], "header:x-user", "{stored}");
+
+    // A bad change is refused at its field, and one that reaches etcd past the API is
+    // reported while the previous settings keep serving.
+    let refused = expect(
+        &api.put("/v1/service-settings/users", json!({"type": "chash"}))
+            .await,
+        StatusCode::BAD_REQUEST,
+    );
+    assert!(refused.to_string().contains("/hash_on"), "{refused}");
+    let refused = expect(
+        &api.put("/v1/service-settings/users", json!({"nodes": []}))
+            .await,
+        StatusCode::BAD_REQUEST,
+    );
+    assert!(refused.to_string().contains("nodes"), "{refused}");
+    let generation = gateway.generation();
+    etcd.put_raw("/weir/service-settings/users", "{not json")
+        .await;
+    eventually("the bad value is seen", SOON, || async {
+        gateway.generation() > generation
+    })
+    .await;
+    assert!(
+        gateway.refusal("users").contains("invalid JSON"),
+        "{:?}",
+        gateway.errors()
+    );
+    assert_eq!(answered_by(&url, "ann", 10).await.len(), 1);
+
+    // Without settings the service is round robin again.
+    etcd.delete("/weir/service-settings/users").await;
+    eventually("round robin again", SOON, || async {
+        answered_by(&url, "ann", 4).await.len() == 2
+    })
+    .await;
+}

@@ -5,10 +5,10 @@
 
 use std::time::Duration;
 
-use http::StatusCode;
+use http::{Method, StatusCode};
 use serde_json::{Value, json};
 use weir_tests::{
-    Behaviour, TestGateway, Upstream, admin_get, eventually, get, metric, node, yaml,
+    Behaviour, TestGateway, Upstream, admin_get, eventually, get, metric, node, send_body, yaml,
 };
 
 /// A gateway with one route `/` to upstream `u` of `nodes`, checked passively as `passive` says.
@@ -221,4 +221,160 @@ async fn probes_take_a_node_that_went_away_out_and_bring_it_back() {
     })
     .await;
     drop(b);
+}
+
+/// A gateway with one route `/` to upstream `u`, whose fields besides `id` are `upstream`.
+async fn gateway_with(mut upstream: Value) -> TestGateway {
+    upstream["id"] = json!("u");
+    let gateway = TestGateway::start(&yaml(json!({
+        "upstreams": [upstream],
+        "routes": [{"id": "r", "uri": "/*", "upstream_id": "u"}],
+    })))
+    .await;
+    assert!(gateway.errors().is_empty(), "{:?}", gateway.errors());
+    gateway
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_on_status_sends_idempotent_requests_to_another_node() {
+    let (good, bad) = (Upstream::start("good").await, failing("bad").await);
+    let gateway = gateway_with(json!({
+        "nodes": [node(&good), node(&bad)], "retry_on": ["connect-failure", 503],
+        // Half the requests are retried: more than the default budget's 20% allows.
+        "retry_budget": {"percent": 100}
+    }))
+    .await;
+    for _ in 0..10 {
+        let reply = get(&gateway.url("/x")).await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(reply.header("x-upstream"), Some("good"));
+    }
+    // Each request went to the bad node on its turn and was sent on.
+    assert_eq!(bad.hits(), 5);
+    let retried = r#"weir_upstream_retries_total{upstream="u",on="status"}"#;
+    assert_eq!(metric(&gateway.admin_url("/metrics"), retried).await, 5.0);
+
+    // POST is not in retry_methods: its 503 goes back as the node sent it.
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        statuses.push(
+            send_body(Method::POST, &gateway.url("/x"), "once")
+                .await
+                .status,
+        );
+    }
+    let unavailable = statuses
+        .iter()
+        .filter(|s| **s == StatusCode::SERVICE_UNAVAILABLE)
+        .count();
+    assert_eq!(unavailable, 2, "{statuses:?}");
+    assert_eq!(bad.hits(), 7);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_every_node_answers_a_retry_on_status_the_client_gets_the_last_answer() {
+    let (a, b) = (failing("a").await, failing("b").await);
+    let gateway = gateway_with(json!({"nodes": [node(&a), node(&b)], "retry_on": [503]})).await;
+    let reply = get(&gateway.url("/x")).await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        reply.header("x-upstream").is_some(),
+        "the upstream's answer, not the gateway's: {}",
+        reply.text()
+    );
+    // Tried once on each node, never twice on one.
+    assert_eq!((a.hits(), b.hits()), (1, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_retry_budget_caps_retries_after_a_node_took_the_request() {
+    let (a, b) = (failing("a").await, failing("b").await);
+    let gateway = gateway_with(json!({
+        "nodes": [node(&a), node(&b)], "retry_on": [503],
+        "retry_budget": {"percent": 0, "min_per_second": 1}
+    }))
+    .await;
+    let started = std::time::Instant::now();
+    for _ in 0..20 {
+        assert_eq!(
+            get(&gateway.url("/x")).await.status,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+    }
+    // With no share of requests to spend, only the floor of one a second is left.
+    let seconds = started.elapsed().as_secs() as usize + 1;
+    let retries = a.hits() + b.hits() - 20;
+    assert!(
+        (1..=seconds + 1).contains(&retries),
+        "{retries} retries in under {seconds} s"
+    );
+    let metrics = gateway.admin_url("/metrics");
+    let exhausted = r#"weir_upstream_retry_budget_exhausted_total{upstream="u"}"#;
+    assert_eq!(metric(&metrics, exhausted).await as usize, 20 - retries);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_at_max_connections_queues_then_refuses_with_503() {
+    let (held, gate) = Upstream::gated("held").await;
+    let gateway = gateway_with(json!({
+        "nodes": [node(&held)], "max_connections": 1, "timeout": {"queue_ms": 300}
+    }))
+    .await;
+    let url = gateway.url("/x");
+    let first = tokio::spawn({
+        let url = url.clone();
+        async move { get(&url).await }
+    });
+    eventually(
+        "the first request holds the node",
+        Duration::from_secs(10),
+        || async { held.hits() == 1 },
+    )
+    .await;
+    // The one slot is taken: the next request waits queue_ms, then is refused by the gateway.
+    let refused = get(&url).await;
+    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(refused.header("x-upstream").is_none());
+    assert!(refused.text().contains("busy"), "{}", refused.text());
+    assert_eq!(held.hits(), 1);
+    let metrics = gateway.admin_url("/metrics");
+    let full = r#"weir_upstream_queue_full_total{upstream="u"}"#;
+    assert_eq!(metric(&metrics, full).await, 1.0);
+
+    // A request that is queued when the slot frees goes through.
+    let queued = tokio::spawn({
+        let url = url.clone();
+        async move { get(&url).await }
+    });
+    gate.open();
+    assert_eq!(first.await.unwrap().status, StatusCode::OK);
+    assert_eq!(queued.await.unwrap().status, StatusCode::OK);
+    assert_eq!(held.hits(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_retry_settings_are_refused_at_their_field() {
+    let up = Upstream::start("u").await;
+    let gateway = TestGateway::start(&yaml(json!({
+        "upstreams": [
+            {"id": "on", "nodes": [node(&up)], "retry_on": ["connect_failure"]},
+            {"id": "status", "nodes": [node(&up)], "retry_on": [200]},
+            {"id": "methods", "nodes": [node(&up)], "retry_methods": ["get"]},
+            {"id": "budget", "nodes": [node(&up)], "retry_budget": {"percent": 101}},
+            {"id": "max", "nodes": [node(&up)], "max_connections": 0},
+            {"id": "queue", "nodes": [node(&up)], "timeout": {"queue_ms": 0}},
+        ],
+    })))
+    .await;
+    for (id, expected) in [
+        ("on", "connect-failure"),
+        ("status", "retry_on 200"),
+        ("methods", "/retry_methods/0"),
+        ("budget", "/retry_budget/percent"),
+        ("max", "/max_connections"),
+        ("queue", "/timeout/queue_ms"),
+    ] {
+        let reason = gateway.refusal(id);
+        assert!(reason.contains(expected), "{id}: {reason}");
+    }
 }

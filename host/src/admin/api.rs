@@ -20,7 +20,7 @@ use super::auth::{CSRF_HEADER, LoginError, Principal, Refusal, SESSION_COOKIE, c
 use crate::body::ProxyBody;
 use crate::config::{
     self, AdminConfig, ConsumerConfig, FieldError, Kind, PluginConfig, RouteConfig, ServerConfig,
-    ServiceNode, SslConfig, TenantConfig, UpstreamConfig,
+    ServiceNode, ServiceSettings, SslConfig, TenantConfig, UpstreamConfig,
 };
 use crate::store::{ConfigWriter, Expect, StoredObject, WriteError};
 
@@ -208,6 +208,7 @@ fn kind_of(segment: &str) -> Option<Kind> {
         "tenants" => Kind::Tenant,
         "ssl" => Kind::Ssl,
         "consumers" => Kind::Consumer,
+        "service-settings" => Kind::ServiceSettings,
         _ => return None,
     })
 }
@@ -347,6 +348,11 @@ impl<'a> Call<'a> {
                 .collect(),
             Kind::Consumer => objects
                 .consumers
+                .iter()
+                .map(|(id, o)| stored(id, to_json(o)))
+                .collect(),
+            Kind::ServiceSettings => objects
+                .service_settings
                 .iter()
                 .map(|(id, o)| stored(id, to_json(o)))
                 .collect(),
@@ -762,7 +768,7 @@ fn field(path: &str, message: impl Into<String>) -> FieldError {
 fn name_it(kind: Kind, id: &str, value: &mut Value) -> Result<(), Failure> {
     let id_field = match kind {
         Kind::Route | Kind::Upstream | Kind::Ssl => "id",
-        Kind::Plugin | Kind::Tenant | Kind::Consumer => "name",
+        Kind::Plugin | Kind::Tenant | Kind::Consumer | Kind::ServiceSettings => "name",
         Kind::ServiceNode => {
             return id
                 .split('/')
@@ -835,6 +841,9 @@ fn check_object(kind: Kind, value: &Value) -> Result<Vec<(String, Kind, String)>
                 .map_err(invalid)?
         }
         Kind::ServiceNode => config::parse::<ServiceNode>(value)
+            .map(|_| Vec::new())
+            .map_err(invalid)?,
+        Kind::ServiceSettings => config::parse::<ServiceSettings>(value)
             .map(|_| Vec::new())
             .map_err(invalid)?,
         Kind::Server => {
@@ -1028,6 +1037,7 @@ fn schema(kind: &str) -> Answer {
         "ssl" => schemars::schema_for!(SslConfig),
         "consumers" => schemars::schema_for!(ConsumerConfig),
         "services" => schemars::schema_for!(ServiceNode),
+        "service-settings" => schemars::schema_for!(ServiceSettings),
         "server" => schemars::schema_for!(ServerConfig),
         other => {
             return Err(Failure::Status(

@@ -33,12 +33,13 @@ pub(super) fn ready(gateway: &Gateway) -> Response<ProxyBody> {
     response
 }
 
-/// The state of each node of the upstreams that have health checks: whether its probes find it
-/// healthy, how long it stays ejected, and why its last probe failed.
-fn upstream_health(snapshot: &crate::snapshot::Snapshot) -> serde_json::Value {
+/// The state of each node of the upstreams (or services) that have health checks: whether its
+/// probes find it healthy, how long it stays ejected, and why its last probe failed.
+fn health_of(
+    upstreams: &std::collections::BTreeMap<String, std::sync::Arc<crate::upstream::Upstream>>,
+) -> serde_json::Value {
     let now = crate::balancer::now_ms();
-    let checked = snapshot
-        .upstreams
+    let checked = upstreams
         .iter()
         .filter(|(_, u)| u.config.checks.active.is_some() || u.config.checks.passive.is_some());
     serde_json::Value::Object(
@@ -68,7 +69,8 @@ pub(super) fn status(gateway: &Gateway) -> Response<ProxyBody> {
         "generation": snapshot.generation,
         "routes": snapshot.route_list.keys().collect::<Vec<_>>(),
         "upstreams": snapshot.upstreams.keys().collect::<Vec<_>>(),
-        "upstream_health": upstream_health(&snapshot),
+        "upstream_health": health_of(&snapshot.upstreams),
+        "service_health": health_of(&snapshot.services),
         "services": snapshot.services.iter().map(|(name, service)| (name.clone(), service
             .nodes
             .nodes()

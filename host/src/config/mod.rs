@@ -9,6 +9,7 @@ mod node;
 mod plugin;
 mod route;
 mod server;
+mod service;
 mod ssl;
 mod tenant;
 mod upstream;
@@ -27,12 +28,13 @@ pub use self::plugin::{
 };
 pub use self::route::{PathNormalization, PluginRef, RouteConfig, RouteStatus, StripPrefix};
 pub use self::server::{MIN_HEADER_BYTES, ServerConfig, TrustedProxy};
+pub use self::service::ServiceSettings;
 pub use self::ssl::SslConfig;
 pub use self::tenant::{Quotas, TenantConfig};
 pub use self::upstream::{
     ActiveCheck, ActiveHealthy, ActiveUnhealthy, BalancerKind, HashOn, HealthChecks, MAX_WEIGHT,
-    NodeConfig, NodeStatus, PassiveCheck, PassiveUnhealthy, ProbeKind, Scheme, Timeouts,
-    UpstreamConfig, UpstreamTls,
+    NodeConfig, NodeStatus, PassiveCheck, PassiveUnhealthy, ProbeKind, RetryBudgetConfig, RetryOn,
+    Scheme, Timeouts, UpstreamConfig, UpstreamTls,
 };
 
 /// The kinds of config object, as they appear in error reports and the etcd layout.
@@ -51,6 +53,8 @@ pub enum Kind {
     Server,
     /// A node registered under `services/<name>/<node>`.
     ServiceNode,
+    /// `service_settings`: how a discovered service's nodes are reached.
+    ServiceSettings,
     /// `admin`: who may use the admin listener.
     Admin,
     /// `ssl`: a certificate the TLS listener serves.
@@ -72,6 +76,7 @@ impl fmt::Display for Kind {
             Kind::Tenant => "tenant",
             Kind::Server => "server",
             Kind::ServiceNode => "service node",
+            Kind::ServiceSettings => "service settings",
             Kind::Admin => "admin",
             Kind::Ssl => "ssl",
             Kind::Consumer => "consumer",
@@ -332,6 +337,8 @@ pub struct ConfigObjects {
     pub tenants: BTreeMap<String, TenantConfig>,
     /// Live service nodes: service name, then node id.
     pub services: BTreeMap<String, BTreeMap<String, ServiceNode>>,
+    /// Settings of discovered services, by service name.
+    pub service_settings: BTreeMap<String, ServiceSettings>,
     /// The `server` section, when the store has one (otherwise the defaults apply).
     pub server: Option<ServerConfig>,
     /// The `admin` section, when the store has one.

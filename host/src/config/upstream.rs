@@ -31,14 +31,171 @@ pub struct UpstreamConfig {
     /// `timeout: {connect_ms: 1000, read_ms: 15000}`
     #[serde(default)]
     pub timeout: Timeouts,
-    /// `retries: 2`: extra attempts on other nodes when a connection cannot be made.
+    /// `retries: 2`: extra attempts after the first, each on another node while there is one.
     /// By default, one per other node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retries: Option<u32>,
+    /// `retry_on: [connect-failure, timeout, reset, 502, 503, 504]`: what sends a request to
+    /// another node; by default `[connect-failure, timeout]`.
+    #[serde(
+        default = "default_retry_on",
+        skip_serializing_if = "is_default_retry_on"
+    )]
+    pub retry_on: Vec<RetryOn>,
+    /// `retry_methods: [GET, HEAD, OPTIONS, PUT, DELETE]` (the default): the methods that may
+    /// go to another node after one took the request (a timeout, a reset or a status).
+    #[serde(
+        default = "default_retry_methods",
+        skip_serializing_if = "is_default_retry_methods"
+    )]
+    pub retry_methods: Vec<String>,
+    /// `retry_budget: {percent: 20, min_per_second: 3}`: retries after a node took the request
+    /// stay under this share of the upstream's requests over 10 s, so that they never multiply
+    /// an overload.
+    #[serde(default, skip_serializing_if = "RetryBudgetConfig::is_default")]
+    pub retry_budget: RetryBudgetConfig,
+    /// `max_connections: 100`: requests in flight to each node at once; more wait up to
+    /// `timeout.queue_ms` for one to finish, then get 503. No limit by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
     /// `checks: {passive: {..}}`: how the gateway tells that a node is unwell, and leaves it
     /// out of rotation for a while.
     #[serde(default, skip_serializing_if = "HealthChecks::is_empty")]
     pub checks: HealthChecks,
+}
+
+/// One thing that sends a request to another node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RetryOn {
+    /// `connect-failure`: no connection could be made; nothing reached the node.
+    ConnectFailure,
+    /// `timeout`: the node took the request and sent no response head within `read_ms`.
+    Timeout,
+    /// `reset`: the connection failed after the request was (partly) sent.
+    Reset,
+    /// `503`: the node answered this status.
+    Status(u16),
+}
+
+impl RetryOn {
+    /// Whether the request reached a node before this happened, so that sending it again
+    /// depends on its method and on the budget.
+    pub fn after_send(self) -> bool {
+        !matches!(self, RetryOn::ConnectFailure)
+    }
+}
+
+impl Serialize for RetryOn {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            RetryOn::ConnectFailure => s.serialize_str("connect-failure"),
+            RetryOn::Timeout => s.serialize_str("timeout"),
+            RetryOn::Reset => s.serialize_str("reset"),
+            RetryOn::Status(status) => s.serialize_u16(*status),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for RetryOn {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Spelled {
+            Status(u64),
+            Word(String),
+        }
+        let refused = |what: String| {
+            serde::de::Error::custom(format!(
+                "retry_on {what} is not one of connect-failure, timeout, reset or a status 400..=599"
+            ))
+        };
+        match Spelled::deserialize(d)? {
+            Spelled::Status(status) => match u16::try_from(status) {
+                Ok(status @ 400..=599) => Ok(RetryOn::Status(status)),
+                _ => Err(refused(status.to_string())),
+            },
+            Spelled::Word(word) => match word.as_str() {
+                "connect-failure" => Ok(RetryOn::ConnectFailure),
+                "timeout" => Ok(RetryOn::Timeout),
+                "reset" => Ok(RetryOn::Reset),
+                other => match other.parse::<u16>() {
+                    Ok(status @ 400..=599) => Ok(RetryOn::Status(status)),
+                    _ => Err(refused(format!("{other:?}"))),
+                },
+            },
+        }
+    }
+}
+
+impl schemars::JsonSchema for RetryOn {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "RetryOn".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "oneOf": [
+                {"type": "string", "enum": ["connect-failure", "timeout", "reset"]},
+                {"type": "integer", "minimum": 400, "maximum": 599}
+            ],
+            "description": "`connect-failure`, `timeout`, `reset`, or a status such as 503"
+        })
+    }
+}
+
+pub(super) fn default_retry_on() -> Vec<RetryOn> {
+    vec![RetryOn::ConnectFailure, RetryOn::Timeout]
+}
+
+pub(super) fn is_default_retry_on(on: &Vec<RetryOn>) -> bool {
+    *on == default_retry_on()
+}
+
+/// The methods retried after a node took the request by default: the idempotent ones.
+const IDEMPOTENT_METHODS: [&str; 5] = ["GET", "HEAD", "OPTIONS", "PUT", "DELETE"];
+
+pub(super) fn default_retry_methods() -> Vec<String> {
+    IDEMPOTENT_METHODS.iter().map(|m| (*m).to_owned()).collect()
+}
+
+pub(super) fn is_default_retry_methods(methods: &Vec<String>) -> bool {
+    *methods == default_retry_methods()
+}
+
+/// How many retries after a node took the request an upstream allows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, Serialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RetryBudgetConfig {
+    /// `percent: 20`: retries as a share of requests over the last 10 s.
+    #[serde(default = "default_budget_percent")]
+    pub percent: u32,
+    /// `min_per_second: 3`: retries allowed each second whatever the share, so that a quiet
+    /// upstream can still retry.
+    #[serde(default = "default_budget_min_per_second")]
+    pub min_per_second: u32,
+}
+
+impl Default for RetryBudgetConfig {
+    fn default() -> Self {
+        RetryBudgetConfig {
+            percent: default_budget_percent(),
+            min_per_second: default_budget_min_per_second(),
+        }
+    }
+}
+
+impl RetryBudgetConfig {
+    pub(super) fn is_default(&self) -> bool {
+        *self == RetryBudgetConfig::default()
+    }
+}
+
+fn default_budget_percent() -> u32 {
+    20
+}
+
+fn default_budget_min_per_second() -> u32 {
+    3
 }
 
 /// An upstream's health checks.
@@ -59,7 +216,7 @@ pub struct HealthChecks {
 }
 
 impl HealthChecks {
-    fn is_empty(&self) -> bool {
+    pub(super) fn is_empty(&self) -> bool {
         self.active.is_none() && self.passive.is_none()
     }
 }
@@ -419,6 +576,9 @@ pub struct Timeouts {
     /// `idle_ms: 60000`: the longest a body may stop moving, in either direction.
     #[serde(default = "super::default_stream_ms")]
     pub idle_ms: u64,
+    /// `queue_ms: 1000`: the longest a request waits for a node under `max_connections`.
+    #[serde(default = "default_queue_ms")]
+    pub queue_ms: u64,
 }
 
 impl Default for Timeouts {
@@ -428,8 +588,13 @@ impl Default for Timeouts {
             send_ms: super::default_stream_ms(),
             read_ms: default_read_ms(),
             idle_ms: super::default_stream_ms(),
+            queue_ms: default_queue_ms(),
         }
     }
+}
+
+fn default_queue_ms() -> u64 {
+    1_000
 }
 
 fn default_connect_ms() -> u64 {
@@ -503,12 +668,14 @@ impl ConfigObject for UpstreamConfig {
             send_ms,
             read_ms,
             idle_ms,
+            queue_ms,
         } = self.timeout;
         for (name, ms) in [
             ("connect_ms", connect_ms),
             ("send_ms", send_ms),
             ("read_ms", read_ms),
             ("idle_ms", idle_ms),
+            ("queue_ms", queue_ms),
         ] {
             checks.check(
                 format!("/timeout/{name}"),
@@ -516,6 +683,7 @@ impl ConfigObject for UpstreamConfig {
             );
         }
         let _ = MAX_TIMEOUT_MS;
+        self.check_retries(checks);
         if let Some(active) = &self.checks.active {
             self.check_active(active, checks);
         }
@@ -549,6 +717,33 @@ impl ConfigObject for UpstreamConfig {
 }
 
 impl UpstreamConfig {
+    /// `retry_on`, `retry_methods`, `retry_budget` and `max_connections`.
+    fn check_retries(&self, checks: &mut Checks) {
+        for (index, method) in self.retry_methods.iter().enumerate() {
+            let token = !method.is_empty()
+                && method.len() <= 32
+                && method.bytes().all(|b| b.is_ascii_uppercase() || b == b'-');
+            if !token {
+                checks.fail(
+                    format!("/retry_methods/{index}"),
+                    format!("{method:?} is not a method name in capitals, such as GET"),
+                );
+            }
+        }
+        if self.retry_budget.percent > 100 {
+            checks.fail(
+                "/retry_budget/percent",
+                "percent is a share of requests, 0 to 100",
+            );
+        }
+        if self.max_connections == Some(0) {
+            checks.fail(
+                "/max_connections",
+                "max_connections 0 would refuse every request; leave it out for no limit",
+            );
+        }
+    }
+
     /// `checks.active`: a probe that can be made, on an interval that does not flood the nodes.
     fn check_active(&self, active: &ActiveCheck, checks: &mut Checks) {
         if !(100..=MAX_TIMEOUT_MS).contains(&active.interval_ms) {

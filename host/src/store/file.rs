@@ -284,6 +284,9 @@ pub fn parse_in(text: &str, base: &Path) -> Result<Desired, String> {
             Some("consumers") => {
                 objects.consumers = collect(value, &mut unparsed)?;
             }
+            Some("service_settings") => {
+                objects.service_settings = collect(value, &mut unparsed)?;
+            }
             Some("ssl") => {
                 let value = read_pem_files(value, base, &mut unparsed);
                 objects.ssl = collect(value, &mut unparsed)?;
@@ -305,7 +308,7 @@ pub fn parse_in(text: &str, base: &Path) -> Result<Desired, String> {
             },
             _ => {
                 return Err(format!(
-                    "unknown top-level key {}; expected routes, upstreams, plugins, tenants, consumers, ssl, server, admin",
+                    "unknown top-level key {}; expected routes, upstreams, plugins, tenants, consumers, service_settings, ssl, server, admin",
                     serde_norway::to_string(&key).unwrap_or_default().trim()
                 ));
             }
@@ -629,7 +632,17 @@ routes:
             "nodes" => prop::collection::vec(object("host port", "weight status"), 1..4)
                 .prop_map(Json::Array)
                 .boxed(),
-            "timeout" => object("", "connect_ms send_ms read_ms idle_ms"),
+            "timeout" => object("", "connect_ms send_ms read_ms idle_ms queue_ms"),
+            "retry_on" => list(
+                prop_oneof![
+                    pick("connect-failure|timeout|reset|503", "connect_failure|200|"),
+                    number(),
+                ]
+                .boxed(),
+            ),
+            "retry_methods" => list(pick("GET|POST|PUT", "get|GRAB GRAB|")),
+            "checks" => object("", "passive"),
+            "passive" => object("", "eject_ms max_ejected_percent"),
             "plugins" => list(object("name", "config isolation")),
             "limits" => object("", "memory_mb timeout_ms max_body_bytes"),
             "grants" => object("", "log clock kv metrics http wasi"),
@@ -677,7 +690,15 @@ routes:
                 "uris methods hosts priority service strip_prefix plugins path_normalization \
                  status",
             ),
-            Kind::Upstream => object("id nodes", "type type hash_on scheme timeout retries"),
+            Kind::Upstream => object(
+                "id nodes",
+                "type type hash_on scheme timeout retries retry_on retry_methods max_connections \
+                 checks",
+            ),
+            Kind::ServiceSettings => object(
+                "name",
+                "type hash_on scheme timeout retries retry_on retry_methods checks",
+            ),
             Kind::Plugin => object(
                 "name",
                 "module sha256 sha256 limits failure isolation grants tenant quarantine",

@@ -10,6 +10,7 @@
 //! <prefix>/consumers/<name>       consumer JSON {name, labels?, credentials}
 //! <prefix>/server                 server JSON: client timeouts, limits, trusted proxies
 //! <prefix>/services/<name>/<node> node JSON {host, port, weight?, meta?}, under a lease
+//! <prefix>/service-settings/<name> how service <name> is reached: an upstream without nodes
 //! <prefix>/modules/<sha256>       {"size": N, "chunks": C}
 //! <prefix>/modules/<sha256>/<n>   chunk n of the module's bytes (n zero-padded to 6 digits)
 //! ```
@@ -22,7 +23,8 @@ use serde::{Deserialize, Serialize};
 use super::EtcdError;
 use crate::config::{
     AdminConfig, ConfigObject, ConsumerConfig, FieldError, Kind, ObjectError, PluginConfig,
-    RouteConfig, ServerConfig, ServiceNode, SslConfig, TenantConfig, UpstreamConfig,
+    RouteConfig, ServerConfig, ServiceNode, ServiceSettings, SslConfig, TenantConfig,
+    UpstreamConfig,
 };
 use crate::plugin::sha256_hex;
 
@@ -41,6 +43,7 @@ pub(crate) enum Entry {
     Tenant(TenantConfig),
     Ssl(SslConfig),
     Consumer(ConsumerConfig),
+    ServiceSettings(ServiceSettings),
     Server(ServerConfig),
     Admin(AdminConfig),
     Node {
@@ -66,6 +69,7 @@ pub(crate) fn parse_entry(root: &str, key: &str, value: &[u8]) -> Option<Entry> 
         "tenants" => parse_object(value, name).map(Entry::Tenant),
         "ssl" => parse_object(value, name).map(Entry::Ssl),
         "consumers" => parse_object(value, name).map(Entry::Consumer),
+        "service-settings" => parse_object(value, name).map(Entry::ServiceSettings),
         "server" if rest == "server" => parse_json(value, Kind::Server, "server")
             .and_then(|json| parse_as(&json, "server"))
             .map(Entry::Server),

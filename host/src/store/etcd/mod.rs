@@ -221,6 +221,11 @@ impl Mirror {
                 Entry::Consumer(consumer) => {
                     objects.consumers.insert(consumer.name.clone(), consumer);
                 }
+                Entry::ServiceSettings(settings) => {
+                    objects
+                        .service_settings
+                        .insert(settings.name.clone(), settings);
+                }
                 Entry::Server(server) => objects.server = Some(server),
                 Entry::Admin(admin) => objects.admin = Some(admin),
                 Entry::Node {
@@ -664,7 +669,7 @@ impl ModuleSource for EtcdStore {
 mod tests {
     use super::keys::ModuleManifest;
     use super::*;
-    use crate::config::{self, Kind, UpstreamConfig};
+    use crate::config::{self, Kind};
     use proptest::prelude::*;
     use serde_json::Value as Json;
 
@@ -781,6 +786,7 @@ mod tests {
     /// Every key section the layout has, some it refuses, and some it does not know.
     const SECTIONS: &[&str] = &[
         "routes",
+        "service-settings",
         "upstreams",
         "plugins",
         "tenants",
@@ -850,28 +856,22 @@ mod tests {
                 assert_eq!(section, Some("consumers"));
                 config::verify(&consumer).unwrap();
             }
+            Entry::ServiceSettings(settings) => {
+                assert_eq!(section, Some("service-settings"));
+                config::verify(&settings).unwrap();
+            }
             Entry::Node { service, value, .. } => {
                 assert_eq!(section, Some("services"));
                 config::verify(&value).unwrap();
                 {
                     // What `Snapshot::build_services` makes of a service's live nodes.
-                    use crate::config::{BalancerKind, NodeConfig, Scheme};
-                    let config = UpstreamConfig {
-                        id: service,
-                        nodes: vec![NodeConfig {
-                            host: value.host,
-                            port: value.port,
-                            weight: value.weight,
-                            status: value.status,
-                        }],
-                        balancer: BalancerKind::Roundrobin,
-                        hash_on: None,
-                        scheme: Scheme::Http,
-                        tls: None,
-                        timeout: Default::default(),
-                        retries: None,
-                        checks: Default::default(),
-                    };
+                    use crate::config::{NodeConfig, ServiceSettings};
+                    let config = ServiceSettings::plain(&service).upstream(vec![NodeConfig {
+                        host: value.host,
+                        port: value.port,
+                        weight: value.weight,
+                        status: value.status,
+                    }]);
                     let metrics = crate::metrics::Metrics::new();
                     let pool = crate::upstream::ClientPool::default();
                     crate::upstream::Upstream::new(config, &pool, &metrics).unwrap();
@@ -894,6 +894,7 @@ mod tests {
             config_object(Kind::Tenant).prop_map(|v| ("tenants", "name", v)),
             config_object(Kind::Server).prop_map(|v| ("server", "", v)),
             config_object(Kind::ServiceNode).prop_map(|v| ("services", "", v)),
+            config_object(Kind::ServiceSettings).prop_map(|v| ("service-settings", "name", v)),
             (prop::sample::select(SECTIONS), json()).prop_map(|(s, v)| (s, "", v)),
         ];
         let other_name = prop_oneof![

@@ -42,6 +42,7 @@ fn section(kind: Kind) -> &'static str {
         Kind::Plugin => "plugins",
         Kind::Tenant => "tenants",
         Kind::ServiceNode => "services",
+        Kind::ServiceSettings => "service-settings",
         Kind::Server => "server",
         Kind::Admin => "admin",
         Kind::Ssl => "ssl",
