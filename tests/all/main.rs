@@ -5,6 +5,7 @@ mod adversarial;
 mod auth;
 mod authoring;
 mod balancing;
+mod chaos;
 mod cluster_limits;
 mod consumers;
 mod dashboard;
