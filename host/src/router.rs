@@ -60,16 +60,43 @@ struct Candidate<T> {
     route: Arc<T>,
     filter: Arc<RouteFilter>,
     prefix: Arc<str>,
-    order: (i32, bool, bool, usize),
+    /// What orders candidates on one node: higher priority, then with hosts, then with methods,
+    /// then by `key`.
+    order: (i32, bool, bool),
+    /// The route's key (its id): the last tie-break, and what [`RouteTableBuilder::remove`]
+    /// finds it by.
+    key: Arc<str>,
 }
 
+impl<T> Clone for Candidate<T> {
+    fn clone(&self) -> Self {
+        Candidate {
+            route: self.route.clone(),
+            filter: self.filter.clone(),
+            prefix: self.prefix.clone(),
+            order: self.order,
+            key: self.key.clone(),
+        }
+    }
+}
+
+impl<T> Candidate<T> {
+    fn rank(&self) -> ((i32, bool, bool), &str) {
+        (self.order, &self.key)
+    }
+}
+
+/// A trie node. Children are shared between a table and the tables edited from it: an edit
+/// copies only the nodes on the paths it changes.
 struct Node<T> {
-    literals: HashMap<Box<str>, Node<T>>,
-    param: Option<Box<Node<T>>>,
+    literals: HashMap<Arc<str>, Arc<Node<T>>>,
+    param: Option<Arc<Node<T>>>,
     /// Routes whose pattern ends exactly here.
     exact: Vec<Candidate<T>>,
     /// Prefix routes (`.../*`) whose base ends here; they match here and everything below.
     prefix: Vec<Candidate<T>>,
+    /// Whether candidates were added here or below since the last sort (builders only).
+    unsorted: bool,
 }
 
 impl<T> Default for Node<T> {
@@ -79,19 +106,51 @@ impl<T> Default for Node<T> {
             param: None,
             exact: Vec::new(),
             prefix: Vec::new(),
+            unsorted: false,
         }
     }
 }
 
-/// An immutable table of routes, built once per config snapshot.
+impl<T> Clone for Node<T> {
+    fn clone(&self) -> Self {
+        Node {
+            literals: self.literals.clone(),
+            param: self.param.clone(),
+            exact: self.exact.clone(),
+            prefix: self.prefix.clone(),
+            unsorted: self.unsorted,
+        }
+    }
+}
+
+impl<T> Node<T> {
+    fn is_empty(&self) -> bool {
+        self.literals.is_empty()
+            && self.param.is_none()
+            && self.exact.is_empty()
+            && self.prefix.is_empty()
+    }
+}
+
+/// An immutable table of routes. Cloning one is cheap, and [`RouteTable::edit`] changes a few
+/// routes at the cost of the paths they are on, not of the whole table.
 pub struct RouteTable<T> {
-    root: Node<T>,
+    root: Arc<Node<T>>,
     len: usize,
 }
 
-/// Builds a [`RouteTable`].
+impl<T> Clone for RouteTable<T> {
+    fn clone(&self) -> Self {
+        RouteTable {
+            root: self.root.clone(),
+            len: self.len,
+        }
+    }
+}
+
+/// Builds a [`RouteTable`], from nothing or by editing one.
 pub struct RouteTableBuilder<T> {
-    root: Node<T>,
+    root: Arc<Node<T>>,
     len: usize,
 }
 
@@ -119,30 +178,35 @@ fn parse_pattern(pattern: &str) -> (Vec<&str>, bool, String) {
 }
 
 impl<T> RouteTableBuilder<T> {
-    /// Adds `route` under each of its path patterns; `index` breaks ties (lower first).
-    pub fn add(&mut self, patterns: &[&str], filter: RouteFilter, route: Arc<T>, index: usize) {
+    /// Adds `route` under each of its path patterns; `key` (its id) breaks ties, lower first,
+    /// and is how [`RouteTableBuilder::remove`] finds it again.
+    pub fn add(&mut self, patterns: &[&str], filter: RouteFilter, route: Arc<T>, key: &str) {
         let filter = Arc::new(filter);
+        let key: Arc<str> = key.into();
         let order = (
             -filter.priority,
             filter.hosts.is_empty(),
             filter.methods.is_empty(),
-            index,
         );
         for pattern in patterns {
             let (segments, is_prefix, literal_prefix) = parse_pattern(pattern);
-            let mut node = &mut self.root;
+            let mut node = Arc::make_mut(&mut self.root);
+            node.unsorted = true;
             for segment in segments {
-                node = if segment.starts_with('{') {
+                let child = if segment.starts_with('{') {
                     node.param.get_or_insert_with(Default::default)
                 } else {
                     node.literals.entry(segment.into()).or_default()
                 };
+                node = Arc::make_mut(child);
+                node.unsorted = true;
             }
             let candidate = Candidate {
                 route: route.clone(),
                 filter: filter.clone(),
                 prefix: literal_prefix.into(),
                 order,
+                key: key.clone(),
             };
             if is_prefix {
                 &mut node.prefix
@@ -154,11 +218,54 @@ impl<T> RouteTableBuilder<T> {
         self.len += 1;
     }
 
-    /// Builds the table.
+    /// Takes out the route added with `key` under `patterns` (the patterns it was added with).
+    pub fn remove(&mut self, patterns: &[&str], key: &str) {
+        fn remove_at<T>(node: &mut Arc<Node<T>>, segments: &[&str], prefix: bool, key: &str) {
+            let node = Arc::make_mut(node);
+            match segments.split_first() {
+                None => {
+                    let leaf = if prefix {
+                        &mut node.prefix
+                    } else {
+                        &mut node.exact
+                    };
+                    leaf.retain(|c| &*c.key != key);
+                }
+                Some((segment, rest)) if segment.starts_with('{') => {
+                    if let Some(child) = &mut node.param {
+                        remove_at(child, rest, prefix, key);
+                        if child.is_empty() {
+                            node.param = None;
+                        }
+                    }
+                }
+                Some((segment, rest)) => {
+                    if let Some(child) = node.literals.get_mut(*segment) {
+                        remove_at(child, rest, prefix, key);
+                        if child.is_empty() {
+                            node.literals.remove(*segment);
+                        }
+                    }
+                }
+            }
+        }
+        for pattern in patterns {
+            let (segments, is_prefix, _) = parse_pattern(pattern);
+            remove_at(&mut self.root, &segments, is_prefix, key);
+        }
+        self.len = self.len.saturating_sub(1);
+    }
+
+    /// Builds the table, ordering the candidates of every node an add touched.
     pub fn build(mut self) -> RouteTable<T> {
-        fn sort<T>(node: &mut Node<T>) {
-            node.exact.sort_by_key(|c| c.order);
-            node.prefix.sort_by_key(|c| c.order);
+        fn sort<T>(node: &mut Arc<Node<T>>) {
+            if !node.unsorted {
+                return;
+            }
+            let node = Arc::make_mut(node);
+            node.unsorted = false;
+            node.exact.sort_by(|a, b| a.rank().cmp(&b.rank()));
+            node.prefix.sort_by(|a, b| a.rank().cmp(&b.rank()));
             node.literals.values_mut().for_each(sort);
             if let Some(param) = &mut node.param {
                 sort(param);
@@ -176,8 +283,17 @@ impl<T> RouteTable<T> {
     /// Starts an empty table.
     pub fn builder() -> RouteTableBuilder<T> {
         RouteTableBuilder {
-            root: Node::default(),
+            root: Arc::default(),
             len: 0,
+        }
+    }
+
+    /// Starts a builder holding this table's routes, to add and remove a few; the table itself
+    /// is unchanged.
+    pub fn edit(&self) -> RouteTableBuilder<T> {
+        RouteTableBuilder {
+            root: self.root.clone(),
+            len: self.len,
         }
     }
 
@@ -221,6 +337,7 @@ fn find<'a, T>(
     };
     node.literals
         .get(segment)
+        .map(|child| &**child)
         .and_then(descend)
         .or_else(|| {
             node.param
@@ -252,9 +369,14 @@ mod tests {
     fn table(routes: &[(&str, &[&str], RouteFilter)]) -> RouteTable<String> {
         let mut builder = RouteTable::builder();
         for (i, (id, paths, filter)) in routes.iter().enumerate() {
-            builder.add(paths, filter.clone(), Arc::new(id.to_string()), i);
+            builder.add(paths, filter.clone(), Arc::new(id.to_string()), &key(i));
         }
         builder.build()
+    }
+
+    /// A key that sorts as `index` does.
+    fn key(index: usize) -> String {
+        format!("{index:08}")
     }
 
     fn get(
@@ -438,7 +560,7 @@ mod tests {
         let mut builder = RouteTable::builder();
         for i in 0..10_000 {
             let path = format!("/svc{i}/items/{{id}}");
-            builder.add(&[path.as_str()], any(), Arc::new(format!("r{i}")), i);
+            builder.add(&[path.as_str()], any(), Arc::new(format!("r{i}")), &key(i));
         }
         let t = builder.build();
         assert_eq!(t.len(), 10_000);
@@ -609,7 +731,7 @@ mod tests {
         for (index, route) in routes.iter().enumerate() {
             let texts: Vec<String> = route.patterns.iter().map(Pattern::text).collect();
             let patterns: Vec<&str> = texts.iter().map(String::as_str).collect();
-            builder.add(&patterns, route.filter(), Arc::new(index), index);
+            builder.add(&patterns, route.filter(), Arc::new(index), &key(index));
         }
         builder
     }
@@ -695,6 +817,66 @@ mod tests {
         }
 
         #[test]
+        fn fuzz_an_edited_table_answers_as_one_built_from_scratch(
+            routes in prop::collection::vec(route_strategy(), 0..10),
+            removed in prop::collection::vec(prop::bool::ANY, 10),
+            added in prop::collection::vec(route_strategy(), 0..4),
+            requests in prop::collection::vec(
+                (request_method_strategy(), request_host_strategy(), request_path_strategy()),
+                1..8,
+            ),
+        ) {
+            let before = builder(&routes).build();
+            let mut edit = before.edit();
+            let mut kept = 0;
+            for (index, route) in routes.iter().enumerate() {
+                if removed[index] {
+                    let texts: Vec<String> = route.patterns.iter().map(Pattern::text).collect();
+                    let patterns: Vec<&str> = texts.iter().map(String::as_str).collect();
+                    edit.remove(&patterns, &key(index));
+                } else {
+                    kept += 1;
+                }
+            }
+            // Added routes take keys after every existing one, so that positions in `all`
+            // order them as the table does.
+            let mut all: Vec<Option<RandomRoute>> =
+                routes.iter().enumerate().map(|(i, r)| (!removed[i]).then(|| r.clone())).collect();
+            for route in &added {
+                let index = all.len();
+                let texts: Vec<String> = route.patterns.iter().map(Pattern::text).collect();
+                let patterns: Vec<&str> = texts.iter().map(String::as_str).collect();
+                edit.add(&patterns, route.filter(), Arc::new(index), &key(index));
+                all.push(Some(route.clone()));
+            }
+            let edited = edit.build();
+            prop_assert_eq!(edited.len(), kept + added.len());
+            // What stands in for a removed route matches nothing.
+            let never = RandomRoute {
+                patterns: Vec::new(),
+                methods: Vec::new(),
+                hosts: Vec::new(),
+                priority: 0,
+            };
+            let reference_routes: Vec<RandomRoute> =
+                all.into_iter().map(|r| r.unwrap_or_else(|| never.clone())).collect();
+            for (method, host, path) in &requests {
+                let host = host.as_deref();
+                prop_assert_eq!(
+                    lookup_owned(&edited, method, host, path),
+                    reference(&reference_routes, method, host, path),
+                    "{} {:?} {:?}", method, host, path
+                );
+                // The table it was edited from is unchanged.
+                prop_assert_eq!(
+                    lookup_owned(&before, method, host, path),
+                    reference(&routes, method, host, path),
+                    "{} {:?} {:?}", method, host, path
+                );
+            }
+        }
+
+        #[test]
         fn fuzz_router_never_panics_on_any_string(
             routes in prop::collection::vec(route_strategy(), 0..6),
             raw_patterns in prop::collection::vec(prop::arbitrary::any::<String>(), 0..3),
@@ -710,7 +892,7 @@ mod tests {
                 hosts: vec![raw_host_pattern.clone(), format!("*.{raw_host_pattern}")],
                 ..RouteFilter::default()
             };
-            table.add(&raw, filter, Arc::new(routes.len()), routes.len());
+            table.add(&raw, filter, Arc::new(routes.len()), &key(routes.len()));
             let table = table.build();
             let host = host.as_deref();
             for method in [Method::GET, Method::POST] {

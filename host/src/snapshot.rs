@@ -300,31 +300,7 @@ impl BuildContext<'_> {
             }
         }
 
-        let mut table = RouteTable::builder();
-        // A disabled route stays listed (and warm) but is not in the table: it answers 404.
-        let enabled = route_list
-            .values()
-            .filter(|route| route.config.status == RouteStatus::Enabled);
-        for (index, route) in enabled.enumerate() {
-            let paths: Vec<&str> = route.config.paths().collect();
-            let filter = RouteFilter {
-                methods: route
-                    .config
-                    .methods
-                    .iter()
-                    .filter_map(|m| Method::from_bytes(m.as_bytes()).ok())
-                    .collect(),
-                hosts: route
-                    .config
-                    .hosts
-                    .iter()
-                    .map(|h| h.to_ascii_lowercase())
-                    .collect(),
-                priority: route.config.priority,
-            };
-            table.add(&paths, filter, route.clone(), index);
-        }
-        let routes = table.build();
+        let routes = route_table(&route_list, previous);
         for error in &errors {
             tracing::warn!(kind = %error.kind, id = %error.id, reason = %error.reason, "config object rejected");
         }
@@ -681,6 +657,72 @@ fn build_consumers(
         return previous.consumers.clone();
     }
     Arc::new(Consumers::new(wanted.into_values()))
+}
+
+/// The route table for `route_list`: the previous table with the routes that changed taken out
+/// and put back, so that a change costs the paths it touches; a new table when most changed.
+/// A disabled route stays listed (and warm) but is not in the table: it answers 404.
+fn route_table(
+    route_list: &BTreeMap<String, Arc<Route>>,
+    previous: &Snapshot,
+) -> RouteTable<Route> {
+    let serving = |route: &Arc<Route>| route.config.status == RouteStatus::Enabled;
+    let (mut gone, mut came) = (Vec::new(), Vec::new());
+    let mut old = previous.route_list.iter().peekable();
+    let mut new = route_list.iter().peekable();
+    loop {
+        match (old.peek(), new.peek()) {
+            (None, None) => break,
+            (Some((old_id, _)), Some((new_id, _))) if old_id == new_id => {
+                let ((_, was), (_, is)) = (old.next().unwrap(), new.next().unwrap());
+                if !Arc::ptr_eq(was, is) {
+                    gone.push(was);
+                    came.push(is);
+                }
+            }
+            (Some((old_id, _)), Some((new_id, _))) if old_id < new_id => {
+                gone.push(old.next().unwrap().1);
+            }
+            (Some(_), None) => gone.push(old.next().unwrap().1),
+            (_, Some(_)) => came.push(new.next().unwrap().1),
+        }
+    }
+    gone.retain(|route| serving(route));
+    came.retain(|route| serving(route));
+    if gone.is_empty() && came.is_empty() {
+        return previous.routes.clone();
+    }
+    let mut table = if came.len() + gone.len() > route_list.len() / 2 {
+        came = route_list.values().filter(|route| serving(route)).collect();
+        RouteTable::builder()
+    } else {
+        let mut table = previous.routes.edit();
+        for route in gone {
+            let paths: Vec<&str> = route.config.paths().collect();
+            table.remove(&paths, &route.id);
+        }
+        table
+    };
+    for route in came {
+        let paths: Vec<&str> = route.config.paths().collect();
+        let filter = RouteFilter {
+            methods: route
+                .config
+                .methods
+                .iter()
+                .filter_map(|m| Method::from_bytes(m.as_bytes()).ok())
+                .collect(),
+            hosts: route
+                .config
+                .hosts
+                .iter()
+                .map(|h| h.to_ascii_lowercase())
+                .collect(),
+            priority: route.config.priority,
+        };
+        table.add(&paths, filter, route.clone(), &route.id);
+    }
+    table.build()
 }
 
 fn keep_unparsed<T: Clone>(

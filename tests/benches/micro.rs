@@ -135,7 +135,12 @@ fn route_lookup(c: &mut Criterion) {
         for i in 0..count {
             let patterns = [format!("/svc{i}/items/{{id}}"), format!("/svc{i}/static/*")];
             let patterns: Vec<&str> = patterns.iter().map(String::as_str).collect();
-            builder.add(&patterns, RouteFilter::default(), Arc::new(i), i);
+            builder.add(
+                &patterns,
+                RouteFilter::default(),
+                Arc::new(i),
+                &format!("r{i}"),
+            );
         }
         let table = builder.build();
         let param = format!("/svc{}/items/42", count / 2);
