@@ -11,7 +11,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use etcd_client::PutOptions;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -23,9 +22,7 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use weir_tests::etcd::Etcd;
-use weir_tests::{
-    BlackHole, TestGateway, Upstream, eventually, get, metric, node, send_body, yaml,
-};
+use weir_tests::{BlackHole, TestGateway, Upstream, eventually, get, metric, node, send_body};
 
 /// Clients sending requests at once: the most requests a fault can catch in flight.
 const CLIENTS: usize = 4;
@@ -35,18 +32,6 @@ const SOON: Duration = Duration::from_secs(15);
 
 /// The longest one request of the load may take before it counts as failed.
 const PATIENCE: Duration = Duration::from_secs(10);
-
-/// A gateway with one route `/*` to upstream `u`, whose fields besides `id` are `upstream`.
-async fn gateway(mut upstream: Value) -> TestGateway {
-    upstream["id"] = json!("u");
-    let gateway = TestGateway::start(&yaml(json!({
-        "upstreams": [upstream],
-        "routes": [{"id": "r", "uri": "/*", "upstream_id": "u"}],
-    })))
-    .await;
-    assert!(gateway.errors().is_empty(), "{:?}", gateway.errors());
-    gateway
-}
 
 /// The sample of per-node metric `name` for node `addr` of upstream `u`.
 fn node_metric(name: &str, addr: SocketAddr) -> String {
@@ -287,7 +272,7 @@ async fn a_node_killed_under_load_is_ejected_and_its_probes_bring_it_back() {
         Upstream::start("c").await,
     );
     let c_addr = c.addr;
-    let gateway = gateway(json!({
+    let gateway = TestGateway::fronting(json!({
         "nodes": [node(&a), node(&b), node(&c)],
         "checks": {
             // Probes need three misses 200 ms apart, traffic three refusals in a row: the
@@ -359,7 +344,7 @@ async fn a_black_holed_node_is_ejected_and_only_idempotent_requests_retry_its_ti
     // healthy node never comes near it on a busy machine.
     let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
     let hole = BlackHole::accepting().await;
-    let ejecting = gateway(json!({
+    let ejecting = TestGateway::fronting(json!({
         "nodes": [node(&a), node(&b), hole.node()],
         "timeout": {"read_ms": 1000},
         "retry_on": ["connect-failure"],
@@ -402,7 +387,7 @@ async fn a_black_holed_node_is_ejected_and_only_idempotent_requests_retry_its_ti
     // retry_on with `timeout`: a GET the hole took goes on to another node; a POST does not.
     let (c, d) = (Upstream::start("c").await, Upstream::start("d").await);
     let hole = BlackHole::accepting().await;
-    let retrying = gateway(json!({
+    let retrying = TestGateway::fronting(json!({
         "nodes": [node(&c), node(&d), hole.node()],
         "timeout": {"read_ms": 1000},
         "retry_on": ["connect-failure", "timeout"],
@@ -457,7 +442,7 @@ async fn a_node_answering_503_is_ejected_and_when_every_node_does_clients_get_th
     let a = Switchable::start("a", StatusCode::OK).await;
     let b = Switchable::start("b", StatusCode::OK).await;
     let bad = Switchable::start("bad", StatusCode::SERVICE_UNAVAILABLE).await;
-    let gateway = gateway(json!({
+    let gateway = TestGateway::fronting(json!({
         "nodes": [a.node(), b.node(), bad.node()],
         "checks": {"passive": {
             "unhealthy": {"failures": 3}, "eject_ms": 600000, "max_ejected_percent": 100,
@@ -569,32 +554,6 @@ async fn etcd_killed_and_restarted_under_load_fails_no_request() {
     assert_eq!(outcome.failed(), 0, "{outcome:?}");
 }
 
-/// Puts `value` under `key` with a lease of `ttl` seconds that a task keeps alive until it is
-/// aborted, as a registered backend does until it dies.
-async fn kept_alive(etcd: &Etcd, key: &str, value: Value, ttl: i64) -> JoinHandle<()> {
-    let mut client = etcd.client().await;
-    let lease = client.lease_grant(ttl, None).await.expect("a lease").id();
-    client
-        .put(
-            key,
-            value.to_string(),
-            Some(PutOptions::new().with_lease(lease)),
-        )
-        .await
-        .expect("etcd put");
-    let (mut keeper, mut responses) = client
-        .lease_keep_alive(lease)
-        .await
-        .expect("keeping the lease alive");
-    tokio::spawn(async move {
-        loop {
-            keeper.keep_alive().await.expect("a keep-alive");
-            responses.message().await.expect("a keep-alive answer");
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_discovered_node_whose_lease_expires_under_load_leaves_without_a_failed_request() {
     let etcd = Etcd::start().await;
@@ -605,7 +564,9 @@ async fn a_discovered_node_whose_lease_expires_under_load_leaves_without_a_faile
     )
     .await;
     etcd.put("/weir/services/users/a", node(&a)).await;
-    let keeper = kept_alive(&etcd, "/weir/services/users/b", node(&b), 2).await;
+    let keeper = etcd
+        .put_kept_alive("/weir/services/users/b", node(&b), 2)
+        .await;
     let gateway = TestGateway::start_etcd(&etcd.url, None).await;
     let load = Load::start(gateway.url("/users/1"));
     load.served("b", 20).await;

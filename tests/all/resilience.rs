@@ -11,15 +11,9 @@ use weir_tests::{
     Behaviour, TestGateway, Upstream, admin_get, eventually, get, metric, node, send_body, yaml,
 };
 
-/// A gateway with one route `/` to upstream `u` of `nodes`, checked passively as `passive` says.
+/// A gateway to upstream `u` of `nodes`, checked passively as `passive` says.
 async fn gateway(nodes: Vec<Value>, passive: Value) -> TestGateway {
-    let gateway = TestGateway::start(&yaml(json!({
-        "upstreams": [{"id": "u", "nodes": nodes, "checks": {"passive": passive}}],
-        "routes": [{"id": "r", "uri": "/*", "upstream_id": "u"}],
-    })))
-    .await;
-    assert!(gateway.errors().is_empty(), "{:?}", gateway.errors());
-    gateway
+    TestGateway::fronting(json!({"nodes": nodes, "checks": {"passive": passive}})).await
 }
 
 async fn failing(name: &str) -> Upstream {
@@ -223,22 +217,10 @@ async fn probes_take_a_node_that_went_away_out_and_bring_it_back() {
     drop(b);
 }
 
-/// A gateway with one route `/` to upstream `u`, whose fields besides `id` are `upstream`.
-async fn gateway_with(mut upstream: Value) -> TestGateway {
-    upstream["id"] = json!("u");
-    let gateway = TestGateway::start(&yaml(json!({
-        "upstreams": [upstream],
-        "routes": [{"id": "r", "uri": "/*", "upstream_id": "u"}],
-    })))
-    .await;
-    assert!(gateway.errors().is_empty(), "{:?}", gateway.errors());
-    gateway
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_on_status_sends_idempotent_requests_to_another_node() {
     let (good, bad) = (Upstream::start("good").await, failing("bad").await);
-    let gateway = gateway_with(json!({
+    let gateway = TestGateway::fronting(json!({
         "nodes": [node(&good), node(&bad)], "retry_on": ["connect-failure", 503],
         // Half the requests are retried: more than the default budget's 20% allows.
         "retry_budget": {"percent": 100}
@@ -274,7 +256,8 @@ async fn a_retry_on_status_sends_idempotent_requests_to_another_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_every_node_answers_a_retry_on_status_the_client_gets_the_last_answer() {
     let (a, b) = (failing("a").await, failing("b").await);
-    let gateway = gateway_with(json!({"nodes": [node(&a), node(&b)], "retry_on": [503]})).await;
+    let gateway =
+        TestGateway::fronting(json!({"nodes": [node(&a), node(&b)], "retry_on": [503]})).await;
     let reply = get(&gateway.url("/x")).await;
     assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(
@@ -289,7 +272,7 @@ async fn when_every_node_answers_a_retry_on_status_the_client_gets_the_last_answ
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_retry_budget_caps_retries_after_a_node_took_the_request() {
     let (a, b) = (failing("a").await, failing("b").await);
-    let gateway = gateway_with(json!({
+    let gateway = TestGateway::fronting(json!({
         "nodes": [node(&a), node(&b)], "retry_on": [503],
         "retry_budget": {"percent": 0, "min_per_second": 1}
     }))
@@ -316,7 +299,7 @@ async fn the_retry_budget_caps_retries_after_a_node_took_the_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_at_max_connections_queues_then_refuses_with_503() {
     let (held, gate) = Upstream::gated("held").await;
-    let gateway = gateway_with(json!({
+    let gateway = TestGateway::fronting(json!({
         "nodes": [node(&held)], "max_connections": 1, "timeout": {"queue_ms": 300}
     }))
     .await;

@@ -140,6 +140,32 @@ impl Etcd {
         lease
     }
 
+    /// Puts `value` under `key` on a lease of `ttl` seconds that a task keeps alive until it is
+    /// aborted, as a registered backend does until it dies.
+    pub async fn put_kept_alive(
+        &self,
+        key: &str,
+        value: serde_json::Value,
+        ttl: i64,
+    ) -> tokio::task::JoinHandle<()> {
+        let lease = self.put_with_lease(key, value, ttl).await;
+        let (mut keeper, mut answers) = self
+            .client()
+            .await
+            .lease_keep_alive(lease)
+            .await
+            .expect("keeping the lease alive");
+        let every = Duration::from_millis(u64::try_from(ttl).unwrap_or(1) * 1000 / 4);
+        tokio::spawn(async move {
+            loop {
+                keeper.keep_alive().await.expect("a keep-alive");
+                answers.message().await.expect("a keep-alive answer");
+                // The interval of a keep-alive, not a wait for an event.
+                tokio::time::sleep(every).await;
+            }
+        })
+    }
+
     /// Deletes `key`.
     pub async fn delete(&self, key: &str) {
         self.client()

@@ -358,6 +358,19 @@ impl TestGateway {
         Self::start_in(dir, ConfigSource::File(config)).await
     }
 
+    /// Starts a gateway with one route, `/*`, to one upstream `u` whose fields besides `id` are
+    /// `upstream`; the config must load without errors.
+    pub async fn fronting(mut upstream: serde_json::Value) -> TestGateway {
+        upstream["id"] = serde_json::json!("u");
+        let gateway = Self::start(&yaml(serde_json::json!({
+            "upstreams": [upstream],
+            "routes": [{"id": "r", "uri": "/*", "upstream_id": "u"}],
+        })))
+        .await;
+        assert!(gateway.errors().is_empty(), "{:?}", gateway.errors());
+        gateway
+    }
+
     /// Starts a gateway that follows etcd at `url`, keeping its state in `state_dir` if given.
     pub async fn start_etcd(url: &str, state_dir: Option<PathBuf>) -> TestGateway {
         let dir = tempfile::tempdir().expect("a temporary folder");
