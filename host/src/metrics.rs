@@ -258,6 +258,13 @@ impl Default for Metrics {
     }
 }
 
+/// The counter of `family` for `upstream`.
+fn per_upstream(family: &Family<UpstreamLabels, Counter>, upstream: &str) -> Counter {
+    family.get_or_create_owned(&UpstreamLabels {
+        upstream: upstream.to_owned(),
+    })
+}
+
 impl Metrics {
     /// Creates and registers every metric.
     pub fn new() -> Self {
@@ -462,21 +469,14 @@ impl Metrics {
 
     /// The counter of `upstream`'s retries refused by its budget.
     pub fn upstream_retry_budget_exhausted(&self, upstream: &str) -> Counter {
-        self.upstream_retry_budget_exhausted
-            .get_or_create_owned(&UpstreamLabels {
-                upstream: upstream.to_owned(),
-            })
+        per_upstream(&self.upstream_retry_budget_exhausted, upstream)
     }
 
     /// The counter of `upstream`'s requests that waited out `queue_ms`.
     pub fn upstream_queue_full(&self, upstream: &str) -> Counter {
-        self.upstream_queue_full
-            .get_or_create_owned(&UpstreamLabels {
-                upstream: upstream.to_owned(),
-            })
+        per_upstream(&self.upstream_queue_full, upstream)
     }
 
-    /// The counter of `upstream`'s failed attempts of `kind`.
     /// The counter of `node`'s ejections from `upstream`.
     pub fn upstream_ejections(&self, upstream: &str, node: &str) -> Counter {
         self.upstream_ejections.get_or_create_owned(&NodeLabels {
@@ -495,10 +495,7 @@ impl Metrics {
 
     /// The counter of `upstream`'s picks made among ejected nodes.
     pub fn upstream_fail_open(&self, upstream: &str) -> Counter {
-        self.upstream_fail_open
-            .get_or_create_owned(&UpstreamLabels {
-                upstream: upstream.to_owned(),
-            })
+        per_upstream(&self.upstream_fail_open, upstream)
     }
 
     /// The counter of `upstream`'s failed attempts of `kind`.

@@ -14,57 +14,28 @@ use crate::config::{RetryBudgetConfig, RetryOn, UpstreamConfig};
 /// Seconds of history the budget weighs retries against.
 const WINDOW_SECONDS: usize = 10;
 
-/// Why an attempt did not give the client its answer, as `retry_on` names it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Miss {
-    /// No connection could be made.
-    ConnectFailure,
-    /// No response head within `read_ms`.
-    Timeout,
-    /// The connection failed after the request was (partly) sent.
-    Reset,
-    /// The node answered this status.
-    Status(u16),
-}
-
 /// An upstream's retry policy, resolved from its config.
 #[derive(Debug)]
 pub struct RetryPolicy {
-    connect_failure: bool,
-    timeout: bool,
-    reset: bool,
-    statuses: Vec<u16>,
+    on: Vec<RetryOn>,
     methods: Vec<Method>,
+    /// Present when `retry_on` names anything after a node took the request.
     budget: Option<RetryBudget>,
 }
 
 impl RetryPolicy {
     /// The policy `config` sets.
     pub fn new(config: &UpstreamConfig) -> Self {
-        let mut policy = RetryPolicy {
-            connect_failure: false,
-            timeout: false,
-            reset: false,
-            statuses: Vec::new(),
+        let resends = config.retry_on.iter().any(|on| on.after_send());
+        RetryPolicy {
+            on: config.retry_on.clone(),
             methods: config
                 .retry_methods
                 .iter()
                 .filter_map(|m| Method::from_bytes(m.as_bytes()).ok())
                 .collect(),
-            budget: None,
-        };
-        for on in &config.retry_on {
-            match *on {
-                RetryOn::ConnectFailure => policy.connect_failure = true,
-                RetryOn::Timeout => policy.timeout = true,
-                RetryOn::Reset => policy.reset = true,
-                RetryOn::Status(status) => policy.statuses.push(status),
-            }
+            budget: resends.then(|| RetryBudget::new(config.retry_budget)),
         }
-        if config.retry_on.iter().any(|on| on.after_send()) {
-            policy.budget = Some(RetryBudget::new(config.retry_budget));
-        }
-        policy
     }
 
     /// Whether a request with `method` may go to another node after one took it.
@@ -72,36 +43,23 @@ impl RetryPolicy {
         self.budget.is_some() && self.methods.contains(method)
     }
 
-    /// Whether a response with `status` is one to try elsewhere.
-    pub fn retries_status(&self, status: u16) -> bool {
-        self.statuses.contains(&status)
+    /// Whether `retry_on` names what happened.
+    pub fn covers(&self, happened: RetryOn) -> bool {
+        self.on.contains(&happened)
     }
 
-    /// Whether `retry_on` names `miss`.
-    pub fn covers(&self, miss: Miss) -> bool {
-        match miss {
-            Miss::ConnectFailure => self.connect_failure,
-            Miss::Timeout => self.timeout,
-            Miss::Reset => self.reset,
-            Miss::Status(status) => self.retries_status(status),
-        }
-    }
-
-    /// Counts a request toward the budget, at `now_ms`.
-    pub fn request(&self, now_ms: u64) {
+    /// Counts a request toward the budget. Without a budget the clock is not read.
+    pub fn request(&self) {
         if let Some(budget) = &self.budget {
-            budget.request(now_ms);
+            budget.request(crate::balancer::now_ms());
         }
     }
 
     /// Takes a retry after a node took the request from the budget; false when it is spent.
-    pub fn withdraw(&self, now_ms: u64) -> bool {
-        self.budget.as_ref().is_some_and(|b| b.withdraw(now_ms))
-    }
-
-    /// Whether the budget needs the clock, so that a policy without one reads none.
-    pub fn has_budget(&self) -> bool {
-        self.budget.is_some()
+    pub fn withdraw(&self) -> bool {
+        self.budget
+            .as_ref()
+            .is_some_and(|b| b.withdraw(crate::balancer::now_ms()))
     }
 }
 
@@ -249,10 +207,10 @@ mod tests {
         }))
         .unwrap();
         let policy = RetryPolicy::new(&config);
-        assert!(!policy.covers(Miss::ConnectFailure));
-        assert!(policy.covers(Miss::Reset));
-        assert!(policy.covers(Miss::Status(503)) && policy.covers(Miss::Status(504)));
-        assert!(!policy.covers(Miss::Status(502)));
+        assert!(!policy.covers(RetryOn::ConnectFailure));
+        assert!(policy.covers(RetryOn::Reset));
+        assert!(policy.covers(RetryOn::Status(503)) && policy.covers(RetryOn::Status(504)));
+        assert!(!policy.covers(RetryOn::Status(502)));
         assert!(policy.may_resend(&Method::POST) && !policy.may_resend(&Method::PUT));
 
         let only_connect: UpstreamConfig = serde_json::from_value(serde_json::json!({
@@ -261,8 +219,8 @@ mod tests {
         }))
         .unwrap();
         let policy = RetryPolicy::new(&only_connect);
-        assert!(policy.covers(Miss::ConnectFailure));
-        assert!(!policy.has_budget() && !policy.may_resend(&Method::GET));
+        assert!(policy.covers(RetryOn::ConnectFailure));
+        assert!(policy.budget.is_none() && !policy.may_resend(&Method::GET));
     }
 
     #[test]

@@ -12,8 +12,8 @@ use http::Method;
 
 use crate::config::{
     AdminConfig, ConfigObjects, ConsumerConfig, Consumers, FailurePolicy, Kind, KvBackend,
-    NodeConfig, ObjectError, PluginConfig, RouteConfig, RouteStatus, ServerConfig, ServiceSettings,
-    SslConfig, StripPrefix, TenantConfig,
+    NodeConfig, ObjectError, PluginConfig, RouteConfig, RouteStatus, ServerConfig, ServiceNode,
+    ServiceSettings, SslConfig, StripPrefix, TenantConfig,
 };
 use crate::edge::ServerSettings;
 use crate::metrics::{Metrics, PluginMetrics, RouteMetrics};
@@ -412,15 +412,7 @@ impl BuildContext<'_> {
     ) -> BTreeMap<String, Arc<Upstream>> {
         let mut services = BTreeMap::new();
         for (name, nodes) in &objects.services {
-            let live: Vec<NodeConfig> = nodes
-                .values()
-                .map(|node| NodeConfig {
-                    host: node.host.clone(),
-                    port: node.port,
-                    weight: node.weight,
-                    status: node.status,
-                })
-                .collect();
+            let live: Vec<NodeConfig> = nodes.values().map(ServiceNode::upstream_node).collect();
             if live.is_empty() {
                 continue;
             }

@@ -30,9 +30,9 @@ use tokio::time::Instant;
 
 use crate::balancer::{self, Ejection, InFlight, Node, NodeSet, Outcome, Probing};
 use crate::body::{BodyError, ClientBody, ProxyBody, reached_end};
-use crate::config::{Scheme, UpstreamConfig, UpstreamTls};
+use crate::config::{RetryOn, Scheme, UpstreamConfig, UpstreamTls};
 use crate::metrics::Metrics;
-use crate::retry::{Miss, RetryPolicy};
+use crate::retry::RetryPolicy;
 use crate::timeouts::{IdleBody, Stalled, TimedIo};
 use crate::tls::{self, ClientTlsError};
 use rustls_pki_types::ServerName;
@@ -211,14 +211,24 @@ impl Upstream {
         }
     }
 
-    /// Takes a retry after a node took the request from the budget, and counts it either way.
-    fn withdraw_retry(&self) -> bool {
-        if self.retry.withdraw(balancer::now_ms()) {
-            true
-        } else {
-            self.retries.budget_exhausted.inc();
-            false
+    /// Whether an attempt that ended as `happened` is followed by another: `retry_on` names
+    /// it, there are attempts left and a body to send, and, when a node took the request, its
+    /// method may be sent again and the budget allows (a refusal is counted).
+    fn retries_after(&self, happened: RetryOn, attempt: &Attempt<'_>, last: bool) -> bool {
+        if last || attempt.body.is_none() || !self.retry.covers(happened) {
+            return false;
         }
+        if !happened.after_send() {
+            return true;
+        }
+        if !attempt.retry_after_send {
+            return false;
+        }
+        let allowed = self.retry.withdraw();
+        if !allowed {
+            self.retries.budget_exhausted.inc();
+        }
+        allowed
     }
 
     fn connect_timeout(&self) -> Duration {
@@ -314,12 +324,12 @@ impl RetryCounters {
         }
     }
 
-    fn record(&self, miss: Miss) {
-        match miss {
-            Miss::ConnectFailure => self.connect_failure.inc(),
-            Miss::Timeout => self.timeout.inc(),
-            Miss::Reset => self.reset.inc(),
-            Miss::Status(_) => self.status.inc(),
+    fn record(&self, retried_on: RetryOn) {
+        match retried_on {
+            RetryOn::ConnectFailure => self.connect_failure.inc(),
+            RetryOn::Timeout => self.timeout.inc(),
+            RetryOn::Reset => self.reset.inc(),
+            RetryOn::Status(_) => self.status.inc(),
         };
     }
 }
@@ -608,13 +618,13 @@ impl UpstreamError {
     }
 
     /// What `retry_on` calls this failure, if it names it at all.
-    fn miss(&self) -> Option<Miss> {
+    fn retry_on(&self) -> Option<RetryOn> {
         match self {
             UpstreamError::Connect { .. } | UpstreamError::ConnectTimeout { .. } => {
-                Some(Miss::ConnectFailure)
+                Some(RetryOn::ConnectFailure)
             }
-            UpstreamError::Timeout { .. } => Some(Miss::Timeout),
-            UpstreamError::Failed { .. } => Some(Miss::Reset),
+            UpstreamError::Timeout { .. } => Some(RetryOn::Timeout),
+            UpstreamError::Failed { .. } => Some(RetryOn::Reset),
             // A send timeout means the node is not reading: the body may be half gone.
             UpstreamError::SendTimeout { .. }
             | UpstreamError::NoNodes
@@ -883,11 +893,8 @@ pub async fn send(
     let read = upstream
         .read_timeout()
         .min(read_within.unwrap_or(Duration::MAX));
-    let policy = &upstream.retry;
-    if policy.has_budget() {
-        policy.request(balancer::now_ms());
-    }
-    let resend = policy.may_resend(&method) && body.replay().is_some();
+    upstream.retry.request();
+    let resend = upstream.retry.may_resend(&method) && body.replay().is_some();
     let mut attempt = Attempt {
         upstream,
         method,
@@ -903,7 +910,7 @@ pub async fn send(
     // An answer with a `retry_on` status, given to the client if no other node does better.
     let mut fallback: Option<(Response<UpstreamBody>, InFlight)> = None;
     // Why this attempt is a retry, counted once it has a node to go to.
-    let mut retrying: Option<Miss> = None;
+    let mut retrying: Option<RetryOn> = None;
     for number in 0..upstream.attempts {
         let pick = match upstream.pick(key, &tried).await {
             Ok(Some(pick)) => pick,
@@ -930,32 +937,22 @@ pub async fn send(
                 if let Some(ejection) = upstream.nodes.ejection() {
                     upstream.judge(index, ejection.judge(status));
                 }
-                let again = !last
-                    && attempt.retry_after_send
-                    && attempt.body.is_some()
-                    && policy.retries_status(status)
-                    && upstream.withdraw_retry();
-                if !again {
+                let answered = RetryOn::Status(status);
+                if !upstream.retries_after(answered, &attempt, last) {
                     return Ok((response, in_flight));
                 }
                 tracing::debug!(node = %node.addr, status, "upstream answered a retry_on status");
                 fallback = Some((response, in_flight));
-                Miss::Status(status)
+                answered
             }
             Err(error) => {
                 upstream.failures.record(&error);
                 upstream.judge(index, error.outcome());
                 tracing::debug!(node = %node.addr, %error, "upstream attempt failed");
-                let miss = error.miss();
+                let happened = error.retry_on();
                 last_error = error;
-                let again = match miss {
-                    Some(miss) if !policy.covers(miss) => false,
-                    Some(Miss::ConnectFailure) => !last,
-                    Some(_) => !last && attempt.retry_after_send && upstream.withdraw_retry(),
-                    None => false,
-                };
-                match miss {
-                    Some(miss) if again && attempt.body.is_some() => miss,
+                match happened {
+                    Some(happened) if upstream.retries_after(happened, &attempt, last) => happened,
                     _ => break,
                 }
             }

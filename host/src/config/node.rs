@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
-use super::upstream::{NodeStatus, check_weight};
+use super::upstream::{NodeConfig, NodeStatus, check_weight};
 use super::{Checks, ConfigObject, Kind, check_host, checked_serde, one};
 
 /// A backend that registered itself under `services/<name>/<node-id>`, usually with a lease.
@@ -27,6 +27,18 @@ pub struct ServiceNode {
 }
 
 checked_serde!(ServiceNode);
+
+impl ServiceNode {
+    /// The node of its service's upstream (the `meta` stays with the registration).
+    pub fn upstream_node(&self) -> NodeConfig {
+        NodeConfig {
+            host: self.host.clone(),
+            port: self.port,
+            weight: self.weight,
+            status: self.status,
+        }
+    }
+}
 
 fn is_online(status: &NodeStatus) -> bool {
     *status == NodeStatus::Online

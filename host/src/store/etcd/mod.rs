@@ -865,13 +865,8 @@ mod tests {
                 config::verify(&value).unwrap();
                 {
                     // What `Snapshot::build_services` makes of a service's live nodes.
-                    use crate::config::{NodeConfig, ServiceSettings};
-                    let config = ServiceSettings::plain(&service).upstream(vec![NodeConfig {
-                        host: value.host,
-                        port: value.port,
-                        weight: value.weight,
-                        status: value.status,
-                    }]);
+                    let config = crate::config::ServiceSettings::plain(&service)
+                        .upstream(vec![value.upstream_node()]);
                     let metrics = crate::metrics::Metrics::new();
                     let pool = crate::upstream::ClientPool::default();
                     crate::upstream::Upstream::new(config, &pool, &metrics).unwrap();
