@@ -729,11 +729,16 @@ mod tests {
     fn builder(routes: &[RandomRoute]) -> RouteTableBuilder<usize> {
         let mut builder = RouteTable::builder();
         for (index, route) in routes.iter().enumerate() {
-            let texts: Vec<String> = route.patterns.iter().map(Pattern::text).collect();
-            let patterns: Vec<&str> = texts.iter().map(String::as_str).collect();
-            builder.add(&patterns, route.filter(), Arc::new(index), &key(index));
+            add(&mut builder, route, index);
         }
         builder
+    }
+
+    /// Adds `route` to `builder`, valued and keyed by `index`.
+    fn add(builder: &mut RouteTableBuilder<usize>, route: &RandomRoute, index: usize) {
+        let texts: Vec<String> = route.patterns.iter().map(Pattern::text).collect();
+        let patterns: Vec<&str> = texts.iter().map(String::as_str).collect();
+        builder.add(&patterns, route.filter(), Arc::new(index), &key(index));
     }
 
     fn reference_host_matches(pattern: &str, host: &str) -> bool {
@@ -843,10 +848,7 @@ mod tests {
             let mut all: Vec<Option<RandomRoute>> =
                 routes.iter().enumerate().map(|(i, r)| (!removed[i]).then(|| r.clone())).collect();
             for route in &added {
-                let index = all.len();
-                let texts: Vec<String> = route.patterns.iter().map(Pattern::text).collect();
-                let patterns: Vec<&str> = texts.iter().map(String::as_str).collect();
-                edit.add(&patterns, route.filter(), Arc::new(index), &key(index));
+                add(&mut edit, route, all.len());
                 all.push(Some(route.clone()));
             }
             let edited = edit.build();
