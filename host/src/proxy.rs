@@ -36,7 +36,7 @@ use crate::error::{GatewayError, grpc_error, is_grpc, json_error};
 use crate::exchange::{BufferedBody, Directory, RequestView, ResponseEdit, ResponseView};
 use crate::gateway::Gateway;
 use crate::grpc_web;
-use crate::plugin::{Action, PluginError, Reply, Summary};
+use crate::plugin::{Action, Bound, PluginError, Reply, Summary};
 use crate::server::Peer;
 use crate::snapshot::{Route, Snapshot, Target};
 use crate::timeouts::{IdleBody, ServingRequest, Stalled};
@@ -78,6 +78,7 @@ pub async fn handle(
         consumer: None,
         consumer_metrics: false,
         response_edits: Vec::new(),
+        bound: Vec::new(),
     };
     // Read before the edge drops `Connection` and `Upgrade` as hop-by-hop.
     let upgrade = upgrade::requested(&parts.method, parts.version, &parts.headers);
@@ -100,6 +101,9 @@ pub async fn handle(
     };
     let route = matched.route.clone();
     finish.route = Some(route.clone());
+    if route.binds_instances {
+        finish.bound = route.chain.iter().map(|_| Bound::default()).collect();
+    }
     // Translated only where the route says so; elsewhere gRPC-Web goes upstream as it came.
     finish.grpc_web &= route.config.grpc_web;
     if finish.grpc_web {
@@ -146,8 +150,14 @@ pub async fn handle(
         directory: Directory(snapshot.clone()),
     };
 
-    let (mut request, outcome) =
-        request_phase(&route, request, body, &mut finish.plugin_time).await;
+    let (mut request, outcome) = request_phase(
+        &route,
+        request,
+        body,
+        &mut finish.plugin_time,
+        &mut finish.bound,
+    )
+    .await;
     finish.request_id = request.id.clone();
     finish.consumer = request.consumer.clone();
     finish.consumer_metrics = snapshot.server.config.metrics_per_consumer;
@@ -265,6 +275,7 @@ async fn request_phase(
     mut request: RequestView,
     body: ClientBody,
     plugin_time: &mut Duration,
+    bound: &mut [Bound],
 ) -> (RequestView, Result<RequestOutcome, GatewayError>) {
     let mut streaming = Some(body);
     let mut trailers = None;
@@ -294,7 +305,9 @@ async fn request_phase(
             continue;
         }
         let started = Instant::now();
-        let (returned, outcome) = link.pool.on_request(request).await;
+        let mut pooled = Bound::default();
+        let instance = bound.get_mut(index).unwrap_or(&mut pooled);
+        let (returned, outcome) = link.pool.on_request(request, instance).await;
         let elapsed = started.elapsed();
         *plugin_time += elapsed;
         link.metrics
@@ -442,13 +455,17 @@ async fn response_phase(
         body_access: false,
         body_limit: 0,
     };
-    for link in links
+    for (index, link) in links
         .iter()
+        .enumerate()
         .rev()
-        .filter(|link| link.pool.wants().on_response)
+        .filter(|(_, link)| link.pool.wants().on_response)
     {
         let started = Instant::now();
-        let (returned_request, returned_view, outcome) = link.pool.on_response(request, view).await;
+        let mut pooled = Bound::default();
+        let instance = finish.bound.get_mut(index).unwrap_or(&mut pooled);
+        let (returned_request, returned_view, outcome) =
+            link.pool.on_response(request, view, instance).await;
         let elapsed = started.elapsed();
         finish.plugin_time += elapsed;
         link.metrics
@@ -511,6 +528,9 @@ pub struct Finish {
     consumer_metrics: bool,
     /// Response header edits plugins queued in `on-request`, applied to whatever is answered.
     response_edits: Vec<ResponseEdit>,
+    /// The request's own instance of each plugin isolated per request, by chain position
+    /// (empty when the route has none).
+    bound: Vec<Bound>,
 }
 
 impl Finish {
@@ -669,16 +689,20 @@ impl Drop for Finish {
         if tokio::runtime::Handle::try_current().is_err() {
             return;
         }
+        let mut bound = std::mem::take(&mut self.bound);
         // Tracked, so that a drain waits for it.
         self.gateway.pending_on_log().spawn(async move {
-            for link in route
+            for (index, link) in route
                 .chain
                 .iter()
+                .enumerate()
                 .rev()
-                .filter(|link| link.pool.wants().on_log)
+                .filter(|(_, link)| link.pool.wants().on_log)
             {
                 let started = Instant::now();
-                let (returned, outcome) = link.pool.on_log(request, &summary).await;
+                let mut pooled = Bound::default();
+                let instance = bound.get_mut(index).unwrap_or(&mut pooled);
+                let (returned, outcome) = link.pool.on_log(request, &summary, instance).await;
                 link.metrics.record(
                     started.elapsed(),
                     outcome.as_ref().err().map(PluginError::kind),

@@ -84,6 +84,9 @@ pub struct Route {
     pub response_body_limit: Option<u64>,
     /// Whether any plugin runs after `on-request`, so the request head must be kept.
     pub keeps_request: bool,
+    /// Whether a plugin of the chain is isolated per request, so the request carries its own
+    /// instances from phase to phase.
+    pub binds_instances: bool,
     /// The route's metric handles.
     pub metrics: RouteMetrics,
 }
@@ -569,6 +572,9 @@ impl BuildContext<'_> {
         let keeps_request = chain
             .iter()
             .any(|l| l.pool.wants().on_response || l.pool.wants().on_log);
+        let binds_instances = chain
+            .iter()
+            .any(|l| l.pool.isolation() == crate::config::Isolation::PerRequest);
         Ok(Arc::new(Route {
             id: config.id.as_str().into(),
             metrics: self.metrics.route(&config.id),
@@ -579,6 +585,7 @@ impl BuildContext<'_> {
             request_body_limit,
             response_body_limit,
             keeps_request,
+            binds_instances,
         }))
     }
 }
@@ -779,6 +786,7 @@ mod tests {
             request_body_limit: None,
             response_body_limit: None,
             keeps_request: false,
+            binds_instances: false,
             metrics: Metrics::new().route("r"),
         };
         assert_eq!(route(None).upstream_path("/api/x", "/api"), "/api/x");

@@ -78,6 +78,41 @@ async fn per_request_isolation_carries_no_state_between_requests() {
     assert_eq!(counts("/fresh").await, ["1", "1", "1"]);
 }
 
+/// Under per-request isolation a request's phases share its own instance: what on-request kept
+/// is there in on-response and on-log, and no other request has used that instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_request_isolation_binds_one_instance_to_all_phases_of_a_request() {
+    let up = Upstream::start("u").await;
+    let gateway = TestGateway::start(&yaml(json!({
+        "upstreams": [{"id": "u", "nodes": [node(&up)]}],
+        "plugins": [probe_entry("fresh", json!({"isolation": "per-request"}))],
+        "routes": [
+            {"id": "fresh", "uri": "/fresh", "upstream_id": "u", "plugins": [{"name": "fresh", "config": {"mode": "remember"}}]},
+        ],
+    })))
+    .await;
+    for _ in 0..3 {
+        let reply = get(&gateway.url("/fresh")).await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(reply.header("x-remembered"), Some("same"));
+        assert_eq!(reply.header("x-instance-seen"), Some("1"));
+    }
+    let metrics_url = gateway.admin_url("/metrics");
+    eventually(
+        "on-log of all three requests",
+        Duration::from_secs(5),
+        || async {
+            get(&metrics_url)
+                .await
+                .text()
+                .contains(r#"weir_plugin_events_total{plugin="fresh",name="remember-same"} 3"#)
+        },
+    )
+    .await;
+    let metrics = get(&metrics_url).await.text();
+    assert!(!metrics.contains("remember-other"), "{metrics}");
+}
+
 /// A route can ask for fresh instances of a plugin whose entry pools them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_route_can_override_isolation() {

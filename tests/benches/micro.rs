@@ -14,7 +14,7 @@ use weir::config::{Isolation, PluginConfig};
 use weir::edge::normalise::normalise;
 use weir::exchange::{BufferedBody, Directory, RequestView};
 use weir::metrics::Metrics;
-use weir::plugin::{PluginPool, PluginRuntime};
+use weir::plugin::{Bound, PluginPool, PluginRuntime};
 use weir::router::{RouteFilter, RouteTable};
 use weir_tests::plugins;
 
@@ -105,13 +105,15 @@ fn plugin_calls(c: &mut Criterion) {
 
     c.bench_function("plugin/warm instance, on-request", |b| {
         b.to_async(&rt).iter(|| async {
-            let (_, outcome) = request_id.on_request(request()).await;
+            let (_, outcome) = request_id
+                .on_request(request(), &mut Bound::default())
+                .await;
             outcome.unwrap()
         })
     });
     c.bench_function("plugin/fresh instance, on-request", |b| {
         b.to_async(&rt).iter(|| async {
-            let (_, outcome) = fresh.on_request(request()).await;
+            let (_, outcome) = fresh.on_request(request(), &mut Bound::default()).await;
             outcome.unwrap()
         })
     });
@@ -119,7 +121,7 @@ fn plugin_calls(c: &mut Criterion) {
         b.to_async(&rt).iter(|| async {
             let mut view = request();
             for pool in [&request_id, &headers, &key_auth] {
-                let (returned, outcome) = pool.on_request(view).await;
+                let (returned, outcome) = pool.on_request(view, &mut Bound::default()).await;
                 outcome.unwrap();
                 view = returned;
             }

@@ -29,7 +29,7 @@ use self::callout::Callouts;
 use self::health::PluginHealth;
 use self::host::{InstanceState, Shared};
 pub use self::host::{LogCapture, MAX_HEADER_BYTES, MAX_HEADER_EDITS, PluginScope};
-pub use self::pool::PluginPool;
+pub use self::pool::{Bound, PluginPool};
 use self::tenant::Tenants;
 use crate::config::{Isolation, PluginConfig};
 use crate::kv::{KvStore, RedisSlot};

@@ -29,6 +29,27 @@ struct PluginInstance {
     filter: Filter,
 }
 
+/// The instance of a plugin that one request's phases share under `isolation: per-request`:
+/// made fresh for the request's first call, and dropped with the request (or once the plugin
+/// has no phase left to run), so that state carries from `on-request` to `on-log` and never to
+/// another request. Pooled plugins leave it empty.
+#[derive(Default)]
+pub struct Bound(Option<PluginInstance>);
+
+impl std::fmt::Debug for Bound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Bound").field(&self.0.is_some()).finish()
+    }
+}
+
+/// Which phase a call is, so that a bound instance is kept only while a later phase needs it.
+#[derive(Clone, Copy)]
+enum Phase {
+    Request,
+    Response,
+    Log,
+}
+
 /// Instances of one module, each initialised with the same config.
 pub struct PluginPool {
     engine: Engine,
@@ -75,7 +96,9 @@ impl PluginPool {
             info.validate(json).map_err(PluginError::Config)?;
         }
         pool.wants = pool.init(&mut instance).await?;
-        pool.checkin(instance);
+        if isolation == Isolation::Pooled {
+            let _ = pool.idle.push(instance);
+        }
         Ok(pool)
     }
 
@@ -170,6 +193,11 @@ impl PluginPool {
         &self.wants
     }
 
+    /// Whether instances are pooled or made per request.
+    pub fn isolation(&self) -> Isolation {
+        self.isolation
+    }
+
     /// The plugin's limits.
     pub fn limits(&self) -> Limits {
         self.limits
@@ -242,24 +270,42 @@ impl PluginPool {
         })
     }
 
-    /// An instance for one call, unless the plugin is quarantined.
-    async fn checkout(&self) -> Result<PluginInstance, PluginError> {
+    /// An instance for one call, unless the plugin is quarantined: the request's own under
+    /// per-request isolation, else a warm one.
+    async fn checkout(&self, bound: &mut Bound) -> Result<PluginInstance, PluginError> {
         if let Admission::Quarantined(left) = self.scope.health().admit(Instant::now()) {
             return Err(PluginError::Quarantined(left));
         }
-        let instance = match self.idle.pop() {
+        let reused = match self.isolation {
+            Isolation::PerRequest => bound.0.take(),
+            Isolation::Pooled => self.idle.pop(),
+        };
+        let instance = match reused {
             Some(instance) => Ok(instance),
             None => self.instantiate().await,
         };
         instance.map_err(|e| self.record(e))
     }
 
-    fn checkin(&self, instance: PluginInstance) {
-        if self.isolation == Isolation::PerRequest {
-            return;
+    /// Keeps a healthy instance after a call: with the request while a later phase of this
+    /// plugin may run, or warm in the pool.
+    fn checkin(&self, instance: PluginInstance, bound: &mut Bound, phase: Phase) {
+        match self.isolation {
+            Isolation::PerRequest => {
+                let later = match phase {
+                    Phase::Request => self.wants.on_response || self.wants.on_log,
+                    Phase::Response => self.wants.on_log,
+                    Phase::Log => false,
+                };
+                if later {
+                    bound.0 = Some(instance);
+                }
+            }
+            Isolation::Pooled => {
+                // A full queue drops the instance; its slot returns to the engine's pool.
+                let _ = self.idle.push(instance);
+            }
         }
-        // A full queue drops the instance; its slot returns to the engine's pool.
-        let _ = self.idle.push(instance);
     }
 
     fn arm(&self, instance: &mut PluginInstance) {
@@ -316,11 +362,13 @@ impl PluginPool {
         &self,
         instance: PluginInstance,
         outcome: wasmtime::Result<T>,
+        bound: &mut Bound,
+        phase: Phase,
     ) -> Result<T, PluginError> {
         match outcome {
             Ok(value) => {
                 self.scope.health().succeeded();
-                self.checkin(instance);
+                self.checkin(instance, bound, phase);
                 Ok(value)
             }
             Err(e) => Err(self.record(self.classify(e, &instance.store, PluginError::Trap))),
@@ -331,8 +379,9 @@ impl PluginPool {
     pub async fn on_request(
         &self,
         mut request: RequestView,
+        bound: &mut Bound,
     ) -> (RequestView, Result<Action, PluginError>) {
-        let mut instance = match self.checkout().await {
+        let mut instance = match self.checkout(bound).await {
             Ok(instance) => instance,
             Err(e) => return (request, Err(e)),
         };
@@ -349,7 +398,7 @@ impl PluginPool {
         // An idle instance must not keep an old snapshot alive.
         instance.store.data_mut().directory = None;
         let outcome = self
-            .settle(instance, outcome)
+            .settle(instance, outcome, bound, Phase::Request)
             .and_then(|action| self.check_reply(action));
         (request, outcome)
     }
@@ -384,8 +433,9 @@ impl PluginPool {
         &self,
         request: RequestView,
         mut response: ResponseView,
+        bound: &mut Bound,
     ) -> (RequestView, ResponseView, Result<(), PluginError>) {
-        let mut instance = match self.checkout().await {
+        let mut instance = match self.checkout(bound).await {
             Ok(instance) => instance,
             Err(e) => return (request, response, Err(e)),
         };
@@ -404,7 +454,8 @@ impl PluginPool {
             .await;
         let request = take(&mut instance.store, req);
         let response = take(&mut instance.store, resp);
-        (request, response, self.settle(instance, outcome))
+        let outcome = self.settle(instance, outcome, bound, Phase::Response);
+        (request, response, outcome)
     }
 
     /// Calls `on-log`.
@@ -412,8 +463,9 @@ impl PluginPool {
         &self,
         request: RequestView,
         summary: &Summary,
+        bound: &mut Bound,
     ) -> (RequestView, Result<(), PluginError>) {
-        let mut instance = match self.checkout().await {
+        let mut instance = match self.checkout(bound).await {
             Ok(instance) => instance,
             Err(e) => return (request, Err(e)),
         };
@@ -428,7 +480,7 @@ impl PluginPool {
             )
             .await;
         let request = take(&mut instance.store, handle);
-        (request, self.settle(instance, outcome))
+        (request, self.settle(instance, outcome, bound, Phase::Log))
     }
 }
 

@@ -45,10 +45,16 @@ enum Config {
     /// Buffers both bodies without changing them, and says how long they were in
     /// `x-request-body-bytes` (to the upstream) and `x-response-body-bytes` (to the client).
     Inspect,
+    /// Remembers the request id in the instance in on-request; on-response says whether the
+    /// instance it runs on saw this request (`x-remembered: same|other`) and how many it saw
+    /// (`x-instance-seen`); on-log counts `remember-same` or `remember-other`.
+    Remember,
 }
 
 /// Requests this instance has seen (for `instance-counter`).
 static SEEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// The id of the last request this instance saw in on-request (for `remember`).
+static REMEMBERED: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
 /// Memory held by this instance (for `hold`).
 static HELD: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
 
@@ -76,7 +82,7 @@ impl Plugin for Probe {
     fn wants(&self) -> Wants {
         let both = matches!(self.0, Config::Body { .. } | Config::Inspect);
         let body = both || matches!(self.0, Config::BodyFlood { .. });
-        let trace = matches!(self.0, Config::Trace { .. });
+        let trace = matches!(self.0, Config::Trace { .. } | Config::Remember);
         Wants {
             on_request: true,
             on_response: both || trace,
@@ -178,6 +184,11 @@ impl Plugin for Probe {
                 let _ = req.set_header("x-request-body-bytes", &length.to_string());
                 Action::Continue
             }
+            Config::Remember => {
+                SEEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                *REMEMBERED.lock().unwrap_or_else(|e| e.into_inner()) = req.id();
+                Action::Continue
+            }
             Config::KvRead { key } => Action::Respond(Reply::text(
                 200,
                 kv::get_string(key).unwrap_or_else(|| "none".into()),
@@ -200,6 +211,11 @@ impl Plugin for Probe {
                 let length = resp.body().unwrap_or_default().len();
                 let _ = resp.set_header("x-response-body-bytes", &length.to_string());
             }
+            Config::Remember => {
+                let seen = SEEN.load(std::sync::atomic::Ordering::Relaxed);
+                let _ = resp.set_header("x-remembered", remembered(&req.id()));
+                let _ = resp.set_header("x-instance-seen", &seen.to_string());
+            }
             _ => {}
         }
     }
@@ -210,6 +226,18 @@ impl Plugin for Probe {
             let _ = kv::incr(&format!("{tag}-status-{}", summary.status), 1, None);
             let _ = req.id();
         }
+        if let Config::Remember = &self.0 {
+            weir_sdk::counter_add(&format!("remember-{}", remembered(&req.id())), 1);
+        }
+    }
+}
+
+/// Whether this instance's on-request saw the request `id`.
+fn remembered(id: &str) -> &'static str {
+    if *REMEMBERED.lock().unwrap_or_else(|e| e.into_inner()) == id {
+        "same"
+    } else {
+        "other"
     }
 }
 
