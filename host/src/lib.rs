@@ -32,6 +32,7 @@ pub mod timeouts;
 pub mod tls;
 pub mod upgrade;
 pub mod upstream;
+pub mod workers;
 
 pub use access_log::AccessLogTarget;
 pub use admin::AdminOptions;

@@ -178,9 +178,10 @@ struct RunArgs {
     /// (default: $XDG_CACHE_HOME/weir/modules or ~/.cache/weir/modules; `off` for none).
     #[arg(long, value_name = "DIR")]
     module_cache: Option<String>,
-    /// Worker threads for the runtime (default: one per core).
-    #[arg(long)]
-    workers: Option<usize>,
+    /// Proxy worker threads, each with its own runtime and its own listening socket on the
+    /// shared port (default: one per core). With 1, one thread serves everything.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    workers: Option<u16>,
     /// On SIGTERM, how long to keep accepting after /readyz turns 503 (`5s`, `500ms`), so
     /// that load balancers stop sending first.
     #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
@@ -307,21 +308,9 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let workers = match &cli.command {
-        Command::Run(args) => args.workers,
-        _ => Some(1),
-    };
-    // One worker needs no work stealing: a current-thread runtime saves its synchronisation.
-    let mut runtime = match workers {
-        Some(1) => tokio::runtime::Builder::new_current_thread(),
-        Some(workers) => {
-            let mut runtime = tokio::runtime::Builder::new_multi_thread();
-            runtime.worker_threads(workers);
-            runtime
-        }
-        None => tokio::runtime::Builder::new_multi_thread(),
-    };
-    let runtime = runtime
+    // The control plane (config, admin, health checks) runs on one thread; with more than one
+    // worker the proxy listeners run on worker threads of their own (see `weir::workers`).
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
@@ -369,6 +358,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         module_cache: module_cache(args.module_cache.as_deref()),
         max_module_bytes,
         admin,
+        workers: match args.workers {
+            Some(workers) => usize::from(workers),
+            None => std::thread::available_parallelism().map_or(1, usize::from),
+        },
     };
     let gateway = weir::start(options).await?;
     if let Some(key) = &gateway.generated_admin_key {

@@ -142,6 +142,15 @@ pub struct ListenerLabels {
     pub listener: &'static str,
 }
 
+/// Labels of `weir_connections_accepted_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AcceptLabels {
+    /// `proxy`, `proxy_tls` or `admin`.
+    pub listener: &'static str,
+    /// The worker that accepted: 1 to N, or 0 when the gateway runs without workers.
+    pub worker: usize,
+}
+
 /// Labels of `weir_tls_cert_expiry_seconds`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CertLabels {
@@ -233,6 +242,8 @@ pub struct Metrics {
     pub connections_open: Family<ListenerLabels, Gauge>,
     /// Client connections closed at accept because `server.max_connections` were open.
     pub connections_refused: Family<ListenerLabels, Counter>,
+    /// Client connections accepted, by listener and worker (how evenly the kernel spreads them).
+    pub connections_accepted: Family<AcceptLabels, Counter>,
     /// Client connections and requests ended by a client-side timeout, by phase.
     pub client_timeouts: Family<ClientTimeoutLabels, Counter>,
     /// Requests refused for their shape before routing, by kind.
@@ -400,6 +411,12 @@ impl Metrics {
             "Client connections closed at accept because server.max_connections were open",
             connections_refused.clone(),
         );
+        let connections_accepted = Family::<AcceptLabels, Counter>::default();
+        registry.register(
+            "connections_accepted",
+            "Client connections accepted, by listener and worker",
+            connections_accepted.clone(),
+        );
         let client_timeouts = Family::<ClientTimeoutLabels, Counter>::default();
         registry.register(
             "client_timeouts",
@@ -449,6 +466,7 @@ impl Metrics {
             upstream_queue_full,
             connections_open,
             connections_refused,
+            connections_accepted,
             client_timeouts,
             client_errors,
             cert_expiry,

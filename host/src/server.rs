@@ -22,7 +22,7 @@ use crate::access_log::AccessLogTarget;
 use crate::admin::{self, Admin, AdminOptions, AdminSetupError};
 use crate::config::{MIN_HEADER_BYTES, ServerConfig};
 use crate::gateway::{Gateway, GatewayInitError};
-use crate::metrics::{HandshakeFailureLabels, ListenerLabels};
+use crate::metrics::{AcceptLabels, HandshakeFailureLabels, ListenerLabels};
 use crate::proxy::{self, ResponseBody};
 use crate::reconcile::Reconciler;
 use crate::store::etcd::{EtcdOptions, EtcdStore};
@@ -30,6 +30,7 @@ use crate::store::file::FileStore;
 use crate::store::{ConfigStore, StoreError};
 use crate::timeouts::{ConnectionActivity, ReadClock, TimedIo, TimeoutCounters};
 use crate::tls::{self, SniResolver};
+use crate::workers::{self, Workers};
 use tokio_rustls::TlsAcceptor;
 
 /// How long [`RunningGateway::shutdown`] waits for open connections to finish.
@@ -83,6 +84,9 @@ pub struct GatewayOptions {
     pub max_module_bytes: u64,
     /// How the admin listener is protected.
     pub admin: AdminOptions,
+    /// Worker threads for the proxy listeners, each with its own runtime and its own socket on
+    /// the shared port. 0 or 1 serves on the caller's runtime.
+    pub workers: usize,
 }
 
 /// Why a gateway did not start.
@@ -105,6 +109,9 @@ pub enum StartError {
     /// The admin listener would not be safe, or its settings are invalid.
     #[error(transparent)]
     Admin(#[from] AdminSetupError),
+    /// A worker thread could not start.
+    #[error("cannot start the worker threads: {0}")]
+    Workers(std::io::Error),
 }
 
 /// A gateway that is serving; drop it, or call [`RunningGateway::shutdown`] or
@@ -125,9 +132,11 @@ pub struct RunningGateway {
     shutdown: CancellationToken,
     /// Sets how long the proxy listener waits for its connections once it stops.
     drain_timeout: Arc<std::sync::Mutex<Duration>>,
-    /// The proxy listeners, plain and TLS.
+    /// The proxy listeners, plain and TLS (one of each per worker).
     proxies: Vec<JoinHandle<()>>,
     tasks: Vec<JoinHandle<()>>,
+    /// The worker threads the proxy listeners run on, when there are workers; stopped last.
+    workers: Option<Workers>,
 }
 
 impl RunningGateway {
@@ -170,6 +179,7 @@ impl RunningGateway {
         for task in self.tasks.drain(..) {
             let _ = task.await;
         }
+        self.workers.take();
         self.gateway.close_access_log();
         tracing::info!("drained");
     }
@@ -216,46 +226,38 @@ pub async fn start(options: GatewayOptions) -> Result<RunningGateway, StartError
     tasks.push(tokio::spawn(reconciler.run(shutdown.clone())));
     tasks.push(tokio::spawn(store.clone().watch(shutdown.clone())));
 
-    let listener = bind(options.listen).await?;
-    let addr = listener.local_addr().map_err(|source| StartError::Bind {
-        addr: options.listen,
-        source,
-    })?;
+    let workers = match options.workers {
+        0 | 1 => None,
+        count => Some(Workers::start(count).map_err(StartError::Workers)?),
+    };
     let proxy_gateway = gateway.clone();
     let proxy_handler =
         move |request, client| proxy::handle(proxy_gateway.clone(), request, client);
-    let mut proxies = vec![tokio::spawn(serve(
-        PROXY_LISTENERS[0],
-        listener,
-        None,
-        gateway.clone(),
-        stop_accepting.clone(),
-        drain_timeout.clone(),
-        proxy_handler.clone(),
-    ))];
+    let proxy = ProxyServing {
+        gateway: gateway.clone(),
+        stop: stop_accepting.clone(),
+        drain_timeout: drain_timeout.clone(),
+        handler: proxy_handler,
+    };
+    let (listeners, addr) = listen(options.listen, workers.as_ref()).await?;
+    let mut proxies = proxy.spawn(PROXY_LISTENERS[0], listeners, None, workers.as_ref());
 
     let mut tls_addr = None;
     let tls_listen = options
         .tls_listen
         .or(gateway.snapshot().server.config.tls_listen);
-    if let Some(listen) = tls_listen {
-        let listener = bind(listen).await?;
-        tls_addr = Some(listener.local_addr().map_err(|source| StartError::Bind {
-            addr: listen,
-            source,
-        })?);
+    if let Some(listen_on) = tls_listen {
+        let (listeners, bound) = listen(listen_on, workers.as_ref()).await?;
+        tls_addr = Some(bound);
         let certs = gateway.clone();
         let resolver = SniResolver(move || certs.snapshot().certs.clone());
         let acceptor = TlsAcceptor::from(tls::server_config(Arc::new(resolver)));
-        proxies.push(tokio::spawn(serve(
+        proxies.extend(proxy.spawn(
             PROXY_LISTENERS[1],
-            listener,
+            listeners,
             Some(acceptor),
-            gateway.clone(),
-            stop_accepting.clone(),
-            drain_timeout.clone(),
-            proxy_handler,
-        )));
+            workers.as_ref(),
+        ));
     }
 
     let mut admin_addr = None;
@@ -297,6 +299,7 @@ pub async fn start(options: GatewayOptions) -> Result<RunningGateway, StartError
         drain_timeout,
         proxies,
         tasks,
+        workers,
     })
 }
 
@@ -325,9 +328,78 @@ pub async fn stop_signal() -> std::io::Result<()> {
     }
 }
 
-async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+/// What every proxy listener shares.
+struct ProxyServing<H> {
+    gateway: Arc<Gateway>,
+    stop: CancellationToken,
+    drain_timeout: Arc<std::sync::Mutex<Duration>>,
+    handler: H,
+}
+
+impl<H, F> ProxyServing<H>
+where
+    H: Fn(Request<Incoming>, Peer) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<ResponseBody>> + Send + 'static,
+{
+    /// Serves `listeners`: here, or each socket on its worker's runtime.
+    fn spawn(
+        &self,
+        name: &'static str,
+        listeners: Listeners,
+        tls: Option<TlsAcceptor>,
+        workers: Option<&Workers>,
+    ) -> Vec<JoinHandle<()>> {
+        let serving = |listener| {
+            serve(
+                name,
+                listener,
+                tls.clone(),
+                self.gateway.clone(),
+                self.stop.clone(),
+                self.drain_timeout.clone(),
+                self.handler.clone(),
+            )
+        };
+        match workers {
+            None => listeners
+                .into_iter()
+                .map(|l| tokio::spawn(serving(l)))
+                .collect(),
+            Some(workers) => listeners
+                .into_iter()
+                .zip(workers.handles())
+                .map(|(listener, worker)| worker.spawn(serving(listener)))
+                .collect(),
+        }
+    }
+}
+
+/// A listener's sockets, not yet registered with a runtime: `serve` registers each with the
+/// runtime it runs on (a worker's, when there are workers).
+type Listeners = Vec<std::net::TcpListener>;
+
+/// Binds a proxy listener on `addr` (one socket per worker, when there are workers), and
+/// returns the address it got.
+async fn listen(
+    addr: SocketAddr,
+    workers: Option<&Workers>,
+) -> Result<(Listeners, SocketAddr), StartError> {
+    let bind_error = |source| StartError::Bind { addr, source };
+    let sockets = match workers {
+        None => vec![bind(addr).await?],
+        Some(workers) => {
+            workers::shared_listeners(addr, workers.handles().len()).map_err(bind_error)?
+        }
+    };
+    let bound = sockets[0].local_addr().map_err(bind_error)?;
+    Ok((sockets, bound))
+}
+
+/// A listening socket on `addr`, for [`serve`] to register with the runtime it runs on.
+async fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, StartError> {
     TcpListener::bind(addr)
         .await
+        .and_then(TcpListener::into_std)
         .map_err(|source| StartError::Bind { addr, source })
 }
 
@@ -348,7 +420,7 @@ pub struct Peer {
 /// `drain_timeout`.
 async fn serve<H, F>(
     name: &'static str,
-    listener: TcpListener,
+    listener: std::net::TcpListener,
     tls: Option<TlsAcceptor>,
     gateway: Arc<Gateway>,
     stop: CancellationToken,
@@ -358,6 +430,13 @@ async fn serve<H, F>(
     H: Fn(Request<Incoming>, Peer) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<ResponseBody>> + Send + 'static,
 {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(listener) => listener,
+        Err(error) => {
+            tracing::error!(listener = name, %error, "cannot serve on the listener");
+            return;
+        }
+    };
     let graceful = GracefulShutdown::new();
     let metrics = gateway.metrics();
     let listener_labels = ListenerLabels { listener: name };
@@ -380,6 +459,12 @@ async fn serve<H, F>(
     let refused = metrics
         .connections_refused
         .get_or_create_owned(&listener_labels);
+    let accepted = metrics
+        .connections_accepted
+        .get_or_create_owned(&AcceptLabels {
+            listener: name,
+            worker: workers::index(),
+        });
     let counters = TimeoutCounters {
         header: metrics.client_timeout("header"),
         keepalive: metrics.client_timeout("keepalive"),
@@ -407,6 +492,7 @@ async fn serve<H, F>(
             drop(stream);
             continue;
         }
+        accepted.inc();
         let _ = stream.set_nodelay(true);
         // Counted as open for as long as the socket lives, through an upgrade too.
         let activity = Arc::new(ConnectionActivity::counted(&open_gauge));

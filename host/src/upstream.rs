@@ -35,6 +35,7 @@ use crate::metrics::Metrics;
 use crate::retry::RetryPolicy;
 use crate::timeouts::{IdleBody, Stalled, TimedIo};
 use crate::tls::{self, ClientTlsError};
+use crate::workers;
 use rustls_pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 
@@ -378,7 +379,7 @@ impl ClientPool {
             key: key.clone(),
             authority,
             tls,
-            idle: Mutex::new(Vec::new()),
+            idle: (0..workers::slots()).map(|_| Mutex::default()).collect(),
             shared: Mutex::new(None),
             opening_shared: tokio::sync::Mutex::new(()),
         });
@@ -399,7 +400,9 @@ pub struct NodeConnections {
     authority: Authority,
     /// For https and grpcs: the connector and the name it asks for.
     tls: Option<(TlsConnector, ServerName<'static>)>,
-    idle: Mutex<Vec<(http1::SendRequest<OutgoingBody>, Instant)>>,
+    /// Idle HTTP/1.1 connections, a stack per worker (see [`workers::slots`]): a worker reuses
+    /// the connections its own runtime drives, warmest first.
+    idle: Box<[Mutex<IdleStack>]>,
     shared: Mutex<Option<http2::SendRequest<OutgoingBody>>>,
     /// One HTTP/2 connection is opened at a time, so that concurrent first requests share it.
     opening_shared: tokio::sync::Mutex<()>,
@@ -412,6 +415,9 @@ impl std::fmt::Debug for NodeConnections {
             .finish()
     }
 }
+
+/// Idle HTTP/1.1 connections, each with the time it went idle.
+type IdleStack = Vec<(http1::SendRequest<OutgoingBody>, Instant)>;
 
 /// Why no connection could be made (for the log).
 struct ConnectFailure(String);
@@ -490,7 +496,7 @@ impl NodeConnections {
                 .map(|sender| Sender::Http2(sender.clone()));
         }
         loop {
-            let (mut sender, since) = self.idle.lock().expect("idle connection lock").pop()?;
+            let (mut sender, since) = self.idle_here().lock().expect("idle lock").pop()?;
             if sender.is_closed() || since.elapsed() > IDLE_TIMEOUT {
                 continue;
             }
@@ -502,12 +508,17 @@ impl NodeConnections {
         }
     }
 
+    /// This worker's stack of idle connections.
+    fn idle_here(&self) -> &Mutex<IdleStack> {
+        &self.idle[workers::index() % self.idle.len()]
+    }
+
     /// Keeps an HTTP/1.1 connection whose exchange finished, for the next request.
     fn put_back(&self, sender: http1::SendRequest<OutgoingBody>) {
         if sender.is_closed() {
             return;
         }
-        let mut idle = self.idle.lock().expect("idle connection lock");
+        let mut idle = self.idle_here().lock().expect("idle lock");
         if idle.len() < MAX_IDLE_PER_NODE {
             idle.push((sender, Instant::now()));
         }

@@ -859,6 +859,7 @@ async fn with_no_key_configured_weir_generates_one_and_refuses_to_listen_beyond_
         module_cache: None,
         max_module_bytes: weir::store::etcd::DEFAULT_MAX_MODULE_BYTES,
         admin: AdminOptions::default(),
+        workers: 0,
     };
     let refused = weir::start(exposed.clone()).await.err().expect("refused");
     assert!(

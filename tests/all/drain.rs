@@ -69,3 +69,70 @@ async fn sigterm_lets_a_slow_request_finish_and_then_refuses_new_connections() {
         "{log:?}"
     );
 }
+
+/// With worker threads, each worker listens on its own socket of the shared port: the kernel
+/// spreads connections over them, and SIGTERM drains every one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_share_the_port_and_drain_together() {
+    let (slow, gate) = Upstream::gated("slow").await;
+    let fast = Upstream::start("fast").await;
+    let mut gateway = ChildGateway::start_workers(
+        &yaml(json!({
+            "upstreams": [{"id": "slow", "nodes": [node(&slow)]}, {"id": "fast", "nodes": [node(&fast)]}],
+            "routes": [
+                {"id": "slow", "uri": "/slow", "upstream_id": "slow"},
+                {"id": "fast", "uri": "/fast", "upstream_id": "fast"},
+            ],
+        })),
+        ChildDrain {
+            delay: Duration::ZERO,
+            timeout: Duration::from_secs(30),
+        },
+        2,
+    )
+    .await;
+    // Each request opens a connection of its own.
+    for _ in 0..40 {
+        assert_eq!(
+            get(&format!("{}/fast", gateway.url)).await.status,
+            StatusCode::OK
+        );
+    }
+    let metrics = get(&format!("{}/metrics", gateway.admin)).await.text();
+    let accepted = |worker: usize| -> u64 {
+        let series =
+            format!(r#"weir_connections_accepted_total{{listener="proxy",worker="{worker}"}} "#);
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(&series))
+            .and_then(|count| count.parse().ok())
+            .unwrap_or(0)
+    };
+    // Both workers took some: 40 connections all hashed to one socket would be a 1 in 2^39 chance.
+    assert!(accepted(1) > 0 && accepted(2) > 0, "{metrics}");
+    assert_eq!(accepted(1) + accepted(2), 40, "{metrics}");
+    assert_eq!(accepted(0), 0, "{metrics}");
+
+    let url = format!("{}/slow", gateway.url);
+    let in_flight = tokio::spawn(async move { get(&url).await });
+    eventually(
+        "the slow request reaches its upstream",
+        Duration::from_secs(10),
+        || async { slow.hits() == 1 },
+    )
+    .await;
+    gateway.terminate();
+    let addr = gateway.addr;
+    eventually(
+        "every worker's socket closes",
+        Duration::from_secs(10),
+        || async move { tokio::net::TcpStream::connect(addr).await.is_err() },
+    )
+    .await;
+    assert!(gateway.alive(), "the gateway quit with a request in flight");
+    gate.open();
+    let reply = in_flight.await.unwrap();
+    assert_eq!(reply.status, StatusCode::OK);
+    let exited = tokio::time::timeout(Duration::from_secs(30), gateway.exited()).await;
+    assert_eq!(exited, Ok(true), "the gateway did not exit cleanly");
+}

@@ -422,6 +422,7 @@ impl TestGateway {
             module_cache,
             max_module_bytes: weir::store::etcd::DEFAULT_MAX_MODULE_BYTES,
             admin,
+            workers: 0,
         };
         let running = weir::start(options).await.expect("the gateway starts");
         TestGateway {
@@ -599,8 +600,19 @@ impl ChildGateway {
             "WEIR_CHILD_CONFIG",
             config.display().to_string(),
             drain,
+            0,
         )
         .await
+    }
+
+    /// A child gateway serving this YAML config on `workers` worker threads, draining as
+    /// `drain` says on SIGTERM.
+    pub async fn start_workers(yaml: &str, drain: ChildDrain, workers: usize) -> ChildGateway {
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        let config = dir.path().join("weir.yaml");
+        std::fs::write(&config, yaml).expect("writing the config");
+        let config = config.display().to_string();
+        Self::spawn(dir, "WEIR_CHILD_CONFIG", config, drain, workers).await
     }
 
     /// A child gateway following etcd at `url`.
@@ -611,6 +623,7 @@ impl ChildGateway {
             "WEIR_CHILD_ETCD",
             url.to_owned(),
             ChildDrain::default(),
+            0,
         )
         .await
     }
@@ -620,6 +633,7 @@ impl ChildGateway {
         variable: &str,
         value: String,
         drain: ChildDrain,
+        workers: usize,
     ) -> ChildGateway {
         let addr_file = dir.path().join("addresses");
         let log = std::fs::File::create(dir.path().join("gateway.log")).expect("a log file");
@@ -635,6 +649,7 @@ impl ChildGateway {
                 "WEIR_CHILD_DRAIN_TIMEOUT_MS",
                 drain.timeout.as_millis().to_string(),
             )
+            .env("WEIR_CHILD_WORKERS", workers.to_string())
             .env("WEIR_LOG", "info")
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::null())
@@ -761,6 +776,10 @@ pub async fn serve_as_child() {
         module_cache: None,
         max_module_bytes: weir::store::etcd::DEFAULT_MAX_MODULE_BYTES,
         admin: test_admin(),
+        workers: std::env::var("WEIR_CHILD_WORKERS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
     };
     weir::server::raise_open_file_limit();
     let running = weir::start(options).await.expect("the gateway starts");

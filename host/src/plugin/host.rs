@@ -249,8 +249,10 @@ impl EditBudget {
 pub struct InstanceState {
     /// Resources the guest holds: the request and response being filtered, and WASI handles.
     pub table: ResourceTable,
-    /// WASI with nothing reachable: no files, no sockets, no environment, no arguments.
-    wasi: WasiCtx,
+    /// WASI with nothing reachable: no files, no sockets, no environment, no arguments. Built
+    /// at the instance's first WASI call: most plugins make none, and building one costs a
+    /// random seed from the OS.
+    wasi: Option<WasiCtx>,
     /// The memory cap.
     pub memory: MemoryCap,
     /// The CPU budget of the call in progress.
@@ -271,18 +273,9 @@ impl InstanceState {
         budget_ticks: u64,
         slot: InstanceSlot,
     ) -> Self {
-        let mut wasi = WasiCtx::builder();
-        // No preopened directory, and no network even when `runtime` links the interfaces.
-        wasi.allow_tcp(false)
-            .allow_udp(false)
-            .allow_ip_name_lookup(false);
-        if scope.grants.wasi.contains(&WasiGrant::Stdio) {
-            // The gateway's stderr is its log; stdout may carry the access log.
-            wasi.stdout(std::io::stderr()).stderr(std::io::stderr());
-        }
         InstanceState {
             table: ResourceTable::new(),
-            wasi: wasi.build(),
+            wasi: None,
             memory: MemoryCap::new(memory_limit, scope.tenant.clone()),
             clock: CallClock {
                 ticks_used: 0,
@@ -304,11 +297,26 @@ impl InstanceState {
 
 impl WasiView for InstanceState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
+        let grants = &self.scope.grants;
         WasiCtxView {
-            ctx: &mut self.wasi,
+            ctx: self.wasi.get_or_insert_with(|| sealed_wasi(grants)),
             table: &mut self.table,
         }
     }
+}
+
+/// WASI with nothing reachable but what `grants` allow.
+fn sealed_wasi(grants: &Grants) -> WasiCtx {
+    let mut wasi = WasiCtx::builder();
+    // No preopened directory, and no network even when `runtime` links the interfaces.
+    wasi.allow_tcp(false)
+        .allow_udp(false)
+        .allow_ip_name_lookup(false);
+    if grants.wasi.contains(&WasiGrant::Stdio) {
+        // The gateway's stderr is its log; stdout may carry the access log.
+        wasi.stdout(std::io::stderr()).stderr(std::io::stderr());
+    }
+    wasi.build()
 }
 
 impl log::Host for InstanceState {
