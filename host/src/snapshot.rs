@@ -70,8 +70,8 @@ pub enum Target {
 pub struct Route {
     /// The route id.
     pub id: Arc<str>,
-    /// The config it was built from.
-    pub config: RouteConfig,
+    /// The config it was built from (the store's own, compared by pointer to tell a change).
+    pub config: Arc<RouteConfig>,
     /// Where requests go.
     pub target: Target,
     /// The plugin chain, in `on-request` order.
@@ -130,7 +130,7 @@ pub struct Snapshot {
     /// Consumers, indexed by their credentials.
     pub consumers: Arc<Consumers>,
     /// Routes by id (the same values as in `routes`).
-    pub route_list: BTreeMap<String, Arc<Route>>,
+    pub route_list: BTreeMap<Arc<str>, Arc<Route>>,
     /// Objects refused in the build that made this snapshot.
     pub errors: Vec<ObjectError>,
     /// Counts builds, starting at 0 for the empty snapshot.
@@ -270,22 +270,38 @@ impl BuildContext<'_> {
         let (ssl, certs) = self.build_certificates(objects, previous, &keep, &mut errors);
         let consumers = build_consumers(objects, previous, &keep);
 
-        let mut route_list = BTreeMap::new();
-        let mut candidates: Vec<(&String, &RouteConfig)> = objects.routes.iter().collect();
-        for (id, old) in &previous.route_list {
-            if keep(Kind::Route, id) && !objects.routes.contains_key(id) {
-                candidates.push((id, &old.config));
-            }
-        }
-        for (id, config) in candidates {
-            let old = previous.route_list.get(id);
-            match self.build_route(config, old, &plugins, &upstreams).await {
-                Ok(route) => {
-                    route_list.insert(id.clone(), route);
+        // A route whose config is the very object the previous one was built from, and whose
+        // plugins and upstreams are all unchanged, is kept without a look inside: a change
+        // costs the routes it touches, plus one walk of pointers.
+        let same_dependencies = same_entries(&plugins, &previous.plugins)
+            && same_entries(&upstreams, &previous.upstreams);
+        let mut route_list = Vec::with_capacity(objects.routes.len());
+        let mut kept_unparsed = Vec::new();
+        for pair in merge_by_id(&previous.route_list, &objects.routes) {
+            let (old, config) = match pair {
+                (Some(old), None) => {
+                    // Gone from the store; kept only while its new version does not parse.
+                    if keep(Kind::Route, &old.id) {
+                        kept_unparsed.push(old);
+                    }
+                    continue;
                 }
+                (old, Some(config)) => (old, config),
+                (None, None) => unreachable!("a merge yields one side or both"),
+            };
+            if let Some(old) = old
+                && same_dependencies
+                && Arc::ptr_eq(&old.config, config)
+            {
+                route_list.push(old.clone());
+                continue;
+            }
+            let id = &config.id;
+            match self.build_route(config, old, &plugins, &upstreams).await {
+                Ok(route) => route_list.push(route),
                 Err(reason) => {
                     // Fall back to the version that was serving, rebuilt against the new objects.
-                    let rebuilt = match old.filter(|old| old.config != *config) {
+                    let rebuilt = match old.filter(|old| !Arc::ptr_eq(&old.config, config)) {
                         Some(old) => self
                             .build_route(&old.config, Some(old), &plugins, &upstreams)
                             .await
@@ -296,12 +312,25 @@ impl BuildContext<'_> {
                         ObjectError::new(Kind::Route, id, reason),
                         rebuilt.is_some(),
                     ));
-                    if let Some(route) = rebuilt {
-                        route_list.insert(id.clone(), route);
-                    }
+                    route_list.extend(rebuilt);
                 }
             }
         }
+        // Routes kept while unparsed are rebuilt against the new objects, as any other.
+        for old in kept_unparsed {
+            let config = old.config.clone();
+            match self
+                .build_route(&config, Some(old), &plugins, &upstreams)
+                .await
+            {
+                Ok(route) => route_list.push(route),
+                Err(reason) => errors.push(ObjectError::new(Kind::Route, &*old.id, reason)),
+            }
+        }
+        let route_list: BTreeMap<Arc<str>, Arc<Route>> = route_list
+            .into_iter()
+            .map(|route| (route.id.clone(), route))
+            .collect();
 
         let routes = route_table(&route_list, previous);
         for error in &errors {
@@ -499,7 +528,7 @@ impl BuildContext<'_> {
 
     async fn build_route(
         &self,
-        config: &RouteConfig,
+        config: &Arc<RouteConfig>,
         old: Option<&Arc<Route>>,
         plugins: &BTreeMap<String, Arc<LoadedPlugin>>,
         upstreams: &BTreeMap<String, Arc<Upstream>>,
@@ -516,7 +545,7 @@ impl BuildContext<'_> {
             (None, None) => return Err("set `upstream_id` or `service`".into()),
         };
         if let Some(old) = old
-            && old.config == *config
+            && (Arc::ptr_eq(&old.config, config) || old.config == *config)
             && old.target.same_as(&target)
             && old.built_from.len() == config.plugins.len()
             && old
@@ -662,7 +691,7 @@ fn build_consumers(
 /// and put back, so that a change costs the paths it touches; a new table when most changed.
 /// A disabled route stays listed (and warm) but is not in the table: it answers 404.
 fn route_table(
-    route_list: &BTreeMap<String, Arc<Route>>,
+    route_list: &BTreeMap<Arc<str>, Arc<Route>>,
     previous: &Snapshot,
 ) -> RouteTable<Route> {
     let serving = |route: &Arc<Route>| route.config.status == RouteStatus::Enabled;
@@ -724,6 +753,37 @@ fn route_table(
     table.build()
 }
 
+/// Whether two maps hold the same objects: the same keys, and values that are one object.
+fn same_entries<T>(a: &BTreeMap<String, Arc<T>>, b: &BTreeMap<String, Arc<T>>) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|((a_id, a), (b_id, b))| a_id == b_id && Arc::ptr_eq(a, b))
+}
+
+/// The previous routes and the wanted configs side by side, in id order: `(Some, None)` for a
+/// route no longer wanted, `(None, Some)` for a new one, both for one that may have changed.
+fn merge_by_id<'a>(
+    previous: &'a BTreeMap<Arc<str>, Arc<Route>>,
+    wanted: &'a BTreeMap<String, Arc<RouteConfig>>,
+) -> impl Iterator<Item = (Option<&'a Arc<Route>>, Option<&'a Arc<RouteConfig>>)> {
+    let mut old = previous.iter().peekable();
+    let mut new = wanted.iter().peekable();
+    std::iter::from_fn(move || {
+        let order = match (old.peek(), new.peek()) {
+            (None, None) => return None,
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (Some((old_id, _)), Some((new_id, _))) => (***old_id).cmp(new_id.as_str()),
+        };
+        Some(match order {
+            std::cmp::Ordering::Less => (old.next().map(|(_, r)| r), None),
+            std::cmp::Ordering::Greater => (None, new.next().map(|(_, c)| c)),
+            std::cmp::Ordering::Equal => (old.next().map(|(_, r)| r), new.next().map(|(_, c)| c)),
+        })
+    })
+}
+
 fn keep_unparsed<T: Clone>(
     into: &mut BTreeMap<String, T>,
     previous: &BTreeMap<String, T>,
@@ -754,7 +814,7 @@ mod tests {
     fn strip_prefix_forms() {
         let route = |strip: Option<StripPrefix>| Route {
             id: "r".into(),
-            config: RouteConfig {
+            config: Arc::new(RouteConfig {
                 id: "r".into(),
                 uri: Some("/api/*".into()),
                 uris: vec![],
@@ -769,7 +829,7 @@ mod tests {
                 status: Default::default(),
                 websocket: false,
                 grpc_web: false,
-            },
+            }),
             target: Target::Upstream(Arc::new(
                 Upstream::new(
                     serde_json::from_value(

@@ -102,6 +102,40 @@ async fn routes_put_before_and_after_start_go_live() {
     assert_eq!(ready.json()["store"], "etcd");
 }
 
+/// The whole config is read in pages at one revision: a config over the client's 4 MiB
+/// response bound, in more keys than a page holds, loads whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_larger_than_a_page_loads_whole() {
+    const ROUTES: usize = 2500;
+    let etcd = Etcd::start().await;
+    let up = Upstream::start("u").await;
+    put_upstream(&etcd, "u", &up).await;
+    let mut client = etcd.client().await;
+    for start in (0..ROUTES).step_by(100) {
+        let ops: Vec<etcd_client::TxnOp> = (start..start + 100)
+            .map(|i| {
+                // About 1.8 KB each, 4.4 MB in all.
+                let mut uris = vec![format!("/r{i}/*")];
+                uris.extend(
+                    (0..14).map(|n| format!("/r{i}/{n}/{}", "long-path-segment".repeat(7))),
+                );
+                let route = json!({"uris": uris, "upstream_id": "u"});
+                etcd_client::TxnOp::put(format!("/weir/routes/r{i:05}"), route.to_string(), None)
+            })
+            .collect();
+        client
+            .txn(etcd_client::Txn::new().and_then(ops))
+            .await
+            .expect("loading routes");
+    }
+    let gateway = TestGateway::start_etcd(&etcd.url, None).await;
+    assert_eq!(gateway.gateway().snapshot().route_list.len(), ROUTES);
+    for i in [0, 999, 1000, 2001, ROUTES - 1] {
+        let reply = get(&gateway.url(&format!("/r{i}/x"))).await;
+        assert_eq!(reply.status, StatusCode::OK, "route r{i:05}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_registered_node_serves_until_its_lease_ends() {
     let etcd = Etcd::start().await;

@@ -16,6 +16,7 @@ mod upstream;
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -327,8 +328,9 @@ impl ObjectError {
 /// The set of config objects that a store holds, keyed by id (or name, for plugins).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ConfigObjects {
-    /// Routes by id.
-    pub routes: BTreeMap<String, RouteConfig>,
+    /// Routes by id, shared so that an unchanged route is the same object from one change to
+    /// the next.
+    pub routes: BTreeMap<String, Arc<RouteConfig>>,
     /// Upstreams by id.
     pub upstreams: BTreeMap<String, UpstreamConfig>,
     /// Plugin entries by name.

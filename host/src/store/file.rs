@@ -12,7 +12,8 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{
-    self, AdminConfig, ConfigObject, ConfigObjects, Kind, ObjectError, PluginConfig, ServerConfig,
+    self, AdminConfig, ConfigObject, ConfigObjects, Kind, ObjectError, PluginConfig, RouteConfig,
+    ServerConfig,
 };
 use crate::plugin::signature::ModuleSignature;
 use crate::snapshot::{BoxFuture, Desired, ModuleSource};
@@ -270,7 +271,11 @@ pub fn parse_in(text: &str, base: &Path) -> Result<Desired, String> {
     for (key, value) in mapping {
         match key.as_str() {
             Some("routes") => {
-                objects.routes = collect(value, &mut unparsed)?;
+                let routes = collect::<RouteConfig>(value, &mut unparsed)?;
+                objects.routes = routes
+                    .into_iter()
+                    .map(|(id, r)| (id, Arc::new(r)))
+                    .collect();
             }
             Some("upstreams") => {
                 objects.upstreams = collect(value, &mut unparsed)?;
@@ -778,7 +783,7 @@ routes:
     fn check_everything(desired: &Desired) {
         let objects = &desired.objects;
         for route in objects.routes.values() {
-            config::verify(route).unwrap();
+            config::verify(&**route).unwrap();
         }
         for upstream in objects.upstreams.values() {
             check_upstream(upstream);

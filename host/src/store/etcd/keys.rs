@@ -37,7 +37,7 @@ pub const CHUNK_BYTES: usize = 1 << 20;
 /// One config key, parsed.
 #[derive(Clone, Debug)]
 pub(crate) enum Entry {
-    Route(RouteConfig),
+    Route(std::sync::Arc<RouteConfig>),
     Upstream(UpstreamConfig),
     Plugin(PluginConfig),
     Tenant(TenantConfig),
@@ -63,7 +63,7 @@ pub(crate) fn parse_entry(root: &str, key: &str, value: &[u8]) -> Option<Entry> 
         |kind, id: &str, reason: String| Some(Entry::Invalid(ObjectError::new(kind, id, reason)));
     let entry = match section {
         "modules" => return None,
-        "routes" => parse_object(value, name).map(Entry::Route),
+        "routes" => parse_object(value, name).map(|r| Entry::Route(std::sync::Arc::new(r))),
         "upstreams" => parse_object(value, name).map(Entry::Upstream),
         "plugins" => parse_object(value, name).map(Entry::Plugin),
         "tenants" => parse_object(value, name).map(Entry::Tenant),

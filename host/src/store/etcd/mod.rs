@@ -33,6 +33,9 @@ pub use self::keys::CHUNK_BYTES;
 /// Reconnect backoff bounds.
 pub(crate) const BACKOFF_MIN: Duration = Duration::from_millis(200);
 pub(crate) const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Keys read per request when the whole config is read: small enough that a page of ordinary
+/// objects stays far under the client's 4 MiB response bound.
+const PAGE_KEYS: i64 = 1000;
 
 /// Why an etcd operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -284,28 +287,58 @@ impl EtcdStore {
     /// Reads every config key at one revision and replaces the mirror.
     async fn resync(&self, client: &mut Client) -> Result<(), EtcdError> {
         let [(first, first_end), (second, second_end)] = self.config_ranges();
-        let head = client
-            .get(first, Some(GetOptions::new().with_range(first_end)))
-            .await
-            .map_err(|e| client_error(&self.options, e))?;
-        let revision = head.header().map(|h| h.revision()).unwrap_or_default();
-        let tail = client
-            .get(
-                second,
-                Some(
-                    GetOptions::new()
-                        .with_range(second_end)
-                        .with_revision(revision),
-                ),
-            )
-            .await
-            .map_err(|e| client_error(&self.options, e))?;
-        let kvs = head.kvs().iter().chain(tail.kvs()).map(|kv| {
+        let (revision, mut kvs) = self.read_range(client, first, first_end, None).await?;
+        let (_, tail) = self
+            .read_range(client, second, second_end, Some(revision))
+            .await?;
+        kvs.extend(tail);
+        let kvs = kvs.iter().map(|kv| {
             let key = String::from_utf8_lossy(kv.key()).into_owned();
             (key, kv.value(), kv.mod_revision())
         });
         self.replace_mirror(revision, kvs);
         Ok(())
+    }
+
+    /// Every key from `start` up to `end`, read in pages (one response for 100,000 routes would
+    /// be over the client's 4 MiB bound), all at one revision: `revision`, or the first
+    /// page's, which is returned.
+    async fn read_range(
+        &self,
+        client: &mut Client,
+        start: String,
+        end: String,
+        revision: Option<i64>,
+    ) -> Result<(i64, Vec<KeyValue>), EtcdError> {
+        let mut from = start.into_bytes();
+        let mut revision = revision;
+        let mut kvs = Vec::new();
+        loop {
+            let mut options = GetOptions::new()
+                .with_range(end.as_bytes())
+                .with_limit(PAGE_KEYS);
+            if let Some(revision) = revision {
+                options = options.with_revision(revision);
+            }
+            let mut page = client
+                .get(from.clone(), Some(options))
+                .await
+                .map_err(|e| client_error(&self.options, e))?;
+            let at =
+                *revision.get_or_insert(page.header().map(|h| h.revision()).unwrap_or_default());
+            let more = page.more();
+            let taken = page.take_kvs();
+            let Some(last) = taken.last() else {
+                return Ok((at, kvs));
+            };
+            // The next page starts just after the last key of this one.
+            from = last.key().to_vec();
+            from.push(0);
+            kvs.extend(taken);
+            if !more {
+                return Ok((at, kvs));
+            }
+        }
     }
 
     /// Replaces the mirror with `kvs` at `revision`.
@@ -826,7 +859,7 @@ mod tests {
         match entry {
             Entry::Route(route) => {
                 assert_eq!(section, Some("routes"));
-                config::verify(&route).unwrap();
+                config::verify(&*route).unwrap();
             }
             Entry::Admin(admin) => {
                 assert_eq!(key, "/weir/admin");
