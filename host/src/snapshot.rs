@@ -191,8 +191,8 @@ pub struct BuildContext<'a> {
 /// The objects a store wants served, and the ones it could not even parse.
 #[derive(Debug, Default)]
 pub struct Desired {
-    /// The parsed objects.
-    pub objects: ConfigObjects,
+    /// The parsed objects (shared: a store may keep them and publish them again).
+    pub objects: Arc<ConfigObjects>,
     /// Objects that did not parse: each keeps its previous version, if it had one.
     pub unparsed: Vec<ObjectError>,
 }

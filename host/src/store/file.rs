@@ -319,7 +319,10 @@ pub fn parse_in(text: &str, base: &Path) -> Result<Desired, String> {
             }
         }
     }
-    Ok(Desired { objects, unparsed })
+    Ok(Desired {
+        objects: Arc::new(objects),
+        unparsed,
+    })
 }
 
 /// The largest certificate or key file read.

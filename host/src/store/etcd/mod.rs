@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use self::keys::{Entry, parse_entry, read_bounded, read_module};
 use self::state::{STATE_FILE, SavedState, write_atomically};
 use crate::access_log::now_rfc3339;
-use crate::config::PluginConfig;
+use crate::config::{ConfigObjects, ObjectError, PluginConfig};
 use crate::plugin::sha256_hex;
 use crate::snapshot::{BoxFuture, Desired, ModuleSource};
 use crate::store::{ConfigStore, ConfigWriter, Published, Publisher, StoreError, StoreHealth};
@@ -33,6 +33,10 @@ pub use self::keys::CHUNK_BYTES;
 /// Reconnect backoff bounds.
 pub(crate) const BACKOFF_MIN: Duration = Duration::from_millis(200);
 pub(crate) const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How long changes must pause before `--state-dir` is written.
+const SAVE_QUIET: Duration = Duration::from_millis(250);
+/// The longest `--state-dir` lags behind a stream of changes that never pauses.
+const SAVE_MAX_DELAY: Duration = Duration::from_secs(5);
 /// Keys read per request when the whole config is read: small enough that a page of ordinary
 /// objects stays far under the client's 4 MiB response bound.
 const PAGE_KEYS: i64 = 1000;
@@ -155,6 +159,11 @@ struct Mirror {
     changes: u64,
     /// `changes` as last published.
     published: u64,
+    /// The parsed objects of `entries`, kept up to date event by event, so that publishing
+    /// them copies a pointer, not 100,000 routes.
+    objects: Arc<ConfigObjects>,
+    /// The keys of `entries` that did not parse, and why.
+    invalid: BTreeMap<String, ObjectError>,
 }
 
 impl Mirror {
@@ -173,23 +182,118 @@ impl Mirror {
             Some(value) => {
                 if let Some(entry) = parse_entry(root, &key, value) {
                     self.tombstones.remove(&key);
-                    self.entries.insert(
-                        key,
-                        Stored {
-                            raw: value.to_vec(),
-                            entry,
-                            revision,
-                        },
-                    );
+                    if let Some(old) = self.entries.remove(&key) {
+                        self.withdraw(&key, old.entry);
+                    }
+                    self.add(&key, entry.clone());
+                    let stored = Stored {
+                        raw: value.to_vec(),
+                        entry,
+                        revision,
+                    };
+                    self.entries.insert(key, stored);
                     self.changes += 1;
                 }
             }
             None => {
-                if self.entries.remove(&key).is_some() {
+                if let Some(old) = self.entries.remove(&key) {
+                    self.withdraw(&key, old.entry);
                     self.changes += 1;
                 }
                 self.tombstones.insert(key, revision);
             }
+        }
+    }
+
+    /// Puts what `key` now holds into the published objects, over what it held before.
+    fn add(&mut self, key: &str, entry: Entry) {
+        if let Entry::Invalid(error) = entry {
+            self.invalid.insert(key.to_owned(), error.at_key(key));
+            return;
+        }
+        self.invalid.remove(key);
+        let objects = Arc::make_mut(&mut self.objects);
+        match entry {
+            Entry::Route(route) => {
+                objects.routes.insert(route.id.clone(), route);
+            }
+            Entry::Upstream(upstream) => {
+                objects.upstreams.insert(upstream.id.clone(), upstream);
+            }
+            Entry::Plugin(plugin) => {
+                objects.plugins.insert(plugin.name.clone(), plugin);
+            }
+            Entry::Tenant(tenant) => {
+                objects.tenants.insert(tenant.name.clone(), tenant);
+            }
+            Entry::Ssl(ssl) => {
+                objects.ssl.insert(ssl.id.clone(), ssl);
+            }
+            Entry::Consumer(consumer) => {
+                objects.consumers.insert(consumer.name.clone(), consumer);
+            }
+            Entry::ServiceSettings(settings) => {
+                objects
+                    .service_settings
+                    .insert(settings.name.clone(), settings);
+            }
+            Entry::Server(server) => objects.server = Some(server),
+            Entry::Admin(admin) => objects.admin = Some(admin),
+            Entry::Node {
+                service,
+                node,
+                value,
+            } => {
+                objects
+                    .services
+                    .entry(service)
+                    .or_default()
+                    .insert(node, value);
+            }
+            Entry::Invalid(_) => unreachable!("handled above"),
+        }
+    }
+
+    /// Takes what `key` held out of the published objects.
+    fn withdraw(&mut self, key: &str, entry: Entry) {
+        if let Entry::Invalid(_) = entry {
+            self.invalid.remove(key);
+            return;
+        }
+        let objects = Arc::make_mut(&mut self.objects);
+        match entry {
+            Entry::Route(route) => {
+                objects.routes.remove(&route.id);
+            }
+            Entry::Upstream(upstream) => {
+                objects.upstreams.remove(&upstream.id);
+            }
+            Entry::Plugin(plugin) => {
+                objects.plugins.remove(&plugin.name);
+            }
+            Entry::Tenant(tenant) => {
+                objects.tenants.remove(&tenant.name);
+            }
+            Entry::Ssl(ssl) => {
+                objects.ssl.remove(&ssl.id);
+            }
+            Entry::Consumer(consumer) => {
+                objects.consumers.remove(&consumer.name);
+            }
+            Entry::ServiceSettings(settings) => {
+                objects.service_settings.remove(&settings.name);
+            }
+            Entry::Server(_) => objects.server = None,
+            Entry::Admin(_) => objects.admin = None,
+            Entry::Node { service, node, .. } => {
+                if let Some(nodes) = objects.services.get_mut(&service) {
+                    nodes.remove(&node);
+                    if nodes.is_empty() {
+                        objects.services.remove(&service);
+                    }
+                }
+            }
+            Entry::Invalid(_) => unreachable!("handled above"),
         }
     }
 
@@ -202,50 +306,10 @@ impl Mirror {
 
     /// The objects the mirror holds, as the snapshot builder wants them.
     fn desired(&self) -> Desired {
-        let mut desired = Desired::default();
-        for (key, stored) in &self.entries {
-            let objects = &mut desired.objects;
-            match stored.entry.clone() {
-                Entry::Route(route) => {
-                    objects.routes.insert(route.id.clone(), route);
-                }
-                Entry::Upstream(upstream) => {
-                    objects.upstreams.insert(upstream.id.clone(), upstream);
-                }
-                Entry::Plugin(plugin) => {
-                    objects.plugins.insert(plugin.name.clone(), plugin);
-                }
-                Entry::Tenant(tenant) => {
-                    objects.tenants.insert(tenant.name.clone(), tenant);
-                }
-                Entry::Ssl(ssl) => {
-                    objects.ssl.insert(ssl.id.clone(), ssl);
-                }
-                Entry::Consumer(consumer) => {
-                    objects.consumers.insert(consumer.name.clone(), consumer);
-                }
-                Entry::ServiceSettings(settings) => {
-                    objects
-                        .service_settings
-                        .insert(settings.name.clone(), settings);
-                }
-                Entry::Server(server) => objects.server = Some(server),
-                Entry::Admin(admin) => objects.admin = Some(admin),
-                Entry::Node {
-                    service,
-                    node,
-                    value,
-                } => {
-                    objects
-                        .services
-                        .entry(service)
-                        .or_default()
-                        .insert(node, value);
-                }
-                Entry::Invalid(error) => desired.unparsed.push(error.at_key(key.clone())),
-            }
+        Desired {
+            objects: self.objects.clone(),
+            unparsed: self.invalid.values().cloned().collect(),
         }
-        desired
     }
 }
 
@@ -379,24 +443,48 @@ impl EtcdStore {
         Some(revision)
     }
 
-    /// Publishes the mirror whenever it changes, and keeps `--state-dir` up to date.
+    /// Publishes the mirror whenever it changes, and keeps `--state-dir` up to date. The state
+    /// is saved once changes pause for [`SAVE_QUIET`] (at most [`SAVE_MAX_DELAY`] after the
+    /// first unsaved one), not after each: writing 100,000 keys takes longer than applying a
+    /// change, and the next change should not wait for it.
     async fn publish_changes(self: Arc<Self>, shutdown: CancellationToken) {
         let mut saved_revision = 0;
+        // The first and the last publication not saved yet.
+        let mut unsaved: Option<(tokio::time::Instant, tokio::time::Instant)> = None;
         loop {
+            let save_at =
+                unsaved.map(|(first, last)| (last + SAVE_QUIET).min(first + SAVE_MAX_DELAY));
             tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = self.changed.notified() => {}
-            }
-            // Let the rest of a burst of events land in the mirror first.
-            tokio::task::yield_now().await;
-            if let Some(revision) = self.publish_mirror()
-                && revision != saved_revision
-            {
-                match self.save_state() {
-                    Ok(()) => saved_revision = revision,
-                    Err(error) => tracing::warn!(%error, "could not save the etcd state"),
+                _ = shutdown.cancelled() => {
+                    if unsaved.is_some() {
+                        self.save_now();
+                    }
+                    return;
+                }
+                _ = self.changed.notified() => {
+                    // Let the rest of a burst of events land in the mirror first.
+                    tokio::task::yield_now().await;
+                    if let Some(revision) = self.publish_mirror()
+                        && revision != saved_revision
+                    {
+                        let now = tokio::time::Instant::now();
+                        let first = unsaved.map_or(now, |(first, _)| first);
+                        unsaved = Some((first, now));
+                        saved_revision = revision;
+                    }
+                }
+                _ = tokio::time::sleep_until(save_at.unwrap_or_else(tokio::time::Instant::now)), if save_at.is_some() => {
+                    self.save_now();
+                    unsaved = None;
                 }
             }
+        }
+    }
+
+    /// Saves the state, or says why it could not.
+    fn save_now(&self) {
+        if let Err(error) = self.save_state() {
+            tracing::warn!(%error, "could not save the etcd state");
         }
     }
 
@@ -913,6 +1001,54 @@ mod tests {
 
     /// A config object with a key that names it (now and then one that does not), and the
     /// value's bytes, now and then cut short.
+    /// What `mirror.desired()` must equal: its entries' objects, gathered from scratch.
+    fn desired_from_entries(mirror: &Mirror) -> Desired {
+        let mut desired = Desired::default();
+        for (key, stored) in &mirror.entries {
+            let objects = Arc::make_mut(&mut desired.objects);
+            match stored.entry.clone() {
+                Entry::Route(route) => {
+                    objects.routes.insert(route.id.clone(), route);
+                }
+                Entry::Upstream(upstream) => {
+                    objects.upstreams.insert(upstream.id.clone(), upstream);
+                }
+                Entry::Plugin(plugin) => {
+                    objects.plugins.insert(plugin.name.clone(), plugin);
+                }
+                Entry::Tenant(tenant) => {
+                    objects.tenants.insert(tenant.name.clone(), tenant);
+                }
+                Entry::Ssl(ssl) => {
+                    objects.ssl.insert(ssl.id.clone(), ssl);
+                }
+                Entry::Consumer(consumer) => {
+                    objects.consumers.insert(consumer.name.clone(), consumer);
+                }
+                Entry::ServiceSettings(settings) => {
+                    objects
+                        .service_settings
+                        .insert(settings.name.clone(), settings);
+                }
+                Entry::Server(server) => objects.server = Some(server),
+                Entry::Admin(admin) => objects.admin = Some(admin),
+                Entry::Node {
+                    service,
+                    node,
+                    value,
+                } => {
+                    objects
+                        .services
+                        .entry(service)
+                        .or_default()
+                        .insert(node, value);
+                }
+                Entry::Invalid(error) => desired.unparsed.push(error.at_key(key.clone())),
+            }
+        }
+        desired
+    }
+
     fn keyed_object() -> impl Strategy<Value = (String, Vec<u8>)> {
         use crate::store::file::tests::config_object;
         let object = prop_oneof![
@@ -1052,6 +1188,28 @@ mod tests {
         #![proptest_config(crate::proptest_cases(10_000))]
 
         #[test]
+        fn fuzz_the_mirror_kept_event_by_event_publishes_what_its_keys_hold(
+            objects in prop::collection::vec(keyed_object(), 1..6),
+            events in prop::collection::vec((any::<prop::sample::Index>(), 0..3u8), 1..24),
+        ) {
+            let root = "/weir";
+            let mut mirror = Mirror::default();
+            for (revision, (pick, op)) in events.into_iter().enumerate() {
+                let (key, value) = pick.get(&objects).clone();
+                let value = match op {
+                    0 => Some(value),
+                    1 => Some(b"{not json".to_vec()),
+                    _ => None,
+                };
+                mirror.apply(root, key, value.as_deref(), revision as i64 + 1);
+                let kept = mirror.desired();
+                let rebuilt = desired_from_entries(&mirror);
+                prop_assert_eq!(&*kept.objects, &*rebuilt.objects);
+                prop_assert_eq!(kept.unparsed, rebuilt.unparsed);
+            }
+        }
+
+        #[test]
         fn fuzz_etcd_parse_entry_never_panics_on_structured_json(
             objects in prop::collection::vec(keyed_object(), 1..5),
         ) {
@@ -1059,9 +1217,8 @@ mod tests {
             for (revision, (key, value)) in objects.into_iter().enumerate() {
                 let entry = parse_entry(&store.root, &key, &value);
                 check_entry(&key, entry.clone());
-                if let Some(entry) = entry {
-                    let stored = Stored { raw: value, entry, revision: revision as i64 };
-                    store.mirror.lock().unwrap().entries.insert(key, stored);
+                if entry.is_some() {
+                    store.mirror.lock().unwrap().apply(&store.root, key, Some(&value), revision as i64 + 1);
                 }
             }
             // What the store hands the gateway: at most one thing for each key.
