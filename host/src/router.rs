@@ -95,8 +95,6 @@ struct Node<T> {
     exact: Vec<Candidate<T>>,
     /// Prefix routes (`.../*`) whose base ends here; they match here and everything below.
     prefix: Vec<Candidate<T>>,
-    /// Whether candidates were added here or below since the last sort (builders only).
-    unsorted: bool,
 }
 
 impl<T> Default for Node<T> {
@@ -106,7 +104,6 @@ impl<T> Default for Node<T> {
             param: None,
             exact: Vec::new(),
             prefix: Vec::new(),
-            unsorted: false,
         }
     }
 }
@@ -118,7 +115,6 @@ impl<T> Clone for Node<T> {
             param: self.param.clone(),
             exact: self.exact.clone(),
             prefix: self.prefix.clone(),
-            unsorted: self.unsorted,
         }
     }
 }
@@ -191,7 +187,6 @@ impl<T> RouteTableBuilder<T> {
         for pattern in patterns {
             let (segments, is_prefix, literal_prefix) = parse_pattern(pattern);
             let mut node = Arc::make_mut(&mut self.root);
-            node.unsorted = true;
             for segment in segments {
                 let child = if segment.starts_with('{') {
                     node.param.get_or_insert_with(Default::default)
@@ -199,7 +194,6 @@ impl<T> RouteTableBuilder<T> {
                     node.literals.entry(segment.into()).or_default()
                 };
                 node = Arc::make_mut(child);
-                node.unsorted = true;
             }
             let candidate = Candidate {
                 route: route.clone(),
@@ -208,12 +202,15 @@ impl<T> RouteTableBuilder<T> {
                 order,
                 key: key.clone(),
             };
-            if is_prefix {
+            let leaf = if is_prefix {
                 &mut node.prefix
             } else {
                 &mut node.exact
-            }
-            .push(candidate);
+            };
+            // Kept in rank order as it grows (after equals, as a stable sort would put it), so
+            // that building visits nothing: a wide node is not walked for one change.
+            let at = leaf.partition_point(|c| c.rank() <= candidate.rank());
+            leaf.insert(at, candidate);
         }
         self.len += 1;
     }
@@ -256,22 +253,8 @@ impl<T> RouteTableBuilder<T> {
         self.len = self.len.saturating_sub(1);
     }
 
-    /// Builds the table, ordering the candidates of every node an add touched.
-    pub fn build(mut self) -> RouteTable<T> {
-        fn sort<T>(node: &mut Arc<Node<T>>) {
-            if !node.unsorted {
-                return;
-            }
-            let node = Arc::make_mut(node);
-            node.unsorted = false;
-            node.exact.sort_by(|a, b| a.rank().cmp(&b.rank()));
-            node.prefix.sort_by(|a, b| a.rank().cmp(&b.rank()));
-            node.literals.values_mut().for_each(sort);
-            if let Some(param) = &mut node.param {
-                sort(param);
-            }
-        }
-        sort(&mut self.root);
+    /// Builds the table.
+    pub fn build(self) -> RouteTable<T> {
         RouteTable {
             root: self.root,
             len: self.len,

@@ -765,7 +765,7 @@ fn same_entries<T>(a: &BTreeMap<String, Arc<T>>, b: &BTreeMap<String, Arc<T>>) -
 /// route no longer wanted, `(None, Some)` for a new one, both for one that may have changed.
 fn merge_by_id<'a>(
     previous: &'a BTreeMap<Arc<str>, Arc<Route>>,
-    wanted: &'a BTreeMap<String, Arc<RouteConfig>>,
+    wanted: &'a imbl::OrdMap<String, Arc<RouteConfig>>,
 ) -> impl Iterator<Item = (Option<&'a Arc<Route>>, Option<&'a Arc<RouteConfig>>)> {
     let mut old = previous.iter().peekable();
     let mut new = wanted.iter().peekable();

@@ -328,9 +328,11 @@ impl ObjectError {
 /// The set of config objects that a store holds, keyed by id (or name, for plugins).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ConfigObjects {
-    /// Routes by id, shared so that an unchanged route is the same object from one change to
-    /// the next.
-    pub routes: BTreeMap<String, Arc<RouteConfig>>,
+    /// Routes by id, in a persistent map (a copy shares all but what later changes) of shared
+    /// configs, so that a store can keep 100,000 routes and publish them after each change
+    /// without copying them, and an unchanged route is the same object from one change to the
+    /// next.
+    pub routes: imbl::OrdMap<String, Arc<RouteConfig>>,
     /// Upstreams by id.
     pub upstreams: BTreeMap<String, UpstreamConfig>,
     /// Plugin entries by name.
