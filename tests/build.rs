@@ -23,6 +23,7 @@ const COMPONENTS: &[(&str, &str)] = &[
     ("traffic-split", "TRAFFIC_SPLIT"),
     ("probe", "PROBE"),
     ("fs-reader", "FS_READER"),
+    ("noop", "NOOP"),
     ("rust-example", "RUST_EXAMPLE"),
 ];
 
