@@ -299,10 +299,8 @@ pub async fn run(
         response_edits: Vec::new(),
         directory: Directory::default(),
     };
-    // Left empty: the pool above is pooled, so its warm instance serves every phase.
-    let mut bound = crate::plugin::Bound::default();
     let (mut view, outcome) = if wants.on_request {
-        pool.on_request(view, &mut bound).await
+        pool.on_request(view, None).await
     } else {
         (view, Ok(Action::Continue))
     };
@@ -360,8 +358,7 @@ pub async fn run(
             };
             view.writable = false;
             if wants.on_response {
-                let (returned, response, outcome) =
-                    pool.on_response(view, response, &mut bound).await;
+                let (returned, response, outcome) = pool.on_response(view, response, None).await;
                 view = returned;
                 if let Err(failure) = outcome {
                     report.failure = Some(failure.to_string());
@@ -392,7 +389,7 @@ pub async fn run(
             latency_us: 0,
             upstream: Some("test-upstream".into()),
         };
-        let (_, outcome) = pool.on_log(view, &summary, &mut bound).await;
+        let (_, outcome) = pool.on_log(view, &summary, None).await;
         if let Err(failure) = outcome {
             report.failure = Some(failure.to_string());
         }

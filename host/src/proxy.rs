@@ -305,9 +305,7 @@ async fn request_phase(
             continue;
         }
         let started = Instant::now();
-        let mut pooled = Bound::default();
-        let instance = bound.get_mut(index).unwrap_or(&mut pooled);
-        let (returned, outcome) = link.pool.on_request(request, instance).await;
+        let (returned, outcome) = link.pool.on_request(request, bound.get_mut(index)).await;
         let elapsed = started.elapsed();
         *plugin_time += elapsed;
         link.metrics
@@ -462,10 +460,9 @@ async fn response_phase(
         .filter(|(_, link)| link.pool.wants().on_response)
     {
         let started = Instant::now();
-        let mut pooled = Bound::default();
-        let instance = finish.bound.get_mut(index).unwrap_or(&mut pooled);
+        let bound = finish.bound.get_mut(index);
         let (returned_request, returned_view, outcome) =
-            link.pool.on_response(request, view, instance).await;
+            link.pool.on_response(request, view, bound).await;
         let elapsed = started.elapsed();
         finish.plugin_time += elapsed;
         link.metrics
@@ -700,9 +697,10 @@ impl Drop for Finish {
                 .filter(|(_, link)| link.pool.wants().on_log)
             {
                 let started = Instant::now();
-                let mut pooled = Bound::default();
-                let instance = bound.get_mut(index).unwrap_or(&mut pooled);
-                let (returned, outcome) = link.pool.on_log(request, &summary, instance).await;
+                let (returned, outcome) = link
+                    .pool
+                    .on_log(request, &summary, bound.get_mut(index))
+                    .await;
                 link.metrics.record(
                     started.elapsed(),
                     outcome.as_ref().err().map(PluginError::kind),

@@ -276,17 +276,13 @@ impl BuildContext<'_> {
         let same_dependencies = same_entries(&plugins, &previous.plugins)
             && same_entries(&upstreams, &previous.upstreams);
         let mut route_list = Vec::with_capacity(objects.routes.len());
-        let mut kept_unparsed = Vec::new();
         for pair in merge_by_id(&previous.route_list, &objects.routes) {
             let (old, config) = match pair {
-                (Some(old), None) => {
-                    // Gone from the store; kept only while its new version does not parse.
-                    if keep(Kind::Route, &old.id) {
-                        kept_unparsed.push(old);
-                    }
-                    continue;
-                }
                 (old, Some(config)) => (old, config),
+                // Gone from the store; kept (rebuilt against the new objects, as any other) only
+                // while its new version does not parse.
+                (Some(old), None) if keep(Kind::Route, &old.id) => (Some(old), &old.config),
+                (Some(_), None) => continue,
                 (None, None) => unreachable!("a merge yields one side or both"),
             };
             if let Some(old) = old
@@ -314,17 +310,6 @@ impl BuildContext<'_> {
                     ));
                     route_list.extend(rebuilt);
                 }
-            }
-        }
-        // Routes kept while unparsed are rebuilt against the new objects, as any other.
-        for old in kept_unparsed {
-            let config = old.config.clone();
-            match self
-                .build_route(&config, Some(old), &plugins, &upstreams)
-                .await
-            {
-                Ok(route) => route_list.push(route),
-                Err(reason) => errors.push(ObjectError::new(Kind::Route, &*old.id, reason)),
             }
         }
         let route_list: BTreeMap<Arc<str>, Arc<Route>> = route_list
@@ -696,23 +681,13 @@ fn route_table(
 ) -> RouteTable<Route> {
     let serving = |route: &Arc<Route>| route.config.status == RouteStatus::Enabled;
     let (mut gone, mut came) = (Vec::new(), Vec::new());
-    let mut old = previous.route_list.iter().peekable();
-    let mut new = route_list.iter().peekable();
-    loop {
-        match (old.peek(), new.peek()) {
-            (None, None) => break,
-            (Some((old_id, _)), Some((new_id, _))) if old_id == new_id => {
-                let ((_, was), (_, is)) = (old.next().unwrap(), new.next().unwrap());
-                if !Arc::ptr_eq(was, is) {
-                    gone.push(was);
-                    came.push(is);
-                }
+    for pair in merge_by_id(&previous.route_list, route_list) {
+        match pair {
+            (Some(was), Some(is)) if Arc::ptr_eq(was, is) => {}
+            (was, is) => {
+                gone.extend(was);
+                came.extend(is);
             }
-            (Some((old_id, _)), Some((new_id, _))) if old_id < new_id => {
-                gone.push(old.next().unwrap().1);
-            }
-            (Some(_), None) => gone.push(old.next().unwrap().1),
-            (_, Some(_)) => came.push(new.next().unwrap().1),
         }
     }
     gone.retain(|route| serving(route));
@@ -761,25 +736,31 @@ fn same_entries<T>(a: &BTreeMap<String, Arc<T>>, b: &BTreeMap<String, Arc<T>>) -
             .all(|((a_id, a), (b_id, b))| a_id == b_id && Arc::ptr_eq(a, b))
 }
 
-/// The previous routes and the wanted configs side by side, in id order: `(Some, None)` for a
-/// route no longer wanted, `(None, Some)` for a new one, both for one that may have changed.
-fn merge_by_id<'a>(
-    previous: &'a BTreeMap<Arc<str>, Arc<Route>>,
-    wanted: &'a imbl::OrdMap<String, Arc<RouteConfig>>,
-) -> impl Iterator<Item = (Option<&'a Arc<Route>>, Option<&'a Arc<RouteConfig>>)> {
-    let mut old = previous.iter().peekable();
-    let mut new = wanted.iter().peekable();
+/// Two maps keyed by id side by side, in id order: `(Some, None)` for an id only the first
+/// holds, `(None, Some)` for one only the second holds, both for one they share.
+fn merge_by_id<'a, J, K, A, B>(
+    first: impl IntoIterator<Item = (&'a J, &'a A)>,
+    second: impl IntoIterator<Item = (&'a K, &'a B)>,
+) -> impl Iterator<Item = (Option<&'a A>, Option<&'a B>)>
+where
+    J: std::ops::Deref<Target = str> + 'a,
+    K: std::ops::Deref<Target = str> + 'a,
+    A: 'a,
+    B: 'a,
+{
+    let mut old = first.into_iter().peekable();
+    let mut new = second.into_iter().peekable();
     std::iter::from_fn(move || {
         let order = match (old.peek(), new.peek()) {
             (None, None) => return None,
             (Some(_), None) => std::cmp::Ordering::Less,
             (None, Some(_)) => std::cmp::Ordering::Greater,
-            (Some((old_id, _)), Some((new_id, _))) => (***old_id).cmp(new_id.as_str()),
+            (Some((old_id, _)), Some((new_id, _))) => (***old_id).cmp(&***new_id),
         };
         Some(match order {
-            std::cmp::Ordering::Less => (old.next().map(|(_, r)| r), None),
-            std::cmp::Ordering::Greater => (None, new.next().map(|(_, c)| c)),
-            std::cmp::Ordering::Equal => (old.next().map(|(_, r)| r), new.next().map(|(_, c)| c)),
+            std::cmp::Ordering::Less => (old.next().map(|(_, a)| a), None),
+            std::cmp::Ordering::Greater => (None, new.next().map(|(_, b)| b)),
+            std::cmp::Ordering::Equal => (old.next().map(|(_, a)| a), new.next().map(|(_, b)| b)),
         })
     })
 }

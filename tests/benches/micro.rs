@@ -27,7 +27,7 @@ use weir::config::{Isolation, PluginConfig};
 use weir::edge::normalise::normalise;
 use weir::exchange::{BufferedBody, Directory, RequestView};
 use weir::metrics::Metrics;
-use weir::plugin::{Action, Bound, PluginPool, PluginRuntime, Wants};
+use weir::plugin::{Action, PluginPool, PluginRuntime, Wants};
 use weir::router::{RouteFilter, RouteTable};
 use weir_tests::plugins;
 
@@ -131,7 +131,7 @@ fn plugin_calls(c: &mut Criterion) {
         b.to_async(&rt).iter_batched(
             request,
             |view| async {
-                let (view, outcome) = request_id.on_request(view, &mut Bound::default()).await;
+                let (view, outcome) = request_id.on_request(view, None).await;
                 (view, outcome.unwrap())
             },
             BatchSize::SmallInput,
@@ -141,18 +141,18 @@ fn plugin_calls(c: &mut Criterion) {
         b.to_async(&rt).iter_batched(
             request,
             |view| async {
-                let (view, outcome) = noop.on_request(view, &mut Bound::default()).await;
+                let (view, outcome) = noop.on_request(view, None).await;
                 (view, outcome.unwrap())
             },
             BatchSize::SmallInput,
         )
     });
-    // The fresh instance is made, used and dropped (with its `Bound`) inside the timing.
+    // The fresh instance is made, used and dropped inside the timing.
     c.bench_function("plugin/fresh instance, on-request", |b| {
         b.to_async(&rt).iter_batched(
             request,
             |view| async {
-                let (view, outcome) = fresh.on_request(view, &mut Bound::default()).await;
+                let (view, outcome) = fresh.on_request(view, None).await;
                 (view, outcome.unwrap())
             },
             BatchSize::SmallInput,
@@ -163,7 +163,7 @@ fn plugin_calls(c: &mut Criterion) {
             request,
             |mut view| async {
                 for pool in [&request_id, &headers, &key_auth] {
-                    let (returned, outcome) = pool.on_request(view, &mut Bound::default()).await;
+                    let (returned, outcome) = pool.on_request(view, None).await;
                     outcome.unwrap();
                     view = returned;
                 }

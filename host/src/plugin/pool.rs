@@ -271,13 +271,14 @@ impl PluginPool {
     }
 
     /// An instance for one call, unless the plugin is quarantined: the request's own under
-    /// per-request isolation, else a warm one.
-    async fn checkout(&self, bound: &mut Bound) -> Result<PluginInstance, PluginError> {
+    /// per-request isolation (a fresh one for its first call, or when the caller keeps no
+    /// `bound`), else a warm one.
+    async fn checkout(&self, bound: Option<&mut Bound>) -> Result<PluginInstance, PluginError> {
         if let Admission::Quarantined(left) = self.scope.health().admit(Instant::now()) {
             return Err(PluginError::Quarantined(left));
         }
         let reused = match self.isolation {
-            Isolation::PerRequest => bound.0.take(),
+            Isolation::PerRequest => bound.and_then(|bound| bound.0.take()),
             Isolation::Pooled => self.idle.pop(),
         };
         let instance = match reused {
@@ -289,7 +290,7 @@ impl PluginPool {
 
     /// Keeps a healthy instance after a call: with the request while a later phase of this
     /// plugin may run, or warm in the pool.
-    fn checkin(&self, instance: PluginInstance, bound: &mut Bound, phase: Phase) {
+    fn checkin(&self, instance: PluginInstance, bound: Option<&mut Bound>, phase: Phase) {
         match self.isolation {
             Isolation::PerRequest => {
                 let later = match phase {
@@ -297,7 +298,7 @@ impl PluginPool {
                     Phase::Response => self.wants.on_log,
                     Phase::Log => false,
                 };
-                if later {
+                if later && let Some(bound) = bound {
                     bound.0 = Some(instance);
                 }
             }
@@ -362,7 +363,7 @@ impl PluginPool {
         &self,
         instance: PluginInstance,
         outcome: wasmtime::Result<T>,
-        bound: &mut Bound,
+        bound: Option<&mut Bound>,
         phase: Phase,
     ) -> Result<T, PluginError> {
         match outcome {
@@ -379,9 +380,9 @@ impl PluginPool {
     pub async fn on_request(
         &self,
         mut request: RequestView,
-        bound: &mut Bound,
+        mut bound: Option<&mut Bound>,
     ) -> (RequestView, Result<Action, PluginError>) {
-        let mut instance = match self.checkout(bound).await {
+        let mut instance = match self.checkout(bound.as_deref_mut()).await {
             Ok(instance) => instance,
             Err(e) => return (request, Err(e)),
         };
@@ -433,9 +434,9 @@ impl PluginPool {
         &self,
         request: RequestView,
         mut response: ResponseView,
-        bound: &mut Bound,
+        mut bound: Option<&mut Bound>,
     ) -> (RequestView, ResponseView, Result<(), PluginError>) {
-        let mut instance = match self.checkout(bound).await {
+        let mut instance = match self.checkout(bound.as_deref_mut()).await {
             Ok(instance) => instance,
             Err(e) => return (request, response, Err(e)),
         };
@@ -463,9 +464,9 @@ impl PluginPool {
         &self,
         request: RequestView,
         summary: &Summary,
-        bound: &mut Bound,
+        mut bound: Option<&mut Bound>,
     ) -> (RequestView, Result<(), PluginError>) {
-        let mut instance = match self.checkout(bound).await {
+        let mut instance = match self.checkout(bound.as_deref_mut()).await {
             Ok(instance) => instance,
             Err(e) => return (request, Err(e)),
         };
