@@ -6,18 +6,23 @@ use http::StatusCode;
 use serde_json::json;
 use weir_tests::{ChildDrain, ChildGateway, Upstream, eventually, get, node, yaml};
 
+/// A config with a route to each: `/slow` and `/fast`.
+fn slow_and_fast(slow: &Upstream, fast: &Upstream) -> String {
+    yaml(json!({
+        "upstreams": [{"id": "slow", "nodes": [node(slow)]}, {"id": "fast", "nodes": [node(fast)]}],
+        "routes": [
+            {"id": "slow", "uri": "/slow", "upstream_id": "slow"},
+            {"id": "fast", "uri": "/fast", "upstream_id": "fast"},
+        ],
+    }))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_a_slow_request_finish_and_then_refuses_new_connections() {
     let (slow, gate) = Upstream::gated("slow").await;
     let fast = Upstream::start("fast").await;
     let mut gateway = ChildGateway::start_draining(
-        &yaml(json!({
-            "upstreams": [{"id": "slow", "nodes": [node(&slow)]}, {"id": "fast", "nodes": [node(&fast)]}],
-            "routes": [
-                {"id": "slow", "uri": "/slow", "upstream_id": "slow"},
-                {"id": "fast", "uri": "/fast", "upstream_id": "fast"},
-            ],
-        })),
+        &slow_and_fast(&slow, &fast),
         ChildDrain {
             delay: Duration::from_secs(2),
             timeout: Duration::from_secs(30),
@@ -77,13 +82,7 @@ async fn workers_share_the_port_and_drain_together() {
     let (slow, gate) = Upstream::gated("slow").await;
     let fast = Upstream::start("fast").await;
     let mut gateway = ChildGateway::start_workers(
-        &yaml(json!({
-            "upstreams": [{"id": "slow", "nodes": [node(&slow)]}, {"id": "fast", "nodes": [node(&fast)]}],
-            "routes": [
-                {"id": "slow", "uri": "/slow", "upstream_id": "slow"},
-                {"id": "fast", "uri": "/fast", "upstream_id": "fast"},
-            ],
-        })),
+        &slow_and_fast(&slow, &fast),
         ChildDrain {
             delay: Duration::ZERO,
             timeout: Duration::from_secs(30),

@@ -592,17 +592,7 @@ impl ChildGateway {
 
     /// A child gateway serving this YAML config, draining as `drain` says on SIGTERM.
     pub async fn start_draining(yaml: &str, drain: ChildDrain) -> ChildGateway {
-        let dir = tempfile::tempdir().expect("a temporary folder");
-        let config = dir.path().join("weir.yaml");
-        std::fs::write(&config, yaml).expect("writing the config");
-        Self::spawn(
-            dir,
-            "WEIR_CHILD_CONFIG",
-            config.display().to_string(),
-            drain,
-            0,
-        )
-        .await
+        Self::start_workers(yaml, drain, 0).await
     }
 
     /// A child gateway serving this YAML config on `workers` worker threads, draining as
