@@ -113,6 +113,7 @@ impl Gateway {
     /// Requests in flight finish on the snapshot they started with.
     pub async fn apply(&self, desired: &Desired, modules: &dyn ModuleSource) -> Arc<Snapshot> {
         let _one_at_a_time = self.build_lock.lock().await;
+        let started = std::time::Instant::now();
         let previous = self.snapshot();
         let context = BuildContext {
             runtime: &self.runtime,
@@ -136,6 +137,7 @@ impl Gateway {
             upstreams = next.upstreams.len(),
             plugins = next.plugins.len(),
             errors = next.errors.len(),
+            build_us = started.elapsed().as_micros() as u64,
             "config snapshot swapped in"
         );
         self.snapshot.store(next.clone());

@@ -14,7 +14,10 @@ use weir::plugin::signature::ModuleSignature;
 use weir::store::etcd::EtcdOptions;
 use weir::{AccessLogTarget, AdminOptions, ConfigSource, DrainOptions, GatewayOptions};
 
-/// glibc's allocator slows down as the heap grows with many routes; mimalloc stays flat.
+/// glibc's allocator slows down as the heap grows with many routes; mimalloc stays flat. It is
+/// built without transparent huge pages (`no_thp`): with them, each fresh 2 MiB of a sparsely
+/// used heap is zeroed whole on first touch, which was most of the start-up and of the first
+/// config change after it (bench/results/tuning.md).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
