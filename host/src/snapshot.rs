@@ -3,12 +3,13 @@
 //! Building never loses what is serving. An object that fails validation keeps its previous
 //! version (if there was one), its error is reported, and every other object still loads.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
 use http::Method;
+use imbl::ordmap::DiffItem;
 
 use crate::config::{
     AdminConfig, ConfigObjects, ConsumerConfig, Consumers, FailurePolicy, Kind, KvBackend,
@@ -129,8 +130,11 @@ pub struct Snapshot {
     pub certs: Arc<CertTable>,
     /// Consumers, indexed by their credentials.
     pub consumers: Arc<Consumers>,
-    /// Routes by id (the same values as in `routes`).
-    pub route_list: BTreeMap<Arc<str>, Arc<Route>>,
+    /// Routes by id (the same values as in `routes`), in a persistent map: the next build edits a
+    /// copy, so a change costs the routes it touches.
+    pub route_list: imbl::OrdMap<Arc<str>, Arc<Route>>,
+    /// The route configs this snapshot was built from: what the next build diffs against.
+    pub route_configs: imbl::OrdMap<String, Arc<RouteConfig>>,
     /// Objects refused in the build that made this snapshot.
     pub errors: Vec<ObjectError>,
     /// Counts builds, starting at 0 for the empty snapshot.
@@ -151,7 +155,8 @@ impl Snapshot {
             ssl: BTreeMap::new(),
             certs: Arc::new(CertTable::default()),
             consumers: Arc::default(),
-            route_list: BTreeMap::new(),
+            route_list: imbl::OrdMap::new(),
+            route_configs: imbl::OrdMap::new(),
             errors: Vec::new(),
             generation: 0,
         }
@@ -197,9 +202,31 @@ pub struct Desired {
     pub unparsed: Vec<ObjectError>,
 }
 
+/// Which routes a build looks at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Routes {
+    /// Those whose config changed, and those refused last time, when plugins and upstreams are
+    /// unchanged; every route otherwise.
+    Changed,
+    /// Every route: what `Changed` must agree with.
+    #[cfg(test)]
+    All,
+}
+
 impl BuildContext<'_> {
     /// Builds the next snapshot from `desired`, falling back to `previous` object by object.
     pub async fn build(&self, desired: &Desired, previous: &Snapshot) -> Snapshot {
+        self.build_routes_from(desired, previous, Routes::Changed)
+            .await
+    }
+
+    /// [`BuildContext::build`], looking at the routes `routes` says.
+    async fn build_routes_from(
+        &self,
+        desired: &Desired,
+        previous: &Snapshot,
+        routes: Routes,
+    ) -> Snapshot {
         let Desired { objects, unparsed } = desired;
         let mut errors = unparsed.clone();
         let keep = |kind: Kind, id: &str| unparsed.iter().any(|e| e.kind == kind && e.id == id);
@@ -270,54 +297,68 @@ impl BuildContext<'_> {
         let (ssl, certs) = self.build_certificates(objects, previous, &keep, &mut errors);
         let consumers = build_consumers(objects, previous, &keep);
 
-        // A route whose config is the very object the previous one was built from, and whose
-        // plugins and upstreams are all unchanged, is kept without a look inside: a change
-        // costs the routes it touches, plus one walk of pointers.
+        // With the same plugins and upstreams, only the routes whose config changed are built
+        // (imbl's diff skips what the two maps share), and those refused last time, which a
+        // build from scratch would try again. Otherwise every route is looked at; one whose
+        // config and dependencies are the very objects it was built from is still kept as is.
         let same_dependencies = same_entries(&plugins, &previous.plugins)
             && same_entries(&upstreams, &previous.upstreams);
-        let mut route_list = Vec::with_capacity(objects.routes.len());
-        for pair in merge_by_id(&previous.route_list, &objects.routes) {
-            let (old, config) = match pair {
-                (old, Some(config)) => (old, config),
-                // Gone from the store; kept (rebuilt against the new objects, as any other) only
-                // while its new version does not parse.
-                (Some(old), None) if keep(Kind::Route, &old.id) => (Some(old), &old.config),
-                (Some(_), None) => continue,
-                (None, None) => unreachable!("a merge yields one side or both"),
-            };
-            if let Some(old) = old
-                && same_dependencies
-                && Arc::ptr_eq(&old.config, config)
-            {
-                route_list.push(old.clone());
-                continue;
-            }
-            let id = &config.id;
-            match self.build_route(config, old, &plugins, &upstreams).await {
-                Ok(route) => route_list.push(route),
-                Err(reason) => {
-                    // Fall back to the version that was serving, rebuilt against the new objects.
-                    let rebuilt = match old.filter(|old| !Arc::ptr_eq(&old.config, config)) {
-                        Some(old) => self
-                            .build_route(&old.config, Some(old), &plugins, &upstreams)
-                            .await
-                            .ok(),
-                        None => None,
-                    };
-                    errors.push(kept(
-                        ObjectError::new(Kind::Route, id, reason),
-                        rebuilt.is_some(),
-                    ));
-                    route_list.extend(rebuilt);
+        let mut route_list;
+        let changed: Vec<&str> = if same_dependencies && routes == Routes::Changed {
+            let mut ids: BTreeSet<&str> = previous
+                .route_configs
+                .diff(&objects.routes)
+                .map(|item| match item {
+                    DiffItem::Add(id, _) | DiffItem::Remove(id, _) => id.as_str(),
+                    DiffItem::Update { new: (id, _), .. } => id.as_str(),
+                })
+                .collect();
+            ids.extend(
+                previous
+                    .errors
+                    .iter()
+                    .chain(unparsed)
+                    .filter(|error| error.kind == Kind::Route)
+                    .map(|error| error.id.as_str()),
+            );
+            route_list = previous.route_list.clone();
+            ids.into_iter().collect()
+        } else {
+            route_list = imbl::OrdMap::new();
+            merge_by_id(&previous.route_list, &objects.routes)
+                .map(|pair| match pair {
+                    (_, Some(config)) => config.id.as_str(),
+                    (Some(old), None) => &old.id,
+                    (None, None) => unreachable!("a merge yields one side or both"),
+                })
+                .collect()
+        };
+        for id in &changed {
+            let old = previous.route_list.get(*id);
+            let wanted = objects.routes.get(*id);
+            route_list.remove(*id);
+            let built = self
+                .rebuild_route(old, wanted, same_dependencies, &keep, &plugins, &upstreams)
+                .await;
+            let route = match built {
+                Ok(route) => route,
+                Err((error, fallback)) => {
+                    errors.push(error);
+                    fallback
                 }
+            };
+            if let Some(route) = route {
+                route_list.insert(route.id.clone(), route);
             }
         }
-        let route_list: BTreeMap<Arc<str>, Arc<Route>> = route_list
-            .into_iter()
-            .map(|route| (route.id.clone(), route))
-            .collect();
 
-        let routes = route_table(&route_list, previous);
+        let routes = route_table(
+            changed
+                .iter()
+                .map(|id| (previous.route_list.get(*id), route_list.get(*id))),
+            &route_list,
+            previous,
+        );
         for error in &errors {
             tracing::warn!(kind = %error.kind, id = %error.id, reason = %error.reason, "config object rejected");
         }
@@ -335,6 +376,7 @@ impl BuildContext<'_> {
             certs,
             consumers,
             route_list,
+            route_configs: objects.routes.clone(),
             errors,
             generation: previous.generation + 1,
         }
@@ -511,6 +553,51 @@ impl BuildContext<'_> {
         }))
     }
 
+    /// The route to serve for one id: `old` is what served it, `wanted` what the store holds.
+    /// `None` when it is gone. A route that cannot be built is an error, with the version
+    /// that keeps serving in its place (the old one rebuilt against the new objects), if any.
+    async fn rebuild_route(
+        &self,
+        old: Option<&Arc<Route>>,
+        wanted: Option<&Arc<RouteConfig>>,
+        same_dependencies: bool,
+        keep: &impl Fn(Kind, &str) -> bool,
+        plugins: &BTreeMap<String, Arc<LoadedPlugin>>,
+        upstreams: &BTreeMap<String, Arc<Upstream>>,
+    ) -> Result<Option<Arc<Route>>, (ObjectError, Option<Arc<Route>>)> {
+        let (old, config) = match (old, wanted) {
+            (old, Some(config)) => (old, config),
+            // Gone from the store; kept (rebuilt against the new objects, as any other) only
+            // while its new version does not parse.
+            (Some(old), None) if keep(Kind::Route, &old.id) => (Some(old), &old.config),
+            (_, None) => return Ok(None),
+        };
+        if let Some(old) = old
+            && same_dependencies
+            && Arc::ptr_eq(&old.config, config)
+        {
+            return Ok(Some(old.clone()));
+        }
+        match self.build_route(config, old, plugins, upstreams).await {
+            Ok(route) => Ok(Some(route)),
+            Err(reason) => {
+                // Fall back to the version that was serving, rebuilt against the new objects.
+                let rebuilt = match old.filter(|old| !Arc::ptr_eq(&old.config, config)) {
+                    Some(old) => self
+                        .build_route(&old.config, Some(old), plugins, upstreams)
+                        .await
+                        .ok(),
+                    None => None,
+                };
+                let error = kept(
+                    ObjectError::new(Kind::Route, &config.id, reason),
+                    rebuilt.is_some(),
+                );
+                Err((error, rebuilt))
+            }
+        }
+    }
+
     async fn build_route(
         &self,
         config: &Arc<RouteConfig>,
@@ -672,16 +759,18 @@ fn build_consumers(
     Arc::new(Consumers::new(wanted.into_values()))
 }
 
-/// The route table for `route_list`: the previous table with the routes that changed taken out
-/// and put back, so that a change costs the paths it touches; a new table when most changed.
+/// The route table for `route_list`: the previous table with the routes that changed (`changes`:
+/// each id's previous route and new one) taken out and put back, so that a change costs the
+/// paths it touches; a new table when most changed.
 /// A disabled route stays listed (and warm) but is not in the table: it answers 404.
-fn route_table(
-    route_list: &BTreeMap<Arc<str>, Arc<Route>>,
+fn route_table<'a>(
+    changes: impl Iterator<Item = (Option<&'a Arc<Route>>, Option<&'a Arc<Route>>)>,
+    route_list: &imbl::OrdMap<Arc<str>, Arc<Route>>,
     previous: &Snapshot,
 ) -> RouteTable<Route> {
     let serving = |route: &Arc<Route>| route.config.status == RouteStatus::Enabled;
     let (mut gone, mut came) = (Vec::new(), Vec::new());
-    for pair in merge_by_id(&previous.route_list, route_list) {
+    for pair in changes {
         match pair {
             (Some(was), Some(is)) if Arc::ptr_eq(was, is) => {}
             (was, is) => {
@@ -790,6 +879,7 @@ fn kept(mut error: ObjectError, serving_previous: bool) -> ObjectError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::UpstreamConfig;
 
     #[test]
     fn strip_prefix_forms() {
@@ -848,5 +938,159 @@ mod tests {
             route(Some(StripPrefix::Literal("/ap".into()))).upstream_path("/api/x", "/api"),
             "/api/x"
         );
+    }
+
+    /// A store with no modules: the routes of these tests run no plugins.
+    struct NoModules;
+
+    impl ModuleSource for NoModules {
+        fn fetch<'a>(&'a self, plugin: &'a PluginConfig) -> BoxFuture<'a, Result<Vec<u8>, String>> {
+            Box::pin(async move { Err(format!("no module for {}", plugin.name)) })
+        }
+    }
+
+    /// One change to the store, as the etcd mirror makes it.
+    #[derive(Clone, Debug)]
+    enum Change {
+        /// Route `id` is written: a path, an upstream (`u3` never exists), enabled or not.
+        Put(usize, usize, usize, bool),
+        /// Route `id`'s key is deleted.
+        Delete(usize),
+        /// Route `id`'s key is overwritten with something that does not parse.
+        Break(usize),
+        /// Upstream `u2` is written or deleted.
+        SecondUpstream(bool),
+    }
+
+    const PATHS: [&str; 4] = ["/a", "/a/*", "/b/{x}", "/c/*"];
+    const REQUESTS: [&str; 6] = ["/a", "/a/x", "/b/y", "/c", "/c/z", "/d"];
+
+    fn change() -> impl proptest::strategy::Strategy<Value = Change> {
+        use proptest::prelude::*;
+        prop_oneof![
+            4 => (0..6usize, 0..PATHS.len(), 0..3usize, proptest::bool::weighted(0.2))
+                .prop_map(|(id, path, upstream, disabled)| Change::Put(id, path, upstream, disabled)),
+            1 => (0..6usize).prop_map(Change::Delete),
+            1 => (0..6usize).prop_map(Change::Break),
+            1 => any::<bool>().prop_map(Change::SecondUpstream),
+        ]
+    }
+
+    fn upstream(id: &str) -> UpstreamConfig {
+        serde_json::from_value(serde_json::json!({"id": id, "nodes": [{"host": "h", "port": 1}]}))
+            .unwrap()
+    }
+
+    /// What a snapshot serves, in a form two builds can be compared by: each route's config
+    /// (the object itself) and upstream, the errors, and the route each request finds.
+    fn served(snapshot: &Snapshot) -> impl PartialEq + std::fmt::Debug + use<> {
+        let routes: Vec<_> = snapshot
+            .route_list
+            .iter()
+            .map(|(id, route)| {
+                let upstream = match &route.target {
+                    Target::Upstream(upstream) => upstream.config.id.clone(),
+                    _ => String::new(),
+                };
+                (
+                    id.to_string(),
+                    Arc::as_ptr(&route.config) as usize,
+                    upstream,
+                )
+            })
+            .collect();
+        let errors: Vec<_> = snapshot
+            .errors
+            .iter()
+            .map(|e| (e.kind, e.id.clone(), e.reason.clone()))
+            .collect();
+        let found: Vec<_> = REQUESTS
+            .iter()
+            .map(|path| {
+                snapshot
+                    .routes
+                    .lookup(&Method::GET, None, path)
+                    .map(|found| found.route.id.to_string())
+            })
+            .collect();
+        (routes, errors, found)
+    }
+
+    /// Building only the routes that changed serves what looking at every route serves, after
+    /// any sequence of writes, deletes, broken keys and upstream changes.
+    #[test]
+    fn fuzz_building_the_changed_routes_agrees_with_building_all() {
+        use proptest::test_runner::{Config, TestRunner};
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let plugins = PluginRuntime::new(metrics.clone(), None).unwrap();
+        let clients = ClientPool::default();
+        let context = BuildContext {
+            runtime: &plugins,
+            clients: &clients,
+            metrics: &metrics,
+            modules: &NoModules,
+        };
+        let mut runner = TestRunner::new(Config::with_cases(200));
+        let changes = proptest::collection::vec(change(), 1..24);
+        runner
+            .run(&changes, |changes| {
+                runtime.block_on(async {
+                    let mut objects = ConfigObjects::default();
+                    objects.upstreams.insert("u1".into(), upstream("u1"));
+                    let mut broken = BTreeSet::new();
+                    let mut previous = Snapshot::empty();
+                    for change in changes {
+                        match change {
+                            Change::Put(id, path, to, disabled) => {
+                                let config = serde_json::json!({
+                                    "id": format!("r{id}"),
+                                    "uri": PATHS[path],
+                                    "upstream_id": format!("u{}", to + 1),
+                                    "status": if disabled { "disabled" } else { "enabled" },
+                                });
+                                let config: RouteConfig = serde_json::from_value(config).unwrap();
+                                objects.routes.insert(format!("r{id}"), Arc::new(config));
+                                broken.remove(&id);
+                            }
+                            Change::Delete(id) => {
+                                objects.routes.remove(&format!("r{id}"));
+                                broken.remove(&id);
+                            }
+                            Change::Break(id) => {
+                                objects.routes.remove(&format!("r{id}"));
+                                broken.insert(id);
+                            }
+                            Change::SecondUpstream(true) => {
+                                objects.upstreams.insert("u2".into(), upstream("u2"));
+                            }
+                            Change::SecondUpstream(false) => {
+                                objects.upstreams.remove("u2");
+                            }
+                        }
+                        let desired = Desired {
+                            objects: Arc::new(objects.clone()),
+                            unparsed: broken
+                                .iter()
+                                .map(|id| {
+                                    ObjectError::new(Kind::Route, format!("r{id}"), "not JSON")
+                                })
+                                .collect(),
+                        };
+                        let changed = context
+                            .build_routes_from(&desired, &previous, Routes::Changed)
+                            .await;
+                        let all = context
+                            .build_routes_from(&desired, &previous, Routes::All)
+                            .await;
+                        proptest::prop_assert_eq!(served(&changed), served(&all));
+                        previous = changed;
+                    }
+                    Ok(())
+                })
+            })
+            .unwrap();
     }
 }
