@@ -225,6 +225,7 @@ pub async fn start(options: GatewayOptions) -> Result<RunningGateway, StartError
     reconciler.apply_current().await;
     tasks.push(tokio::spawn(reconciler.run(shutdown.clone())));
     tasks.push(tokio::spawn(store.clone().watch(shutdown.clone())));
+    store.following().await;
 
     let workers = match options.workers {
         0 | 1 => None,

@@ -169,6 +169,14 @@ pub trait ConfigStore: ModuleSource + 'static {
     /// is missed.
     fn watch(self: Arc<Self>, shutdown: CancellationToken) -> BoxFuture<'static, ()>;
 
+    /// Resolves once a change made from now on is seen as it happens: the store's watch exists
+    /// (or its first attempt failed, and it is retrying). The gateway serves only after this,
+    /// so that a write made once it answers is not left to a catch-up (etcd delivers a watch
+    /// created behind its current revision on a 100 ms loop).
+    fn following(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+
     /// What the store publishes.
     fn subscribe(&self) -> watch::Receiver<Arc<Published>>;
 

@@ -322,6 +322,8 @@ pub struct EtcdStore {
     client: Mutex<Option<Client>>,
     /// Woken when the mirror changes.
     changed: Notify,
+    /// Set once the first watch exists, or the first attempt to create it failed.
+    following: watch::Sender<bool>,
     publisher: Publisher,
 }
 
@@ -335,6 +337,7 @@ impl EtcdStore {
             mirror: Mutex::new(Mirror::default()),
             client: Mutex::new(None),
             changed: Notify::new(),
+            following: watch::Sender::new(false),
             publisher: Publisher::new("etcd"),
         }
     }
@@ -529,6 +532,7 @@ impl EtcdStore {
             ..StoreHealth::connected("etcd")
         });
         tracing::info!(revision = start - 1, "following etcd");
+        self.following.send_replace(true);
         // How far each watcher has delivered; the mirror is complete up to the lower of the two.
         let mut delivered: BTreeMap<i64, i64> = BTreeMap::new();
         loop {
@@ -600,6 +604,7 @@ impl EtcdStore {
         let mut since = None;
         while !shutdown.is_cancelled() {
             let result = self.follow(&shutdown, &mut resync).await;
+            self.following.send_replace(true);
             *self.client.lock().expect("client lock") = None;
             let Err(error) = result else { return };
             if resync {
@@ -730,6 +735,8 @@ impl ConfigStore for EtcdStore {
                         .iter()
                         .map(|(key, value)| (key.clone(), value.as_bytes(), revision));
                     self.replace_mirror(revision, kvs);
+                    // Nothing to wait for before serving: the watch will retry in the background.
+                    self.following.send_replace(true);
                     false
                 }
             };
@@ -760,6 +767,14 @@ impl ConfigStore for EtcdStore {
 
     fn subscribe(&self) -> watch::Receiver<Arc<Published>> {
         self.publisher.subscribe()
+    }
+
+    fn following(&self) -> BoxFuture<'_, ()> {
+        let mut following = self.following.subscribe();
+        Box::pin(async move {
+            // An error means the store is gone, and there is nothing to wait for.
+            let _ = following.wait_for(|following| *following).await;
+        })
     }
 
     fn writer(&self) -> Option<&dyn ConfigWriter> {
