@@ -87,9 +87,12 @@ impl<T> Candidate<T> {
 
 /// A trie node. Children are shared between a table and the tables edited from it: an edit
 /// copies only the nodes on the paths it changes. The literal children are a persistent map
-/// too: a node with 100,000 of them (`/r{i}/...` routes) is not copied whole for one edit.
+/// too: a node with 100,000 of them (`/r{i}/...` routes) is not copied whole for one edit. A
+/// B-tree rather than a hash trie: a few bytes per child instead of about 200 (a hash trie
+/// node has room for 32), and most nodes have a handful of children, where comparing a few
+/// keys costs less than hashing one.
 struct Node<T> {
-    literals: imbl::HashMap<Arc<str>, Arc<Node<T>>>,
+    literals: imbl::OrdMap<Arc<str>, Arc<Node<T>>>,
     param: Option<Arc<Node<T>>>,
     /// Routes whose pattern ends exactly here.
     exact: Vec<Candidate<T>>,
@@ -100,7 +103,7 @@ struct Node<T> {
 impl<T> Default for Node<T> {
     fn default() -> Self {
         Node {
-            literals: imbl::HashMap::new(),
+            literals: imbl::OrdMap::new(),
             param: None,
             exact: Vec::new(),
             prefix: Vec::new(),
@@ -210,6 +213,8 @@ impl<T> RouteTableBuilder<T> {
             // Kept in rank order as it grows (after equals, as a stable sort would put it), so
             // that building visits nothing: a wide node is not walked for one change.
             let at = leaf.partition_point(|c| c.rank() <= candidate.rank());
+            // Room for one more, not for four: most leaves hold one route.
+            leaf.reserve_exact(1);
             leaf.insert(at, candidate);
         }
         self.len += 1;

@@ -36,22 +36,24 @@ pub const CHUNK_BYTES: usize = 1 << 20;
 
 /// One config key, parsed.
 #[derive(Clone, Debug)]
+// Boxed variants: the mirror keeps one entry per key (100,000 routes), and an unboxed
+// `ServerConfig` made every entry as large as it.
 pub(crate) enum Entry {
     Route(std::sync::Arc<RouteConfig>),
-    Upstream(UpstreamConfig),
-    Plugin(PluginConfig),
-    Tenant(TenantConfig),
-    Ssl(SslConfig),
-    Consumer(ConsumerConfig),
-    ServiceSettings(ServiceSettings),
-    Server(ServerConfig),
-    Admin(AdminConfig),
+    Upstream(Box<UpstreamConfig>),
+    Plugin(Box<PluginConfig>),
+    Tenant(Box<TenantConfig>),
+    Ssl(Box<SslConfig>),
+    Consumer(Box<ConsumerConfig>),
+    ServiceSettings(Box<ServiceSettings>),
+    Server(Box<ServerConfig>),
+    Admin(Box<AdminConfig>),
     Node {
         service: String,
         node: String,
-        value: ServiceNode,
+        value: Box<ServiceNode>,
     },
-    Invalid(ObjectError),
+    Invalid(Box<ObjectError>),
 }
 
 /// Parses one config key. Module keys give `None`; everything else gives an entry, perhaps
@@ -60,22 +62,24 @@ pub(crate) fn parse_entry(root: &str, key: &str, value: &[u8]) -> Option<Entry> 
     let rest = key.strip_prefix(root)?.strip_prefix('/')?;
     let (section, name) = rest.split_once('/').unwrap_or((rest, ""));
     let invalid =
-        |kind, id: &str, reason: String| Some(Entry::Invalid(ObjectError::new(kind, id, reason)));
+        |kind, id: &str, reason: String| Some(Entry::invalid(ObjectError::new(kind, id, reason)));
     let entry = match section {
         "modules" => return None,
         "routes" => parse_object(value, name).map(|r| Entry::Route(std::sync::Arc::new(r))),
-        "upstreams" => parse_object(value, name).map(Entry::Upstream),
-        "plugins" => parse_object(value, name).map(Entry::Plugin),
-        "tenants" => parse_object(value, name).map(Entry::Tenant),
-        "ssl" => parse_object(value, name).map(Entry::Ssl),
-        "consumers" => parse_object(value, name).map(Entry::Consumer),
-        "service-settings" => parse_object(value, name).map(Entry::ServiceSettings),
+        "upstreams" => parse_object(value, name).map(|o| Entry::Upstream(Box::new(o))),
+        "plugins" => parse_object(value, name).map(|o| Entry::Plugin(Box::new(o))),
+        "tenants" => parse_object(value, name).map(|o| Entry::Tenant(Box::new(o))),
+        "ssl" => parse_object(value, name).map(|o| Entry::Ssl(Box::new(o))),
+        "consumers" => parse_object(value, name).map(|o| Entry::Consumer(Box::new(o))),
+        "service-settings" => {
+            parse_object(value, name).map(|o| Entry::ServiceSettings(Box::new(o)))
+        }
         "server" if rest == "server" => parse_json(value, Kind::Server, "server")
             .and_then(|json| parse_as(&json, "server"))
-            .map(Entry::Server),
+            .map(|o| Entry::Server(Box::new(o))),
         "admin" if rest == "admin" => parse_json(value, Kind::Admin, "admin")
             .and_then(|json| parse_as(&json, "admin"))
-            .map(Entry::Admin),
+            .map(|o| Entry::Admin(Box::new(o))),
         // The hash of a key weir generated itself; the admin listener reads it, not the store.
         GENERATED_KEY if rest == GENERATED_KEY => return None,
         "services" => {
@@ -95,12 +99,18 @@ pub(crate) fn parse_entry(root: &str, key: &str, value: &[u8]) -> Option<Entry> 
                 .map(|value| Entry::Node {
                     service: service.to_owned(),
                     node: node.to_owned(),
-                    value,
+                    value: Box::new(value),
                 })
         }
         _ => return invalid(Kind::Key, rest, format!("unknown key under {root}/")),
     };
-    Some(entry.unwrap_or_else(Entry::Invalid))
+    Some(entry.unwrap_or_else(Entry::invalid))
+}
+
+impl Entry {
+    fn invalid(error: ObjectError) -> Self {
+        Entry::Invalid(Box::new(error))
+    }
 }
 
 /// A stored value as JSON, or why not.

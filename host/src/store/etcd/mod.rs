@@ -218,27 +218,27 @@ impl Mirror {
                 objects.routes.insert(route.id.clone(), route);
             }
             Entry::Upstream(upstream) => {
-                objects.upstreams.insert(upstream.id.clone(), upstream);
+                objects.upstreams.insert(upstream.id.clone(), *upstream);
             }
             Entry::Plugin(plugin) => {
-                objects.plugins.insert(plugin.name.clone(), plugin);
+                objects.plugins.insert(plugin.name.clone(), *plugin);
             }
             Entry::Tenant(tenant) => {
-                objects.tenants.insert(tenant.name.clone(), tenant);
+                objects.tenants.insert(tenant.name.clone(), *tenant);
             }
             Entry::Ssl(ssl) => {
-                objects.ssl.insert(ssl.id.clone(), ssl);
+                objects.ssl.insert(ssl.id.clone(), *ssl);
             }
             Entry::Consumer(consumer) => {
-                objects.consumers.insert(consumer.name.clone(), consumer);
+                objects.consumers.insert(consumer.name.clone(), *consumer);
             }
             Entry::ServiceSettings(settings) => {
                 objects
                     .service_settings
-                    .insert(settings.name.clone(), settings);
+                    .insert(settings.name.clone(), *settings);
             }
-            Entry::Server(server) => objects.server = Some(server),
-            Entry::Admin(admin) => objects.admin = Some(admin),
+            Entry::Server(server) => objects.server = Some(*server),
+            Entry::Admin(admin) => objects.admin = Some(*admin),
             Entry::Node {
                 service,
                 node,
@@ -248,7 +248,7 @@ impl Mirror {
                     .services
                     .entry(service)
                     .or_default()
-                    .insert(node, value);
+                    .insert(node, *value);
             }
             Entry::Invalid(_) => unreachable!("handled above"),
         }
@@ -966,7 +966,7 @@ mod tests {
             }
             Entry::Admin(admin) => {
                 assert_eq!(key, "/weir/admin");
-                config::verify(&admin).unwrap();
+                config::verify(&*admin).unwrap();
             }
             Entry::Upstream(upstream) => {
                 assert_eq!(section, Some("upstreams"));
@@ -974,31 +974,31 @@ mod tests {
             }
             Entry::Plugin(plugin) => {
                 assert_eq!(section, Some("plugins"));
-                config::verify(&plugin).unwrap();
+                config::verify(&*plugin).unwrap();
             }
             Entry::Tenant(tenant) => {
                 assert_eq!(section, Some("tenants"));
-                config::verify(&tenant).unwrap();
+                config::verify(&*tenant).unwrap();
             }
             Entry::Server(server) => {
                 assert_eq!(key, "/weir/server");
-                config::verify(&server).unwrap();
+                config::verify(&*server).unwrap();
             }
             Entry::Ssl(ssl) => {
                 assert_eq!(section, Some("ssl"));
-                config::verify(&ssl).unwrap();
+                config::verify(&*ssl).unwrap();
             }
             Entry::Consumer(consumer) => {
                 assert_eq!(section, Some("consumers"));
-                config::verify(&consumer).unwrap();
+                config::verify(&*consumer).unwrap();
             }
             Entry::ServiceSettings(settings) => {
                 assert_eq!(section, Some("service-settings"));
-                config::verify(&settings).unwrap();
+                config::verify(&*settings).unwrap();
             }
             Entry::Node { service, value, .. } => {
                 assert_eq!(section, Some("services"));
-                config::verify(&value).unwrap();
+                config::verify(&*value).unwrap();
                 {
                     // What `Snapshot::build_services` makes of a service's live nodes.
                     let config = crate::config::ServiceSettings::plain(&service)
@@ -1026,27 +1026,27 @@ mod tests {
                     objects.routes.insert(route.id.clone(), route);
                 }
                 Entry::Upstream(upstream) => {
-                    objects.upstreams.insert(upstream.id.clone(), upstream);
+                    objects.upstreams.insert(upstream.id.clone(), *upstream);
                 }
                 Entry::Plugin(plugin) => {
-                    objects.plugins.insert(plugin.name.clone(), plugin);
+                    objects.plugins.insert(plugin.name.clone(), *plugin);
                 }
                 Entry::Tenant(tenant) => {
-                    objects.tenants.insert(tenant.name.clone(), tenant);
+                    objects.tenants.insert(tenant.name.clone(), *tenant);
                 }
                 Entry::Ssl(ssl) => {
-                    objects.ssl.insert(ssl.id.clone(), ssl);
+                    objects.ssl.insert(ssl.id.clone(), *ssl);
                 }
                 Entry::Consumer(consumer) => {
-                    objects.consumers.insert(consumer.name.clone(), consumer);
+                    objects.consumers.insert(consumer.name.clone(), *consumer);
                 }
                 Entry::ServiceSettings(settings) => {
                     objects
                         .service_settings
-                        .insert(settings.name.clone(), settings);
+                        .insert(settings.name.clone(), *settings);
                 }
-                Entry::Server(server) => objects.server = Some(server),
-                Entry::Admin(admin) => objects.admin = Some(admin),
+                Entry::Server(server) => objects.server = Some(*server),
+                Entry::Admin(admin) => objects.admin = Some(*admin),
                 Entry::Node {
                     service,
                     node,
@@ -1056,7 +1056,7 @@ mod tests {
                         .services
                         .entry(service)
                         .or_default()
-                        .insert(node, value);
+                        .insert(node, *value);
                 }
                 Entry::Invalid(error) => desired.unparsed.push(error.at_key(key.clone())),
             }
