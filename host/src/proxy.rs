@@ -190,7 +190,9 @@ pub async fn handle(
             };
             let protocol = upgrade.as_ref().map(|(protocol, _)| protocol.clone());
             let sent = match upstream {
-                Ok(upstream) => upstream_phase(upstream, request, body, protocol)
+                // Boxed: the exchange's future is most of a request's, and hyper copies the
+                // request's future whole when it starts it.
+                Ok(upstream) => Box::pin(upstream_phase(upstream, request, body, protocol))
                     .await
                     .map(|sent| (sent, upstream.idle_timeout())),
                 Err(error) => Err(error),
@@ -305,7 +307,10 @@ async fn request_phase(
             continue;
         }
         let started = Instant::now();
-        let (returned, outcome) = link.pool.on_request(request, bound.get_mut(index)).await;
+        // Boxed: a plugin call's future is kilobytes, and inline it would make every request's
+        // future that large, plugins or not, and be copied with it.
+        let call = Box::pin(link.pool.on_request(request, bound.get_mut(index)));
+        let (returned, outcome) = call.await;
         let elapsed = started.elapsed();
         *plugin_time += elapsed;
         link.metrics
@@ -461,8 +466,9 @@ async fn response_phase(
     {
         let started = Instant::now();
         let bound = finish.bound.get_mut(index);
+        // Boxed, as in the request phase.
         let (returned_request, returned_view, outcome) =
-            link.pool.on_response(request, view, bound).await;
+            Box::pin(link.pool.on_response(request, view, bound)).await;
         let elapsed = started.elapsed();
         finish.plugin_time += elapsed;
         link.metrics

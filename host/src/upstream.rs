@@ -429,6 +429,14 @@ impl NodeConnections {
         if !fresh && let Some(sender) = self.reuse().await {
             return Ok((sender, true));
         }
+        // Opening is the rare path, and its futures (connect, TLS, handshake) are kilobytes:
+        // boxed, so that every request's future does not carry them and move them around.
+        Box::pin(self.open(fresh)).await
+    }
+
+    /// A new connection (unless `fresh` is false and another request opened a shared HTTP/2
+    /// one meanwhile). Returns whether it was reused.
+    async fn open(self: &Arc<Self>, fresh: bool) -> Result<(Sender, bool), ConnectFailure> {
         let _opening = if self.key.scheme.is_http2() {
             let opening = self.opening_shared.lock().await;
             // Another request may have opened it while this one waited.
