@@ -333,10 +333,11 @@ impl BuildContext<'_> {
                 })
                 .collect()
         };
-        for id in &changed {
-            let old = previous.route_list.get(*id);
-            let wanted = objects.routes.get(*id);
-            route_list.remove(*id);
+        // Each looked-at id's previous route and new one, for the route table.
+        let mut changes = Vec::with_capacity(changed.len());
+        for id in changed {
+            let old = previous.route_list.get(id);
+            let wanted = objects.routes.get(id);
             let built = self
                 .rebuild_route(old, wanted, same_dependencies, &keep, &plugins, &upstreams)
                 .await;
@@ -347,15 +348,15 @@ impl BuildContext<'_> {
                     fallback
                 }
             };
-            if let Some(route) = route {
-                route_list.insert(route.id.clone(), route);
-            }
+            match &route {
+                Some(route) => route_list.insert(route.id.clone(), route.clone()),
+                None => route_list.remove(id),
+            };
+            changes.push((old, route));
         }
 
         let routes = route_table(
-            changed
-                .iter()
-                .map(|id| (previous.route_list.get(*id), route_list.get(*id))),
+            changes.iter().map(|(old, new)| (*old, new.as_ref())),
             &route_list,
             previous,
         );

@@ -165,8 +165,8 @@ pub trait ConfigStore: ModuleSource + 'static {
     fn load(self: Arc<Self>) -> BoxFuture<'static, Result<(), StoreError>>;
 
     /// Publishes every later change until `shutdown`. What it needs to notice changes is set
-    /// up before it returns (the gateway serves only after), so no change made after start-up
-    /// is missed.
+    /// up before it returns or, for a store that connects first (etcd), before
+    /// [`ConfigStore::following`] resolves; the gateway serves only after both.
     fn watch(self: Arc<Self>, shutdown: CancellationToken) -> BoxFuture<'static, ()>;
 
     /// Resolves once a change made from now on is seen as it happens: the store's watch exists
