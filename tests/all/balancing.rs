@@ -1,6 +1,8 @@
 //! Balancing across nodes: weighted round robin, consistent hash, least-connections, retries
 //! and timeouts.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -362,4 +364,55 @@ async fn upstream_connections_are_kept_and_reused() {
     // One request at a time: one connection each, reused, bodiless answers included.
     assert_eq!((up.hits(), up.connections()), (40, 1));
     assert_eq!((empty.hits(), empty.connections()), (20, 1));
+}
+
+/// A node that answers one request per connection and then closes it without saying so
+/// (no `Connection: close`): a connection the gateway keeps is dead by its next request.
+/// Returns the node's port and how many connections it has taken.
+async fn node_closing_each_connection() -> (u16, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let taken = Arc::new(AtomicUsize::new(0));
+    let counter = taken.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                let _ = stream.write_all(answer).await;
+            });
+        }
+    });
+    (port, taken)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_connection_the_node_closed_is_replaced_without_a_failed_request() {
+    let (port, connections) = node_closing_each_connection().await;
+    let gateway = TestGateway::start(&yaml(json!({
+        "upstreams": [{"id": "u", "nodes": [{"host": "127.0.0.1", "port": port}]}],
+        "routes": [{"id": "r", "uri": "/*", "upstream_id": "u"}],
+    })))
+    .await;
+    for i in 0..20 {
+        let reply = get(&gateway.url(&format!("/{i}"))).await;
+        assert_eq!(
+            (reply.status, &reply.body[..]),
+            (StatusCode::OK, &b"ok"[..])
+        );
+    }
+    // Every request after the first found its kept connection closed, and went on a new one.
+    assert_eq!(connections.load(Ordering::SeqCst), 20);
+    let metrics = gateway.admin_url("/metrics");
+    let failed = r#"weir_upstream_failures_total{upstream="u",kind="connect"}"#;
+    assert_eq!(metric(&metrics, failed).await, 0.0);
 }
