@@ -283,7 +283,9 @@ impl PluginPool {
         };
         let instance = match reused {
             Some(instance) => Ok(instance),
-            None => self.instantiate().await,
+            // Boxed: instantiating is the cold path (or per-request isolation's), and its
+            // future would otherwise make every call's future, moved whole, a kilobyte larger.
+            None => Box::pin(self.instantiate()).await,
         };
         instance.map_err(|e| self.record(e))
     }
