@@ -280,7 +280,7 @@ pub async fn run(
         None => (request.target.clone(), None),
     };
     let headers_before = header_map(&request.headers)?;
-    let view = RequestView {
+    let view = Box::new(RequestView {
         method: Method::from_bytes(request.method.as_bytes())
             .map_err(|_| "bad --method".to_string())?,
         path: path.clone(),
@@ -298,7 +298,7 @@ pub async fn run(
         upstream: None,
         response_edits: Vec::new(),
         directory: Directory::default(),
-    };
+    });
     let (mut view, outcome) = if wants.on_request {
         pool.on_request(view, None).await
     } else {
@@ -347,7 +347,7 @@ pub async fn run(
         Action::Continue => {
             report.action = Some("continue".into());
             let upstream_headers = header_map(&upstream.headers)?;
-            let response = ResponseView {
+            let response = Box::new(ResponseView {
                 status: StatusCode::from_u16(upstream.status)
                     .map_err(|_| "bad upstream status".to_string())?,
                 headers: upstream_headers.clone(),
@@ -355,7 +355,7 @@ pub async fn run(
                 body_replaced: false,
                 body_access: false,
                 body_limit: 0,
-            };
+            });
             view.writable = false;
             if wants.on_response {
                 let (returned, response, outcome) = pool.on_response(view, response, None).await;

@@ -131,7 +131,8 @@ pub async fn handle(
     };
     let body_timeout = Duration::from_millis(snapshot.server.config.body_timeout_ms);
     let body = IdleBody::new(body, body_timeout, Stalled::Client);
-    let request = RequestView {
+    // Boxed once: the view travels through every phase and into each plugin call.
+    let request = Box::new(RequestView {
         method: parts.method,
         path,
         query: parts.uri.query().map(str::to_owned),
@@ -148,7 +149,7 @@ pub async fn handle(
         upstream: None,
         response_edits: Vec::new(),
         directory: Directory(snapshot.clone()),
-    };
+    });
 
     let (mut request, outcome) = request_phase(
         &route,
@@ -274,11 +275,11 @@ enum RequestOutcome {
 /// Phase 2: buffers the body if a plugin wants it, then runs `on-request` in order.
 async fn request_phase(
     route: &Route,
-    mut request: RequestView,
+    mut request: Box<RequestView>,
     body: ClientBody,
     plugin_time: &mut Duration,
     bound: &mut [Bound],
-) -> (RequestView, Result<RequestOutcome, GatewayError>) {
+) -> (Box<RequestView>, Result<RequestOutcome, GatewayError>) {
     let mut streaming = Some(body);
     let mut trailers = None;
     if let Some(limit) = route.request_body_limit {
@@ -362,7 +363,7 @@ fn resolve_upstream<'a>(
 /// Phase 3: picks a node and forwards the request.
 async fn upstream_phase(
     upstream: &Upstream,
-    request: RequestView,
+    request: Box<RequestView>,
     body: OutboundBody,
     upgrade: Option<HeaderValue>,
 ) -> Result<(Response<upstream::UpstreamBody>, InFlight), GatewayError> {
@@ -383,7 +384,7 @@ async fn upstream_phase(
         query,
         mut headers,
         ..
-    } = request;
+    } = *request;
     // The client's were dropped at the edge; these are any a plugin added.
     strip_hop_by_hop(&mut headers);
     if let Some(protocol) = &upgrade {
@@ -450,14 +451,14 @@ async fn response_phase(
         },
         None => (None, Some(body)),
     };
-    let mut view = ResponseView {
+    let mut view = Box::new(ResponseView {
         status: parts.status,
         headers: std::mem::take(&mut parts.headers),
         body,
         body_replaced: false,
         body_access: false,
         body_limit: 0,
-    };
+    });
     for (index, link) in links
         .iter()
         .enumerate()
@@ -516,7 +517,7 @@ pub struct Finish {
     upstream: Option<String>,
     plugin_time: Duration,
     /// The request as sent, for plugins' `on-log`.
-    kept_request: Option<RequestView>,
+    kept_request: Option<Box<RequestView>>,
     /// Keeps the node's in-flight count up while the response streams.
     in_flight: Option<InFlight>,
     /// Whether the client speaks gRPC: then errors are gRPC statuses, not JSON.
@@ -802,8 +803,8 @@ fn request_id(headers: &HeaderMap) -> String {
         })
 }
 
-fn read_only_copy(request: &RequestView) -> RequestView {
-    RequestView {
+fn read_only_copy(request: &RequestView) -> Box<RequestView> {
+    Box::new(RequestView {
         method: request.method.clone(),
         path: request.path.clone(),
         query: request.query.clone(),
@@ -820,7 +821,7 @@ fn read_only_copy(request: &RequestView) -> RequestView {
         upstream: request.upstream.clone(),
         response_edits: Vec::new(),
         directory: request.directory.clone(),
-    }
+    })
 }
 
 /// A plugin's answer. To a gRPC client, an answer that is not a gRPC response (no

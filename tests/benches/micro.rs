@@ -31,12 +31,12 @@ use weir::plugin::{Action, PluginPool, PluginRuntime, Wants};
 use weir::router::{RouteFilter, RouteTable};
 use weir_tests::plugins;
 
-fn request() -> RequestView {
+fn request() -> Box<RequestView> {
     let mut headers = HeaderMap::new();
     headers.insert("host", HeaderValue::from_static("bench.local"));
     headers.insert("user-agent", HeaderValue::from_static("criterion"));
     headers.insert("x-api-key", HeaderValue::from_static("bench-key"));
-    RequestView {
+    Box::new(RequestView {
         method: Method::GET,
         path: "/bench".into(),
         query: None,
@@ -53,7 +53,7 @@ fn request() -> RequestView {
         upstream: None,
         response_edits: Vec::new(),
         directory: Directory::default(),
-    }
+    })
 }
 
 fn entry(name: &str, file: &str) -> PluginConfig {

@@ -14,7 +14,7 @@ use super::callout::Callouts;
 use super::health::PluginHealth;
 use super::tenant::{QuotaExceeded, Tenant};
 use crate::config::{Grants, KvBackend, WasiGrant};
-use crate::exchange::{Directory, RequestView, ResponseEdit, ResponseView, headers};
+use crate::exchange::{RequestView, ResponseEdit, ResponseView, headers};
 use crate::kv::{KvError, KvStore, KvUnavailable, RedisSlot, RedisStore};
 use crate::metrics::{Metrics, PluginEventLabels};
 
@@ -247,8 +247,13 @@ impl EditBudget {
 
 /// The data of one instance's store.
 pub struct InstanceState {
-    /// Resources the guest holds: the request and response being filtered, and WASI handles.
+    /// WASI's resources the guest holds.
     pub table: ResourceTable,
+    /// The request the call in progress filters, reached by the guest as [`REQUEST_REP`].
+    /// Kept here rather than in `table`: a table entry is a fresh box and a downcast per call.
+    pub request: Option<Box<RequestView>>,
+    /// The response the call in progress filters, reached by the guest as [`RESPONSE_REP`].
+    pub response: Option<Box<ResponseView>>,
     /// WASI with nothing reachable: no files, no sockets, no environment, no arguments. Built
     /// at the instance's first WASI call: most plugins make none, and building one costs a
     /// random seed from the OS.
@@ -259,8 +264,6 @@ pub struct InstanceState {
     pub clock: CallClock,
     /// What the call in progress may still add to headers.
     pub edits: EditBudget,
-    /// The snapshot the request in progress was routed by, for consumer lookups.
-    pub directory: Option<Directory>,
     scope: Arc<PluginScope>,
     _slot: InstanceSlot,
 }
@@ -275,6 +278,8 @@ impl InstanceState {
     ) -> Self {
         InstanceState {
             table: ResourceTable::new(),
+            request: None,
+            response: None,
             wasi: None,
             memory: MemoryCap::new(memory_limit, scope.tenant.clone()),
             clock: CallClock {
@@ -282,7 +287,6 @@ impl InstanceState {
                 budget_ticks,
             },
             edits: EditBudget::full(),
-            directory: None,
             scope,
             _slot: slot,
         }
@@ -293,7 +297,49 @@ impl InstanceState {
         self.clock.ticks_used = 0;
         self.edits = EditBudget::full();
     }
+
+    /// The request `handle` names, which exists only while a call filters it.
+    fn request(&self, handle: &Resource<RequestView>) -> Result<&RequestView> {
+        match &self.request {
+            Some(request) if handle.rep() == REQUEST_REP => Ok(request),
+            _ => Err(wasmtime::Error::new(StaleHandle("request"))),
+        }
+    }
+
+    /// The request `handle` names, to edit.
+    fn request_mut(&mut self, handle: &Resource<RequestView>) -> Result<&mut RequestView> {
+        match &mut self.request {
+            Some(request) if handle.rep() == REQUEST_REP => Ok(request),
+            _ => Err(wasmtime::Error::new(StaleHandle("request"))),
+        }
+    }
+
+    /// The response `handle` names, which exists only while a call filters it.
+    fn response(&self, handle: &Resource<ResponseView>) -> Result<&ResponseView> {
+        match &self.response {
+            Some(response) if handle.rep() == RESPONSE_REP => Ok(response),
+            _ => Err(wasmtime::Error::new(StaleHandle("response"))),
+        }
+    }
+
+    /// The response `handle` names, to edit.
+    fn response_mut(&mut self, handle: &Resource<ResponseView>) -> Result<&mut ResponseView> {
+        match &mut self.response {
+            Some(response) if handle.rep() == RESPONSE_REP => Ok(response),
+            _ => Err(wasmtime::Error::new(StaleHandle("response"))),
+        }
+    }
 }
+
+/// The handle by which a call's guest reaches its request.
+pub const REQUEST_REP: u32 = 1;
+/// The handle by which a call's guest reaches its response.
+pub const RESPONSE_REP: u32 = 2;
+
+/// A guest named a request or response that no call in progress filters: it traps.
+#[derive(Debug, thiserror::Error)]
+#[error("the plugin used a {0} handle outside the call that lent it")]
+pub struct StaleHandle(&'static str);
 
 impl WasiView for InstanceState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
@@ -546,7 +592,7 @@ impl InstanceState {
         req: &Resource<RequestView>,
         edit: Result<ResponseEdit, String>,
     ) -> Result<Result<(), String>> {
-        let view = self.table.get_mut(req)?;
+        let view = self.request_mut(req)?;
         if let Err(refused) = view.check_writable() {
             return Ok(Err(refused));
         }
@@ -604,7 +650,7 @@ impl routing::Host for InstanceState {
         req: Resource<RequestView>,
         id: String,
     ) -> Result<Result<(), String>> {
-        let view = self.table.get_mut(&req)?;
+        let view = self.request_mut(&req)?;
         if let Err(refused) = view.check_writable() {
             return Ok(Err(refused));
         }
@@ -631,7 +677,13 @@ impl consumers::Host for InstanceState {
                 "this plugin's grant does not list the {plugin:?} credentials"
             )));
         }
-        let Some(directory) = &self.directory else {
+        // Only in on-request, where who made the request is decided.
+        let Some(directory) = self
+            .request
+            .as_ref()
+            .filter(|r| r.writable)
+            .map(|r| &r.directory)
+        else {
             return Ok(Err("consumers are looked up during a request".into()));
         };
         let found = match directory.0.consumers.lookup(&plugin, &field, &value) {
@@ -665,7 +717,7 @@ impl consumers::Host for InstanceState {
         if self.scope.grants.consumers.is_empty() {
             return Ok(Err("this plugin has no consumers grant".into()));
         }
-        let view = self.table.get_mut(&req)?;
+        let view = self.request_mut(&req)?;
         if let Err(refused) = view.check_writable() {
             return Ok(Err(refused));
         }
@@ -679,7 +731,7 @@ impl consumers::Host for InstanceState {
     }
 
     fn current(&mut self, req: Resource<RequestView>) -> Result<Option<String>> {
-        Ok(self.table.get(&req)?.consumer.as_deref().map(str::to_owned))
+        Ok(self.request(&req)?.consumer.as_deref().map(str::to_owned))
     }
 }
 
@@ -687,27 +739,27 @@ impl http::Host for InstanceState {}
 
 impl http::HostRequest for InstanceState {
     fn id(&mut self, req: Resource<RequestView>) -> Result<String> {
-        Ok(self.table.get(&req)?.id.clone())
+        Ok(self.request(&req)?.id.clone())
     }
 
     fn set_id(&mut self, req: Resource<RequestView>, id: String) -> Result<()> {
         // An id goes into headers and logs: keep it short and printable.
         if !id.is_empty() && id.len() <= 200 && id.bytes().all(|b| b.is_ascii_graphic()) {
-            self.table.get_mut(&req)?.id = id;
+            self.request_mut(&req)?.id = id;
         }
         Ok(())
     }
 
     fn route_id(&mut self, req: Resource<RequestView>) -> Result<String> {
-        Ok(self.table.get(&req)?.route_id.to_string())
+        Ok(self.request(&req)?.route_id.to_string())
     }
 
     fn client_ip(&mut self, req: Resource<RequestView>) -> Result<String> {
-        Ok(self.table.get(&req)?.client_ip.to_string())
+        Ok(self.request(&req)?.client_ip.to_string())
     }
 
     fn method(&mut self, req: Resource<RequestView>) -> Result<String> {
-        Ok(self.table.get(&req)?.method.to_string())
+        Ok(self.request(&req)?.method.to_string())
     }
 
     fn set_method(
@@ -715,19 +767,19 @@ impl http::HostRequest for InstanceState {
         req: Resource<RequestView>,
         method: String,
     ) -> Result<Result<(), String>> {
-        Ok(self.table.get_mut(&req)?.set_method(&method))
+        Ok(self.request_mut(&req)?.set_method(&method))
     }
 
     fn path(&mut self, req: Resource<RequestView>) -> Result<String> {
-        Ok(self.table.get(&req)?.path.clone())
+        Ok(self.request(&req)?.path.clone())
     }
 
     fn set_path(&mut self, req: Resource<RequestView>, path: String) -> Result<Result<(), String>> {
-        Ok(self.table.get_mut(&req)?.set_path(&path))
+        Ok(self.request_mut(&req)?.set_path(&path))
     }
 
     fn query(&mut self, req: Resource<RequestView>) -> Result<Option<String>> {
-        Ok(self.table.get(&req)?.query.clone())
+        Ok(self.request(&req)?.query.clone())
     }
 
     fn set_query(
@@ -735,15 +787,15 @@ impl http::HostRequest for InstanceState {
         req: Resource<RequestView>,
         query: Option<String>,
     ) -> Result<Result<(), String>> {
-        Ok(self.table.get_mut(&req)?.set_query(query.as_deref()))
+        Ok(self.request_mut(&req)?.set_query(query.as_deref()))
     }
 
     fn header(&mut self, req: Resource<RequestView>, name: String) -> Result<Option<String>> {
-        Ok(headers::get(&self.table.get(&req)?.headers, &name))
+        Ok(headers::get(&self.request(&req)?.headers, &name))
     }
 
     fn headers(&mut self, req: Resource<RequestView>) -> Result<Vec<(String, String)>> {
-        Ok(headers::all(&self.table.get(&req)?.headers))
+        Ok(headers::all(&self.request(&req)?.headers))
     }
 
     fn set_header(
@@ -753,7 +805,7 @@ impl http::HostRequest for InstanceState {
         value: String,
     ) -> Result<Result<(), String>> {
         self.edits.spend(&name, &value)?;
-        let view = self.table.get_mut(&req)?;
+        let view = self.request_mut(&req)?;
         Ok(view
             .check_writable()
             .and_then(|_| headers::set(&mut view.headers, &name, &value)))
@@ -766,14 +818,14 @@ impl http::HostRequest for InstanceState {
         value: String,
     ) -> Result<Result<(), String>> {
         self.edits.spend(&name, &value)?;
-        let view = self.table.get_mut(&req)?;
+        let view = self.request_mut(&req)?;
         Ok(view
             .check_writable()
             .and_then(|_| headers::append(&mut view.headers, &name, &value)))
     }
 
     fn remove_header(&mut self, req: Resource<RequestView>, name: String) -> Result<()> {
-        let view = self.table.get_mut(&req)?;
+        let view = self.request_mut(&req)?;
         if view.writable {
             headers::remove(&mut view.headers, &name);
         }
@@ -781,7 +833,7 @@ impl http::HostRequest for InstanceState {
     }
 
     fn body(&mut self, req: Resource<RequestView>) -> Result<Result<Vec<u8>, String>> {
-        Ok(self.table.get(&req)?.body().map(|b| b.to_vec()))
+        Ok(self.request(&req)?.body().map(|b| b.to_vec()))
     }
 
     fn set_body(
@@ -789,7 +841,7 @@ impl http::HostRequest for InstanceState {
         req: Resource<RequestView>,
         body: Vec<u8>,
     ) -> Result<Result<(), String>> {
-        let view = self.table.get_mut(&req)?;
+        let view = self.request_mut(&req)?;
         if let Err(refused) = view.check_writable().and_then(|_| view.body().map(drop)) {
             return Ok(Err(refused));
         }
@@ -798,12 +850,12 @@ impl http::HostRequest for InstanceState {
     }
 
     fn get_var(&mut self, req: Resource<RequestView>, name: String) -> Result<Option<String>> {
-        Ok(self.table.get(&req)?.vars.get(&name).cloned())
+        Ok(self.request(&req)?.vars.get(&name).cloned())
     }
 
     fn set_var(&mut self, req: Resource<RequestView>, name: String, value: String) -> Result<()> {
         self.edits.spend(&name, &value)?;
-        self.table.get_mut(&req)?.vars.insert(name, value);
+        self.request_mut(&req)?.vars.insert(name, value);
         Ok(())
     }
 
@@ -826,7 +878,7 @@ fn check_body_output(len: usize, limit: u64) -> Result<()> {
 
 impl http::HostResponse for InstanceState {
     fn status(&mut self, resp: Resource<ResponseView>) -> Result<u16> {
-        Ok(self.table.get(&resp)?.status.as_u16())
+        Ok(self.response(&resp)?.status.as_u16())
     }
 
     fn set_status(
@@ -834,15 +886,15 @@ impl http::HostResponse for InstanceState {
         resp: Resource<ResponseView>,
         status: u16,
     ) -> Result<Result<(), String>> {
-        Ok(self.table.get_mut(&resp)?.set_status(status))
+        Ok(self.response_mut(&resp)?.set_status(status))
     }
 
     fn header(&mut self, resp: Resource<ResponseView>, name: String) -> Result<Option<String>> {
-        Ok(headers::get(&self.table.get(&resp)?.headers, &name))
+        Ok(headers::get(&self.response(&resp)?.headers, &name))
     }
 
     fn headers(&mut self, resp: Resource<ResponseView>) -> Result<Vec<(String, String)>> {
-        Ok(headers::all(&self.table.get(&resp)?.headers))
+        Ok(headers::all(&self.response(&resp)?.headers))
     }
 
     fn set_header(
@@ -853,7 +905,7 @@ impl http::HostResponse for InstanceState {
     ) -> Result<Result<(), String>> {
         self.edits.spend(&name, &value)?;
         Ok(headers::set(
-            &mut self.table.get_mut(&resp)?.headers,
+            &mut self.response_mut(&resp)?.headers,
             &name,
             &value,
         ))
@@ -867,19 +919,19 @@ impl http::HostResponse for InstanceState {
     ) -> Result<Result<(), String>> {
         self.edits.spend(&name, &value)?;
         Ok(headers::append(
-            &mut self.table.get_mut(&resp)?.headers,
+            &mut self.response_mut(&resp)?.headers,
             &name,
             &value,
         ))
     }
 
     fn remove_header(&mut self, resp: Resource<ResponseView>, name: String) -> Result<()> {
-        headers::remove(&mut self.table.get_mut(&resp)?.headers, &name);
+        headers::remove(&mut self.response_mut(&resp)?.headers, &name);
         Ok(())
     }
 
     fn body(&mut self, resp: Resource<ResponseView>) -> Result<Result<Vec<u8>, String>> {
-        Ok(self.table.get(&resp)?.body().map(|b| b.to_vec()))
+        Ok(self.response(&resp)?.body().map(|b| b.to_vec()))
     }
 
     fn set_body(
@@ -887,7 +939,7 @@ impl http::HostResponse for InstanceState {
         resp: Resource<ResponseView>,
         body: Vec<u8>,
     ) -> Result<Result<(), String>> {
-        let view = self.table.get_mut(&resp)?;
+        let view = self.response_mut(&resp)?;
         if let Err(refused) = view.body().map(drop) {
             return Ok(Err(refused));
         }

@@ -11,7 +11,7 @@ use super::bindings::exports::weir::plugin0_1_0::filter::{Guest as Filter, Wants
 use super::health::Admission;
 use super::host::{
     InstanceSlot, InstanceState, LimitExceeded, MAX_HEADER_BYTES, MAX_HEADER_EDITS, MemoryHit,
-    PluginScope,
+    PluginScope, REQUEST_REP, RESPONSE_REP,
 };
 use super::tenant::QuotaExceeded;
 use super::{Action, EPOCH_TICK, Module, PluginError, PluginInfo, Summary};
@@ -381,25 +381,22 @@ impl PluginPool {
     /// Calls `on-request`. The request comes back whatever happens; a failed instance is dropped.
     pub async fn on_request(
         &self,
-        mut request: RequestView,
+        mut request: Box<RequestView>,
         mut bound: Option<&mut Bound>,
-    ) -> (RequestView, Result<Action, PluginError>) {
+    ) -> (Box<RequestView>, Result<Action, PluginError>) {
         let mut instance = match self.checkout(bound.as_deref_mut()).await {
             Ok(instance) => instance,
             Err(e) => return (request, Err(e)),
         };
         request.body_access = self.wants.request_body;
         request.body_limit = self.limits.max_body_bytes;
-        instance.store.data_mut().directory = Some(request.directory.clone());
-        let handle = push(&mut instance.store, request);
+        instance.store.data_mut().request = Some(request);
         self.arm(&mut instance);
         let outcome = instance
             .filter
-            .call_on_request(&mut instance.store, Resource::new_borrow(handle.rep()))
+            .call_on_request(&mut instance.store, Resource::new_borrow(REQUEST_REP))
             .await;
-        let request = take(&mut instance.store, handle);
-        // An idle instance must not keep an old snapshot alive.
-        instance.store.data_mut().directory = None;
+        let request = take(&mut instance.store.data_mut().request);
         let outcome = self
             .settle(instance, outcome, bound, Phase::Request)
             .and_then(|action| self.check_reply(action));
@@ -434,29 +431,30 @@ impl PluginPool {
     /// Calls `on-response` with the request as it was sent and the response to edit.
     pub async fn on_response(
         &self,
-        request: RequestView,
-        mut response: ResponseView,
+        request: Box<RequestView>,
+        mut response: Box<ResponseView>,
         mut bound: Option<&mut Bound>,
-    ) -> (RequestView, ResponseView, Result<(), PluginError>) {
+    ) -> (Box<RequestView>, Box<ResponseView>, Result<(), PluginError>) {
         let mut instance = match self.checkout(bound.as_deref_mut()).await {
             Ok(instance) => instance,
             Err(e) => return (request, response, Err(e)),
         };
         response.body_access = self.wants.response_body;
         response.body_limit = self.limits.max_body_bytes;
-        let req = push(&mut instance.store, request);
-        let resp = push(&mut instance.store, response);
+        let state = instance.store.data_mut();
+        state.request = Some(request);
+        state.response = Some(response);
         self.arm(&mut instance);
         let outcome = instance
             .filter
             .call_on_response(
                 &mut instance.store,
-                Resource::new_borrow(req.rep()),
-                Resource::new_borrow(resp.rep()),
+                Resource::new_borrow(REQUEST_REP),
+                Resource::new_borrow(RESPONSE_REP),
             )
             .await;
-        let request = take(&mut instance.store, req);
-        let response = take(&mut instance.store, resp);
+        let state = instance.store.data_mut();
+        let (request, response) = (take(&mut state.request), take(&mut state.response));
         let outcome = self.settle(instance, outcome, bound, Phase::Response);
         (request, response, outcome)
     }
@@ -464,41 +462,31 @@ impl PluginPool {
     /// Calls `on-log`.
     pub async fn on_log(
         &self,
-        request: RequestView,
+        request: Box<RequestView>,
         summary: &Summary,
         mut bound: Option<&mut Bound>,
-    ) -> (RequestView, Result<(), PluginError>) {
+    ) -> (Box<RequestView>, Result<(), PluginError>) {
         let mut instance = match self.checkout(bound.as_deref_mut()).await {
             Ok(instance) => instance,
             Err(e) => return (request, Err(e)),
         };
-        let handle = push(&mut instance.store, request);
+        instance.store.data_mut().request = Some(request);
         self.arm(&mut instance);
         let outcome = instance
             .filter
             .call_on_log(
                 &mut instance.store,
-                Resource::new_borrow(handle.rep()),
+                Resource::new_borrow(REQUEST_REP),
                 summary,
             )
             .await;
-        let request = take(&mut instance.store, handle);
+        let request = take(&mut instance.store.data_mut().request);
         (request, self.settle(instance, outcome, bound, Phase::Log))
     }
 }
 
-fn push<T: Send + 'static>(store: &mut Store<InstanceState>, value: T) -> Resource<T> {
-    store
-        .data_mut()
-        .table
-        .push(value)
-        .expect("a fresh call's resource table has room")
-}
-
-fn take<T: 'static>(store: &mut Store<InstanceState>, handle: Resource<T>) -> T {
-    store
-        .data_mut()
-        .table
-        .delete(handle)
-        .expect("the host's own resource is still in the table")
+/// Takes back what a call lent its instance; the guest cannot take it, as it holds only a borrow.
+fn take<T>(lent: &mut Option<T>) -> T {
+    lent.take()
+        .expect("the host's own request and response stay with the instance")
 }
