@@ -5,8 +5,8 @@
 //!   (request-id: instantiate, `init`, call, drop), and through a chain of three plugins
 //!   (request-id, headers, key-auth). The request each call takes is built outside the timing.
 //! - `wasmtime/no-op on-request/{call,call_async}`: the no-op component's `on-request` export
-//!   entered with plain wasmtime, outside weir's pool (no request resource table, no quarantine,
-//!   no checkout): `call` on a store used synchronously, `call_async` (on a fiber) on a
+//!   entered with plain wasmtime, outside weir's pool (no request lent to the instance, no
+//!   quarantine, no checkout): `call` on a store used synchronously, `call_async` (on a fiber) on a
 //!   current-thread tokio runtime, on an engine configured as weir's is.
 //! - `router/lookup`: route lookup at 10, 1,000 and 10,000 routes, for a `{param}` route and a
 //!   prefix (`*`) route.
@@ -14,6 +14,8 @@
 //!   not.
 //!
 //! `cargo bench -p weir-tests --bench micro`
+//!
+//! The allocator is the gateway's (mimalloc): glibc's would add its own costs to every figure.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -30,6 +32,9 @@ use weir::metrics::Metrics;
 use weir::plugin::{Action, PluginPool, PluginRuntime, Wants};
 use weir::router::{RouteFilter, RouteTable};
 use weir_tests::plugins;
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn request() -> Box<RequestView> {
     let mut headers = HeaderMap::new();
