@@ -78,11 +78,23 @@ async fn request_id_reaches_the_upstream_the_client_and_the_access_log() {
     assert_eq!(reply.header("x-trace-id"), Some("trace-from-client"));
     assert_eq!(reply.json()["headers"]["x-trace-id"], "trace-from-client");
 
-    let log = gateway.access_log(2).await;
+    // An id too long to log is the client's header upstream, but not the request's id: the
+    // client gets the gateway's own id back, the one logged.
+    let long = "t".repeat(201);
+    let reply = get_with(&gateway.url("/c"), &[("x-trace-id", long.as_str())]).await;
+    let own = reply
+        .header("x-trace-id")
+        .expect("the id is stamped")
+        .to_owned();
+    assert_eq!(own.len(), 36);
+    assert_eq!(reply.json()["headers"]["x-trace-id"], long.as_str());
+
+    let log = gateway.access_log(3).await;
     assert_eq!(log[0]["request_id"], id.as_str());
     assert_eq!(log[0]["route"], "default");
     assert_eq!(log[1]["request_id"], "trace-from-client");
     assert!(log[1]["plugin_us"].as_u64().unwrap() > 0);
+    assert_eq!(log[2]["request_id"], own.as_str());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -48,16 +48,23 @@ impl Plugin for RequestId {
     }
 
     fn on_request(&self, req: &Request) -> Action {
-        match req.header(&self.header) {
-            // The client's id wins, so that its logs and ours correlate.
-            Some(id) if !id.is_empty() => req.set_id(&id),
-            _ => {
-                // The header name was checked in `new`, and the gateway's id is always a valid value.
-                let _ = req.set_header(&self.header, &req.id());
+        // Each host call costs a crossing into the gateway: the id is read once.
+        let id = match req.header(&self.header) {
+            // The client's id wins, so that its logs and ours correlate; the gateway keeps its
+            // own if the client's is unusable, so the id is read back.
+            Some(id) if !id.is_empty() => {
+                req.set_id(&id);
+                req.id()
             }
-        }
+            _ => {
+                let id = req.id();
+                // The header name was checked in `new`, and the gateway's id is always a valid value.
+                let _ = req.set_header(&self.header, &id);
+                id
+            }
+        };
         // Queued for whatever is answered: the upstream's response, a reply, or an error.
-        let _ = weir_sdk::response::set_header(req, &self.header, &req.id());
+        let _ = weir_sdk::response::set_header(req, &self.header, &id);
         Action::Continue
     }
 }
