@@ -496,6 +496,35 @@ async fn a_restart_with_etcd_down_serves_from_the_state_dir_then_resyncs_after_c
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_gateway_saves_each_change_to_the_state_dir() {
+    let etcd = Etcd::start().await;
+    let (_up, _) = variant_route(&etcd).await;
+    let state = tempfile::tempdir().unwrap();
+    let gateway = TestGateway::start_etcd(&etcd.url, Some(state.path().to_owned())).await;
+    let saved = state.path().join("etcd-state.json");
+    // Two changes one after the other: the second is saved after the first's save is done.
+    for id in ["saved-first", "saved-second"] {
+        etcd.put(
+            &format!("/weir/routes/{id}"),
+            json!({"uri": format!("/{id}"), "upstream_id": "u"}),
+        )
+        .await;
+        let key = format!("/weir/routes/{id}");
+        eventually("the change is in the saved state", SOON, || {
+            let saved = saved.clone();
+            let key = key.clone();
+            async move { std::fs::read_to_string(&saved).is_ok_and(|text| text.contains(&key)) }
+        })
+        .await;
+    }
+    assert_eq!(
+        get(&gateway.url("/saved-second")).await.status,
+        StatusCode::OK
+    );
+    gateway.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_gateway_processes_converge() {
     let etcd = Etcd::start().await;
     let up = Upstream::start("u").await;

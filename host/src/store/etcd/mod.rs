@@ -448,17 +448,23 @@ impl EtcdStore {
 
     /// Publishes the mirror whenever it changes, and keeps `--state-dir` up to date. The state
     /// is saved once changes pause for [`SAVE_QUIET`] (at most [`SAVE_MAX_DELAY`] after the
-    /// first unsaved one), not after each: writing 100,000 keys takes longer than applying a
-    /// change, and the next change should not wait for it.
+    /// first unsaved one), not after each, and on a blocking thread: writing 100,000 keys takes
+    /// longer than applying a change, and changes go on being published while it is written.
     async fn publish_changes(self: Arc<Self>, shutdown: CancellationToken) {
         let mut saved_revision = 0;
         // The first and the last publication not saved yet.
         let mut unsaved: Option<(tokio::time::Instant, tokio::time::Instant)> = None;
+        // One save at a time, so that an older state never lands after a newer one.
+        let mut saving: Option<tokio::task::JoinHandle<()>> = None;
         loop {
-            let save_at =
-                unsaved.map(|(first, last)| (last + SAVE_QUIET).min(first + SAVE_MAX_DELAY));
+            let save_at = unsaved
+                .filter(|_| saving.is_none())
+                .map(|(first, last)| (last + SAVE_QUIET).min(first + SAVE_MAX_DELAY));
             tokio::select! {
                 _ = shutdown.cancelled() => {
+                    if let Some(save) = saving.take() {
+                        let _ = save.await;
+                    }
                     if unsaved.is_some() {
                         self.save_now();
                     }
@@ -477,8 +483,12 @@ impl EtcdStore {
                     }
                 }
                 _ = tokio::time::sleep_until(save_at.unwrap_or_else(tokio::time::Instant::now)), if save_at.is_some() => {
-                    self.save_now();
+                    let store = self.clone();
+                    saving = Some(tokio::task::spawn_blocking(move || store.save_now()));
                     unsaved = None;
+                }
+                _ = async { saving.as_mut().expect("a save is in flight").await }, if saving.is_some() => {
+                    saving = None;
                 }
             }
         }
