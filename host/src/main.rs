@@ -174,6 +174,9 @@ struct RunArgs {
     /// Where the admin listener (metrics, status) listens.
     #[arg(long, default_value = "127.0.0.1:9180")]
     admin_listen: SocketAddr,
+    /// Serve the admin listener over TLS, with the certificates of the `ssl` objects.
+    #[arg(long)]
+    admin_tls: bool,
     /// Access log: `stdout`, `off`, or a file path.
     #[arg(long, default_value = "stdout")]
     access_log: AccessLogTarget,
@@ -342,6 +345,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             None if file_mode => state_home(),
             None => None,
         },
+        tls: args.admin_tls,
     };
     let config = match args.config {
         Some(path) => ConfigSource::File(path),

@@ -256,6 +256,10 @@ pub struct Metrics {
     pub handshake_failures: Family<HandshakeFailureLabels, Counter>,
     /// Requests that matched no route (or were refused before routing), as `route="none"`.
     pub unrouted: RouteMetrics,
+    /// Dashboard password checks running now.
+    pub admin_password_checks_in_flight: Gauge,
+    /// Dashboard password checks done.
+    pub admin_password_checks: Counter,
 }
 
 /// Labels of `weir_module_loads_total`.
@@ -443,6 +447,18 @@ impl Metrics {
             "TLS handshakes on the proxy listener that failed, by kind (timeout, error)",
             handshake_failures.clone(),
         );
+        let admin_password_checks_in_flight = Gauge::default();
+        registry.register(
+            "admin_password_checks_in_flight",
+            "Dashboard login password checks running now (on the blocking pool)",
+            admin_password_checks_in_flight.clone(),
+        );
+        let admin_password_checks = Counter::default();
+        registry.register(
+            "admin_password_checks",
+            "Dashboard login password checks done, for known and unknown usernames alike",
+            admin_password_checks.clone(),
+        );
         let unrouted = RouteMetrics {
             route: "none".to_owned(),
             requests: requests.clone(),
@@ -480,6 +496,8 @@ impl Metrics {
             cert_expiry,
             handshake_failures,
             unrouted,
+            admin_password_checks_in_flight,
+            admin_password_checks,
         }
     }
 

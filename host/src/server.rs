@@ -278,10 +278,15 @@ pub async fn start(options: GatewayOptions) -> Result<RunningGateway, StartError
         )
         .await?;
         generated_admin_key = generated;
+        let acceptor = options.admin.tls.then(|| {
+            let certs = gateway.clone();
+            let resolver = SniResolver(move || certs.snapshot().certs.clone());
+            TlsAcceptor::from(tls::server_config(Arc::new(resolver)))
+        });
         tasks.push(tokio::spawn(serve(
             "admin",
             listener,
-            None,
+            acceptor,
             gateway.clone(),
             shutdown.clone(),
             Arc::new(std::sync::Mutex::new(Duration::ZERO)),

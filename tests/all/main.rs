@@ -1,6 +1,7 @@
 //! Weir's integration tests: one binary, so that it links once.
 
 mod admin;
+mod admin_plane;
 mod adversarial;
 mod auth;
 mod authoring;

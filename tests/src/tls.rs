@@ -139,6 +139,11 @@ impl Http1 {
             .header("host", host)
             .body(Full::new(Bytes::new()))
             .expect("a request");
+        self.send(request).await
+    }
+
+    /// Sends `request` on this connection and reads the whole response.
+    pub async fn send(&mut self, request: Request<Full<Bytes>>) -> Reply {
         self.sender.ready().await.expect("the connection is open");
         let response = self.sender.send_request(request).await.expect("a response");
         let (parts, body) = response.into_parts();

@@ -6,7 +6,6 @@
 //! the words `/v1/status` would have shown after it.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -16,12 +15,14 @@ use hyper::body::Incoming;
 use serde_json::{Value, json};
 
 use super::Admin;
-use super::auth::{CSRF_HEADER, LoginError, Principal, Refusal, SESSION_COOKIE, cookie};
+use super::auth::{CSRF_HEADER, LoginError, Principal, Refusal, cookie, session_cookie};
+use super::origin::same_origin;
 use crate::body::ProxyBody;
 use crate::config::{
     self, AdminConfig, ConsumerConfig, FieldError, Kind, PluginConfig, RouteConfig, ServerConfig,
     ServiceNode, ServiceSettings, SslConfig, TenantConfig, UpstreamConfig,
 };
+use crate::server::Peer;
 use crate::store::{ConfigWriter, Expect, StoredObject, WriteError};
 
 /// The largest JSON body the API reads.
@@ -138,7 +139,7 @@ pub(super) async fn handle(
     admin: &Admin,
     settings: &AdminConfig,
     request: Request<Incoming>,
-    peer: IpAddr,
+    peer: Peer,
 ) -> Response<ProxyBody> {
     let path = request.uri().path().to_owned();
     let segments: Vec<&str> = path
@@ -148,16 +149,32 @@ pub(super) async fn handle(
         .skip(1)
         .collect();
     let method = request.method().clone();
+    let reads = matches!(method, Method::GET | Method::HEAD)
+        || (method == Method::POST && segments.first() == Some(&"validate"));
+    // A page on another site may make the browser send a write, or read the CSRF token,
+    // with the session cookie; only the listener's own pages (or no page) may.
+    if (!reads || segments == ["session"])
+        && let Err(refused) = same_origin(request.uri(), request.headers(), peer.tls)
+    {
+        return error(StatusCode::FORBIDDEN, &refused.to_string());
+    }
+    let shared = admin.store.writer();
     // Sign-in needs no credentials; everything else does.
     match (&method, segments.as_slice()) {
         (&Method::POST, ["login"]) => return login(admin, settings, request, peer).await,
-        (&Method::POST, ["logout"]) => return logout(admin, request.headers()),
-        (&Method::GET, ["session"]) => return session(admin, settings, request.headers()),
+        (&Method::POST, ["logout"]) => {
+            return logout(admin, request.headers(), peer.tls, shared).await;
+        }
+        (&Method::GET, ["session"]) => {
+            return session(admin, settings, request.headers(), peer.tls, shared).await;
+        }
         _ => {}
     }
-    let reads = matches!(method, Method::GET | Method::HEAD)
-        || (method == Method::POST && segments.first() == Some(&"validate"));
-    let principal = match admin.auth.authenticate(settings, request.headers(), !reads) {
+    let principal = match admin
+        .auth
+        .authenticate(settings, request.headers(), !reads, peer.tls, shared)
+        .await
+    {
         Ok(principal) => principal,
         Err(refused) => return refusal(refused),
     };
@@ -181,6 +198,7 @@ pub(super) async fn handle(
         (&Method::POST, ["modules"]) => call.upload().await,
         (&Method::DELETE, ["modules", sha256]) => call.delete_module(sha256).await,
         (&Method::GET, ["services"]) => call.services().await,
+        (&Method::POST, ["session-keys", "rotate"]) => call.rotate_session_keys().await,
         (_, ["services", service, node]) => {
             call.object(Kind::ServiceNode, &format!("{service}/{node}"))
                 .await
@@ -616,6 +634,15 @@ impl<'a> Call<'a> {
         }
         audit(&self.principal, "delete", Kind::Module, sha256, None, None);
         Ok(answer(StatusCode::OK, &json!({"deleted": sha256})))
+    }
+
+    /// `POST /v1/session-keys/rotate`: a new key signs sessions from now on; sessions signed
+    /// with the one before stay valid until they expire.
+    async fn rotate_session_keys(self) -> Answer {
+        let writer = self.writer()?;
+        self.admin.auth.rotate(writer).await?;
+        tracing::info!(target: "weir::audit", who = %self.principal.name, "rotated the session keys");
+        Ok(answer(StatusCode::OK, &json!({"rotated": true})))
     }
 
     async fn services(self) -> Answer {
@@ -1057,7 +1084,7 @@ async fn login(
     admin: &Admin,
     settings: &AdminConfig,
     request: Request<Incoming>,
-    peer: IpAddr,
+    peer: Peer,
 ) -> Response<ProxyBody> {
     let body = match Limited::new(request.into_body(), 16 * 1024).collect().await {
         Ok(body) => body.to_bytes(),
@@ -1074,12 +1101,20 @@ async fn login(
             "send {\"username\": ..., \"password\": ...}",
         );
     };
+    let from = peer.addr.ip();
     match admin
         .auth
-        .login(settings, peer, &form.username, &form.password)
+        .login(
+            settings,
+            admin.store.writer(),
+            from,
+            &form.username,
+            &form.password,
+        )
+        .await
     {
         Ok(session) => {
-            tracing::info!(target: "weir::audit", who = %session.username, %peer, "login");
+            tracing::info!(target: "weir::audit", who = %session.username, peer = %from, "login");
             let mut response = answer(
                 StatusCode::OK,
                 &json!({
@@ -1090,9 +1125,11 @@ async fn login(
                 }),
             );
             let cookie = format!(
-                "{SESSION_COOKIE}={}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}",
+                "{}={}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{}",
+                session_cookie(peer.tls),
                 session.token,
-                settings.session_minutes * 60
+                settings.session_minutes * 60,
+                if peer.tls { "; Secure" } else { "" },
             );
             response.headers_mut().insert(
                 header::SET_COOKIE,
@@ -1101,8 +1138,19 @@ async fn login(
             response
         }
         Err(LoginError::Wrong) => {
-            tracing::warn!(target: "weir::audit", user = %form.username, %peer, "failed login");
+            // The name as typed may be a password typed in the wrong box: log a bounded,
+            // printable form only.
+            let user: String = form
+                .username
+                .chars()
+                .take(64)
+                .filter(|c| !c.is_control())
+                .collect();
+            tracing::warn!(target: "weir::audit", %user, peer = %from, "failed login");
             error(StatusCode::UNAUTHORIZED, &LoginError::Wrong.to_string())
+        }
+        Err(unavailable @ (LoginError::Busy | LoginError::Unavailable)) => {
+            error(StatusCode::SERVICE_UNAVAILABLE, &unavailable.to_string())
         }
         Err(locked @ LoginError::LockedOut(seconds)) => {
             let mut response = error(StatusCode::TOO_MANY_REQUESTS, &locked.to_string());
@@ -1115,31 +1163,47 @@ async fn login(
     }
 }
 
-/// `POST /v1/logout`: ends the session and clears its cookie.
-fn logout(admin: &Admin, headers: &HeaderMap) -> Response<ProxyBody> {
-    if let Some(token) = cookie(headers, SESSION_COOKIE) {
-        admin.auth.logout(token);
+/// `POST /v1/logout`: ends the session, on every gateway, and clears its cookie.
+async fn logout(
+    admin: &Admin,
+    headers: &HeaderMap,
+    tls: bool,
+    shared: Option<&dyn ConfigWriter>,
+) -> Response<ProxyBody> {
+    let name = session_cookie(tls);
+    if let Some(token) = cookie(headers, name) {
+        admin.auth.logout(token, shared).await;
     }
     let mut response = answer(StatusCode::OK, &json!({"logged_out": true}));
+    let clear = format!(
+        "{name}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0{}",
+        if tls { "; Secure" } else { "" }
+    );
     response.headers_mut().insert(
         header::SET_COOKIE,
-        HeaderValue::from_static("weir_session=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0"),
+        HeaderValue::from_str(&clear).expect("a cookie is a header value"),
     );
     response
 }
 
 /// `GET /v1/session`: who the session cookie belongs to, and its CSRF token.
-fn session(admin: &Admin, settings: &AdminConfig, headers: &HeaderMap) -> Response<ProxyBody> {
-    let Some(token) = cookie(headers, SESSION_COOKIE) else {
+async fn session(
+    admin: &Admin,
+    settings: &AdminConfig,
+    headers: &HeaderMap,
+    tls: bool,
+    shared: Option<&dyn ConfigWriter>,
+) -> Response<ProxyBody> {
+    let Some(token) = cookie(headers, session_cookie(tls)) else {
         return refusal(Refusal::Missing);
     };
-    match admin.auth.session_principal(settings, token) {
-        Ok(principal) => answer(
+    match admin.auth.session(settings, token, shared).await {
+        Ok((principal, csrf)) => answer(
             StatusCode::OK,
             &json!({
                 "username": principal.name,
                 "role": principal.role,
-                "csrf_token": admin.auth.csrf(token),
+                "csrf_token": csrf,
                 "csrf_header": CSRF_HEADER,
             }),
         ),

@@ -8,10 +8,11 @@
 
 pub mod api;
 pub mod auth;
+pub mod origin;
 mod status;
 mod ui;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -37,6 +38,8 @@ pub struct Admin {
     pub auth: Auth,
     /// The largest module an upload may carry.
     pub max_module_bytes: u64,
+    /// The address the admin listener was asked to listen on: a `Host` naming it is served.
+    pub listener_ip: IpAddr,
 }
 
 /// How the admin listener is protected, from the command line and the environment.
@@ -48,6 +51,10 @@ pub struct AdminOptions {
     pub env_key: Option<String>,
     /// Where the file store keeps a generated key's hash.
     pub state_dir: Option<PathBuf>,
+    /// `--admin-tls`: serve the admin listener over TLS, with the certificates of the `ssl`
+    /// objects (as the TLS proxy listener does); the session cookie is then `__Host-` and
+    /// `Secure`.
+    pub tls: bool,
 }
 
 /// Why the admin listener cannot start.
@@ -103,11 +110,16 @@ impl Admin {
             let (hash, shown) = generated_key(options, store.as_ref()).await?;
             (Some(hash), shown)
         };
+        let checks = auth::PasswordChecks {
+            in_flight: gateway.metrics().admin_password_checks_in_flight.clone(),
+            done: gateway.metrics().admin_password_checks.clone(),
+        };
         let admin = Admin {
             gateway,
             store,
-            auth: Auth::new(fixed, env_key, generated_hash),
+            auth: Auth::new(fixed, env_key, generated_hash, checks),
             max_module_bytes,
+            listener_ip: listen.ip(),
         };
         Ok((Arc::new(admin), shown))
     }
@@ -181,19 +193,37 @@ pub async fn handle(
     request: Request<Incoming>,
     peer: Peer,
 ) -> Response<ResponseBody> {
-    let response = route(&admin, request, peer.addr).await;
+    let response = route(&admin, request, peer).await;
     response.map(ResponseBody::plain)
 }
 
-async fn route(admin: &Admin, request: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+async fn route(admin: &Admin, request: Request<Incoming>, peer: Peer) -> Response<ProxyBody> {
     let path = request.uri().path().to_owned();
     let settings = admin.auth.settings(&admin.gateway.snapshot().admin);
+    // A page on a name the attacker controls that resolves to this listener (DNS rebinding)
+    // sends that name; everything else is answered only for the listener's own names.
+    let authority = origin::authority(request.uri(), request.headers());
+    if !origin::host_allowed(authority, admin.listener_ip, &settings.hosts) {
+        return api::error(
+            StatusCode::MISDIRECTED_REQUEST,
+            "this admin listener does not serve that host: add it to admin.hosts",
+        );
+    }
     if OPENABLE.contains(&path.as_str()) {
         if request.method() != Method::GET && request.method() != Method::HEAD {
             return api::error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
         }
         if !settings.open.contains(&path)
-            && let Err(refused) = admin.auth.authenticate(&settings, request.headers(), false)
+            && let Err(refused) = admin
+                .auth
+                .authenticate(
+                    &settings,
+                    request.headers(),
+                    false,
+                    peer.tls,
+                    admin.store.writer(),
+                )
+                .await
         {
             return api::refusal(refused);
         }
@@ -204,7 +234,7 @@ async fn route(admin: &Admin, request: Request<Incoming>, peer: SocketAddr) -> R
         };
     }
     if path == "/v1" || path.starts_with("/v1/") {
-        return api::handle(admin, &settings, request, peer.ip()).await;
+        return api::handle(admin, &settings, request, peer).await;
     }
     if path == "/" {
         let mut response = Response::new(ProxyBody::Empty);

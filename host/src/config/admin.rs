@@ -23,6 +23,15 @@ pub struct AdminConfig {
     /// `session_minutes: 480`: how long a dashboard login lasts.
     #[serde(default = "default_session_minutes")]
     pub session_minutes: u64,
+    /// `hosts: [admin.example.com]`: names the admin listener answers to, besides its own
+    /// address and `localhost`; a request for any other `Host` gets 421 (DNS rebinding).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
+    /// `session_keys: [base64, ...]`: the keys that sign dashboard sessions, newest first; the
+    /// first signs, the others are accepted for one session lifetime after they stop being
+    /// first. Without any, weir keeps its own (in etcd, shared by every gateway).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub session_keys: Vec<String>,
 }
 
 /// What a key or an account may do.
@@ -66,6 +75,18 @@ fn default_open() -> Vec<String> {
     OPENABLE.iter().map(|p| (*p).to_owned()).collect()
 }
 
+/// The bytes of a `session_keys` entry: standard or URL-safe base64 of at least 32 bytes.
+pub fn session_key_bytes(key: &str) -> Option<Vec<u8>> {
+    use base64::Engine;
+    use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+    let key = key.trim();
+    let bytes = STANDARD
+        .decode(key)
+        .or_else(|_| URL_SAFE_NO_PAD.decode(key))
+        .ok()?;
+    (bytes.len() >= 32).then_some(bytes)
+}
+
 fn default_session_minutes() -> u64 {
     480
 }
@@ -80,6 +101,8 @@ impl Default for AdminConfig {
             accounts: Vec::new(),
             open: default_open(),
             session_minutes: default_session_minutes(),
+            hosts: Vec::new(),
+            session_keys: Vec::new(),
         }
     }
 }
@@ -143,6 +166,27 @@ impl ConfigObject for AdminConfig {
                 checks.fail(
                     format!("/open/{index}"),
                     format!("only {} may be open", OPENABLE.join(", ")),
+                );
+            }
+        }
+        for (index, host) in self.hosts.iter().enumerate() {
+            let valid = !host.is_empty()
+                && host.len() <= 253
+                && host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.'));
+            if !valid {
+                checks.fail(
+                    format!("/hosts/{index}"),
+                    "a host name: letters, digits, '-' and '.', without port or scheme",
+                );
+            }
+        }
+        for (index, key) in self.session_keys.iter().enumerate() {
+            if session_key_bytes(key).is_none() {
+                checks.fail(
+                    format!("/session_keys/{index}"),
+                    "not a key of at least 32 bytes in base64 (`openssl rand -base64 32`)",
                 );
             }
         }

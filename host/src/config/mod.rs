@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-pub use self::admin::{Account, AdminConfig, ApiKey, OPENABLE, Role};
+pub use self::admin::{Account, AdminConfig, ApiKey, OPENABLE, Role, session_key_bytes};
 pub use self::consumer::{ConsumerConfig, Consumers, LookupError};
 pub use self::node::ServiceNode;
 pub use self::plugin::{

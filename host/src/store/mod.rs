@@ -271,6 +271,27 @@ pub trait ConfigWriter: Send + Sync {
         hash: &'a str,
     ) -> BoxFuture<'a, Result<String, WriteError>>;
 
+    /// The document of dashboard session keys and its revision, if one is stored.
+    fn session_keys(&self) -> BoxFuture<'_, Result<Option<(String, i64)>, WriteError>>;
+
+    /// Writes the document of dashboard session keys if `expect` holds; returns its revision.
+    fn put_session_keys<'a>(
+        &'a self,
+        document: &'a str,
+        expect: Expect,
+    ) -> BoxFuture<'a, Result<i64, WriteError>>;
+
+    /// Records that the session with `nonce` ended, for `ttl_secs` (until it would have
+    /// expired anyway), where every gateway can see it.
+    fn revoke_session<'a>(
+        &'a self,
+        nonce: &'a str,
+        ttl_secs: u64,
+    ) -> BoxFuture<'a, Result<(), WriteError>>;
+
+    /// Whether the session with `nonce` was ended on any gateway.
+    fn session_revoked<'a>(&'a self, nonce: &'a str) -> BoxFuture<'a, Result<bool, WriteError>>;
+
     /// Every module stored.
     fn modules(&self) -> BoxFuture<'_, Result<Vec<StoredModule>, WriteError>>;
 

@@ -13,6 +13,9 @@
 //! <prefix>/service-settings/<name> how service <name> is reached: an upstream without nodes
 //! <prefix>/modules/<sha256>       {"size": N, "chunks": C}
 //! <prefix>/modules/<sha256>/<n>   chunk n of the module's bytes (n zero-padded to 6 digits)
+//! <prefix>/admin_generated_key    the sha256 of the admin key weir generated
+//! <prefix>/admin_session_keys     the keys that sign dashboard sessions (secret)
+//! <prefix>/admin_revoked_sessions/<nonce>   a session that logged out, under a lease
 //! ```
 
 use std::path::Path;
@@ -30,6 +33,12 @@ use crate::plugin::sha256_hex;
 
 /// The key, under the prefix, that holds the sha256 of the admin key weir generated.
 pub const GENERATED_KEY: &str = "admin_generated_key";
+
+/// The key, under the prefix, that holds the keys signing dashboard sessions (JSON).
+pub const SESSION_KEYS: &str = "admin_session_keys";
+
+/// The folder, under the prefix, of sessions that logged out: `<nonce>`, under a lease.
+pub const REVOKED_SESSIONS: &str = "admin_revoked_sessions";
 
 /// Module chunks stay well under etcd's default 1.5 MiB request limit.
 pub const CHUNK_BYTES: usize = 1 << 20;
@@ -82,6 +91,9 @@ pub(crate) fn parse_entry(root: &str, key: &str, value: &[u8]) -> Option<Entry> 
             .map(|o| Entry::Admin(Box::new(o))),
         // The hash of a key weir generated itself; the admin listener reads it, not the store.
         GENERATED_KEY if rest == GENERATED_KEY => return None,
+        // The admin listener's own state, read by it directly, never config.
+        SESSION_KEYS if rest == SESSION_KEYS => return None,
+        REVOKED_SESSIONS => return None,
         "services" => {
             let Some((service, node)) = name
                 .split_once('/')

@@ -215,6 +215,67 @@ impl ConfigWriter for EtcdStore {
         })
     }
 
+    fn session_keys(&self) -> BoxFuture<'_, Result<Option<(String, i64)>, WriteError>> {
+        Box::pin(async move {
+            let key = format!("{}/{}", self.root, super::keys::SESSION_KEYS);
+            let mut client = self.writing_client()?;
+            let response = client.get(key, None).await.map_err(unavailable)?;
+            Ok(response.kvs().first().map(|kv| {
+                (
+                    String::from_utf8_lossy(kv.value()).into_owned(),
+                    kv.mod_revision(),
+                )
+            }))
+        })
+    }
+
+    fn put_session_keys<'a>(
+        &'a self,
+        document: &'a str,
+        expect: Expect,
+    ) -> BoxFuture<'a, Result<i64, WriteError>> {
+        Box::pin(async move {
+            let key = format!("{}/{}", self.root, super::keys::SESSION_KEYS);
+            self.write_if(key.clone(), TxnOp::put(key, document, None), expect)
+                .await
+        })
+    }
+
+    fn revoke_session<'a>(
+        &'a self,
+        nonce: &'a str,
+        ttl_secs: u64,
+    ) -> BoxFuture<'a, Result<(), WriteError>> {
+        Box::pin(async move {
+            let mut client = self.writing_client()?;
+            // The lease takes the record away once the session would have expired anyway.
+            let ttl = i64::try_from(ttl_secs.max(1)).unwrap_or(i64::MAX);
+            let lease = client.lease_grant(ttl, None).await.map_err(unavailable)?;
+            let key = format!("{}/{}/{nonce}", self.root, super::keys::REVOKED_SESSIONS);
+            client
+                .put(
+                    key,
+                    "revoked",
+                    Some(etcd_client::PutOptions::new().with_lease(lease.id())),
+                )
+                .await
+                .map_err(unavailable)?;
+            Ok(())
+        })
+    }
+
+    fn session_revoked<'a>(&'a self, nonce: &'a str) -> BoxFuture<'a, Result<bool, WriteError>> {
+        Box::pin(async move {
+            let mut client = self.writing_client()?;
+            let key = format!("{}/{}/{nonce}", self.root, super::keys::REVOKED_SESSIONS);
+            let response = client
+                .get(key, Some(GetOptions::new().with_count_only()))
+                .await
+                .map_err(unavailable)?;
+            Ok(response.count() > 0)
+        })
+    }
+
     fn modules(&self) -> BoxFuture<'_, Result<Vec<StoredModule>, WriteError>> {
         Box::pin(async move {
             // Keys only: the values under this prefix are every module's bytes.
