@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use weir::{AdminOptions, ConfigSource};
 use weir_tests::etcd::Etcd;
 use weir_tests::{
-    ADMIN_KEY, Reply, TestGateway, Upstream, eventually, get, plugins, request, send, yaml,
+    ADMIN_KEY, Reply, TestGateway, Upstream, eventually, get, metric, plugins, request, send, yaml,
 };
 
 /// A bound on waits for an event, not an expected time.
@@ -602,6 +602,41 @@ async fn an_uploaded_module_serves_through_a_route() {
         &api.delete(&format!("/v1/modules/{sha256}")).await,
         StatusCode::NOT_FOUND,
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_trusted_keys_an_upload_is_stored_without_being_compiled() {
+    let (etcd, gateway) = etcd_gateway().await;
+    // Any 32 bytes are a key to trust; no module here is signed by it.
+    let key = format!("{}=", "A".repeat(43));
+    etcd.put(
+        "/weir/server",
+        json!({"trusted_keys": [{"name": "release", "public_key": key}]}),
+    )
+    .await;
+    eventually("the trusted key is in force", SOON, || async {
+        !gateway
+            .gateway()
+            .snapshot()
+            .server
+            .config
+            .trusted_keys
+            .is_empty()
+    })
+    .await;
+    let api = Api::new(&gateway, ADMIN_KEY);
+    let bytes = std::fs::read(plugins::HEADERS).expect("a built component");
+    expect(&api.post("/v1/modules", bytes).await, StatusCode::CREATED);
+    expect(
+        &api.post("/v1/modules", &b"\0asm-not-really"[..]).await,
+        StatusCode::BAD_REQUEST,
+    );
+    let compiled = metric(
+        &gateway.admin_url("/metrics"),
+        r#"weir_module_loads_total{source="compiled"}"#,
+    )
+    .await;
+    assert_eq!(compiled, 0.0, "an unsigned upload went through Cranelift");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
