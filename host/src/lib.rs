@@ -20,6 +20,7 @@ pub mod grpc_web;
 pub mod kv;
 pub mod metrics;
 pub mod plugin;
+pub mod private_file;
 pub mod probe;
 pub mod proxy;
 pub mod reconcile;

@@ -513,22 +513,24 @@ impl BuildContext<'_> {
         }
         let trusted_keys = &server.trusted_keys;
         let bytes = self.modules.fetch(config).await?;
-        if let Some(expected) = &config.sha256 {
-            let actual = crate::plugin::sha256_hex(&bytes);
-            if &actual != expected {
-                return Err(format!("module bytes have sha256 {actual}, not {expected}"));
-            }
+        let actual = crate::plugin::sha256_hex(&bytes);
+        if let Some(expected) = &config.sha256
+            && &actual != expected
+        {
+            return Err(format!("module bytes have sha256 {actual}, not {expected}"));
         }
-        let module = self.runtime.load(bytes).await.map_err(|e| e.to_string())?;
         // With trusted keys, only a module one of them signed loads; without, nothing changes.
+        // Checked on the bytes' hash before they are compiled: Cranelift and the disk cache
+        // only ever see a module a trusted key signed.
         let signed_by = if trusted_keys.is_empty() {
             None
         } else {
             let signature = self.modules.signature(config).await?;
-            let signer = signature::verify(trusted_keys, &module.sha256, signature.as_ref())
+            let signer = signature::verify(trusted_keys, &actual, signature.as_ref())
                 .map_err(|e| e.to_string())?;
             Some(signer.to_owned())
         };
+        let module = self.runtime.load(bytes).await.map_err(|e| e.to_string())?;
         crate::plugin::grants::check(&module.imports, &config.grants)?;
         if self
             .runtime

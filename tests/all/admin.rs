@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use weir::{AdminOptions, ConfigSource};
 use weir_tests::etcd::Etcd;
 use weir_tests::{
-    ADMIN_KEY, Reply, TestGateway, Upstream, eventually, get, plugins, request, send, yaml,
+    ADMIN_KEY, Reply, TestGateway, Upstream, eventually, get, metric, plugins, request, send, yaml,
 };
 
 /// A bound on waits for an event, not an expected time.
@@ -605,6 +605,41 @@ async fn an_uploaded_module_serves_through_a_route() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_trusted_keys_an_upload_is_stored_without_being_compiled() {
+    let (etcd, gateway) = etcd_gateway().await;
+    // Any 32 bytes are a key to trust; no module here is signed by it.
+    let key = format!("{}=", "A".repeat(43));
+    etcd.put(
+        "/weir/server",
+        json!({"trusted_keys": [{"name": "release", "public_key": key}]}),
+    )
+    .await;
+    eventually("the trusted key is in force", SOON, || async {
+        !gateway
+            .gateway()
+            .snapshot()
+            .server
+            .config
+            .trusted_keys
+            .is_empty()
+    })
+    .await;
+    let api = Api::new(&gateway, ADMIN_KEY);
+    let bytes = std::fs::read(plugins::HEADERS).expect("a built component");
+    expect(&api.post("/v1/modules", bytes).await, StatusCode::CREATED);
+    expect(
+        &api.post("/v1/modules", &b"\0asm-not-really"[..]).await,
+        StatusCode::BAD_REQUEST,
+    );
+    let compiled = metric(
+        &gateway.admin_url("/metrics"),
+        r#"weir_module_loads_total{source="compiled"}"#,
+    )
+    .await;
+    assert_eq!(compiled, 0.0, "an unsigned upload went through Cranelift");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_roles_and_open_paths() {
     let etcd = Etcd::start().await;
     let viewer_key = "viewer-secret";
@@ -877,6 +912,71 @@ async fn with_no_key_configured_weir_generates_one_and_refuses_to_listen_beyond_
     let running = weir::start(keyed).await.expect("starts with a key");
     assert_eq!(running.generated_admin_key, None);
     running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generated_key_hash_file_others_could_write_or_read_is_refused_at_start() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("weir.yaml");
+    std::fs::write(&config, "routes: []\n").unwrap();
+    let state = dir.path().join("state");
+    let options = weir::GatewayOptions {
+        config: ConfigSource::File(config),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        tls_listen: None,
+        admin_listen: Some("127.0.0.1:0".parse().unwrap()),
+        access_log: weir::AccessLogTarget::Off,
+        module_cache: None,
+        max_module_bytes: weir::store::etcd::DEFAULT_MAX_MODULE_BYTES,
+        admin: AdminOptions {
+            state_dir: Some(state.clone()),
+            ..AdminOptions::default()
+        },
+        workers: 0,
+    };
+    let first = weir::start(options.clone()).await.expect("starts");
+    assert!(first.generated_admin_key.is_some());
+    first.shutdown().await;
+    let hash_file = state.join("admin-key.sha256");
+    let mode = |path: &std::path::Path| std::fs::metadata(path).unwrap().mode() & 0o777;
+    assert_eq!(mode(&state), 0o700);
+    assert_eq!(mode(&hash_file), 0o600);
+
+    let refusal = || async {
+        match weir::start(options.clone()).await {
+            Ok(running) => {
+                running.shutdown().await;
+                panic!("started with a key hash it should not trust")
+            }
+            Err(error) => error.to_string(),
+        }
+    };
+    // Someone else's key in a file anyone may write: the admin API would be theirs.
+    std::fs::write(&hash_file, weir::plugin::sha256_hex(b"the intruder's key")).unwrap();
+    std::fs::set_permissions(&hash_file, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let refused = refusal().await;
+    assert!(refused.contains("admin-key.sha256"), "{refused}");
+    assert!(refused.contains("chmod 600"), "{refused}");
+    std::fs::set_permissions(&hash_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    assert!(refusal().await.contains("lets group or others read"));
+    std::fs::set_permissions(&hash_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).unwrap();
+    assert!(refusal().await.contains("that only it may write"));
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
+
+    // Another user's file, when this test can make one (as root, who owns what it made).
+    if std::fs::metadata(&hash_file).unwrap().uid() == 0 {
+        std::os::unix::fs::chown(&hash_file, Some(65534), Some(65534)).unwrap();
+        assert!(refusal().await.contains("owned by uid 65534"));
+        std::os::unix::fs::chown(&hash_file, Some(0), Some(0)).unwrap();
+    }
+
+    // The gateway's own closed file is used: no new key is generated.
+    let again = weir::start(options).await.expect("starts");
+    assert_eq!(again.generated_admin_key, None);
+    again.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -337,6 +337,61 @@ async fn a_callout_to_a_granted_host_goes_through() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_granted_name_that_resolves_to_loopback_is_refused_unless_the_grant_says_private() {
+    let up = Upstream::start("granted").await;
+    // `localhost` is a name, as `hooks.team-a.example` is: whoever runs its DNS chooses where
+    // it points, here at the gateway's own loopback.
+    let host = format!("localhost:{}", up.port());
+    let grants = |private: bool| {
+        let mut grants = weir_tests::probe_grants();
+        grants["http"] = json!({"hosts": [host.clone()]});
+        if private {
+            grants["http"]["private"] = json!(true);
+        }
+        grants
+    };
+    let call = |plugin: &str| json!([{"name": plugin, "config": {"mode": "callout", "url": format!("http://{host}/fetched")}}]);
+    let gateway = weir_tests::TestGateway::start(&yaml(json!({
+        "upstreams": [{"id": "u", "nodes": [node(&up)]}],
+        "plugins": [probe_entry("public-only", json!({"grants": grants(false)})),
+                    probe_entry("private-too", json!({"grants": grants(true)}))],
+        "routes": [
+            {"id": "public-only", "uri": "/public-only", "upstream_id": "u", "plugins": call("public-only")},
+            {"id": "private-too", "uri": "/private-too", "upstream_id": "u", "plugins": call("private-too")},
+        ],
+    })))
+    .await;
+
+    let refused = get(&gateway.url("/public-only")).await;
+    assert_eq!(
+        refused.status,
+        StatusCode::BAD_GATEWAY,
+        "{}",
+        refused.text()
+    );
+    let error = refused.json()["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(error.contains("not public"), "{error}");
+    assert!(error.contains("private: true"), "{error}");
+    assert!(
+        !error.contains("127.0.0.1") && !error.contains("::1"),
+        "the address it resolved to stays in the gateway: {error}"
+    );
+    assert_eq!(up.hits(), 0, "the call must never leave the gateway");
+
+    assert!(gateway.errors().is_empty(), "{:?}", gateway.errors());
+    let allowed = get(&gateway.url("/private-too")).await;
+    assert_eq!(allowed.status, StatusCode::OK, "{}", allowed.text());
+    assert_eq!(allowed.header("x-callout-status"), Some("200"));
+    assert_eq!(allowed.json()["path"], "/fetched");
+    assert_eq!(up.hits(), 1);
+    // The upstream is asked for the granted name, not the address it was reached at.
+    assert_eq!(allowed.json()["headers"]["host"], host.as_str());
+}
+
 fn refused_at_load(reply: &Reply) -> Result<(), String> {
     if reply.status != StatusCode::NOT_FOUND {
         return Err(format!(

@@ -524,6 +524,89 @@ async fn a_running_gateway_saves_each_change_to_the_state_dir() {
     gateway.stop().await;
 }
 
+/// The permission bits of `path`.
+fn mode(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+/// Starts a gateway on etcd at `url` (down) with `state` as its --state-dir, and says why it
+/// could not start.
+async fn refused_with_etcd_down(url: &str, state: &std::path::Path) -> String {
+    let options = weir::GatewayOptions {
+        config: weir::ConfigSource::Etcd(EtcdOptions {
+            state_dir: Some(state.to_owned()),
+            ..EtcdOptions::new(vec![url.to_owned()])
+        }),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        tls_listen: None,
+        admin_listen: None,
+        access_log: weir::AccessLogTarget::Off,
+        module_cache: None,
+        max_module_bytes: weir::store::etcd::DEFAULT_MAX_MODULE_BYTES,
+        admin: weir_tests::test_admin(),
+        workers: 0,
+    };
+    match weir::start(options).await {
+        Ok(running) => {
+            running.shutdown().await;
+            panic!("the gateway started from a saved state it should not trust")
+        }
+        Err(error) => error.to_string(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_state_dir_is_the_gateways_alone_and_a_state_others_could_touch_is_not_served() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut etcd = Etcd::start().await;
+    let (_up, sha256) = variant_route(&etcd).await;
+    let parent = tempfile::tempdir().unwrap();
+    let state = parent.path().join("state");
+    let gateway = TestGateway::start_etcd(&etcd.url, Some(state.clone())).await;
+    assert_eq!(get(&gateway.url("/v")).await.text(), "a");
+    gateway.stop().await;
+
+    // It holds every secret in the store: made closed, not opened by the umask.
+    let saved = state.join("etcd-state.json");
+    let module = state.join("modules").join(format!("{sha256}.wasm"));
+    assert_eq!(mode(&state), 0o700);
+    assert_eq!(mode(&saved), 0o600);
+    assert_eq!(mode(&state.join("modules")), 0o700);
+    assert_eq!(mode(&module), 0o600);
+    etcd.kill();
+
+    // Readable by others: its secrets may be known, and it is not what this gateway wrote.
+    std::fs::set_permissions(&saved, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let refused = refused_with_etcd_down(&etcd.url, &state).await;
+    assert!(
+        refused.contains("saved state in --state-dir is not used"),
+        "{refused}"
+    );
+    assert!(refused.contains("etcd-state.json"), "{refused}");
+    assert!(refused.contains("chmod 600"), "{refused}");
+    std::fs::set_permissions(&saved, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    // The folder opened to the group's writes: anyone in it could have replaced the file.
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o775)).unwrap();
+    let refused = refused_with_etcd_down(&etcd.url, &state).await;
+    assert!(refused.contains("that only it may write"), "{refused}");
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
+
+    // Another user's file, when this test can make one (as root, who owns what it made).
+    if std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&saved).unwrap()) == 0 {
+        std::os::unix::fs::chown(&saved, Some(65534), Some(65534)).unwrap();
+        let refused = refused_with_etcd_down(&etcd.url, &state).await;
+        assert!(refused.contains("owned by uid 65534"), "{refused}");
+        std::os::unix::fs::chown(&saved, Some(0), Some(0)).unwrap();
+    }
+
+    // Closed again, it is served.
+    let restarted = TestGateway::start_etcd(&etcd.url, Some(state.clone())).await;
+    assert_eq!(get(&restarted.url("/v")).await.text(), "a");
+    restarted.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_gateway_processes_converge() {
     let etcd = Etcd::start().await;

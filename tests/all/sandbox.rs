@@ -151,3 +151,27 @@ async fn a_plugin_that_fails_in_init_is_rejected_when_the_route_loads() {
     let status = admin_get(&gateway.admin_url("/v1/status")).await.json();
     assert_eq!(status["errors"].as_array().unwrap().len(), 2, "{status}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_wasi_runtime_granted_the_filesystem_is_linked_but_no_file_is_reachable() {
+    let up = Upstream::start("u").await;
+    let gateway = TestGateway::start(&yaml(json!({
+        "upstreams": [{"id": "u", "nodes": [node(&up)]}],
+        "plugins": [{"name": "reader", "module": weir_tests::plugins::FS_READER,
+                     "grants": {"wasi": ["runtime", "clocks"]}}],
+        "routes": [{"id": "read", "uri": "/read", "upstream_id": "u", "plugins": [{"name": "reader"}]}],
+    })))
+    .await;
+    // It loads: `runtime` links wasi:filesystem.
+    assert!(gateway.errors().is_empty(), "{:?}", gateway.errors());
+    // And reaches nothing: no directory is preopened, so /etc/passwd is not there to read.
+    let reply = get(&gateway.url("/read")).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "{}",
+        reply.text()
+    );
+    assert!(!reply.text().contains("root:"), "{}", reply.text());
+    assert_eq!(up.hits(), 0);
+}

@@ -4,7 +4,9 @@
 use http::StatusCode;
 use serde_json::{Value, json};
 use weir::plugin::signature::sign;
-use weir_tests::{TestGateway, Upstream, admin_get, get, node, plugins, with_custom_section, yaml};
+use weir_tests::{
+    TestGateway, Upstream, admin_get, get, metric, node, plugins, with_custom_section, yaml,
+};
 
 /// An Ed25519 key pair: the private key as PKCS#8 PEM, the public one as SPKI PEM.
 fn key_pair() -> (String, String) {
@@ -123,4 +125,60 @@ async fn only_modules_a_trusted_key_signed_load() {
             .any(|e| e.reason.contains("/trusted_keys/0/public_key")),
         "{errors:?}"
     );
+}
+
+/// Every `.cwasm` file under `dir`, at any depth.
+fn artifacts(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .map(|e| e.unwrap().path())
+        .flat_map(|path| {
+            if path.is_dir() {
+                artifacts(&path)
+            } else if path.extension().is_some_and(|e| e == "cwasm") {
+                vec![path]
+            } else {
+                Vec::new()
+            }
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_module_refused_for_its_signature_is_never_compiled_or_cached() {
+    let up = Upstream::start("u").await;
+    let (trusted_private, trusted_public) = key_pair();
+    let (stranger_private, _) = key_pair();
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let request_id = std::fs::read(plugins::REQUEST_ID).unwrap();
+
+    let unsigned = module(dir.path(), "unsigned", &request_id, None);
+    let stranger = module(dir.path(), "stranger", &request_id, Some(&stranger_private));
+    let changed = module(dir.path(), "changed", &request_id, Some(&trusted_private));
+    std::fs::write(&changed, with_custom_section(&request_id, "extra", b"x")).unwrap();
+
+    let entry = |name: &str, path: &str| json!({"name": name, "module": path});
+    let route = |id: &str| json!({"id": id, "uri": format!("/{id}"), "upstream_id": "u", "plugins": [{"name": id}]});
+    let routes: Vec<Value> = ["unsigned", "stranger", "changed"].map(route).to_vec();
+    let config = yaml(json!({
+        "server": {"trusted_keys": [{"name": "release", "public_key": trusted_public}]},
+        "upstreams": [{"id": "u", "nodes": [node(&up)]}],
+        "plugins": [entry("unsigned", &unsigned), entry("stranger", &stranger),
+                    entry("changed", &changed)],
+        "routes": routes,
+    }));
+    let gateway = TestGateway::start_cached(&config, &cache).await;
+    assert!(gateway.refusal("unsigned").contains("not signed"));
+    assert!(gateway.refusal("stranger").contains("does not list"));
+    assert!(gateway.refusal("changed").contains("changed after"));
+
+    let metrics = gateway.admin_url("/metrics");
+    assert_eq!(
+        metric(&metrics, r#"weir_module_loads_total{source="compiled"}"#).await,
+        0.0
+    );
+    assert_eq!(artifacts(&cache), Vec::<std::path::PathBuf>::new());
 }

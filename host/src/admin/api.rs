@@ -30,6 +30,8 @@ const MAX_JSON_BYTES: usize = 1 << 20;
 /// The page size when none is asked for, and the largest one may ask for.
 const DEFAULT_PAGE_SIZE: usize = 50;
 const MAX_PAGE_SIZE: usize = 500;
+/// How a component's bytes begin: the wasm magic, then the component version and layer.
+const COMPONENT_PREAMBLE: &[u8] = b"\0asm\x0d\0\x01\0";
 
 /// A JSON error answer.
 pub(crate) fn error(status: StatusCode, message: &str) -> Response<ProxyBody> {
@@ -588,9 +590,24 @@ impl<'a> Call<'a> {
         if bytes.is_empty() {
             return Err(bad_request("the body must be a component's .wasm bytes"));
         }
-        // Refuse what no gateway could load, before it is stored.
-        if let Err(error) = admin.gateway.runtime().load(bytes.to_vec()).await {
-            return Err(bad_request(format!("not a weir plugin component: {error}")));
+        // Refuse what no gateway could load, before it is stored. With trusted keys only a
+        // signed module is ever compiled, and an upload carries no signature: its entry does, so
+        // the module is checked and compiled when an entry names it.
+        if admin
+            .gateway
+            .snapshot()
+            .server
+            .config
+            .trusted_keys
+            .is_empty()
+        {
+            if let Err(error) = admin.gateway.runtime().load(bytes.to_vec()).await {
+                return Err(bad_request(format!("not a weir plugin component: {error}")));
+            }
+        } else if !bytes.starts_with(COMPONENT_PREAMBLE) {
+            return Err(bad_request(
+                "not a weir plugin component: it does not start as a component does",
+            ));
         }
         let stored = writer.store_module(&bytes).await?;
         audit(

@@ -24,6 +24,7 @@ use crate::body::ProxyBody;
 use crate::config::{AdminConfig, OPENABLE};
 use crate::gateway::Gateway;
 use crate::plugin::sha256_hex;
+use crate::private_file::{self, Closed};
 use crate::proxy::ResponseBody;
 use crate::server::Peer;
 use crate::store::ConfigStore;
@@ -82,6 +83,8 @@ pub enum AdminSetupError {
 
 /// The name of the file that keeps a generated key's hash in the state dir.
 const GENERATED_KEY_FILE: &str = "admin-key.sha256";
+/// The most that file is read of: a hash in hex, and room for a newline an editor added.
+const MAX_KEY_FILE_BYTES: u64 = 1024;
 
 impl Admin {
     /// Sets up the admin listener's keys. With none configured it generates one (returned, to
@@ -157,34 +160,24 @@ async fn generated_key(
         return Ok((hash, Some(key)));
     };
     let path = dir.join(GENERATED_KEY_FILE);
-    if let Ok(kept) = std::fs::read_to_string(&path)
-        && crate::config::is_sha256_hex(kept.trim())
-    {
-        tracing::info!(file = %path.display(), "using the admin key generated earlier (delete the file for a new one)");
-        return Ok((kept.trim().to_owned(), None));
+    let refused =
+        |e: std::io::Error| AdminSetupError::Generated(format!("{}: {e}", path.display()));
+    // Whoever could write the file could choose the admin key: it is used only if it is the
+    // gateway's own and closed to others.
+    match private_file::read(&path, Closed::ToEveryone, MAX_KEY_FILE_BYTES) {
+        Ok(kept) => {
+            if let Ok(kept) = std::str::from_utf8(&kept)
+                && crate::config::is_sha256_hex(kept.trim())
+            {
+                tracing::info!(file = %path.display(), "using the admin key generated earlier (delete the file for a new one)");
+                return Ok((kept.trim().to_owned(), None));
+            }
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => return Err(refused(error)),
     }
-    write_private(&path, hash.as_bytes())
-        .map_err(|e| AdminSetupError::Generated(format!("{}: {e}", path.display())))?;
+    private_file::write(&path, hash.as_bytes()).map_err(refused)?;
     Ok((hash, Some(key)))
-}
-
-/// Writes a file only its owner can read, in a folder only its owner can enter.
-fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-    if let Some(dir) = path.parent() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)?;
-    }
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
-    file.write_all(bytes)
 }
 
 /// Answers one admin request from `peer`.

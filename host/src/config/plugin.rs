@@ -106,6 +106,11 @@ pub struct HttpGrant {
     /// `max_response_bytes: 1048576`: a longer response body fails the call.
     #[serde(default = "default_max_body_bytes")]
     pub max_response_bytes: u64,
+    /// `private: true`: a granted host name may resolve to a loopback, link-local, private or
+    /// otherwise non-public address. Off by default, so that whoever controls a granted name's
+    /// DNS cannot point it inside; a granted IP literal is always called.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub private: bool,
 }
 
 fn get_only() -> Vec<String> {

@@ -138,6 +138,7 @@ mod tests {
                 methods: vec!["GET".into()],
                 timeout_ms: 100,
                 max_response_bytes: 100,
+                private: false,
             }),
             ..Grants::default()
         };

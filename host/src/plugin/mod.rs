@@ -34,6 +34,7 @@ use self::tenant::Tenants;
 use crate::config::{Isolation, PluginConfig};
 use crate::kv::{KvStore, RedisSlot};
 use crate::metrics::Metrics;
+use crate::private_file::{self, Closed};
 
 /// How often the engine's epoch advances; CPU deadlines are counted in these ticks.
 const EPOCH_TICK: Duration = Duration::from_millis(2);
@@ -607,48 +608,13 @@ fn compile_or_reuse(
     Ok((component, "compiled"))
 }
 
-/// Makes sure `dir` (the engine's folder inside the cache folder the operator gave) exists,
-/// belongs to this process's user and is closed to everyone else. It is created 0700; the
-/// folder the operator gave is created if missing but its mode is never changed.
-fn own_cache_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
-    if let Some(given) = dir.parent() {
-        std::fs::create_dir_all(given)?;
-    }
-    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
-        Ok(()) => return Ok(()),
-        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(error) => return Err(error),
-    }
-    let meta = std::fs::symlink_metadata(dir)?;
-    let uid = rustix::process::geteuid().as_raw();
-    if !meta.is_dir() || meta.uid() != uid || meta.mode() & 0o077 != 0 {
-        return Err(std::io::Error::other(format!(
-            "{} is not a folder of uid {uid} closed to others (mode 0700)",
-            dir.display()
-        )));
-    }
-    Ok(())
-}
-
 /// Reads a cached artifact only if it is a regular file (not a link) of this process's user
-/// that neither group nor others may write: anyone who can write it can run code in the
-/// gateway. The checks and the read use one open file, so the file cannot be swapped between.
+/// that neither group nor others may write, in the engine's own folder closed to others (the
+/// folder the operator gave is created if missing but its mode is never changed): anyone who
+/// can write it can run code in the gateway.
 #[allow(unsafe_code)]
 fn load_precompiled(engine: &Engine, path: &Path) -> Result<Component, CacheRefusal> {
-    use std::io::Read;
-    use std::os::unix::fs::MetadataExt;
-    let dir = path.parent().expect("a cache path has a folder");
-    own_cache_dir(dir)?;
-    let flags =
-        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::CLOEXEC;
-    let fd = rustix::fs::open(path, flags, rustix::fs::Mode::empty())?;
-    let mut file = std::fs::File::from(fd);
-    let meta = file.metadata()?;
-    let uid = rustix::process::geteuid().as_raw();
-    trust_artifact(meta.is_file(), meta.uid(), meta.mode(), uid)?;
-    let mut bytes = Vec::with_capacity(meta.len() as usize);
-    file.read_to_end(&mut bytes)?;
+    let bytes = private_file::read(path, Closed::ToWriters, u64::MAX)?;
     // SAFETY: the file belongs to this user, nobody else may write it or its folder, and only
     // this process writes there, always through a rename of a complete file; its folder name
     // pins the engine configuration, and wasmtime still checks the artifact's header and
@@ -656,58 +622,10 @@ fn load_precompiled(engine: &Engine, path: &Path) -> Result<Component, CacheRefu
     unsafe { Component::deserialize(engine, &bytes) }.map_err(|e| format!("{e:#}").into())
 }
 
-/// Whether an artifact with this owner and mode may be loaded by a process running as `uid`.
-fn trust_artifact(regular: bool, owner: u32, mode: u32, uid: u32) -> Result<(), String> {
-    if !regular {
-        return Err("not a regular file".into());
-    }
-    if owner != uid {
-        return Err(format!("owned by uid {owner}, not this gateway's ({uid})"));
-    }
-    if mode & 0o022 != 0 {
-        return Err(format!(
-            "mode {:o} lets group or others write it",
-            mode & 0o777
-        ));
-    }
-    Ok(())
-}
-
 fn store_precompiled(component: &Component, path: &Path) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let dir = path.parent().expect("a cache path has a folder");
-    own_cache_dir(dir)?;
     let bytes = component.serialize().map_err(std::io::Error::other)?;
-    let staging = path.with_extension(format!("{}.tmp", std::process::id()));
-    let _ = std::fs::remove_file(&staging);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&staging)?;
-    file.write_all(&bytes)?;
-    file.sync_all()?;
-    std::fs::rename(&staging, path)
+    private_file::write(path, &bytes)
 }
 
 /// Why a cached artifact was not used: an I/O error, a failed check, or wasmtime's refusal.
 type CacheRefusal = Box<dyn std::error::Error + Send + Sync>;
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_the_gateways_own_closed_artifacts_are_trusted() {
-        assert!(trust_artifact(true, 1000, 0o100600, 1000).is_ok());
-        assert!(trust_artifact(true, 1000, 0o100644, 1000).is_ok());
-        let refused =
-            |regular, owner, mode| trust_artifact(regular, owner, mode, 1000).unwrap_err();
-        assert!(refused(false, 1000, 0o100600).contains("regular"));
-        assert!(refused(true, 0, 0o100600).contains("owned by uid 0"));
-        assert!(refused(true, 1001, 0o100600).contains("owned by uid 1001"));
-        assert!(refused(true, 1000, 0o100620).contains("group or others"));
-        assert!(refused(true, 1000, 0o100602).contains("group or others"));
-    }
-}

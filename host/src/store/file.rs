@@ -654,7 +654,7 @@ routes:
             "plugins" => list(object("name", "config isolation")),
             "limits" => object("", "memory_mb timeout_ms max_body_bytes"),
             "grants" => object("", "log clock kv metrics http wasi"),
-            "http" => object("", "hosts methods timeout_ms max_response_bytes"),
+            "http" => object("", "hosts methods timeout_ms max_response_bytes private"),
             "quarantine" => object("", "traps window_ms backoff_ms"),
             "quotas" => object("", "memory_mb instances kv_entries kv_bytes"),
             "config" | "meta" => json(),

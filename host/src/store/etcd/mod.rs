@@ -21,7 +21,7 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use self::keys::{Entry, parse_entry, read_bounded, read_module};
-use self::state::{STATE_FILE, SavedState, write_atomically};
+use self::state::{STATE_FILE, SavedState, read_state, write_atomically};
 use crate::access_log::now_rfc3339;
 use crate::config::{ConfigObjects, ObjectError, PluginConfig};
 use crate::plugin::sha256_hex;
@@ -59,6 +59,20 @@ pub enum EtcdError {
         endpoints: String,
         /// Why.
         reason: String,
+    },
+    /// etcd is unreachable, and the saved state is there but another user could have written
+    /// or read it.
+    #[error(
+        "cannot reach etcd at {endpoints} ({reason}), and the saved state in --state-dir is not \
+         used: {refused}"
+    )]
+    UntrustedState {
+        /// The endpoints tried.
+        endpoints: String,
+        /// Why etcd could not be reached.
+        reason: String,
+        /// Why the saved state is not used.
+        refused: String,
     },
     /// A stored value is not what the layout says.
     #[error("{key}: {reason}")]
@@ -676,18 +690,23 @@ impl EtcdStore {
         write_atomically(&path, &text)
     }
 
-    /// The saved state.
-    fn load_state(&self) -> Option<SavedState> {
-        let path = self.state_path()?;
-        let text = std::fs::read(&path).ok()?;
+    /// The saved state: `Ok(None)` without one, and an error (for the operator) when there is
+    /// one that cannot be trusted.
+    fn load_state(&self) -> Result<Option<SavedState>, String> {
+        let Some(path) = self.state_path() else {
+            return Ok(None);
+        };
+        let Some(text) = read_state(&path).map_err(|e| format!("{}: {e}", path.display()))? else {
+            return Ok(None);
+        };
         let state: SavedState = match serde_json::from_slice(&text) {
             Ok(state) => state,
             Err(error) => {
                 tracing::warn!(path = %path.display(), %error, "saved etcd state is unreadable");
-                return None;
+                return Ok(None);
             }
         };
-        Some(state)
+        Ok(Some(state))
     }
 
     /// A client, while connected.
@@ -731,12 +750,23 @@ impl ConfigStore for EtcdStore {
             let connected = match loaded {
                 Ok(()) => true,
                 Err(error) => {
-                    let Some(state) = self.load_state() else {
-                        return Err(EtcdError::Unreachable {
-                            endpoints: self.options.endpoints_text(),
-                            reason: error.to_string(),
+                    let state = match self.load_state() {
+                        Ok(Some(state)) => state,
+                        Ok(None) => {
+                            return Err(EtcdError::Unreachable {
+                                endpoints: self.options.endpoints_text(),
+                                reason: error.to_string(),
+                            }
+                            .into());
                         }
-                        .into());
+                        Err(refused) => {
+                            return Err(EtcdError::UntrustedState {
+                                endpoints: self.options.endpoints_text(),
+                                reason: error.to_string(),
+                                refused,
+                            }
+                            .into());
+                        }
                     };
                     let revision = state.revision;
                     tracing::warn!(%error, revision, "etcd unreachable; serving the saved state");

@@ -18,15 +18,20 @@ pub(crate) struct SavedState {
     pub(crate) keys: BTreeMap<String, String>,
 }
 
+/// Writes a `--state-dir` file as the gateway's own: 0600, in a folder closed to others.
 pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), EtcdError> {
-    let io = |source| EtcdError::State {
+    crate::private_file::write(path, bytes).map_err(|source| EtcdError::State {
         path: path.to_owned(),
         source,
-    };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(io)?;
+    })
+}
+
+/// Reads the saved state, if there is one: `Ok(None)` when there is none, an error when the
+/// file is there but someone else could have written or read it.
+pub(crate) fn read_state(path: &Path) -> std::io::Result<Option<Vec<u8>>> {
+    match crate::private_file::read(path, crate::private_file::Closed::ToEveryone, u64::MAX) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(error) => Err(error),
     }
-    let staging = path.with_extension("tmp");
-    std::fs::write(&staging, bytes).map_err(io)?;
-    std::fs::rename(&staging, path).map_err(io)
 }
