@@ -1233,3 +1233,49 @@ async fn no_reader_sees_a_secret_and_a_read_written_back_keeps_them() {
     );
     assert_eq!(refused["errors"][0]["path"], "/credentials/key-auth/key");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_typed_secret_is_named_by_its_field_never_echoed() {
+    let etcd = Etcd::start().await;
+    let child = weir_tests::ChildGateway::start_etcd(&etcd.url).await;
+    let admin = Api {
+        base: child.admin.clone(),
+        headers: vec![("x-api-key".into(), ADMIN_KEY.into())],
+    };
+    // Through the API: refused with the field and the type it wants.
+    let reply = admin
+        .put(
+            "/v1/consumers/dave",
+            json!({"credentials": {"key-auth": "SECRET-123"}}),
+        )
+        .await;
+    let refused = expect(&reply, StatusCode::BAD_REQUEST);
+    assert!(!reply.text().contains("SECRET-123"), "{}", reply.text());
+    assert_eq!(refused["errors"][0]["path"], "/credentials/key-auth");
+    assert!(
+        refused["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("expected a map"),
+        "{refused}"
+    );
+    // Straight into the store: reported in /v1/status and the log, the value in neither.
+    etcd.put(
+        "/weir/consumers/erin",
+        json!({"name": "erin", "credentials": {"key-auth": "SECRET-123"}}),
+    )
+    .await;
+    let url = format!("{}/v1/status", child.admin);
+    eventually("/v1/status reports the bad consumer", SOON, || async {
+        status_error(&url, "erin").await.is_some()
+    })
+    .await;
+    let status = status_error(&url, "erin").await.expect("reported");
+    assert!(!status.to_string().contains("SECRET-123"), "{status}");
+    eventually("the log reports the consumer", SOON, || async {
+        child.log().contains("/credentials/key-auth")
+    })
+    .await;
+    assert!(!child.log().contains("SECRET-123"), "{}", child.log());
+    assert!(!admin.get("/v1/status").await.text().contains("SECRET-123"));
+}
