@@ -1141,3 +1141,241 @@ async fn service_settings_change_how_a_discovered_service_is_balanced() {
     })
     .await;
 }
+
+/// The stored JSON under an etcd key.
+async fn stored(etcd: &Etcd, key: &str) -> Value {
+    let mut client = etcd.client().await;
+    let got = client.get(key, None).await.expect("etcd get");
+    serde_json::from_slice(got.kvs()[0].value()).expect("stored JSON")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_reader_sees_a_secret_and_a_read_written_back_keeps_them() {
+    use base64::Engine;
+    let etcd = Etcd::start().await;
+    let viewer_key = "viewer-secret";
+    etcd.put(
+        "/weir/admin",
+        json!({"keys": [{"name": "grafana", "key_sha256": weir::plugin::sha256_hex(viewer_key.as_bytes()), "role": "viewer"}]}),
+    )
+    .await;
+    let gateway = TestGateway::start_etcd(&etcd.url, None).await;
+    let admin = Api::new(&gateway, ADMIN_KEY);
+    let viewer = Api::new(&gateway, viewer_key);
+    let up = Upstream::start("u").await;
+    for (name, path, grants) in [
+        (
+            "key-auth",
+            plugins::KEY_AUTH,
+            json!({"consumers": ["key-auth"]}),
+        ),
+        (
+            "body-crypt",
+            plugins::BODY_CRYPT,
+            json!({"wasi": ["random"]}),
+        ),
+        ("headers", plugins::HEADERS, json!({})),
+    ] {
+        let module = expect(
+            &admin
+                .post(
+                    "/v1/modules",
+                    std::fs::read(path).expect("a built component"),
+                )
+                .await,
+            StatusCode::CREATED,
+        );
+        expect(
+            &admin
+                .put(
+                    &format!("/v1/plugins/{name}"),
+                    json!({"sha256": module["sha256"], "grants": grants}),
+                )
+                .await,
+            StatusCode::CREATED,
+        );
+    }
+    expect(
+        &admin
+            .put(
+                "/v1/upstreams/u",
+                json!({"nodes": [{"host": "127.0.0.1", "port": up.port()}]}),
+            )
+            .await,
+        StatusCode::CREATED,
+    );
+    let aes_key = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(*b"SECRET-AES-KEY-of-thirty-two-by!");
+    let route = json!({"uri": "/s", "upstream_id": "u", "plugins": [
+        {"name": "key-auth", "config": {"header": "x-api-key", "keys": ["SECRET-route-key"]}},
+        {"name": "body-crypt", "config": {"keys": {"k1": aes_key}, "active": "k1",
+            "response": "encrypt", "content_types": ["application/x-never"]}},
+        {"name": "headers", "config": {"request": {"set": {
+            "Authorization": "Bearer SECRET-upstream-token", "x-env": "prod"}}}}]});
+    expect(
+        &admin.put("/v1/routes/s", route.clone()).await,
+        StatusCode::CREATED,
+    );
+    let consumer = json!({"credentials": {
+        "key-auth": {"key": "SECRET-consumer-key"},
+        "my-auth": {"id": "carol-id", "token": "SECRET-my-auth-token"}}});
+    expect(
+        &admin.put("/v1/consumers/carol", consumer).await,
+        StatusCode::CREATED,
+    );
+    let with_key = |key: &'static str| {
+        let url = gateway.url("/s");
+        async move {
+            send(
+                request(Method::GET, &url)
+                    .header("x-api-key", key)
+                    .body(Full::default())
+                    .unwrap(),
+            )
+            .await
+        }
+    };
+    // Once the route serves, its plugins have described their configs.
+    eventually("the route serves its key", SOON, || async {
+        with_key("SECRET-route-key").await.status == StatusCode::OK
+    })
+    .await;
+    let served = with_key("SECRET-consumer-key").await;
+    assert_eq!(served.status, StatusCode::OK, "{}", served.text());
+    assert_eq!(
+        served.json()["headers"]["authorization"],
+        "Bearer SECRET-upstream-token"
+    );
+
+    // No reader, viewer or admin, reads a secret anywhere.
+    for reader in [&viewer, &admin] {
+        for path in [
+            "/v1/routes",
+            "/v1/routes/s",
+            "/v1/consumers",
+            "/v1/consumers/carol",
+            "/v1/plugins",
+            "/v1/status",
+        ] {
+            let reply = expect(&reader.get(path).await, StatusCode::OK).to_string();
+            for secret in ["SECRET", &aes_key] {
+                assert!(!reply.contains(secret), "{path}: {reply}");
+            }
+        }
+    }
+    let read = expect(&viewer.get("/v1/routes/s").await, StatusCode::OK);
+    assert_eq!(read["value"]["plugins"][0]["config"]["keys"], "<redacted>");
+    assert_eq!(read["value"]["plugins"][0]["config"]["header"], "x-api-key");
+    assert_eq!(
+        read["value"]["plugins"][2]["config"]["request"]["set"]["x-env"],
+        "prod"
+    );
+    let carol = expect(&viewer.get("/v1/consumers/carol").await, StatusCode::OK);
+    assert_eq!(
+        carol["value"]["credentials"],
+        json!({"key-auth": {"key": "<redacted>"},
+               "my-auth": {"id": "carol-id", "token": "<redacted>"}})
+    );
+
+    // What a read answered, written back as it is (as the dashboard's editor does), keeps
+    // every secret.
+    let read = admin.get("/v1/routes/s").await;
+    let etag = read.header("etag").unwrap().to_owned();
+    expect(
+        &admin
+            .put_if("/v1/routes/s", read.json()["value"].clone(), &etag)
+            .await,
+        StatusCode::OK,
+    );
+    assert_eq!(
+        stored(&etcd, "/weir/routes/s").await["plugins"],
+        route["plugins"]
+    );
+    let read = admin.get("/v1/consumers/carol").await;
+    let etag = read.header("etag").unwrap().to_owned();
+    expect(
+        &admin
+            .put_if("/v1/consumers/carol", read.json()["value"].clone(), &etag)
+            .await,
+        StatusCode::OK,
+    );
+    assert_eq!(
+        stored(&etcd, "/weir/consumers/carol").await["credentials"]["my-auth"]["token"],
+        "SECRET-my-auth-token"
+    );
+    // A PATCH that changes something else leaves them as well, and the keys still let in.
+    expect(
+        &admin
+            .patch("/v1/routes/s", json!({"methods": ["GET"]}))
+            .await,
+        StatusCode::OK,
+    );
+    assert_eq!(
+        stored(&etcd, "/weir/routes/s").await["plugins"],
+        route["plugins"]
+    );
+    assert_eq!(with_key("SECRET-route-key").await.status, StatusCode::OK);
+    assert_eq!(with_key("SECRET-consumer-key").await.status, StatusCode::OK);
+    assert_eq!(
+        with_key("<redacted>").await.status,
+        StatusCode::UNAUTHORIZED
+    );
+
+    // The placeholder where no secret is stored is refused, never stored.
+    let refused = expect(
+        &admin
+            .put(
+                "/v1/consumers/dave",
+                json!({"credentials": {"key-auth": {"key": "<redacted>"}}}),
+            )
+            .await,
+        StatusCode::BAD_REQUEST,
+    );
+    assert_eq!(refused["errors"][0]["path"], "/credentials/key-auth/key");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_typed_secret_is_named_by_its_field_never_echoed() {
+    let etcd = Etcd::start().await;
+    let child = weir_tests::ChildGateway::start_etcd(&etcd.url).await;
+    let admin = Api {
+        base: child.admin.clone(),
+        headers: vec![("x-api-key".into(), ADMIN_KEY.into())],
+    };
+    // Through the API: refused with the field and the type it wants.
+    let reply = admin
+        .put(
+            "/v1/consumers/dave",
+            json!({"credentials": {"key-auth": "SECRET-123"}}),
+        )
+        .await;
+    let refused = expect(&reply, StatusCode::BAD_REQUEST);
+    assert!(!reply.text().contains("SECRET-123"), "{}", reply.text());
+    assert_eq!(refused["errors"][0]["path"], "/credentials/key-auth");
+    assert!(
+        refused["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("expected a map"),
+        "{refused}"
+    );
+    // Straight into the store: reported in /v1/status and the log, the value in neither.
+    etcd.put(
+        "/weir/consumers/erin",
+        json!({"name": "erin", "credentials": {"key-auth": "SECRET-123"}}),
+    )
+    .await;
+    let url = format!("{}/v1/status", child.admin);
+    eventually("/v1/status reports the bad consumer", SOON, || async {
+        status_error(&url, "erin").await.is_some()
+    })
+    .await;
+    let status = status_error(&url, "erin").await.expect("reported");
+    assert!(!status.to_string().contains("SECRET-123"), "{status}");
+    eventually("the log reports the consumer", SOON, || async {
+        child.log().contains("/credentials/key-auth")
+    })
+    .await;
+    assert!(!child.log().contains("SECRET-123"), "{}", child.log());
+    assert!(!admin.get("/v1/status").await.text().contains("SECRET-123"));
+}

@@ -498,7 +498,7 @@ mod limit_count {
             ),
             (
                 json!({"count": 1, "window_s": 60, "window_type": "rolling"}),
-                "/window_type: \"rolling\" is not one of",
+                "/window_type: the value is not one of",
             ),
         ];
         super::assert_refused_at_load("limit-count", &cases).await;

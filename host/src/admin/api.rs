@@ -17,6 +17,7 @@ use serde_json::{Value, json};
 use super::Admin;
 use super::auth::{CSRF_HEADER, LoginError, Principal, Refusal, cookie, session_cookie};
 use super::origin::same_origin;
+use super::secrets::{REDACTED, Secrets};
 use crate::body::ProxyBody;
 use crate::config::{
     self, AdminConfig, ConsumerConfig, FieldError, Kind, PluginConfig, RouteConfig, ServerConfig,
@@ -251,6 +252,11 @@ impl<'a> Call<'a> {
         })
     }
 
+    /// What is secret in the objects this call reads or writes.
+    fn secrets(&self) -> Secrets {
+        Secrets::of(&self.admin.gateway.snapshot())
+    }
+
     fn query(&self, name: &str) -> Option<String> {
         let query = self.request.uri().query()?;
         query.split('&').find_map(|pair| {
@@ -312,11 +318,12 @@ impl<'a> Call<'a> {
         }
         let objects = self.read_all(kind).await?;
         let total = objects.len();
+        let secrets = self.secrets();
         let list: Vec<Value> = objects
             .into_iter()
             .skip((page - 1).saturating_mul(page_size))
             .take(page_size)
-            .map(|object| envelope(&object))
+            .map(|object| envelope(&secrets, kind, &object))
             .collect();
         Ok(answer(
             StatusCode::OK,
@@ -415,7 +422,7 @@ impl<'a> Call<'a> {
                     .await?
                     .ok_or_else(|| not_found(kind, id))?;
                 Ok(with_etag(
-                    answer(StatusCode::OK, &envelope(&object)),
+                    answer(StatusCode::OK, &envelope(&self.secrets(), kind, &object)),
                     &object,
                 ))
             }
@@ -434,6 +441,7 @@ impl<'a> Call<'a> {
         let mut expect = self.expect(kind)?;
         let principal = self.principal.clone();
         let admin = self.admin;
+        let secrets = self.secrets();
         let existing = writer.get(kind, id).await?;
         if let (Expect::Revision(wanted), current) = (expect, existing.as_ref().map(|e| e.revision))
             && current != Some(wanted)
@@ -462,6 +470,10 @@ impl<'a> Call<'a> {
             object.remove(*time);
         }
         name_it(kind, id, &mut value)?;
+        // What a read answered with, written back, keeps the secrets it was read without.
+        secrets
+            .restore(kind, &mut value, existing.as_ref().map(|e| &e.value))
+            .map_err(|errors| Failure::Invalid(kind, errors))?;
         check(writer, kind, &value).await?;
         check_plugin_configs(&admin.gateway.snapshot(), kind, &value)?;
         let created = existing
@@ -495,7 +507,10 @@ impl<'a> Call<'a> {
         } else {
             StatusCode::CREATED
         };
-        Ok(with_etag(answer(status, &envelope(&stored)), &stored))
+        Ok(with_etag(
+            answer(status, &envelope(&secrets, kind, &stored)),
+            &stored,
+        ))
     }
 
     async fn delete(self, kind: Kind, id: &str) -> Answer {
@@ -667,7 +682,7 @@ impl<'a> Call<'a> {
         let mut services: BTreeMap<String, Vec<Value>> = BTreeMap::new();
         for node in &nodes {
             let (service, id) = node.id.split_once('/').unwrap_or((&node.id, ""));
-            let mut item = envelope(node);
+            let mut item = envelope(&Secrets::default(), Kind::ServiceNode, node);
             item["id"] = json!(id);
             services.entry(service.to_owned()).or_default().push(item);
         }
@@ -698,58 +713,15 @@ fn page_param(text: Option<&str>, default: usize, name: &str) -> Result<usize, F
     }
 }
 
-/// How an object is answered: `{id, revision, value}`, private keys left out.
-fn envelope(object: &StoredObject) -> Value {
+/// How an object of `kind` is answered: `{id, revision, value}`, secrets left out.
+fn envelope(secrets: &Secrets, kind: Kind, object: &StoredObject) -> Value {
     let mut value = object.value.clone();
-    redact(&mut value);
+    secrets.redact(kind, &mut value);
     json!({
         "id": object.id,
         "revision": (object.revision > 0).then_some(object.revision),
         "value": value,
     })
-}
-
-/// What stands in for a private key in an answer: keys are written, never read back.
-pub const REDACTED: &str = "<redacted>";
-
-/// Credential fields that are secrets, in any consumer's credential section.
-const SECRET_FIELDS: &[&str] = &["secret", "password", "private_key"];
-
-/// Replaces the private keys an object holds (an `ssl` object's `key`, an upstream's
-/// `tls.client_key`, a consumer's secrets and key-auth key), so that no answer carries one.
-/// A PATCH still merges over the stored secret.
-fn redact(value: &mut Value) {
-    for pointer in ["/key", "/tls/client_key", "/credentials/key-auth/key"] {
-        if let Some(key @ Value::String(_)) = value.pointer_mut(pointer) {
-            *key = Value::String(REDACTED.into());
-        }
-    }
-    if let Some(Value::String(url)) = value.pointer_mut("/redis_url")
-        && let Some(redacted) = redact_url_password(url)
-    {
-        *url = redacted;
-    }
-    if let Some(Value::Object(sections)) = value.pointer_mut("/credentials") {
-        for section in sections.values_mut().filter_map(Value::as_object_mut) {
-            for (_, secret) in section
-                .iter_mut()
-                .filter(|(name, value)| SECRET_FIELDS.contains(&name.as_str()) && value.is_string())
-            {
-                *secret = Value::String(REDACTED.into());
-            }
-        }
-    }
-}
-
-/// `redis://user:secret@host:6379` → `redis://user:<redacted>@host:6379`; `None` for a URL
-/// with no password.
-fn redact_url_password(url: &str) -> Option<String> {
-    let (scheme, rest) = url.split_once("://")?;
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or(rest);
-    let (userinfo, host) = authority.rsplit_once('@')?;
-    let (user, _password) = userinfo.split_once(':')?;
-    let tail = &rest[authority.len()..];
-    Some(format!("{scheme}://{user}:{REDACTED}@{host}{tail}"))
 }
 
 /// A server section written back with the redacted Redis URL would store the placeholder as
@@ -761,34 +733,6 @@ fn refuse_url_placeholder(value: &Value) -> Result<(), Vec<FieldError>> {
             "holds the redacted placeholder; send the password, or PATCH without redis_url to keep the stored one",
         )]),
         _ => Ok(()),
-    }
-}
-
-/// A consumer written back with a redacted placeholder would store the placeholder as its
-/// secret: refuse it, and say how to keep the stored one.
-fn refuse_placeholders(value: &Value) -> Result<(), Vec<FieldError>> {
-    let Some(Value::Object(sections)) = value.pointer("/credentials") else {
-        return Ok(());
-    };
-    let errors: Vec<_> = sections
-        .iter()
-        .filter_map(|(plugin, section)| Some((plugin, section.as_object()?)))
-        .flat_map(|(plugin, section)| {
-            section
-                .iter()
-                .filter(|(_, value)| value.as_str() == Some(REDACTED))
-                .map(move |(name, _)| {
-                    field(
-                        &format!("/credentials/{plugin}/{name}"),
-                        "is the redacted placeholder; send the secret, or PATCH without it to keep the stored one",
-                    )
-                })
-        })
-        .collect();
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(errors)
     }
 }
 
@@ -878,12 +822,9 @@ fn check_object(kind: Kind, value: &Value) -> Result<Vec<(String, Kind, String)>
         Kind::Ssl => config::parse::<SslConfig>(value)
             .map(|_| Vec::new())
             .map_err(invalid)?,
-        Kind::Consumer => {
-            refuse_placeholders(value).map_err(invalid)?;
-            config::parse::<ConsumerConfig>(value)
-                .map(|_| Vec::new())
-                .map_err(invalid)?
-        }
+        Kind::Consumer => config::parse::<ConsumerConfig>(value)
+            .map(|_| Vec::new())
+            .map_err(invalid)?,
         Kind::ServiceNode => config::parse::<ServiceNode>(value)
             .map(|_| Vec::new())
             .map_err(invalid)?,
@@ -1233,23 +1174,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_redis_password_is_never_read_back_nor_written_as_the_placeholder() {
-        let mut server = json!({"redis_url": "redis://app:s3cret@10.0.0.7:6379/0?protocol=resp3"});
-        redact(&mut server);
-        assert_eq!(
-            server["redis_url"],
-            "redis://app:<redacted>@10.0.0.7:6379/0?protocol=resp3"
-        );
+    fn a_redis_url_written_back_with_the_placeholder_is_refused() {
+        let server = json!({"redis_url": "redis://app:<redacted>@10.0.0.7:6379/0"});
         assert!(refuse_url_placeholder(&server).is_err());
-        let mut plain = json!({"redis_url": "redis://10.0.0.7:6379/0"});
-        redact(&mut plain);
-        assert_eq!(plain["redis_url"], "redis://10.0.0.7:6379/0");
+        let plain = json!({"redis_url": "redis://10.0.0.7:6379/0"});
         assert!(refuse_url_placeholder(&plain).is_ok());
-        assert_eq!(
-            redact_url_password("redis://:p@ss@host").as_deref(),
-            Some("redis://:<redacted>@host"),
-            "the last @ ends the userinfo"
-        );
     }
 
     #[test]

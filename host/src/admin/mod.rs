@@ -9,6 +9,7 @@
 pub mod api;
 pub mod auth;
 pub mod origin;
+mod secrets;
 mod status;
 mod ui;
 

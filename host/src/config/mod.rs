@@ -218,7 +218,7 @@ fn parse_plain<T: ConfigObject>(json: &serde_json::Value) -> Result<T, Vec<Field
         Err(error) => {
             return Err(vec![FieldError {
                 path: pointer(&track.path()),
-                message: error.to_string(),
+                message: without_value(&error.to_string()),
             }]);
         }
     };
@@ -242,6 +242,32 @@ pub fn verify<T: ConfigObject>(object: &T) -> Result<(), Vec<FieldError>> {
     } else {
         Err(errors)
     }
+}
+
+/// serde's message without the value it quotes: `invalid type: string "k-123", expected a map`
+/// becomes `invalid type: string, expected a map`. The value may be a secret (a credential, a
+/// key), and the message goes into answers, logs and `/v1/status`; the pointer says where.
+fn without_value(message: &str) -> String {
+    for prefix in ["invalid type: ", "invalid value: ", "unknown variant "] {
+        let Some(rest) = message.strip_prefix(prefix) else {
+            continue;
+        };
+        // The value comes first and may itself hold ", expected ": the last one is serde's.
+        let Some(at) = rest.rfind(", expected ") else {
+            return prefix.trim_end().to_owned();
+        };
+        let what = rest[..at]
+            .split(['"', '`'])
+            .next()
+            .unwrap_or_default()
+            .trim();
+        return if what.is_empty() {
+            format!("{}{}", prefix.trim_end(), &rest[at..])
+        } else {
+            format!("{prefix}{what}{}", &rest[at..])
+        };
+    }
+    message.to_owned()
 }
 
 /// A serde path as a JSON pointer (RFC 6901).
@@ -452,6 +478,33 @@ mod tests {
         let errors = parse::<RouteConfig>(&json!({"id": "r", "colour": 1})).unwrap_err();
         assert!(
             errors[0].message.contains("unknown field `colour`"),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn a_refused_value_is_named_by_its_pointer_never_quoted() {
+        let errors = parse::<ConsumerConfig>(
+            &json!({"name": "a", "credentials": {"key-auth": "SECRET-123, expected x"}}),
+        )
+        .unwrap_err();
+        assert_eq!(errors[0].path, "/credentials/key-auth", "{errors:?}");
+        assert_eq!(
+            errors[0].message, "invalid type: string, expected a map",
+            "{errors:?}"
+        );
+        let errors =
+            parse::<UpstreamConfig>(&json!({"id": "u", "nodes": [{"host": "h", "port": 1.5}]}))
+                .unwrap_err();
+        assert!(!errors[0].message.contains("1.5"), "{errors:?}");
+        assert!(errors[0].message.contains("floating point"), "{errors:?}");
+        let errors = parse::<PluginConfig>(&json!({"name": "p", "module": "p.wasm",
+            "failure": "SECRET-variant"}))
+        .unwrap_err();
+        assert_eq!(errors[0].path, "/failure", "{errors:?}");
+        assert!(!errors[0].message.contains("SECRET"), "{errors:?}");
+        assert!(
+            errors[0].message.contains("expected `closed` or `open`"),
             "{errors:?}"
         );
     }

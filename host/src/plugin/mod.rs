@@ -218,12 +218,18 @@ impl PluginInfo {
     }
 
     /// Where `config` breaks the schema (a JSON pointer, empty for the whole) and how; at most
-    /// eight of them.
+    /// eight of them. The message never quotes the value, which may be a secret: the pointer
+    /// says where it is.
     pub fn errors(&self, config: &serde_json::Value) -> Vec<(String, String)> {
         self.validator
             .iter_errors(config)
             .take(8)
-            .map(|error| (error.instance_path().to_string(), error.to_string()))
+            .map(|error| {
+                (
+                    error.instance_path().to_string(),
+                    error.masked_with("the value").to_string(),
+                )
+            })
             .collect()
     }
 }

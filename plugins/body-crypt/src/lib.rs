@@ -16,7 +16,9 @@ use weir_sdk::{Action, Plugin, Reply, Request, Response, Wants};
 #[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct Config {
-    /// Keys by id (`kid`), each 32 bytes in base64url, as a JWK's `k`.
+    /// Keys by id (`kid`), each 32 bytes in base64url, as a JWK's `k`. Secrets: the admin API
+    /// answers with a placeholder.
+    #[schemars(extend("writeOnly" = true))]
     keys: BTreeMap<String, String>,
     /// The key that encrypts responses.
     active: String,

@@ -24,10 +24,28 @@ struct Edits {
     remove: Vec<String>,
     /// Headers to set, replacing any value: `set: {x-env: prod}`.
     #[serde(default)]
+    #[schemars(schema_with = "header_values")]
     set: BTreeMap<String, String>,
     /// Headers to append, keeping existing values: `add: {via: weir}`.
     #[serde(default)]
+    #[schemars(schema_with = "header_values")]
     add: BTreeMap<String, String>,
+}
+
+/// Names of headers whose values are credentials (matched in lower case, anywhere in the
+/// name): `authorization`, `proxy-authorization`, `cookie`, `x-api-key`, `x-auth-token`...
+const CREDENTIAL_HEADERS: &str = "auth|cookie|token|secret|passw|key|session|credential|signature";
+
+/// A map of header name to value, where the value of a credential header is `writeOnly`: the
+/// admin API answers with a placeholder for it, and shows every other value.
+fn header_values(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "patternProperties": {
+            CREDENTIAL_HEADERS: {"type": "string", "writeOnly": true}
+        },
+        "additionalProperties": {"type": "string"}
+    })
 }
 
 impl Edits {

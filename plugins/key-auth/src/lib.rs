@@ -10,8 +10,10 @@ use weir_sdk::{Action, Plugin, Reply, Request, consumers};
 struct Config {
     #[serde(default = "default_header")]
     header: String,
-    /// Keys that let a request through without naming a consumer.
+    /// Keys that let a request through without naming a consumer. Secrets: the admin API
+    /// answers with a placeholder.
     #[serde(default)]
+    #[schemars(extend("writeOnly" = true))]
     keys: Vec<String>,
     /// Remove the key header before the request goes upstream.
     #[serde(default)]
