@@ -736,19 +736,33 @@ impl consumers::Host for InstanceState {
         req: Resource<RequestView>,
         name: String,
     ) -> Result<Result<(), String>> {
-        if self.scope.grants.consumers.is_empty() {
+        let granted = &self.scope.grants.consumers;
+        if granted.is_empty() {
             return Ok(Err("this plugin has no consumers grant".into()));
         }
+        // Only a consumer the plugin could have found itself: one with a credential in a
+        // section its grant lists. Any other (another tenant's, say) gets the same answer as a
+        // consumer that does not exist, so that the refusal says nothing about who does.
+        let found = self
+            .request(&req)?
+            .directory
+            .0
+            .consumers
+            .get(&name)
+            .filter(|consumer| consumer.credentials.keys().any(|s| granted.contains(s)))
+            .map(|consumer| Arc::<str>::from(consumer.name.as_str()));
         let view = self.request_mut(&req)?;
         if let Err(refused) = view.check_writable() {
             return Ok(Err(refused));
         }
-        match view.directory.0.consumers.get(&name) {
+        match found {
             Some(consumer) => {
-                view.consumer = Some(Arc::from(consumer.name.as_str()));
+                view.consumer = Some(consumer);
                 Ok(Ok(()))
             }
-            None => Ok(Err("there is no such consumer".into())),
+            None => Ok(Err(
+                "no consumer of that name has a credential this plugin's grant lists".into(),
+            )),
         }
     }
 
