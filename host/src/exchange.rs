@@ -464,6 +464,51 @@ mod tests {
     }
 
     #[test]
+    fn undoing_puts_back_every_edit_and_drops_the_queued_headers() {
+        let mut v = view();
+        v.response_edits
+            .push(ResponseEdit::new(ResponseEdit::Set, "x-earlier", "1").unwrap());
+        let before = v.before_edits();
+        v.set_path("/b").unwrap();
+        v.set_query(Some("q=1")).unwrap();
+        v.set_method("PUT").unwrap();
+        headers::set(&mut v.headers, "x-a", "1").unwrap();
+        v.vars.insert("k".into(), "v".into());
+        v.id = "other".into();
+        v.consumer = Some("alice".into());
+        v.upstream = Some("u2".into());
+        v.response_edits
+            .push(ResponseEdit::new(ResponseEdit::Set, "set-cookie", "s=1").unwrap());
+        v.undo_edits(before);
+        assert_eq!((v.method.as_str(), v.path.as_str()), ("GET", "/a"));
+        assert_eq!((v.query, v.consumer, v.upstream), (None, None, None));
+        assert!(v.headers.is_empty() && v.vars.is_empty());
+        assert_eq!(v.id, "id");
+        assert_eq!(
+            v.response_edits.len(),
+            1,
+            "only the call's own queued edits go"
+        );
+
+        let mut r = ResponseView {
+            status: StatusCode::OK,
+            headers: HeaderMap::new(),
+            body: Some(Bytes::from_static(b"up")),
+            body_replaced: false,
+            body_access: true,
+            body_limit: 8,
+        };
+        let before = r.before_edits();
+        r.set_status(299).unwrap();
+        headers::set(&mut r.headers, "x-b", "1").unwrap();
+        r.set_body(b"mine".to_vec()).unwrap();
+        r.undo_edits(before);
+        assert_eq!(r.status, StatusCode::OK);
+        assert!(r.headers.is_empty() && !r.body_replaced);
+        assert_eq!(r.body.as_deref(), Some(&b"up"[..]));
+    }
+
+    #[test]
     fn body_needs_access_and_respects_the_limit() {
         let mut v = view();
         v.body = BufferedBody::Buffered(Bytes::from_static(b"hi"));
