@@ -13,7 +13,7 @@ use http::{HeaderMap, Method, StatusCode};
 const FRAMING_HEADERS: &[&str] = &["content-length", "transfer-encoding", "connection"];
 
 /// A request body held in memory for plugins that asked for it.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub enum BufferedBody {
     /// The body streams straight through; no plugin asked to see it.
     #[default]
@@ -138,7 +138,54 @@ pub struct ResponseView {
 /// Why a plugin's edit was refused; the text goes back to the plugin as the WIT error.
 pub type EditResult = Result<(), String>;
 
+/// What a request looked like before a plugin call's first edit, so that a call that fails can
+/// be undone: a failed call leaves no edit behind.
+#[derive(Debug)]
+pub struct RequestBefore {
+    method: Method,
+    path: String,
+    query: Option<String>,
+    headers: HeaderMap,
+    id: String,
+    body: BufferedBody,
+    vars: HashMap<String, String>,
+    consumer: Option<Arc<str>>,
+    upstream: Option<String>,
+    /// Queued edits are only ever added during a call, so their count is enough.
+    response_edits: usize,
+}
+
 impl RequestView {
+    /// Everything a plugin can edit, as it is now.
+    pub fn before_edits(&self) -> RequestBefore {
+        RequestBefore {
+            method: self.method.clone(),
+            path: self.path.clone(),
+            query: self.query.clone(),
+            headers: self.headers.clone(),
+            id: self.id.clone(),
+            body: self.body.clone(),
+            vars: self.vars.clone(),
+            consumer: self.consumer.clone(),
+            upstream: self.upstream.clone(),
+            response_edits: self.response_edits.len(),
+        }
+    }
+
+    /// Puts back what `before` saw, undoing every edit made since.
+    pub fn undo_edits(&mut self, before: RequestBefore) {
+        self.method = before.method;
+        self.path = before.path;
+        self.query = before.query;
+        self.headers = before.headers;
+        self.id = before.id;
+        self.body = before.body;
+        self.vars = before.vars;
+        self.consumer = before.consumer;
+        self.upstream = before.upstream;
+        self.response_edits.truncate(before.response_edits);
+    }
+
     /// Fails unless edits are allowed in the current phase.
     pub fn check_writable(&self) -> EditResult {
         if self.writable {
@@ -204,7 +251,34 @@ impl RequestView {
     }
 }
 
+/// What a response looked like before a plugin call's first edit (see [`RequestBefore`]).
+#[derive(Debug)]
+pub struct ResponseBefore {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Option<Bytes>,
+    body_replaced: bool,
+}
+
 impl ResponseView {
+    /// Everything a plugin can edit, as it is now.
+    pub fn before_edits(&self) -> ResponseBefore {
+        ResponseBefore {
+            status: self.status,
+            headers: self.headers.clone(),
+            body: self.body.clone(),
+            body_replaced: self.body_replaced,
+        }
+    }
+
+    /// Puts back what `before` saw, undoing every edit made since.
+    pub fn undo_edits(&mut self, before: ResponseBefore) {
+        self.status = before.status;
+        self.headers = before.headers;
+        self.body = before.body;
+        self.body_replaced = before.body_replaced;
+    }
+
     /// Replaces the status code.
     pub fn set_status(&mut self, status: u16) -> EditResult {
         self.status =
@@ -387,6 +461,51 @@ mod tests {
         );
         headers::remove(&mut v.headers, "X-A");
         assert!(v.headers.is_empty());
+    }
+
+    #[test]
+    fn undoing_puts_back_every_edit_and_drops_the_queued_headers() {
+        let mut v = view();
+        v.response_edits
+            .push(ResponseEdit::new(ResponseEdit::Set, "x-earlier", "1").unwrap());
+        let before = v.before_edits();
+        v.set_path("/b").unwrap();
+        v.set_query(Some("q=1")).unwrap();
+        v.set_method("PUT").unwrap();
+        headers::set(&mut v.headers, "x-a", "1").unwrap();
+        v.vars.insert("k".into(), "v".into());
+        v.id = "other".into();
+        v.consumer = Some("alice".into());
+        v.upstream = Some("u2".into());
+        v.response_edits
+            .push(ResponseEdit::new(ResponseEdit::Set, "set-cookie", "s=1").unwrap());
+        v.undo_edits(before);
+        assert_eq!((v.method.as_str(), v.path.as_str()), ("GET", "/a"));
+        assert_eq!((v.query, v.consumer, v.upstream), (None, None, None));
+        assert!(v.headers.is_empty() && v.vars.is_empty());
+        assert_eq!(v.id, "id");
+        assert_eq!(
+            v.response_edits.len(),
+            1,
+            "only the call's own queued edits go"
+        );
+
+        let mut r = ResponseView {
+            status: StatusCode::OK,
+            headers: HeaderMap::new(),
+            body: Some(Bytes::from_static(b"up")),
+            body_replaced: false,
+            body_access: true,
+            body_limit: 8,
+        };
+        let before = r.before_edits();
+        r.set_status(299).unwrap();
+        headers::set(&mut r.headers, "x-b", "1").unwrap();
+        r.set_body(b"mine".to_vec()).unwrap();
+        r.undo_edits(before);
+        assert_eq!(r.status, StatusCode::OK);
+        assert!(r.headers.is_empty() && !r.body_replaced);
+        assert_eq!(r.body.as_deref(), Some(&b"up"[..]));
     }
 
     #[test]

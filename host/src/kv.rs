@@ -1,6 +1,10 @@
 //! The plugin key/value store: namespaced per tenant and plugin, with per-entry TTLs, atomic
 //! counters, and every entry counted against its tenant's quotas. A plugin entry may keep its
 //! kv on Redis instead ([`RedisStore`]), shared by every gateway.
+//!
+//! The tenants' quotas are the store's only bound: it never evicts an entry to make room, so
+//! one tenant filling its quota cannot push out another's entries (its rate-limit counters,
+//! say), and a write is either kept or refused, never accepted and then dropped.
 
 mod redis_store;
 
@@ -104,10 +108,17 @@ impl RedisSlot {
     }
 }
 
-/// One store shared by all plugins; each plugin sees only its own namespace.
+/// One store shared by all plugins; each plugin sees only its own namespace, and each tenant's
+/// entries are bounded by its own quotas alone.
 #[derive(Clone)]
 pub struct KvStore {
     cache: Cache<Key, Value>,
+}
+
+impl Default for KvStore {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 fn entry_size(key: &str, value: &[u8]) -> u64 {
@@ -115,13 +126,11 @@ fn entry_size(key: &str, value: &[u8]) -> u64 {
 }
 
 impl KvStore {
-    /// A store that evicts once its keys and values pass `max_bytes`.
-    pub fn new(max_bytes: u64) -> Self {
+    /// An empty store. It has no capacity of its own to evict by: a shared capacity would let
+    /// one tenant's writes evict another's entries, and an eviction would drop a write the
+    /// plugin was told was kept. The tenants' `kv_entries` and `kv_bytes` quotas bound it.
+    pub fn new() -> Self {
         let cache = Cache::builder()
-            .max_capacity(max_bytes)
-            .weigher(|key: &Key, value: &Value| {
-                u32::try_from(key.1.len() + value.bytes.len() + 64).unwrap_or(u32::MAX)
-            })
             .expire_after(PerEntryExpiry)
             .eviction_listener(|_, value: Value, cause| {
                 // A replaced value was already charged as a difference when it was replaced.
@@ -271,7 +280,7 @@ mod tests {
 
     #[test]
     fn namespaces_do_not_see_each_other() {
-        let kv = KvStore::new(1 << 20);
+        let kv = KvStore::new();
         let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
         let owner = anyone();
         kv.set(&a, "k", b"one", None, &owner).unwrap();
@@ -283,7 +292,7 @@ mod tests {
 
     #[test]
     fn incr_counts_atomically_across_threads() {
-        let kv = KvStore::new(1 << 20);
+        let kv = KvStore::new();
         let ns: Arc<str> = "rate".into();
         let owner = anyone();
         std::thread::scope(|s| {
@@ -312,7 +321,7 @@ mod tests {
 
     #[test]
     fn ttl_expires_and_incr_keeps_the_first_expiry() {
-        let kv = KvStore::new(1 << 20);
+        let kv = KvStore::new();
         let ns: Arc<str> = "t".into();
         let owner = anyone();
         kv.set(&ns, "short", b"v", Some(Duration::from_millis(50)), &owner)
@@ -331,8 +340,33 @@ mod tests {
     }
 
     #[test]
+    fn a_tenant_at_its_quota_evicts_nothing_of_another() {
+        let kv = KvStore::new();
+        let (a_ns, b_ns): (Arc<str>, Arc<str>) = ("a/p".into(), "b/p".into());
+        let a = tenant("a", Quotas::default());
+        let b = tenant("b", Quotas::default());
+        kv.incr(&b_ns, "hits", 3, None, &b).unwrap();
+        let value = vec![b'v'; 1 << 20];
+        let mut kept = 0;
+        for i in 0..70 {
+            match kv.set(&a_ns, &format!("flood-{i}"), &value, None, &a) {
+                Ok(()) => kept += 1,
+                Err(quota) => assert_eq!(quota.what, "kv bytes"),
+            }
+        }
+        assert_eq!(kept, 63, "63 values of 1 MiB and their keys fit in 64 MiB");
+        kv.cache.run_pending_tasks();
+        assert_eq!(kv.incr(&b_ns, "hits", 1, None, &b), Ok(4));
+        let held = (0..70)
+            .filter(|i| kv.get(&a_ns, &format!("flood-{i}")).is_some())
+            .count();
+        assert_eq!(held, 63, "every write that was not refused is kept");
+        assert_eq!(a.usage().2, 63);
+    }
+
+    #[test]
     fn entries_count_against_their_tenant_until_they_go() {
-        let kv = KvStore::new(1 << 20);
+        let kv = KvStore::new();
         let ns: Arc<str> = "q/p".into();
         let small = tenant(
             "q",

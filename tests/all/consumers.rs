@@ -309,3 +309,48 @@ async fn limit_count_counts_each_consumer_on_its_own() {
     assert_eq!(call("bob-key").await, StatusCode::OK);
     assert_eq!(call("bob-key").await, StatusCode::TOO_MANY_REQUESTS);
 }
+
+/// A plugin may mark a request only as a consumer with a credential in a section its grant
+/// lists: a `key-auth` plugin cannot claim a consumer that only `jwt-auth` knows (another
+/// tenant's, say), and the refusal does not tell that consumer from one that does not exist.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_can_set_only_consumers_of_its_granted_credentials() {
+    let up = Upstream::start("u").await;
+    let mut grants = weir_tests::probe_grants();
+    grants["consumers"] = json!(["key-auth"]);
+    let claim = |id: &str, name: &str| {
+        json!({"id": id, "uri": format!("/{id}"), "upstream_id": "u",
+               "plugins": [{"name": "claimer", "config": {"mode": "set-consumer", "name": name}}]})
+    };
+    let gateway = TestGateway::start(&yaml(json!({
+        "upstreams": [{"id": "u", "nodes": [node(&up)]}],
+        "plugins": [weir_tests::probe_entry("claimer", json!({"grants": grants}))],
+        "consumers": [
+            {"name": "alice", "credentials": {"key-auth": {"key": "alice-key"}}},
+            {"name": "bob", "credentials": {"jwt-auth": {"key": "bob", "secret": "s"}}},
+            {"name": "carol"},
+        ],
+        "routes": [claim("alice", "alice"), claim("bob", "bob"), claim("carol", "carol"), claim("nobody", "nobody")],
+    })))
+    .await;
+    assert!(gateway.errors().is_empty(), "{:?}", gateway.errors());
+
+    let reply = get(&gateway.url("/alice")).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.json()["headers"]["x-consumer-username"], "alice");
+
+    let mut refusals = Vec::new();
+    for id in ["bob", "carol", "nobody"] {
+        let reply = get(&gateway.url(&format!("/{id}"))).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::FORBIDDEN,
+            "{id}: {}",
+            reply.text()
+        );
+        refusals.push(reply.json()["error"].clone());
+    }
+    assert_eq!(refusals[0], refusals[1], "{refusals:?}");
+    assert_eq!(refusals[0], refusals[2], "{refusals:?}");
+    assert_eq!(up.hits(), 1);
+}

@@ -175,3 +175,78 @@ async fn with_wasi_runtime_granted_the_filesystem_is_linked_but_no_file_is_reach
     assert!(!reply.text().contains("root:"), "{}", reply.text());
     assert_eq!(up.hits(), 0);
 }
+
+/// A call that fails leaves no trace. The failing plugin edits the request (a header, a var that
+/// the trace plugin before it set) and queues a `set-cookie` and then headers until it goes past
+/// the bound; in on-response it sets the status and a header, then floods headers until it fails.
+async fn edit_then_fail_gateway(up: &Upstream) -> TestGateway {
+    let chain = |name: &str| {
+        json!([{"name": "trace", "config": {"mode": "trace", "tag": "before"}},
+                                    {"name": name, "config": {"mode": "edit-then-fail"}}])
+    };
+    TestGateway::start(&yaml(json!({
+        "upstreams": [{"id": "u", "nodes": [node(up)]}],
+        "plugins": [
+            probe("trace", "closed", json!({})),
+            probe("closed", "closed", json!({})),
+            probe("open", "open", json!({})),
+        ],
+        "routes": [
+            {"id": "open", "uri": "/open", "upstream_id": "u", "plugins": chain("open")},
+            {"id": "closed", "uri": "/closed", "upstream_id": "u", "plugins": chain("closed")},
+        ],
+    })))
+    .await
+}
+
+/// None of the failed plugin's edits show in the answer's headers.
+fn assert_no_edits_of_the_failed_plugin(reply: &weir_tests::Reply) {
+    for name in [
+        "set-cookie",
+        "x-probe-queued",
+        "x-probe-edited",
+        "x-probe-flood-0",
+    ] {
+        assert_eq!(reply.header(name), None, "{name}: {:?}", reply.headers);
+    }
+    let bytes: usize = reply
+        .headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len())
+        .sum();
+    assert!(
+        bytes < 1024,
+        "{bytes} bytes of headers: {:?}",
+        reply.headers
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_that_fails_open_leaves_no_edit_behind() {
+    let up = Upstream::start("u").await;
+    let gateway = edit_then_fail_gateway(&up).await;
+    let reply = get(&gateway.url("/open")).await;
+    // The on-response edits (status 299 and a header) are undone too.
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_no_edits_of_the_failed_plugin(&reply);
+    // The var is the one trace set, not the failed plugin's.
+    assert_eq!(reply.header("x-probe-tag"), Some("before"));
+    let echo = reply.json();
+    assert_eq!(echo["headers"]["x-probe-edited"], Value::Null, "{echo}");
+    // It did fail, in both phases.
+    let metrics = get(&gateway.admin_url("/metrics")).await.text();
+    let failures =
+        r#"weir_plugin_failures_total{plugin="open",route="open",tenant="default",kind="limit"} 2"#;
+    assert!(metrics.contains(failures), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_that_fails_closed_leaves_no_header_on_the_gateways_error() {
+    let up = Upstream::start("u").await;
+    let gateway = edit_then_fail_gateway(&up).await;
+    let reply = get(&gateway.url("/closed")).await;
+    assert_eq!(reply.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(reply.json()["error"], "plugin closed failed");
+    assert_no_edits_of_the_failed_plugin(&reply);
+    assert_eq!(up.hits(), 0);
+}

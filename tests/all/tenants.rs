@@ -198,3 +198,69 @@ async fn tenant_quotas_bound_memory_and_instances() {
     );
     assert_eq!(errors.len(), 2, "nothing else is rejected: {errors:?}");
 }
+
+/// One tenant filling its kv quota takes nothing from another: b's counter and values stay, and
+/// a's write past its own quota fails its call rather than being dropped (or dropping another's)
+/// while the plugin is told it was kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_filling_its_kv_quota_evicts_nothing_of_another() {
+    let up = Upstream::start("u").await;
+    let route = |id: &str, plugin: &str, config: serde_json::Value| {
+        json!({"id": id, "uri": format!("/{id}"), "upstream_id": "u",
+               "plugins": [{"name": plugin, "config": config}]})
+    };
+    let mib = 1 << 20;
+    let gateway = TestGateway::start(&yaml(json!({
+        "upstreams": [{"id": "u", "nodes": [node(&up)]}],
+        // a has the default kv quota of 64 MiB.
+        "tenants": [{"name": "a"}, {"name": "b"}],
+        "plugins": [
+            // Copying 64 MiB into the kv takes longer than the default 50 ms in a debug build.
+            probe_entry("a-data", json!({"tenant": "a", "limits": {"timeout_ms": 10000}})),
+            probe_entry("b-data", json!({"tenant": "b", "limits": {"timeout_ms": 10000}})),
+            probe_entry("b-limit", json!({"tenant": "b"})),
+        ],
+        "routes": [
+            route("a-flood", "a-data", json!({"mode": "kv-flood", "count": 70, "size": mib})),
+            route("a-census", "a-data", json!({"mode": "kv-census", "count": 70})),
+            route("b-flood", "b-data", json!({"mode": "kv-flood", "count": 8, "size": mib})),
+            route("b-census", "b-data", json!({"mode": "kv-census", "count": 8})),
+            route("b-count", "b-limit", json!({"mode": "count", "key": "hits"})),
+        ],
+    })))
+    .await;
+    assert!(gateway.errors().is_empty(), "{:?}", gateway.errors());
+    let count =
+        || async { get(&gateway.url("/b-count")).await.json()["headers"]["x-count"].clone() };
+    for expected in ["1", "2", "3"] {
+        assert_eq!(count().await, expected);
+    }
+    assert_eq!(get(&gateway.url("/b-flood")).await.status, StatusCode::OK);
+
+    // 63 values of 1 MiB and their keys fit in a's 64 MiB; the 64th does not, and fails the call.
+    let flood = get(&gateway.url("/a-flood")).await;
+    assert_eq!(
+        flood.status,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "{}",
+        flood.text()
+    );
+    let metrics = get(&gateway.admin_url("/metrics")).await.text();
+    assert!(
+        metrics.contains(
+            r#"weir_plugin_failures_total{plugin="a-data",route="a-flood",tenant="a",kind="quota"} 1"#
+        ),
+        "{metrics}"
+    );
+    // Every write a was not refused is kept, and so is everything of b's.
+    assert_eq!(get(&gateway.url("/a-census")).await.text(), "63");
+    assert_eq!(get(&gateway.url("/b-census")).await.text(), "8");
+    assert_eq!(count().await, "4");
+    // a stays at its quota: a second flood rewrites its 63 values and is refused at the 64th.
+    assert_eq!(
+        get(&gateway.url("/a-flood")).await.status,
+        StatusCode::INTERNAL_SERVER_ERROR
+    );
+    assert_eq!(get(&gateway.url("/a-census")).await.text(), "63");
+    assert_eq!(count().await, "5");
+}

@@ -14,7 +14,9 @@ use super::callout::Callouts;
 use super::health::PluginHealth;
 use super::tenant::{QuotaExceeded, Tenant};
 use crate::config::{Grants, KvBackend, WasiGrant};
-use crate::exchange::{RequestView, ResponseEdit, ResponseView, headers};
+use crate::exchange::{
+    RequestBefore, RequestView, ResponseBefore, ResponseEdit, ResponseView, headers,
+};
 use crate::kv::{KvError, KvStore, KvUnavailable, RedisSlot, RedisStore};
 use crate::metrics::{Metrics, PluginEventLabels};
 
@@ -254,6 +256,12 @@ pub struct InstanceState {
     pub request: Option<Box<RequestView>>,
     /// The response the call in progress filters, reached by the guest as [`RESPONSE_REP`].
     pub response: Option<Box<ResponseView>>,
+    /// The request as it was before the call in progress first edited it, to undo its edits
+    /// if the call fails. Taken at the first edit, so that a call that edits nothing copies
+    /// nothing.
+    pub request_before: Option<RequestBefore>,
+    /// The response as it was before the call in progress first edited it.
+    pub response_before: Option<ResponseBefore>,
     /// WASI with nothing reachable: no files, no sockets, no environment, no arguments. Built
     /// at the instance's first WASI call: most plugins make none, and building one costs a
     /// random seed from the OS.
@@ -280,6 +288,8 @@ impl InstanceState {
             table: ResourceTable::new(),
             request: None,
             response: None,
+            request_before: None,
+            response_before: None,
             wasi: None,
             memory: MemoryCap::new(memory_limit, scope.tenant.clone()),
             clock: CallClock {
@@ -296,6 +306,8 @@ impl InstanceState {
     pub fn begin_call(&mut self) {
         self.clock.ticks_used = 0;
         self.edits = EditBudget::full();
+        self.request_before = None;
+        self.response_before = None;
     }
 
     /// The request `handle` names, which exists only while a call filters it.
@@ -306,10 +318,15 @@ impl InstanceState {
         }
     }
 
-    /// The request `handle` names, to edit.
+    /// The request `handle` names, to edit; the first edit of a call keeps what it was.
     fn request_mut(&mut self, handle: &Resource<RequestView>) -> Result<&mut RequestView> {
         match &mut self.request {
-            Some(request) if handle.rep() == REQUEST_REP => Ok(request),
+            Some(request) if handle.rep() == REQUEST_REP => {
+                if self.request_before.is_none() {
+                    self.request_before = Some(request.before_edits());
+                }
+                Ok(request)
+            }
             _ => Err(wasmtime::Error::new(StaleHandle("request"))),
         }
     }
@@ -322,10 +339,15 @@ impl InstanceState {
         }
     }
 
-    /// The response `handle` names, to edit.
+    /// The response `handle` names, to edit; the first edit of a call keeps what it was.
     fn response_mut(&mut self, handle: &Resource<ResponseView>) -> Result<&mut ResponseView> {
         match &mut self.response {
-            Some(response) if handle.rep() == RESPONSE_REP => Ok(response),
+            Some(response) if handle.rep() == RESPONSE_REP => {
+                if self.response_before.is_none() {
+                    self.response_before = Some(response.before_edits());
+                }
+                Ok(response)
+            }
             _ => Err(wasmtime::Error::new(StaleHandle("response"))),
         }
     }
@@ -714,19 +736,33 @@ impl consumers::Host for InstanceState {
         req: Resource<RequestView>,
         name: String,
     ) -> Result<Result<(), String>> {
-        if self.scope.grants.consumers.is_empty() {
+        let granted = &self.scope.grants.consumers;
+        if granted.is_empty() {
             return Ok(Err("this plugin has no consumers grant".into()));
         }
+        // Only a consumer the plugin could have found itself: one with a credential in a
+        // section its grant lists. Any other (another tenant's, say) gets the same answer as a
+        // consumer that does not exist, so that the refusal says nothing about who does.
+        let found = self
+            .request(&req)?
+            .directory
+            .0
+            .consumers
+            .get(&name)
+            .filter(|consumer| consumer.credentials.keys().any(|s| granted.contains(s)))
+            .map(|consumer| Arc::<str>::from(consumer.name.as_str()));
         let view = self.request_mut(&req)?;
         if let Err(refused) = view.check_writable() {
             return Ok(Err(refused));
         }
-        match view.directory.0.consumers.get(&name) {
+        match found {
             Some(consumer) => {
-                view.consumer = Some(Arc::from(consumer.name.as_str()));
+                view.consumer = Some(consumer);
                 Ok(Ok(()))
             }
-            None => Ok(Err("there is no such consumer".into())),
+            None => Ok(Err(
+                "no consumer of that name has a credential this plugin's grant lists".into(),
+            )),
         }
     }
 

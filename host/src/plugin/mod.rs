@@ -44,8 +44,6 @@ pub const MAX_WASM_STACK: usize = 512 << 10;
 const MAX_INSTANCE_MEMORY: usize = 4 << 30;
 /// Modules kept after their last user goes, so that a rollback does not recompile.
 const RECENT_MODULES: u64 = 4;
-/// How much the shared plugin key/value store may hold.
-const KV_CAPACITY_BYTES: u64 = 64 << 20;
 
 /// Why a plugin could not be loaded or called.
 #[derive(Debug, thiserror::Error)]
@@ -347,7 +345,7 @@ impl PluginRuntime {
                 .time_to_idle(Duration::from_secs(600))
                 .build(),
             pools: Mutex::new(HashMap::new()),
-            kv: KvStore::new(KV_CAPACITY_BYTES),
+            kv: KvStore::new(),
             redis: RedisSlot::default(),
             metrics,
             tenants: Tenants::default(),

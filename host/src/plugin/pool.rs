@@ -16,7 +16,7 @@ use super::host::{
 use super::tenant::QuotaExceeded;
 use super::{Action, EPOCH_TICK, Module, PluginError, PluginInfo, Summary};
 use crate::config::{Isolation, Limits};
-use crate::exchange::{RequestView, ResponseView};
+use crate::exchange::{RequestBefore, RequestView, ResponseView};
 use crate::kv::KvUnavailable;
 
 /// Idle instances kept per pool; instances beyond this are dropped after use.
@@ -396,10 +396,14 @@ impl PluginPool {
             .filter
             .call_on_request(&mut instance.store, Resource::new_borrow(REQUEST_REP))
             .await;
-        let request = take(&mut instance.store.data_mut().request);
+        let state = instance.store.data_mut();
+        let (mut request, before) = (take(&mut state.request), state.request_before.take());
         let outcome = self
             .settle(instance, outcome, bound, Phase::Request)
             .and_then(|action| self.check_reply(action));
+        if outcome.is_err() {
+            undo(&mut request, before);
+        }
         (request, outcome)
     }
 
@@ -454,8 +458,15 @@ impl PluginPool {
             )
             .await;
         let state = instance.store.data_mut();
-        let (request, response) = (take(&mut state.request), take(&mut state.response));
+        let (mut request, mut response) = (take(&mut state.request), take(&mut state.response));
+        let before = (state.request_before.take(), state.response_before.take());
         let outcome = self.settle(instance, outcome, bound, Phase::Response);
+        if outcome.is_err() {
+            undo(&mut request, before.0);
+            if let Some(before) = before.1 {
+                response.undo_edits(before);
+            }
+        }
         (request, response, outcome)
     }
 
@@ -480,8 +491,22 @@ impl PluginPool {
                 summary,
             )
             .await;
-        let request = take(&mut instance.store.data_mut().request);
-        (request, self.settle(instance, outcome, bound, Phase::Log))
+        let state = instance.store.data_mut();
+        let (mut request, before) = (take(&mut state.request), state.request_before.take());
+        let outcome = self.settle(instance, outcome, bound, Phase::Log);
+        if outcome.is_err() {
+            undo(&mut request, before);
+        }
+        (request, outcome)
+    }
+}
+
+/// Undoes the edits a failed call made to the request: a failed call leaves no trace, so that
+/// neither the upstream nor the client sees what a plugin did before it trapped, ran out of time
+/// or went past a limit.
+fn undo(request: &mut RequestView, before: Option<RequestBefore>) {
+    if let Some(before) = before {
+        request.undo_edits(before);
     }
 }
 

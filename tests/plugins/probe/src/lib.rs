@@ -1,7 +1,7 @@
 //! probe: a test plugin whose config picks what it does, from well-behaved to hostile.
 
 use serde::Deserialize;
-use weir_sdk::{Action, Level, Plugin, Reply, Request, Response, Summary, Wants, kv};
+use weir_sdk::{Action, Level, Plugin, Reply, Request, Response, Summary, Wants, kv, response};
 
 #[derive(Deserialize, schemars::JsonSchema)]
 #[serde(tag = "mode", rename_all = "kebab-case", deny_unknown_fields)]
@@ -49,6 +49,16 @@ enum Config {
     /// instance it runs on saw this request (`x-remembered: same|other`) and how many it saw
     /// (`x-instance-seen`); on-log counts `remember-same` or `remember-other`.
     Remember,
+    /// Answers how many of the keys `kv-flood` writes (`flood-0` to `flood-{count - 1}`) the kv
+    /// still holds.
+    KvCensus { count: u32 },
+    /// Marks the request as made by consumer `name`; answers 403 with the error when refused.
+    SetConsumer { name: String },
+    /// Edits what it can, then goes past the header bound and fails: in on-request it sets
+    /// `x-probe-edited` and the var that `trace` reads (to `edited`), queues a `set-cookie` and then 100,000
+    /// response headers; in on-response it sets the status to 299 and `x-probe-edited`, then
+    /// sets 100,000 headers.
+    EditThenFail,
 }
 
 /// Requests this instance has seen (for `instance-counter`).
@@ -82,7 +92,10 @@ impl Plugin for Probe {
     fn wants(&self) -> Wants {
         let both = matches!(self.0, Config::Body { .. } | Config::Inspect);
         let body = both || matches!(self.0, Config::BodyFlood { .. });
-        let trace = matches!(self.0, Config::Trace { .. } | Config::Remember);
+        let trace = matches!(
+            self.0,
+            Config::Trace { .. } | Config::Remember | Config::EditThenFail
+        );
         Wants {
             on_request: true,
             on_response: both || trace,
@@ -193,6 +206,25 @@ impl Plugin for Probe {
                 200,
                 kv::get_string(key).unwrap_or_else(|| "none".into()),
             )),
+            Config::KvCensus { count } => {
+                let kept = (0..*count)
+                    .filter(|i| kv::get(&format!("flood-{i}")).is_some())
+                    .count();
+                Action::Respond(Reply::text(200, kept.to_string()))
+            }
+            Config::SetConsumer { name } => match weir_sdk::consumers::set(req, name) {
+                Ok(()) => Action::Continue,
+                Err(error) => Action::Respond(Reply::error(403, &error)),
+            },
+            Config::EditThenFail => {
+                let _ = req.set_header("x-probe-edited", "request");
+                req.set_var("probe-tag", "edited");
+                let _ = response::set_header(req, "set-cookie", "session=probe");
+                for i in 0..100_000 {
+                    let _ = response::append_header(req, "x-probe-queued", &i.to_string());
+                }
+                Action::Continue
+            }
         }
     }
 
@@ -210,6 +242,13 @@ impl Plugin for Probe {
             Config::Inspect => {
                 let length = resp.body().unwrap_or_default().len();
                 let _ = resp.set_header("x-response-body-bytes", &length.to_string());
+            }
+            Config::EditThenFail => {
+                let _ = resp.set_status(299);
+                let _ = resp.set_header("x-probe-edited", "response");
+                for i in 0..100_000 {
+                    let _ = resp.set_header(&format!("x-probe-flood-{i}"), "x");
+                }
             }
             Config::Remember => {
                 let seen = SEEN.load(std::sync::atomic::Ordering::Relaxed);
