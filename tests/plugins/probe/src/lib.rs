@@ -49,6 +49,9 @@ enum Config {
     /// instance it runs on saw this request (`x-remembered: same|other`) and how many it saw
     /// (`x-instance-seen`); on-log counts `remember-same` or `remember-other`.
     Remember,
+    /// Tells the upstream what it saw of request header `name`, in `x-probe-saw` (`none` when
+    /// absent).
+    SeeHeader { name: String },
 }
 
 /// Requests this instance has seen (for `instance-counter`).
@@ -127,6 +130,11 @@ impl Plugin for Probe {
                     std::hint::black_box(deeper(std::hint::black_box(n + 1)) + 1)
                 }
                 let _ = req.set_header("x-depth", &deeper(0).to_string());
+                Action::Continue
+            }
+            Config::SeeHeader { name } => {
+                let seen = req.header(name).unwrap_or_else(|| "none".into());
+                let _ = req.set_header("x-probe-saw", &seen);
                 Action::Continue
             }
             Config::Trace { tag } => {
