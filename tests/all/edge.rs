@@ -673,3 +673,89 @@ async fn the_dashboard_session_cookie_reaches_no_plugin_and_no_upstream() {
     let log = serde_json::to_string(&gateway.access_log(2).await).unwrap();
     assert!(!log.contains("SECRET"), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_trailers_cannot_name_a_consumer_to_the_upstream() {
+    let up = Upstream::start("u").await;
+    let config = |trailers: Option<Value>| {
+        let mut route = json!({"id": "r", "uri": "/*", "upstream_id": "u"});
+        if let Some(trailers) = trailers {
+            route["request_trailers"] = trailers;
+        }
+        yaml(json!({
+            "upstreams": [{"id": "u", "scheme": "grpc", "nodes": [node(&up)]}],
+            "plugins": [weir_tests::probe_entry("probe", json!({}))],
+            "routes": [
+                route,
+                {"id": "buffered", "uri": "/buffered/*", "upstream_id": "u",
+                 "plugins": [{"name": "probe", "config": {"mode": "inspect"}}]},
+            ],
+        }))
+    };
+    let gateway = TestGateway::start(&config(None)).await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    let send_trailed = |path: &str| {
+        let mut trailers = http::HeaderMap::new();
+        for (name, value) in [
+            ("x-consumer-username", "admin"),
+            ("x-forwarded-for", "10.0.0.1"),
+            ("x-real-ip", "10.0.0.1"),
+            ("x-request-id", "forged"),
+            ("grpc-previous-rpc-attempts", "1"),
+            ("x-checksum", "abc"),
+            ("x-other", "1"),
+        ] {
+            trailers.insert(name, value.parse().unwrap());
+        }
+        let frames = [
+            Ok::<_, std::convert::Infallible>(http_body::Frame::data(bytes::Bytes::from_static(
+                b"hi",
+            ))),
+            Ok(http_body::Frame::trailers(trailers)),
+        ];
+        let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+        client.request(
+            request(Method::POST, &gateway.url(path))
+                .body(body)
+                .unwrap(),
+        )
+    };
+    let echo_of = |reply: http::Response<hyper::body::Incoming>| async move {
+        assert_eq!(reply.status(), StatusCode::OK);
+        let bytes = http_body_util::BodyExt::collect(reply.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        serde_json::from_slice::<Value>(&bytes).unwrap()
+    };
+    // Streaming, and buffered for a plugin: only gRPC's own trailers go on.
+    for path in ["/x", "/buffered/x"] {
+        let echo = echo_of(send_trailed(path).await.unwrap()).await;
+        assert_eq!(echo["body"], "hi", "{path}: {echo}");
+        assert_eq!(
+            echo["trailers"],
+            json!({"grpc-previous-rpc-attempts": "1"}),
+            "{path}: {echo}"
+        );
+    }
+    // A route may allow a name of its own, never the gateway's.
+    gateway.reload(&config(Some(json!(["X-Checksum"])))).await;
+    let echo = echo_of(send_trailed("/x").await.unwrap()).await;
+    assert_eq!(
+        echo["trailers"],
+        json!({"grpc-previous-rpc-attempts": "1", "x-checksum": "abc"}),
+        "{echo}"
+    );
+    gateway
+        .reload(&config(Some(json!(["x-consumer-username"]))))
+        .await;
+    let errors = gateway.errors();
+    assert!(
+        errors[0]
+            .reason
+            .contains("request trailer \"x-consumer-username\""),
+        "{errors:?}"
+    );
+}

@@ -4,6 +4,7 @@
 
 pub mod forwarded;
 pub mod normalise;
+pub mod trailers;
 
 use std::borrow::Cow;
 use std::net::IpAddr;
