@@ -190,6 +190,12 @@ impl ConfigObject for RouteConfig {
                     format!("/hosts/{index}"),
                     format!("host {host:?} is not a host name"),
                 );
+            } else if bare.ends_with('.') {
+                // Requests are matched without their trailing dot: this could never match.
+                checks.fail(
+                    format!("/hosts/{index}"),
+                    format!("host {host:?} never matches: write it without the trailing dot"),
+                );
             }
         }
         match (&self.upstream_id, &self.service) {
