@@ -8,11 +8,13 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
+use crate::edge::trailers::RequestTrailers;
 use crate::timeouts::{BodyStalled, IdleBody, Stalled};
 use crate::upstream::UpstreamBody;
 
-/// The client's request body: it fails if the client stops sending for `server.body_timeout_ms`.
-pub type ClientBody = IdleBody<Incoming>;
+/// The client's request body: it fails if the client stops sending for `server.body_timeout_ms`,
+/// and loses the trailers its route does not allow.
+pub type ClientBody = IdleBody<RequestTrailers<Incoming>>;
 
 /// Why a body stream failed.
 #[derive(Debug, thiserror::Error)]

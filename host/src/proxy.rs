@@ -31,6 +31,7 @@ use crate::access_log::{AccessRecord, now_rfc3339};
 use crate::balancer::{InFlight, hash_key};
 use crate::body::{BodyError, ClientBody, CollectError, ProxyBody, collect_bounded};
 use crate::config::{FailurePolicy, HashOn, PathNormalization};
+use crate::edge::trailers::RequestTrailers;
 use crate::edge::{self, strip_hop_by_hop};
 use crate::error::{GatewayError, grpc_error, is_grpc, json_error};
 use crate::exchange::{BufferedBody, Directory, RequestView, ResponseEdit, ResponseView};
@@ -130,6 +131,9 @@ pub async fn handle(
         _ => (route.upstream_path(routed_path, matched.prefix), None),
     };
     let body_timeout = Duration::from_millis(snapshot.server.config.body_timeout_ms);
+    // Trailers arrive after the edge and the plugins have read the head: they are held to the
+    // route's list as they pass, buffered or streaming.
+    let body = RequestTrailers::new(body, route.request_trailers.clone());
     let body = IdleBody::new(body, body_timeout, Stalled::Client);
     // Boxed once: the view travels through every phase and into each plugin call.
     let request = Box::new(RequestView {

@@ -88,6 +88,8 @@ pub struct Route {
     /// Whether a plugin of the chain is isolated per request, so the request carries its own
     /// instances from phase to phase.
     pub binds_instances: bool,
+    /// `request_trailers`, parsed: the trailers that go upstream besides `grpc-*`.
+    pub request_trailers: Arc<[http::HeaderName]>,
     /// The route's metric handles.
     pub metrics: RouteMetrics,
 }
@@ -679,6 +681,12 @@ impl BuildContext<'_> {
         let binds_instances = chain
             .iter()
             .any(|l| l.pool.isolation() == crate::config::Isolation::PerRequest);
+        // Checked with the config; a name that does not parse could not match a trailer anyway.
+        let request_trailers = config
+            .request_trailers
+            .iter()
+            .filter_map(|name| http::HeaderName::from_bytes(name.as_bytes()).ok())
+            .collect();
         Ok(Arc::new(Route {
             id: config.id.as_str().into(),
             metrics: self.metrics.route(&config.id),
@@ -690,6 +698,7 @@ impl BuildContext<'_> {
             response_body_limit,
             keeps_request,
             binds_instances,
+            request_trailers,
         }))
     }
 }
@@ -903,6 +912,7 @@ mod tests {
                 status: Default::default(),
                 websocket: false,
                 grpc_web: false,
+                request_trailers: vec![],
             }),
             target: Target::Upstream(Arc::new(
                 Upstream::new(
@@ -921,6 +931,7 @@ mod tests {
             response_body_limit: None,
             keeps_request: false,
             binds_instances: false,
+            request_trailers: Arc::from([]),
             metrics: Metrics::new().route("r"),
         };
         assert_eq!(route(None).upstream_path("/api/x", "/api"), "/api/x");

@@ -174,7 +174,9 @@ async fn trailers_survive_a_plugin_that_buffers_both_bodies() {
     let gateway = TestGateway::start(&yaml(json!({
         "upstreams": [{"id": "echo", "scheme": "grpc", "nodes": [{"host": "127.0.0.1", "port": port}]}],
         "plugins": [weir_tests::probe_entry("probe", json!({}))],
+        // A request trailer other than grpc-* goes upstream only where the route allows it.
         "routes": [{"id": "echo", "uri": "/echo.Service/*", "upstream_id": "echo",
+                    "request_trailers": ["x-client-trailer"],
                     "plugins": [{"name": "probe", "config": {"mode": "body", "suffix": "!"}}]}],
     })))
     .await;

@@ -154,7 +154,8 @@ impl Gate {
 }
 
 /// An HTTP upstream owned by the test. It answers with a JSON echo of the request:
-/// `{"upstream", "method", "path", "query", "headers", "body"}`, and an `x-upstream` header.
+/// `{"upstream", "method", "path", "query", "headers", "body"}` (and `"trailers"` when the
+/// request had some), and an `x-upstream` header.
 pub struct Upstream {
     /// Where it listens.
     pub addr: SocketAddr,
@@ -265,11 +266,9 @@ async fn answer(
     request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let (parts, body) = request.into_parts();
-    let body = body
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
+    let collected = body.collect().await.ok();
+    let trailers = collected.as_ref().and_then(|c| c.trailers().cloned());
+    let body = collected.map(|c| c.to_bytes()).unwrap_or_default();
     if !behaviour.delay.is_zero() {
         tokio::time::sleep(behaviour.delay).await;
     }
@@ -285,7 +284,7 @@ async fn answer(
                 .and_modify(|earlier| *earlier = format!("{earlier}, {value}"))
                 .or_insert_with(|| value.into_owned());
         }
-        let echo = serde_json::json!({
+        let mut echo = serde_json::json!({
             "upstream": &*name,
             "method": parts.method.as_str(),
             "path": parts.uri.path(),
@@ -293,6 +292,13 @@ async fn answer(
             "headers": headers,
             "body": String::from_utf8_lossy(&body),
         });
+        if let Some(trailers) = &trailers {
+            let trailers: BTreeMap<&str, String> = trailers
+                .iter()
+                .map(|(name, value)| (name.as_str(), value.to_str().unwrap_or("?").to_owned()))
+                .collect();
+            echo["trailers"] = serde_json::json!(trailers);
+        }
         Bytes::from(echo.to_string())
     });
     let mut response = Response::new(Full::new(body));

@@ -583,6 +583,23 @@ mod tests {
                 serde_json::json!({"id": "a", "uri": "/a", "upstream_id": "b", "colour": 1}),
                 "unknown field `colour`",
             ),
+            (
+                serde_json::json!({"id": "a", "uri": "/a", "upstream_id": "b", "hosts": ["a.example."]}),
+                "without the trailing dot",
+            ),
+            (
+                serde_json::json!({"id": "a", "uri": "/a", "upstream_id": "b",
+                                   "request_trailers": ["x-checksum", "X-Consumer-Username"]}),
+                "/request_trailers/1: request trailer \"X-Consumer-Username\" cannot be allowed: the gateway sets it",
+            ),
+            (
+                serde_json::json!({"id": "a", "uri": "/a", "upstream_id": "b", "request_trailers": ["te"]}),
+                "hop-by-hop",
+            ),
+            (
+                serde_json::json!({"id": "a", "uri": "/a", "upstream_id": "b", "request_trailers": ["a b"]}),
+                "not a header name",
+            ),
         ];
         for (json, expected) in cases {
             let err = refused::<RouteConfig>(&json);

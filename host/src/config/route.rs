@@ -54,6 +54,11 @@ pub struct RouteConfig {
     /// `application/grpc-web+proto`) to gRPC for the upstream, and the answers back.
     #[serde(default, skip_serializing_if = "super::is_false")]
     pub grpc_web: bool,
+    /// `request_trailers: [x-checksum]`: the request trailers the upstream may see besides
+    /// `grpc-*`; a client's other trailers are dropped. The gateway's own headers
+    /// (`x-consumer-*`, `x-forwarded-*`, ...) and hop-by-hop ones cannot be allowed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub request_trailers: Vec<String>,
 }
 
 /// Whether a route serves: the dashboard's switch per route.
@@ -185,6 +190,12 @@ impl ConfigObject for RouteConfig {
                     format!("/hosts/{index}"),
                     format!("host {host:?} is not a host name"),
                 );
+            } else if bare.ends_with('.') {
+                // Requests are matched without their trailing dot: this could never match.
+                checks.fail(
+                    format!("/hosts/{index}"),
+                    format!("host {host:?} never matches: write it without the trailing dot"),
+                );
             }
         }
         match (&self.upstream_id, &self.service) {
@@ -203,6 +214,18 @@ impl ConfigObject for RouteConfig {
                 "/strip_prefix",
                 format!("strip_prefix {prefix:?} must start with / and name a segment"),
             );
+        }
+        for (index, name) in self.request_trailers.iter().enumerate() {
+            let refusal = match http::HeaderName::from_bytes(name.as_bytes()) {
+                Err(_) => Some("it is not a header name"),
+                Ok(header) => crate::edge::trailers::refused_trailer(&header),
+            };
+            if let Some(reason) = refusal {
+                checks.fail(
+                    format!("/request_trailers/{index}"),
+                    format!("request trailer {name:?} cannot be allowed: {reason}"),
+                );
+            }
         }
         let mut seen = std::collections::HashSet::new();
         for (index, plugin) in self.plugins.iter().enumerate() {

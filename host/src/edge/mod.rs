@@ -4,6 +4,7 @@
 
 pub mod forwarded;
 pub mod normalise;
+pub mod trailers;
 
 use std::borrow::Cow;
 use std::net::IpAddr;
@@ -16,6 +17,10 @@ use crate::error::GatewayError;
 use crate::server::Peer;
 
 use self::normalise::{PathError, normalise};
+
+/// The admin listener's session cookies: browsers send a host's cookies to every port, so the
+/// proxy drops these before a plugin, the access log or an upstream could read them.
+pub const ADMIN_SESSION_COOKIES: [&str; 2] = ["weir_session", "__Host-weir_session"];
 
 /// The live `server` settings, validated.
 #[derive(Debug)]
@@ -71,11 +76,14 @@ pub fn arrive<'a>(
         return Err(GatewayError::BadRequest("more than one Host header".into()));
     }
     let normal = normalise(uri.path()).map_err(|e| GatewayError::BadRequest(e.to_string()))?;
-    strip_hop_by_hop(headers);
+    check_authority(uri, headers)?;
     let proto = if peer.tls { "https" } else { "http" };
     let peer = peer.addr.ip().to_canonical();
     let trusted = &settings.trusted_proxies;
+    // Decided before `Connection` is read, so no header it names can change who the client is.
     let client_ip = forwarded::client_ip(peer, headers, trusted);
+    strip_hop_by_hop(headers);
+    drop_session_cookies(headers);
     let host = request_authority(uri, headers);
     if uri.authority().is_some()
         && let Some(host) = &host
@@ -97,30 +105,70 @@ pub fn arrive<'a>(
     })
 }
 
-/// The authority the client asked for, without user info: the absolute URI's (HTTP/2, or an
-/// absolute-form HTTP/1.1 request, where it overrides `Host`), or the `Host` header.
+/// The authority the client asked for: the absolute URI's (HTTP/2, or an absolute-form
+/// HTTP/1.1 request, where it overrides `Host`), or the `Host` header.
 fn request_authority(uri: &http::Uri, headers: &HeaderMap) -> Option<HeaderValue> {
     match uri.authority() {
-        Some(authority) => {
-            let host = authority.as_str();
-            let host = host.rsplit_once('@').map_or(host, |(_, host)| host);
-            HeaderValue::from_str(host).ok()
-        }
+        Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
         None => headers.get(header::HOST).cloned(),
     }
 }
 
-/// The host the client asked for, without its port, for routing.
+/// Refuses an authority that the router and an upstream could read as two hosts: one with
+/// user info (`x@internal.example`), or with a colon that does not start a port.
+fn check_authority(uri: &http::Uri, headers: &HeaderMap) -> Result<(), GatewayError> {
+    let raw = match uri.authority() {
+        Some(authority) => authority.as_str().as_bytes(),
+        None => match headers.get(header::HOST) {
+            Some(host) => host.as_bytes(),
+            None => return Ok(()),
+        },
+    };
+    authority_form(raw).map_err(|reason| GatewayError::BadRequest(reason.to_owned()))
+}
+
+/// Why `raw` is no `host[:port]` (a bracketed IPv6 address for host), if it is not.
+fn authority_form(raw: &[u8]) -> Result<(), &'static str> {
+    if raw.contains(&b'@') {
+        return Err("the host holds user info (@)");
+    }
+    let port = match raw.strip_prefix(b"[") {
+        Some(v6) => {
+            let end = v6
+                .iter()
+                .position(|b| *b == b']')
+                .ok_or("the host's [ is not closed")?;
+            match &v6[end + 1..] {
+                [] => return Ok(()),
+                [b':', port @ ..] => port,
+                _ => return Err("the host has text after its ]"),
+            }
+        }
+        None => match raw.iter().position(|b| *b == b':') {
+            None => return Ok(()),
+            Some(0) => return Err("the host is empty before its port"),
+            Some(colon) => &raw[colon + 1..],
+        },
+    };
+    if port.is_empty() || !port.iter().all(u8::is_ascii_digit) {
+        return Err("the host has a colon that does not start a port");
+    }
+    Ok(())
+}
+
+/// The host the client asked for, without its port or a trailing dot, for routing. The edge
+/// has refused user info already.
 pub fn request_host<'a>(uri: &'a http::Uri, headers: &'a HeaderMap) -> Option<&'a str> {
     let raw = match uri.authority() {
         Some(authority) => authority.as_str(),
         None => headers.get(header::HOST).and_then(|v| v.to_str().ok())?,
     };
-    let raw = raw.rsplit_once('@').map_or(raw, |(_, host)| host);
-    Some(match raw.strip_prefix('[') {
+    let host = match raw.strip_prefix('[') {
         Some(v6) => v6.split(']').next().unwrap_or(v6),
         None => raw.split(':').next().unwrap_or(raw),
-    })
+    };
+    // `api.example.com.` is the same name, fully qualified.
+    Some(host.strip_suffix('.').unwrap_or(host))
 }
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
@@ -140,6 +188,12 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.contains(name)
 }
 
+/// Headers the gateway reads or writes itself: a client's `Connection` cannot remove them.
+fn is_kept_whatever_connection_says(name: &HeaderName) -> bool {
+    let name = name.as_str();
+    name.starts_with("x-forwarded-") || matches!(name, "forwarded" | "x-real-ip" | "host")
+}
+
 /// Removes hop-by-hop headers, and those the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages have none: one pass over the names beats a removal attempt for each.
@@ -153,12 +207,58 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .filter(|name| headers.contains_key(name))
+        .filter(|name| !is_kept_whatever_connection_says(name) && headers.contains_key(name))
         .collect();
     doomed.extend(headers.keys().filter(|name| is_hop_by_hop(name)).cloned());
     for name in doomed {
         headers.remove(name);
     }
+}
+
+/// Removes the admin session cookies from every `Cookie` header. The other pairs stay as they
+/// came; a header with nothing left goes.
+fn drop_session_cookies(headers: &mut HeaderMap) {
+    // Most requests carry none: look before rebuilding anything.
+    let mut values = headers.get_all(header::COOKIE).iter();
+    if !values.any(|v| cookie_pairs(v.as_bytes()).any(is_session_pair)) {
+        return;
+    }
+    let kept: Vec<HeaderValue> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(without_session_cookies)
+        .collect();
+    headers.remove(header::COOKIE);
+    for value in kept {
+        headers.append(header::COOKIE, value);
+    }
+}
+
+/// A `Cookie` value's `name=value` pairs, without the spaces around them.
+fn cookie_pairs(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value.split(|b| *b == b';').map(<[u8]>::trim_ascii)
+}
+
+/// Whether a pair is an admin session cookie (names are case-sensitive, RFC 6265).
+fn is_session_pair(pair: &[u8]) -> bool {
+    let name = pair.split(|b| *b == b'=').next().unwrap_or_default();
+    let name = name.trim_ascii();
+    ADMIN_SESSION_COOKIES.iter().any(|c| c.as_bytes() == name)
+}
+
+/// `value` without its session pairs, or nothing when no pair is left.
+fn without_session_cookies(value: &HeaderValue) -> Option<HeaderValue> {
+    if !cookie_pairs(value.as_bytes()).any(is_session_pair) {
+        return Some(value.clone());
+    }
+    let kept: Vec<&[u8]> = cookie_pairs(value.as_bytes())
+        .filter(|pair| !pair.is_empty() && !is_session_pair(pair))
+        .collect();
+    if kept.is_empty() {
+        return None;
+    }
+    // Bytes of a valid value, joined by valid bytes: still valid.
+    HeaderValue::from_bytes(&kept.join(&b"; "[..])).ok()
 }
 
 #[cfg(test)]
@@ -243,5 +343,174 @@ mod tests {
             arrive(&settings, &uri, &mut h, peer).unwrap();
             assert_eq!(h[&forwarded::X_FORWARDED_PROTO], proto);
         }
+    }
+    fn peer(addr: &str) -> Peer {
+        Peer {
+            addr: addr.parse().unwrap(),
+            tls: false,
+        }
+    }
+
+    fn arrive_with(
+        settings: &ServerSettings,
+        uri: &str,
+        headers: &[(&str, &str)],
+    ) -> (Result<IpAddr, GatewayError>, HeaderMap) {
+        let uri: http::Uri = uri.parse().unwrap();
+        let mut h = HeaderMap::new();
+        for (name, value) in headers {
+            h.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        let arrived = arrive(settings, &uri, &mut h, peer("127.0.0.1:5000")).map(|a| a.client_ip);
+        (arrived, h)
+    }
+
+    #[test]
+    fn a_trailing_dot_host_matches_its_route() {
+        let origin: http::Uri = "/x".parse().unwrap();
+        for (raw, host) in [
+            ("api.example.com.", "api.example.com"),
+            ("api.example.com.:8080", "api.example.com"),
+            ("api.example.com", "api.example.com"),
+            // Only one dot goes: `a..` is no name a route could hold.
+            ("a..", "a."),
+            ("[::1]:80", "::1"),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(header::HOST, raw.parse().unwrap());
+            assert_eq!(request_host(&origin, &h), Some(host), "{raw}");
+        }
+        let absolute: http::Uri = "http://api.example.com./x".parse().unwrap();
+        assert_eq!(
+            request_host(&absolute, &HeaderMap::new()),
+            Some("api.example.com")
+        );
+    }
+
+    #[test]
+    fn user_info_and_stray_colons_in_the_host_are_refused() {
+        let settings = ServerSettings::default();
+        for host in [
+            "x@internal.example",
+            "@internal.example",
+            "a:b:c",
+            "host:",
+            "host:abc",
+            ":80",
+            "[::1]x",
+            "[::1]:",
+            "[::1",
+            "host:80:80",
+        ] {
+            let (arrived, _) = arrive_with(&settings, "/x", &[("host", host)]);
+            let error = arrived.unwrap_err();
+            assert_eq!(error.status(), http::StatusCode::BAD_REQUEST, "{host}");
+        }
+        let (arrived, _) = arrive_with(&settings, "http://x@internal.example/x", &[]);
+        assert_eq!(arrived.unwrap_err().status(), http::StatusCode::BAD_REQUEST);
+        for host in [
+            "host",
+            "host:80",
+            "[::1]",
+            "[::1]:8080",
+            "api.example.com.",
+            "127.0.0.1:1",
+        ] {
+            let (arrived, _) = arrive_with(&settings, "/x", &[("host", host)]);
+            assert!(arrived.is_ok(), "{host}");
+        }
+    }
+
+    #[test]
+    fn connection_cannot_name_the_headers_the_gateway_reads_or_writes() {
+        let mut h = HeaderMap::new();
+        let protected = [
+            "x-forwarded-for",
+            "x-forwarded-proto",
+            "x-forwarded-host",
+            "x-forwarded-port",
+            "forwarded",
+            "x-real-ip",
+            "host",
+        ];
+        h.insert(
+            header::CONNECTION,
+            format!("{}, x-other", protected.join(", ").to_uppercase())
+                .parse()
+                .unwrap(),
+        );
+        for name in protected {
+            h.insert(HeaderName::from_static(name), "1".parse().unwrap());
+        }
+        h.insert("x-other", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        let mut kept: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        kept.sort_unstable();
+        let mut expected = protected.to_vec();
+        expected.sort_unstable();
+        assert_eq!(kept, expected);
+    }
+
+    #[test]
+    fn the_client_behind_a_trusted_proxy_survives_a_connection_header_naming_the_chain() {
+        let settings = ServerSettings {
+            config: ServerConfig::default(),
+            trusted_proxies: vec!["127.0.0.1/32".parse().unwrap()],
+        };
+        let (arrived, h) = arrive_with(
+            &settings,
+            "/x",
+            &[
+                ("x-forwarded-for", "203.0.113.7"),
+                ("connection", "x-forwarded-for"),
+            ],
+        );
+        assert_eq!(arrived.unwrap(), "203.0.113.7".parse::<IpAddr>().unwrap());
+        assert_eq!(h[&forwarded::X_FORWARDED_FOR], "203.0.113.7, 127.0.0.1");
+    }
+
+    fn cookies(headers: &HeaderMap) -> Vec<&[u8]> {
+        headers
+            .get_all(header::COOKIE)
+            .iter()
+            .map(HeaderValue::as_bytes)
+            .collect()
+    }
+
+    #[test]
+    fn the_admin_session_cookie_never_gets_past_the_edge() {
+        let settings = ServerSettings::default();
+        let (_, h) = arrive_with(
+            &settings,
+            "/x",
+            &[("cookie", "a=1; weir_session=SECRET; b=2")],
+        );
+        assert_eq!(cookies(&h), [&b"a=1; b=2"[..]]);
+        // HTTP/2 may split cookies over several headers; each keeps its other pairs untouched,
+        // and one left with nothing goes.
+        let (_, h) = arrive_with(
+            &settings,
+            "/x",
+            &[
+                ("cookie", "weir_session=S"),
+                ("cookie", "c=3;d=4"),
+                ("cookie", "__Host-weir_session=S;e=5 ;  weir_session = S"),
+                ("cookie", "weir_session"),
+            ],
+        );
+        assert_eq!(cookies(&h), [&b"c=3;d=4"[..], b"e=5"]);
+        // Cookie names are case-sensitive, and a longer name is another cookie.
+        let kept = "WEIR_SESSION=1; weir_session2=2; x_weir_session=3";
+        let (_, h) = arrive_with(&settings, "/x", &[("cookie", kept)]);
+        assert_eq!(cookies(&h), [kept.as_bytes()]);
+        let (_, h) = arrive_with(
+            &settings,
+            "/x",
+            &[("cookie", "weir_session=S; __Host-weir_session=T")],
+        );
+        assert!(!h.contains_key(header::COOKIE));
     }
 }

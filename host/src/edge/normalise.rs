@@ -12,6 +12,9 @@
 //! 4. An encoded `NUL` is refused. An encoded `/` or `\`, a literal `\`, and escapes that do
 //!    not decode to UTF-8 are refused too, unless the route keeps the raw path
 //!    (`path_normalization: off`): backends disagree on what those mean.
+//! 5. A segment that is `.` or `..` followed by `;`, in any spelling (`..;`, `%2e%2e;`,
+//!    `..%3B`), is refused whatever the route: Java servers (Tomcat, Jetty, Spring) drop the
+//!    `;` parameter and then read a dot segment the gateway never saw.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -33,6 +36,9 @@ pub enum PathError {
     Backslash,
     /// Its escapes do not decode to UTF-8.
     InvalidUtf8,
+    /// A segment is `.` or `..` followed by `;` (`/..;/`), which Java servers read as a dot
+    /// segment once they drop the path parameter.
+    DotSegmentParameter,
 }
 
 impl PathError {
@@ -56,6 +62,9 @@ impl fmt::Display for PathError {
             PathError::EncodedSlash => "the path holds an encoded slash (%2F)",
             PathError::Backslash => "the path holds a backslash (\\ or %5C)",
             PathError::InvalidUtf8 => "the path's escapes do not decode to UTF-8",
+            PathError::DotSegmentParameter => {
+                "the path holds a . or .. segment with a parameter (;)"
+            }
         })
     }
 }
@@ -93,6 +102,9 @@ pub fn normalise(raw: &str) -> Result<NormalPath<'_>, PathError> {
     let last = pieces.len() - 1;
     for (index, piece) in pieces.into_iter().enumerate() {
         let segment = decode_segment(piece, &mut note, &mut kept_escapes)?;
+        if is_dot_with_parameter(&segment) {
+            return Err(PathError::DotSegmentParameter);
+        }
         match segment.as_str() {
             "." => {
                 if index == last {
@@ -139,7 +151,10 @@ fn is_normal(bytes: &[u8]) -> bool {
             b'.' if previous_slash => {
                 let rest = &bytes[index + 1..];
                 let dots = if rest.first() == Some(&b'.') { 2 } else { 1 };
-                if matches!(rest.get(dots - 1..), Some([]) | Some([b'/', ..])) {
+                if matches!(
+                    rest.get(dots - 1..),
+                    Some([]) | Some([b'/', ..]) | Some([b';', ..])
+                ) {
                     return false;
                 }
                 // A segment such as `..x` or `.well-known`: not a dot segment.
@@ -149,6 +164,15 @@ fn is_normal(bytes: &[u8]) -> bool {
         previous_slash = byte == b'/';
     }
     true
+}
+
+/// `.;x` or `..;x`, the `;` perhaps still escaped (decoded segments write it `%3B`): a dot
+/// segment to a server that drops path parameters (Tomcat, Jetty, Spring).
+fn is_dot_with_parameter(segment: &str) -> bool {
+    let rest = segment
+        .strip_prefix("..")
+        .or_else(|| segment.strip_prefix('.'));
+    rest.is_some_and(|rest| rest.starts_with(';') || rest.starts_with("%3B"))
 }
 
 /// Decodes one segment's unreserved escapes; records what makes it raw-only.
@@ -333,6 +357,33 @@ mod tests {
     }
 
     #[test]
+    fn a_dot_segment_with_path_parameters_is_refused_in_every_spelling() {
+        for raw in [
+            "/hello/..;/private/x",
+            "/hello/.;/private/x",
+            "/hello/%2e%2e;/private/x",
+            "/hello/.%2e;/private/x",
+            "/hello/%2E.;/private/x",
+            "/hello/..%3b/private/x",
+            "/hello/..%3B/private/x",
+            "/hello/.%3B/private/x",
+            "/hello/%2e%3b/private/x",
+            "/hello/..;jsessionid=1/private/x",
+            "/..;/private/x",
+            "/hello/..;",
+            "//..;/x",
+        ] {
+            assert_eq!(normal(raw), Err(PathError::DotSegmentParameter), "{raw}");
+        }
+        assert!(!PathError::DotSegmentParameter.allowed_raw());
+        // A `;` elsewhere is not a dot segment: matrix parameters on a name go through.
+        assert_eq!(ok("/a;b/x"), "/a;b/x");
+        assert_eq!(ok("/a/...;/x"), "/a/...;/x");
+        assert_eq!(ok("/a/x.;"), "/a/x.;");
+        assert_eq!(ok("/a/;/x"), "/a/;/x");
+    }
+
+    #[test]
     fn separators_in_disguise_route_but_are_raw_only() {
         assert_eq!(
             normal("/private%2fx"),
@@ -411,6 +462,8 @@ mod tests {
             Just("%".to_owned()),
             Just("%g1".to_owned()),
             Just("%ff".to_owned()),
+            Just("..;".to_owned()),
+            Just(".%3b".to_owned()),
             Just("é".to_owned()),
             "[a-z.%/]{0,4}",
         ];
@@ -463,7 +516,10 @@ mod tests {
                     }
                 }
                 Err(error) => prop_assert!(
-                    matches!(error, PathError::BadEscape | PathError::Nul),
+                    matches!(
+                        error,
+                        PathError::BadEscape | PathError::Nul | PathError::DotSegmentParameter
+                    ),
                     "{raw}: {error}"
                 ),
             }

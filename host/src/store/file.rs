@@ -551,7 +551,7 @@ routes:
 
     const FIELDS: &str = "\
         id uri uris methods hosts priority upstream_id service strip_prefix plugins \
-        path_normalization nodes host port weight type hash_on scheme timeout \
+        path_normalization request_trailers nodes host port weight type hash_on scheme timeout \
         connect_ms send_ms read_ms idle_ms retries name config isolation module sha256 \
         limits memory_mb timeout_ms max_body_bytes failure grants log clock kv metrics \
         http wasi max_response_bytes tenant quarantine traps window_ms backoff_ms \
@@ -614,6 +614,7 @@ routes:
             "hash_on" => pick("ip|uri|header:x-user", "header:|cookie"),
             "scheme" => pick("http|grpc", "https"),
             "path_normalization" => pick("on|off", "raw"),
+            "request_trailers" => list(pick("x-checksum|grpc-x", "x-consumer-username|te|a b|")),
             "status" => pick("enabled|disabled|online|offline", "off"),
             "keys" => list(object("name key_sha256", "role")),
             "accounts" => list(object("username password_hash", "role")),
@@ -696,7 +697,7 @@ routes:
             Kind::Route => object(
                 "id uri upstream_id",
                 "uris methods hosts priority service strip_prefix plugins path_normalization \
-                 status",
+                 status request_trailers",
             ),
             Kind::Upstream => object(
                 "id nodes",

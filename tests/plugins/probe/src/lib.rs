@@ -59,6 +59,9 @@ enum Config {
     /// response headers; in on-response it sets the status to 299 and `x-probe-edited`, then
     /// sets 100,000 headers.
     EditThenFail,
+    /// Tells the upstream what it saw of request header `name`, in `x-probe-saw` (`none` when
+    /// absent).
+    SeeHeader { name: String },
 }
 
 /// Requests this instance has seen (for `instance-counter`).
@@ -140,6 +143,11 @@ impl Plugin for Probe {
                     std::hint::black_box(deeper(std::hint::black_box(n + 1)) + 1)
                 }
                 let _ = req.set_header("x-depth", &deeper(0).to_string());
+                Action::Continue
+            }
+            Config::SeeHeader { name } => {
+                let seen = req.header(name).unwrap_or_else(|| "none".into());
+                let _ = req.set_header("x-probe-saw", &seen);
                 Action::Continue
             }
             Config::Trace { tag } => {
