@@ -24,14 +24,15 @@ use sha2::Sha256;
 use tokio::sync::Semaphore;
 
 use crate::config::{AdminConfig, Role, session_key_bytes};
+use crate::edge::ADMIN_SESSION_COOKIES;
 use crate::plugin::sha256_hex;
 use crate::store::{ConfigWriter, Expect, WriteError};
 
 /// The session cookie's name on a plain admin listener.
-pub const SESSION_COOKIE: &str = "weir_session";
+pub const SESSION_COOKIE: &str = ADMIN_SESSION_COOKIES[0];
 /// The session cookie's name on a TLS admin listener: `__Host-` makes the browser keep it to
 /// this host, `Secure` and `Path=/`, and refuse it from any other.
-pub const SECURE_SESSION_COOKIE: &str = "__Host-weir_session";
+pub const SECURE_SESSION_COOKIE: &str = ADMIN_SESSION_COOKIES[1];
 /// The header a dashboard write carries its CSRF token in.
 pub const CSRF_HEADER: &str = "x-csrf-token";
 /// The header an API key travels in.
