@@ -140,10 +140,11 @@ async fn a_plugin_that_fails_in_init_is_rejected_when_the_route_loads() {
         reason("init-panics").contains("plugin trapped"),
         "{errors:?}"
     );
-    // Refused by the schema the plugin describes itself with, before its `init` runs.
+    // Refused by the schema the plugin describes itself with, before its `init` runs; the
+    // refused value is not echoed (it could be a secret).
     assert!(
         reason("bad-config").contains("does not match the plugin's schema")
-            && reason("bad-config").contains("no-such-mode"),
+            && !reason("bad-config").contains("no-such-mode"),
         "{errors:?}"
     );
     assert_eq!(get(&gateway.url("/a")).await.status, StatusCode::NOT_FOUND);
