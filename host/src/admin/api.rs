@@ -166,7 +166,7 @@ pub(super) async fn handle(
     match (&method, segments.as_slice()) {
         (&Method::POST, ["login"]) => return login(admin, settings, request, peer).await,
         (&Method::POST, ["logout"]) => {
-            return logout(admin, request.headers(), peer.tls, shared).await;
+            return logout(admin, settings, request.headers(), peer.tls, shared).await;
         }
         (&Method::GET, ["session"]) => {
             return session(admin, settings, request.headers(), peer.tls, shared).await;
@@ -1124,13 +1124,14 @@ async fn login(
 /// `POST /v1/logout`: ends the session, on every gateway, and clears its cookie.
 async fn logout(
     admin: &Admin,
+    settings: &AdminConfig,
     headers: &HeaderMap,
     tls: bool,
     shared: Option<&dyn ConfigWriter>,
 ) -> Response<ProxyBody> {
     let name = session_cookie(tls);
     if let Some(token) = cookie(headers, name) {
-        admin.auth.logout(token, shared).await;
+        admin.auth.logout(settings, token, shared).await;
     }
     let mut response = answer(StatusCode::OK, &json!({"logged_out": true}));
     let clear = format!(

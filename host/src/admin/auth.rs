@@ -451,22 +451,35 @@ impl Auth {
         .map_err(|_| LoginError::Busy)
     }
 
-    /// Ends the session `token` (if it is one), on every gateway that shares `shared`.
-    pub async fn logout(&self, token: &str, shared: Option<&dyn ConfigWriter>) {
-        let Some(claims) = claims_unverified(token) else {
+    /// Ends the session `token`, on every gateway that shares `shared`, if it is one this
+    /// cluster signed: anyone may call logout, and a forged token must not write to the store.
+    pub async fn logout(
+        &self,
+        settings: &AdminConfig,
+        token: &str,
+        shared: Option<&dyn ConfigWriter>,
+    ) {
+        let Some(unverified) = claims_unverified(token) else {
+            return;
+        };
+        let Some(key) = self.verifying_key(settings, &unverified.key, shared).await else {
+            return;
+        };
+        let Some(claims) = verify(&key, token) else {
             return;
         };
         let now = now_secs();
+        if claims.expires <= now {
+            return;
+        }
+        let ttl = (claims.expires - now).min(settings.session_minutes * 60);
         {
             let mut revoked = self.revoked.lock().expect("revoked lock");
             revoked.retain(|_, expires| *expires > now);
             revoked.insert(claims.nonce.clone(), claims.expires);
         }
         if let Some(store) = shared
-            && claims.expires > now
-            && let Err(error) = store
-                .revoke_session(&claims.nonce, claims.expires - now)
-                .await
+            && let Err(error) = store.revoke_session(&claims.nonce, ttl).await
         {
             tracing::warn!(%error, "a logout could not be recorded in the store: other gateways accept the session until it expires");
         }
@@ -952,7 +965,16 @@ mod tests {
         // A gateway with keys of its own does not verify it.
         let other = Auth::new(None, None, None, PasswordChecks::default());
         assert_eq!(who(&other, &s, &read, false).await, Err(Refusal::Invalid));
-        auth.logout(&session.token, None).await;
+        // A forged token's logout records nothing: logout needs no credentials.
+        let forged_claims = B64.encode(json_payload(
+            "alice",
+            "bm9uY2Vub25jZW5vbmNl",
+            &session.token,
+        ));
+        auth.logout(&s, &format!("{forged_claims}.AAAA"), None)
+            .await;
+        assert!(auth.revoked.lock().unwrap().is_empty());
+        auth.logout(&s, &session.token, None).await;
         assert_eq!(who(&auth, &s, &read, false).await, Err(Refusal::Invalid));
     }
 
@@ -1064,6 +1086,14 @@ mod tests {
         s.session_keys.truncate(1);
         assert!(second.session(&s, &newer.token, None).await.is_ok());
         assert!(second.session(&s, &session.token, None).await.is_err());
+    }
+
+    /// A payload like the one `token` carries, for `user` with `nonce` and a far expiry.
+    fn json_payload(user: &str, nonce: &str, token: &str) -> String {
+        let real = claims_unverified(token).unwrap();
+        serde_json::json!({"u": user, "r": "admin", "e": u64::MAX / 2, "n": nonce,
+                           "k": real.key, "p": real.password})
+        .to_string()
     }
 
     #[test]
