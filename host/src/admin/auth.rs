@@ -546,8 +546,11 @@ impl Auth {
         settings: &AdminConfig,
         shared: Option<&dyn ConfigWriter>,
     ) -> Result<SigningKey, LoginError> {
-        if self.follow_config(settings) {
-        } else if let Some(store) = shared {
+        // Configured keys win; else the store's, read at each login so a rotation made on
+        // another gateway signs here at once.
+        if !self.follow_config(settings)
+            && let Some(store) = shared
+        {
             self.read_store_keys(store, true).await?;
         }
         let keys = self.keys.lock().expect("keys lock");
