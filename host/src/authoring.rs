@@ -71,7 +71,7 @@ impl std::fmt::Display for CheckReport {
 /// Compiles a component and checks it against `grants` the way the gateway does.
 pub async fn check(bytes: Vec<u8>, grants: &Grants) -> Result<CheckReport, PluginError> {
     let runtime = PluginRuntime::new(Arc::new(Metrics::new()), None)?;
-    let sha256 = crate::plugin::sha256_hex(&bytes);
+    let sha256 = crate::digest::sha256_hex(&bytes);
     match runtime.load(bytes).await {
         Ok(module) => {
             let imports = module

@@ -1,13 +1,15 @@
 //! The request and response as plugins see them: the data behind the WIT `request` and `response`
 //! resources, and the edits plugins may make to them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, Method, StatusCode};
+
+use crate::config::Consumers;
 
 /// Headers that a plugin may not set or remove, because the gateway owns the framing.
 const FRAMING_HEADERS: &[&str] = &["content-length", "transfer-encoding", "connection"];
@@ -55,17 +57,46 @@ pub struct RequestView {
     pub upstream: Option<String>,
     /// Response header edits plugins queued in `on-request`, applied when the answer is sent.
     pub response_edits: Vec<ResponseEdit>,
-    /// The snapshot the request was routed by: what plugins look consumers and upstreams up in.
+    /// What plugins look consumers and upstreams up in, from the snapshot the request was
+    /// routed by.
     pub directory: Directory,
 }
 
-/// The snapshot a request was routed by, as plugins see it during the request.
-#[derive(Clone)]
-pub struct Directory(pub Arc<crate::snapshot::Snapshot>);
+/// What plugins may look up during a request, from the snapshot it was routed by: the
+/// consumers, and which upstreams exist. Narrow on purpose: the plugin runtime sits below the
+/// snapshot, and sees no more of it than this.
+#[derive(Clone, Default)]
+pub struct Directory(Arc<Listing>);
 
-impl Default for Directory {
-    fn default() -> Self {
-        Directory(Arc::new(crate::snapshot::Snapshot::empty()))
+#[derive(Default)]
+struct Listing {
+    generation: u64,
+    consumers: Arc<Consumers>,
+    upstreams: HashSet<String>,
+}
+
+impl Directory {
+    /// The directory of snapshot `generation`, holding `consumers` and the ids of `upstreams`.
+    pub fn new(
+        generation: u64,
+        consumers: Arc<Consumers>,
+        upstreams: impl IntoIterator<Item = String>,
+    ) -> Self {
+        Directory(Arc::new(Listing {
+            generation,
+            consumers,
+            upstreams: upstreams.into_iter().collect(),
+        }))
+    }
+
+    /// The consumers index.
+    pub fn consumers(&self) -> &Consumers {
+        &self.0.consumers
+    }
+
+    /// Whether an upstream with this id exists.
+    pub fn has_upstream(&self, id: &str) -> bool {
+        self.0.upstreams.contains(id)
     }
 }
 

@@ -12,7 +12,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderValue};
 use http_body::{Body, Frame, SizeHint};
 
-use crate::body::{BodyError, ProxyBody};
+use crate::body::stream::BodyError;
 
 /// The flag byte of a frame that carries trailers rather than a message.
 const TRAILERS_FLAG: u8 = 0x80;
@@ -86,19 +86,22 @@ pub fn trailers_frame(trailers: &HeaderMap) -> Bytes {
 /// A gRPC response body as a gRPC-Web one: messages as they are, then the trailers as a
 /// frame.
 #[derive(Debug)]
-pub struct WebBody {
-    inner: ProxyBody,
+pub struct WebBody<B> {
+    inner: B,
     done: bool,
 }
 
-impl WebBody {
+impl<B> WebBody<B> {
     /// The gRPC-Web form of `inner`.
-    pub fn new(inner: ProxyBody) -> Self {
+    pub fn new(inner: B) -> Self {
         WebBody { inner, done: false }
     }
 }
 
-impl Body for WebBody {
+impl<B> Body for WebBody<B>
+where
+    B: Body<Data = Bytes, Error = BodyError> + Unpin,
+{
     type Data = Bytes;
     type Error = BodyError;
 
@@ -140,6 +143,7 @@ impl Body for WebBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::body::ProxyBody;
     use http_body_util::BodyExt;
 
     fn content_type(value: &str) -> HeaderMap {

@@ -469,7 +469,7 @@ fn signature_of(key: &std::path::Path, sha256: &str) -> anyhow::Result<ModuleSig
 fn sign(args: SignArgs) -> anyhow::Result<()> {
     let bytes =
         std::fs::read(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
-    let sha256 = weir::plugin::sha256_hex(&bytes);
+    let sha256 = weir::digest::sha256_hex(&bytes);
     let signature = signature_of(&args.key, &sha256)?;
     let mut out = args.file.clone().into_os_string();
     out.push(".sig");
@@ -509,7 +509,7 @@ fn admin_command(command: AdminCommand) -> anyhow::Result<()> {
         AdminCommand::NewKey => {
             let key = weir::admin::auth::new_key();
             println!("key:        {key}");
-            println!("key_sha256: {}", weir::plugin::sha256_hex(key.as_bytes()));
+            println!("key_sha256: {}", weir::digest::sha256_hex(key.as_bytes()));
         }
     }
     Ok(())

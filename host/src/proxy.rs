@@ -16,33 +16,29 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
-use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use crate::access_log::{AccessRecord, now_rfc3339};
-use crate::balancer::{InFlight, hash_key};
-use crate::body::{BodyError, ClientBody, CollectError, ProxyBody, collect_bounded};
+use crate::body::{CollectError, ProxyBody, ResponseBody, Stalled, collect_bounded};
 use crate::config::{FailurePolicy, HashOn, PathNormalization};
+use crate::edge::Peer;
 use crate::edge::trailers::RequestTrailers;
 use crate::edge::{self, strip_hop_by_hop};
 use crate::error::{GatewayError, grpc_error, is_grpc, json_error};
-use crate::exchange::{BufferedBody, Directory, RequestView, ResponseEdit, ResponseView};
+use crate::exchange::{BufferedBody, RequestView, ResponseEdit, ResponseView};
 use crate::gateway::Gateway;
 use crate::grpc_web;
 use crate::plugin::{Action, Bound, PluginError, Reply, Summary};
-use crate::server::Peer;
 use crate::snapshot::{Route, Snapshot, Target};
-use crate::timeouts::{IdleBody, ServingRequest, Stalled};
+use crate::timeouts::IdleBody;
 use crate::upgrade::{self, Spliced};
-use crate::upstream::{self, Outbound, OutboundBody, Upstream, UpstreamError};
+use crate::upstream::balancer::{InFlight, hash_key};
+use crate::upstream::{self, ClientBody, Outbound, OutboundBody, Upstream, UpstreamError};
 
 /// The header a request id is read from when the client sends one.
 const REQUEST_ID_HEADER: &str = "x-request-id";
@@ -55,7 +51,7 @@ pub async fn handle(
     gateway: Arc<Gateway>,
     request: Request<Incoming>,
     peer: Peer,
-) -> Response<ResponseBody> {
+) -> Response<ResponseBody<Finish>> {
     let started = Instant::now();
     let snapshot = gateway.snapshot();
     let (mut parts, body) = request.into_parts();
@@ -152,7 +148,7 @@ pub async fn handle(
         consumer: None,
         upstream: None,
         response_edits: Vec::new(),
-        directory: Directory(snapshot.clone()),
+        directory: snapshot.directory.clone(),
     });
 
     let (mut request, outcome) = request_phase(
@@ -544,7 +540,11 @@ pub struct Finish {
 impl Finish {
     /// Answers 101 and splices the two connections in a task of their own, which finishes
     /// (access log, metrics, `on-log`) when the spliced connection ends.
-    fn splice(mut self, response: Response<ProxyBody>, switch: Switch) -> Response<ResponseBody> {
+    fn splice(
+        mut self,
+        response: Response<ProxyBody>,
+        switch: Switch,
+    ) -> Response<ResponseBody<Finish>> {
         self.status = StatusCode::SWITCHING_PROTOCOLS;
         let (mut parts, _) = response.into_parts();
         parts.status = StatusCode::SWITCHING_PROTOCOLS;
@@ -584,18 +584,10 @@ impl Finish {
             };
             self.upgraded.replace(spliced);
         });
-        Response::from_parts(
-            parts,
-            ResponseBody {
-                inner: ProxyBody::Empty,
-                _finish: None,
-                _serving: None,
-                upgraded: Some(serving),
-            },
-        )
+        Response::from_parts(parts, ResponseBody::upgrading(serving))
     }
 
-    fn respond(mut self, response: Response<ProxyBody>) -> Response<ResponseBody> {
+    fn respond(mut self, response: Response<ProxyBody>) -> Response<ResponseBody<Finish>> {
         self.status = response.status();
         let (mut parts, mut body) = response.into_parts();
         // After every `on-response`, on every answer: upstream, plugin reply or error alike.
@@ -606,18 +598,10 @@ impl Finish {
             grpc_web::response_to_web(&mut parts.headers);
             body = ProxyBody::GrpcWeb(Box::new(grpc_web::WebBody::new(body)));
         }
-        Response::from_parts(
-            parts,
-            ResponseBody {
-                inner: body,
-                _finish: Some(self),
-                _serving: None,
-                upgraded: None,
-            },
-        )
+        Response::from_parts(parts, ResponseBody::finishing(body, Some(self)))
     }
 
-    fn fail(self, error: GatewayError) -> Response<ResponseBody> {
+    fn fail(self, error: GatewayError) -> Response<ResponseBody<Finish>> {
         let response = self.answer_error(error);
         self.respond(response)
     }
@@ -722,62 +706,6 @@ impl Drop for Finish {
                 }
             }
         });
-    }
-}
-
-/// The response body sent to the client; dropping it runs [`Finish`], and tells the
-/// connection that the request is over.
-pub struct ResponseBody {
-    inner: ProxyBody,
-    /// Held only for its `Drop`.
-    _finish: Option<Finish>,
-    /// Held only for its `Drop`.
-    _serving: Option<ServingRequest>,
-    /// For a 101: where the connection's serving guard goes, to be held while spliced.
-    upgraded: Option<tokio::sync::oneshot::Sender<ServingRequest>>,
-}
-
-impl ResponseBody {
-    /// A body with no finishing work, for responses outside the proxy path.
-    pub fn plain(inner: ProxyBody) -> Self {
-        ResponseBody {
-            inner,
-            _finish: None,
-            _serving: None,
-            upgraded: None,
-        }
-    }
-
-    /// The same body, holding the connection's count of requests being served until it is done
-    /// (for an upgrade, until the spliced connection is).
-    pub fn serving(mut self, serving: ServingRequest) -> Self {
-        match self.upgraded.take() {
-            Some(splice) => {
-                let _ = splice.send(serving);
-            }
-            None => self._serving = Some(serving),
-        }
-        self
-    }
-}
-
-impl Body for ResponseBody {
-    type Data = Bytes;
-    type Error = BodyError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
 

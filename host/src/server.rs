@@ -20,10 +20,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::access_log::AccessLogTarget;
 use crate::admin::{self, Admin, AdminOptions, AdminSetupError};
+use crate::body::ResponseBody;
 use crate::config::{MIN_HEADER_BYTES, ServerConfig};
+use crate::edge::Peer;
 use crate::gateway::{Gateway, GatewayInitError};
 use crate::metrics::{AcceptLabels, HandshakeFailureLabels, ListenerLabels};
-use crate::proxy::{self, ResponseBody};
+use crate::proxy;
 use crate::reconcile::Reconciler;
 use crate::store::etcd::{EtcdOptions, EtcdStore};
 use crate::store::file::FileStore;
@@ -342,10 +344,11 @@ struct ProxyServing<H> {
     handler: H,
 }
 
-impl<H, F> ProxyServing<H>
+impl<H, F, D> ProxyServing<H>
 where
     H: Fn(Request<Incoming>, Peer) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = Response<ResponseBody>> + Send + 'static,
+    F: Future<Output = Response<ResponseBody<D>>> + Send + 'static,
+    D: Send + Unpin + 'static,
 {
     /// Serves `listeners`: here, or each socket on its worker's runtime.
     fn spawn(
@@ -412,19 +415,10 @@ async fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, StartError> {
 /// The proxy listeners' names, as their metrics label them.
 const PROXY_LISTENERS: [&str; 2] = ["proxy", "proxy_tls"];
 
-/// Who is at the other end of a client connection.
-#[derive(Clone, Copy, Debug)]
-pub struct Peer {
-    /// The TCP peer's address.
-    pub addr: SocketAddr,
-    /// Whether the connection is TLS.
-    pub tls: bool,
-}
-
 /// Accepts connections until `stop`, serving HTTP/1.1 and HTTP/2 (over TLS when `tls` is
 /// set) on each under the live `server` limits, then lets them finish for up to
 /// `drain_timeout`.
-async fn serve<H, F>(
+async fn serve<H, F, D>(
     name: &'static str,
     listener: std::net::TcpListener,
     tls: Option<TlsAcceptor>,
@@ -434,7 +428,8 @@ async fn serve<H, F>(
     handler: H,
 ) where
     H: Fn(Request<Incoming>, Peer) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = Response<ResponseBody>> + Send + 'static,
+    F: Future<Output = Response<ResponseBody<D>>> + Send + 'static,
+    D: Send + Unpin + 'static,
 {
     let listener = match TcpListener::from_std(listener) {
         Ok(listener) => listener,

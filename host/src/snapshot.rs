@@ -17,6 +17,7 @@ use crate::config::{
     ServiceSettings, SslConfig, StripPrefix, TenantConfig,
 };
 use crate::edge::ServerSettings;
+use crate::exchange::Directory;
 use crate::metrics::{Metrics, PluginMetrics, RouteMetrics};
 use crate::plugin::signature::{self, ModuleSignature};
 use crate::plugin::{Module, PluginPool, PluginRuntime};
@@ -141,6 +142,8 @@ pub struct Snapshot {
     pub errors: Vec<ObjectError>,
     /// Counts builds, starting at 0 for the empty snapshot.
     pub generation: u64,
+    /// What plugins may look up during a request routed by this snapshot.
+    pub directory: Directory,
 }
 
 impl Snapshot {
@@ -157,6 +160,7 @@ impl Snapshot {
             ssl: BTreeMap::new(),
             certs: Arc::new(CertTable::default()),
             consumers: Arc::default(),
+            directory: Directory::default(),
             route_list: imbl::OrdMap::new(),
             route_configs: imbl::OrdMap::new(),
             errors: Vec::new(),
@@ -367,6 +371,11 @@ impl BuildContext<'_> {
         }
         self.metrics.config_errors.set(errors.len() as i64);
         self.metrics.routes.set(route_list.len() as i64);
+        let directory = Directory::new(
+            previous.generation + 1,
+            consumers.clone(),
+            upstreams.keys().cloned(),
+        );
         Snapshot {
             routes,
             upstreams,
@@ -377,6 +386,7 @@ impl BuildContext<'_> {
             admin,
             ssl,
             certs,
+            directory,
             consumers,
             route_list,
             route_configs: objects.routes.clone(),
@@ -443,7 +453,7 @@ impl BuildContext<'_> {
         let (table, refused) = CertTable::build(
             loaded
                 .values()
-                .map(|cert| (&cert.config, cert.certified.key.clone())),
+                .map(|cert| (cert.config.claim(), cert.certified.key.clone())),
         );
         for (id, reason) in refused {
             loaded.remove(&id);
@@ -515,7 +525,7 @@ impl BuildContext<'_> {
         }
         let trusted_keys = &server.trusted_keys;
         let bytes = self.modules.fetch(config).await?;
-        let actual = crate::plugin::sha256_hex(&bytes);
+        let actual = crate::digest::sha256_hex(&bytes);
         if let Some(expected) = &config.sha256
             && &actual != expected
         {

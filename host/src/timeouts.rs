@@ -17,7 +17,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-use crate::body::BodyError;
+use crate::body::stream::{BodyError, BodyStalled, Stalled};
 
 /// A timer that is created on first use and moved only when it must fire earlier.
 #[derive(Debug, Default)]
@@ -350,16 +350,6 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for TimedIo<T> {
     }
 }
 
-/// Which side of the gateway let a body stall.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Stalled {
-    /// The client stopped sending its request body.
-    Client,
-    /// The upstream stopped sending its response body, or the request body stalled on its way
-    /// to the upstream for longer than the upstream's `idle_ms`.
-    Upstream,
-}
-
 /// A body that fails when no frame arrives for its idle bound while it is being read.
 #[derive(Debug)]
 pub struct IdleBody<B> {
@@ -389,25 +379,6 @@ impl<B> IdleBody<B> {
             self.side = side;
         }
     }
-}
-
-impl std::fmt::Display for Stalled {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Stalled::Client => "client",
-            Stalled::Upstream => "upstream",
-        })
-    }
-}
-
-/// A body stopped moving.
-#[derive(Debug, thiserror::Error)]
-#[error("the body stopped moving for {} ms (bound set for the {side})", .idle.as_millis())]
-pub struct BodyStalled {
-    /// Whose fault it was.
-    pub side: Stalled,
-    /// The bound it passed.
-    pub idle: Duration,
 }
 
 impl<B> Body for IdleBody<B>

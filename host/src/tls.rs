@@ -13,8 +13,6 @@ use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 
-use crate::config::{SslConfig, UpstreamTls};
-
 /// ALPN for HTTP/2.
 pub const ALPN_H2: &[u8] = b"h2";
 /// ALPN for HTTP/1.1.
@@ -109,6 +107,28 @@ fn pem_chain(pem: &str) -> Result<Vec<CertificateDer<'static>>, String> {
         .map_err(|e| e.to_string())
 }
 
+/// The names one certificate claims: an `ssl` object's, as plain values.
+#[derive(Clone, Copy, Debug)]
+pub struct CertClaim<'a> {
+    /// The object's id, named when another certificate already holds a name.
+    pub id: &'a str,
+    /// The server names it serves; `*.example.com` is a wildcard one label deep.
+    pub snis: &'a [String],
+    /// Whether it answers a name no other certificate claims.
+    pub default: bool,
+}
+
+/// What a client config is built from: an upstream's `tls` settings, as plain values.
+#[derive(Clone, Copy, Debug)]
+pub struct ClientTls<'a> {
+    /// PEM roots to trust instead of the system's.
+    pub ca: Option<&'a str>,
+    /// Whether the upstream's certificate is verified at all.
+    pub verify: bool,
+    /// A PEM chain to present (mutual TLS), and its key.
+    pub client_cert: Option<(&'a str, &'a str)>,
+}
+
 /// Which certificate answers which server name.
 #[derive(Debug, Default)]
 pub struct CertTable {
@@ -122,7 +142,7 @@ impl CertTable {
     /// A table of `certs`, in id order. A certificate that claims a name (or the default)
     /// that an earlier one holds is left out, with the reason.
     pub fn build<'a>(
-        certs: impl IntoIterator<Item = (&'a SslConfig, Arc<CertifiedKey>)>,
+        certs: impl IntoIterator<Item = (CertClaim<'a>, Arc<CertifiedKey>)>,
     ) -> (CertTable, Vec<(String, String)>) {
         let mut table = CertTable::default();
         let mut owners: HashMap<&str, &str> = HashMap::new();
@@ -140,20 +160,20 @@ impl CertTable {
                 });
             if let Some((name, owner)) = taken {
                 refused.push((
-                    config.id.clone(),
+                    config.id.to_owned(),
                     format!("{name} is already served by ssl {owner:?}"),
                 ));
                 continue;
             }
-            for sni in &config.snis {
-                owners.insert(sni, &config.id);
+            for sni in config.snis {
+                owners.insert(sni, config.id);
                 match sni.strip_prefix("*.") {
                     Some(parent) => table.wildcard.insert(parent.to_owned(), key.clone()),
                     None => table.exact.insert(sni.clone(), key.clone()),
                 };
             }
             if config.default {
-                owners.insert("", &config.id);
+                owners.insert("", config.id);
                 table.default = Some(key.clone());
             }
         }
@@ -214,14 +234,14 @@ pub struct ClientTlsError(pub String);
 
 /// The TLS config for connections to an upstream's nodes, offering `alpn`.
 pub fn client_config(
-    tls: &UpstreamTls,
+    tls: ClientTls<'_>,
     alpn: &[u8],
 ) -> Result<Arc<rustls::ClientConfig>, ClientTlsError> {
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(VERSIONS)
         .expect("ring speaks TLS 1.2 and 1.3");
     let builder = if tls.verify {
-        let roots = match &tls.ca {
+        let roots = match tls.ca {
             Some(pem) => {
                 let mut roots = RootCertStore::empty();
                 let certs = pem_chain(pem).map_err(|e| ClientTlsError(format!("ca: {e}")))?;
@@ -239,8 +259,8 @@ pub fn client_config(
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(NoVerification(provider())))
     };
-    let mut config = match (&tls.client_cert, &tls.client_key) {
-        (Some(cert), Some(key)) => {
+    let mut config = match tls.client_cert {
+        Some((cert, key)) => {
             let certified = certified_key(cert, key)
                 .map_err(|e| ClientTlsError(format!("client certificate: {e}")))?;
             let chain = certified.key.cert.clone();
@@ -250,15 +270,15 @@ pub fn client_config(
                 .with_client_auth_cert(chain, key)
                 .map_err(|e| ClientTlsError(format!("client certificate: {e}")))?
         }
-        _ => builder.with_no_client_auth(),
+        None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = vec![alpn.to_vec()];
     Ok(Arc::new(config))
 }
 
 /// The name an upstream connection asks for and verifies: the `sni` override, or the host.
-pub fn server_name(tls: &UpstreamTls, host: &str) -> Result<ServerName<'static>, ClientTlsError> {
-    let name = tls.sni.as_deref().unwrap_or(host);
+pub fn server_name(sni: Option<&str>, host: &str) -> Result<ServerName<'static>, ClientTlsError> {
+    let name = sni.unwrap_or(host);
     ServerName::try_from(name.to_owned())
         .map_err(|_| ClientTlsError(format!("{name:?} is not a server name")))
 }
@@ -337,6 +357,7 @@ impl ServerCertVerifier for NoVerification {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::SslConfig;
 
     fn ssl(id: &str, snis: &[&str], default: bool) -> SslConfig {
         SslConfig {
@@ -371,7 +392,13 @@ mod tests {
             ssl("b", &["*.example.com"], false),
             ssl("c", &[], true),
         ];
-        let (table, refused) = CertTable::build(configs.iter().zip([key(1), key(2), key(3)]));
+        let (table, refused) =
+            CertTable::build(
+                configs
+                    .iter()
+                    .map(SslConfig::claim)
+                    .zip([key(1), key(2), key(3)]),
+            );
         assert!(refused.is_empty(), "{refused:?}");
         assert_eq!(tag(table.lookup(Some("api.example.com"))), Some(1));
         assert_eq!(tag(table.lookup(Some("API.Example.com."))), Some(1));
@@ -385,7 +412,7 @@ mod tests {
     #[test]
     fn without_a_default_an_unknown_name_gets_nothing() {
         let configs = [ssl("a", &["a.test"], false)];
-        let (table, _) = CertTable::build(configs.iter().zip([key(1)]));
+        let (table, _) = CertTable::build(configs.iter().map(SslConfig::claim).zip([key(1)]));
         assert_eq!(tag(table.lookup(Some("b.test"))), None);
         assert_eq!(tag(table.lookup(None)), None);
     }
@@ -397,7 +424,13 @@ mod tests {
             ssl("b", &["y.test", "x.test"], false),
             ssl("c", &["z.test"], true),
         ];
-        let (table, refused) = CertTable::build(configs.iter().zip([key(1), key(2), key(3)]));
+        let (table, refused) =
+            CertTable::build(
+                configs
+                    .iter()
+                    .map(SslConfig::claim)
+                    .zip([key(1), key(2), key(3)]),
+            );
         assert_eq!(tag(table.lookup(Some("x.test"))), Some(1));
         // The refused certificate claims none of its names.
         assert_eq!(tag(table.lookup(Some("y.test"))), Some(1));

@@ -499,7 +499,7 @@ async fn an_uploaded_module_serves_through_a_route() {
     let uploaded = api.post("/v1/modules", bytes.clone()).await;
     let module = expect(&uploaded, StatusCode::CREATED);
     let sha256 = module["sha256"].as_str().unwrap().to_owned();
-    assert_eq!(sha256, weir::plugin::sha256_hex(&bytes));
+    assert_eq!(sha256, weir::digest::sha256_hex(&bytes));
     assert_eq!(module["size"], bytes.len());
     // The same bytes again store nothing new.
     expect(
@@ -645,7 +645,7 @@ async fn keys_roles_and_open_paths() {
     let viewer_key = "viewer-secret";
     etcd.put(
         "/weir/admin",
-        json!({"keys": [{"name": "grafana", "key_sha256": weir::plugin::sha256_hex(viewer_key.as_bytes()), "role": "viewer"}],
+        json!({"keys": [{"name": "grafana", "key_sha256": weir::digest::sha256_hex(viewer_key.as_bytes()), "role": "viewer"}],
                "open": ["/healthz"]}),
     )
     .await;
@@ -855,7 +855,7 @@ async fn with_no_key_configured_weir_generates_one_and_refuses_to_listen_beyond_
     let kept = std::fs::read_to_string(state.join("admin-key.sha256")).unwrap();
     assert_eq!(
         kept,
-        weir::plugin::sha256_hex(key.as_bytes()),
+        weir::digest::sha256_hex(key.as_bytes()),
         "only the hash is kept"
     );
     assert!(!kept.contains(&key));
@@ -953,7 +953,7 @@ async fn a_generated_key_hash_file_others_could_write_or_read_is_refused_at_star
         }
     };
     // Someone else's key in a file anyone may write: the admin API would be theirs.
-    std::fs::write(&hash_file, weir::plugin::sha256_hex(b"the intruder's key")).unwrap();
+    std::fs::write(&hash_file, weir::digest::sha256_hex(b"the intruder's key")).unwrap();
     std::fs::set_permissions(&hash_file, std::fs::Permissions::from_mode(0o666)).unwrap();
     let refused = refusal().await;
     assert!(refused.contains("admin-key.sha256"), "{refused}");
@@ -1156,7 +1156,7 @@ async fn no_reader_sees_a_secret_and_a_read_written_back_keeps_them() {
     let viewer_key = "viewer-secret";
     etcd.put(
         "/weir/admin",
-        json!({"keys": [{"name": "grafana", "key_sha256": weir::plugin::sha256_hex(viewer_key.as_bytes()), "role": "viewer"}]}),
+        json!({"keys": [{"name": "grafana", "key_sha256": weir::digest::sha256_hex(viewer_key.as_bytes()), "role": "viewer"}]}),
     )
     .await;
     let gateway = TestGateway::start_etcd(&etcd.url, None).await;

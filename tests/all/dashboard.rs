@@ -85,7 +85,7 @@ async fn an_operator_logs_in_creates_a_route_moves_traffic_and_logs_out() {
             .await
             .unwrap();
         browser.click("#upload-module").await;
-        let sha256 = weir::plugin::sha256_hex(&std::fs::read(&wasm).unwrap());
+        let sha256 = weir::digest::sha256_hex(&std::fs::read(&wasm).unwrap());
         browser.find_text("#uploaded", &sha256).await;
         uploaded.push(sha256);
     }

@@ -19,7 +19,7 @@ fn module(dir: &std::path::Path, name: &str, bytes: &[u8], key: Option<&str>) ->
     let path = dir.join(format!("{name}.wasm"));
     std::fs::write(&path, bytes).unwrap();
     if let Some(key) = key {
-        let sha256 = weir::plugin::sha256_hex(bytes);
+        let sha256 = weir::digest::sha256_hex(bytes);
         let signature = sign(key.as_bytes(), &sha256).unwrap();
         std::fs::write(
             dir.join(format!("{name}.wasm.sig")),
@@ -48,7 +48,7 @@ async fn only_modules_a_trusted_key_signed_load() {
     let inline = module(dir.path(), "inline", &request_id, None);
     let inline_signature = sign(
         trusted_private.as_bytes(),
-        &weir::plugin::sha256_hex(&request_id),
+        &weir::digest::sha256_hex(&request_id),
     )
     .unwrap();
 

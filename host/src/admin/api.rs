@@ -23,7 +23,7 @@ use crate::config::{
     self, AdminConfig, ConsumerConfig, FieldError, Kind, PluginConfig, RouteConfig, ServerConfig,
     ServiceNode, ServiceSettings, SslConfig, TenantConfig, UpstreamConfig,
 };
-use crate::server::Peer;
+use crate::edge::Peer;
 use crate::store::{ConfigWriter, Expect, StoredObject, WriteError};
 
 /// The largest JSON body the API reads.

@@ -24,8 +24,8 @@ use sha2::Sha256;
 use tokio::sync::Semaphore;
 
 use crate::config::{AdminConfig, Role, session_key_bytes};
+use crate::digest::sha256_hex;
 use crate::edge::ADMIN_SESSION_COOKIES;
-use crate::plugin::sha256_hex;
 use crate::store::{ConfigWriter, Expect, WriteError};
 
 /// The session cookie's name on a plain admin listener.

@@ -22,12 +22,12 @@ use hyper::body::Incoming;
 
 use self::auth::Auth;
 use crate::body::ProxyBody;
+use crate::body::ResponseBody;
 use crate::config::{AdminConfig, OPENABLE};
+use crate::digest::sha256_hex;
+use crate::edge::Peer;
 use crate::gateway::Gateway;
-use crate::plugin::sha256_hex;
 use crate::private_file::{self, Closed};
-use crate::proxy::ResponseBody;
-use crate::server::Peer;
 use crate::store::ConfigStore;
 
 /// What the admin listener serves from.

@@ -38,7 +38,7 @@ pub(super) fn ready(gateway: &Gateway) -> Response<ProxyBody> {
 fn health_of(
     upstreams: &std::collections::BTreeMap<String, std::sync::Arc<crate::upstream::Upstream>>,
 ) -> serde_json::Value {
-    let now = crate::balancer::now_ms();
+    let now = crate::upstream::balancer::now_ms();
     let checked = upstreams
         .iter()
         .filter(|(_, u)| u.config.checks.active.is_some() || u.config.checks.passive.is_some());

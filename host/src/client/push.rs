@@ -1,10 +1,11 @@
 //! `weir plugin push`: a module's bytes into etcd, and a plugin entry pointing at them.
 
-use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp};
+use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 
 use crate::config::PluginConfig;
-use crate::plugin::sha256_hex;
-use crate::store::etcd::keys::{CHUNK_BYTES, ModuleManifest, chunk_key, parse_object};
+use crate::digest::sha256_hex;
+use crate::store::etcd::keys::{CHUNK_BYTES, parse_object};
+use crate::store::etcd::writer::{manifest, store_chunks};
 use crate::store::etcd::{EtcdError, EtcdOptions, client_error, connect};
 
 /// Settings for `weir plugin push`; unset ones keep the existing entry's value.
@@ -174,34 +175,4 @@ pub async fn push_plugin(
         already_stored,
         entry,
     })
-}
-
-/// Writes a module's chunks unless its manifest is already stored; returns whether it was.
-/// Each chunk is its own request: a transaction holding them all would pass etcd's request
-/// limit. The manifest, written after, is what makes the module visible.
-pub(crate) async fn store_chunks(
-    client: &mut Client,
-    root: &str,
-    sha256: &str,
-    bytes: &[u8],
-) -> Result<bool, etcd_client::Error> {
-    let stored = client.get(format!("{root}/modules/{sha256}"), None).await?;
-    if !stored.kvs().is_empty() {
-        return Ok(true);
-    }
-    for (index, chunk) in bytes.chunks(CHUNK_BYTES).enumerate() {
-        client
-            .put(chunk_key(root, sha256, index), chunk, None)
-            .await?;
-    }
-    Ok(false)
-}
-
-/// The manifest of a module of `size` bytes.
-pub(crate) fn manifest(size: usize) -> Vec<u8> {
-    serde_json::to_vec(&ModuleManifest {
-        size: size as u64,
-        chunks: size.div_ceil(CHUNK_BYTES).max(1) as u64,
-    })
-    .expect("a manifest serializes")
 }

@@ -27,6 +27,17 @@ pub struct SslConfig {
     pub default: bool,
 }
 
+impl SslConfig {
+    /// The names this certificate claims, as the certificate table takes them.
+    pub fn claim(&self) -> crate::tls::CertClaim<'_> {
+        crate::tls::CertClaim {
+            id: &self.id,
+            snis: &self.snis,
+            default: self.default,
+        }
+    }
+}
+
 impl std::fmt::Debug for SslConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The key never reaches a log line.

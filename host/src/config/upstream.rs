@@ -548,6 +548,17 @@ impl Default for UpstreamTls {
     }
 }
 
+impl UpstreamTls {
+    /// These settings as the TLS client config takes them.
+    pub fn client(&self) -> crate::tls::ClientTls<'_> {
+        crate::tls::ClientTls {
+            ca: self.ca.as_deref(),
+            verify: self.verify,
+            client_cert: self.client_cert.as_deref().zip(self.client_key.as_deref()),
+        }
+    }
+}
+
 impl std::fmt::Debug for UpstreamTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The client key never reaches a log line.
@@ -793,7 +804,7 @@ impl UpstreamConfig {
     /// each node must have a name to verify (its host, or `tls.sni`).
     fn check_tls(&self, checks: &mut Checks) {
         let tls = self.tls.clone().unwrap_or_default();
-        if let Err(error) = crate::tls::client_config(&tls, crate::tls::ALPN_H2) {
+        if let Err(error) = crate::tls::client_config(tls.client(), crate::tls::ALPN_H2) {
             checks.fail("/tls", error.to_string());
         }
         if tls.client_cert.is_some() != tls.client_key.is_some() {
@@ -805,13 +816,13 @@ impl UpstreamConfig {
         match &tls.sni {
             Some(sni) => checks.check(
                 "/tls/sni",
-                crate::tls::server_name(&tls, sni)
+                crate::tls::server_name(Some(sni), sni)
                     .map(drop)
                     .map_err(|e| e.to_string()),
             ),
             None => {
                 for (index, node) in self.nodes.iter().enumerate() {
-                    if crate::tls::server_name(&tls, &node.host).is_err() {
+                    if crate::tls::server_name(None, &node.host).is_err() {
                         checks.fail(
                             format!("/nodes/{index}/host"),
                             format!(

@@ -3,20 +3,30 @@
 //! trusted proxies), so that routing, plugins and the upstream all read the same request.
 
 pub mod forwarded;
+pub mod hop;
 pub mod normalise;
 pub mod trailers;
 
 use std::borrow::Cow;
 use std::net::IpAddr;
 
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use ipnet::IpNet;
 
 use crate::config::ServerConfig;
 use crate::error::GatewayError;
-use crate::server::Peer;
 
+pub use self::hop::strip_hop_by_hop;
 use self::normalise::{PathError, normalise};
+
+/// Who is at the other end of a client connection.
+#[derive(Clone, Copy, Debug)]
+pub struct Peer {
+    /// The TCP peer's address.
+    pub addr: std::net::SocketAddr,
+    /// Whether the connection is TLS.
+    pub tls: bool,
+}
 
 /// The admin listener's session cookies: browsers send a host's cookies to every port, so the
 /// proxy drops these before a plugin, the access log or an upstream could read them.
@@ -171,50 +181,6 @@ pub fn request_host<'a>(uri: &'a http::Uri, headers: &'a HeaderMap) -> Option<&'
     Some(host.strip_suffix('.').unwrap_or(host))
 }
 
-/// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
-static HOP_BY_HOP: [HeaderName; 9] = [
-    header::CONNECTION,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-];
-
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    HOP_BY_HOP.contains(name)
-}
-
-/// Headers the gateway reads or writes itself: a client's `Connection` cannot remove them.
-fn is_kept_whatever_connection_says(name: &HeaderName) -> bool {
-    let name = name.as_str();
-    name.starts_with("x-forwarded-") || matches!(name, "forwarded" | "x-real-ip" | "host")
-}
-
-/// Removes hop-by-hop headers, and those the `Connection` header names.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages have none: one pass over the names beats a removal attempt for each.
-    if !headers.keys().any(is_hop_by_hop) {
-        return;
-    }
-    // Only names that are there are removed: each removal hashes its name.
-    let mut doomed: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .filter(|name| !is_kept_whatever_connection_says(name) && headers.contains_key(name))
-        .collect();
-    doomed.extend(headers.keys().filter(|name| is_hop_by_hop(name)).cloned());
-    for name in doomed {
-        headers.remove(name);
-    }
-}
-
 /// Removes the admin session cookies from every `Cookie` header. The other pairs stay as they
 /// came; a header with nothing left goes.
 fn drop_session_cookies(headers: &mut HeaderMap) {
@@ -264,6 +230,7 @@ fn without_session_cookies(value: &HeaderValue) -> Option<HeaderValue> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::header::HeaderName;
 
     #[test]
     fn connection_and_the_headers_it_names_are_dropped() {

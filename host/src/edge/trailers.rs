@@ -9,7 +9,7 @@ use std::task::{Context, Poll};
 use http::header::{self, HeaderMap, HeaderName};
 use http_body::{Body, Frame, SizeHint};
 
-use super::{is_hop_by_hop, is_kept_whatever_connection_says};
+use super::hop::{is_hop_by_hop, is_kept_whatever_connection_says};
 
 /// Why a name may never be a request trailer the upstream sees, if it may not: the gateway's
 /// own headers, hop-by-hop ones, and those that frame or route the message.

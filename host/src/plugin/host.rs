@@ -676,7 +676,7 @@ impl routing::Host for InstanceState {
         if let Err(refused) = view.check_writable() {
             return Ok(Err(refused));
         }
-        if !view.directory.0.upstreams.contains_key(&id) {
+        if !view.directory.has_upstream(&id) {
             let mut shown = id;
             shown.truncate(128);
             return Ok(Err(format!("there is no upstream {shown:?}")));
@@ -708,7 +708,7 @@ impl consumers::Host for InstanceState {
         else {
             return Ok(Err("consumers are looked up during a request".into()));
         };
-        let found = match directory.0.consumers.lookup(&plugin, &field, &value) {
+        let found = match directory.consumers().lookup(&plugin, &field, &value) {
             Ok(found) => found,
             Err(ambiguous) => {
                 // Two consumers share a credential: the operator's to fix, so say so.
@@ -746,8 +746,7 @@ impl consumers::Host for InstanceState {
         let found = self
             .request(&req)?
             .directory
-            .0
-            .consumers
+            .consumers()
             .get(&name)
             .filter(|consumer| consumer.credentials.keys().any(|s| granted.contains(s)))
             .map(|consumer| Arc::<str>::from(consumer.name.as_str()));

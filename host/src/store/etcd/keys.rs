@@ -23,13 +23,13 @@ use std::path::Path;
 use etcd_client::Client;
 use serde::{Deserialize, Serialize};
 
-use super::EtcdError;
+use super::error::EtcdError;
 use crate::config::{
     AdminConfig, ConfigObject, ConsumerConfig, FieldError, Kind, ObjectError, PluginConfig,
     RouteConfig, ServerConfig, ServiceNode, ServiceSettings, SslConfig, TenantConfig,
     UpstreamConfig,
 };
-use crate::plugin::sha256_hex;
+use crate::digest::sha256_hex;
 
 /// The key, under the prefix, that holds the sha256 of the admin key weir generated.
 pub const GENERATED_KEY: &str = "admin_generated_key";

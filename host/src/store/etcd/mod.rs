@@ -7,9 +7,10 @@
 //! module's chunks only when a plugin entry names it. The store keeps a mirror of the keys and
 //! publishes it; it never touches the gateway.
 
+mod error;
 pub mod keys;
 mod state;
-mod writer;
+pub(crate) mod writer;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -24,10 +25,11 @@ use self::keys::{Entry, parse_entry, read_bounded, read_module};
 use self::state::{STATE_FILE, SavedState, read_state, write_atomically};
 use crate::access_log::now_rfc3339;
 use crate::config::{ConfigObjects, ObjectError, PluginConfig};
-use crate::plugin::sha256_hex;
+use crate::digest::sha256_hex;
 use crate::snapshot::{BoxFuture, Desired, ModuleSource};
 use crate::store::{ConfigStore, ConfigWriter, Published, Publisher, StoreError, StoreHealth};
 
+pub use self::error::EtcdError;
 pub use self::keys::CHUNK_BYTES;
 
 /// Reconnect backoff bounds.
@@ -40,57 +42,6 @@ const SAVE_MAX_DELAY: Duration = Duration::from_secs(5);
 /// Keys read per request when the whole config is read: small enough that a page of ordinary
 /// objects stays far under the client's 4 MiB response bound.
 const PAGE_KEYS: i64 = 1000;
-
-/// Why an etcd operation failed.
-#[derive(Debug, thiserror::Error)]
-pub enum EtcdError {
-    /// etcd could not be reached, or refused the request.
-    #[error("etcd at {endpoints}: {source}")]
-    Client {
-        /// The endpoints tried.
-        endpoints: String,
-        /// What the client said.
-        source: etcd_client::Error,
-    },
-    /// etcd is unreachable and there is no saved state to serve from.
-    #[error("cannot reach etcd at {endpoints} ({reason}), and no saved state is in --state-dir")]
-    Unreachable {
-        /// The endpoints tried.
-        endpoints: String,
-        /// Why.
-        reason: String,
-    },
-    /// etcd is unreachable, and the saved state is there but another user could have written
-    /// or read it.
-    #[error(
-        "cannot reach etcd at {endpoints} ({reason}), and the saved state in --state-dir is not \
-         used: {refused}"
-    )]
-    UntrustedState {
-        /// The endpoints tried.
-        endpoints: String,
-        /// Why etcd could not be reached.
-        reason: String,
-        /// Why the saved state is not used.
-        refused: String,
-    },
-    /// A stored value is not what the layout says.
-    #[error("{key}: {reason}")]
-    Layout {
-        /// The key.
-        key: String,
-        /// What is wrong.
-        reason: String,
-    },
-    /// The `--state-dir` could not be written or read.
-    #[error("state dir {path}: {source}")]
-    State {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-}
 
 /// Where to find etcd and what to keep on disk.
 #[derive(Clone, Debug)]

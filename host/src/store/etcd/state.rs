@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::EtcdError;
+use super::error::EtcdError;
 
 /// The file in `--state-dir` that holds the last config read.
 pub(crate) const STATE_FILE: &str = "etcd-state.json";

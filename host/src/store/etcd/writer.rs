@@ -4,9 +4,9 @@
 use etcd_client::{Client, Compare, CompareOp, DeleteOptions, GetOptions, Txn, TxnOp};
 
 use super::EtcdStore;
-use super::keys::ModuleManifest;
+use super::keys::{CHUNK_BYTES, ModuleManifest, chunk_key};
 use crate::config::Kind;
-use crate::plugin::sha256_hex;
+use crate::digest::sha256_hex;
 use crate::snapshot::BoxFuture;
 use crate::store::{ConfigWriter, Expect, StoredModule, StoredObject, WriteError};
 
@@ -328,12 +328,11 @@ impl ConfigWriter for EtcdStore {
             }
             let mut client = self.writing_client()?;
             let sha256 = sha256_hex(bytes);
-            let already_stored =
-                crate::client::push::store_chunks(&mut client, &self.root, &sha256, bytes)
-                    .await
-                    .map_err(unavailable)?;
+            let already_stored = store_chunks(&mut client, &self.root, &sha256, bytes)
+                .await
+                .map_err(unavailable)?;
             if !already_stored {
-                let manifest = crate::client::push::manifest(bytes.len());
+                let manifest = manifest(bytes.len());
                 client
                     .put(format!("{}/modules/{sha256}", self.root), manifest, None)
                     .await
@@ -377,4 +376,34 @@ impl ConfigWriter for EtcdStore {
                 .await
         })
     }
+}
+
+/// Writes a module's chunks unless its manifest is already stored; returns whether it was.
+/// Each chunk is its own request: a transaction holding them all would pass etcd's request
+/// limit. The manifest, written after, is what makes the module visible.
+pub(crate) async fn store_chunks(
+    client: &mut Client,
+    root: &str,
+    sha256: &str,
+    bytes: &[u8],
+) -> Result<bool, etcd_client::Error> {
+    let stored = client.get(format!("{root}/modules/{sha256}"), None).await?;
+    if !stored.kvs().is_empty() {
+        return Ok(true);
+    }
+    for (index, chunk) in bytes.chunks(CHUNK_BYTES).enumerate() {
+        client
+            .put(chunk_key(root, sha256, index), chunk, None)
+            .await?;
+    }
+    Ok(false)
+}
+
+/// The manifest of a module of `size` bytes.
+pub(crate) fn manifest(size: usize) -> Vec<u8> {
+    serde_json::to_vec(&ModuleManifest {
+        size: size as u64,
+        chunks: size.div_ceil(CHUNK_BYTES).max(1) as u64,
+    })
+    .expect("a manifest serializes")
 }

@@ -51,7 +51,7 @@ impl RetryPolicy {
     /// Counts a request toward the budget. Without a budget the clock is not read.
     pub fn request(&self) {
         if let Some(budget) = &self.budget {
-            budget.request(crate::balancer::now_ms());
+            budget.request(crate::upstream::balancer::now_ms());
         }
     }
 
@@ -59,7 +59,7 @@ impl RetryPolicy {
     pub fn withdraw(&self) -> bool {
         self.budget
             .as_ref()
-            .is_some_and(|b| b.withdraw(crate::balancer::now_ms()))
+            .is_some_and(|b| b.withdraw(crate::upstream::balancer::now_ms()))
     }
 }
 

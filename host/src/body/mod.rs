@@ -1,41 +1,22 @@
-//! Body types on the data path: what goes upstream, and what goes back to the client.
+//! The bodies the gateway hands hyper: [`ProxyBody`], any body on its way through (built in
+//! memory, or streaming from the client, an upstream or a gRPC-Web conversion), and
+//! [`ResponseBody`], the one a client connection is answered with.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::BodyExt;
-use hyper::body::Incoming;
 
-use crate::edge::trailers::RequestTrailers;
-use crate::timeouts::{BodyStalled, IdleBody, Stalled};
-use crate::upstream::UpstreamBody;
+pub mod stream;
 
-/// The client's request body: it fails if the client stops sending for `server.body_timeout_ms`,
-/// and loses the trailers its route does not allow.
-pub type ClientBody = IdleBody<RequestTrailers<Incoming>>;
-
-/// Why a body stream failed.
-#[derive(Debug, thiserror::Error)]
-pub enum BodyError {
-    /// The peer's connection failed or sent something malformed.
-    #[error(transparent)]
-    Peer(#[from] hyper::Error),
-    /// The body stopped moving for longer than its bound.
-    #[error(transparent)]
-    Stalled(#[from] BodyStalled),
-}
-
-impl BodyError {
-    /// Whether the body stopped moving, and on whose side.
-    pub fn stalled(&self) -> Option<Stalled> {
-        match self {
-            BodyError::Stalled(stalled) => Some(stalled.side),
-            BodyError::Peer(_) => None,
-        }
-    }
-}
+pub use self::stream::{
+    BodyError, BodyStalled, CollectError, Polled, Stalled, collect_bounded, reached_end,
+};
+use crate::grpc_web::WebBody;
+use crate::timeouts::ServingRequest;
+use crate::upstream::body::ClientBody;
+use crate::upstream::pool::UpstreamBody;
 
 /// A body that streams from a peer, or was built in memory.
 #[derive(Debug)]
@@ -52,7 +33,7 @@ pub enum ProxyBody {
     /// An upstream's response body, streaming to the client.
     Upstream(UpstreamBody),
     /// A gRPC response body on its way to a gRPC-Web client: its trailers become a frame.
-    GrpcWeb(Box<crate::grpc_web::WebBody>),
+    GrpcWeb(Box<WebBody<ProxyBody>>),
 }
 
 impl ProxyBody {
@@ -133,54 +114,74 @@ impl Body for ProxyBody {
     }
 }
 
-/// What polling a body gives.
-pub type Polled<B> = Poll<Option<Result<Frame<<B as Body>::Data>, <B as Body>::Error>>>;
-
-/// Whether `frame`, just polled from `body`, was its last: the stream ended, or the frame
-/// left it at its end.
-pub fn reached_end<B: Body>(frame: &Polled<B>, body: &B) -> bool {
-    match frame {
-        Poll::Ready(None) => true,
-        Poll::Ready(Some(Ok(_))) => body.is_end_stream(),
-        _ => false,
-    }
+/// The response body sent to the client. Dropping it drops `D`, the work that ends the request
+/// (the proxy's access log and log phase), and tells the connection that the request is over.
+pub struct ResponseBody<D = ()> {
+    inner: ProxyBody,
+    /// Held only for its `Drop`.
+    _finish: Option<D>,
+    /// Held only for its `Drop`.
+    _serving: Option<ServingRequest>,
+    /// For a 101: where the connection's serving guard goes, to be held while spliced.
+    upgraded: Option<tokio::sync::oneshot::Sender<ServingRequest>>,
 }
 
-/// Why a body could not be buffered.
-#[derive(Debug, thiserror::Error)]
-pub enum CollectError {
-    /// The body is longer than the bound.
-    #[error("body is over {0} bytes")]
-    TooLarge(u64),
-    /// The peer failed while sending it, or stopped sending.
-    #[error("reading the body failed: {0}")]
-    Read(#[from] BodyError),
-}
-
-/// Reads a whole body into memory, stopping as soon as it passes `limit` bytes.
-pub async fn collect_bounded<B>(
-    mut body: B,
-    limit: u64,
-) -> Result<(Bytes, Option<http::HeaderMap>), CollectError>
-where
-    B: Body<Data = Bytes, Error = BodyError> + Unpin,
-{
-    if body.size_hint().lower() > limit {
-        return Err(CollectError::TooLarge(limit));
+impl<D> ResponseBody<D> {
+    /// A body with no finishing work, for responses outside the proxy path.
+    pub fn plain(inner: ProxyBody) -> Self {
+        Self::finishing(inner, None)
     }
-    let mut buffer = bytes::BytesMut::new();
-    let mut trailers = None;
-    while let Some(frame) = body.frame().await {
-        let frame = frame?;
-        match frame.into_data() {
-            Ok(data) => {
-                if buffer.len() as u64 + data.len() as u64 > limit {
-                    return Err(CollectError::TooLarge(limit));
-                }
-                buffer.extend_from_slice(&data);
-            }
-            Err(frame) => trailers = frame.into_trailers().ok(),
+
+    /// A body that holds `finish` until it is dropped.
+    pub fn finishing(inner: ProxyBody, finish: Option<D>) -> Self {
+        ResponseBody {
+            inner,
+            _finish: finish,
+            _serving: None,
+            upgraded: None,
         }
     }
-    Ok((buffer.freeze(), trailers))
+
+    /// An empty body for a 101: the connection's serving guard goes to `splice`, to be held
+    /// while the upgraded connection is spliced.
+    pub fn upgrading(splice: tokio::sync::oneshot::Sender<ServingRequest>) -> Self {
+        ResponseBody {
+            inner: ProxyBody::Empty,
+            _finish: None,
+            _serving: None,
+            upgraded: Some(splice),
+        }
+    }
+
+    /// The same body, holding the connection's count of requests being served until it is done
+    /// (for an upgrade, until the spliced connection is).
+    pub fn serving(mut self, serving: ServingRequest) -> Self {
+        match self.upgraded.take() {
+            Some(splice) => {
+                let _ = splice.send(serving);
+            }
+            None => self._serving = Some(serving),
+        }
+        self
+    }
+}
+
+impl<D: Unpin> Body for ResponseBody<D> {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }

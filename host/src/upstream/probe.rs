@@ -14,8 +14,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::TcpStream;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use crate::balancer::{NodeSet, Outcome};
 use crate::config::{ActiveCheck, NodeConfig, ProbeKind};
+use crate::upstream::balancer::{NodeSet, Outcome};
 
 /// One node to probe.
 struct Target {

@@ -1,0 +1,334 @@
+//! Sending one request: its attempts across nodes, each on a pooled connection, as the
+//! upstream's retry policy allows.
+
+use std::time::Duration;
+
+use http::uri::{self, PathAndQuery};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, header};
+use http_body::Body;
+use tokio::sync::oneshot;
+
+use super::Upstream;
+use super::balancer::{InFlight, Node};
+use super::body::{Outbound, OutboundBody, OutgoingBody, Sending};
+use super::error::{UpstreamError, error_chain};
+use super::pool::ConnectFailure;
+use super::pool::{Exchange, NodeConnections, Sender, UpstreamBody};
+use crate::body::stream::{BodyError, Stalled};
+use crate::config::RetryOn;
+use crate::timeouts::IdleBody;
+
+/// Sends `request` to a node of `upstream`, trying other nodes as its retry policy says: after
+/// a failed connection, and (for a method in `retry_methods` whose body can be sent again,
+/// within the retry budget) after a timeout, a reset or a `retry_on` status.
+/// `key` is the consistent-hash key (ignored by other balancers).
+pub async fn send(
+    upstream: &Upstream,
+    key: u64,
+    request: Outbound,
+) -> Result<(Response<UpstreamBody>, InFlight), UpstreamError> {
+    let Outbound {
+        method,
+        path_and_query,
+        headers,
+        body,
+        read_within,
+        upgrade,
+    } = request;
+    if upgrade && upstream.config.scheme.is_http2() {
+        return Err(UpstreamError::Failed {
+            node: upstream.config.id.clone(),
+            reason: "an upgrade needs an HTTP/1.1 upstream (scheme http or https)".into(),
+        });
+    }
+    let path_and_query =
+        PathAndQuery::try_from(path_and_query).map_err(|e| UpstreamError::Failed {
+            node: upstream.config.id.clone(),
+            reason: format!("bad upstream path: {e}"),
+        })?;
+    let read = upstream
+        .read_timeout()
+        .min(read_within.unwrap_or(Duration::MAX));
+    upstream.retry.request();
+    let resend = upstream.retry.may_resend(&method) && body.replay().is_some();
+    let mut attempt = Attempt {
+        upstream,
+        method,
+        path_and_query,
+        retry_after_send: resend,
+        headers,
+        body: Some(body),
+        read,
+        upgrade,
+    };
+    let mut tried = Vec::new();
+    let mut last_error = UpstreamError::NoNodes;
+    // An answer with a `retry_on` status, given to the client if no other node does better.
+    let mut fallback: Option<(Response<UpstreamBody>, InFlight)> = None;
+    // Why this attempt is a retry, counted once it has a node to go to.
+    let mut retrying: Option<RetryOn> = None;
+    for number in 0..upstream.attempts {
+        let pick = match upstream.pick(key, &tried).await {
+            Ok(Some(pick)) => pick,
+            Ok(None) => break,
+            Err(error) => {
+                last_error = error;
+                break;
+            }
+        };
+        if let Some(miss) = retrying.take() {
+            upstream.retries.record(miss);
+        }
+        let index = pick.index;
+        if pick.failed_open {
+            upstream.fail_open.inc();
+        }
+        tried.push(index);
+        let node = upstream.nodes.node(index).clone();
+        let in_flight = InFlight::begin(node.clone(), pick.slot);
+        let last = number + 1 == upstream.attempts;
+        retrying = Some(match attempt.on(index, &node, last).await {
+            Ok(response) => {
+                let status = response.status().as_u16();
+                if let Some(ejection) = upstream.nodes.ejection() {
+                    upstream.judge(index, ejection.judge(status));
+                }
+                let answered = RetryOn::Status(status);
+                if !attempt.retries_after(answered, last) {
+                    return Ok((response, in_flight));
+                }
+                tracing::debug!(node = %node.addr, status, "upstream answered a retry_on status");
+                fallback = Some((response, in_flight));
+                answered
+            }
+            Err(error) => {
+                upstream.failures.record(&error);
+                upstream.judge(index, error.outcome());
+                tracing::debug!(node = %node.addr, %error, "upstream attempt failed");
+                let happened = error.retry_on();
+                last_error = error;
+                match happened {
+                    Some(happened) if attempt.retries_after(happened, last) => happened,
+                    _ => break,
+                }
+            }
+        });
+    }
+    match fallback {
+        Some(answer) => Ok(answer),
+        None => Err(last_error),
+    }
+}
+
+/// One request's state across its attempts.
+pub(super) struct Attempt<'a> {
+    pub(super) upstream: &'a Upstream,
+    pub(super) method: Method,
+    pub(super) path_and_query: PathAndQuery,
+    /// Whether a node that took the request but did not answer may be followed by another:
+    /// only for an idempotent request whose body can be sent again.
+    pub(super) retry_after_send: bool,
+    pub(super) headers: HeaderMap,
+    /// What the next attempt sends; `None` once a body that cannot be replayed went out.
+    pub(super) body: Option<OutboundBody>,
+    /// How long a node may take to answer.
+    pub(super) read: Duration,
+    /// Whether the request asks to upgrade.
+    pub(super) upgrade: bool,
+}
+
+impl Attempt<'_> {
+    /// Whether an attempt that ended as `happened` is followed by another: `retry_on` names
+    /// it, there are attempts left and a body to send, and, when a node took the request, its
+    /// method may be sent again and the budget allows (a refusal is counted).
+    fn retries_after(&self, happened: RetryOn, last: bool) -> bool {
+        let upstream = self.upstream;
+        if last || self.body.is_none() || !upstream.retry.covers(happened) {
+            return false;
+        }
+        if !happened.after_send() {
+            return true;
+        }
+        if !self.retry_after_send {
+            return false;
+        }
+        let allowed = upstream.retry.withdraw();
+        if !allowed {
+            upstream.retries.budget_exhausted.inc();
+        }
+        allowed
+    }
+
+    /// One attempt on node `index`: a pooled connection, or a new one if the pooled one turns
+    /// out to be closed before the request was written.
+    async fn on(
+        &mut self,
+        index: usize,
+        node: &Node,
+        last: bool,
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        let upstream = self.upstream;
+        let connections = &upstream.connections[index];
+        let keep_copy = self.retry_after_send && !last;
+        let mut fresh = self.upgrade;
+        loop {
+            let checkout =
+                tokio::time::timeout(upstream.connect_timeout(), connections.checkout(fresh));
+            let (mut sender, reused) = match checkout.await {
+                Ok(Ok(ready)) => ready,
+                Ok(Err(ConnectFailure(reason))) => {
+                    return Err(UpstreamError::Connect {
+                        node: node.addr.clone(),
+                        reason,
+                    });
+                }
+                Err(_) => {
+                    return Err(UpstreamError::ConnectTimeout {
+                        node: node.addr.clone(),
+                        ms: upstream.config.timeout.connect_ms,
+                    });
+                }
+            };
+            let Some(body) = self.body.take() else {
+                return Err(UpstreamError::NoNodes);
+            };
+            let headers = if keep_copy {
+                self.body = body.replay();
+                self.headers.clone()
+            } else {
+                std::mem::take(&mut self.headers)
+            };
+            let body = body.into_sending(upstream.idle_timeout());
+            let (request, sent) = build_request(
+                &self.method,
+                &self.path_and_query,
+                connections,
+                &sender,
+                headers,
+                body,
+            );
+            match sender.exchange(request, sent, self.read).await {
+                Ok(response) => {
+                    let (parts, incoming) = response.into_parts();
+                    let give_back = match sender {
+                        // Upgraded: the connection now belongs to the splice.
+                        Sender::Http1(_) if parts.status == StatusCode::SWITCHING_PROTOCOLS => None,
+                        // An upgrade the node declined: the connection may be left in any
+                        // state, so it is not reused.
+                        Sender::Http1(_) if self.upgrade => None,
+                        // A response without a body (HEAD, 204, 304) is never read: its
+                        // connection is free now.
+                        Sender::Http1(sender) if incoming.is_end_stream() => {
+                            connections.put_back(sender);
+                            None
+                        }
+                        Sender::Http1(sender) => Some((connections.clone(), sender)),
+                        Sender::Http2(_) => None,
+                    };
+                    let body = UpstreamBody {
+                        inner: IdleBody::new(incoming, upstream.idle_timeout(), Stalled::Upstream),
+                        give_back,
+                        idle_timeouts: upstream.failures.idle_timeout.clone(),
+                    };
+                    return Ok(Response::from_parts(parts, body));
+                }
+                Err(Exchange::NotSent(request, error)) => {
+                    // Nothing was written: the request, body included, can go again.
+                    let (parts, outgoing) = request.into_parts();
+                    self.headers = parts.headers;
+                    self.body = Some(outgoing.into_outbound());
+                    if reused {
+                        // A pooled connection the node had closed: try a new one.
+                        fresh = true;
+                        continue;
+                    }
+                    return Err(UpstreamError::Connect {
+                        node: node.addr.clone(),
+                        reason: error_chain(&error),
+                    });
+                }
+                Err(Exchange::ReadTimeout) => {
+                    return Err(UpstreamError::Timeout {
+                        node: node.addr.clone(),
+                        ms: self.read.as_millis() as u64,
+                    });
+                }
+                Err(Exchange::Failed(error)) => {
+                    return Err(failed_exchange(upstream, node, &error));
+                }
+            }
+        }
+    }
+}
+
+/// The request for one attempt: origin-form for HTTP/1.1, absolute for HTTP/2.
+pub(super) fn build_request(
+    method: &Method,
+    path_and_query: &PathAndQuery,
+    connections: &NodeConnections,
+    sender: &Sender,
+    mut headers: HeaderMap,
+    body: Sending,
+) -> (Request<OutgoingBody>, oneshot::Receiver<()>) {
+    let (body, sent) = OutgoingBody::new(body);
+    let mut request = Request::new(body);
+    *request.method_mut() = method.clone();
+    let uri = match sender {
+        Sender::Http1(_) => {
+            if !headers.contains_key(header::HOST)
+                && let Ok(host) = HeaderValue::from_str(connections.authority.as_str())
+            {
+                headers.insert(header::HOST, host);
+            }
+            Uri::from(path_and_query.clone())
+        }
+        Sender::Http2(_) => {
+            *request.version_mut() = http::Version::HTTP_2;
+            let mut parts = uri::Parts::default();
+            parts.scheme = Some(if connections.tls.is_some() {
+                uri::Scheme::HTTPS
+            } else {
+                uri::Scheme::HTTP
+            });
+            parts.authority = Some(connections.authority.clone());
+            parts.path_and_query = Some(path_and_query.clone());
+            Uri::from_parts(parts).expect("scheme, authority and path make a URI")
+        }
+    };
+    *request.uri_mut() = uri;
+    *request.headers_mut() = headers;
+    (request, sent)
+}
+
+/// Names what went wrong once the request was (partly) sent.
+pub(super) fn failed_exchange(
+    upstream: &Upstream,
+    node: &Node,
+    error: &hyper::Error,
+) -> UpstreamError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = source {
+        if let Some(body) = e.downcast_ref::<BodyError>() {
+            // The client's body failed (or stopped), not the node.
+            let stalled = matches!(body, BodyError::Stalled(_));
+            return UpstreamError::RequestBody {
+                node: node.addr.clone(),
+                stalled,
+                reason: body.to_string(),
+            };
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::TimedOut
+        {
+            return UpstreamError::SendTimeout {
+                node: node.addr.clone(),
+                ms: upstream.config.timeout.send_ms,
+            };
+        }
+        source = e.source();
+    }
+    UpstreamError::Failed {
+        node: node.addr.clone(),
+        reason: error_chain(error),
+    }
+}
