@@ -14,6 +14,7 @@ mod drain;
 mod edge;
 mod etcd;
 mod grpc;
+mod house;
 mod languages;
 mod module_cache;
 mod observability;

@@ -25,6 +25,7 @@ pub mod browser;
 pub mod etcd;
 pub mod grpc;
 pub mod redis;
+pub mod structure;
 pub mod tls;
 
 /// Paths of the plugin components that build.rs built.
