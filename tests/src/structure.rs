@@ -308,27 +308,29 @@ fn segments(path: &str) -> impl Iterator<Item = String> + '_ {
         .map(str::to_owned)
 }
 
-/// Paths outside `use` lines that start at `crate`, `super` or `self`.
+/// Paths outside `use` lines, such as `crate::a::b`, `super::b` or `child::f`: every
+/// `name::name` that does not continue another path. Which of them are this crate's is
+/// decided by [`absolute`].
 fn inline_paths(text: &str) -> Vec<Vec<String>> {
     let bytes = text.as_bytes();
     let is_ident = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
     let mut out = Vec::new();
     let mut at = 0;
     while at < bytes.len() {
-        let starts_word = at == 0 || !is_ident(bytes[at - 1]);
-        let root = ["crate::", "super::", "self::"]
-            .into_iter()
-            .find(|root| starts_word && bytes[at..].starts_with(root.as_bytes()));
-        let Some(_) = root else {
+        let continues = at > 0 && (is_ident(bytes[at - 1]) || bytes[at - 1] == b':');
+        if continues || !(bytes[at].is_ascii_alphabetic() || bytes[at] == b'_') {
             at += 1;
             continue;
-        };
+        }
         let mut end = at;
         while end < bytes.len() && (is_ident(bytes[end]) || bytes[end] == b':') {
             end += 1;
         }
-        out.push(segments(&text[at..end]).collect());
-        at = end;
+        let path: Vec<String> = segments(&text[at..end]).collect();
+        if path.len() > 1 {
+            out.push(path);
+        }
+        at = end.max(at + 1);
     }
     out
 }

@@ -11,37 +11,17 @@ use serde_norway::Value;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use super::error::{FileStoreError, StoreError};
 use crate::config::{
     self, AdminConfig, ConfigObject, ConfigObjects, Kind, ObjectError, PluginConfig, RouteConfig,
     ServerConfig,
 };
 use crate::plugin::signature::ModuleSignature;
 use crate::snapshot::{BoxFuture, Desired, ModuleSource};
-use crate::store::{ConfigStore, Published, Publisher, StoreError};
+use crate::store::{ConfigStore, Published, Publisher};
 
 /// Editors save in bursts (truncate, write, rename); wait this long for the burst to end.
 const SETTLE: Duration = Duration::from_millis(100);
-
-/// Why the file as a whole could not be used; the previous config keeps serving.
-#[derive(Debug, thiserror::Error)]
-pub enum FileStoreError {
-    /// The file could not be read.
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The file is not YAML, or not the expected shape.
-    #[error("config file {path}: {reason}")]
-    Invalid {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong.
-        reason: String,
-    },
-}
 
 /// A YAML config file.
 pub struct FileStore {

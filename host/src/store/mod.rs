@@ -6,8 +6,11 @@
 //! [`ConfigWriter`], which the admin API uses; the file store takes none, since the file is
 //! the source of truth.
 
+mod error;
 pub mod etcd;
 pub mod file;
+
+pub use self::error::{FileStoreError, StoreError};
 
 use std::sync::Arc;
 
@@ -16,17 +19,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Kind;
 use crate::snapshot::{BoxFuture, Desired, ModuleSource};
-
-/// Why a store could not load its config at start-up.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// The YAML file.
-    #[error(transparent)]
-    File(#[from] file::FileStoreError),
-    /// etcd.
-    #[error(transparent)]
-    Etcd(#[from] etcd::EtcdError),
-}
 
 /// How the config store is doing, as `/readyz` reports it.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
@@ -47,6 +39,17 @@ pub struct StoreHealth {
 }
 
 impl StoreHealth {
+    /// A store nothing has been read from yet: not ready.
+    pub fn loading(store: &'static str) -> Self {
+        StoreHealth {
+            store,
+            connected: false,
+            reason: Some("the config is not loaded yet".into()),
+            since: None,
+            revision: None,
+        }
+    }
+
     /// A store that is connected.
     pub fn connected(store: &'static str) -> Self {
         StoreHealth {

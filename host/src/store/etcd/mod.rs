@@ -7,7 +7,7 @@
 //! module's chunks only when a plugin entry names it. The store keeps a mirror of the keys and
 //! publishes it; it never touches the gateway.
 
-mod error;
+pub mod error;
 pub mod keys;
 mod state;
 pub(crate) mod writer;
