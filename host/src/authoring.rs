@@ -5,15 +5,20 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use serde::Serialize;
 
+use crate::body::ProxyBody;
 use crate::config::{Grants, Isolation, PluginConfig};
-use crate::exchange::{BufferedBody, Directory, RequestView, ResponseView, headers};
+use crate::error::GatewayError;
 use crate::metrics::Metrics;
-use crate::plugin::{Action, PluginError, PluginRuntime, Summary, grants};
+use crate::plugin::{PluginError, PluginRuntime, Summary, grants};
+use crate::proxy::{self, Decision};
+use crate::snapshot::{self, ChainLink};
+use crate::view::{BufferedBody, Directory, RequestView, headers};
 
 /// The filter interface every plugin exports.
 const FILTER_EXPORT: &str = "weir:plugin/filter";
@@ -37,7 +42,8 @@ pub struct ImportVerdict {
     /// The interface, such as `weir:plugin/kv@0.1.0`.
     pub import: String,
     /// `ok`, or what would allow it.
-    pub verdict: String,
+    #[serde(serialize_with = "as_text")]
+    pub verdict: grants::Verdict,
 }
 
 impl std::fmt::Display for CheckReport {
@@ -54,7 +60,11 @@ impl std::fmt::Display for CheckReport {
         match &self.loads {
             Ok(()) => write!(f, "loads with these grants: yes"),
             Err(reason) => {
-                let refused = self.imports.iter().filter(|i| i.verdict != "ok").count();
+                let refused = self
+                    .imports
+                    .iter()
+                    .filter(|i| i.verdict != grants::Verdict::Allowed)
+                    .count();
                 if refused > 0 {
                     write!(
                         f,
@@ -79,16 +89,7 @@ pub async fn check(bytes: Vec<u8>, grants: &Grants) -> Result<CheckReport, Plugi
                 .iter()
                 .map(|import| ImportVerdict {
                     import: import.clone(),
-                    verdict: match grants::check(std::slice::from_ref(import), grants) {
-                        Ok(()) => "ok".into(),
-                        Err(reason) => reason
-                            .trim_start_matches("the component imports ")
-                            .trim_start_matches(import.as_str())
-                            .trim()
-                            .trim_start_matches('(')
-                            .trim_end_matches(')')
-                            .to_owned(),
-                    },
+                    verdict: grants::verdict(import, grants),
                 })
                 .collect();
             Ok(CheckReport {
@@ -238,8 +239,8 @@ pub async fn run(
     upstream: TestUpstream,
 ) -> Result<TestReport, String> {
     let logs: crate::plugin::LogCapture = Arc::new(Mutex::new(Vec::new()));
-    let mut runtime =
-        PluginRuntime::new(Arc::new(Metrics::new()), None).map_err(|e| e.to_string())?;
+    let metrics = Arc::new(Metrics::new());
+    let mut runtime = PluginRuntime::new(metrics.clone(), None).map_err(|e| e.to_string())?;
     runtime.capture_logs(logs.clone());
     let module = runtime.load(bytes).await.map_err(|e| e.to_string())?;
     grants::check(&module.imports, &grants)?;
@@ -275,6 +276,16 @@ pub async fn run(
         wants.on_request, wants.on_response, wants.on_log, wants.request_body, wants.response_body
     )));
 
+    let chain = [ChainLink {
+        pool,
+        failure: entry.failure,
+        metrics: metrics.plugin(
+            "plugin-under-test",
+            "test",
+            crate::plugin::tenant::DEFAULT_TENANT,
+        ),
+    }];
+
     let (path, query) = match request.target.split_once('?') {
         Some((path, query)) => (path.to_owned(), Some(query.to_owned())),
         None => (request.target.clone(), None),
@@ -299,19 +310,10 @@ pub async fn run(
         response_edits: Vec::new(),
         directory: Directory::default(),
     });
-    let (mut view, outcome) = if wants.on_request {
-        pool.on_request(view, None).await
-    } else {
-        (view, Ok(Action::Continue))
-    };
-    let action = match outcome {
-        Ok(action) => action,
-        Err(failure) => {
-            report.failure = Some(failure.to_string());
-            report.logs = logs.lock().expect("log capture lock").clone();
-            return Ok(report);
-        }
-    };
+    // The gateway's own phases, in its order: see proxy.rs.
+    let mut plugin_time = Duration::ZERO;
+    let (mut view, entered, decided) =
+        proxy::request_phase(&chain, view, &mut plugin_time, &mut []).await;
     if view.method.as_str() != request.method {
         report.request_edits.push(format!("method {}", view.method));
     }
@@ -334,65 +336,79 @@ pub async fn run(
             .request_edits
             .push(format!("body {}", String::from_utf8_lossy(body)));
     }
-    let status = match &action {
-        Action::Respond(reply) => {
+    let queued = std::mem::take(&mut view.response_edits);
+    let answer = match decided {
+        Ok(Decision::Reply(reply)) => {
             report.action = Some(format!(
                 "respond {} {:?} {}",
                 reply.status,
                 reply.headers,
                 String::from_utf8_lossy(&reply.body)
             ));
-            reply.status
+            proxy::reply_response(reply, false)
         }
-        Action::Continue => {
+        Ok(Decision::Forward) => {
             report.action = Some("continue".into());
-            let upstream_headers = header_map(&upstream.headers)?;
-            let response = Box::new(ResponseView {
-                status: StatusCode::from_u16(upstream.status)
-                    .map_err(|_| "bad upstream status".to_string())?,
-                headers: upstream_headers.clone(),
-                body: Some(Bytes::from(upstream.body.clone())),
-                body_replaced: false,
-                body_access: false,
-                body_limit: 0,
-            });
-            view.writable = false;
-            if wants.on_response {
-                let (returned, response, outcome) = pool.on_response(view, response, None).await;
-                view = returned;
-                if let Err(failure) = outcome {
-                    report.failure = Some(failure.to_string());
-                }
-                if response.status.as_u16() != upstream.status {
-                    report
-                        .response_edits
-                        .push(format!("status {}", response.status.as_u16()));
-                }
-                report
-                    .response_edits
-                    .extend(header_edits(&upstream_headers, &response.headers));
-                if response.body_replaced {
-                    let body = response.body.unwrap_or_default();
-                    report
-                        .response_edits
-                        .push(format!("body {}", String::from_utf8_lossy(&body)));
-                }
-                response.status.as_u16()
-            } else {
-                upstream.status
-            }
+            let mut answer = http::Response::new(ProxyBody::full(upstream.body.clone()));
+            *answer.status_mut() = StatusCode::from_u16(upstream.status)
+                .map_err(|_| "bad upstream status".to_string())?;
+            *answer.headers_mut() = header_map(&upstream.headers)?;
+            answer
+        }
+        Err(error) => {
+            report.failure = Some(failure(error));
+            report.logs = logs.lock().expect("log capture lock").clone();
+            return Ok(report);
         }
     };
-    if wants.on_log {
-        let summary = Summary {
-            status,
-            latency_us: 0,
-            upstream: Some("test-upstream".into()),
-        };
-        let (_, outcome) = pool.on_log(view, &summary, None).await;
-        if let Err(failure) = outcome {
-            report.failure = Some(failure.to_string());
+    let (status_before, headers_before) = (answer.status(), answer.headers().clone());
+    let body_before = body_of(&answer);
+    let (kept, answered) = proxy::response_phase(
+        &chain[..entered],
+        snapshot::response_body_limit(&chain),
+        Some(view),
+        answer,
+        &mut plugin_time,
+        &mut [],
+    )
+    .await;
+    let view = kept.expect("the request phase's view comes back");
+    let status = match answered {
+        Ok(mut answer) => {
+            proxy::apply_queued_edits(answer.headers_mut(), &queued);
+            if answer.status() != status_before {
+                report
+                    .response_edits
+                    .push(format!("status {}", answer.status().as_u16()));
+            }
+            report
+                .response_edits
+                .extend(header_edits(&headers_before, answer.headers()));
+            let body = body_of(&answer);
+            if body != body_before {
+                report.response_edits.push(format!(
+                    "body {}",
+                    String::from_utf8_lossy(&body.unwrap_or_default())
+                ));
+            }
+            answer.status().as_u16()
         }
+        Err(error) => {
+            report.failure = Some(failure(error));
+            StatusCode::INTERNAL_SERVER_ERROR.as_u16()
+        }
+    };
+    let summary = Summary {
+        status,
+        latency_us: 0,
+        upstream: Some("test-upstream".into()),
+    };
+    // The gateway logs failures in on-log and goes on; a test run reports them.
+    if let Some(error) = proxy::log_phase(&chain, view, &summary, &mut [])
+        .await
+        .pop()
+    {
+        report.failure = Some(error.to_string());
     }
     let namespace = format!(
         "{}/plugin-under-test",
@@ -406,4 +422,31 @@ pub async fn run(
         .collect();
     report.logs = logs.lock().expect("log capture lock").clone();
     Ok(report)
+}
+
+/// A failure as a test run reports it: a plugin's own failure without the gateway's wrapping.
+fn failure(error: GatewayError) -> String {
+    match error {
+        GatewayError::Plugin { error, .. } => error.to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// The bytes of an answer held in memory; `None` for one that streams.
+fn body_of(answer: &http::Response<ProxyBody>) -> Option<Bytes> {
+    match answer.body() {
+        ProxyBody::Empty => Some(Bytes::new()),
+        ProxyBody::Full(bytes) | ProxyBody::Trailed(bytes, _) => {
+            Some(bytes.clone().unwrap_or_default())
+        }
+        _ => None,
+    }
+}
+
+/// A verdict in a JSON report: its text, as the printed report shows it.
+fn as_text<S: serde::Serializer>(
+    verdict: &grants::Verdict,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(verdict)
 }

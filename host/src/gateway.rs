@@ -41,15 +41,18 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// A gateway serving the empty snapshot; compiled modules are kept in `module_cache`.
+    /// A gateway serving the empty snapshot, not ready until `store` (`file` or `etcd`) has
+    /// been read; compiled modules are kept in `module_cache`.
     pub fn new(
+        store: &'static str,
         access_log: &AccessLogTarget,
         module_cache: Option<std::path::PathBuf>,
     ) -> Result<Arc<Self>, GatewayInitError> {
         let metrics = Arc::new(Metrics::new());
         Ok(Arc::new(Gateway {
             snapshot: ArcSwap::from_pointee(Snapshot::empty()),
-            health: ArcSwap::from_pointee(StoreHealth::connected("file")),
+            // Not ready until the store's first publication says how it is doing.
+            health: ArcSwap::from_pointee(StoreHealth::loading(store)),
             runtime: PluginRuntime::new(metrics.clone(), module_cache)?,
             clients: ClientPool::default(),
             metrics,
@@ -150,5 +153,18 @@ impl Gateway {
             .reloads
             .get_or_create(&ReloadLabels { outcome: "failed" })
             .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_gateway_names_its_store_and_is_not_ready_before_reading_it() {
+        let gateway = Gateway::new("etcd", &AccessLogTarget::Off, None).unwrap();
+        let health = gateway.health();
+        assert_eq!(health.store, "etcd");
+        assert!(!health.connected);
     }
 }

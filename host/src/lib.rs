@@ -1,6 +1,8 @@
 //! Weir: an API gateway whose plugins are sandboxed WebAssembly components.
 //!
 //! The request path lives in [`proxy`]; the live config in [`snapshot`]; plugins in [`plugin`].
+//! ARCHITECTURE.md, at the repository's root, is the map: what each file owns, what it may
+//! import, and the invariants that hold across them.
 
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
@@ -14,7 +16,6 @@ pub mod config;
 pub mod digest;
 pub mod edge;
 pub mod error;
-pub mod exchange;
 pub mod gateway;
 pub mod grpc_web;
 pub mod kv;
@@ -31,6 +32,7 @@ pub mod timeouts;
 pub mod tls;
 pub mod upgrade;
 pub mod upstream;
+pub mod view;
 pub mod workers;
 
 pub use access_log::AccessLogTarget;

@@ -1,44 +1,55 @@
 //! The request path, one function per phase, in the order they run:
 //!
-//! 0. [`edge::arrive`] puts the path in normal form, drops hop-by-hop headers and names the
-//!    client; nothing after it sees the raw forms;
-//! 1. [`handle`] takes the current snapshot and matches a route;
-//! 2. [`request_phase`] runs each plugin's `on-request` in the route's order;
-//! 3. [`upstream_phase`] picks a node and forwards, trying other nodes when nothing was sent
-//!    (or when an idempotent request that can go again was not answered);
-//! 4. [`response_phase`] runs `on-response` in reverse order;
-//! 5. [`Finish`] writes the access log, records metrics and runs `on-log` once the response
-//!    body is done (or the client went away); for an upgrade the upstream accepted (WebSocket),
+//! 1. [`arrive`]: the edge puts the path in normal form, drops hop-by-hop headers and names
+//!    the client; nothing after it sees the raw forms;
+//! 2. [`route`]: the current snapshot's route for the request, and the request as plugins
+//!    see it;
+//! 3. [`request_phase`]: each plugin's `on-request`, in the route's order (after
+//!    [`read_request_body`] when a plugin reads the body);
+//! 4. [`upstream_phase`]: picks the upstream and a node, and forwards, trying other nodes
+//!    when nothing was sent (or when an idempotent request that can go again was not
+//!    answered);
+//! 5. [`response_phase`]: `on-response` in reverse order, over the plugins that had their
+//!    turn in `on-request`, for every answer: the upstream's, a plugin's reply, or an error;
+//! 6. [`Finish`]: applies the response headers plugins queued in `on-request`, and once the
+//!    response body is done (or the client went away) writes the access log, records
+//!    metrics and runs [`log_phase`]; for an upgrade the upstream accepted (WebSocket),
 //!    `Finish::splice` answers 101 and finishes when the spliced connection ends.
 //!
+//! One error path: an error before a route is found is answered at once (no plugin has a
+//! turn); from routing on, an error becomes the answer that the response phase runs over, and
+//! every request that reached a route gets its `on-log`.
+//!
 //! A route can also translate: `grpc_web` turns a browser's gRPC-Web into gRPC on the way in
-//! and back in `Finish::respond`.
+//! and back in `Finish::respond`. `weir plugin test` (authoring.rs) runs these same phase
+//! functions.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::request::Parts;
 use http::{Method, Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 
 use crate::access_log::{AccessRecord, now_rfc3339};
 use crate::body::{CollectError, ProxyBody, ResponseBody, Stalled, collect_bounded};
-use crate::config::{FailurePolicy, HashOn, PathNormalization};
-use crate::edge::Peer;
+use crate::config::{FailurePolicy, PathNormalization};
 use crate::edge::trailers::RequestTrailers;
-use crate::edge::{self, strip_hop_by_hop};
-use crate::error::{GatewayError, grpc_error, is_grpc, json_error};
-use crate::exchange::{BufferedBody, RequestView, ResponseEdit, ResponseView};
+use crate::edge::{self, Peer, strip_hop_by_hop};
+use crate::error::{GatewayError, grpc_error, is_grpc};
 use crate::gateway::Gateway;
 use crate::grpc_web;
 use crate::plugin::{Action, Bound, PluginError, Reply, Summary};
-use crate::snapshot::{Route, Snapshot, Target};
+use crate::snapshot::{ChainLink, Route, Snapshot, Target};
 use crate::timeouts::IdleBody;
 use crate::upgrade::{self, Spliced};
-use crate::upstream::balancer::{InFlight, hash_key};
-use crate::upstream::{self, ClientBody, Outbound, OutboundBody, Upstream, UpstreamError};
+use crate::upstream::balancer::InFlight;
+use crate::upstream::{self, ClientBody, Outbound, OutboundBody, UpstreamBody, UpstreamError};
+use crate::view::{BufferedBody, RequestView, ResponseEdit, ResponseView};
 
 /// The header a request id is read from when the client sends one.
 const REQUEST_ID_HEADER: &str = "x-request-id";
@@ -52,49 +63,130 @@ pub async fn handle(
     request: Request<Incoming>,
     peer: Peer,
 ) -> Response<ResponseBody<Finish>> {
-    let started = Instant::now();
     let snapshot = gateway.snapshot();
     let (mut parts, body) = request.into_parts();
-    let mut finish = Finish {
-        gateway: gateway.clone(),
-        started,
-        request_id: request_id(&parts.headers),
-        client_ip: peer.addr.ip().to_canonical(),
-        method: parts.method.clone(),
-        uri: parts.uri.clone(),
-        normal_path: None,
-        status: StatusCode::OK,
-        route: None,
-        upstream: None,
-        plugin_time: Duration::ZERO,
-        kept_request: None,
-        in_flight: None,
-        grpc: is_grpc(&parts.headers),
-        grpc_web: grpc_web::is_grpc_web(&parts.headers),
-        upgraded: None,
-        consumer: None,
-        consumer_metrics: false,
-        response_edits: Vec::new(),
-        bound: Vec::new(),
-    };
+    let mut finish = Finish::new(gateway, &parts, peer);
     // Read before the edge drops `Connection` and `Upgrade` as hop-by-hop.
     let upgrade = upgrade::requested(&parts.method, parts.version, &parts.headers);
-    let arrival = match edge::arrive(&snapshot.server, &parts.uri, &mut parts.headers, peer) {
+    // A clone shares the URI's bytes; the arrival borrows it while `parts` moves on.
+    let uri = parts.uri.clone();
+    let arrival = match arrive(&snapshot, &mut finish, &uri, &mut parts.headers, peer) {
         Ok(arrival) => arrival,
         Err(error) => return finish.fail(error),
     };
+    let routed = match route(&snapshot, &mut finish, parts, arrival, body, upgrade) {
+        Ok(routed) => routed,
+        Err(error) => return finish.fail(error),
+    };
+    let Routed {
+        route,
+        mut request,
+        body,
+        service,
+        upgrade,
+    } = routed;
+
+    let (answer, entered, kept) = match read_request_body(&route, &mut request, body).await {
+        Err(error) => (Err(error), 0, Some(request)),
+        Ok(rest) => {
+            let (mut request, entered, decided) = request_phase(
+                &route.chain,
+                request,
+                &mut finish.plugin_time,
+                &mut finish.bound,
+            )
+            .await;
+            finish.after_request_phase(&snapshot, &mut request);
+            match decided {
+                Ok(Decision::Reply(reply)) => (
+                    Ok(reply_response(reply, finish.grpc)),
+                    entered,
+                    Some(request),
+                ),
+                Ok(Decision::Forward) => {
+                    let kept = route.keeps_request.then(|| read_only_copy(&request));
+                    // Boxed: the exchange's future is most of a request's, and hyper copies
+                    // the request's future whole when it starts it.
+                    let phase = upstream_phase(
+                        &snapshot,
+                        &route,
+                        &mut finish,
+                        request,
+                        rest,
+                        service,
+                        upgrade,
+                    );
+                    (Box::pin(phase).await, entered, kept)
+                }
+                Err(error) => (Err(error), entered, Some(request)),
+            }
+        }
+    };
+    let response = answer.unwrap_or_else(|error| finish.answer_error(error));
+    let links = &route.chain[..entered.min(route.chain.len())];
+    let (kept, answered) = response_phase(
+        links,
+        route.response_body_limit,
+        kept,
+        response,
+        &mut finish.plugin_time,
+        &mut finish.bound,
+    )
+    .await;
+    finish.kept_request = kept;
+    match answered {
+        Ok(response) => match finish.switched.take() {
+            Some(switch) => finish.splice(response, switch),
+            None => finish.respond(response),
+        },
+        Err(error) => finish.fail(error),
+    }
+}
+
+/// Phase 1: the edge's decisions, before anything else sees the request.
+fn arrive<'a>(
+    snapshot: &Snapshot,
+    finish: &mut Finish,
+    uri: &'a Uri,
+    headers: &mut HeaderMap,
+    peer: Peer,
+) -> Result<edge::Arrival<'a>, GatewayError> {
+    let arrival = edge::arrive(&snapshot.server, uri, headers, peer)?;
     finish.client_ip = arrival.client_ip;
-    parts.headers.remove(CONSUMER_HEADER);
-    if let std::borrow::Cow::Owned(normal) = &arrival.path {
+    headers.remove(CONSUMER_HEADER);
+    if let Cow::Owned(normal) = &arrival.path {
         finish.normal_path = Some(normal.clone());
     }
+    Ok(arrival)
+}
+
+/// A request with its route.
+struct Routed {
+    route: Arc<Route>,
+    request: Box<RequestView>,
+    body: ClientBody,
+    /// The service named by the path, for a route to any service.
+    service: Option<String>,
+    /// The protocol asked for and the client's side of the connection, when the route lets
+    /// the request upgrade.
+    upgrade: Option<(HeaderValue, hyper::upgrade::OnUpgrade)>,
+}
+
+/// Phase 2: the route for the request, and the request as plugins see it.
+fn route(
+    snapshot: &Snapshot,
+    finish: &mut Finish,
+    mut parts: Parts,
+    arrival: edge::Arrival<'_>,
+    body: Incoming,
+    upgrade: Option<HeaderValue>,
+) -> Result<Routed, GatewayError> {
     let host = edge::request_host(&parts.uri, &parts.headers);
     let Some(matched) = snapshot.routes.lookup(&parts.method, host, &arrival.path) else {
-        let error = GatewayError::NoRoute {
+        return Err(GatewayError::NoRoute {
             method: finish.method.to_string(),
             path: arrival.path.into_owned(),
-        };
-        return finish.fail(error);
+        });
     };
     let route = matched.route.clone();
     finish.route = Some(route.clone());
@@ -116,7 +208,7 @@ pub async fn handle(
     let routed_path = match route.config.path_normalization {
         PathNormalization::On => {
             if let Some(unsafe_form) = arrival.raw_only {
-                return finish.fail(GatewayError::BadRequest(unsafe_form.to_string()));
+                return Err(GatewayError::BadRequest(unsafe_form.to_string()));
             }
             &*arrival.path
         }
@@ -150,84 +242,168 @@ pub async fn handle(
         response_edits: Vec::new(),
         directory: snapshot.directory.clone(),
     });
-
-    let (mut request, outcome) = request_phase(
-        &route,
+    Ok(Routed {
+        route,
         request,
         body,
-        &mut finish.plugin_time,
-        &mut finish.bound,
-    )
-    .await;
-    finish.request_id = request.id.clone();
-    finish.consumer = request.consumer.clone();
-    finish.consumer_metrics = snapshot.server.config.metrics_per_consumer;
-    finish.response_edits = std::mem::take(&mut request.response_edits);
-    if let Some(consumer) = &request.consumer
-        && let Ok(value) = HeaderValue::from_str(consumer)
-    {
-        request.headers.insert(CONSUMER_HEADER, value);
-    }
-    let mut switched = None;
-    let (response, entered) = match outcome {
-        Ok(RequestOutcome::Reply { reply, entered }) => {
-            request.writable = false;
-            finish.kept_request = Some(request);
-            (reply_response(reply, finish.grpc), entered)
-        }
-        Ok(RequestOutcome::Forward(body)) => {
-            if route.keeps_request {
-                finish.kept_request = Some(read_only_copy(&request));
-            }
-            let upstream = match &request.upstream {
-                // Checked when the plugin chose it, against this same snapshot.
-                Some(id) => snapshot
-                    .upstreams
-                    .get(id)
-                    .ok_or_else(|| GatewayError::NoService {
-                        service: id.clone(),
-                    }),
-                None => resolve_upstream(&snapshot, &route, service.as_deref()),
-            };
-            let protocol = upgrade.as_ref().map(|(protocol, _)| protocol.clone());
-            let sent = match upstream {
-                // Boxed: the exchange's future is most of a request's, and hyper copies the
-                // request's future whole when it starts it.
-                Ok(upstream) => Box::pin(upstream_phase(upstream, request, body, protocol))
-                    .await
-                    .map(|sent| (sent, upstream.idle_timeout())),
-                Err(error) => Err(error),
-            };
-            let response = match sent {
-                Ok(((mut response, in_flight), idle)) => {
-                    finish.upstream = Some(in_flight.node().addr.clone());
-                    finish.in_flight = Some(in_flight);
-                    match accepted_upgrade(&mut response, upgrade, idle) {
-                        Ok(switch) => switched = switch,
-                        Err(error) => return finish.fail(error),
-                    }
-                    response.map(ProxyBody::Upstream)
-                }
-                Err(error) => finish.answer_error(error),
-            };
-            (response, route.chain.len())
-        }
-        Err(error) => return finish.fail(error),
-    };
+        service,
+        upgrade,
+    })
+}
 
-    match response_phase(&route, &mut finish, response, entered).await {
-        Ok(response) => match switched {
-            Some(switch) => finish.splice(response, switch),
-            None => finish.respond(response),
-        },
-        Err(error) => finish.fail(error),
+/// What is left of the client's body for the upstream once plugins had their turn.
+enum BodyRest {
+    /// The client's stream, untouched.
+    Streaming(ClientBody),
+    /// The body was buffered into the request view; these trailers came after it.
+    Buffered(Option<HeaderMap>),
+}
+
+/// Before phase 3, when a plugin of the route reads the request body: buffers it, up to the
+/// smallest bound among them.
+async fn read_request_body(
+    route: &Route,
+    request: &mut RequestView,
+    body: ClientBody,
+) -> Result<BodyRest, GatewayError> {
+    let Some(limit) = route.request_body_limit else {
+        return Ok(BodyRest::Streaming(body));
+    };
+    match collect_bounded(body, limit).await {
+        Ok((bytes, trailers)) => {
+            request.body = BufferedBody::Buffered(bytes);
+            Ok(BodyRest::Buffered(trailers))
+        }
+        Err(CollectError::TooLarge(limit)) => Err(GatewayError::RequestTooLarge(limit)),
+        Err(CollectError::Read(e)) if e.stalled().is_some() => {
+            Err(GatewayError::RequestBodyTimeout(e.to_string()))
+        }
+        Err(CollectError::Read(e)) => Err(GatewayError::RequestBody(e.to_string())),
     }
+}
+
+/// What the request phase decided.
+pub enum Decision {
+    /// Send the request upstream.
+    Forward,
+    /// A plugin answered with this.
+    Reply(Reply),
+}
+
+/// Phase 3: runs `on-request` over `chain` in order, until a plugin answers or fails closed.
+/// Also says how many links had their turn: those whose `on-response` runs over the answer.
+pub async fn request_phase(
+    chain: &[ChainLink],
+    mut request: Box<RequestView>,
+    plugin_time: &mut Duration,
+    bound: &mut [Bound],
+) -> (Box<RequestView>, usize, Result<Decision, GatewayError>) {
+    for (index, link) in chain.iter().enumerate() {
+        if !link.pool.wants().on_request {
+            continue;
+        }
+        let started = Instant::now();
+        // Boxed: a plugin call's future is kilobytes, and inline it would make every request's
+        // future that large, plugins or not, and be copied with it.
+        let call = Box::pin(link.pool.on_request(request, bound.get_mut(index)));
+        let (returned, outcome) = call.await;
+        let elapsed = started.elapsed();
+        *plugin_time += elapsed;
+        link.metrics
+            .record(elapsed, outcome.as_ref().err().map(PluginError::kind));
+        request = returned;
+        match outcome {
+            Ok(Action::Continue) => {}
+            Ok(Action::Respond(reply)) => {
+                request.writable = false;
+                return (request, index + 1, Ok(Decision::Reply(reply)));
+            }
+            Err(error) if link.failure == FailurePolicy::Open => {
+                tracing::debug!(plugin = link.pool.name(), %error, "plugin failed open; skipping it");
+            }
+            Err(error) => {
+                request.writable = false;
+                let plugin = link.pool.name().to_owned();
+                return (request, index, Err(GatewayError::Plugin { plugin, error }));
+            }
+        }
+    }
+    request.writable = false;
+    (request, chain.len(), Ok(Decision::Forward))
+}
+
+/// Phase 4: picks the upstream (a plugin's choice, the route's, or its service's) and a node
+/// of it, and forwards the request; a 101 the client asked for is kept in `finish` to be
+/// spliced.
+async fn upstream_phase(
+    snapshot: &Snapshot,
+    route: &Route,
+    finish: &mut Finish,
+    request: Box<RequestView>,
+    rest: BodyRest,
+    service: Option<String>,
+    upgrade: Option<(HeaderValue, hyper::upgrade::OnUpgrade)>,
+) -> Result<Response<ProxyBody>, GatewayError> {
+    let upstream = snapshot.upstream_for(route, request.upstream.as_deref(), service.as_deref())?;
+    let RequestView {
+        method,
+        path,
+        query,
+        mut headers,
+        client_ip,
+        body,
+        ..
+    } = *request;
+    let body = match (body, rest) {
+        (BufferedBody::Buffered(bytes), BodyRest::Buffered(trailers)) => {
+            OutboundBody::Full(bytes, trailers)
+        }
+        (BufferedBody::Buffered(bytes), BodyRest::Streaming(_)) => OutboundBody::Full(bytes, None),
+        (BufferedBody::Streaming, BodyRest::Streaming(body)) => OutboundBody::Streaming(body),
+        (BufferedBody::Streaming, BodyRest::Buffered(_)) => {
+            unreachable!("a buffered body stays in the view")
+        }
+    };
+    let key = upstream.hash_key(client_ip, &path, query.as_deref(), &headers);
+    // The client's were dropped at the edge; these are any a plugin added.
+    strip_hop_by_hop(&mut headers);
+    if let Some((protocol, _)) = &upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, protocol.clone());
+    }
+    if matches!(body, OutboundBody::Full(..)) {
+        // The body may have been replaced; hyper sets the length of the one it sends.
+        headers.remove(header::CONTENT_LENGTH);
+    }
+    if upstream.config.scheme.is_http2() {
+        // HTTP/2 carries the authority in the URI; gRPC needs `te: trailers`.
+        headers.remove(header::HOST);
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    let path_and_query = match query {
+        Some(query) => format!("{path}?{query}"),
+        None => path,
+    };
+    let read_within = headers.get("grpc-timeout").and_then(grpc_timeout);
+    let outbound = Outbound {
+        method,
+        path_and_query,
+        headers,
+        body,
+        read_within,
+        upgrade: upgrade.is_some(),
+    };
+    let (mut response, in_flight) = upstream::send(upstream, key, outbound).await?;
+    finish.upstream = Some(in_flight.node().addr.clone());
+    finish.in_flight = Some(in_flight);
+    finish.switched = accepted_upgrade(&mut response, upgrade, upstream.idle_timeout())?;
+    Ok(response.map(ProxyBody::Upstream))
 }
 
 /// The upgrade an upstream's 101 accepted, if it answered 101; a 101 to a request that asked
 /// for no upgrade (or one that names no protocol) is the upstream's failure.
 fn accepted_upgrade(
-    response: &mut Response<upstream::UpstreamBody>,
+    response: &mut Response<UpstreamBody>,
     asked: Option<(HeaderValue, hyper::upgrade::OnUpgrade)>,
     idle: Duration,
 ) -> Result<Option<Switch>, GatewayError> {
@@ -259,195 +435,50 @@ struct Switch {
     idle: Duration,
 }
 
-/// What the request phase decided.
-enum RequestOutcome {
-    /// Send the request upstream with this body.
-    Forward(OutboundBody),
-    /// A plugin answered; `entered` counts the chain's links up to and including it.
-    Reply {
-        /// The plugin's answer.
-        reply: Reply,
-        /// How many links of the chain had their turn.
-        entered: usize,
-    },
-}
-
-/// Phase 2: buffers the body if a plugin wants it, then runs `on-request` in order.
-async fn request_phase(
-    route: &Route,
-    mut request: Box<RequestView>,
-    body: ClientBody,
+/// Phase 5: runs `on-response` in reverse order over `links` (the plugins that had their
+/// turn in `on-request`), buffering the body, up to `body_limit`, if one of them reads it.
+/// It runs for upstream responses, plugin replies and errors alike, so that plugins such as
+/// request-id mark every answer. `request` is `None` when no plugin runs after `on-request`.
+pub async fn response_phase(
+    links: &[ChainLink],
+    body_limit: Option<u64>,
+    request: Option<Box<RequestView>>,
+    response: Response<ProxyBody>,
     plugin_time: &mut Duration,
     bound: &mut [Bound],
-) -> (Box<RequestView>, Result<RequestOutcome, GatewayError>) {
-    let mut streaming = Some(body);
-    let mut trailers = None;
-    if let Some(limit) = route.request_body_limit {
-        let body = streaming.take().expect("the body is still here");
-        match collect_bounded(body, limit).await {
-            Ok((bytes, collected)) => {
-                request.body = BufferedBody::Buffered(bytes);
-                trailers = collected;
-            }
-            Err(CollectError::TooLarge(limit)) => {
-                return (request, Err(GatewayError::RequestTooLarge(limit)));
-            }
-            Err(CollectError::Read(e)) if e.stalled().is_some() => {
-                return (
-                    request,
-                    Err(GatewayError::RequestBodyTimeout(e.to_string())),
-                );
-            }
-            Err(CollectError::Read(e)) => {
-                return (request, Err(GatewayError::RequestBody(e.to_string())));
-            }
-        }
-    }
-    for (index, link) in route.chain.iter().enumerate() {
-        if !link.pool.wants().on_request {
-            continue;
-        }
-        let started = Instant::now();
-        // Boxed: a plugin call's future is kilobytes, and inline it would make every request's
-        // future that large, plugins or not, and be copied with it.
-        let call = Box::pin(link.pool.on_request(request, bound.get_mut(index)));
-        let (returned, outcome) = call.await;
-        let elapsed = started.elapsed();
-        *plugin_time += elapsed;
-        link.metrics
-            .record(elapsed, outcome.as_ref().err().map(PluginError::kind));
-        request = returned;
-        match outcome {
-            Ok(Action::Continue) => {}
-            Ok(Action::Respond(reply)) => {
-                let entered = index + 1;
-                return (request, Ok(RequestOutcome::Reply { reply, entered }));
-            }
-            Err(error) if link.failure == FailurePolicy::Open => {
-                tracing::debug!(plugin = link.pool.name(), %error, "plugin failed open; skipping it");
-            }
-            Err(error) => {
-                let plugin = link.pool.name().to_owned();
-                return (request, Err(GatewayError::Plugin { plugin, error }));
-            }
-        }
-    }
-    request.writable = false;
-    let body = match (&mut request.body, streaming) {
-        (BufferedBody::Buffered(bytes), _) => OutboundBody::Full(std::mem::take(bytes), trailers),
-        (BufferedBody::Streaming, Some(body)) => OutboundBody::Streaming(body),
-        (BufferedBody::Streaming, None) => unreachable!("an unbuffered body is never taken"),
-    };
-    (request, Ok(RequestOutcome::Forward(body)))
-}
-
-/// Where the request goes: the route's upstream, or the live nodes of its service.
-fn resolve_upstream<'a>(
-    snapshot: &'a Snapshot,
-    route: &'a Route,
-    service_from_path: Option<&str>,
-) -> Result<&'a Arc<Upstream>, GatewayError> {
-    let service = match &route.target {
-        Target::Upstream(upstream) => return Ok(upstream),
-        Target::Service(name) => name.as_str(),
-        Target::AnyService => service_from_path.unwrap_or_default(),
-    };
-    snapshot
-        .services
-        .get(service)
-        .ok_or_else(|| GatewayError::NoService {
-            service: service.to_owned(),
-        })
-}
-
-/// Phase 3: picks a node and forwards the request.
-async fn upstream_phase(
-    upstream: &Upstream,
-    request: Box<RequestView>,
-    body: OutboundBody,
-    upgrade: Option<HeaderValue>,
-) -> Result<(Response<upstream::UpstreamBody>, InFlight), GatewayError> {
-    let key = match &upstream.config.hash_on {
-        None => 0,
-        Some(HashOn::Ip) => hash_key(request.client_ip.to_string().as_bytes()),
-        Some(HashOn::Uri) => {
-            hash_key(request.path.as_bytes())
-                ^ hash_key(request.query.as_deref().unwrap_or("").as_bytes())
-        }
-        Some(HashOn::Header(name)) => {
-            hash_key(request.headers.get(name).map_or(&b""[..], |v| v.as_bytes()))
-        }
-    };
-    let RequestView {
-        method,
-        path,
-        query,
-        mut headers,
-        ..
-    } = *request;
-    // The client's were dropped at the edge; these are any a plugin added.
-    strip_hop_by_hop(&mut headers);
-    if let Some(protocol) = &upgrade {
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        headers.insert(header::UPGRADE, protocol.clone());
-    }
-    if matches!(body, OutboundBody::Full(..)) {
-        // The body may have been replaced; hyper sets the length of the one it sends.
-        headers.remove(header::CONTENT_LENGTH);
-    }
-    if upstream.config.scheme.is_http2() {
-        // HTTP/2 carries the authority in the URI; gRPC needs `te: trailers`.
-        headers.remove(header::HOST);
-        headers.insert(header::TE, HeaderValue::from_static("trailers"));
-    }
-    let path_and_query = match query {
-        Some(query) => format!("{path}?{query}"),
-        None => path,
-    };
-    let read_within = headers.get("grpc-timeout").and_then(grpc_timeout);
-    let outbound = Outbound {
-        method,
-        path_and_query,
-        headers,
-        body,
-        read_within,
-        upgrade: upgrade.is_some(),
-    };
-    Ok(upstream::send(upstream, key, outbound).await?)
-}
-
-/// Phase 4: runs `on-response` in reverse order over the plugins that `entered` the chain,
-/// buffering the body if one of them wants it. It runs for upstream responses, plugin replies
-/// and upstream errors alike, so that plugins such as request-id mark every answer.
-async fn response_phase(
-    route: &Route,
-    finish: &mut Finish,
-    response: Response<ProxyBody>,
-    entered: usize,
-) -> Result<Response<ProxyBody>, GatewayError> {
+) -> (
+    Option<Box<RequestView>>,
+    Result<Response<ProxyBody>, GatewayError>,
+) {
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     // The client's connection has its own version; hyper uses it when this is the default.
     parts.version = http::Version::default();
-    let links = &route.chain[..entered.min(route.chain.len())];
     let wants_response = links.iter().any(|link| link.pool.wants().on_response);
-    let Some(mut request) = finish.kept_request.take().filter(|_| wants_response) else {
-        return Ok(Response::from_parts(parts, body));
+    let request = match request {
+        Some(request) if wants_response => request,
+        request => return (request, Ok(Response::from_parts(parts, body))),
     };
+    let mut request = request;
     let wants_body = links
         .iter()
         .any(|link| link.pool.wants().on_response && link.pool.wants().response_body);
     let mut trailers = None;
-    let (body, mut streaming) = match route.response_body_limit.filter(|_| wants_body) {
+    let (body, mut streaming) = match body_limit.filter(|_| wants_body) {
         Some(limit) => match collect_bounded(body, limit).await {
             Ok((bytes, collected)) => {
                 trailers = collected;
                 (Some(bytes), None)
             }
             Err(CollectError::TooLarge(limit)) => {
-                return Err(GatewayError::ResponseTooLarge(limit));
+                return (Some(request), Err(GatewayError::ResponseTooLarge(limit)));
             }
-            Err(CollectError::Read(e)) => return Err(GatewayError::ResponseBody(e.to_string())),
+            Err(CollectError::Read(e)) => {
+                return (
+                    Some(request),
+                    Err(GatewayError::ResponseBody(e.to_string())),
+                );
+            }
         },
         None => (None, Some(body)),
     };
@@ -466,25 +497,22 @@ async fn response_phase(
         .filter(|(_, link)| link.pool.wants().on_response)
     {
         let started = Instant::now();
-        let bound = finish.bound.get_mut(index);
         // Boxed, as in the request phase.
         let (returned_request, returned_view, outcome) =
-            Box::pin(link.pool.on_response(request, view, bound)).await;
+            Box::pin(link.pool.on_response(request, view, bound.get_mut(index))).await;
         let elapsed = started.elapsed();
-        finish.plugin_time += elapsed;
+        *plugin_time += elapsed;
         link.metrics
             .record(elapsed, outcome.as_ref().err().map(PluginError::kind));
         (request, view) = (returned_request, returned_view);
         if let Err(error) = outcome {
             if link.failure == FailurePolicy::Closed {
-                finish.kept_request = Some(request);
                 let plugin = link.pool.name().to_owned();
-                return Err(GatewayError::Plugin { plugin, error });
+                return (Some(request), Err(GatewayError::Plugin { plugin, error }));
             }
             tracing::debug!(plugin = link.pool.name(), %error, "plugin failed open; skipping it");
         }
     }
-    finish.kept_request = Some(request);
     parts.status = view.status;
     parts.headers = view.headers;
     let body = match (view.body, streaming.take()) {
@@ -497,10 +525,52 @@ async fn response_phase(
         (None, Some(body)) => body,
         (None, None) => ProxyBody::Empty,
     };
-    Ok(Response::from_parts(parts, body))
+    (Some(request), Ok(Response::from_parts(parts, body)))
 }
 
-/// Phase 5: everything that happens once the response is over. It runs when the response body
+/// Phase 6's first step, on every answer (upstream, plugin reply or error alike), after every
+/// `on-response`: the response header edits plugins queued in `on-request`.
+pub fn apply_queued_edits(headers: &mut HeaderMap, edits: &[ResponseEdit]) {
+    for edit in edits {
+        edit.apply(headers);
+    }
+}
+
+/// Phase 6's last step: runs `on-log` in reverse order over `chain`, once the response is
+/// over. A failure is logged and changes nothing; the failures are returned for
+/// `weir plugin test` to report.
+pub async fn log_phase(
+    chain: &[ChainLink],
+    mut request: Box<RequestView>,
+    summary: &Summary,
+    bound: &mut [Bound],
+) -> Vec<PluginError> {
+    let mut failures = Vec::new();
+    for (index, link) in chain
+        .iter()
+        .enumerate()
+        .rev()
+        .filter(|(_, link)| link.pool.wants().on_log)
+    {
+        let started = Instant::now();
+        let (returned, outcome) = link
+            .pool
+            .on_log(request, summary, bound.get_mut(index))
+            .await;
+        link.metrics.record(
+            started.elapsed(),
+            outcome.as_ref().err().map(PluginError::kind),
+        );
+        request = returned;
+        if let Err(error) = outcome {
+            tracing::debug!(plugin = link.pool.name(), %error, "on-log failed");
+            failures.push(error);
+        }
+    }
+    failures
+}
+
+/// Phase 6: everything that happens once the response is over. It runs when the response body
 /// is dropped, which hyper does after the last byte is written or when the client goes away.
 pub struct Finish {
     gateway: Arc<Gateway>,
@@ -535,9 +605,52 @@ pub struct Finish {
     /// The request's own instance of each plugin isolated per request, by chain position
     /// (empty when the route has none).
     bound: Vec<Bound>,
+    /// The upgrade the upstream accepted, until the answer splices it.
+    switched: Option<Switch>,
 }
 
 impl Finish {
+    /// The finishing work of a request that just arrived with `parts`, from `peer`.
+    fn new(gateway: Arc<Gateway>, parts: &Parts, peer: Peer) -> Self {
+        Finish {
+            gateway,
+            started: Instant::now(),
+            request_id: request_id(&parts.headers),
+            client_ip: peer.addr.ip().to_canonical(),
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            normal_path: None,
+            status: StatusCode::OK,
+            route: None,
+            upstream: None,
+            plugin_time: Duration::ZERO,
+            kept_request: None,
+            in_flight: None,
+            grpc: is_grpc(&parts.headers),
+            grpc_web: grpc_web::is_grpc_web(&parts.headers),
+            upgraded: None,
+            consumer: None,
+            consumer_metrics: false,
+            response_edits: Vec::new(),
+            bound: Vec::new(),
+            switched: None,
+        }
+    }
+
+    /// Takes what the request phase decided that outlives it: the request id, the consumer
+    /// (also told to the upstream in `x-consumer-username`) and the queued response edits.
+    fn after_request_phase(&mut self, snapshot: &Snapshot, request: &mut RequestView) {
+        self.request_id = request.id.clone();
+        self.consumer = request.consumer.clone();
+        self.consumer_metrics = snapshot.server.config.metrics_per_consumer;
+        self.response_edits = std::mem::take(&mut request.response_edits);
+        if let Some(consumer) = &request.consumer
+            && let Ok(value) = HeaderValue::from_str(consumer)
+        {
+            request.headers.insert(CONSUMER_HEADER, value);
+        }
+    }
+
     /// Answers 101 and splices the two connections in a task of their own, which finishes
     /// (access log, metrics, `on-log`) when the spliced connection ends.
     fn splice(
@@ -548,9 +661,7 @@ impl Finish {
         self.status = StatusCode::SWITCHING_PROTOCOLS;
         let (mut parts, _) = response.into_parts();
         parts.status = StatusCode::SWITCHING_PROTOCOLS;
-        for edit in &self.response_edits {
-            edit.apply(&mut parts.headers);
-        }
+        apply_queued_edits(&mut parts.headers, &self.response_edits);
         parts
             .headers
             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -590,10 +701,7 @@ impl Finish {
     fn respond(mut self, response: Response<ProxyBody>) -> Response<ResponseBody<Finish>> {
         self.status = response.status();
         let (mut parts, mut body) = response.into_parts();
-        // After every `on-response`, on every answer: upstream, plugin reply or error alike.
-        for edit in &self.response_edits {
-            edit.apply(&mut parts.headers);
-        }
+        apply_queued_edits(&mut parts.headers, &self.response_edits);
         if self.grpc_web {
             grpc_web::response_to_web(&mut parts.headers);
             body = ProxyBody::GrpcWeb(Box::new(grpc_web::WebBody::new(body)));
@@ -667,7 +775,7 @@ impl Drop for Finish {
                 .metrics()
                 .consumer_request(&route.id, consumer, status);
         }
-        let Some(mut request) = self.kept_request.take() else {
+        let Some(request) = self.kept_request.take() else {
             return;
         };
         if !route.chain.iter().any(|link| link.pool.wants().on_log) {
@@ -684,27 +792,8 @@ impl Drop for Finish {
         let mut bound = std::mem::take(&mut self.bound);
         // Tracked, so that a drain waits for it.
         self.gateway.pending_on_log().spawn(async move {
-            for (index, link) in route
-                .chain
-                .iter()
-                .enumerate()
-                .rev()
-                .filter(|(_, link)| link.pool.wants().on_log)
-            {
-                let started = Instant::now();
-                let (returned, outcome) = link
-                    .pool
-                    .on_log(request, &summary, bound.get_mut(index))
-                    .await;
-                link.metrics.record(
-                    started.elapsed(),
-                    outcome.as_ref().err().map(PluginError::kind),
-                );
-                request = returned;
-                if let Err(error) = outcome {
-                    tracing::debug!(plugin = link.pool.name(), %error, "on-log failed");
-                }
-            }
+            // Each failure was logged where it happened.
+            let _ = log_phase(&route.chain, request, &summary, &mut bound).await;
         });
     }
 }
@@ -758,7 +847,7 @@ fn read_only_copy(request: &RequestView) -> Box<RequestView> {
 
 /// A plugin's answer. To a gRPC client, an answer that is not a gRPC response (no
 /// `grpc-status`) becomes a trailers-only gRPC status, with the body as its message.
-fn reply_response(reply: Reply, grpc: bool) -> Response<ProxyBody> {
+pub fn reply_response(reply: Reply, grpc: bool) -> Response<ProxyBody> {
     let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let grpc_error_reply = grpc
         && !reply
@@ -808,11 +897,6 @@ fn grpc_timeout(value: &HeaderValue) -> Option<Duration> {
         "n" => Duration::from_nanos(amount),
         _ => return None,
     })
-}
-
-/// A JSON error outside the proxy path (the admin listener uses the same shape).
-pub fn error_response(status: StatusCode, message: &str) -> Response<ProxyBody> {
-    json_error(status, message, "")
 }
 
 #[cfg(test)]

@@ -207,7 +207,15 @@ impl Drop for RunningGateway {
 
 /// Loads the config, binds the listeners and starts serving.
 pub async fn start(options: GatewayOptions) -> Result<RunningGateway, StartError> {
-    let gateway = Gateway::new(&options.access_log, options.module_cache.clone())?;
+    let store_name = match &options.config {
+        ConfigSource::File(_) => "file",
+        ConfigSource::Etcd(_) => "etcd",
+    };
+    let gateway = Gateway::new(
+        store_name,
+        &options.access_log,
+        options.module_cache.clone(),
+    )?;
     let shutdown = CancellationToken::new();
     let stop_accepting = CancellationToken::new();
     let drain_timeout = Arc::new(std::sync::Mutex::new(SHUTDOWN_TIMEOUT));

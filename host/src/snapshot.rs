@@ -17,13 +17,14 @@ use crate::config::{
     ServiceSettings, SslConfig, StripPrefix, TenantConfig,
 };
 use crate::edge::ServerSettings;
-use crate::exchange::Directory;
+use crate::error::GatewayError;
 use crate::metrics::{Metrics, PluginMetrics, RouteMetrics};
 use crate::plugin::signature::{self, ModuleSignature};
 use crate::plugin::{Module, PluginPool, PluginRuntime};
 use crate::router::{RouteFilter, RouteTable};
 use crate::tls::{CertTable, Certified};
 use crate::upstream::{ClientPool, Upstream};
+use crate::view::Directory;
 
 /// A plugin entry whose module compiled.
 #[derive(Debug)]
@@ -674,17 +675,8 @@ impl BuildContext<'_> {
             });
             built_from.push(plugin.clone());
         }
-        let limit = |wanted: fn(&ChainLink) -> bool| {
-            chain
-                .iter()
-                .filter(|link| wanted(link))
-                .map(|link| link.pool.limits().max_body_bytes)
-                .min()
-        };
-        let request_body_limit =
-            limit(|l| l.pool.wants().request_body && l.pool.wants().on_request);
-        let response_body_limit =
-            limit(|l| l.pool.wants().response_body && l.pool.wants().on_response);
+        let request_body_limit = request_body_limit(&chain);
+        let response_body_limit = response_body_limit(&chain);
         let keeps_request = chain
             .iter()
             .any(|l| l.pool.wants().on_response || l.pool.wants().on_log);
@@ -710,6 +702,60 @@ impl BuildContext<'_> {
             binds_instances,
             request_trailers,
         }))
+    }
+}
+
+/// The largest request body `chain` buffers: the smallest bound among the plugins that read
+/// it in `on-request`, or `None` when none does.
+pub fn request_body_limit(chain: &[ChainLink]) -> Option<u64> {
+    body_limit(chain, |l| {
+        l.pool.wants().request_body && l.pool.wants().on_request
+    })
+}
+
+/// The largest response body `chain` buffers, as [`request_body_limit`] for `on-response`.
+pub fn response_body_limit(chain: &[ChainLink]) -> Option<u64> {
+    body_limit(chain, |l| {
+        l.pool.wants().response_body && l.pool.wants().on_response
+    })
+}
+
+fn body_limit(chain: &[ChainLink], wanted: fn(&ChainLink) -> bool) -> Option<u64> {
+    chain
+        .iter()
+        .filter(|link| wanted(link))
+        .map(|link| link.pool.limits().max_body_bytes)
+        .min()
+}
+
+impl Snapshot {
+    /// The upstream a request on `route` goes to: the one a plugin `chose` (checked against
+    /// this snapshot when it chose it), the route's, or the live nodes of its service
+    /// (`service_from_path` for a route to any service).
+    pub fn upstream_for<'a>(
+        &'a self,
+        route: &'a Route,
+        chose: Option<&str>,
+        service_from_path: Option<&str>,
+    ) -> Result<&'a Arc<Upstream>, GatewayError> {
+        let service = match (chose, &route.target) {
+            (Some(id), _) => {
+                return self
+                    .upstreams
+                    .get(id)
+                    .ok_or_else(|| GatewayError::NoService {
+                        service: id.to_owned(),
+                    });
+            }
+            (None, Target::Upstream(upstream)) => return Ok(upstream),
+            (None, Target::Service(name)) => name.as_str(),
+            (None, Target::AnyService) => service_from_path.unwrap_or_default(),
+        };
+        self.services
+            .get(service)
+            .ok_or_else(|| GatewayError::NoService {
+                service: service.to_owned(),
+            })
     }
 }
 

@@ -2,6 +2,7 @@
 
 use weir::authoring::{TestRequest, TestUpstream, check, run};
 use weir::config::Grants;
+use weir::plugin::grants::Verdict;
 use weir_tests::plugins;
 
 fn all_grants() -> Grants {
@@ -46,7 +47,7 @@ async fn check_names_the_world_the_imports_and_the_verdict() {
         report
             .imports
             .iter()
-            .any(|i| i.import == "weir:plugin/http@0.1.0" && i.verdict == "ok")
+            .any(|i| i.import == "weir:plugin/http@0.1.0" && i.verdict == Verdict::Allowed)
     );
     assert!(report.loads.is_ok());
 
@@ -58,7 +59,11 @@ async fn check_names_the_world_the_imports_and_the_verdict() {
         .iter()
         .find(|i| i.import == "weir:plugin/kv@0.1.0")
         .unwrap();
-    assert_eq!(kv.verdict, "not granted; add grants: {kv: true}");
+    assert_eq!(kv.verdict, Verdict::NotGranted("kv: true"));
+    assert_eq!(
+        kv.verdict.to_string(),
+        "not granted; add grants: {kv: true}"
+    );
     assert!(report.loads.unwrap_err().contains("weir:plugin/kv@0.1.0"));
 
     let report = check(std::fs::read(plugins::FS_READER).unwrap(), &all_grants())
@@ -171,4 +176,60 @@ async fn test_reports_edits_kv_and_logs_for_each_language() {
     .await
     .unwrap();
     assert!(report.failure.unwrap().contains("plugin trapped"));
+}
+
+/// `weir plugin test` must mean what the gateway does: the same plugin, the same request, the
+/// same upstream answer, and the same edits to what the client gets, whether the plugin
+/// replied in on-request (on-response still runs) or let the request through, and with the
+/// response headers it queued in on-request applied either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_test_and_the_gateway_agree_on_what_the_client_gets() {
+    use weir_tests::{TestGateway, Upstream, get, yaml};
+    let config = serde_json::json!({"mode": "mark-and-deny", "deny": "/deny"});
+    let up = Upstream::start("u").await;
+    let gateway = TestGateway::start(&yaml(serde_json::json!({
+        "upstreams": [{"id": "u", "nodes": [{"host": "127.0.0.1", "port": up.addr.port(), "weight": 1}]}],
+        "plugins": [weir_tests::probe_entry("probe", serde_json::json!({}))],
+        "routes": [{"id": "r", "uri": "/*", "upstream_id": "u", "plugins": [
+            {"name": "probe", "config": config},
+        ]}],
+    })))
+    .await;
+    for path in ["/deny", "/ok"] {
+        let answer = get(&gateway.url(path)).await;
+        let report = run(
+            std::fs::read(plugins::PROBE).unwrap(),
+            &config.to_string(),
+            all_grants(),
+            request(path, &[]),
+            upstream("text/plain", "hi"),
+        )
+        .await
+        .unwrap();
+        assert!(report.failure.is_none(), "{:?}", report.failure);
+        let mut from_gateway: Vec<String> = answer
+            .headers
+            .iter()
+            .filter(|(name, _)| name.as_str().starts_with("x-probe-"))
+            .map(|(name, value)| format!("header {name}: {}", value.to_str().unwrap()))
+            .collect();
+        from_gateway.sort();
+        let mut from_test: Vec<String> = report
+            .response_edits
+            .iter()
+            .filter(|edit| edit.starts_with("header x-probe-"))
+            .cloned()
+            .collect();
+        from_test.sort();
+        assert_eq!(from_test, from_gateway, "{path}: {report}");
+        let status = answer.status.as_u16().to_string();
+        assert_eq!(
+            from_gateway,
+            [
+                format!("header x-probe-marked: {status}"),
+                "header x-probe-queued: request".to_string()
+            ],
+            "{path}"
+        );
+    }
 }

@@ -112,9 +112,10 @@ async fn a_websocket_route_carries_a_thousand_messages_behind_key_auth() {
     assert!(from_client as usize > sent + payload.len(), "{line}");
     assert!(to_client as usize > sent + payload.len(), "{line}");
     assert_eq!(line["upgraded"]["ended"], "closed");
-    // on-log ran once, for the upgraded connection, when it ended.
+    // on-log ran for the upgraded connection when it ended, and for the request key-auth
+    // refused: every request that reached a route gets its on-log.
     let metrics = gateway.admin_url("/metrics");
-    weir_tests::eventually("on-log ran", Duration::from_secs(30), || {
+    weir_tests::eventually("on-log ran twice", Duration::from_secs(30), || {
         let metrics = metrics.clone();
         async move {
             weir_tests::metric(
@@ -122,7 +123,7 @@ async fn a_websocket_route_carries_a_thousand_messages_behind_key_auth() {
                 r#"weir_plugin_events_total{plugin="probe",name="ws-logged"}"#,
             )
             .await
-                == 1.0
+                == 2.0
         }
     })
     .await;

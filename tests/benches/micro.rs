@@ -27,10 +27,10 @@ use wasmtime::component::{Component, Linker, Resource, TypedFunc};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
 use weir::config::{Isolation, PluginConfig};
 use weir::edge::normalise::normalise;
-use weir::exchange::{BufferedBody, Directory, RequestView};
 use weir::metrics::Metrics;
 use weir::plugin::{Action, PluginPool, PluginRuntime, Wants};
 use weir::router::{RouteFilter, RouteTable};
+use weir::view::{BufferedBody, Directory, RequestView};
 use weir_tests::plugins;
 
 #[global_allocator]

@@ -17,7 +17,7 @@ wasmtime::component::bindgen!({
     },
     exports: { default: async },
     with: {
-        "weir:plugin/http@0.1.0.request": crate::exchange::RequestView,
-        "weir:plugin/http@0.1.0.response": crate::exchange::ResponseView,
+        "weir:plugin/http@0.1.0.request": crate::view::RequestView,
+        "weir:plugin/http@0.1.0.response": crate::view::ResponseView,
     },
 });

@@ -70,23 +70,52 @@ pub fn unknown(imports: &[String]) -> Vec<&str> {
         .collect()
 }
 
+/// What a plugin entry's grants say of one import.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// It may be imported.
+    Allowed,
+    /// Only with this grant, which the entry lacks (as the YAML that adds it).
+    NotGranted(&'static str),
+    /// The gateway does not provide it, whatever the grants.
+    Unprovided,
+}
+
+impl std::fmt::Display for Verdict {
+    /// `ok`, or what would allow the import.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Verdict::Allowed => f.write_str("ok"),
+            Verdict::NotGranted(grant @ "wasi: [runtime]") => write!(
+                f,
+                "not granted; add grants: {{{grant}}}, which links it with no files or network \
+                 behind it: nothing is ever reachable"
+            ),
+            Verdict::NotGranted(grant) => write!(f, "not granted; add grants: {{{grant}}}"),
+            Verdict::Unprovided => f.write_str("the gateway does not provide it"),
+        }
+    }
+}
+
+/// What `grants` say of `import`.
+pub fn verdict(import: &str, grants: &Grants) -> Verdict {
+    match offer(import, grants) {
+        Offer::Inert | Offer::Granted(_, true) => Verdict::Allowed,
+        Offer::Granted(grant, false) => Verdict::NotGranted(grant),
+        Offer::Unknown => Verdict::Unprovided,
+    }
+}
+
 /// Checks every import of a component against its entry's grants; the error names each refused
 /// import and what would allow it.
 pub fn check(imports: &[String], grants: &Grants) -> Result<(), String> {
-    let mut refused = Vec::new();
-    for import in imports {
-        match offer(import, grants) {
-            Offer::Inert | Offer::Granted(_, true) => {}
-            Offer::Granted(grant, false) if grant == "wasi: [runtime]" => refused.push(format!(
-                "{import} (not granted; add grants: {{{grant}}}, which links it with no files or \
-                 network behind it: nothing is ever reachable)"
-            )),
-            Offer::Granted(grant, false) => {
-                refused.push(format!("{import} (not granted; add grants: {{{grant}}})"));
-            }
-            Offer::Unknown => refused.push(format!("{import} (the gateway does not provide it)")),
-        }
-    }
+    let refused: Vec<String> = imports
+        .iter()
+        .filter_map(|import| match verdict(import, grants) {
+            Verdict::Allowed => None,
+            refused => Some(format!("{import} ({refused})")),
+        })
+        .collect();
     if refused.is_empty() {
         Ok(())
     } else {

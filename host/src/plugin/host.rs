@@ -14,11 +14,11 @@ use super::callout::Callouts;
 use super::health::PluginHealth;
 use super::tenant::{QuotaExceeded, Tenant};
 use crate::config::{Grants, KvBackend, WasiGrant};
-use crate::exchange::{
-    RequestBefore, RequestView, ResponseBefore, ResponseEdit, ResponseView, headers,
-};
 use crate::kv::{KvError, KvStore, KvUnavailable, RedisSlot, RedisStore};
 use crate::metrics::{Metrics, PluginEventLabels};
+use crate::view::{
+    RequestBefore, RequestView, ResponseBefore, ResponseEdit, ResponseView, headers,
+};
 
 /// The longest log line a plugin may write; longer ones are cut.
 const MAX_LOG_LINE: usize = 4096;

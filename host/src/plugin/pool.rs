@@ -16,8 +16,8 @@ use super::host::{
 use super::tenant::QuotaExceeded;
 use super::{Action, EPOCH_TICK, Module, PluginError, PluginInfo, Summary};
 use crate::config::{Isolation, Limits};
-use crate::exchange::{RequestBefore, RequestView, ResponseView};
 use crate::kv::KvUnavailable;
+use crate::view::{RequestBefore, RequestView, ResponseView};
 
 /// Idle instances kept per pool; instances beyond this are dropped after use.
 const MAX_IDLE: usize = 64;

@@ -23,16 +23,19 @@ pub mod probe;
 pub mod retry;
 pub mod send;
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
+
+use http::HeaderMap;
 
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use self::balancer::{Ejection, Node, NodeSet, Outcome, Probing};
+use self::balancer::{Ejection, Node, NodeSet, Outcome, Probing, hash_key};
 use self::pool::{NodeConnections, NodeKey, format_addr};
 use self::retry::RetryPolicy;
-use crate::config::{RetryOn, UpstreamConfig};
+use crate::config::{HashOn, RetryOn, UpstreamConfig};
 use crate::metrics::Metrics;
 use crate::tls::ClientTlsError;
 
@@ -205,6 +208,27 @@ impl Upstream {
                     upstream: self.config.id.clone(),
                     ms: self.config.timeout.queue_ms,
                 })
+            }
+        }
+    }
+
+    /// The consistent-hash key of a request, from what the upstream's `hash_on` names; 0 for
+    /// other balancers.
+    pub fn hash_key(
+        &self,
+        client_ip: IpAddr,
+        path: &str,
+        query: Option<&str>,
+        headers: &HeaderMap,
+    ) -> u64 {
+        match &self.config.hash_on {
+            None => 0,
+            Some(HashOn::Ip) => hash_key(client_ip.to_string().as_bytes()),
+            Some(HashOn::Uri) => {
+                hash_key(path.as_bytes()) ^ hash_key(query.unwrap_or("").as_bytes())
+            }
+            Some(HashOn::Header(name)) => {
+                hash_key(headers.get(name).map_or(&b""[..], |v| v.as_bytes()))
             }
         }
     }

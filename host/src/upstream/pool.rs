@@ -321,7 +321,7 @@ impl Body for UpstreamBody {
 }
 
 /// How one exchange on one connection ended, short of a response.
-pub(super) enum Exchange {
+pub(super) enum NoResponse {
     /// The connection failed before the request was written: it comes back whole.
     NotSent(Box<Request<OutgoingBody>>, hyper::Error),
     /// No response head within `read_ms`.
@@ -342,7 +342,7 @@ impl Sender {
         request: Request<OutgoingBody>,
         sent: oneshot::Receiver<()>,
         read: Duration,
-    ) -> Result<Response<Incoming>, Exchange> {
+    ) -> Result<Response<Incoming>, NoResponse> {
         match self {
             Sender::Http1(sender) => {
                 wait_for_head(sender.try_send_request(request), sent, read).await
@@ -358,7 +358,7 @@ pub(super) async fn wait_for_head(
     response: impl Future<Output = TrySend>,
     sent: oneshot::Receiver<()>,
     read: Duration,
-) -> Result<Response<Incoming>, Exchange> {
+) -> Result<Response<Incoming>, NoResponse> {
     let mut response = std::pin::pin!(response);
     let early = tokio::select! {
         biased;
@@ -369,11 +369,11 @@ pub(super) async fn wait_for_head(
         Some(outcome) => outcome,
         None => match tokio::time::timeout(read, &mut response).await {
             Ok(outcome) => outcome,
-            Err(_) => return Err(Exchange::ReadTimeout),
+            Err(_) => return Err(NoResponse::ReadTimeout),
         },
     };
     outcome.map_err(|mut error| match error.take_message() {
-        Some(request) => Exchange::NotSent(Box::new(request), error.into_error()),
-        None => Exchange::Failed(error.into_error()),
+        Some(request) => NoResponse::NotSent(Box::new(request), error.into_error()),
+        None => NoResponse::Failed(error.into_error()),
     })
 }

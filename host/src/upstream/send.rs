@@ -13,7 +13,7 @@ use super::balancer::{InFlight, Node};
 use super::body::{Outbound, OutboundBody, OutgoingBody, Sending};
 use super::error::{UpstreamError, error_chain};
 use super::pool::ConnectFailure;
-use super::pool::{Exchange, NodeConnections, Sender, UpstreamBody};
+use super::pool::{NoResponse, NodeConnections, Sender, UpstreamBody};
 use crate::body::stream::{BodyError, Stalled};
 use crate::config::RetryOn;
 use crate::timeouts::IdleBody;
@@ -232,7 +232,7 @@ impl Attempt<'_> {
                     };
                     return Ok(Response::from_parts(parts, body));
                 }
-                Err(Exchange::NotSent(request, error)) => {
+                Err(NoResponse::NotSent(request, error)) => {
                     // Nothing was written: the request, body included, can go again.
                     let (parts, outgoing) = request.into_parts();
                     self.headers = parts.headers;
@@ -247,13 +247,13 @@ impl Attempt<'_> {
                         reason: error_chain(&error),
                     });
                 }
-                Err(Exchange::ReadTimeout) => {
+                Err(NoResponse::ReadTimeout) => {
                     return Err(UpstreamError::Timeout {
                         node: node.addr.clone(),
                         ms: self.read.as_millis() as u64,
                     });
                 }
-                Err(Exchange::Failed(error)) => {
+                Err(NoResponse::Failed(error)) => {
                     return Err(failed_exchange(upstream, node, &error));
                 }
             }
@@ -330,5 +330,139 @@ pub(super) fn failed_exchange(
     UpstreamError::Failed {
         node: node.addr.clone(),
         reason: error_chain(error),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use bytes::Bytes;
+    use http_body_util::BodyExt;
+    use hyper_util::rt::TokioIo;
+
+    use super::*;
+    use crate::config::UpstreamConfig;
+    use crate::metrics::Metrics;
+    use crate::upstream::ClientPool;
+
+    /// A loopback HTTP/1.1 server that answers every request with `body`, and counts the
+    /// connections it accepted.
+    async fn server(body: &'static str) -> (u16, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counted = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                let service = hyper::service::service_fn(move |_| async move {
+                    let body = http_body_util::Full::new(Bytes::from_static(body.as_bytes()));
+                    Ok::<_, std::convert::Infallible>(Response::new(body))
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service),
+                );
+            }
+        });
+        (port, accepted)
+    }
+
+    /// A port nothing listens on: bound, then let go.
+    fn closed_port() -> u16 {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    }
+
+    fn upstream(ports: &[u16], clients: &ClientPool) -> Upstream {
+        let nodes: Vec<_> = ports
+            .iter()
+            .map(|port| serde_json::json!({"host": "127.0.0.1", "port": port, "weight": 1}))
+            .collect();
+        let config: UpstreamConfig =
+            crate::config::parse(&serde_json::json!({"id": "u", "nodes": nodes})).unwrap();
+        Upstream::new(config, clients, &Metrics::new()).unwrap()
+    }
+
+    fn get() -> Outbound {
+        Outbound {
+            method: Method::GET,
+            path_and_query: "/".into(),
+            headers: HeaderMap::new(),
+            body: OutboundBody::Full(Bytes::new(), None),
+            read_within: None,
+            upgrade: false,
+        }
+    }
+
+    async fn read(response: Response<UpstreamBody>) -> Bytes {
+        response.into_body().collect().await.unwrap().to_bytes()
+    }
+
+    #[tokio::test]
+    async fn a_response_read_to_its_end_gives_the_connection_back_for_the_next_request() {
+        let (port, accepted) = server("hi").await;
+        let clients = ClientPool::default();
+        let upstream = upstream(&[port], &clients);
+        for _ in 0..3 {
+            let (response, _in_flight) = send(&upstream, 0, get()).await.unwrap();
+            assert_eq!(read(response).await, "hi");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_response_dropped_before_its_end_keeps_its_connection_out_of_the_pool() {
+        let (port, accepted) = server("hi").await;
+        let clients = ClientPool::default();
+        let upstream = upstream(&[port], &clients);
+        let (unread, _in_flight) = send(&upstream, 0, get()).await.unwrap();
+        drop(unread);
+        let (response, _in_flight) = send(&upstream, 0, get()).await.unwrap();
+        assert_eq!(read(response).await, "hi");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn the_connections_of_a_node_outlive_the_upstream_that_named_it() {
+        let (port, accepted) = server("hi").await;
+        let clients = ClientPool::default();
+        let first = upstream(&[port], &clients);
+        let (response, _in_flight) = send(&first, 0, get()).await.unwrap();
+        assert_eq!(read(response).await, "hi");
+        // A config reload builds the upstream again; the node's idle connection is still there.
+        let reloaded = upstream(&[port], &clients);
+        drop(first);
+        let (response, _in_flight) = send(&reloaded, 0, get()).await.unwrap();
+        assert_eq!(read(response).await, "hi");
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_moves_on_to_the_next_node() {
+        let (port, _) = server("from the live node").await;
+        let clients = ClientPool::default();
+        let upstream = upstream(&[closed_port(), port], &clients);
+        // Round robin starts at each node in turn: half the requests try the closed one first.
+        for _ in 0..4 {
+            let (response, in_flight) = send(&upstream, 0, get()).await.unwrap();
+            assert_eq!(in_flight.node().addr, format!("127.0.0.1:{port}"));
+            assert_eq!(read(response).await, "from the live node");
+        }
+    }
+
+    #[tokio::test]
+    async fn with_no_node_answering_the_last_connect_failure_is_named() {
+        let clients = ClientPool::default();
+        let closed = closed_port();
+        let upstream = upstream(&[closed], &clients);
+        match send(&upstream, 0, get()).await {
+            Err(UpstreamError::Connect { node, .. }) => {
+                assert_eq!(node, format!("127.0.0.1:{closed}"));
+            }
+            other => panic!("{:?}", other.map(|(r, _)| r.status())),
+        }
     }
 }

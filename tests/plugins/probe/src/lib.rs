@@ -62,6 +62,9 @@ enum Config {
     /// Tells the upstream what it saw of request header `name`, in `x-probe-saw` (`none` when
     /// absent).
     SeeHeader { name: String },
+    /// In on-request, queues the response header `x-probe-queued: request` and answers 403
+    /// when the path is `deny`; in on-response, sets `x-probe-marked: <status>`.
+    MarkAndDeny { deny: String },
 }
 
 /// Requests this instance has seen (for `instance-counter`).
@@ -97,7 +100,10 @@ impl Plugin for Probe {
         let body = both || matches!(self.0, Config::BodyFlood { .. });
         let trace = matches!(
             self.0,
-            Config::Trace { .. } | Config::Remember | Config::EditThenFail
+            Config::Trace { .. }
+                | Config::Remember
+                | Config::EditThenFail
+                | Config::MarkAndDeny { .. }
         );
         Wants {
             on_request: true,
@@ -110,6 +116,14 @@ impl Plugin for Probe {
 
     fn on_request(&self, req: &Request) -> Action {
         match &self.0 {
+            Config::MarkAndDeny { deny } => {
+                let _ = response::set_header(req, "x-probe-queued", "request");
+                if req.path() == *deny {
+                    Action::Respond(Reply::text(403, "denied"))
+                } else {
+                    Action::Continue
+                }
+            }
             Config::Reply { status, body } => Action::Respond(
                 Reply::text(*status, body.clone()).with_header("x-probe", "replied"),
             ),
@@ -257,6 +271,9 @@ impl Plugin for Probe {
                 for i in 0..100_000 {
                     let _ = resp.set_header(&format!("x-probe-flood-{i}"), "x");
                 }
+            }
+            Config::MarkAndDeny { .. } => {
+                let _ = resp.set_header("x-probe-marked", &resp.status().to_string());
             }
             Config::Remember => {
                 let seen = SEEN.load(std::sync::atomic::Ordering::Relaxed);
