@@ -77,7 +77,9 @@ pub trait Plugin: Sized + Send + Sync + 'static {
         Action::Continue
     }
 
-    /// Runs when the upstream's response arrives (only if `wants().on_response`).
+    /// Runs when the response arrives (only if `wants().on_response`): the upstream's, a reply
+    /// from this plugin or a later one in the chain, or the gateway's error for an upstream it
+    /// could not get an answer from.
     fn on_response(&self, _req: &Request, _resp: &Response) {}
 
     /// Runs after the response was sent (only if `wants().on_log`).
@@ -220,6 +222,9 @@ pub mod consumers {
 
     /// Marks the request as made by consumer `name` (in `on_request`); the upstream sees it as
     /// `x-consumer-username`, the access log as `consumer`.
+    ///
+    /// `name` must have a credential in a section the grant lists (a consumer this plugin could
+    /// have found); any other is refused with the same error as a name no consumer has.
     pub fn set(req: &Request, name: &str) -> Result<(), String> {
         raw::set_consumer(req, name)
     }
