@@ -1,6 +1,7 @@
 //! The Rust SDK for Weir plugins: implement [`Plugin`], then call [`export_plugin!`].
 //!
 //! ```ignore
+//! use weir_sdk::schemars;
 //! use weir_sdk::{Action, Plugin, Request};
 //!
 //! #[derive(serde::Deserialize, schemars::JsonSchema)]
@@ -29,6 +30,13 @@ use std::sync::OnceLock;
 use schemars::JsonSchema;
 use serde::de::DeserializeOwned;
 
+/// The schemars the SDK derives config schemas with: `use weir_sdk::schemars;` and then
+/// `#[derive(schemars::JsonSchema)]` needs no schemars dependency of the plugin's own.
+///
+/// The derive's code names `schemars::…`, so the `use` (not only `use
+/// weir_sdk::schemars::JsonSchema`) is what points it here.
+pub use schemars;
+
 /// The bindings that wit-bindgen generates from wit/; plugins use the re-exports below.
 #[doc(hidden)]
 #[allow(unsafe_code, clippy::all, missing_docs)]
@@ -54,8 +62,9 @@ pub use wit::weir::plugin0_1_0::log::Level;
 pub trait Plugin: Sized + Send + Sync + 'static {
     /// The route's `config` object, parsed from JSON; an error in it rejects the route.
     ///
-    /// Its JSON Schema (derived with `schemars::JsonSchema`) is what the plugin's `describe`
-    /// gives the gateway, which checks each route's config against it before `init`.
+    /// Its JSON Schema (derived with `schemars::JsonSchema`, through [`schemars`]) is what the
+    /// plugin's `describe` gives the gateway, which checks each route's config against it
+    /// before `init`.
     type Config: DeserializeOwned + JsonSchema;
 
     /// Builds the plugin from its config, or says why the config is wrong.

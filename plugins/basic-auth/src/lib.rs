@@ -6,8 +6,8 @@ use argon2::password_hash::{PasswordHash, PasswordVerifier};
 use base64::Engine;
 use base64::alphabet::STANDARD;
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
-use schemars::JsonSchema;
 use serde::Deserialize;
+use weir_sdk::schemars::{self, JsonSchema};
 use weir_sdk::{Action, Level, Plugin, Reply, Request, consumers};
 
 /// `{"realm": "weir", "hide_credentials": true}`.

@@ -9,7 +9,7 @@ use aes_gcm::{Aes256Gcm, Nonce};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use serde::Deserialize;
-use weir_sdk::{Action, Plugin, Reply, Request, Response, Wants};
+use weir_sdk::{Action, Plugin, Reply, Request, Response, Wants, schemars};
 
 /// `{"keys": {"k1": "<base64url of 32 bytes>"}, "active": "k1", "request": "decrypt",
 /// "response": "encrypt"}`.

@@ -3,7 +3,7 @@
 
 use regex::Regex;
 use serde::Deserialize;
-use weir_sdk::{Action, Plugin, Reply, Request, Wants, response};
+use weir_sdk::{Action, Plugin, Reply, Request, Wants, response, schemars};
 
 /// `{"allow_origins": "https://app.example.com", "allow_credential": true}`.
 #[derive(Deserialize, schemars::JsonSchema)]

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
-use weir_sdk::{Action, Plugin, Request, Wants};
+use weir_sdk::{Action, Plugin, Request, Wants, schemars};
 
 /// `{"request": {..}, "response": {..}}`, each an [`Edits`].
 #[derive(Deserialize, schemars::JsonSchema, Default)]

@@ -4,7 +4,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use serde::Deserialize;
-use weir_sdk::{Action, Plugin, Reply, Request};
+use weir_sdk::{Action, Plugin, Reply, Request, schemars};
 
 /// `{"allow": [CIDR..]}`, `{"deny": [CIDR..]}`, or both (deny is checked first).
 #[derive(Deserialize, schemars::JsonSchema)]

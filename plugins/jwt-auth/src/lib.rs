@@ -4,9 +4,9 @@
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use jsonwebtoken::{Algorithm, DecodingKey};
-use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::{Map, Value};
+use weir_sdk::schemars::{self, JsonSchema};
 use weir_sdk::{Action, Level, Plugin, Reply, Request, consumers, cookie, query_param};
 
 /// `{"header": "authorization", "query": "jwt", "cookie": "jwt", "claim": "key",

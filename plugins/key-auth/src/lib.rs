@@ -2,7 +2,7 @@
 //! a consumer's `key-auth` credential (`credentials: {key-auth: {key: ...}}`).
 
 use serde::Deserialize;
-use weir_sdk::{Action, Plugin, Reply, Request, consumers};
+use weir_sdk::{Action, Plugin, Reply, Request, consumers, schemars};
 
 /// `{"header": "x-api-key", "keys": ["k1", "k2"]}`; without `keys`, only consumers' keys.
 #[derive(Deserialize, schemars::JsonSchema)]

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use limit_key::{KeySpec, LimitKey};
 use serde::Deserialize;
-use weir_sdk::{Action, Plugin, Reply, Request, Wants, kv, response};
+use weir_sdk::{Action, Plugin, Reply, Request, Wants, kv, response, schemars};
 
 /// `{"count": 100, "window_s": 60, "key": "ip"}`.
 #[derive(Deserialize, schemars::JsonSchema)]

@@ -2,7 +2,7 @@
 //! consumer an auth plugin found, or several of these together. Shared by limit-count and limit-req.
 
 use serde::Deserialize;
-use weir_sdk::Request;
+use weir_sdk::{Request, schemars};
 
 /// `key` as configured: `"ip"`, or `["ip", "header:x-user"]`.
 #[derive(Debug, Deserialize, schemars::JsonSchema)]

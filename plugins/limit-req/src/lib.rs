@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use limit_key::{KeySpec, LimitKey};
 use serde::Deserialize;
-use weir_sdk::{Action, Plugin, Reply, Request, kv};
+use weir_sdk::{Action, Plugin, Reply, Request, kv, schemars};
 
 /// `{"rate": 10, "burst": 20, "key": "ip"}`.
 #[derive(Deserialize, schemars::JsonSchema)]

@@ -1,7 +1,7 @@
 //! request-id: gives every request an id header, sends it upstream and back to the client.
 
 use serde::Deserialize;
-use weir_sdk::{Action, Plugin, Request, Wants};
+use weir_sdk::{Action, Plugin, Request, Wants, schemars};
 
 /// `{}` or `{"header": "x-trace-id"}`.
 #[derive(Deserialize, schemars::JsonSchema)]

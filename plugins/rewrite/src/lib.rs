@@ -3,7 +3,7 @@
 
 use regex::Regex;
 use serde::Deserialize;
-use weir_sdk::{Action, Plugin, Reply, Request};
+use weir_sdk::{Action, Plugin, Reply, Request, schemars};
 
 /// `{"regex_uri": ["^/api/v1/(.*)", "/$1"], "host": "backend.internal", "method": "POST"}`.
 #[derive(Deserialize, schemars::JsonSchema)]

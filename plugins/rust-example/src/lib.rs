@@ -2,7 +2,7 @@
 //! upstream the count in a header, logs every hundredth, and can block one path.
 
 use serde::Deserialize;
-use weir_sdk::{Action, Level, Plugin, Reply, Request, Response, Wants, kv};
+use weir_sdk::{Action, Level, Plugin, Reply, Request, Response, Wants, kv, schemars};
 
 /// The route's `config` object. Unknown fields are errors, reported when the route loads.
 #[derive(Deserialize, schemars::JsonSchema)]

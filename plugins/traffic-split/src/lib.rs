@@ -1,8 +1,8 @@
 //! traffic-split: sends a share of a route's requests to other upstreams, by weight, for the
 //! requests that match a rule's header, query and cookie conditions (canaries, blue/green).
 
-use schemars::JsonSchema;
 use serde::Deserialize;
+use weir_sdk::schemars::{self, JsonSchema};
 use weir_sdk::{Action, Level, Plugin, Reply, Request, cookie, query_param};
 
 /// `{"rules": [{"match": [{"header": "x-canary", "value": "1"}],

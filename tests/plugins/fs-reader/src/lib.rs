@@ -2,7 +2,7 @@
 //! component import wasi:filesystem, which the gateway refuses to load.
 
 use serde::Deserialize;
-use weir_sdk::{Action, Plugin, Reply, Request};
+use weir_sdk::{Action, Plugin, Reply, Request, schemars};
 
 #[derive(Deserialize, schemars::JsonSchema)]
 struct Config {}

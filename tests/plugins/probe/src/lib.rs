@@ -1,7 +1,9 @@
 //! probe: a test plugin whose config picks what it does, from well-behaved to hostile.
 
 use serde::Deserialize;
-use weir_sdk::{Action, Level, Plugin, Reply, Request, Response, Summary, Wants, kv, response};
+use weir_sdk::{
+    Action, Level, Plugin, Reply, Request, Response, Summary, Wants, kv, response, schemars,
+};
 
 #[derive(Deserialize, schemars::JsonSchema)]
 #[serde(tag = "mode", rename_all = "kebab-case", deny_unknown_fields)]
