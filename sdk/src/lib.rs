@@ -87,8 +87,8 @@ pub trait Plugin: Sized + Send + Sync + 'static {
     }
 
     /// Runs when the response arrives (only if `wants().on_response`): the upstream's, a reply
-    /// from this plugin or a later one in the chain, or the gateway's error for an upstream it
-    /// could not get an answer from.
+    /// from this plugin or a later one in the chain, or the gateway's own error (no upstream
+    /// answer, or a later plugin that failed).
     fn on_response(&self, _req: &Request, _resp: &Response) {}
 
     /// Runs after the response was sent (only if `wants().on_log`).
