@@ -90,3 +90,56 @@ fn the_cycle_check_finds_a_cycle_through_a_folders_reexports_and_not_its_own_fac
     let cycles = Structure::read(looped.path()).unwrap().cycles();
     assert_eq!(described(&cycles), "x/inner -> y -> x/inner");
 }
+
+/// Every `host/src/...rs` path named in `text`.
+fn named_paths(text: &str) -> std::collections::BTreeSet<String> {
+    let mut named = std::collections::BTreeSet::new();
+    for (at, _) in text.match_indices("host/src/") {
+        let rest = &text[at..];
+        let end = rest
+            .find(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '/' | '_' | '.' | '-')))
+            .unwrap_or(rest.len());
+        let path = rest[..end].trim_end_matches('.');
+        if path.ends_with(".rs") {
+            named.insert(path.to_owned());
+        }
+    }
+    named
+}
+
+#[test]
+fn architecture_md_names_every_file_of_host_src_and_no_other() {
+    let root = workspace();
+    let map = std::fs::read_to_string(root.join("ARCHITECTURE.md")).unwrap();
+    let named = named_paths(&map);
+    let structure = Structure::read(&root.join("host/src")).unwrap();
+    let mut files: Vec<String> = structure
+        .files
+        .values()
+        .map(|path| {
+            let relative = path.strip_prefix(&root).unwrap_or(path);
+            relative
+                .components()
+                .map(|c| c.as_os_str().to_string_lossy())
+                .collect::<Vec<_>>()
+                .join("/")
+        })
+        .collect();
+    files.push("host/src/main.rs".to_owned());
+    let missing: Vec<&String> = files.iter().filter(|f| !named.contains(*f)).collect();
+    assert!(
+        missing.is_empty(),
+        "ARCHITECTURE.md's code map does not name these files; add a line for each: {missing:?}"
+    );
+    let stale: Vec<&String> = named.iter().filter(|n| !files.contains(n)).collect();
+    assert!(
+        stale.is_empty(),
+        "ARCHITECTURE.md names files that do not exist; update the map: {stale:?}"
+    );
+    assert!(
+        std::fs::read_to_string(root.join("host/src/lib.rs"))
+            .unwrap()
+            .contains("ARCHITECTURE.md"),
+        "lib.rs's //! points newcomers to ARCHITECTURE.md"
+    );
+}
