@@ -1005,8 +1005,6 @@ mod tests {
         }
     }
 
-    /// A config object with a key that names it (now and then one that does not), and the
-    /// value's bytes, now and then cut short.
     /// What `mirror.desired()` must equal: its entries' objects, gathered from scratch.
     fn desired_from_entries(mirror: &Mirror) -> Desired {
         let mut desired = Desired::default();
@@ -1055,6 +1053,8 @@ mod tests {
         desired
     }
 
+    /// A config object with a key that names it (now and then one that does not), and the
+    /// value's bytes, now and then cut short.
     fn keyed_object() -> impl Strategy<Value = (String, Vec<u8>)> {
         use crate::store::file::tests::config_object;
         let object = prop_oneof![
