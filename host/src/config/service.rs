@@ -5,58 +5,22 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use super::upstream::{
     BalancerKind, HashOn, HealthChecks, NodeConfig, RetryBudgetConfig, RetryOn, Scheme, Timeouts,
-    UpstreamConfig, UpstreamTls, default_retry_methods, default_retry_on, is_default_retry_methods,
-    is_default_retry_on,
+    UpstreamConfig, UpstreamTls, build_with_upstream_settings, default_retry_methods,
+    default_retry_on, is_default_retry_methods, is_default_retry_on, upstream_settings,
+    with_upstream_settings,
 };
 use super::{Checks, ConfigObject, Kind, check_id, checked_serde};
 
-/// The settings of the service `name` (`service-settings/<name>` in etcd,
-/// `service_settings:` in the file): every upstream field but `id` and `nodes`.
-#[derive(Clone, Debug, PartialEq, Deserialize, Serialize, schemars::JsonSchema)]
-#[serde(remote = "Self", deny_unknown_fields)]
-pub struct ServiceSettings {
-    /// `name: users`: the service, as routes name it in `service` and backends register it.
-    pub name: String,
-    /// `type: roundrobin | chash | least_conn`
-    #[serde(rename = "type", default)]
-    pub balancer: BalancerKind,
-    /// `hash_on: ip | uri | header:x-user-id`, for `type: chash`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub hash_on: Option<HashOn>,
-    /// `scheme: http | https | grpc | grpcs`
-    #[serde(default)]
-    pub scheme: Scheme,
-    /// `tls: {ca, sni, verify}`: for https and grpcs.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tls: Option<UpstreamTls>,
-    /// `timeout: {connect_ms, send_ms, read_ms, idle_ms, queue_ms}`
-    #[serde(default)]
-    pub timeout: Timeouts,
-    /// `retries: 2`; by default one per other node.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub retries: Option<u32>,
-    /// `retry_on: [connect-failure, timeout, reset, 503]`
-    #[serde(
-        default = "default_retry_on",
-        skip_serializing_if = "is_default_retry_on"
-    )]
-    pub retry_on: Vec<RetryOn>,
-    /// `retry_methods: [GET, HEAD, OPTIONS, PUT, DELETE]`
-    #[serde(
-        default = "default_retry_methods",
-        skip_serializing_if = "is_default_retry_methods"
-    )]
-    pub retry_methods: Vec<String>,
-    /// `retry_budget: {percent: 20, min_per_second: 3}`
-    #[serde(default, skip_serializing_if = "RetryBudgetConfig::is_default")]
-    pub retry_budget: RetryBudgetConfig,
-    /// `max_connections: 100`: requests in flight to each node at once.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_connections: Option<u32>,
-    /// `checks: {active: {..}, passive: {..}}`
-    #[serde(default, skip_serializing_if = "HealthChecks::is_empty")]
-    pub checks: HealthChecks,
-}
+upstream_settings! { with_upstream_settings! {
+    /// The settings of the service `name` (`service-settings/<name>` in etcd,
+    /// `service_settings:` in the file): every upstream field but `id` and `nodes`.
+    #[derive(Clone, Debug, PartialEq, Deserialize, Serialize, schemars::JsonSchema)]
+    #[serde(remote = "Self", deny_unknown_fields)]
+    pub struct ServiceSettings {
+        /// `name: users`: the service, as routes name it in `service` and backends register it.
+        pub name: String,
+    }
+}}
 
 checked_serde!(ServiceSettings);
 
@@ -64,57 +28,23 @@ impl ServiceSettings {
     /// The settings of a service that has none stored: round robin, HTTP/1.1, the default
     /// timeouts and retries, no checks.
     pub fn plain(name: &str) -> Self {
-        ServiceSettings {
-            name: name.to_owned(),
-            balancer: BalancerKind::default(),
-            hash_on: None,
-            scheme: Scheme::default(),
-            tls: None,
-            timeout: Timeouts::default(),
-            retries: None,
-            retry_on: default_retry_on(),
-            retry_methods: default_retry_methods(),
-            retry_budget: RetryBudgetConfig::default(),
-            max_connections: None,
-            checks: HealthChecks::default(),
-        }
+        upstream_settings! { build_with_upstream_settings! {
+            ServiceSettings { name: name.to_owned() } from defaults;
+        }}
     }
 
     /// The settings `upstream` was built with (all but its id and nodes).
     pub fn of(upstream: &UpstreamConfig) -> Self {
-        ServiceSettings {
-            name: upstream.id.clone(),
-            balancer: upstream.balancer,
-            hash_on: upstream.hash_on.clone(),
-            scheme: upstream.scheme,
-            tls: upstream.tls.clone(),
-            timeout: upstream.timeout,
-            retries: upstream.retries,
-            retry_on: upstream.retry_on.clone(),
-            retry_methods: upstream.retry_methods.clone(),
-            retry_budget: upstream.retry_budget,
-            max_connections: upstream.max_connections,
-            checks: upstream.checks.clone(),
-        }
+        upstream_settings! { build_with_upstream_settings! {
+            ServiceSettings { name: upstream.id.clone() } from upstream;
+        }}
     }
 
     /// The upstream the service is with these settings and its live `nodes`.
     pub fn upstream(&self, nodes: Vec<NodeConfig>) -> UpstreamConfig {
-        UpstreamConfig {
-            id: self.name.clone(),
-            nodes,
-            balancer: self.balancer,
-            hash_on: self.hash_on.clone(),
-            scheme: self.scheme,
-            tls: self.tls.clone(),
-            timeout: self.timeout,
-            retries: self.retries,
-            retry_on: self.retry_on.clone(),
-            retry_methods: self.retry_methods.clone(),
-            retry_budget: self.retry_budget,
-            max_connections: self.max_connections,
-            checks: self.checks.clone(),
-        }
+        upstream_settings! { build_with_upstream_settings! {
+            UpstreamConfig { id: self.name.clone(), nodes: nodes } from self;
+        }}
     }
 }
 
@@ -172,6 +102,13 @@ mod tests {
         }))
         .unwrap_err();
         assert!(refused[0].message.contains("nodes"), "{refused:?}");
+    }
+
+    #[test]
+    fn plain_settings_are_what_serde_fills_in() {
+        let parsed: ServiceSettings =
+            serde_json::from_value(serde_json::json!({"name": "users"})).unwrap();
+        assert_eq!(ServiceSettings::plain("users"), parsed);
     }
 
     #[test]

@@ -7,62 +7,109 @@ use super::{
     one,
 };
 
-/// An upstream: a set of nodes and how to balance, time out and retry across them.
-#[derive(Clone, Debug, PartialEq, Deserialize, Serialize, schemars::JsonSchema)]
-#[serde(remote = "Self", deny_unknown_fields)]
-pub struct UpstreamConfig {
-    /// `id: backend`
-    pub id: String,
-    /// `nodes: [{host: 10.0.0.1, port: 8080, weight: 2}]`
-    pub nodes: Vec<NodeConfig>,
-    /// `type: roundrobin | chash | least_conn`
-    #[serde(rename = "type", default)]
-    pub balancer: BalancerKind,
-    /// `hash_on: ip | uri | header:x-user-id`, for `type: chash`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub hash_on: Option<HashOn>,
-    /// `scheme: http | https | grpc | grpcs`: grpc speaks HTTP/2 without TLS (h2c), grpcs
-    /// HTTP/2 over TLS.
-    #[serde(default)]
-    pub scheme: Scheme,
-    /// `tls: {ca: PEM, sni: api.internal, verify: true}`: for https and grpcs.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tls: Option<UpstreamTls>,
-    /// `timeout: {connect_ms: 1000, read_ms: 15000}`
-    #[serde(default)]
-    pub timeout: Timeouts,
-    /// `retries: 2`: extra attempts after the first, each on another node while there is one.
-    /// By default, one per other node.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub retries: Option<u32>,
-    /// `retry_on: [connect-failure, timeout, reset, 502, 503, 504]`: what sends a request to
-    /// another node; by default `[connect-failure, timeout]`.
-    #[serde(
-        default = "default_retry_on",
-        skip_serializing_if = "is_default_retry_on"
-    )]
-    pub retry_on: Vec<RetryOn>,
-    /// `retry_methods: [GET, HEAD, OPTIONS, PUT, DELETE]` (the default): the methods that may
-    /// go to another node after one took the request (a timeout, a reset or a status).
-    #[serde(
-        default = "default_retry_methods",
-        skip_serializing_if = "is_default_retry_methods"
-    )]
-    pub retry_methods: Vec<String>,
-    /// `retry_budget: {percent: 20, min_per_second: 3}`: retries after a node took the request
-    /// stay under this share of the upstream's requests over 10 s, so that they never multiply
-    /// an overload.
-    #[serde(default, skip_serializing_if = "RetryBudgetConfig::is_default")]
-    pub retry_budget: RetryBudgetConfig,
-    /// `max_connections: 100`: requests in flight to each node at once; more wait up to
-    /// `timeout.queue_ms` for one to finish, then get 503. No limit by default.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_connections: Option<u32>,
-    /// `checks: {passive: {..}}`: how the gateway tells that a node is unwell, and leaves it
-    /// out of rotation for a while.
-    #[serde(default, skip_serializing_if = "HealthChecks::is_empty")]
-    pub checks: HealthChecks,
+/// Hands `$then!` its own arguments followed by the fields that an upstream and a service's
+/// settings share, each as `$(#[$attr])* $field: $type = $default,`, so that they are declared
+/// and documented once. serde's `flatten` would share them as a struct, but it does not work
+/// with `deny_unknown_fields`. Each `$default` is what serde fills in when the field is absent.
+macro_rules! upstream_settings {
+    ($then:ident! { $($args:tt)* }) => { $then! { $($args)*
+        /// `type: roundrobin | chash | least_conn`
+        #[serde(rename = "type", default)]
+        balancer: BalancerKind = BalancerKind::default(),
+        /// `hash_on: ip | uri | header:x-user-id`, for `type: chash`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        hash_on: Option<HashOn> = None,
+        /// `scheme: http | https | grpc | grpcs`: grpc speaks HTTP/2 without TLS (h2c), grpcs
+        /// HTTP/2 over TLS.
+        #[serde(default)]
+        scheme: Scheme = Scheme::default(),
+        /// `tls: {ca: PEM, sni: api.internal, verify: true}`: for https and grpcs.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tls: Option<UpstreamTls> = None,
+        /// `timeout: {connect_ms: 1000, read_ms: 15000}`
+        #[serde(default)]
+        timeout: Timeouts = Timeouts::default(),
+        /// `retries: 2`: extra attempts after the first, each on another node while there is one.
+        /// By default, one per other node.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retries: Option<u32> = None,
+        /// `retry_on: [connect-failure, timeout, reset, 502, 503, 504]`: what sends a request to
+        /// another node; by default `[connect-failure, timeout]`.
+        #[serde(
+            default = "default_retry_on",
+            skip_serializing_if = "is_default_retry_on"
+        )]
+        retry_on: Vec<RetryOn> = default_retry_on(),
+        /// `retry_methods: [GET, HEAD, OPTIONS, PUT, DELETE]` (the default): the methods that may
+        /// go to another node after one took the request (a timeout, a reset or a status).
+        #[serde(
+            default = "default_retry_methods",
+            skip_serializing_if = "is_default_retry_methods"
+        )]
+        retry_methods: Vec<String> = default_retry_methods(),
+        /// `retry_budget: {percent: 20, min_per_second: 3}`: retries after a node took the request
+        /// stay under this share of the upstream's requests over 10 s, so that they never multiply
+        /// an overload.
+        #[serde(default, skip_serializing_if = "RetryBudgetConfig::is_default")]
+        retry_budget: RetryBudgetConfig = RetryBudgetConfig::default(),
+        /// `max_connections: 100`: requests in flight to each node at once; more wait up to
+        /// `timeout.queue_ms` for one to finish, then get 503. No limit by default.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_connections: Option<u32> = None,
+        /// `checks: {passive: {..}}`: how the gateway tells that a node is unwell, and leaves it
+        /// out of rotation for a while.
+        #[serde(default, skip_serializing_if = "HealthChecks::is_empty")]
+        checks: HealthChecks = HealthChecks::default(),
+    }};
 }
+pub(super) use upstream_settings;
+
+/// Declares a struct with its own fields first, then the shared ones of [`upstream_settings`]
+/// (which hands them over), all public.
+macro_rules! with_upstream_settings {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident { $($own:tt)* }
+        $($(#[$attr:meta])* $field:ident: $type:ty = $default:expr,)*
+    ) => {
+        $(#[$meta])*
+        pub struct $name {
+            $($own)*
+            $($(#[$attr])* pub $field: $type,)*
+        }
+    };
+}
+pub(super) use with_upstream_settings;
+
+/// `$target { $own: $value, .. }` with each shared field of [`upstream_settings`] cloned from
+/// `$source`, or, for `$target { .. } from defaults`, set to what serde fills in.
+macro_rules! build_with_upstream_settings {
+    (
+        $target:ident { $($own:ident: $value:expr),* $(,)? } from defaults;
+        $($(#[$attr:meta])* $field:ident: $type:ty = $default:expr,)*
+    ) => {
+        $target { $($own: $value,)* $($field: $default,)* }
+    };
+    (
+        $target:ident { $($own:ident: $value:expr),* $(,)? } from $source:ident;
+        $($(#[$attr:meta])* $field:ident: $type:ty = $default:expr,)*
+    ) => {
+        $target { $($own: $value,)* $($field: Clone::clone(&$source.$field),)* }
+    };
+}
+pub(super) use build_with_upstream_settings;
+
+upstream_settings! { with_upstream_settings! {
+    /// An upstream: a set of nodes and how to balance, time out and retry across them.
+    #[derive(Clone, Debug, PartialEq, Deserialize, Serialize, schemars::JsonSchema)]
+    #[serde(remote = "Self", deny_unknown_fields)]
+    pub struct UpstreamConfig {
+        /// `id: backend`
+        pub id: String,
+        /// `nodes: [{host: 10.0.0.1, port: 8080, weight: 2}]`
+        pub nodes: Vec<NodeConfig>,
+    }
+}}
 
 /// One thing that sends a request to another node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
