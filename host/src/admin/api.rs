@@ -20,8 +20,7 @@ use super::origin::same_origin;
 use super::secrets::{REDACTED, Secrets};
 use crate::body::ProxyBody;
 use crate::config::{
-    self, AdminConfig, ConsumerConfig, FieldError, Kind, PluginConfig, RouteConfig, ServerConfig,
-    ServiceNode, ServiceSettings, SslConfig, TenantConfig, UpstreamConfig,
+    self, AdminConfig, FieldError, KINDS, Kind, Layout, PluginConfig, RouteConfig,
 };
 use crate::edge::Peer;
 use crate::store::{ConfigWriter, Expect, StoredObject, WriteError};
@@ -222,16 +221,7 @@ pub(super) async fn handle(
 
 /// The kinds that live at `/v1/<kind>/<id>`.
 fn kind_of(segment: &str) -> Option<Kind> {
-    Some(match segment {
-        "routes" => Kind::Route,
-        "upstreams" => Kind::Upstream,
-        "plugins" => Kind::Plugin,
-        "tenants" => Kind::Tenant,
-        "ssl" => Kind::Ssl,
-        "consumers" => Kind::Consumer,
-        "service-settings" => Kind::ServiceSettings,
-        _ => return None,
-    })
+    Kind::at_path(segment).filter(|kind| kind.info().id_field().is_some())
 }
 
 /// One authenticated request.
@@ -341,65 +331,19 @@ impl<'a> Call<'a> {
         }
         let published = self.admin.store.subscribe().borrow().clone();
         let objects = &published.desired.objects;
-        let stored = |id: &str, value: Value| StoredObject {
-            id: id.to_owned(),
-            value,
-            revision: 0,
-            created: 0,
-        };
-        let list = match kind {
-            Kind::Route => objects
-                .routes
-                .iter()
-                .map(|(id, o)| stored(id, to_json(o)))
-                .collect(),
-            Kind::Upstream => objects
-                .upstreams
-                .iter()
-                .map(|(id, o)| stored(id, to_json(o)))
-                .collect(),
-            Kind::Plugin => objects
-                .plugins
-                .iter()
-                .map(|(id, o)| stored(id, to_json(o)))
-                .collect(),
-            Kind::Tenant => objects
-                .tenants
-                .iter()
-                .map(|(id, o)| stored(id, to_json(o)))
-                .collect(),
-            Kind::Ssl => objects
-                .ssl
-                .iter()
-                .map(|(id, o)| stored(id, to_json(o)))
-                .collect(),
-            Kind::Consumer => objects
-                .consumers
-                .iter()
-                .map(|(id, o)| stored(id, to_json(o)))
-                .collect(),
-            Kind::ServiceSettings => objects
-                .service_settings
-                .iter()
-                .map(|(id, o)| stored(id, to_json(o)))
-                .collect(),
-            Kind::Server => objects
-                .server
-                .iter()
-                .map(|o| stored("server", to_json(o)))
-                .collect(),
-            Kind::ServiceNode => objects
-                .services
-                .iter()
-                .flat_map(|(service, nodes)| {
-                    nodes
-                        .iter()
-                        .map(move |(node, o)| stored(&format!("{service}/{node}"), to_json(o)))
-                })
-                .collect(),
-            Kind::Admin | Kind::Module | Kind::Key => Vec::new(),
-        };
-        Ok(list)
+        let list = objects
+            .slot(kind)
+            .map(|slot| slot.list())
+            .unwrap_or_default();
+        Ok(list
+            .into_iter()
+            .map(|(id, value)| StoredObject {
+                id,
+                value,
+                revision: 0,
+                created: 0,
+            })
+            .collect())
     }
 
     async fn read_one(&self, kind: Kind, id: &str) -> Result<Option<StoredObject>, Failure> {
@@ -546,13 +490,8 @@ impl<'a> Call<'a> {
     }
 
     async fn validate(self, kind: &str) -> Answer {
-        let kind = match kind {
-            "server" => Kind::Server,
-            "services" => Kind::ServiceNode,
-            other => kind_of(other).ok_or_else(|| {
-                Failure::Status(StatusCode::NOT_FOUND, format!("no kind {other:?}"))
-            })?,
-        };
+        let kind = Kind::at_path(kind)
+            .ok_or_else(|| Failure::Status(StatusCode::NOT_FOUND, format!("no kind {kind:?}")))?;
         let admin = self.admin;
         let value = self.json_body().await?;
         match admin.store.writer() {
@@ -648,12 +587,7 @@ impl<'a> Call<'a> {
         let writer = self.writer()?;
         let force = self.query("force").as_deref() == Some("true");
         if !force {
-            let users: Vec<(Kind, String)> = parsed::<PluginConfig>(writer, Kind::Plugin)
-                .await?
-                .into_iter()
-                .filter(|p| p.sha256.as_deref() == Some(sha256))
-                .map(|p| (Kind::Plugin, p.name))
-                .collect();
+            let users = referrers(writer, Kind::Module, sha256).await?;
             if !users.is_empty() {
                 return Err(Failure::Referenced(Kind::Module, sha256.to_owned(), users));
             }
@@ -695,10 +629,6 @@ impl<'a> Call<'a> {
             &json!({"total": list.len(), "list": list}),
         ))
     }
-}
-
-fn to_json(object: &impl serde::Serialize) -> Value {
-    serde_json::to_value(object).expect("JSON serializes")
 }
 
 /// A positive number from the query, or `default`.
@@ -754,16 +684,15 @@ fn field(path: &str, message: impl Into<String>) -> FieldError {
 
 /// Puts the URL's id into the body (or checks the body's against it).
 fn name_it(kind: Kind, id: &str, value: &mut Value) -> Result<(), Failure> {
-    let id_field = match kind {
-        Kind::Route | Kind::Upstream | Kind::Ssl => "id",
-        Kind::Plugin | Kind::Tenant | Kind::Consumer | Kind::ServiceSettings => "name",
-        Kind::ServiceNode => {
+    let id_field = match kind.info().layout {
+        Layout::Keyed(id_field) => id_field,
+        Layout::Nested => {
             return id
                 .split('/')
                 .try_for_each(config::check_id)
                 .map_err(|message| Failure::Invalid(kind, vec![field("", message)]));
         }
-        _ => return Ok(()),
+        Layout::Single | Layout::Unlisted => return Ok(()),
     };
     let object = value.as_object_mut().expect("checked to be an object");
     match object.get(id_field) {
@@ -785,60 +714,23 @@ fn name_it(kind: Kind, id: &str, value: &mut Value) -> Result<(), Failure> {
 /// Parses `value` as a `kind`; returns what it refers to (JSON pointer, kind, id).
 fn check_object(kind: Kind, value: &Value) -> Result<Vec<(String, Kind, String)>, Failure> {
     let invalid = |errors| Failure::Invalid(kind, errors);
-    let owned = |refs: Vec<(String, Kind, &str)>| {
-        refs.into_iter()
-            .map(|(path, kind, id)| (path, kind, id.to_owned()))
-            .collect()
-    };
-    Ok(match kind {
-        Kind::Route => owned(
-            config::parse::<RouteConfig>(value)
-                .map_err(invalid)?
-                .references(),
-        ),
-        Kind::Plugin => {
-            let plugin = config::parse::<PluginConfig>(value).map_err(invalid)?;
-            let mut refs = Vec::new();
-            if let Some(tenant) = plugin.tenant {
-                refs.push(("/tenant".to_owned(), Kind::Tenant, tenant));
-            }
-            if let Some(sha256) = plugin.sha256 {
-                refs.push(("/sha256".to_owned(), Kind::Module, sha256));
-            }
-            if plugin.module.is_some() {
-                return Err(invalid(vec![field(
-                    "/module",
-                    "in etcd a plugin names its module by `sha256` (upload it with POST /v1/modules)",
-                )]));
-            }
-            refs
-        }
-        Kind::Upstream => config::parse::<UpstreamConfig>(value)
-            .map(|_| Vec::new())
-            .map_err(invalid)?,
-        Kind::Tenant => config::parse::<TenantConfig>(value)
-            .map(|_| Vec::new())
-            .map_err(invalid)?,
-        Kind::Ssl => config::parse::<SslConfig>(value)
-            .map(|_| Vec::new())
-            .map_err(invalid)?,
-        Kind::Consumer => config::parse::<ConsumerConfig>(value)
-            .map(|_| Vec::new())
-            .map_err(invalid)?,
-        Kind::ServiceNode => config::parse::<ServiceNode>(value)
-            .map(|_| Vec::new())
-            .map_err(invalid)?,
-        Kind::ServiceSettings => config::parse::<ServiceSettings>(value)
-            .map(|_| Vec::new())
-            .map_err(invalid)?,
-        Kind::Server => {
-            refuse_url_placeholder(value).map_err(invalid)?;
-            config::parse::<ServerConfig>(value)
-                .map(|_| Vec::new())
-                .map_err(invalid)?
-        }
-        Kind::Admin | Kind::Module | Kind::Key => return Err(bad_request("not a kind of object")),
-    })
+    let info = kind.info();
+    let check = info
+        .check
+        .filter(|_| info.path.is_some())
+        .ok_or_else(|| bad_request("not a kind of object"))?;
+    // What the admin API adds to a kind's own checks.
+    if kind == Kind::Server {
+        refuse_url_placeholder(value).map_err(invalid)?;
+    }
+    check(value).map_err(invalid)?;
+    if kind == Kind::Plugin && value.get("module").is_some_and(|module| !module.is_null()) {
+        return Err(invalid(vec![field(
+            "/module",
+            "in etcd a plugin names its module by `sha256` (upload it with POST /v1/modules)",
+        )]));
+    }
+    Ok(info.references_in(value))
 }
 
 /// Parses `value` and checks that what it refers to exists in the store.
@@ -914,32 +806,30 @@ async fn parsed<T: config::ConfigObject>(
         .collect())
 }
 
-/// What refers to `kind`/`id`, and so would break if it went.
+/// What refers to `kind`/`id`, and so would break if it went: the objects that parse and name
+/// it at one of their kind's references.
 async fn referrers(
     writer: &dyn ConfigWriter,
     kind: Kind,
     id: &str,
 ) -> Result<Vec<(Kind, String)>, Failure> {
-    Ok(match kind {
-        Kind::Upstream | Kind::Plugin => parsed::<RouteConfig>(writer, Kind::Route)
-            .await?
-            .into_iter()
-            .filter(|route| {
-                route
-                    .references()
-                    .iter()
-                    .any(|(_, k, named)| *k == kind && *named == id)
-            })
-            .map(|route| (Kind::Route, route.id))
-            .collect(),
-        Kind::Tenant => parsed::<PluginConfig>(writer, Kind::Plugin)
-            .await?
-            .into_iter()
-            .filter(|plugin| plugin.tenant.as_deref() == Some(id))
-            .map(|plugin| (Kind::Plugin, plugin.name))
-            .collect(),
-        _ => Vec::new(),
-    })
+    let mut found = Vec::new();
+    for info in KINDS {
+        let Some(check) = info.check else { continue };
+        if !info.references.iter().any(|r| r.to == kind) {
+            continue;
+        }
+        for object in writer.list(info.kind).await? {
+            let names_it = info
+                .references_in(&object.value)
+                .iter()
+                .any(|(_, to, named)| *to == kind && named == id);
+            if names_it && check(&object.value).is_ok() {
+                found.push((info.kind, object.id));
+            }
+        }
+    }
+    Ok(found)
 }
 
 /// RFC 7396: a JSON merge patch.
@@ -1014,26 +904,15 @@ fn plugin_schema(gateway: &crate::gateway::Gateway, name: &str) -> Answer {
 
 /// `GET /v1/schema/<kind>`: the JSON Schema of a kind of object.
 fn schema(kind: &str) -> Answer {
-    let schema = match kind {
-        "routes" => schemars::schema_for!(RouteConfig),
-        "upstreams" => schemars::schema_for!(UpstreamConfig),
-        "plugins" => schemars::schema_for!(PluginConfig),
-        "tenants" => schemars::schema_for!(TenantConfig),
-        "ssl" => schemars::schema_for!(SslConfig),
-        "consumers" => schemars::schema_for!(ConsumerConfig),
-        "services" => schemars::schema_for!(ServiceNode),
-        "service-settings" => schemars::schema_for!(ServiceSettings),
-        "server" => schemars::schema_for!(ServerConfig),
-        other => {
-            return Err(Failure::Status(
-                StatusCode::NOT_FOUND,
-                format!("no kind {other:?}"),
-            ));
-        }
+    let Some(schema) = Kind::at_path(kind).and_then(|kind| kind.info().schema) else {
+        return Err(Failure::Status(
+            StatusCode::NOT_FOUND,
+            format!("no kind {kind:?}"),
+        ));
     };
     Ok(answer(
         StatusCode::OK,
-        &serde_json::to_value(schema).expect("JSON serializes"),
+        &serde_json::to_value(schema()).expect("JSON serializes"),
     ))
 }
 

@@ -109,7 +109,6 @@ impl Default for AdminConfig {
 
 impl ConfigObject for AdminConfig {
     const KIND: Kind = Kind::Admin;
-    const ID_FIELD: &'static str = "admin";
 
     fn deserialize_unchecked<'de, D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         AdminConfig::deserialize(d)

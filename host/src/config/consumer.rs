@@ -44,7 +44,6 @@ checked_serde!(ConsumerConfig);
 
 impl ConfigObject for ConsumerConfig {
     const KIND: Kind = Kind::Consumer;
-    const ID_FIELD: &'static str = "name";
 
     fn deserialize_unchecked<'de, D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         ConsumerConfig::deserialize(d)

@@ -5,6 +5,7 @@
 
 mod admin;
 mod consumer;
+mod kind;
 mod node;
 mod plugin;
 mod route;
@@ -22,6 +23,7 @@ use serde::Serialize;
 
 pub use self::admin::{Account, AdminConfig, ApiKey, OPENABLE, Role, session_key_bytes};
 pub use self::consumer::{ConsumerConfig, Consumers, LookupError};
+pub use self::kind::{Check, KINDS, KindInfo, Layout, Reference, Refused, Slot};
 pub use self::node::ServiceNode;
 pub use self::plugin::{
     FailurePolicy, Grants, HttpGrant, Isolation, KvBackend, KvConfig, Limits, PluginConfig,
@@ -38,7 +40,9 @@ pub use self::upstream::{
     Scheme, Timeouts, UpstreamConfig, UpstreamTls,
 };
 
-/// The kinds of config object, as they appear in error reports and the etcd layout.
+/// The kinds of config object, as they appear in error reports and the etcd layout. Its row of
+/// [`KINDS`] says how each is stored, named and served; the table has a file of its own because
+/// it names every type, and every type names its kind.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Kind {
@@ -66,25 +70,6 @@ pub enum Kind {
     Module,
     /// A key the store does not understand.
     Key,
-}
-
-impl fmt::Display for Kind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Kind::Route => "route",
-            Kind::Upstream => "upstream",
-            Kind::Plugin => "plugin",
-            Kind::Tenant => "tenant",
-            Kind::Server => "server",
-            Kind::ServiceNode => "service node",
-            Kind::ServiceSettings => "service settings",
-            Kind::Admin => "admin",
-            Kind::Ssl => "ssl",
-            Kind::Consumer => "consumer",
-            Kind::Module => "module",
-            Kind::Key => "key",
-        })
-    }
 }
 
 /// One thing wrong with an object: where (a JSON pointer into it, `""` for the whole object)
@@ -146,10 +131,8 @@ impl Checks {
 
 /// A kind of config object: how it deserialises without its checks, and the checks.
 pub trait ConfigObject: Sized + Serialize {
-    /// Its kind.
+    /// Its kind: its row of [`KINDS`] says how it is stored and named.
     const KIND: Kind;
-    /// The field that holds its id (`id`, or `name`).
-    const ID_FIELD: &'static str;
 
     /// serde's derived deserialisation, before the checks.
     fn deserialize_unchecked<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error>;

@@ -46,7 +46,6 @@ fn is_online(status: &NodeStatus) -> bool {
 
 impl ConfigObject for ServiceNode {
     const KIND: Kind = Kind::ServiceNode;
-    const ID_FIELD: &'static str = "host";
 
     fn deserialize_unchecked<'de, D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         ServiceNode::deserialize(d)

@@ -287,7 +287,6 @@ impl std::hash::Hash for PluginConfig {
 
 impl ConfigObject for PluginConfig {
     const KIND: Kind = Kind::Plugin;
-    const ID_FIELD: &'static str = "name";
 
     fn deserialize_unchecked<'de, D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         PluginConfig::deserialize(d)

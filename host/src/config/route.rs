@@ -130,23 +130,6 @@ fn empty_object() -> serde_json::Value {
 checked_serde!(RouteConfig);
 
 impl RouteConfig {
-    /// The objects it names, each with the JSON pointer that names it: its upstream and its
-    /// plugin entries.
-    pub fn references(&self) -> Vec<(String, Kind, &str)> {
-        let mut found = Vec::new();
-        if let Some(upstream) = &self.upstream_id {
-            found.push(("/upstream_id".to_owned(), Kind::Upstream, upstream.as_str()));
-        }
-        for (index, plugin) in self.plugins.iter().enumerate() {
-            found.push((
-                format!("/plugins/{index}/name"),
-                Kind::Plugin,
-                plugin.name.as_str(),
-            ));
-        }
-        found
-    }
-
     /// Every path pattern of the route, `uri` first.
     pub fn paths(&self) -> impl Iterator<Item = &str> {
         self.uri.iter().chain(self.uris.iter()).map(String::as_str)
@@ -155,7 +138,6 @@ impl RouteConfig {
 
 impl ConfigObject for RouteConfig {
     const KIND: Kind = Kind::Route;
-    const ID_FIELD: &'static str = "id";
 
     fn deserialize_unchecked<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         RouteConfig::deserialize(d)

@@ -143,7 +143,6 @@ checked_serde!(ServerConfig);
 
 impl ConfigObject for ServerConfig {
     const KIND: Kind = Kind::Server;
-    const ID_FIELD: &'static str = "server";
 
     fn deserialize_unchecked<'de, D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         ServerConfig::deserialize(d)

@@ -50,7 +50,6 @@ impl ServiceSettings {
 
 impl ConfigObject for ServiceSettings {
     const KIND: Kind = Kind::ServiceSettings;
-    const ID_FIELD: &'static str = "name";
 
     fn deserialize_unchecked<'de, D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         ServiceSettings::deserialize(d)

@@ -53,7 +53,6 @@ checked_serde!(SslConfig);
 
 impl ConfigObject for SslConfig {
     const KIND: Kind = Kind::Ssl;
-    const ID_FIELD: &'static str = "id";
 
     fn deserialize_unchecked<'de, D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         SslConfig::deserialize(d)

@@ -64,7 +64,6 @@ checked_serde!(TenantConfig);
 
 impl ConfigObject for TenantConfig {
     const KIND: Kind = Kind::Tenant;
-    const ID_FIELD: &'static str = "name";
 
     fn deserialize_unchecked<'de, D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         TenantConfig::deserialize(d)

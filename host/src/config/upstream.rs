@@ -678,7 +678,6 @@ pub(super) fn check_weight(weight: u32) -> Result<(), String> {
 
 impl ConfigObject for UpstreamConfig {
     const KIND: Kind = Kind::Upstream;
-    const ID_FIELD: &'static str = "id";
 
     fn deserialize_unchecked<'de, D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         UpstreamConfig::deserialize(d)

@@ -1,7 +1,6 @@
 //! The file store: a YAML file with top-level `routes`, `upstreams` and `plugins` lists, watched
 //! for changes. This is the embedded default, so that one command runs a gateway.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,10 +11,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::error::{FileStoreError, StoreError};
-use crate::config::{
-    self, AdminConfig, ConfigObject, ConfigObjects, Kind, ObjectError, PluginConfig, RouteConfig,
-    ServerConfig,
-};
+use crate::config::{ConfigObjects, KINDS, Kind, Layout, ObjectError, PluginConfig, Refused, Slot};
 use crate::plugin::signature::ModuleSignature;
 use crate::snapshot::{BoxFuture, Desired, ModuleSource};
 use crate::store::{ConfigStore, Published, Publisher};
@@ -249,53 +245,40 @@ pub fn parse_in(text: &str, base: &Path) -> Result<Desired, String> {
     let mut objects = ConfigObjects::default();
     let mut unparsed = Vec::new();
     for (key, value) in mapping {
-        match key.as_str() {
-            Some("routes") => {
-                let routes = collect::<RouteConfig>(value, &mut unparsed)?;
-                objects.routes = routes
-                    .into_iter()
-                    .map(|(id, r)| (id, Arc::new(r)))
-                    .collect();
+        let Some(kind) = key.as_str().and_then(Kind::in_section) else {
+            let sections: Vec<&str> = KINDS.iter().filter_map(|info| info.section).collect();
+            return Err(format!(
+                "unknown top-level key {}; expected {}",
+                serde_norway::to_string(&key).unwrap_or_default().trim(),
+                sections.join(", ")
+            ));
+        };
+        let slot = objects
+            .slot_mut(kind)
+            .expect("sections hold kinds of object");
+        match kind.info().layout {
+            Layout::Keyed(id_field) => {
+                let value = match kind {
+                    Kind::Ssl => read_pem_files(value, base, &mut unparsed),
+                    _ => value,
+                };
+                // A section given twice counts once, as given the last time.
+                slot.clear();
+                collect(kind, id_field, value, slot, &mut unparsed)?;
             }
-            Some("upstreams") => {
-                objects.upstreams = collect(value, &mut unparsed)?;
-            }
-            Some("plugins") => {
-                objects.plugins = collect(value, &mut unparsed)?;
-            }
-            Some("tenants") => {
-                objects.tenants = collect(value, &mut unparsed)?;
-            }
-            Some("consumers") => {
-                objects.consumers = collect(value, &mut unparsed)?;
-            }
-            Some("service_settings") => {
-                objects.service_settings = collect(value, &mut unparsed)?;
-            }
-            Some("ssl") => {
-                let value = read_pem_files(value, base, &mut unparsed);
-                objects.ssl = collect(value, &mut unparsed)?;
-            }
-            Some("server" | "admin") if value.is_null() => {}
-            Some("admin") => match as_json(value).and_then(|json| {
-                config::parse::<AdminConfig>(&json)
-                    .map_err(|errors| ObjectError::fields(Kind::Admin, "admin", errors))
-            }) {
-                Ok(admin) => objects.admin = Some(admin),
-                Err(error) => unparsed.push(error.with_id(Kind::Admin, "admin")),
-            },
-            Some("server") => match as_json(value).and_then(|json| {
-                config::parse::<ServerConfig>(&json)
-                    .map_err(|errors| ObjectError::fields(Kind::Server, "server", errors))
-            }) {
-                Ok(server) => objects.server = Some(server),
-                Err(error) => unparsed.push(error.with_id(Kind::Server, "server")),
-            },
+            _ if value.is_null() => {}
             _ => {
-                return Err(format!(
-                    "unknown top-level key {}; expected routes, upstreams, plugins, tenants, consumers, service_settings, ssl, server, admin",
-                    serde_norway::to_string(&key).unwrap_or_default().trim()
-                ));
+                slot.clear();
+                let id = kind.info().section.unwrap_or_default();
+                let parsed = as_json(value).and_then(|json| {
+                    slot.insert(id, &json).map_err(|refused| match refused {
+                        Refused::Invalid(errors) => ObjectError::fields(kind, id, errors),
+                        Refused::Taken(_) => unreachable!("the slot was just emptied"),
+                    })
+                });
+                if let Err(error) = parsed {
+                    unparsed.push(error.with_id(kind, id));
+                }
             }
         }
     }
@@ -360,42 +343,44 @@ fn as_json(value: Value) -> Result<serde_json::Value, ObjectError> {
     serde_json::to_value(&value).map_err(|e| ObjectError::new(Kind::Key, "", e.to_string()))
 }
 
-fn collect<T: ConfigObject>(
+/// Puts each object of `list`, a section of objects of `kind`, into `slot`, and each that is
+/// refused into `errors`; fails when `list` is not a list.
+fn collect(
+    kind: Kind,
+    id_field: &str,
     list: Value,
+    slot: &mut dyn Slot,
     errors: &mut Vec<ObjectError>,
-) -> Result<BTreeMap<String, T>, String> {
-    let kind = T::KIND;
-    let id_field = T::ID_FIELD;
+) -> Result<(), String> {
     let items = match list {
-        Value::Null => return Ok(BTreeMap::new()),
+        Value::Null => return Ok(()),
         Value::Sequence(items) => items,
-        _ => return Err(format!("`{kind}s` must be a list")),
+        _ => {
+            let section = kind.info().section.unwrap_or_default();
+            return Err(format!("`{section}` must be a list"));
+        }
     };
-    let mut objects = BTreeMap::new();
     for (index, item) in items.into_iter().enumerate() {
         let label = item
             .get(id_field)
             .and_then(Value::as_str)
             .map(str::to_owned)
             .unwrap_or_else(|| format!("#{index}"));
-        let parsed = as_json(item).and_then(|json| {
-            config::parse::<T>(&json).map_err(|fields| ObjectError::fields(kind, "", fields))
-        });
-        match parsed {
-            Ok(object) => match objects.entry(object.id().to_owned()) {
-                std::collections::btree_map::Entry::Vacant(slot) => {
-                    slot.insert(object);
-                }
-                std::collections::btree_map::Entry::Occupied(taken) => {
+        let error = match as_json(item) {
+            Err(error) => error.with_id(kind, label),
+            Ok(json) => match slot.insert("", &json) {
+                Ok(()) => continue,
+                Err(Refused::Invalid(fields)) => ObjectError::fields(kind, label, fields),
+                Err(Refused::Taken(id)) => {
                     let reason =
                         format!("a second {kind} has this {id_field}; only the first loads");
-                    errors.push(ObjectError::new(kind, taken.key().clone(), reason));
+                    ObjectError::new(kind, id, reason)
                 }
             },
-            Err(error) => errors.push(error.with_id(kind, label)),
-        }
+        };
+        errors.push(error);
     }
-    Ok(objects)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -404,7 +389,7 @@ pub(crate) mod tests {
     use proptest::prelude::*;
     use serde_json::Value as Json;
 
-    use crate::config::UpstreamConfig;
+    use crate::config::{self, UpstreamConfig};
 
     #[test]
     fn parses_the_documented_shape() {

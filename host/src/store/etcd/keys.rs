@@ -24,11 +24,7 @@ use etcd_client::Client;
 use serde::{Deserialize, Serialize};
 
 use super::error::EtcdError;
-use crate::config::{
-    AdminConfig, ConfigObject, ConsumerConfig, FieldError, Kind, ObjectError, PluginConfig,
-    RouteConfig, ServerConfig, ServiceNode, ServiceSettings, SslConfig, TenantConfig,
-    UpstreamConfig,
-};
+use crate::config::{ConfigObject, ConfigObjects, FieldError, Kind, Layout, ObjectError, Refused};
 use crate::digest::sha256_hex;
 
 /// The key, under the prefix, that holds the sha256 of the admin key weir generated.
@@ -43,86 +39,67 @@ pub const REVOKED_SESSIONS: &str = "admin_revoked_sessions";
 /// Module chunks stay well under etcd's default 1.5 MiB request limit.
 pub const CHUNK_BYTES: usize = 1 << 20;
 
-/// One config key, parsed.
-#[derive(Clone, Debug)]
-// Boxed variants: the mirror keeps one entry per key (100,000 routes), and an unboxed
-// `ServerConfig` made every entry as large as it.
-pub(crate) enum Entry {
-    Route(std::sync::Arc<RouteConfig>),
-    Upstream(Box<UpstreamConfig>),
-    Plugin(Box<PluginConfig>),
-    Tenant(Box<TenantConfig>),
-    Ssl(Box<SslConfig>),
-    Consumer(Box<ConsumerConfig>),
-    ServiceSettings(Box<ServiceSettings>),
-    Server(Box<ServerConfig>),
-    Admin(Box<AdminConfig>),
-    Node {
-        service: String,
-        node: String,
-        value: Box<ServiceNode>,
-    },
-    Invalid(Box<ObjectError>),
-}
+/// What a config key names: the kind and id of an object, or why it names none.
+pub(crate) type Place = Result<(Kind, String), ObjectError>;
 
-/// Parses one config key. Module keys give `None`; everything else gives an entry, perhaps
-/// an invalid one that names its key and reason.
-pub(crate) fn parse_entry(root: &str, key: &str, value: &[u8]) -> Option<Entry> {
+/// What `key` names, from its layout alone. `None` for keys that are not config (modules, the
+/// admin listener's own state) or not under `root`.
+pub(crate) fn locate(root: &str, key: &str) -> Option<Place> {
     let rest = key.strip_prefix(root)?.strip_prefix('/')?;
     let (section, name) = rest.split_once('/').unwrap_or((rest, ""));
-    let invalid =
-        |kind, id: &str, reason: String| Some(Entry::invalid(ObjectError::new(kind, id, reason)));
-    let entry = match section {
-        "modules" => return None,
-        "routes" => parse_object(value, name).map(|r| Entry::Route(std::sync::Arc::new(r))),
-        "upstreams" => parse_object(value, name).map(|o| Entry::Upstream(Box::new(o))),
-        "plugins" => parse_object(value, name).map(|o| Entry::Plugin(Box::new(o))),
-        "tenants" => parse_object(value, name).map(|o| Entry::Tenant(Box::new(o))),
-        "ssl" => parse_object(value, name).map(|o| Entry::Ssl(Box::new(o))),
-        "consumers" => parse_object(value, name).map(|o| Entry::Consumer(Box::new(o))),
-        "service-settings" => {
-            parse_object(value, name).map(|o| Entry::ServiceSettings(Box::new(o)))
-        }
-        "server" if rest == "server" => parse_json(value, Kind::Server, "server")
-            .and_then(|json| parse_as(&json, "server"))
-            .map(|o| Entry::Server(Box::new(o))),
-        "admin" if rest == "admin" => parse_json(value, Kind::Admin, "admin")
-            .and_then(|json| parse_as(&json, "admin"))
-            .map(|o| Entry::Admin(Box::new(o))),
+    match section {
         // The hash of a key weir generated itself; the admin listener reads it, not the store.
         GENERATED_KEY if rest == GENERATED_KEY => return None,
         // The admin listener's own state, read by it directly, never config.
         SESSION_KEYS if rest == SESSION_KEYS => return None,
         REVOKED_SESSIONS => return None,
-        "services" => {
-            let Some((service, node)) = name
-                .split_once('/')
-                .filter(|(s, n)| !s.is_empty() && !n.is_empty() && !n.contains('/'))
-            else {
-                return invalid(
-                    Kind::ServiceNode,
-                    name,
-                    "expected services/<name>/<node-id>".into(),
-                );
-            };
-            let id = format!("{service}/{node}");
-            parse_json(value, Kind::ServiceNode, &id)
-                .and_then(|json| parse_as(&json, &id))
-                .map(|value| Entry::Node {
-                    service: service.to_owned(),
-                    node: node.to_owned(),
-                    value: Box::new(value),
-                })
-        }
-        _ => return invalid(Kind::Key, rest, format!("unknown key under {root}/")),
+        _ => {}
+    }
+    let unknown = || {
+        let reason = format!("unknown key under {root}/");
+        Some(Err(ObjectError::new(Kind::Key, rest, reason)))
     };
-    Some(entry.unwrap_or_else(Entry::invalid))
+    let Some(kind) = Kind::under_key(section) else {
+        return unknown();
+    };
+    Some(match kind.info().layout {
+        Layout::Unlisted => return None,
+        Layout::Single if rest == section => Ok((kind, section.to_owned())),
+        Layout::Single => return unknown(),
+        // A key that does not end in one id is refused when its value is parsed, which says so.
+        Layout::Keyed(_) => Ok((kind, name.to_owned())),
+        Layout::Nested => match name
+            .split_once('/')
+            .filter(|(s, n)| !s.is_empty() && !n.is_empty() && !n.contains('/'))
+        {
+            Some(_) => Ok((kind, name.to_owned())),
+            None => Err(ObjectError::new(
+                kind,
+                name,
+                "expected services/<name>/<node-id>",
+            )),
+        },
+    })
 }
 
-impl Entry {
-    fn invalid(error: ObjectError) -> Self {
-        Entry::Invalid(Box::new(error))
+/// Parses `value`, the object `kind`/`id`, into `objects`.
+pub(crate) fn parse_into(
+    objects: &mut ConfigObjects,
+    kind: Kind,
+    id: &str,
+    value: &[u8],
+) -> Result<(), ObjectError> {
+    let mut json = parse_json(value, kind, id)?;
+    if kind.info().id_field().is_some() {
+        with_key_id(kind, &mut json, id)?;
     }
+    let slot = objects.slot_mut(kind).expect("keys name kinds of object");
+    slot.insert(id, &json).map_err(|refused| match refused {
+        Refused::Invalid(errors) => ObjectError::fields(kind, id, errors),
+        // Each key names its own object, and the mirror takes out what a key held before
+        // it puts in what the key holds now.
+        Refused::Taken(_) => ObjectError::new(kind, id, "another key holds this object"),
+    })
 }
 
 /// A stored value as JSON, or why not.
@@ -131,27 +108,20 @@ fn parse_json(value: &[u8], kind: Kind, id: &str) -> Result<serde_json::Value, O
         .map_err(|e| ObjectError::new(kind, id, format!("invalid JSON: {e}")))
 }
 
-/// Checks `json` as a `T` named `id`.
-fn parse_as<T: ConfigObject>(json: &serde_json::Value, id: &str) -> Result<T, ObjectError> {
-    crate::config::parse(json).map_err(|errors| ObjectError::fields(T::KIND, id, errors))
-}
-
 /// Parses an object whose key ends in its id; a JSON `id` (or `name`) must match the key.
 pub(crate) fn parse_object<T: ConfigObject>(value: &[u8], id: &str) -> Result<T, ObjectError> {
     let mut json = parse_json(value, T::KIND, id)?;
-    with_key_id::<T>(&mut json, id)?;
-    parse_as(&json, id)
+    with_key_id(T::KIND, &mut json, id)?;
+    crate::config::parse(&json).map_err(|errors| ObjectError::fields(T::KIND, id, errors))
 }
 
-/// Puts the key's id into `json` when it has none; refuses one that differs.
-pub(crate) fn with_key_id<T: ConfigObject>(
-    json: &mut serde_json::Value,
-    id: &str,
-) -> Result<(), ObjectError> {
-    let id_field = T::ID_FIELD;
+/// Puts the key's id into `json`, an object of `kind`, when it has none; refuses one that
+/// differs.
+fn with_key_id(kind: Kind, json: &mut serde_json::Value, id: &str) -> Result<(), ObjectError> {
+    let id_field = kind.info().id_field().expect("a kind named by a field");
     let error = |path: &str, message: String| {
         ObjectError::fields(
-            T::KIND,
+            kind,
             id,
             vec![FieldError {
                 path: path.to_owned(),
@@ -162,7 +132,7 @@ pub(crate) fn with_key_id<T: ConfigObject>(
     if id.is_empty() || id.contains('/') {
         return Err(error(
             "",
-            format!("a {} key must end in one id segment", T::KIND),
+            format!("a {kind} key must end in one id segment"),
         ));
     }
     let object = json

@@ -21,7 +21,7 @@ use etcd_client::{Client, ConnectOptions, EventType, GetOptions, KeyValue, Watch
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
-use self::keys::{Entry, parse_entry, read_bounded, read_module};
+use self::keys::{Place, locate, parse_into, read_bounded, read_module};
 use self::state::{STATE_FILE, SavedState, read_state, write_atomically};
 use crate::access_log::now_rfc3339;
 use crate::config::{ConfigObjects, ObjectError, PluginConfig};
@@ -108,8 +108,9 @@ pub(crate) fn client_error(options: &EtcdOptions, source: etcd_client::Error) ->
 /// One config key as stored.
 struct Stored {
     raw: Vec<u8>,
-    entry: Entry,
     revision: i64,
+    /// Whether its object is in the mirror's objects (else it is in `invalid`).
+    held: bool,
 }
 
 /// The store's copy of the config keys.
@@ -143,26 +144,27 @@ impl Mirror {
         if newer_known.is_some_and(|known| known >= revision) {
             return;
         }
+        let Some(place) = locate(root, &key) else {
+            return;
+        };
         match value {
             Some(value) => {
-                if let Some(entry) = parse_entry(root, &key, value) {
-                    self.tombstones.remove(&key);
-                    if let Some(old) = self.entries.remove(&key) {
-                        self.withdraw(&key, old.entry);
-                    }
-                    self.add(&key, entry.clone());
-                    let stored = Stored {
-                        raw: value.to_vec(),
-                        entry,
-                        revision,
-                    };
-                    self.entries.insert(key, stored);
-                    self.changes += 1;
+                self.tombstones.remove(&key);
+                if let Some(old) = self.entries.remove(&key) {
+                    self.withdraw(&key, &place, old.held);
                 }
+                let held = self.add(&key, place, value);
+                let stored = Stored {
+                    raw: value.to_vec(),
+                    revision,
+                    held,
+                };
+                self.entries.insert(key, stored);
+                self.changes += 1;
             }
             None => {
                 if let Some(old) = self.entries.remove(&key) {
-                    self.withdraw(&key, old.entry);
+                    self.withdraw(&key, &place, old.held);
                     self.changes += 1;
                 }
                 self.tombstones.insert(key, revision);
@@ -170,95 +172,35 @@ impl Mirror {
         }
     }
 
-    /// Puts what `key` now holds into the published objects, over what it held before.
-    fn add(&mut self, key: &str, entry: Entry) {
-        if let Entry::Invalid(error) = entry {
-            self.invalid.insert(key.to_owned(), error.at_key(key));
-            return;
-        }
-        self.invalid.remove(key);
-        let objects = Arc::make_mut(&mut self.objects);
-        match entry {
-            Entry::Route(route) => {
-                objects.routes.insert(route.id.clone(), route);
+    /// Puts what `key` now holds into the published objects, or records why it cannot;
+    /// returns whether it went in.
+    fn add(&mut self, key: &str, place: Place, value: &[u8]) -> bool {
+        let added = place
+            .and_then(|(kind, id)| parse_into(Arc::make_mut(&mut self.objects), kind, &id, value));
+        match added {
+            Ok(()) => {
+                self.invalid.remove(key);
+                true
             }
-            Entry::Upstream(upstream) => {
-                objects.upstreams.insert(upstream.id.clone(), *upstream);
+            Err(error) => {
+                self.invalid.insert(key.to_owned(), error.at_key(key));
+                false
             }
-            Entry::Plugin(plugin) => {
-                objects.plugins.insert(plugin.name.clone(), *plugin);
-            }
-            Entry::Tenant(tenant) => {
-                objects.tenants.insert(tenant.name.clone(), *tenant);
-            }
-            Entry::Ssl(ssl) => {
-                objects.ssl.insert(ssl.id.clone(), *ssl);
-            }
-            Entry::Consumer(consumer) => {
-                objects.consumers.insert(consumer.name.clone(), *consumer);
-            }
-            Entry::ServiceSettings(settings) => {
-                objects
-                    .service_settings
-                    .insert(settings.name.clone(), *settings);
-            }
-            Entry::Server(server) => objects.server = Some(*server),
-            Entry::Admin(admin) => objects.admin = Some(*admin),
-            Entry::Node {
-                service,
-                node,
-                value,
-            } => {
-                objects
-                    .services
-                    .entry(service)
-                    .or_default()
-                    .insert(node, *value);
-            }
-            Entry::Invalid(_) => unreachable!("handled above"),
         }
     }
 
-    /// Takes what `key` held out of the published objects.
-    fn withdraw(&mut self, key: &str, entry: Entry) {
-        if let Entry::Invalid(_) = entry {
-            self.invalid.remove(key);
-            return;
-        }
-        let objects = Arc::make_mut(&mut self.objects);
-        match entry {
-            Entry::Route(route) => {
-                objects.routes.remove(&route.id);
-            }
-            Entry::Upstream(upstream) => {
-                objects.upstreams.remove(&upstream.id);
-            }
-            Entry::Plugin(plugin) => {
-                objects.plugins.remove(&plugin.name);
-            }
-            Entry::Tenant(tenant) => {
-                objects.tenants.remove(&tenant.name);
-            }
-            Entry::Ssl(ssl) => {
-                objects.ssl.remove(&ssl.id);
-            }
-            Entry::Consumer(consumer) => {
-                objects.consumers.remove(&consumer.name);
-            }
-            Entry::ServiceSettings(settings) => {
-                objects.service_settings.remove(&settings.name);
-            }
-            Entry::Server(_) => objects.server = None,
-            Entry::Admin(_) => objects.admin = None,
-            Entry::Node { service, node, .. } => {
-                if let Some(nodes) = objects.services.get_mut(&service) {
-                    nodes.remove(&node);
-                    if nodes.is_empty() {
-                        objects.services.remove(&service);
-                    }
+    /// Takes what `key` held out of the published objects (`held`) or the invalid ones.
+    fn withdraw(&mut self, key: &str, place: &Place, held: bool) {
+        match place {
+            Ok((kind, id)) if held => {
+                let objects = Arc::make_mut(&mut self.objects);
+                if let Some(slot) = objects.slot_mut(*kind) {
+                    slot.remove(id);
                 }
             }
-            Entry::Invalid(_) => unreachable!("handled above"),
+            _ => {
+                self.invalid.remove(key);
+            }
         }
     }
 
@@ -800,56 +742,78 @@ mod tests {
     use proptest::prelude::*;
     use serde_json::Value as Json;
 
+    /// What a fresh mirror makes of the one key `key` holding `value`: its objects and what it
+    /// refused, or `None` when it ignores the key.
+    fn apply_one(key: &str, value: &[u8]) -> Option<Desired> {
+        let mut mirror = Mirror::default();
+        mirror.apply("/weir", key.to_owned(), Some(value), 1);
+        (!mirror.entries.is_empty()).then(|| mirror.desired())
+    }
+
+    /// Why a fresh mirror refuses `key` holding `value`.
+    fn refused(key: &str, value: &[u8]) -> ObjectError {
+        let desired = apply_one(key, value).expect("a config key");
+        assert_eq!(desired.unparsed.len(), 1, "{key}: {:?}", desired.objects);
+        desired.unparsed[0].clone()
+    }
+
     #[test]
     fn keys_map_to_objects_with_their_reasons() {
-        let route = parse_entry(
-            "/weir",
+        let route = apply_one(
             "/weir/routes/api",
             br#"{"uri": "/api/*", "upstream_id": "u"}"#,
-        );
-        assert!(matches!(route, Some(Entry::Route(r)) if r.id == "api"));
-        let mismatch = parse_entry(
-            "/weir",
+        )
+        .unwrap();
+        assert_eq!(route.objects.routes["api"].id, "api");
+        assert!(route.unparsed.is_empty());
+        let mismatch = refused(
             "/weir/routes/api",
             br#"{"id": "other", "uri": "/a", "upstream_id": "u"}"#,
         );
-        assert!(matches!(mismatch, Some(Entry::Invalid(e)) if e.reason.contains("does not match")));
-        let bad_json = parse_entry("/weir", "/weir/upstreams/u", b"{nope");
-        assert!(
-            matches!(bad_json, Some(Entry::Invalid(e)) if e.kind == Kind::Upstream && e.reason.contains("invalid JSON"))
-        );
-        let unknown_field = parse_entry(
-            "/weir",
-            "/weir/plugins/p",
-            br#"{"sha256": "x", "colour": 1}"#,
-        );
-        assert!(
-            matches!(unknown_field, Some(Entry::Invalid(e)) if e.reason.contains("unknown field `colour`"))
-        );
-        let node = parse_entry(
-            "/weir",
+        assert!(mismatch.reason.contains("does not match"), "{mismatch}");
+        assert_eq!(mismatch.key.as_deref(), Some("/weir/routes/api"));
+        let bad_json = refused("/weir/upstreams/u", b"{nope");
+        assert!(bad_json.kind == Kind::Upstream && bad_json.reason.contains("invalid JSON"));
+        let unknown_field = refused("/weir/plugins/p", br#"{"sha256": "x", "colour": 1}"#);
+        assert!(unknown_field.reason.contains("unknown field `colour`"));
+        let node = apply_one(
             "/weir/services/users/n1",
             br#"{"host": "10.0.0.1", "port": 80}"#,
+        )
+        .unwrap();
+        assert_eq!(node.objects.services["users"]["n1"].port, 80);
+        let bad_node = refused("/weir/services/users", br#"{}"#);
+        assert_eq!(bad_node.kind, Kind::ServiceNode);
+        assert!(apply_one("/weir/modules/abc", b"..").is_none());
+        assert!(apply_one("/weir/modules/abc/000001", b"..").is_none());
+        assert!(apply_one("/other/routes/x", b"{}").is_none());
+        assert!(apply_one("/weir/admin_generated_key", b"..").is_none());
+        let consumer = apply_one("/weir/consumers/x", b"{}").unwrap();
+        assert_eq!(consumer.objects.consumers["x"].name, "x");
+        let consumer = refused(
+            "/weir/consumers/x",
+            br#"{"credentials": {"key-auth": "k"}}"#,
         );
         assert!(
-            matches!(node, Some(Entry::Node { service, node, .. }) if service == "users" && node == "n1")
+            consumer.kind == Kind::Consumer && consumer.reason.contains("/credentials/key-auth")
         );
-        let bad_node = parse_entry("/weir", "/weir/services/users", br#"{}"#);
-        assert!(matches!(bad_node, Some(Entry::Invalid(e)) if e.kind == Kind::ServiceNode));
-        assert!(parse_entry("/weir", "/weir/modules/abc", b"..").is_none());
-        assert!(parse_entry("/weir", "/weir/modules/abc/000001", b"..").is_none());
-        assert!(parse_entry("/weir", "/other/routes/x", b"{}").is_none());
+        let ssl = refused("/weir/ssl/x", b"{}");
+        assert!(ssl.kind == Kind::Ssl && ssl.reason.contains("missing field `cert`"));
+        assert_eq!(refused("/weir/colours/x", b"{}").kind, Kind::Key);
+        let settings = apply_one("/weir/service-settings/users", b"{}").unwrap();
+        assert_eq!(settings.objects.service_settings["users"].name, "users");
         assert!(
-            matches!(parse_entry("/weir", "/weir/consumers/x", b"{}"), Some(Entry::Consumer(c)) if c.name == "x")
+            apply_one("/weir/server", b"{}")
+                .unwrap()
+                .objects
+                .server
+                .is_some()
         );
+        assert_eq!(refused("/weir/server/x", b"{}").kind, Kind::Key);
+        let nested = refused("/weir/routes/a/b", br#"{"uri": "/", "upstream_id": "u"}"#);
         assert!(
-            matches!(parse_entry("/weir", "/weir/consumers/x", br#"{"credentials": {"key-auth": "k"}}"#), Some(Entry::Invalid(e)) if e.kind == Kind::Consumer && e.reason.contains("/credentials/key-auth"))
-        );
-        assert!(
-            matches!(parse_entry("/weir", "/weir/ssl/x", b"{}"), Some(Entry::Invalid(e)) if e.kind == Kind::Ssl && e.reason.contains("missing field `cert`"))
-        );
-        assert!(
-            matches!(parse_entry("/weir", "/weir/colours/x", b"{}"), Some(Entry::Invalid(e)) if e.kind == Kind::Key)
+            nested.reason.contains("must end in one id segment"),
+            "{nested}"
         );
     }
 
@@ -938,119 +902,81 @@ mod tests {
             .prop_map(|(section, tail)| format!("/weir/{section}{tail}"))
     }
 
-    /// Checks that what came out of `key` is valid (parsing is the validation), and builds it
-    /// where the gateway would (upstreams), so that nothing a key holds is shown to panic there
-    /// either.
-    fn check_entry(key: &str, entry: Option<Entry>) {
+    /// Checks what a fresh mirror makes of `key` holding `value`: what it keeps is valid
+    /// (parsing is the validation), of the kind the key names, and builds where the gateway
+    /// would build it (upstreams), so that nothing a key holds is shown to panic there either.
+    fn check_key(key: &str, value: &[u8]) {
         let section = key
             .strip_prefix("/weir/")
             .and_then(|rest| rest.split('/').next());
-        let Some(entry) = entry else {
+        let Some(desired) = apply_one(key, value) else {
             // Only module keys, and keys outside the root, are left out.
             assert!(matches!(section, None | Some("modules")), "{key}");
             return;
         };
-        match entry {
-            Entry::Route(route) => {
-                assert_eq!(section, Some("routes"));
-                config::verify(&*route).unwrap();
+        for error in &desired.unparsed {
+            let _ = error.to_string();
+        }
+        let objects = &desired.objects;
+        for info in config::KINDS {
+            let Some(slot) = objects.slot(info.kind) else {
+                continue;
+            };
+            if slot.list().is_empty() {
+                continue;
             }
-            Entry::Admin(admin) => {
-                assert_eq!(key, "/weir/admin");
-                config::verify(&*admin).unwrap();
+            assert_eq!(section, info.key, "{key}");
+            if info.layout == config::Layout::Single {
+                assert_eq!(key.strip_prefix("/weir/"), info.key);
             }
-            Entry::Upstream(upstream) => {
-                assert_eq!(section, Some("upstreams"));
-                crate::store::file::tests::check_upstream(&upstream);
-            }
-            Entry::Plugin(plugin) => {
-                assert_eq!(section, Some("plugins"));
-                config::verify(&*plugin).unwrap();
-            }
-            Entry::Tenant(tenant) => {
-                assert_eq!(section, Some("tenants"));
-                config::verify(&*tenant).unwrap();
-            }
-            Entry::Server(server) => {
-                assert_eq!(key, "/weir/server");
-                config::verify(&*server).unwrap();
-            }
-            Entry::Ssl(ssl) => {
-                assert_eq!(section, Some("ssl"));
-                config::verify(&*ssl).unwrap();
-            }
-            Entry::Consumer(consumer) => {
-                assert_eq!(section, Some("consumers"));
-                config::verify(&*consumer).unwrap();
-            }
-            Entry::ServiceSettings(settings) => {
-                assert_eq!(section, Some("service-settings"));
-                config::verify(&*settings).unwrap();
-            }
-            Entry::Node { service, value, .. } => {
-                assert_eq!(section, Some("services"));
-                config::verify(&*value).unwrap();
-                {
-                    // What `Snapshot::build_services` makes of a service's live nodes.
-                    let config = crate::config::ServiceSettings::plain(&service)
-                        .upstream(vec![value.upstream_node()]);
-                    let metrics = crate::metrics::Metrics::new();
-                    let pool = crate::upstream::ClientPool::default();
-                    crate::upstream::Upstream::new(config, &pool, &metrics).unwrap();
-                }
-            }
-            Entry::Invalid(error) => {
-                let _ = error.at_key(key).to_string();
+        }
+        for route in objects.routes.values() {
+            config::verify(&**route).unwrap();
+        }
+        for upstream in objects.upstreams.values() {
+            crate::store::file::tests::check_upstream(upstream);
+        }
+        for plugin in objects.plugins.values() {
+            config::verify(plugin).unwrap();
+        }
+        for tenant in objects.tenants.values() {
+            config::verify(tenant).unwrap();
+        }
+        for ssl in objects.ssl.values() {
+            config::verify(ssl).unwrap();
+        }
+        for consumer in objects.consumers.values() {
+            config::verify(consumer).unwrap();
+        }
+        for settings in objects.service_settings.values() {
+            config::verify(settings).unwrap();
+        }
+        if let Some(server) = &objects.server {
+            config::verify(server).unwrap();
+        }
+        if let Some(admin) = &objects.admin {
+            config::verify(admin).unwrap();
+        }
+        for (service, nodes) in &objects.services {
+            for value in nodes.values() {
+                config::verify(value).unwrap();
+                // What `Snapshot::build_services` makes of a service's live nodes.
+                let config = crate::config::ServiceSettings::plain(service)
+                    .upstream(vec![value.upstream_node()]);
+                let metrics = crate::metrics::Metrics::new();
+                let pool = crate::upstream::ClientPool::default();
+                crate::upstream::Upstream::new(config, &pool, &metrics).unwrap();
             }
         }
     }
 
-    /// What `mirror.desired()` must equal: its entries' objects, gathered from scratch.
+    /// What `mirror.desired()` must equal: what a fresh mirror makes of its entries' values.
     fn desired_from_entries(mirror: &Mirror) -> Desired {
-        let mut desired = Desired::default();
+        let mut fresh = Mirror::default();
         for (key, stored) in &mirror.entries {
-            let objects = Arc::make_mut(&mut desired.objects);
-            match stored.entry.clone() {
-                Entry::Route(route) => {
-                    objects.routes.insert(route.id.clone(), route);
-                }
-                Entry::Upstream(upstream) => {
-                    objects.upstreams.insert(upstream.id.clone(), *upstream);
-                }
-                Entry::Plugin(plugin) => {
-                    objects.plugins.insert(plugin.name.clone(), *plugin);
-                }
-                Entry::Tenant(tenant) => {
-                    objects.tenants.insert(tenant.name.clone(), *tenant);
-                }
-                Entry::Ssl(ssl) => {
-                    objects.ssl.insert(ssl.id.clone(), *ssl);
-                }
-                Entry::Consumer(consumer) => {
-                    objects.consumers.insert(consumer.name.clone(), *consumer);
-                }
-                Entry::ServiceSettings(settings) => {
-                    objects
-                        .service_settings
-                        .insert(settings.name.clone(), *settings);
-                }
-                Entry::Server(server) => objects.server = Some(*server),
-                Entry::Admin(admin) => objects.admin = Some(*admin),
-                Entry::Node {
-                    service,
-                    node,
-                    value,
-                } => {
-                    objects
-                        .services
-                        .entry(service)
-                        .or_default()
-                        .insert(node, *value);
-                }
-                Entry::Invalid(error) => desired.unparsed.push(error.at_key(key.clone())),
-            }
+            fresh.apply("/weir", key.clone(), Some(&stored.raw), stored.revision);
         }
-        desired
+        fresh.desired()
     }
 
     /// A config object with a key that names it (now and then one that does not), and the
@@ -1158,10 +1084,10 @@ mod tests {
             key in key(),
             value in prop::collection::vec(any::<u8>(), 0..64),
         ) {
-            check_entry(&key, parse_entry("/weir", &key, &value));
+            check_key(&key, &value);
             // A key that is not under the root is ignored, not refused.
             prop_assert!(
-                parse_entry("/weir/routes", &key, &value).is_none()
+                super::keys::locate("/weir/routes", &key).is_none()
                     || key.starts_with("/weir/routes/")
             );
         }
@@ -1221,11 +1147,8 @@ mod tests {
         ) {
             let store = EtcdStore::new(EtcdOptions::new(vec![]));
             for (revision, (key, value)) in objects.into_iter().enumerate() {
-                let entry = parse_entry(&store.root, &key, &value);
-                check_entry(&key, entry.clone());
-                if entry.is_some() {
-                    store.mirror.lock().unwrap().apply(&store.root, key, Some(&value), revision as i64 + 1);
-                }
+                check_key(&key, &value);
+                store.mirror.lock().unwrap().apply(&store.root, key, Some(&value), revision as i64 + 1);
             }
             // What the store hands the gateway: at most one thing for each key.
             let held = store.mirror.lock().unwrap().entries.len();
@@ -1242,7 +1165,7 @@ mod tests {
             // What `load_state` does with the file.
             if let Ok(state) = serde_json::from_slice::<SavedState>(&bytes) {
                 for (key, value) in state.keys {
-                    check_entry(&key, parse_entry("/weir", &key, value.as_bytes()));
+                    check_key(&key, value.as_bytes());
                 }
             }
         }

@@ -5,7 +5,7 @@ use etcd_client::{Client, Compare, CompareOp, DeleteOptions, GetOptions, Txn, Tx
 
 use super::EtcdStore;
 use super::keys::{CHUNK_BYTES, ModuleManifest, chunk_key};
-use crate::config::Kind;
+use crate::config::{Kind, Layout};
 use crate::digest::sha256_hex;
 use crate::snapshot::BoxFuture;
 use crate::store::{ConfigWriter, Expect, StoredModule, StoredObject, WriteError};
@@ -17,38 +17,18 @@ impl EtcdStore {
     /// The key of `kind`/`id`, or why there is none.
     fn key_of(&self, kind: Kind, id: &str) -> Result<String, WriteError> {
         let root = &self.root;
-        Ok(match kind {
-            Kind::Server => format!("{root}/server"),
-            Kind::Admin => format!("{root}/admin"),
-            Kind::Module | Kind::Key => {
-                return Err(WriteError::Unavailable("not a kind of object".into()));
-            }
-            _ => format!("{root}/{}/{id}", section(kind)),
-        })
+        let info = kind.info();
+        match (info.layout, info.key) {
+            (Layout::Single, Some(key)) => Ok(format!("{root}/{key}")),
+            (Layout::Keyed(_) | Layout::Nested, Some(key)) => Ok(format!("{root}/{key}/{id}")),
+            _ => Err(WriteError::Unavailable("not a kind of object".into())),
+        }
     }
 
     /// A connected client, or `Unavailable`.
     fn writing_client(&self) -> Result<Client, WriteError> {
         self.client()
             .ok_or_else(|| WriteError::Unavailable("etcd is unreachable".into()))
-    }
-}
-
-/// The key section of a kind.
-fn section(kind: Kind) -> &'static str {
-    match kind {
-        Kind::Route => "routes",
-        Kind::Upstream => "upstreams",
-        Kind::Plugin => "plugins",
-        Kind::Tenant => "tenants",
-        Kind::ServiceNode => "services",
-        Kind::ServiceSettings => "service-settings",
-        Kind::Server => "server",
-        Kind::Admin => "admin",
-        Kind::Ssl => "ssl",
-        Kind::Consumer => "consumers",
-        Kind::Module => "modules",
-        Kind::Key => "",
     }
 }
 
@@ -142,19 +122,19 @@ impl ConfigWriter for EtcdStore {
     fn list(&self, kind: Kind) -> BoxFuture<'_, Result<Vec<StoredObject>, WriteError>> {
         Box::pin(async move {
             let mut client = self.writing_client()?;
-            if matches!(kind, Kind::Server | Kind::Admin) {
-                let response = client
-                    .get(self.key_of(kind, "")?, None)
-                    .await
-                    .map_err(unavailable)?;
+            let key = self.key_of(kind, "")?;
+            if kind.info().layout == Layout::Single {
+                let response = client.get(key, None).await.map_err(unavailable)?;
+                // The one object is named after its key.
+                let id = kind.info().key.unwrap_or_default();
                 return Ok(response
                     .kvs()
                     .first()
-                    .map(|kv| stored(section(kind).into(), kv))
+                    .map(|kv| stored(id.into(), kv))
                     .into_iter()
                     .collect());
             }
-            let prefix = format!("{}/{}/", self.root, section(kind));
+            let prefix = key;
             Ok(self
                 .keys_under(&prefix, false)
                 .await?
