@@ -205,10 +205,11 @@ pub(super) async fn handle(
             call.object(Kind::ServiceNode, &format!("{service}/{node}"))
                 .await
         }
-        (_, ["server"]) => call.object(Kind::Server, "server").await,
-        (&Method::GET, [kind]) => match kind_of(kind) {
-            Some(kind) => call.list(kind).await,
-            None => Err(no_endpoint()),
+        (_, [path]) => match Kind::at_path(path).map(|kind| (kind, kind.info().layout)) {
+            // A kind of one object is named after it: `/v1/server`.
+            Some((kind, Layout::Single)) => call.object(kind, path).await,
+            Some((kind, Layout::Keyed(_))) if method == Method::GET => call.list(kind).await,
+            _ => Err(no_endpoint()),
         },
         (_, [kind, id]) => match kind_of(kind) {
             Some(kind) => call.object(kind, id).await,
