@@ -8,7 +8,6 @@
 //! - `send_ms`: the longest the node may leave the gateway's writes waiting (it stopped reading);
 //! - `read_ms`: from the request's last byte handed to the connection to the response head;
 //! - `idle_ms`: the longest a body may stop moving on its way through, either direction.
-
 //!
 //! How the files fit: [`Upstream`] (this file) is one upstream as the snapshot holds it: its
 //! node set ([`balancer`]), retry policy ([`retry`]), health probes ([`probe`]) and, per node,
@@ -28,7 +27,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::HeaderMap;
-
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 

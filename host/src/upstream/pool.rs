@@ -35,6 +35,7 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Idle HTTP/1.1 connections kept per node.
 const MAX_IDLE_PER_NODE: usize = 256;
 
+/// `host:port`, with an IPv6 host in brackets.
 pub(super) fn format_addr(host: &str, port: u16) -> String {
     if host.contains(':') && !host.starts_with('[') {
         format!("[{host}]:{port}")
