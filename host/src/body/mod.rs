@@ -13,6 +13,7 @@ pub mod stream;
 pub use self::stream::{
     BodyError, BodyStalled, CollectError, Polled, Stalled, collect_bounded, reached_end,
 };
+use self::stream::{held_size_hint, poll_held};
 use crate::grpc_web::WebBody;
 use crate::timeouts::ServingRequest;
 use crate::upstream::body::ClientBody;
@@ -69,14 +70,8 @@ impl Body for ProxyBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
             ProxyBody::Empty => Poll::Ready(None),
-            ProxyBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            ProxyBody::Trailed(bytes, trailers) => Poll::Ready(
-                bytes
-                    .take()
-                    .map(Frame::data)
-                    .or_else(|| trailers.take().map(Frame::trailers))
-                    .map(Ok),
-            ),
+            ProxyBody::Full(bytes) => poll_held(bytes, &mut None),
+            ProxyBody::Trailed(bytes, trailers) => poll_held(bytes, trailers),
             ProxyBody::Client(body) => Pin::new(body).poll_frame(cx),
             ProxyBody::Upstream(body) => Pin::new(body).poll_frame(cx),
             ProxyBody::GrpcWeb(body) => Pin::new(&mut **body).poll_frame(cx),
@@ -97,16 +92,8 @@ impl Body for ProxyBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             ProxyBody::Empty => SizeHint::with_exact(0),
-            ProxyBody::Full(bytes) => {
-                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
-            }
-            // Not exact: an exact length would send the body without its trailers over
-            // HTTP/1.1 (trailers need chunked encoding).
-            ProxyBody::Trailed(bytes, _) => {
-                let mut hint = SizeHint::new();
-                hint.set_lower(bytes.as_ref().map_or(0, |b| b.len() as u64));
-                hint
-            }
+            ProxyBody::Full(bytes) => held_size_hint(bytes, false),
+            ProxyBody::Trailed(bytes, _) => held_size_hint(bytes, true),
             ProxyBody::Client(body) => body.size_hint(),
             ProxyBody::Upstream(body) => body.size_hint(),
             ProxyBody::GrpcWeb(body) => body.size_hint(),

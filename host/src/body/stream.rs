@@ -5,7 +5,8 @@ use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body::{Body, Frame};
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 
 /// Which side of the gateway let a body stall.
@@ -55,6 +56,33 @@ impl BodyError {
             BodyError::Stalled(stalled) => Some(stalled.side),
             BodyError::Peer(_) => None,
         }
+    }
+}
+
+/// Polls a body held in memory: its bytes as one frame, then its trailers, then the end.
+pub fn poll_held(
+    bytes: &mut Option<Bytes>,
+    trailers: &mut Option<HeaderMap>,
+) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+    Poll::Ready(
+        bytes
+            .take()
+            .map(Frame::data)
+            .or_else(|| trailers.take().map(Frame::trailers))
+            .map(Ok),
+    )
+}
+
+/// The size of a body held in memory. Exact only when no trailers follow: an exact length
+/// would send the body without its trailers over HTTP/1.1 (trailers need chunked encoding).
+pub fn held_size_hint(bytes: &Option<Bytes>, trailed: bool) -> SizeHint {
+    let length = bytes.as_ref().map_or(0, |b| b.len() as u64);
+    if trailed {
+        let mut hint = SizeHint::new();
+        hint.set_lower(length);
+        hint
+    } else {
+        SizeHint::with_exact(length)
     }
 }
 

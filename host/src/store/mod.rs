@@ -1,8 +1,8 @@
 //! Config stores: where the gateway's config objects come from.
 //!
 //! A store publishes what it wants served (a [`watch`] of [`Published`]); it never reaches into
-//! the gateway. One reconciler ([`crate::reconcile`]) builds, validates and swaps the snapshot
-//! from whatever the store publishes. A store that takes writes (etcd) offers a
+//! the gateway. One reconciler (reconcile.rs, above the stores) builds, validates and swaps the
+//! snapshot from whatever the store publishes. A store that takes writes (etcd) offers a
 //! [`ConfigWriter`], which the admin API uses; the file store takes none, since the file is
 //! the source of truth.
 

@@ -11,7 +11,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::sync::oneshot;
 
-use crate::body::stream::{BodyError, Stalled, reached_end};
+use crate::body::stream::{BodyError, Stalled, held_size_hint, poll_held, reached_end};
 use crate::edge::trailers::RequestTrailers;
 use crate::timeouts::IdleBody;
 
@@ -91,13 +91,7 @@ impl Body for Sending {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
-            Sending::Held(bytes, trailers) => Poll::Ready(
-                bytes
-                    .take()
-                    .map(Frame::data)
-                    .or_else(|| trailers.take().map(Frame::trailers))
-                    .map(Ok),
-            ),
+            Sending::Held(bytes, trailers) => poll_held(bytes, trailers),
             Sending::Client(body) => Pin::new(body).poll_frame(cx),
         }
     }
@@ -111,16 +105,7 @@ impl Body for Sending {
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            Sending::Held(bytes, None) => {
-                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
-            }
-            // Not exact: an exact length would send the body without its trailers over
-            // HTTP/1.1 (trailers need chunked encoding).
-            Sending::Held(bytes, Some(_)) => {
-                let mut hint = SizeHint::new();
-                hint.set_lower(bytes.as_ref().map_or(0, |b| b.len() as u64));
-                hint
-            }
+            Sending::Held(bytes, trailers) => held_size_hint(bytes, trailers.is_some()),
             Sending::Client(body) => body.size_hint(),
         }
     }
