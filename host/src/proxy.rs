@@ -455,11 +455,10 @@ pub async fn response_phase(
     // The client's connection has its own version; hyper uses it when this is the default.
     parts.version = http::Version::default();
     let wants_response = links.iter().any(|link| link.pool.wants().on_response);
-    let request = match request {
+    let mut request = match request {
         Some(request) if wants_response => request,
         request => return (request, Ok(Response::from_parts(parts, body))),
     };
-    let mut request = request;
     let wants_body = links
         .iter()
         .any(|link| link.pool.wants().on_response && link.pool.wants().response_body);
