@@ -309,6 +309,7 @@ pub async fn run(
         upstream: None,
         response_edits: Vec::new(),
         directory: Directory::default(),
+        origin: Default::default(),
     });
     // The gateway's own phases, in its order: see proxy.rs.
     let mut plugin_time = Duration::ZERO;

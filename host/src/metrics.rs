@@ -190,6 +190,11 @@ fn plugin_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.000001, 2.0, 17))
 }
 
+/// Buckets for values a filter records, whose unit Weir does not know: powers of 4 up to 4^15.
+fn value_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(1.0, 4.0, 16))
+}
+
 fn latency_histogram() -> Histogram {
     // 100 µs to ~13 s.
     Histogram::new(exponential_buckets(0.0001, 2.0, 18))
@@ -214,6 +219,10 @@ pub struct Metrics {
     pub quarantines: Family<QuarantineLabels, Counter>,
     /// Counters that plugins add to.
     pub plugin_events: Family<PluginEventLabels, Counter>,
+    /// Gauges that proxy-wasm filters set.
+    pub plugin_gauges: Family<PluginEventLabels, Gauge>,
+    /// Histograms that proxy-wasm filters record into.
+    pub plugin_histograms: HistogramFamily<PluginEventLabels>,
     /// Plugin kv calls that failed because the kv's backend could not be reached.
     pub kv_unavailable: Family<KvUnavailableLabels, Counter>,
     /// Config reloads by outcome.
@@ -336,6 +345,19 @@ impl Metrics {
             "plugin_events",
             "Counters that plugins add to",
             plugin_events.clone(),
+        );
+        let plugin_gauges = Family::<PluginEventLabels, Gauge>::default();
+        registry.register(
+            "plugin_gauges",
+            "Gauges that proxy-wasm filters set",
+            plugin_gauges.clone(),
+        );
+        let plugin_histograms: HistogramFamily<PluginEventLabels> =
+            Family::new_with_constructor(value_histogram);
+        registry.register(
+            "plugin_values",
+            "Values that proxy-wasm filters record",
+            plugin_histograms.clone(),
         );
         let reloads = Family::<ReloadLabels, Counter>::default();
         registry.register(
@@ -475,6 +497,8 @@ impl Metrics {
             plugin_failures,
             quarantines,
             plugin_events,
+            plugin_gauges,
+            plugin_histograms,
             kv_unavailable,
             reloads,
             config_errors,

@@ -49,7 +49,7 @@ use crate::timeouts::IdleBody;
 use crate::upgrade::{self, Spliced};
 use crate::upstream::balancer::InFlight;
 use crate::upstream::{self, ClientBody, Outbound, OutboundBody, UpstreamBody, UpstreamError};
-use crate::view::{BufferedBody, RequestView, ResponseEdit, ResponseView};
+use crate::view::{BufferedBody, Origin, RequestView, ResponseEdit, ResponseView};
 
 /// The header a request id is read from when the client sends one.
 const REQUEST_ID_HEADER: &str = "x-request-id";
@@ -182,6 +182,7 @@ fn route(
     upgrade: Option<HeaderValue>,
 ) -> Result<Routed, GatewayError> {
     let host = edge::request_host(&parts.uri, &parts.headers);
+    let routing_host = host.unwrap_or_default().to_owned();
     let Some(matched) = snapshot.routes.lookup(&parts.method, host, &arrival.path) else {
         return Err(GatewayError::NoRoute {
             method: finish.method.to_string(),
@@ -241,6 +242,14 @@ fn route(
         upstream: None,
         response_edits: Vec::new(),
         directory: snapshot.directory.clone(),
+        origin: Origin {
+            scheme: if arrival.peer.tls { "https" } else { "http" },
+            host: routing_host,
+            version: parts.version,
+            peer: Some(arrival.peer.addr),
+            local: arrival.peer.local,
+            received: std::time::SystemTime::now(),
+        },
     });
     Ok(Routed {
         route,
@@ -832,6 +841,7 @@ fn read_only_copy(request: &RequestView) -> Box<RequestView> {
         id: request.id.clone(),
         route_id: request.route_id.clone(),
         client_ip: request.client_ip,
+        origin: request.origin.clone(),
         body: BufferedBody::Streaming,
         vars: request.vars.clone(),
         writable: false,

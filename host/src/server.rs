@@ -503,6 +503,7 @@ async fn serve<H, F, D>(
         }
         accepted.inc();
         let _ = stream.set_nodelay(true);
+        let local = stream.local_addr().ok();
         // Counted as open for as long as the socket lives, through an upgrade too.
         let activity = Arc::new(ConnectionActivity::counted(&open_gauge));
         let clock = ReadClock {
@@ -520,6 +521,7 @@ async fn serve<H, F, D>(
         let client = Peer {
             addr: peer,
             tls: tls.is_some(),
+            local,
         };
         let service = service_fn(move |request| {
             let serving = activity.begin();

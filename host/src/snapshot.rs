@@ -375,7 +375,14 @@ impl BuildContext<'_> {
         let directory = Directory::new(
             previous.generation + 1,
             consumers.clone(),
-            upstreams.keys().cloned(),
+            upstreams.iter().map(|(id, upstream)| {
+                let first = upstream.config.nodes.first();
+                let address = first.map(|node| match node.host.contains(':') {
+                    true => format!("[{}]:{}", node.host, node.port),
+                    false => format!("{}:{}", node.host, node.port),
+                });
+                (id.clone(), address)
+            }),
         );
         Snapshot {
             routes,
@@ -682,7 +689,7 @@ impl BuildContext<'_> {
             .any(|l| l.pool.wants().on_response || l.pool.wants().on_log);
         let binds_instances = chain
             .iter()
-            .any(|l| l.pool.isolation() == crate::config::Isolation::PerRequest);
+            .any(|l| l.pool.binds_instances());
         // Checked with the config; a name that does not parse could not match a trailer anyway.
         let request_trailers = config
             .request_trailers

@@ -1,7 +1,7 @@
 //! The request and response as plugins see them: the data behind the WIT `request` and `response`
 //! resources, and the edits plugins may make to them.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -60,6 +60,38 @@ pub struct RequestView {
     /// What plugins look consumers and upstreams up in, from the snapshot the request was
     /// routed by.
     pub directory: Directory,
+    /// Where and how the request arrived.
+    pub origin: Origin,
+}
+
+/// Where and how a request arrived: what proxy-wasm's properties report.
+#[derive(Clone, Debug)]
+pub struct Origin {
+    /// `http` or `https`.
+    pub scheme: &'static str,
+    /// The host the request was routed by.
+    pub host: String,
+    /// The HTTP version.
+    pub version: http::Version,
+    /// The TCP peer.
+    pub peer: Option<std::net::SocketAddr>,
+    /// The listener's address.
+    pub local: Option<std::net::SocketAddr>,
+    /// When the request arrived.
+    pub received: std::time::SystemTime,
+}
+
+impl Default for Origin {
+    fn default() -> Self {
+        Origin {
+            scheme: "http",
+            host: String::new(),
+            version: http::Version::HTTP_11,
+            peer: None,
+            local: None,
+            received: std::time::SystemTime::now(),
+        }
+    }
 }
 
 /// What plugins may look up during a request, from the snapshot it was routed by: the
@@ -72,15 +104,18 @@ pub struct Directory(Arc<Listing>);
 struct Listing {
     generation: u64,
     consumers: Arc<Consumers>,
-    upstreams: HashSet<String>,
+    /// Each upstream's id, with its first node's `host:port` when it has one.
+    upstreams: HashMap<String, Option<String>>,
 }
 
 impl Directory {
-    /// The directory of snapshot `generation`, holding `consumers` and the ids of `upstreams`.
+    /// The directory of snapshot `generation`, holding `consumers` and `upstreams`: each
+    /// upstream's id, with its first node's `host:port` (where a proxy-wasm filter's http call
+    /// naming it goes).
     pub fn new(
         generation: u64,
         consumers: Arc<Consumers>,
-        upstreams: impl IntoIterator<Item = String>,
+        upstreams: impl IntoIterator<Item = (String, Option<String>)>,
     ) -> Self {
         Directory(Arc::new(Listing {
             generation,
@@ -96,7 +131,12 @@ impl Directory {
 
     /// Whether an upstream with this id exists.
     pub fn has_upstream(&self, id: &str) -> bool {
-        self.0.upstreams.contains(id)
+        self.0.upstreams.contains_key(id)
+    }
+
+    /// The `host:port` of upstream `id`'s first node.
+    pub fn upstream_address(&self, id: &str) -> Option<&str> {
+        self.0.upstreams.get(id)?.as_deref()
     }
 }
 
@@ -419,10 +459,11 @@ pub mod headers {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn view() -> RequestView {
+    /// A request view for tests.
+    pub(crate) fn view() -> RequestView {
         RequestView {
             method: Method::GET,
             path: "/a".into(),
@@ -440,6 +481,7 @@ mod tests {
             upstream: None,
             response_edits: Vec::new(),
             directory: Directory::default(),
+            origin: Origin::default(),
         }
     }
 

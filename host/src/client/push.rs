@@ -121,6 +121,8 @@ pub async fn push_plugin(
                 quarantine: Default::default(),
                 signature: None,
                 kv: Default::default(),
+                root_id: None,
+                vm_config: None,
             },
             Compare::version(entry_key.clone(), CompareOp::Equal, 0),
         ),

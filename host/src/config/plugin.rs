@@ -51,6 +51,14 @@ pub struct PluginConfig {
     /// `<module>.sig` beside the module does as well.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signature: Option<crate::plugin::signature::ModuleSignature>,
+    /// `root_id: my_root`: for a proxy-wasm filter, what `plugin_root_id` answers (SDKs that
+    /// register several root contexts pick theirs by it); the plugin's name when left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_id: Option<String>,
+    /// `vm_config: '{"a": 1}'`: for a proxy-wasm filter, the VM configuration it reads in
+    /// `proxy_on_vm_start` (text, up to 64 KiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_config: Option<String>,
 }
 
 /// The host functions a plugin may import. Nothing but the request and response is granted
@@ -282,6 +290,8 @@ impl std::hash::Hash for PluginConfig {
         self.quarantine.hash(state);
         self.signature.hash(state);
         self.kv.hash(state);
+        self.root_id.hash(state);
+        self.vm_config.hash(state);
     }
 }
 
@@ -298,6 +308,13 @@ impl ConfigObject for PluginConfig {
 
     fn check(&self, checks: &mut Checks) {
         checks.check("/name", check_id(&self.name));
+        // Empty is a root id some SDKs register under (AssemblyScript's runtime does).
+        if let Some(root_id) = self.root_id.as_deref().filter(|id| !id.is_empty()) {
+            checks.check("/root_id", check_id(root_id));
+        }
+        if self.vm_config.as_ref().is_some_and(|c| c.len() > 64 << 10) {
+            checks.fail("/vm_config", "vm_config is over 64 KiB");
+        }
         match (&self.module, &self.sha256) {
             (Some(_), Some(_)) => checks.fail("", "set `module` or `sha256`, not both"),
             (None, None) => checks.fail("", "set `module` (a .wasm file) or `sha256`"),

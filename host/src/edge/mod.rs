@@ -26,6 +26,8 @@ pub struct Peer {
     pub addr: std::net::SocketAddr,
     /// Whether the connection is TLS.
     pub tls: bool,
+    /// The listener's side of the connection.
+    pub local: Option<std::net::SocketAddr>,
 }
 
 /// The admin listener's session cookies: browsers send a host's cookies to every port, so the
@@ -67,6 +69,8 @@ pub struct Arrival<'a> {
     pub raw_only: Option<PathError>,
     /// The client's address (behind trusted proxies, the one they vouch for).
     pub client_ip: IpAddr,
+    /// The connection it came on.
+    pub peer: Peer,
 }
 
 /// Phase 0: checks and normalises the request head in place. `peer` is the connection's
@@ -88,6 +92,7 @@ pub fn arrive<'a>(
     let normal = normalise(uri.path()).map_err(|e| GatewayError::BadRequest(e.to_string()))?;
     check_authority(uri, headers)?;
     let proto = if peer.tls { "https" } else { "http" };
+    let connection = peer;
     let peer = peer.addr.ip().to_canonical();
     let trusted = &settings.trusted_proxies;
     // Decided before `Connection` is read, so no header it names can change who the client is.
@@ -112,6 +117,7 @@ pub fn arrive<'a>(
         path: normal.path,
         raw_only: normal.raw_only,
         client_ip,
+        peer: connection,
     })
 }
 
@@ -277,6 +283,7 @@ mod tests {
         let peer = Peer {
             addr: "127.0.0.1:5000".parse().unwrap(),
             tls: false,
+            local: None,
         };
         let mut h = HeaderMap::new();
         h.append(header::HOST, "a".parse().unwrap());
@@ -303,6 +310,7 @@ mod tests {
             let peer = Peer {
                 addr: "192.0.2.1:5000".parse().unwrap(),
                 tls,
+                local: None,
             };
             let mut h = HeaderMap::new();
             // An untrusted peer's own claim is replaced.
@@ -315,6 +323,7 @@ mod tests {
         Peer {
             addr: addr.parse().unwrap(),
             tls: false,
+            local: None,
         }
     }
 

@@ -181,6 +181,48 @@ impl KvStore {
         outcome
     }
 
+    /// Stores `value` only if the key's value still has CAS value `expected` (see [`cas_of`]):
+    /// `Ok(false)` when it changed or went.
+    pub fn set_if(
+        &self,
+        namespace: &Arc<str>,
+        key: &str,
+        value: &[u8],
+        expected: u32,
+        owner: &Arc<Tenant>,
+    ) -> Result<bool, QuotaExceeded> {
+        let size = entry_size(key, value);
+        let mut outcome = Ok(false);
+        self.cache
+            .entry((namespace.clone(), key.to_owned()))
+            .and_compute_with(|existing| {
+                let Some(existing) = existing else {
+                    return Op::Nop;
+                };
+                if cas_of(&existing.value().bytes) != expected {
+                    return Op::Nop;
+                }
+                let old = existing.value().size;
+                match owner.charge_kv(0, size as i64 - old as i64) {
+                    Ok(()) => {
+                        outcome = Ok(true);
+                        Op::Put(Value {
+                            bytes: value.into(),
+                            ttl: existing.value().ttl,
+                            keep_expiry: true,
+                            owner: owner.clone(),
+                            size,
+                        })
+                    }
+                    Err(quota) => {
+                        outcome = Err(quota);
+                        Op::Nop
+                    }
+                }
+            });
+        outcome
+    }
+
     /// Removes `key`.
     pub fn delete(&self, namespace: &Arc<str>, key: &str) {
         self.cache.invalidate(&(namespace.clone(), key.to_owned()));
@@ -257,6 +299,12 @@ fn parse_counter(bytes: &[u8], key: &str) -> Result<i64, KvError> {
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .ok_or_else(|| KvError::NotAnInteger(key.into()))
+}
+
+/// The compare-and-swap value of a stored value (never 0, which means "no CAS"): a hash of
+/// the bytes, so that it changes whenever they do.
+pub fn cas_of(bytes: &[u8]) -> u32 {
+    (xxhash_rust::xxh3::xxh3_64(bytes) as u32).max(1)
 }
 
 #[cfg(test)]

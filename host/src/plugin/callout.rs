@@ -175,7 +175,30 @@ async fn destinations(grant: &HttpGrant, uri: &Uri) -> Result<Vec<SocketAddr>, S
     Ok(resolved)
 }
 
+/// A call checked against its grant when it was made, to be sent later (a proxy-wasm
+/// filter's `proxy_http_call`, sent once the filter's callback can run).
+pub struct Call {
+    grant: HttpGrant,
+    request: OutgoingRequest,
+}
+
+impl Call {
+    /// The call, if `grant` permits it; the error says why not.
+    pub fn new(grant: &HttpGrant, request: OutgoingRequest) -> Result<Self, String> {
+        permitted(grant, &request.method, &request.url)?;
+        Ok(Call {
+            grant: grant.clone(),
+            request,
+        })
+    }
+}
+
 impl Callouts {
+    /// Sends a call made earlier, as [`Callouts::send`] does.
+    pub async fn send_call(&self, call: Call) -> Result<IncomingResponse, String> {
+        self.send(&call.grant, call.request).await
+    }
+
     /// Sends a permitted call and reads the whole response; every failure is a message.
     pub async fn send(
         &self,

@@ -20,6 +20,29 @@ fn unversioned(import: &str) -> &str {
 
 fn offer(import: &str, grants: &Grants) -> Offer {
     let wasi = |grant| grants.wasi.contains(&grant);
+    if let Some(function) = import.strip_prefix("env.") {
+        return filter_offer(function, grants);
+    }
+    if let Some(function) = import
+        .strip_prefix("wasi_snapshot_preview1.")
+        .or_else(|| import.strip_prefix("wasi_unstable."))
+    {
+        return match function {
+            "clock_time_get" | "clock_res_get" => {
+                Offer::Granted("wasi: [clocks]", wasi(WasiGrant::Clocks))
+            }
+            "random_get" => Offer::Granted("wasi: [random]", wasi(WasiGrant::Random)),
+            name if name.starts_with("path_")
+                || name.starts_with("sock_")
+                || name.starts_with("fd_prestat")
+                || name == "fd_readdir" =>
+            {
+                Offer::Granted("wasi: [runtime]", wasi(WasiGrant::Runtime))
+            }
+            // Output, exit, an empty environment and arguments: plumbing, as for components.
+            _ => Offer::Inert,
+        };
+    }
     match unversioned(import) {
         "weir:plugin/http" | "weir:plugin/response-edits" | "weir:plugin/kv-scope" => Offer::Inert,
         // Linked for every plugin, so that one which can also work without consumers (key-auth
@@ -57,6 +80,51 @@ fn offer(import: &str, grants: &Grants) -> Offer {
         name if name.starts_with("wasi:filesystem/") || name.starts_with("wasi:sockets/") => {
             Offer::Granted("wasi: [runtime]", wasi(WasiGrant::Runtime))
         }
+        _ => Offer::Unknown,
+    }
+}
+
+/// What a proxy-wasm filter's `env` import needs: the same grants a component's would.
+fn filter_offer(function: &str, grants: &Grants) -> Offer {
+    match function {
+        "proxy_log" | "proxy_get_log_level" => Offer::Granted("log: true", grants.log),
+        "proxy_get_current_time_nanoseconds" => Offer::Granted("clock: true", grants.clock),
+        "proxy_get_shared_data"
+        | "proxy_set_shared_data"
+        | "proxy_register_shared_queue"
+        | "proxy_resolve_shared_queue"
+        | "proxy_enqueue_shared_queue"
+        | "proxy_dequeue_shared_queue" => Offer::Granted("kv: true", grants.kv),
+        "proxy_http_call" => Offer::Granted("http: {hosts: [..]}", grants.http.is_some()),
+        "proxy_define_metric" | "proxy_increment_metric" | "proxy_record_metric"
+        | "proxy_get_metric" => Offer::Granted("metrics: true", grants.metrics),
+        "proxy_set_tick_period_milliseconds"
+        | "proxy_get_buffer_bytes"
+        | "proxy_get_buffer_status"
+        | "proxy_set_buffer_bytes"
+        | "proxy_get_header_map_pairs"
+        | "proxy_get_header_map_size"
+        | "proxy_set_header_map_pairs"
+        | "proxy_get_header_map_value"
+        | "proxy_replace_header_map_value"
+        | "proxy_add_header_map_value"
+        | "proxy_remove_header_map_value"
+        | "proxy_get_property"
+        | "proxy_set_property"
+        | "proxy_continue_stream"
+        | "proxy_continue_request"
+        | "proxy_continue_response"
+        | "proxy_close_stream"
+        | "proxy_send_local_response"
+        | "proxy_set_effective_context"
+        | "proxy_done"
+        | "proxy_grpc_call"
+        | "proxy_grpc_stream"
+        | "proxy_grpc_send"
+        | "proxy_grpc_cancel"
+        | "proxy_grpc_close"
+        | "proxy_get_status"
+        | "proxy_call_foreign_function" => Offer::Inert,
         _ => Offer::Unknown,
     }
 }

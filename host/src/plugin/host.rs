@@ -234,7 +234,8 @@ impl EditBudget {
         }
     }
 
-    fn spend(&mut self, name: &str, value: &str) -> Result<()> {
+    /// Spends one edit of `name: value`, or fails the call past the budget.
+    pub(super) fn spend(&mut self, name: &str, value: &str) -> Result<()> {
         let size = name.len() + value.len();
         if self.edits == 0 || size > self.bytes {
             return Err(wasmtime::Error::new(LimitExceeded(format!(
@@ -266,6 +267,10 @@ pub struct InstanceState {
     /// at the instance's first WASI call: most plugins make none, and building one costs a
     /// random seed from the OS.
     wasi: Option<WasiCtx>,
+    /// The same WASI for a proxy-wasm filter, which imports preview 1; built as lazily.
+    wasi_p1: Option<wasmtime_wasi::p1::WasiP1Ctx>,
+    /// A proxy-wasm filter's contexts, calls and buffers; `None` for a component.
+    pub filter: Option<Box<super::proxy_wasm::FilterState>>,
     /// The memory cap.
     pub memory: MemoryCap,
     /// The CPU budget of the call in progress.
@@ -291,6 +296,8 @@ impl InstanceState {
             request_before: None,
             response_before: None,
             wasi: None,
+            wasi_p1: None,
+            filter: None,
             memory: MemoryCap::new(memory_limit, scope.tenant.clone()),
             clock: CallClock {
                 ticks_used: 0,
@@ -299,6 +306,95 @@ impl InstanceState {
             edits: EditBudget::full(),
             scope,
             _slot: slot,
+        }
+    }
+
+    /// The plugin's name.
+    pub fn plugin_name(&self) -> &str {
+        &self.scope.name
+    }
+
+    /// The plugin's tenant's name.
+    pub fn tenant_name(&self) -> &str {
+        self.scope.tenant.name()
+    }
+
+    /// The plugin's grants.
+    pub fn grants(&self) -> &Grants {
+        &self.scope.grants
+    }
+
+    /// The client for outbound calls.
+    pub fn callouts(&self) -> Callouts {
+        self.scope.callouts.clone()
+    }
+
+    /// The plugin's kv: the store, its namespace, its tenant, and Redis when it lives there.
+    pub fn kv_scope(&self) -> (&KvStore, &Arc<str>, &Arc<Tenant>) {
+        (&self.scope.kv, &self.scope.namespace, &self.scope.tenant)
+    }
+
+    /// The Redis store behind the kv, when the entry puts it there: an unreachable one is
+    /// the error that fails the call.
+    pub fn kv_redis(&self) -> Option<Result<Arc<RedisStore>>> {
+        self.redis()
+    }
+
+    /// Admits a metric name against the plugin's bound on distinct names.
+    pub fn admit_metric(&self, name: &str) -> Result<()> {
+        if name.is_empty() || name.len() > 64 {
+            return Err(wasmtime::Error::new(LimitExceeded(
+                "a metric name must be 1 to 64 bytes".into(),
+            )));
+        }
+        let mut names = self.scope.counter_names.lock().expect("counter names lock");
+        if !names.contains(name) {
+            if names.len() >= MAX_COUNTER_NAMES {
+                return Err(wasmtime::Error::new(LimitExceeded(format!(
+                    "a plugin may create at most {MAX_COUNTER_NAMES} metrics"
+                ))));
+            }
+            names.insert(name.to_owned());
+        }
+        Ok(())
+    }
+
+    /// The gateway's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.scope.metrics
+    }
+
+    /// WASI preview 1, for a filter: as sealed as a component's.
+    pub fn wasi_p1(&mut self) -> &mut wasmtime_wasi::p1::WasiP1Ctx {
+        let grants = &self.scope.grants;
+        self.wasi_p1
+            .get_or_insert_with(|| sealed_wasi_builder(grants).build_p1())
+    }
+
+    /// Writes a plugin's log line at `level`, cut to the longest line allowed.
+    pub fn log_line(&self, level: &str, mut message: String) {
+        if message.len() > MAX_LOG_LINE {
+            let mut cut = MAX_LOG_LINE;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+            message.push('…');
+        }
+        if let Some(capture) = &self.scope.log_capture {
+            capture
+                .lock()
+                .expect("log capture lock")
+                .push((level.to_owned(), message.clone()));
+        }
+        let plugin = &*self.scope.name;
+        let tenant = self.scope.tenant.name();
+        match level {
+            "trace" => tracing::trace!(target: "weir::plugin", plugin, tenant, "{message}"),
+            "debug" => tracing::debug!(target: "weir::plugin", plugin, tenant, "{message}"),
+            "info" => tracing::info!(target: "weir::plugin", plugin, tenant, "{message}"),
+            "warn" => tracing::warn!(target: "weir::plugin", plugin, tenant, "{message}"),
+            _ => tracing::error!(target: "weir::plugin", plugin, tenant, "{message}"),
         }
     }
 
@@ -375,6 +471,10 @@ impl WasiView for InstanceState {
 
 /// WASI with nothing reachable but what `grants` allow.
 fn sealed_wasi(grants: &Grants) -> WasiCtx {
+    sealed_wasi_builder(grants).build()
+}
+
+fn sealed_wasi_builder(grants: &Grants) -> wasmtime_wasi::WasiCtxBuilder {
     let mut wasi = WasiCtx::builder();
     // No preopened directory, and no network even when `runtime` links the interfaces.
     wasi.allow_tcp(false)
@@ -384,48 +484,19 @@ fn sealed_wasi(grants: &Grants) -> WasiCtx {
         // The gateway's stderr is its log; stdout may carry the access log.
         wasi.stdout(std::io::stderr()).stderr(std::io::stderr());
     }
-    wasi.build()
+    wasi
 }
 
 impl log::Host for InstanceState {
     fn write(&mut self, level: log::Level, message: String) -> Result<()> {
-        let mut message = message;
-        if message.len() > MAX_LOG_LINE {
-            let mut cut = MAX_LOG_LINE;
-            while !message.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            message.truncate(cut);
-            message.push('…');
-        }
-        if let Some(capture) = &self.scope.log_capture {
-            let name = match level {
-                log::Level::Trace => "trace",
-                log::Level::Debug => "debug",
-                log::Level::Info => "info",
-                log::Level::Warn => "warn",
-                log::Level::Error => "error",
-            };
-            capture
-                .lock()
-                .expect("log capture lock")
-                .push((name.to_owned(), message.clone()));
-        }
-        let plugin = &*self.scope.name;
-        let tenant = self.scope.tenant.name();
-        match level {
-            log::Level::Trace => {
-                tracing::trace!(target: "weir::plugin", plugin, tenant, "{message}")
-            }
-            log::Level::Debug => {
-                tracing::debug!(target: "weir::plugin", plugin, tenant, "{message}")
-            }
-            log::Level::Info => tracing::info!(target: "weir::plugin", plugin, tenant, "{message}"),
-            log::Level::Warn => tracing::warn!(target: "weir::plugin", plugin, tenant, "{message}"),
-            log::Level::Error => {
-                tracing::error!(target: "weir::plugin", plugin, tenant, "{message}")
-            }
-        }
+        let name = match level {
+            log::Level::Trace => "trace",
+            log::Level::Debug => "debug",
+            log::Level::Info => "info",
+            log::Level::Warn => "warn",
+            log::Level::Error => "error",
+        };
+        self.log_line(name, message);
         Ok(())
     }
 }
@@ -562,22 +633,7 @@ impl kv_scope::Host for InstanceState {
 
 impl metrics::Host for InstanceState {
     fn counter_add(&mut self, name: String, value: u64) -> Result<()> {
-        if name.is_empty() || name.len() > 64 {
-            return Err(wasmtime::Error::new(LimitExceeded(
-                "a metric name must be 1 to 64 bytes".into(),
-            )));
-        }
-        {
-            let mut names = self.scope.counter_names.lock().expect("counter names lock");
-            if !names.contains(&name) {
-                if names.len() >= MAX_COUNTER_NAMES {
-                    return Err(wasmtime::Error::new(LimitExceeded(format!(
-                        "a plugin may create at most {MAX_COUNTER_NAMES} counters"
-                    ))));
-                }
-                names.insert(name.clone());
-            }
-        }
+        self.admit_metric(&name)?;
         let labels = PluginEventLabels {
             plugin: self.scope.name.to_string(),
             name,

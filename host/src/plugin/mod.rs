@@ -7,6 +7,7 @@ pub mod grants;
 pub mod health;
 mod host;
 mod pool;
+pub mod proxy_wasm;
 pub mod signature;
 pub mod tenant;
 
@@ -17,6 +18,7 @@ use std::time::Duration;
 
 use crate::digest::sha256_hex;
 use wasmtime::component::{Component, HasSelf, InstancePre, Linker};
+use wasmtime::{InstancePre as CoreInstancePre, Linker as CoreLinker, Module as CoreModule};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 use self::bindings::exports::weir::plugin0_1_0::filter::GuestIndices as FilterIndices;
@@ -110,31 +112,67 @@ impl PluginError {
     }
 }
 
-/// A compiled component, ready to instantiate.
+/// A compiled plugin, ready to instantiate: a component, or a proxy-wasm filter.
 pub struct Module {
     /// The sha256 of its bytes, in hex.
     pub sha256: String,
-    /// The interfaces it imports, such as `weir:plugin/kv@0.1.0`.
+    /// What it imports: interfaces such as `weir:plugin/kv@0.1.0` for a component, functions
+    /// such as `env.proxy_log` for a filter.
     pub imports: Vec<String>,
-    /// The interfaces it exports, such as `weir:plugin/filter@0.1.0`.
+    /// What it exports: interfaces for a component, functions for a filter.
     pub exports: Vec<String>,
-    pre: InstancePre<InstanceState>,
-    /// Where `weir:plugin/filter@0.1.0`'s functions are, which every plugin exports.
-    filter: FilterIndices,
-    /// Where `describe` is, for a 0.2.0 plugin.
-    describe: Option<DescribeIndices>,
+    guest: GuestModule,
     /// What the plugin said of itself, once asked (by the first pool to use it).
     info: tokio::sync::OnceCell<Option<Arc<PluginInfo>>>,
 }
 
+/// The two kinds of plugin, compiled.
+enum GuestModule {
+    /// A component of the weir:plugin world.
+    Component {
+        pre: InstancePre<InstanceState>,
+        /// Where `weir:plugin/filter@0.1.0`'s functions are, which every plugin exports.
+        filter: FilterIndices,
+        /// Where `describe` is, for a 0.2.0 plugin.
+        describe: Option<DescribeIndices>,
+    },
+    /// A core module exporting a proxy-wasm ABI version.
+    Filter {
+        pre: CoreInstancePre<InstanceState>,
+        /// `0.2.1` or `0.2.0`.
+        abi: &'static str,
+    },
+}
+
 impl Module {
-    /// The world version the plugin was built against: `0.2.0` when it exports `describe`.
+    /// The world version a component was built against (`0.2.0` when it exports `describe`),
+    /// or the proxy-wasm ABI version a filter exports.
     pub fn world(&self) -> &'static str {
-        if self.describe.is_some() {
-            "0.2.0"
-        } else {
-            "0.1.0"
+        match &self.guest {
+            GuestModule::Component {
+                describe: Some(_), ..
+            } => "0.2.0",
+            GuestModule::Component { .. } => "0.1.0",
+            GuestModule::Filter { abi, .. } => abi,
         }
+    }
+
+    /// `component` or `proxy-wasm`, as the status page and `weir plugin check` say it.
+    pub fn kind(&self) -> &'static str {
+        match &self.guest {
+            GuestModule::Component { .. } => "component",
+            GuestModule::Filter { .. } => "proxy-wasm",
+        }
+    }
+
+    fn describes(&self) -> bool {
+        matches!(
+            self.guest,
+            GuestModule::Component {
+                describe: Some(_),
+                ..
+            }
+        )
     }
 
     /// What the plugin said of itself, if it has been asked (0.1.0 plugins say nothing).
@@ -296,6 +334,9 @@ fn engine_config() -> Config {
 pub struct PluginRuntime {
     engine: Engine,
     linker: Linker<InstanceState>,
+    /// proxy-wasm's `env` functions and WASI preview 1, for filters.
+    core_linker: CoreLinker<InstanceState>,
+    queues: proxy_wasm::queues::SharedQueues,
     /// Every module some pool still uses, by sha256: compiled once, dropped with its last user.
     modules: Mutex<HashMap<String, Weak<Module>>>,
     /// The last few modules loaded, kept a while longer so that a rollback does not recompile.
@@ -330,9 +371,14 @@ impl PluginRuntime {
             .map_err(|e| PluginError::Instantiate(e.to_string()))?;
         bindings::Plugin::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)
             .map_err(|e| PluginError::Instantiate(e.to_string()))?;
+        let mut core_linker = CoreLinker::new(&engine);
+        proxy_wasm::imports::add_to_linker(&mut core_linker)
+            .map_err(|e| PluginError::Instantiate(e.to_string()))?;
         Ok(PluginRuntime {
             engine,
             linker,
+            core_linker,
+            queues: Default::default(),
             modules: Mutex::new(HashMap::new()),
             recent: moka::sync::Cache::builder()
                 .max_capacity(RECENT_MODULES)
@@ -375,11 +421,31 @@ impl PluginRuntime {
         }
         let engine = self.engine.clone();
         let cached = self.cache_path(&sha256);
-        let (component, source) =
+        let (compiled, source) =
             tokio::task::spawn_blocking(move || compile_or_reuse(&engine, &bytes, cached))
                 .await
                 .map_err(|e| PluginError::Compile(e.to_string()))??;
         self.metrics.module_loads(source).inc();
+        let module = match compiled {
+            Compiled::Component(component) => self.component_module(sha256.clone(), component)?,
+            Compiled::Core(core) => self.filter_module(sha256.clone(), core)?,
+        };
+        let module = Arc::new(module);
+        let mut modules = self.modules.lock().expect("module registry lock");
+        modules.retain(|_, weak| weak.strong_count() > 0);
+        modules.insert(sha256.clone(), Arc::downgrade(&module));
+        drop(modules);
+        self.recent.insert(sha256, module.clone());
+        // moka evicts lazily; evict now so that an old module's memory goes with it.
+        self.recent.run_pending_tasks();
+        Ok(module)
+    }
+
+    fn component_module(
+        &self,
+        sha256: String,
+        component: Component,
+    ) -> Result<Module, PluginError> {
         let imports: Vec<String> = component
             .component_type()
             .imports(&self.engine)
@@ -416,23 +482,55 @@ impl PluginRuntime {
         } else {
             None
         };
-        let module = Arc::new(Module {
-            sha256: sha256.clone(),
+        Ok(Module {
+            sha256,
             imports,
             exports,
-            pre: instance_pre,
-            filter,
-            describe,
+            guest: GuestModule::Component {
+                pre: instance_pre,
+                filter,
+                describe,
+            },
             info: tokio::sync::OnceCell::new(),
-        });
-        let mut modules = self.modules.lock().expect("module registry lock");
-        modules.retain(|_, weak| weak.strong_count() > 0);
-        modules.insert(sha256.clone(), Arc::downgrade(&module));
-        drop(modules);
-        self.recent.insert(sha256, module.clone());
-        // moka evicts lazily; evict now so that an old module's memory goes with it.
-        self.recent.run_pending_tasks();
-        Ok(module)
+        })
+    }
+
+    /// A core module: a proxy-wasm filter if it exports an ABI version Weir speaks.
+    fn filter_module(&self, sha256: String, core: CoreModule) -> Result<Module, PluginError> {
+        let imports: Vec<String> = core
+            .imports()
+            .map(|import| format!("{}.{}", import.module(), import.name()))
+            .collect();
+        let exports: Vec<String> = core.exports().map(|e| e.name().to_owned()).collect();
+        let abi = proxy_wasm::ABI_MARKERS
+            .iter()
+            .find(|(marker, _)| exports.iter().any(|e| e == marker))
+            .map(|(_, version)| *version)
+            .ok_or_else(|| {
+                PluginError::Instantiate(
+                    "it is a core module that exports neither proxy_abi_version_0_2_1 nor \
+                     proxy_abi_version_0_2_0, so it is not a proxy-wasm filter"
+                        .into(),
+                )
+            })?;
+        let pre = self.core_linker.instantiate_pre(&core).map_err(|e| {
+            let unknown = grants::unknown(&imports);
+            if unknown.is_empty() {
+                PluginError::Instantiate(format!("{e:#}"))
+            } else {
+                PluginError::Instantiate(format!(
+                    "it imports {}, which the gateway does not provide",
+                    unknown.join(", ")
+                ))
+            }
+        })?;
+        Ok(Module {
+            sha256,
+            imports,
+            exports,
+            guest: GuestModule::Filter { pre, abi },
+            info: tokio::sync::OnceCell::new(),
+        })
     }
 
     /// How many compiled modules are alive (in use, or kept for a quick rollback).
@@ -522,8 +620,8 @@ impl PluginRuntime {
         entry: &PluginConfig,
         module: &Arc<Module>,
     ) -> Result<Option<Arc<PluginInfo>>, PluginError> {
-        // Asked before (or a 0.1.0 plugin): no scope, no instance.
-        if module.describe.is_none() {
+        // Asked before (or a 0.1.0 plugin, or a filter): no scope, no instance.
+        if !module.describes() {
             return Ok(None);
         }
         if let Some(info) = module.info.get() {
@@ -562,6 +660,17 @@ impl PluginRuntime {
         {
             return Ok(pool);
         }
+        let filter = matches!(module.guest, GuestModule::Filter { .. }).then(|| {
+            Arc::new(proxy_wasm::FilterShared {
+                root_id: entry.root_id.clone().unwrap_or_else(|| entry.name.clone()),
+                plugin_config: bytes::Bytes::from(key.config.clone()),
+                vm_config: bytes::Bytes::from(entry.vm_config.clone().unwrap_or_default()),
+                wake: Arc::new(tokio::sync::Notify::new()),
+                metrics: Mutex::new(Vec::new()),
+                queues: self.queues.clone(),
+                tick: Mutex::new(None),
+            })
+        });
         let pool = PluginPool::new(
             self.engine.clone(),
             module.clone(),
@@ -570,13 +679,28 @@ impl PluginRuntime {
             isolation,
             config,
             key.config.clone(),
+            filter,
         );
         let pool = Arc::new(pool.await?);
+        pool.start_control();
         let mut pools = self.pools.lock().expect("pool registry lock");
         pools.retain(|_, weak| weak.strong_count() > 0);
         pools.insert(key, Arc::downgrade(&pool));
         Ok(pool)
     }
+}
+
+/// A module compiled from a plugin's bytes.
+enum Compiled {
+    /// A component.
+    Component(Component),
+    /// A core module (a proxy-wasm filter, once its exports say so).
+    Core(CoreModule),
+}
+
+/// Whether `bytes` are a core module (version 1) rather than a component (its layer is 1).
+fn is_core_module(bytes: &[u8]) -> bool {
+    bytes.get(4..8) == Some(&[1, 0, 0, 0])
 }
 
 /// Loads a precompiled module from `cached` when it is there and safe to trust, or compiles
@@ -585,25 +709,33 @@ fn compile_or_reuse(
     engine: &Engine,
     bytes: &[u8],
     cached: Option<PathBuf>,
-) -> Result<(Component, &'static str), PluginError> {
+) -> Result<(Compiled, &'static str), PluginError> {
+    let core = is_core_module(bytes);
     if let Some(path) = &cached
         && path.exists()
     {
-        match load_precompiled(engine, path) {
-            Ok(component) => return Ok((component, "disk")),
+        match load_precompiled(engine, path, core) {
+            Ok(compiled) => return Ok((compiled, "disk")),
             Err(error) => {
                 tracing::warn!(path = %path.display(), %error, "cached module not used; compiling again");
             }
         }
     }
-    let component =
-        Component::new(engine, bytes).map_err(|e| PluginError::Compile(format!("{e:#}")))?;
+    let compiled = if core {
+        Compiled::Core(
+            CoreModule::new(engine, bytes).map_err(|e| PluginError::Compile(format!("{e:#}")))?,
+        )
+    } else {
+        Compiled::Component(
+            Component::new(engine, bytes).map_err(|e| PluginError::Compile(format!("{e:#}")))?,
+        )
+    };
     if let Some(path) = &cached
-        && let Err(error) = store_precompiled(&component, path)
+        && let Err(error) = store_precompiled(&compiled, path)
     {
         tracing::warn!(path = %path.display(), %error, "could not keep the compiled module on disk");
     }
-    Ok((component, "compiled"))
+    Ok((compiled, "compiled"))
 }
 
 /// Reads a cached artifact only if it is a regular file (not a link) of this process's user
@@ -611,17 +743,26 @@ fn compile_or_reuse(
 /// folder the operator gave is created if missing but its mode is never changed): anyone who
 /// can write it can run code in the gateway.
 #[allow(unsafe_code)]
-fn load_precompiled(engine: &Engine, path: &Path) -> Result<Component, CacheRefusal> {
+fn load_precompiled(engine: &Engine, path: &Path, core: bool) -> Result<Compiled, CacheRefusal> {
     let bytes = private_file::read(path, Closed::ToWriters, u64::MAX)?;
     // SAFETY: the file belongs to this user, nobody else may write it or its folder, and only
     // this process writes there, always through a rename of a complete file; its folder name
     // pins the engine configuration, and wasmtime still checks the artifact's header and
-    // compatibility before using it.
-    unsafe { Component::deserialize(engine, &bytes) }.map_err(|e| format!("{e:#}").into())
+    // compatibility (a component's artifact does not load as a core module's) before using it.
+    let compiled = if core {
+        unsafe { CoreModule::deserialize(engine, &bytes) }.map(Compiled::Core)
+    } else {
+        unsafe { Component::deserialize(engine, &bytes) }.map(Compiled::Component)
+    };
+    compiled.map_err(|e| format!("{e:#}").into())
 }
 
-fn store_precompiled(component: &Component, path: &Path) -> std::io::Result<()> {
-    let bytes = component.serialize().map_err(std::io::Error::other)?;
+fn store_precompiled(compiled: &Compiled, path: &Path) -> std::io::Result<()> {
+    let bytes = match compiled {
+        Compiled::Component(component) => component.serialize(),
+        Compiled::Core(core) => core.serialize(),
+    }
+    .map_err(std::io::Error::other)?;
     private_file::write(path, &bytes)
 }
 

@@ -13,8 +13,9 @@ use super::host::{
     InstanceSlot, InstanceState, LimitExceeded, MAX_HEADER_BYTES, MAX_HEADER_EDITS, MemoryHit,
     PluginScope, REQUEST_REP, RESPONSE_REP,
 };
+use super::proxy_wasm::{self, FilterExports, FilterFault, FilterShared, FilterState};
 use super::tenant::QuotaExceeded;
-use super::{Action, EPOCH_TICK, Module, PluginError, PluginInfo, Summary};
+use super::{Action, EPOCH_TICK, GuestModule, Module, PluginError, PluginInfo, Summary};
 use crate::config::{Isolation, Limits};
 use crate::kv::KvUnavailable;
 use crate::view::{RequestBefore, RequestView, ResponseView};
@@ -22,11 +23,31 @@ use crate::view::{RequestBefore, RequestView, ResponseView};
 /// Idle instances kept per pool; instances beyond this are dropped after use.
 const MAX_IDLE: usize = 64;
 
+/// What a proxy-wasm filter is called for: every phase but the whole bodies, which it is not
+/// offered yet.
+const FILTER_WANTS: Wants = Wants {
+    on_request: true,
+    on_response: true,
+    on_log: true,
+    request_body: false,
+    response_body: false,
+};
+
 /// One live instance and its store.
 struct PluginInstance {
     store: Store<InstanceState>,
-    instance: wasmtime::component::Instance,
-    filter: Filter,
+    guest: Guest,
+}
+
+/// What an instance's calls go through, by kind.
+enum Guest {
+    /// A component's instance and its filter interface.
+    Component {
+        instance: wasmtime::component::Instance,
+        filter: Filter,
+    },
+    /// A proxy-wasm filter's exports (boxed: they are twice a component's handles).
+    Filter(Box<FilterExports>),
 }
 
 /// The instance of a plugin that one request's phases share under `isolation: per-request`:
@@ -60,6 +81,10 @@ pub struct PluginPool {
     config: String,
     wants: Wants,
     idle: ArrayQueue<PluginInstance>,
+    /// A proxy-wasm filter's shared state; `None` for a component.
+    filter: Option<Arc<FilterShared>>,
+    /// Stops the control instance's task when the pool goes.
+    control: std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
 }
 
 impl std::fmt::Debug for PluginPool {
@@ -81,6 +106,8 @@ fn ticks(budget: Duration) -> u64 {
 impl PluginPool {
     /// Creates the pool and its first instance; the plugin's schema (for a 0.2.0 plugin) and
     /// then its `init` validate `config` here. `config` is `json` as text, as `init` takes it.
+    /// A filter's pool gets `filter`, what its instances share.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn new(
         engine: Engine,
         module: Arc<Module>,
@@ -89,8 +116,10 @@ impl PluginPool {
         isolation: Isolation,
         json: &serde_json::Value,
         config: String,
+        filter: Option<Arc<FilterShared>>,
     ) -> Result<Self, PluginError> {
         let mut pool = Self::unstarted(engine, module, scope, limits, isolation, config);
+        pool.filter = filter;
         let mut instance = pool.instantiate_bare().await?;
         if let Some(info) = pool.described(&mut instance).await? {
             info.validate(json).map_err(PluginError::Config)?;
@@ -126,6 +155,8 @@ impl PluginPool {
                 response_body: false,
             },
             idle: ArrayQueue::new(MAX_IDLE),
+            filter: None,
+            control: std::sync::Mutex::new(None),
         }
     }
 
@@ -155,15 +186,26 @@ impl PluginPool {
         &self,
         instance: &mut PluginInstance,
     ) -> Result<Option<Arc<PluginInfo>>, PluginError> {
-        let Some(indices) = &self.module.describe else {
+        let (
+            GuestModule::Component {
+                describe: Some(indices),
+                ..
+            },
+            Guest::Component {
+                instance: component,
+                ..
+            },
+        ) = (&self.module.guest, &instance.guest)
+        else {
             return Ok(None);
         };
+        let component = *component;
         let info = self
             .module
             .info
             .get_or_try_init(|| async {
                 let describe = indices
-                    .load(&mut instance.store, &instance.instance)
+                    .load(&mut instance.store, &component)
                     .map_err(|e| PluginError::Instantiate(format!("{e:#}")))?;
                 self.arm(instance);
                 let raw = describe
@@ -198,6 +240,12 @@ impl PluginPool {
         self.isolation
     }
 
+    /// Whether a request keeps one instance for all of its phases: under per-request
+    /// isolation, and for a proxy-wasm filter, whose HTTP context lives in one instance.
+    pub fn binds_instances(&self) -> bool {
+        self.isolation == Isolation::PerRequest || self.filter.is_some()
+    }
+
     /// The plugin's limits.
     pub fn limits(&self) -> Limits {
         self.limits
@@ -222,10 +270,20 @@ impl PluginPool {
     /// Calls `init` with the pool's config: what the plugin wants, or why it refused.
     async fn init(&self, instance: &mut PluginInstance) -> Result<Wants, PluginError> {
         self.arm(instance);
-        let init = instance
-            .filter
-            .call_init(&mut instance.store, &self.config)
-            .await;
+        let filter = match &instance.guest {
+            Guest::Component { filter, .. } => filter,
+            Guest::Filter(exports) => {
+                let exports = FilterExports::clone(exports);
+                return match proxy_wasm::start(&mut instance.store, &exports).await {
+                    Ok(()) => Ok(FILTER_WANTS),
+                    Err(e) => match e.downcast::<FilterFault>() {
+                        Ok(fault) => Err(PluginError::Config(fault.to_string())),
+                        Err(e) => Err(self.classify(e, &instance.store, PluginError::Trap)),
+                    },
+                };
+            }
+        };
+        let init = filter.call_init(&mut instance.store, &self.config).await;
         match init {
             Ok(Ok(wants)) => Ok(wants),
             Ok(Err(reason)) => Err(PluginError::Config(reason)),
@@ -238,7 +296,11 @@ impl PluginPool {
         let slot = InstanceSlot::take(self.scope.tenant())
             .map_err(|e| PluginError::Quota(e.to_string()))?;
         let memory_limit = usize::try_from(self.limits.memory_mb).unwrap_or(usize::MAX) << 20;
-        let state = InstanceState::new(self.scope.clone(), memory_limit, self.budget_ticks(), slot);
+        let mut state =
+            InstanceState::new(self.scope.clone(), memory_limit, self.budget_ticks(), slot);
+        if let Some(shared) = &self.filter {
+            state.filter = Some(Box::new(FilterState::new(shared.clone())));
+        }
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.memory);
         // At every tick a running plugin yields to the executor, so that a long call cannot
@@ -254,20 +316,28 @@ impl PluginPool {
         });
         store.data_mut().begin_call();
         store.set_epoch_deadline(1);
-        let instance = match self.module.pre.instantiate_async(&mut store).await {
-            Ok(instance) => instance,
-            Err(e) => return Err(self.classify(e, &store, PluginError::Instantiate)),
+        let guest = match &self.module.guest {
+            GuestModule::Component { pre, filter, .. } => {
+                let instance = match pre.instantiate_async(&mut store).await {
+                    Ok(instance) => instance,
+                    Err(e) => return Err(self.classify(e, &store, PluginError::Instantiate)),
+                };
+                let filter = filter
+                    .load(&mut store, &instance)
+                    .map_err(|e| PluginError::Instantiate(format!("{e:#}")))?;
+                Guest::Component { instance, filter }
+            }
+            GuestModule::Filter { pre, .. } => {
+                let instance = match pre.instantiate_async(&mut store).await {
+                    Ok(instance) => instance,
+                    Err(e) => return Err(self.classify(e, &store, PluginError::Instantiate)),
+                };
+                Guest::Filter(Box::new(
+                    FilterExports::find(&mut store, &instance).map_err(PluginError::Instantiate)?,
+                ))
+            }
         };
-        let filter = self
-            .module
-            .filter
-            .load(&mut store, &instance)
-            .map_err(|e| PluginError::Instantiate(format!("{e:#}")))?;
-        Ok(PluginInstance {
-            store,
-            instance,
-            filter,
-        })
+        Ok(PluginInstance { store, guest })
     }
 
     /// An instance for one call, unless the plugin is quarantined: the request's own under
@@ -277,9 +347,14 @@ impl PluginPool {
         if let Admission::Quarantined(left) = self.scope.health().admit(Instant::now()) {
             return Err(PluginError::Quarantined(left));
         }
+        let kept = if self.binds_instances() {
+            bound.and_then(|bound| bound.0.take())
+        } else {
+            None
+        };
         let reused = match self.isolation {
-            Isolation::PerRequest => bound.and_then(|bound| bound.0.take()),
-            Isolation::Pooled => self.idle.pop(),
+            Isolation::PerRequest => kept,
+            Isolation::Pooled => kept.or_else(|| self.idle.pop()),
         };
         let instance = match reused {
             Some(instance) => Ok(instance),
@@ -293,6 +368,18 @@ impl PluginPool {
     /// Keeps a healthy instance after a call: with the request while a later phase of this
     /// plugin may run, or warm in the pool.
     fn checkin(&self, instance: PluginInstance, bound: Option<&mut Bound>, phase: Phase) {
+        if self.filter.is_some() {
+            // A filter's HTTP context lives until the log phase ends it.
+            match (phase, bound) {
+                (Phase::Log, _) | (_, None) => {
+                    if self.isolation == Isolation::Pooled {
+                        let _ = self.idle.push(instance);
+                    }
+                }
+                (_, Some(bound)) => bound.0 = Some(instance),
+            }
+            return;
+        }
         match self.isolation {
             Isolation::PerRequest => {
                 let later = match phase {
@@ -328,6 +415,9 @@ impl PluginPool {
         }
         if let Some(limit) = error.downcast_ref::<LimitExceeded>() {
             return PluginError::Limit(limit.0.clone());
+        }
+        if let Some(fault) = error.downcast_ref::<FilterFault>() {
+            return PluginError::Limit(fault.to_string());
         }
         if let Some(unavailable) = error.downcast_ref::<KvUnavailable>() {
             return PluginError::KvUnavailable(unavailable.to_string());
@@ -392,10 +482,19 @@ impl PluginPool {
         request.body_limit = self.limits.max_body_bytes;
         instance.store.data_mut().request = Some(request);
         self.arm(&mut instance);
-        let outcome = instance
-            .filter
-            .call_on_request(&mut instance.store, Resource::new_borrow(REQUEST_REP))
-            .await;
+        let outcome = match &instance.guest {
+            Guest::Component { filter, .. } => {
+                filter
+                    .call_on_request(&mut instance.store, Resource::new_borrow(REQUEST_REP))
+                    .await
+            }
+            Guest::Filter(exports) => {
+                let exports = FilterExports::clone(exports);
+                proxy_wasm::request_headers(&mut instance.store, &exports)
+                    .await
+                    .map(|reply| reply.map_or(Action::Continue, Action::Respond))
+            }
+        };
         let state = instance.store.data_mut();
         let (mut request, before) = (take(&mut state.request), state.request_before.take());
         let outcome = self
@@ -449,14 +548,29 @@ impl PluginPool {
         state.request = Some(request);
         state.response = Some(response);
         self.arm(&mut instance);
-        let outcome = instance
-            .filter
-            .call_on_response(
-                &mut instance.store,
-                Resource::new_borrow(REQUEST_REP),
-                Resource::new_borrow(RESPONSE_REP),
-            )
-            .await;
+        let outcome = match &instance.guest {
+            Guest::Component { filter, .. } => {
+                filter
+                    .call_on_response(
+                        &mut instance.store,
+                        Resource::new_borrow(REQUEST_REP),
+                        Resource::new_borrow(RESPONSE_REP),
+                    )
+                    .await
+            }
+            Guest::Filter(exports) => {
+                let exports = FilterExports::clone(exports);
+                match proxy_wasm::response_headers(&mut instance.store, &exports).await {
+                    Ok(None) => Ok(()),
+                    Ok(Some(_)) => Err(wasmtime::Error::new(LimitExceeded(
+                        "a local response once the response has begun, which Weir does not \
+                         offer yet"
+                            .into(),
+                    ))),
+                    Err(e) => Err(e),
+                }
+            }
+        };
         let state = instance.store.data_mut();
         let (mut request, mut response) = (take(&mut state.request), take(&mut state.response));
         let before = (state.request_before.take(), state.response_before.take());
@@ -483,14 +597,21 @@ impl PluginPool {
         };
         instance.store.data_mut().request = Some(request);
         self.arm(&mut instance);
-        let outcome = instance
-            .filter
-            .call_on_log(
-                &mut instance.store,
-                Resource::new_borrow(REQUEST_REP),
-                summary,
-            )
-            .await;
+        let outcome = match &instance.guest {
+            Guest::Component { filter, .. } => {
+                filter
+                    .call_on_log(
+                        &mut instance.store,
+                        Resource::new_borrow(REQUEST_REP),
+                        summary,
+                    )
+                    .await
+            }
+            Guest::Filter(exports) => {
+                let exports = FilterExports::clone(exports);
+                proxy_wasm::log(&mut instance.store, &exports, summary.status).await
+            }
+        };
         let state = instance.store.data_mut();
         let (mut request, before) = (take(&mut state.request), state.request_before.take());
         let outcome = self.settle(instance, outcome, bound, Phase::Log);
@@ -498,6 +619,73 @@ impl PluginPool {
             undo(&mut request, before);
         }
         (request, outcome)
+    }
+}
+
+impl PluginPool {
+    /// For a proxy-wasm filter, starts the task that runs its control instance: the root
+    /// context's ticks and queue callbacks, each under the CPU deadline. It ends with the pool.
+    pub fn start_control(self: &Arc<Self>) {
+        let Some(shared) = self.filter.clone() else {
+            return;
+        };
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        *self.control.lock().expect("control lock") = Some(stop);
+        let pool = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut control: Option<PluginInstance> = None;
+            let mut next_tick: Option<tokio::time::Instant> = None;
+            loop {
+                let period = *shared.tick.lock().expect("tick lock");
+                next_tick = match (period, next_tick) {
+                    (None, _) => None,
+                    (Some(period), None) => Some(tokio::time::Instant::now() + period),
+                    (Some(_), Some(at)) => Some(at),
+                };
+                let ticked = tokio::select! {
+                    _ = &mut stopped => return,
+                    () = shared.wake.notified() => false,
+                    () = sleep_until(next_tick) => true,
+                };
+                let Some(pool) = pool.upgrade() else { return };
+                if control.is_none() {
+                    control = pool.checkout(None).await.ok();
+                }
+                let Some(mut instance) = control.take() else {
+                    continue;
+                };
+                let Guest::Filter(exports) = &instance.guest else {
+                    return;
+                };
+                let exports = FilterExports::clone(exports);
+                pool.arm(&mut instance);
+                let outcome = if ticked {
+                    next_tick = period.map(|p| tokio::time::Instant::now() + p);
+                    proxy_wasm::tick(&mut instance.store, &exports).await
+                } else {
+                    let ready = shared.queues.ready_for(&shared.wake);
+                    proxy_wasm::queues_ready(&mut instance.store, &exports, &ready).await
+                };
+                match outcome {
+                    Ok(()) => control = Some(instance),
+                    // A failed instance is dropped; the next event makes a new one, unless
+                    // the plugin is quarantined by then.
+                    Err(e) => {
+                        let failure = pool.classify(e, &instance.store, PluginError::Trap);
+                        tracing::warn!(plugin = pool.name(), error = %failure, "filter's tick or queue callback failed");
+                        pool.record(failure);
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Waits until `at`, or forever when there is no tick.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -1,0 +1,509 @@
+//! proxy-wasm filters: core Wasm modules written for Envoy's ABI (0.2.0 and 0.2.1), run as a
+//! second kind of plugin under the same sandbox as components.
+//!
+//! A filter instance has one root context, started when the instance is made (`_initialize`,
+//! `proxy_on_vm_start`, `proxy_on_configure`). A request gets an HTTP context in the instance
+//! it is bound to for its whole life, so that the context's state carries from its headers to
+//! its log. A filter that pauses waits here, off the guest, for the http call it made; each
+//! callback runs under its own CPU deadline. Ticks and queue callbacks run on one instance per
+//! pool, its control instance, in a task of their own.
+
+pub mod abi;
+pub mod imports;
+pub mod properties;
+pub mod queues;
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use wasmtime::{Instance, Memory, Store, TypedFunc};
+
+use self::abi::{ACTION_CONTINUE, MetricType, StreamType};
+use self::queues::SharedQueues;
+use super::Reply;
+use super::host::InstanceState;
+
+/// The exports that mark a module as a proxy-wasm filter, newest first.
+pub const ABI_MARKERS: [(&str, &str); 2] = [
+    ("proxy_abi_version_0_2_1", "0.2.1"),
+    ("proxy_abi_version_0_2_0", "0.2.0"),
+];
+
+/// The root context's id; HTTP contexts count up from the next.
+const ROOT_CONTEXT: u32 = 1;
+/// The most http calls one context may have out at once.
+pub const MAX_PENDING_CALLS: usize = 8;
+/// The shortest tick period a filter may ask for.
+pub const MIN_TICK: Duration = Duration::from_millis(10);
+/// The most metrics one filter may define (as many as the counters a component may create).
+pub const MAX_METRICS: usize = 64;
+
+/// Why a filter call failed in a way the ABI has no status for.
+#[derive(Debug, thiserror::Error)]
+pub enum FilterFault {
+    /// The filter paused a request, but made no call that could resume it.
+    #[error("the filter paused the {0} with nothing out that could resume it")]
+    Stuck(&'static str),
+    /// The filter refused its configuration.
+    #[error("the filter's proxy_on_{0} returned false")]
+    Refused(&'static str),
+}
+
+/// `proxy_on_http_call_response(context, token, headers, body size, trailers)`.
+type CallResponseFunc = TypedFunc<(u32, u32, u32, u32, u32), ()>;
+
+/// The functions a filter exports that the gateway calls; the ones it does not export are
+/// simply not called, as the ABI says.
+#[derive(Clone)]
+pub struct FilterExports {
+    initialize: Option<TypedFunc<(), ()>>,
+    context_create: TypedFunc<(u32, u32), ()>,
+    vm_start: Option<TypedFunc<(u32, u32), u32>>,
+    configure: Option<TypedFunc<(u32, u32), u32>>,
+    tick: Option<TypedFunc<u32, ()>>,
+    request_headers: Option<TypedFunc<(u32, u32, u32), u32>>,
+    response_headers: Option<TypedFunc<(u32, u32, u32), u32>>,
+    log: Option<TypedFunc<u32, ()>>,
+    done: Option<TypedFunc<u32, u32>>,
+    delete: Option<TypedFunc<u32, ()>>,
+    call_response: Option<CallResponseFunc>,
+    queue_ready: Option<TypedFunc<(u32, u32), ()>>,
+}
+
+impl FilterExports {
+    /// Finds the exports of a new instance, and keeps its memory and allocator in `store`.
+    pub fn find(store: &mut Store<InstanceState>, instance: &Instance) -> Result<Self, String> {
+        let memory = instance
+            .get_memory(&mut *store, "memory")
+            .ok_or("it exports no memory")?;
+        let allocate = ["proxy_on_memory_allocate", "malloc"]
+            .iter()
+            .find_map(|name| instance.get_typed_func::<u32, u32>(&mut *store, name).ok())
+            .ok_or("it exports neither proxy_on_memory_allocate nor malloc")?;
+        let state = store
+            .data_mut()
+            .filter
+            .as_mut()
+            .expect("a filter instance has filter state");
+        state.memory = Some(memory);
+        state.allocate = Some(allocate);
+        macro_rules! optional {
+            ($name:literal) => {
+                match instance.get_func(&mut *store, $name) {
+                    None => None,
+                    Some(func) => Some(
+                        func.typed(&*store)
+                            .map_err(|e| format!("its {} has the wrong type: {e}", $name))?,
+                    ),
+                }
+            };
+        }
+        let initialize = match optional!("_initialize") {
+            Some(f) => Some(f),
+            None => optional!("_start"),
+        };
+        Ok(FilterExports {
+            initialize,
+            context_create: optional!("proxy_on_context_create")
+                .ok_or("it exports no proxy_on_context_create")?,
+            vm_start: optional!("proxy_on_vm_start"),
+            configure: optional!("proxy_on_configure"),
+            tick: optional!("proxy_on_tick"),
+            request_headers: optional!("proxy_on_request_headers"),
+            response_headers: optional!("proxy_on_response_headers"),
+            log: optional!("proxy_on_log"),
+            done: optional!("proxy_on_done"),
+            delete: optional!("proxy_on_delete"),
+            call_response: optional!("proxy_on_http_call_response"),
+            queue_ready: optional!("proxy_on_queue_ready"),
+        })
+    }
+}
+
+/// What every instance of one filter pool shares: its configuration, its metrics and the
+/// signal that wakes its control instance.
+pub struct FilterShared {
+    /// What `plugin_root_id` answers: the entry's `root_id`, or the plugin's name.
+    pub root_id: String,
+    /// The route's `config`, as JSON text: the plugin configuration.
+    pub plugin_config: Bytes,
+    /// The entry's `vm_config`: the VM configuration.
+    pub vm_config: Bytes,
+    /// Wakes the control instance: a tick period changed, or a queue it registered has items.
+    pub wake: Arc<tokio::sync::Notify>,
+    /// The metrics the filter defined, by id (id `n` is entry `n - 1`).
+    pub metrics: Mutex<Vec<(MetricType, String)>>,
+    /// The gateway's shared queues.
+    pub queues: SharedQueues,
+    /// The tick period the control instance's root context asked for.
+    pub tick: Mutex<Option<Duration>>,
+}
+
+/// An http call the filter made, waiting to be sent once its callback can run.
+pub struct PendingCall {
+    /// The token the filter was given.
+    pub token: u32,
+    /// The checked request.
+    pub request: super::callout::Call,
+    /// How long the filter lets it take.
+    pub timeout: Duration,
+}
+
+/// What an http call brought back, readable during its callback.
+#[derive(Default)]
+pub struct CallResponse {
+    /// `:status` and the headers; empty when the call failed.
+    pub headers: Vec<(String, String)>,
+    /// The body.
+    pub body: Bytes,
+}
+
+/// A filter instance's state between and during calls.
+pub struct FilterState {
+    /// What the pool's instances share.
+    pub shared: Arc<FilterShared>,
+    /// The guest's memory.
+    pub memory: Option<Memory>,
+    /// The guest's allocator, for the values host functions return.
+    pub allocate: Option<TypedFunc<u32, u32>>,
+    /// The request's HTTP context, while the instance serves one.
+    pub http_context: Option<u32>,
+    next_context: u32,
+    /// The context host calls act on (`proxy_set_effective_context`).
+    pub effective: u32,
+    /// A local response the filter sent during the call in progress.
+    pub local_reply: Option<Reply>,
+    /// `proxy_continue_stream` was called for the request or the response.
+    pub resumed: [bool; 2],
+    /// `proxy_close_stream` was called.
+    pub closed: bool,
+    /// Calls made and not yet answered.
+    pub calls: VecDeque<PendingCall>,
+    next_token: u32,
+    /// The answer of the call whose callback runs now.
+    pub call_response: Option<CallResponse>,
+    /// The response status, once the response phase has seen it.
+    pub response_code: Option<u16>,
+}
+
+impl FilterState {
+    /// The state of a new instance of a pool that shares `shared`.
+    pub fn new(shared: Arc<FilterShared>) -> Self {
+        FilterState {
+            shared,
+            memory: None,
+            allocate: None,
+            http_context: None,
+            next_context: ROOT_CONTEXT + 1,
+            effective: ROOT_CONTEXT,
+            local_reply: None,
+            resumed: [false; 2],
+            closed: false,
+            calls: VecDeque::new(),
+            next_token: 1,
+            call_response: None,
+            response_code: None,
+        }
+    }
+
+    /// The token for the next http call.
+    pub fn take_token(&mut self) -> u32 {
+        let token = self.next_token;
+        self.next_token = self.next_token.wrapping_add(1).max(1);
+        token
+    }
+
+    fn stream_index(stream: StreamType) -> usize {
+        match stream {
+            StreamType::Request => 0,
+            StreamType::Response => 1,
+        }
+    }
+
+    /// Marks `stream` as continued by the filter.
+    pub fn resume(&mut self, stream: StreamType) {
+        self.resumed[Self::stream_index(stream)] = true;
+    }
+}
+
+fn state(store: &mut Store<InstanceState>) -> &mut FilterState {
+    store
+        .data_mut()
+        .filter
+        .as_mut()
+        .expect("a filter instance has filter state")
+}
+
+/// Resets the CPU budget for the next callback of the same phase: each callback gets the
+/// whole deadline, as each component call does.
+fn rearm(store: &mut Store<InstanceState>) {
+    store.data_mut().clock.ticks_used = 0;
+    store.set_epoch_deadline(1);
+}
+
+/// Starts a new instance: `_initialize`, the root context, `proxy_on_vm_start` and
+/// `proxy_on_configure`.
+pub async fn start(
+    store: &mut Store<InstanceState>,
+    exports: &FilterExports,
+) -> wasmtime::Result<()> {
+    if let Some(initialize) = &exports.initialize {
+        initialize.call_async(&mut *store, ()).await?;
+    }
+    rearm(store);
+    exports
+        .context_create
+        .call_async(&mut *store, (ROOT_CONTEXT, 0))
+        .await?;
+    let shared = state(store).shared.clone();
+    if let Some(vm_start) = &exports.vm_start {
+        rearm(store);
+        let size = shared.vm_config.len() as u32;
+        if vm_start.call_async(&mut *store, (ROOT_CONTEXT, size)).await? == 0 {
+            return Err(FilterFault::Refused("vm_start").into());
+        }
+    }
+    if let Some(configure) = &exports.configure {
+        rearm(store);
+        let size = shared.plugin_config.len() as u32;
+        if configure.call_async(&mut *store, (ROOT_CONTEXT, size)).await? == 0 {
+            return Err(FilterFault::Refused("configure").into());
+        }
+    }
+    Ok(())
+}
+
+/// Runs `proxy_on_request_headers` in a new HTTP context, and waits out a pause: the filter's
+/// local response, if it sent one.
+pub async fn request_headers(
+    store: &mut Store<InstanceState>,
+    exports: &FilterExports,
+) -> wasmtime::Result<Option<Reply>> {
+    let context = {
+        let filter = state(store);
+        let context = filter.next_context;
+        filter.next_context = filter.next_context.wrapping_add(1).max(ROOT_CONTEXT + 1);
+        filter.http_context = Some(context);
+        filter.effective = context;
+        filter.resumed = [false; 2];
+        filter.closed = false;
+        filter.response_code = None;
+        context
+    };
+    exports
+        .context_create
+        .call_async(&mut *store, (context, ROOT_CONTEXT))
+        .await?;
+    let Some(callback) = &exports.request_headers else {
+        return Ok(None);
+    };
+    let (count, end_of_stream) = {
+        let request = store
+            .data()
+            .request
+            .as_deref()
+            .expect("the request is lent for on-request");
+        (request.headers.len() as u32 + 4, !has_body(&request.headers))
+    };
+    rearm(store);
+    let action = callback
+        .call_async(&mut *store, (context, count, end_of_stream as u32))
+        .await?;
+    settle(store, exports, context, action, StreamType::Request).await
+}
+
+/// Runs `proxy_on_response_headers` in the request's HTTP context, and waits out a pause.
+pub async fn response_headers(
+    store: &mut Store<InstanceState>,
+    exports: &FilterExports,
+) -> wasmtime::Result<Option<Reply>> {
+    let Some(context) = state(store).http_context else {
+        return Ok(None);
+    };
+    let (count, status) = {
+        let response = store
+            .data()
+            .response
+            .as_deref()
+            .expect("the response is lent for on-response");
+        (response.headers.len() as u32 + 1, response.status.as_u16())
+    };
+    state(store).response_code = Some(status);
+    state(store).effective = context;
+    let Some(callback) = &exports.response_headers else {
+        return Ok(None);
+    };
+    rearm(store);
+    let action = callback
+        .call_async(&mut *store, (context, count, 0))
+        .await?;
+    settle(store, exports, context, action, StreamType::Response).await
+}
+
+/// Runs `proxy_on_log`, then ends the HTTP context (`proxy_on_done`, `proxy_on_delete`), so
+/// that the instance can serve another request.
+pub async fn log(
+    store: &mut Store<InstanceState>,
+    exports: &FilterExports,
+    status: u16,
+) -> wasmtime::Result<()> {
+    let Some(context) = state(store).http_context else {
+        return Ok(());
+    };
+    let filter = state(store);
+    filter.effective = context;
+    filter.response_code.get_or_insert(status);
+    if let Some(log) = &exports.log {
+        rearm(store);
+        log.call_async(&mut *store, context).await?;
+    }
+    if let Some(done) = &exports.done {
+        rearm(store);
+        done.call_async(&mut *store, context).await?;
+    }
+    if let Some(delete) = &exports.delete {
+        rearm(store);
+        delete.call_async(&mut *store, context).await?;
+    }
+    let filter = state(store);
+    filter.http_context = None;
+    filter.effective = ROOT_CONTEXT;
+    filter.calls.clear();
+    Ok(())
+}
+
+/// Whether a request head says a body follows.
+fn has_body(headers: &http::HeaderMap) -> bool {
+    headers.contains_key(http::header::TRANSFER_ENCODING)
+        || headers
+            .get(http::header::CONTENT_LENGTH)
+            .is_some_and(|length| length.as_bytes() != b"0")
+}
+
+/// After a stream callback: the local response the filter sent, or, when it paused, the
+/// outcome of the calls it made, each answered through `proxy_on_http_call_response` under a
+/// fresh deadline, until it continues or answers.
+async fn settle(
+    store: &mut Store<InstanceState>,
+    exports: &FilterExports,
+    context: u32,
+    mut action: u32,
+    stream: StreamType,
+) -> wasmtime::Result<Option<Reply>> {
+    loop {
+        let filter = state(store);
+        if let Some(reply) = filter.local_reply.take() {
+            filter.calls.clear();
+            return Ok(Some(reply));
+        }
+        if filter.closed {
+            filter.calls.clear();
+            return Ok(Some(closed_reply()));
+        }
+        if action == ACTION_CONTINUE || filter.resumed[FilterState::stream_index(stream)] {
+            // Calls made without pausing get no callback: nothing waits for their answer.
+            filter.calls.clear();
+            return Ok(None);
+        }
+        let Some(call) = filter.calls.pop_front() else {
+            return Err(FilterFault::Stuck(match stream {
+                StreamType::Request => "request",
+                StreamType::Response => "response",
+            })
+            .into());
+        };
+        answer(store, exports, context, call).await?;
+        action = 1;
+    }
+}
+
+/// Sends one call, off the guest, and runs its callback with what came back (no headers when
+/// it failed or timed out).
+async fn answer(
+    store: &mut Store<InstanceState>,
+    exports: &FilterExports,
+    context: u32,
+    call: PendingCall,
+) -> wasmtime::Result<()> {
+    let callouts = store.data().callouts();
+    let outcome = tokio::time::timeout(call.timeout, callouts.send_call(call.request)).await;
+    let response = match outcome {
+        Ok(Ok(response)) => {
+            let mut headers = vec![(":status".to_owned(), response.status.to_string())];
+            headers.extend(response.headers);
+            CallResponse {
+                headers,
+                body: Bytes::from(response.body),
+            }
+        }
+        Ok(Err(error)) => {
+            tracing::debug!(plugin = store.data().plugin_name(), %error, "filter's http call failed");
+            CallResponse::default()
+        }
+        Err(_) => CallResponse::default(),
+    };
+    let Some(callback) = &exports.call_response else {
+        return Ok(());
+    };
+    let (headers, body) = (response.headers.len() as u32, response.body.len() as u32);
+    let filter = state(store);
+    filter.call_response = Some(response);
+    filter.effective = context;
+    rearm(store);
+    let outcome = callback
+        .call_async(&mut *store, (context, call.token, headers, body, 0))
+        .await;
+    state(store).call_response = None;
+    outcome
+}
+
+/// What a closed request stream answers: the filter ended it without a response of its own.
+fn closed_reply() -> Reply {
+    Reply {
+        status: 502,
+        headers: Vec::new(),
+        body: Vec::new(),
+    }
+}
+
+/// Runs the root context's `proxy_on_tick`, then the calls it made.
+pub async fn tick(
+    store: &mut Store<InstanceState>,
+    exports: &FilterExports,
+) -> wasmtime::Result<()> {
+    if let Some(tick) = &exports.tick {
+        state(store).effective = ROOT_CONTEXT;
+        rearm(store);
+        tick.call_async(&mut *store, ROOT_CONTEXT).await?;
+    }
+    root_calls(store, exports).await
+}
+
+/// Runs `proxy_on_queue_ready` for each of `queues`, then the calls it made.
+pub async fn queues_ready(
+    store: &mut Store<InstanceState>,
+    exports: &FilterExports,
+    queues: &[u32],
+) -> wasmtime::Result<()> {
+    if let Some(ready) = &exports.queue_ready {
+        for queue in queues {
+            state(store).effective = ROOT_CONTEXT;
+            rearm(store);
+            ready.call_async(&mut *store, (ROOT_CONTEXT, *queue)).await?;
+        }
+    }
+    root_calls(store, exports).await
+}
+
+/// Answers the calls the root context made, each with its callback.
+async fn root_calls(
+    store: &mut Store<InstanceState>,
+    exports: &FilterExports,
+) -> wasmtime::Result<()> {
+    while let Some(call) = state(store).calls.pop_front() {
+        answer(store, exports, ROOT_CONTEXT, call).await?;
+    }
+    Ok(())
+}
