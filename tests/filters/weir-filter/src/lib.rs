@@ -1,0 +1,446 @@
+//! Weir's own proxy-wasm test filter: one module for many tests, whose plugin configuration
+//! (JSON, read in `on_configure`) picks what it does, e.g. `{"mode":"tag","tag":"f"}`.
+//!
+//! - `tag` (`tag`): sets the request's `x-chain` header to `<old>,<tag>` (or `<tag>` when it is
+//!   absent), and the response's `x-chain` the same way, so a test can see that a component and a
+//!   filter in one chain each see the other's edits, in order.
+//! - `shared` (`key`, and `vm_id`, "" unless given): on request headers, adds one to a decimal
+//!   counter in shared data at `key` with a compare-and-swap loop (at most 16 tries), then sets
+//!   it once more with the stale CAS its first read returned; resolves the queue `weir-q` (which
+//!   the root context registers in `on_configure`) under `vm_id` and enqueues the request's
+//!   `:path`. The root context's `on_queue_ready` dequeues everything and writes the last item
+//!   to shared data at `last-dequeued`. The response gets `x-count: <n+1>` (`failed` if every try
+//!   met a CAS mismatch), `x-stale-cas: refused|accepted` (`none` when the first read found no
+//!   value, so there was no CAS to go stale: the first request), `x-queue: enqueued|unresolved|
+//!   <status>` and `x-last-dequeued: <value or "none">`. Metrics, defined in `on_configure`:
+//!   counter `weir_filter_requests` (one per request), gauge `weir_filter_last_count` (n+1) and
+//!   histogram `weir_filter_path_bytes` (the path's length).
+//! - `shared-read` (`key`): the response gets `x-shared: <shared data at key, or "missing">`.
+//! - `loop-headers`: never returns from `on_http_request_headers`.
+//! - `loop-tick`: sets a tick period of 10 ms in `on_configure`, and never returns from
+//!   `on_tick`; requests otherwise pass, with response header `x-ticking: yes`.
+//! - `grow` (`mb`): on request headers, allocates and writes `mb` MiB in 1 MiB chunks that it
+//!   keeps for the life of the module; the response gets `x-held-mb` (MiB held in all).
+//! - `trap`: panics in `on_http_request_headers` (the panic aborts: a wasm trap).
+//! - `callout` (`cluster`, `path`, and `authority`, the cluster unless given): dispatches a GET
+//!   of `path` to `cluster` (timeout 5 s) and pauses the request; when the answer comes, adds
+//!   request headers `x-callout-status` (its `:status`, or `missing`) and `x-callout-body` (its
+//!   body as UTF-8, lossy) and resumes. If the dispatch itself fails, answers 502 with
+//!   `x-callout-error: <status>`.
+//! - `crlf`: replaces request header `x-evil` with `a\r\nb: c` through the raw hostcall, and
+//!   answers 200 itself with `x-crlf-status: ok` or `x-crlf-status: <status>`.
+//! - `version`: the response gets `x-filter-version: a`, or `b` built with `--features variant-b`.
+//!
+//! A `<status>` is the proxy-wasm status's name, as the SDK's `Status` prints it (`BadArgument`).
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, ContextType, LogLevel, MapType, MetricType, Status};
+use serde::Deserialize;
+use std::rc::Rc;
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+/// What `version` mode answers: this build's variant.
+const VERSION: &str = if cfg!(feature = "variant-b") {
+    "b"
+} else {
+    "a"
+};
+/// The shared queue `shared` mode enqueues request paths on.
+const QUEUE: &str = "weir-q";
+/// The shared data key `on_queue_ready` writes the last dequeued item to.
+const LAST_DEQUEUED: &str = "last-dequeued";
+/// How many times `shared` mode tries its compare-and-swap before it gives up.
+const CAS_TRIES: usize = 16;
+const MIB: usize = 1 << 20;
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(LogLevel::Info);
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
+}}
+
+/// The plugin configuration: the mode and its settings.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "mode", rename_all = "kebab-case")]
+enum Mode {
+    Tag {
+        tag: String,
+    },
+    Shared {
+        key: String,
+        #[serde(default)]
+        vm_id: String,
+    },
+    SharedRead {
+        key: String,
+    },
+    LoopHeaders,
+    LoopTick,
+    Grow {
+        mb: usize,
+    },
+    Trap,
+    Callout {
+        cluster: String,
+        path: String,
+        authority: Option<String>,
+    },
+    Crlf,
+    Version,
+}
+
+/// The ids of `shared` mode's metrics.
+#[derive(Clone, Copy)]
+struct Metrics {
+    requests: u32,
+    last_count: u32,
+    path_bytes: u32,
+}
+
+#[derive(Default)]
+struct Root {
+    /// None until `on_configure` has read a valid configuration.
+    mode: Option<Rc<Mode>>,
+    metrics: Option<Metrics>,
+}
+
+impl Context for Root {}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _: usize) -> bool {
+        let Some(config) = self.get_plugin_configuration() else {
+            log::error!("weir-filter needs a configuration, such as {{\"mode\":\"version\"}}");
+            return false;
+        };
+        let mode: Mode = match serde_json::from_slice(&config) {
+            Ok(mode) => mode,
+            Err(e) => {
+                log::error!("weir-filter: invalid configuration: {e}");
+                return false;
+            }
+        };
+        match mode {
+            Mode::Shared { .. } => {
+                // on_queue_ready tells this context which queue has items, so the id is not kept.
+                self.register_shared_queue(QUEUE);
+                self.metrics = Some(Metrics {
+                    requests: define_metric(MetricType::Counter, "weir_filter_requests"),
+                    last_count: define_metric(MetricType::Gauge, "weir_filter_last_count"),
+                    path_bytes: define_metric(MetricType::Histogram, "weir_filter_path_bytes"),
+                });
+            }
+            Mode::LoopTick => self.set_tick_period(Duration::from_millis(10)),
+            _ => {}
+        }
+        log::info!("weir-filter {VERSION}: {mode:?}");
+        self.mode = Some(Rc::new(mode));
+        true
+    }
+
+    fn on_tick(&mut self) {
+        if let Some(Mode::LoopTick) = self.mode.as_deref() {
+            spin();
+        }
+    }
+
+    fn on_queue_ready(&mut self, queue_id: u32) {
+        let mut last = None;
+        loop {
+            match self.dequeue_shared_queue(queue_id) {
+                Ok(Some(item)) => last = Some(item),
+                Ok(None) => break,
+                Err(status) => {
+                    log::warn!("weir-filter: dequeueing from queue {queue_id}: {status:?}");
+                    break;
+                }
+            }
+        }
+        if let Some(last) = last
+            && let Err(status) = self.set_shared_data(LAST_DEQUEUED, Some(&last), None)
+        {
+            log::warn!("weir-filter: writing {LAST_DEQUEUED}: {status:?}");
+        }
+    }
+
+    fn create_http_context(&self, _: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Filter {
+            mode: self.mode.clone(),
+            metrics: self.metrics,
+            shared: None,
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+struct Filter {
+    /// None if the root context was never configured: then requests pass untouched.
+    mode: Option<Rc<Mode>>,
+    metrics: Option<Metrics>,
+    /// What `shared` mode did on the request, for the response's headers.
+    shared: Option<SharedOutcome>,
+}
+
+struct SharedOutcome {
+    count: String,
+    stale_cas: &'static str,
+    queue: String,
+}
+
+impl Context for Filter {
+    fn on_http_call_response(&mut self, _: u32, _: usize, body_size: usize, _: usize) {
+        let status = self
+            .get_http_call_response_header(":status")
+            .unwrap_or_else(|| "missing".into());
+        let body = self
+            .get_http_call_response_body(0, body_size)
+            .map(|body| String::from_utf8_lossy(&body).into_owned())
+            .unwrap_or_default();
+        self.add_http_request_header("x-callout-status", &status);
+        self.add_http_request_header("x-callout-body", &body);
+        self.resume_http_request();
+    }
+}
+
+impl HttpContext for Filter {
+    fn on_http_request_headers(&mut self, _: usize, _: bool) -> Action {
+        let Some(mode) = self.mode.clone() else {
+            return Action::Continue;
+        };
+        match &*mode {
+            Mode::Tag { tag } => {
+                let chain = append(self.get_http_request_header("x-chain"), tag);
+                self.set_http_request_header("x-chain", Some(&chain));
+            }
+            Mode::Shared { key, vm_id } => self.shared = Some(self.count(key, vm_id)),
+            Mode::LoopHeaders => spin(),
+            Mode::Grow { mb } => grow(*mb),
+            Mode::Trap => panic!("weir-filter: trap mode panics in on_http_request_headers"),
+            Mode::Callout {
+                cluster,
+                path,
+                authority,
+            } => return self.call_out(cluster, path, authority.as_deref().unwrap_or(cluster)),
+            Mode::Crlf => {
+                let status = replace_request_header("x-evil", "a\r\nb: c");
+                self.send_http_response(200, vec![("x-crlf-status", &status)], None);
+                return Action::Pause;
+            }
+            Mode::SharedRead { .. } | Mode::LoopTick | Mode::Version => {}
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _: usize, _: bool) -> Action {
+        let Some(mode) = self.mode.clone() else {
+            return Action::Continue;
+        };
+        match &*mode {
+            Mode::Tag { tag } => {
+                let chain = append(self.get_http_response_header("x-chain"), tag);
+                self.set_http_response_header("x-chain", Some(&chain));
+            }
+            Mode::Shared { .. } => {
+                if let Some(outcome) = &self.shared {
+                    self.add_http_response_header("x-count", &outcome.count);
+                    self.add_http_response_header("x-stale-cas", outcome.stale_cas);
+                    self.add_http_response_header("x-queue", &outcome.queue);
+                }
+                let last = shared_text(self.get_shared_data(LAST_DEQUEUED).0);
+                self.add_http_response_header("x-last-dequeued", last.as_deref().unwrap_or("none"));
+            }
+            Mode::SharedRead { key } => {
+                let value = shared_text(self.get_shared_data(key).0);
+                self.add_http_response_header("x-shared", value.as_deref().unwrap_or("missing"));
+            }
+            Mode::LoopTick => self.add_http_response_header("x-ticking", "yes"),
+            Mode::Grow { .. } => {
+                let held = HELD.lock().unwrap_or_else(PoisonError::into_inner).len();
+                self.add_http_response_header("x-held-mb", &held.to_string());
+            }
+            Mode::Version => self.add_http_response_header("x-filter-version", VERSION),
+            Mode::LoopHeaders | Mode::Trap | Mode::Callout { .. } | Mode::Crlf => {}
+        }
+        Action::Continue
+    }
+}
+
+impl Filter {
+    /// `shared` mode's work on request headers.
+    fn count(&self, key: &str, vm_id: &str) -> SharedOutcome {
+        let path = self.get_http_request_header(":path").unwrap_or_default();
+        let mut first_cas = None;
+        let mut count = None;
+        for attempt in 0..CAS_TRIES {
+            let (value, cas) = self.get_shared_data(key);
+            if attempt == 0 {
+                first_cas = cas;
+            }
+            let next = shared_text(value)
+                .and_then(|text| text.parse::<u64>().ok())
+                .unwrap_or(0)
+                + 1;
+            match self.set_shared_data(key, Some(next.to_string().as_bytes()), cas) {
+                Ok(()) => {
+                    count = Some(next);
+                    break;
+                }
+                Err(Status::CasMismatch) => continue,
+                Err(status) => {
+                    log::warn!("weir-filter: setting {key}: {status:?}");
+                    break;
+                }
+            }
+        }
+        // The first read's CAS is stale now: this request, if no other, has written since. The
+        // value is the one just written, so a host that wrongly accepts it changes nothing.
+        let stale_cas = match (count, first_cas) {
+            (Some(count), Some(cas)) => {
+                match self.set_shared_data(key, Some(count.to_string().as_bytes()), Some(cas)) {
+                    Err(Status::CasMismatch) => "refused",
+                    Ok(()) => "accepted",
+                    Err(_) => "error",
+                }
+            }
+            _ => "none",
+        };
+        if let Some(metrics) = self.metrics {
+            report(hostcalls::increment_metric(metrics.requests, 1));
+            if let Some(count) = count {
+                report(hostcalls::record_metric(metrics.last_count, count));
+            }
+            report(hostcalls::record_metric(
+                metrics.path_bytes,
+                path.len() as u64,
+            ));
+        }
+        let queue = match hostcalls::resolve_shared_queue(vm_id, QUEUE) {
+            Ok(Some(queue)) => match self.enqueue_shared_queue(queue, Some(path.as_bytes())) {
+                Ok(()) => "enqueued".to_owned(),
+                Err(status) => format!("{status:?}"),
+            },
+            Ok(None) => "unresolved".to_owned(),
+            Err(status) => format!("{status:?}"),
+        };
+        SharedOutcome {
+            count: count.map_or_else(|| "failed".to_owned(), |count| count.to_string()),
+            stale_cas,
+            queue,
+        }
+    }
+
+    /// `callout` mode: dispatches the call and waits for `on_http_call_response`.
+    fn call_out(&self, cluster: &str, path: &str, authority: &str) -> Action {
+        let headers = vec![
+            (":method", "GET"),
+            (":path", path),
+            (":authority", authority),
+        ];
+        if let Err(status) =
+            self.dispatch_http_call(cluster, headers, None, vec![], Duration::from_secs(5))
+        {
+            let status = format!("{status:?}");
+            self.send_http_response(502, vec![("x-callout-error", &status)], None);
+        }
+        Action::Pause
+    }
+}
+
+/// `x-chain`'s new value: `tag` after the old one.
+fn append(chain: Option<String>, tag: &str) -> String {
+    match chain {
+        Some(chain) if !chain.is_empty() => format!("{chain},{tag}"),
+        _ => tag.to_owned(),
+    }
+}
+
+/// A shared data value as text.
+fn shared_text(value: Option<Vec<u8>>) -> Option<String> {
+    value.map(|value| String::from_utf8_lossy(&value).into_owned())
+}
+
+fn define_metric(kind: MetricType, name: &str) -> u32 {
+    hostcalls::define_metric(kind, name).unwrap_or_else(|status| {
+        panic!("weir-filter: defining metric {name}: {status:?}");
+    })
+}
+
+fn report(result: Result<(), Status>) {
+    if let Err(status) = result {
+        log::warn!("weir-filter: metric: {status:?}");
+    }
+}
+
+/// Never returns, and does work the optimiser cannot prove useless.
+fn spin() -> ! {
+    let mut turns: u64 = 0;
+    loop {
+        turns = std::hint::black_box(turns.wrapping_add(1));
+    }
+}
+
+/// What `grow` mode holds: it is never freed.
+static HELD: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+
+/// Allocates `mb` more MiB, writing every byte.
+fn grow(mb: usize) {
+    let mut held = HELD.lock().unwrap_or_else(PoisonError::into_inner);
+    for _ in 0..mb {
+        // Not zero, so the allocation cannot be left to fresh (already zero) pages.
+        held.push(std::hint::black_box(vec![0xa5; MIB]));
+    }
+}
+
+// The SDK's `hostcalls::set_map_value` panics on any status but Ok; this is the same import,
+// declared so that the status comes back as a number.
+#[link(wasm_import_module = "env")]
+unsafe extern "C" {
+    fn proxy_replace_header_map_value(
+        map_type: u32,
+        key_data: *const u8,
+        key_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+    ) -> u32;
+}
+
+/// Replaces a request header through the raw hostcall: `ok`, or the status's name.
+fn replace_request_header(name: &str, value: &str) -> String {
+    // SAFETY: both slices are valid for their lengths for the whole call, and the host only
+    // reads them.
+    let status = unsafe {
+        proxy_replace_header_map_value(
+            MapType::HttpRequestHeaders as u32,
+            name.as_ptr(),
+            name.len(),
+            value.as_ptr(),
+            value.len(),
+        )
+    };
+    match status {
+        0 => "ok".to_owned(),
+        other => status_name(other),
+    }
+}
+
+/// A proxy-wasm status's name, as the SDK's `Status` prints it; the spec's statuses the SDK
+/// lacks too.
+fn status_name(status: u32) -> String {
+    let name = match status {
+        0 => "Ok",
+        1 => "NotFound",
+        2 => "BadArgument",
+        3 => "SerializationFailure",
+        4 => "ParseFailure",
+        6 => "InvalidMemoryAccess",
+        7 => "Empty",
+        8 => "CasMismatch",
+        10 => "InternalFailure",
+        12 => "Unimplemented",
+        other => return format!("Status({other})"),
+    };
+    name.to_owned()
+}
