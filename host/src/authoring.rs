@@ -23,11 +23,15 @@ use crate::view::{BufferedBody, Directory, RequestView, headers};
 /// The filter interface every plugin exports.
 const FILTER_EXPORT: &str = "weir:plugin/filter";
 
-/// What a component is, and whether it would load.
+/// What a plugin module is, and whether it would load.
 #[derive(Debug, Serialize)]
 pub struct CheckReport {
     /// The sha256 of its bytes.
     pub sha256: String,
+    /// `component` or `proxy-wasm`, once it compiled.
+    pub kind: Option<&'static str>,
+    /// A filter's proxy-wasm ABI version (`0.2.1`).
+    pub abi: Option<&'static str>,
     /// The filter interface it exports, with its version (`weir:plugin/filter@0.1.0`), if any.
     pub exports: Option<String>,
     /// Every import, and whether the given grants allow it.
@@ -49,9 +53,12 @@ pub struct ImportVerdict {
 impl std::fmt::Display for CheckReport {
     /// The report `weir plugin check` prints, without its first line (which names the file).
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.exports {
-            Some(export) => writeln!(f, "implements: {export} (world weir:plugin/plugin)")?,
-            None => writeln!(f, "implements: no weir:plugin/filter export")?,
+        match (&self.exports, self.abi) {
+            (_, Some(abi)) => {
+                writeln!(f, "implements: proxy-wasm ABI {abi} (a proxy-wasm filter)")?
+            }
+            (Some(export), None) => writeln!(f, "implements: {export} (world weir:plugin/plugin)")?,
+            (None, None) => writeln!(f, "implements: no weir:plugin/filter export")?,
         }
         writeln!(f, "imports:")?;
         for import in &self.imports {
@@ -92,8 +99,11 @@ pub async fn check(bytes: Vec<u8>, grants: &Grants) -> Result<CheckReport, Plugi
                     verdict: grants::verdict(import, grants),
                 })
                 .collect();
+            let filter = module.kind() == "proxy-wasm";
             Ok(CheckReport {
                 sha256,
+                kind: Some(module.kind()),
+                abi: filter.then(|| module.world()),
                 exports: module
                     .exports
                     .iter()
@@ -105,6 +115,8 @@ pub async fn check(bytes: Vec<u8>, grants: &Grants) -> Result<CheckReport, Plugi
         }
         Err(error @ (PluginError::Instantiate(_) | PluginError::Compile(_))) => Ok(CheckReport {
             sha256,
+            kind: None,
+            abi: None,
             exports: None,
             imports: Vec::new(),
             loads: Err(error.to_string()),

@@ -687,9 +687,7 @@ impl BuildContext<'_> {
         let keeps_request = chain
             .iter()
             .any(|l| l.pool.wants().on_response || l.pool.wants().on_log);
-        let binds_instances = chain
-            .iter()
-            .any(|l| l.pool.binds_instances());
+        let binds_instances = chain.iter().any(|l| l.pool.binds_instances());
         // Checked with the config; a name that does not parse could not match a trailer anyway.
         let request_trailers = config
             .request_trailers

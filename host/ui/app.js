@@ -640,7 +640,7 @@ function Plugins() {
   return html`<h1>Plugins</h1><${Notice} error=${error} />
     <div class="toolbar"><a class="button" id="new-plugin" href="#/edit/plugins/new">New plugin entry</a></div>
     <${Loading} state=${state}>${(data) => html`
-      <table id="plugins"><tr><th>Plugin</th><th>Module</th><th>Tenant</th><th>Grants</th><th>Quarantine</th>
+      <table id="plugins"><tr><th>Plugin</th><th>Kind</th><th>Module</th><th>Tenant</th><th>Grants</th><th>Quarantine</th>
         <th>Calls</th><th>Traps</th><th>Mean µs</th><th>Routes</th></tr>
         ${data.plugins.list.map((p) => {
           const calls = sum(data.metrics, "weir_plugin_calls_total", p.id);
@@ -649,7 +649,10 @@ function Plugins() {
           const traps = sum(data.metrics, "weir_plugin_failures_total", p.id);
           const quarantined = data.status.quarantined.find((q) => q.plugin === p.id);
           const users = data.routes.list.filter((r) => (r.value.plugins || []).some((x) => x.name === p.id));
+          const loaded = data.status.plugins.find((l) => l.name === p.id);
+          const kind = loaded ? `${loaded.kind} ${loaded.world}` : "not loaded";
           return html`<tr data-plugin=${p.id}><td><a href=${`#/edit/plugins/${p.id}`}>${p.id}</a></td>
+            <td class="kind">${kind}</td>
             <td><code>${(p.value.sha256 || p.value.module || "").slice(0, 12)}</code></td>
             <td>${p.value.tenant || html`<span class="muted">none</span>`}</td>
             <td>${Object.keys(p.value.grants || {}).join(", ") || html`<span class="muted">none</span>`}</td>

@@ -19,6 +19,7 @@ mod languages;
 mod module_cache;
 mod observability;
 mod plugins;
+mod proxy_wasm;
 mod reload;
 mod resilience;
 mod routing;

@@ -58,6 +58,7 @@ fn request() -> Box<RequestView> {
         upstream: None,
         response_edits: Vec::new(),
         directory: Directory::default(),
+        origin: Default::default(),
     })
 }
 

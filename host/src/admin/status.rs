@@ -80,6 +80,7 @@ pub(super) fn status(gateway: &Gateway) -> Response<ProxyBody> {
         "plugins": snapshot.plugins.iter().map(|(name, p)| serde_json::json!({
             "name": name,
             "sha256": p.module.sha256,
+            "kind": p.module.kind(),
             "world": p.module.world(),
             "signed_by": p.signed_by,
             "describes": p.module.info().map(|info| serde_json::json!({

@@ -21,7 +21,7 @@ fn unversioned(import: &str) -> &str {
 fn offer(import: &str, grants: &Grants) -> Offer {
     let wasi = |grant| grants.wasi.contains(&grant);
     if let Some(function) = import.strip_prefix("env.") {
-        return filter_offer(function, grants);
+        return filter_offer(function);
     }
     if let Some(function) = import
         .strip_prefix("wasi_snapshot_preview1.")
@@ -84,50 +84,61 @@ fn offer(import: &str, grants: &Grants) -> Offer {
     }
 }
 
-/// What a proxy-wasm filter's `env` import needs: the same grants a component's would.
-fn filter_offer(function: &str, grants: &Grants) -> Offer {
-    match function {
-        "proxy_log" | "proxy_get_log_level" => Offer::Granted("log: true", grants.log),
-        "proxy_get_current_time_nanoseconds" => Offer::Granted("clock: true", grants.clock),
-        "proxy_get_shared_data"
-        | "proxy_set_shared_data"
-        | "proxy_register_shared_queue"
-        | "proxy_resolve_shared_queue"
-        | "proxy_enqueue_shared_queue"
-        | "proxy_dequeue_shared_queue" => Offer::Granted("kv: true", grants.kv),
-        "proxy_http_call" => Offer::Granted("http: {hosts: [..]}", grants.http.is_some()),
-        "proxy_define_metric" | "proxy_increment_metric" | "proxy_record_metric"
-        | "proxy_get_metric" => Offer::Granted("metrics: true", grants.metrics),
-        "proxy_set_tick_period_milliseconds"
-        | "proxy_get_buffer_bytes"
-        | "proxy_get_buffer_status"
-        | "proxy_set_buffer_bytes"
-        | "proxy_get_header_map_pairs"
-        | "proxy_get_header_map_size"
-        | "proxy_set_header_map_pairs"
-        | "proxy_get_header_map_value"
-        | "proxy_replace_header_map_value"
-        | "proxy_add_header_map_value"
-        | "proxy_remove_header_map_value"
-        | "proxy_get_property"
-        | "proxy_set_property"
-        | "proxy_continue_stream"
-        | "proxy_continue_request"
-        | "proxy_continue_response"
-        | "proxy_close_stream"
-        | "proxy_send_local_response"
-        | "proxy_set_effective_context"
-        | "proxy_done"
-        | "proxy_grpc_call"
-        | "proxy_grpc_stream"
-        | "proxy_grpc_send"
-        | "proxy_grpc_cancel"
-        | "proxy_grpc_close"
-        | "proxy_get_status"
-        | "proxy_call_foreign_function" => Offer::Inert,
-        _ => Offer::Unknown,
+/// What a proxy-wasm filter's `env` import needs at load time: nothing. The SDKs import every
+/// host function whether or not the filter calls it, so a filter's grants are checked when it
+/// calls one (see `proxy_wasm/imports.rs`), and a call without its grant fails the call.
+fn filter_offer(function: &str) -> Offer {
+    if FILTER_FUNCTIONS.contains(&function) {
+        Offer::Inert
+    } else {
+        Offer::Unknown
     }
 }
+
+/// Every `env` function of proxy-wasm 0.2.0 and 0.2.1 that Weir links.
+pub const FILTER_FUNCTIONS: &[&str] = &[
+    "proxy_log",
+    "proxy_get_log_level",
+    "proxy_get_current_time_nanoseconds",
+    "proxy_set_tick_period_milliseconds",
+    "proxy_get_buffer_bytes",
+    "proxy_get_buffer_status",
+    "proxy_set_buffer_bytes",
+    "proxy_get_header_map_pairs",
+    "proxy_get_header_map_size",
+    "proxy_set_header_map_pairs",
+    "proxy_get_header_map_value",
+    "proxy_replace_header_map_value",
+    "proxy_add_header_map_value",
+    "proxy_remove_header_map_value",
+    "proxy_get_property",
+    "proxy_set_property",
+    "proxy_continue_stream",
+    "proxy_continue_request",
+    "proxy_continue_response",
+    "proxy_close_stream",
+    "proxy_send_local_response",
+    "proxy_http_call",
+    "proxy_get_shared_data",
+    "proxy_set_shared_data",
+    "proxy_register_shared_queue",
+    "proxy_resolve_shared_queue",
+    "proxy_enqueue_shared_queue",
+    "proxy_dequeue_shared_queue",
+    "proxy_define_metric",
+    "proxy_increment_metric",
+    "proxy_record_metric",
+    "proxy_get_metric",
+    "proxy_set_effective_context",
+    "proxy_done",
+    "proxy_grpc_call",
+    "proxy_grpc_stream",
+    "proxy_grpc_send",
+    "proxy_grpc_cancel",
+    "proxy_grpc_close",
+    "proxy_get_status",
+    "proxy_call_foreign_function",
+];
 
 /// The imports the gateway does not provide at all, whatever the grants.
 pub fn unknown(imports: &[String]) -> Vec<&str> {
@@ -187,7 +198,7 @@ pub fn check(imports: &[String], grants: &Grants) -> Result<(), String> {
     if refused.is_empty() {
         Ok(())
     } else {
-        Err(format!("the component imports {}", refused.join(", ")))
+        Err(format!("the module imports {}", refused.join(", ")))
     }
 }
 

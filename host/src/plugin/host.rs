@@ -38,6 +38,16 @@ const MAX_COUNTER_NAMES: usize = 64;
 #[error("limit: {0}")]
 pub struct LimitExceeded(pub String);
 
+/// A proxy-wasm filter called a host function its entry does not grant; the call fails.
+#[derive(Debug, thiserror::Error)]
+#[error("the filter called {function}, which needs grants: {{{grant}}}")]
+pub struct NotGranted {
+    /// The host function.
+    pub function: &'static str,
+    /// The grant, as YAML.
+    pub grant: &'static str,
+}
+
 /// What every instance of one plugin shares.
 pub struct PluginScope {
     name: Arc<str>,
@@ -270,7 +280,7 @@ pub struct InstanceState {
     /// The same WASI for a proxy-wasm filter, which imports preview 1; built as lazily.
     wasi_p1: Option<wasmtime_wasi::p1::WasiP1Ctx>,
     /// A proxy-wasm filter's contexts, calls and buffers; `None` for a component.
-    pub filter: Option<Box<super::proxy_wasm::FilterState>>,
+    pub filter: Option<Box<super::proxy_wasm::state::FilterState>>,
     /// The memory cap.
     pub memory: MemoryCap,
     /// The CPU budget of the call in progress.

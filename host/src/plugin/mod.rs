@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use crate::digest::sha256_hex;
 use wasmtime::component::{Component, HasSelf, InstancePre, Linker};
-use wasmtime::{InstancePre as CoreInstancePre, Linker as CoreLinker, Module as CoreModule};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+use wasmtime::{InstancePre as CoreInstancePre, Linker as CoreLinker, Module as CoreModule};
 
 use self::bindings::exports::weir::plugin0_1_0::filter::GuestIndices as FilterIndices;
 pub use self::bindings::exports::weir::plugin0_1_0::filter::Wants;
@@ -71,6 +71,9 @@ pub enum PluginError {
     /// The plugin went past a per-call limit (headers, body output, kv sizes).
     #[error("plugin went past a {0}")]
     Limit(String),
+    /// A proxy-wasm filter called a host function its entry does not grant.
+    #[error("{0}")]
+    NotGranted(String),
     /// The guest trapped (a panic, an unreachable, an out-of-bounds access...).
     #[error("plugin trapped: {0}")]
     Trap(String),
@@ -93,6 +96,7 @@ impl PluginError {
             PluginError::Memory(_) => "memory",
             PluginError::Quota(_) => "quota",
             PluginError::Limit(_) => "limit",
+            PluginError::NotGranted(_) => "not_granted",
             PluginError::Trap(_) => "trap",
             PluginError::KvUnavailable(_) => "kv_unavailable",
             PluginError::Quarantined(_) => "quarantined",
@@ -107,6 +111,7 @@ impl PluginError {
             PluginError::Timeout(_)
                 | PluginError::Memory(_)
                 | PluginError::Limit(_)
+                | PluginError::NotGranted(_)
                 | PluginError::Trap(_)
         )
     }
@@ -663,7 +668,12 @@ impl PluginRuntime {
         let filter = matches!(module.guest, GuestModule::Filter { .. }).then(|| {
             Arc::new(proxy_wasm::FilterShared {
                 root_id: entry.root_id.clone().unwrap_or_else(|| entry.name.clone()),
-                plugin_config: bytes::Bytes::from(key.config.clone()),
+                // A string is handed over as it is (as Envoy's StringValue configuration is);
+                // anything else as its JSON text.
+                plugin_config: bytes::Bytes::from(match config {
+                    serde_json::Value::String(text) => text.clone(),
+                    other => other.to_string(),
+                }),
                 vm_config: bytes::Bytes::from(entry.vm_config.clone().unwrap_or_default()),
                 wake: Arc::new(tokio::sync::Notify::new()),
                 metrics: Mutex::new(Vec::new()),

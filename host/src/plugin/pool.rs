@@ -11,7 +11,7 @@ use super::bindings::exports::weir::plugin0_1_0::filter::{Guest as Filter, Wants
 use super::health::Admission;
 use super::host::{
     InstanceSlot, InstanceState, LimitExceeded, MAX_HEADER_BYTES, MAX_HEADER_EDITS, MemoryHit,
-    PluginScope, REQUEST_REP, RESPONSE_REP,
+    NotGranted, PluginScope, REQUEST_REP, RESPONSE_REP,
 };
 use super::proxy_wasm::{self, FilterExports, FilterFault, FilterShared, FilterState};
 use super::tenant::QuotaExceeded;
@@ -416,6 +416,9 @@ impl PluginPool {
         if let Some(limit) = error.downcast_ref::<LimitExceeded>() {
             return PluginError::Limit(limit.0.clone());
         }
+        if let Some(refused) = error.downcast_ref::<NotGranted>() {
+            return PluginError::NotGranted(refused.to_string());
+        }
         if let Some(fault) = error.downcast_ref::<FilterFault>() {
             return PluginError::Limit(fault.to_string());
         }
@@ -506,6 +509,12 @@ impl PluginPool {
         (request, outcome)
     }
 
+    /// Whether a filter has no HTTP context for this request: its request phase failed (and
+    /// its instance went), or never ran. Its later phases have nothing to call.
+    fn without_context(&self, bound: Option<&Bound>) -> bool {
+        self.filter.is_some() && bound.is_none_or(|bound| bound.0.is_none())
+    }
+
     /// A reply is held to the same bounds as edits: a bounded number and size of headers, and
     /// a body no larger than the plugin's `max_body_bytes`.
     fn check_reply(&self, action: Action) -> Result<Action, PluginError> {
@@ -538,6 +547,9 @@ impl PluginPool {
         mut response: Box<ResponseView>,
         mut bound: Option<&mut Bound>,
     ) -> (Box<RequestView>, Box<ResponseView>, Result<(), PluginError>) {
+        if self.without_context(bound.as_deref()) {
+            return (request, response, Ok(()));
+        }
         let mut instance = match self.checkout(bound.as_deref_mut()).await {
             Ok(instance) => instance,
             Err(e) => return (request, response, Err(e)),
@@ -591,6 +603,9 @@ impl PluginPool {
         summary: &Summary,
         mut bound: Option<&mut Bound>,
     ) -> (Box<RequestView>, Result<(), PluginError>) {
+        if self.without_context(bound.as_deref()) {
+            return (request, Ok(()));
+        }
         let mut instance = match self.checkout(bound.as_deref_mut()).await {
             Ok(instance) => instance,
             Err(e) => return (request, Err(e)),
@@ -659,6 +674,7 @@ impl PluginPool {
                 };
                 let exports = FilterExports::clone(exports);
                 pool.arm(&mut instance);
+                let began = Instant::now();
                 let outcome = if ticked {
                     next_tick = period.map(|p| tokio::time::Instant::now() + p);
                     proxy_wasm::tick(&mut instance.store, &exports).await
@@ -666,12 +682,22 @@ impl PluginPool {
                     let ready = shared.queues.ready_for(&shared.wake);
                     proxy_wasm::queues_ready(&mut instance.store, &exports, &ready).await
                 };
+                // Counted as calls of the plugin on the route `:root` (no route id has a
+                // colon), so that a failing tick shows beside the routes' calls.
+                let metrics = pool
+                    .scope
+                    .metrics()
+                    .plugin(pool.name(), ":root", pool.tenant());
                 match outcome {
-                    Ok(()) => control = Some(instance),
+                    Ok(()) => {
+                        metrics.record(began.elapsed(), None);
+                        control = Some(instance);
+                    }
                     // A failed instance is dropped; the next event makes a new one, unless
                     // the plugin is quarantined by then.
                     Err(e) => {
                         let failure = pool.classify(e, &instance.store, PluginError::Trap);
+                        metrics.record(began.elapsed(), Some(failure.kind()));
                         tracing::warn!(plugin = pool.name(), error = %failure, "filter's tick or queue callback failed");
                         pool.record(failure);
                     }

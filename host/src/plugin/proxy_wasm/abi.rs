@@ -246,7 +246,10 @@ mod tests {
         assert_eq!(MapType::from_id(4), None);
         assert_eq!(MapType::from_id(7), Some(MapType::CallResponseTrailers));
         assert_eq!(BufferType::from_id(2), None);
-        assert_eq!(BufferType::from_id(7), Some(BufferType::PluginConfiguration));
+        assert_eq!(
+            BufferType::from_id(7),
+            Some(BufferType::PluginConfiguration)
+        );
         assert_eq!(StreamType::from_id(2), None);
         assert_eq!(MetricType::from_id(3), None);
         assert_eq!(log_level(5), Some("critical"));

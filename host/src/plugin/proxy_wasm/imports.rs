@@ -14,13 +14,14 @@ use super::abi::{
 };
 use super::properties::{self, Naming};
 use super::queues::QueueError;
-use super::{FilterState, MAX_METRICS, MAX_PENDING_CALLS, MIN_TICK, PendingCall};
+use super::state::{FilterState, PendingCall};
+use super::{MAX_METRICS, MAX_PENDING_CALLS, MIN_TICK};
 use crate::kv::cas_of;
 use crate::metrics::PluginEventLabels;
 use crate::plugin::Reply;
 use crate::plugin::bindings::weir::plugin0_1_0::http_client::OutgoingRequest;
 use crate::plugin::callout::Call;
-use crate::plugin::host::{InstanceState, LimitExceeded};
+use crate::plugin::host::{InstanceState, LimitExceeded, NotGranted};
 use crate::view::headers;
 
 type Ctx<'a> = Caller<'a, InstanceState>;
@@ -31,7 +32,16 @@ const MAX_ARGUMENT: u32 = 1 << 20;
 /// The largest shared-data key.
 const MAX_KEY: usize = 1024;
 
-/// Names the sandbox refuses or limits, for the log.
+/// Fails the call unless `granted`: a filter imports every host function, so its grants are
+/// checked when it calls one.
+fn need(granted: bool, function: &'static str, grant: &'static str) -> wasmtime::Result<()> {
+    if granted {
+        Ok(())
+    } else {
+        Err(NotGranted { function, grant }.into())
+    }
+}
+
 fn ok() -> Answer {
     Ok(Status::Ok as u32)
 }
@@ -80,7 +90,9 @@ async fn give(caller: &mut Ctx<'_>, bytes: &[u8], ptr_at: u32, size_at: u32) -> 
         let Some(allocate) = filter(caller).allocate.clone() else {
             return status(Status::InternalFailure);
         };
-        at = allocate.call_async(&mut *caller, bytes.len() as u32).await?;
+        at = allocate
+            .call_async(&mut *caller, bytes.len() as u32)
+            .await?;
         if at == 0 {
             return status(Status::InternalFailure);
         }
@@ -133,9 +145,15 @@ fn pairs(caller: &Ctx<'_>, map: MapType) -> Option<Vec<(String, String)>> {
             out.extend(headers::all(&response.headers));
             Some(out)
         }
-        MapType::CallResponseHeaders => {
-            Some(state.filter.as_ref()?.call_response.as_ref()?.headers.clone())
-        }
+        MapType::CallResponseHeaders => Some(
+            state
+                .filter
+                .as_ref()?
+                .call_response
+                .as_ref()?
+                .headers
+                .clone(),
+        ),
         // Trailers are not offered to filters yet: they read as empty.
         MapType::RequestTrailers | MapType::ResponseTrailers | MapType::CallResponseTrailers => {
             Some(Vec::new())
@@ -258,21 +276,31 @@ fn queue_status(error: QueueError) -> Answer {
 pub fn add_to_linker(linker: &mut Linker<InstanceState>) -> wasmtime::Result<()> {
     wasmtime_wasi::p1::add_to_linker_async(linker, |state: &mut InstanceState| state.wasi_p1())?;
     // AssemblyScript's runtime imports its exit from the pre-preview-1 module name.
-    linker.func_wrap("wasi_unstable", "proc_exit", |_: Ctx<'_>, code: i32| -> wasmtime::Result<()> {
-        Err(wasmtime::Error::msg(format!("the filter exited with code {code}")))
-    })?;
+    linker.func_wrap(
+        "wasi_unstable",
+        "proc_exit",
+        |_: Ctx<'_>, code: i32| -> wasmtime::Result<()> {
+            Err(wasmtime::Error::msg(format!(
+                "the filter exited with code {code}"
+            )))
+        },
+    )?;
     let env = "env";
 
-    linker.func_wrap(env, "proxy_log", |mut c: Ctx<'_>, level: u32, ptr: u32, len: u32| {
-        let level = attempt!(abi::log_level(level).ok_or(Status::BadArgument));
-        let message = attempt!(read(&mut c, ptr, len.min(8 << 10)));
-        if c.data().grants().log {
-            let level = if level == "critical" { "error" } else { level };
-            c.data()
-                .log_line(level, String::from_utf8_lossy(&message).into_owned());
-        }
-        ok()
-    })?;
+    linker.func_wrap(
+        env,
+        "proxy_log",
+        |mut c: Ctx<'_>, level: u32, ptr: u32, len: u32| {
+            let level = attempt!(abi::log_level(level).ok_or(Status::BadArgument));
+            let message = attempt!(read(&mut c, ptr, len.min(8 << 10)));
+            if c.data().grants().log {
+                let level = if level == "critical" { "error" } else { level };
+                c.data()
+                    .log_line(level, String::from_utf8_lossy(&message).into_owned());
+            }
+            ok()
+        },
+    )?;
     linker.func_wrap(env, "proxy_get_log_level", |mut c: Ctx<'_>, at: u32| {
         let level = match tracing::level_filters::LevelFilter::current() {
             tracing::level_filters::LevelFilter::TRACE => 0u32,
@@ -284,21 +312,35 @@ pub fn add_to_linker(linker: &mut Linker<InstanceState>) -> wasmtime::Result<()>
         attempt!(write(&mut c, at, &level.to_le_bytes()));
         ok()
     })?;
-    linker.func_wrap(env, "proxy_get_current_time_nanoseconds", |mut c: Ctx<'_>, at: u32| {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos() as u64;
-        attempt!(write(&mut c, at, &now.to_le_bytes()));
-        ok()
-    })?;
-    linker.func_wrap(env, "proxy_set_tick_period_milliseconds", |mut c: Ctx<'_>, ms: u32| {
-        let period = (ms > 0).then(|| std::time::Duration::from_millis(ms.into()).max(MIN_TICK));
-        let shared = filter(&mut c).shared.clone();
-        *shared.tick.lock().expect("tick lock") = period;
-        shared.wake.notify_one();
-        ok()
-    })?;
+    linker.func_wrap(
+        env,
+        "proxy_get_current_time_nanoseconds",
+        |mut c: Ctx<'_>, at: u32| {
+            need(
+                c.data().grants().clock,
+                "proxy_get_current_time_nanoseconds",
+                "clock: true",
+            )?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos() as u64;
+            attempt!(write(&mut c, at, &now.to_le_bytes()));
+            ok()
+        },
+    )?;
+    linker.func_wrap(
+        env,
+        "proxy_set_tick_period_milliseconds",
+        |mut c: Ctx<'_>, ms: u32| {
+            let period =
+                (ms > 0).then(|| std::time::Duration::from_millis(ms.into()).max(MIN_TICK));
+            let shared = filter(&mut c).shared.clone();
+            *shared.tick.lock().expect("tick lock") = period;
+            shared.wake.notify_one();
+            ok()
+        },
+    )?;
 
     // Buffers.
     linker.func_wrap_async(
@@ -341,19 +383,22 @@ pub fn add_to_linker(linker: &mut Linker<InstanceState>) -> wasmtime::Result<()>
             Box::new(async move {
                 let map = attempt!(MapType::from_id(map).ok_or(Status::BadArgument));
                 let pairs = attempt!(pairs(&c, map).ok_or(Status::NotFound));
-                let bytes =
-                    encode_map(pairs.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())));
+                let bytes = encode_map(pairs.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())));
                 give(&mut c, &bytes, ptr_at, size_at).await
             })
         },
     )?;
-    linker.func_wrap(env, "proxy_get_header_map_size", |mut c: Ctx<'_>, map: u32, at: u32| {
-        let map = attempt!(MapType::from_id(map).ok_or(Status::BadArgument));
-        let pairs = attempt!(pairs(&c, map).ok_or(Status::NotFound));
-        let size = encode_map(pairs.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes()))).len();
-        attempt!(write(&mut c, at, &(size as u32).to_le_bytes()));
-        ok()
-    })?;
+    linker.func_wrap(
+        env,
+        "proxy_get_header_map_size",
+        |mut c: Ctx<'_>, map: u32, at: u32| {
+            let map = attempt!(MapType::from_id(map).ok_or(Status::BadArgument));
+            let pairs = attempt!(pairs(&c, map).ok_or(Status::NotFound));
+            let size = encode_map(pairs.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes()))).len();
+            attempt!(write(&mut c, at, &(size as u32).to_le_bytes()));
+            ok()
+        },
+    )?;
     linker.func_wrap_async(
         env,
         "proxy_get_header_map_value",
@@ -476,11 +521,15 @@ pub fn add_to_linker(linker: &mut Linker<InstanceState>) -> wasmtime::Result<()>
     )?;
 
     // Flow.
-    linker.func_wrap(env, "proxy_continue_stream", |mut c: Ctx<'_>, stream: u32| {
-        let stream = attempt!(StreamType::from_id(stream).ok_or(Status::BadArgument));
-        filter(&mut c).resume(stream);
-        ok()
-    })?;
+    linker.func_wrap(
+        env,
+        "proxy_continue_stream",
+        |mut c: Ctx<'_>, stream: u32| {
+            let stream = attempt!(StreamType::from_id(stream).ok_or(Status::BadArgument));
+            filter(&mut c).resume(stream);
+            ok()
+        },
+    )?;
     linker.func_wrap(env, "proxy_continue_request", |mut c: Ctx<'_>| {
         filter(&mut c).resume(StreamType::Request);
         ok()
@@ -534,15 +583,19 @@ pub fn add_to_linker(linker: &mut Linker<InstanceState>) -> wasmtime::Result<()>
             ok()
         },
     )?;
-    linker.func_wrap(env, "proxy_set_effective_context", |mut c: Ctx<'_>, id: u32| {
-        let filter = filter(&mut c);
-        if id == super::ROOT_CONTEXT || filter.http_context == Some(id) {
-            filter.effective = id;
-            ok()
-        } else {
-            status(Status::BadArgument)
-        }
-    })?;
+    linker.func_wrap(
+        env,
+        "proxy_set_effective_context",
+        |mut c: Ctx<'_>, id: u32| {
+            let filter = filter(&mut c);
+            if id == super::ROOT_CONTEXT || filter.http_context == Some(id) {
+                filter.effective = id;
+                ok()
+            } else {
+                status(Status::BadArgument)
+            }
+        },
+    )?;
     linker.func_wrap(env, "proxy_done", |_: Ctx<'_>| ok())?;
 
     // HTTP calls, under the http grant.
@@ -561,7 +614,11 @@ pub fn add_to_linker(linker: &mut Linker<InstanceState>) -> wasmtime::Result<()>
          timeout_ms: u32,
          token_at: u32| {
             let Some(grant) = c.data().grants().http.clone() else {
-                return status(Status::BadArgument);
+                return Err(NotGranted {
+                    function: "proxy_http_call",
+                    grant: "http: {hosts: [..]}",
+                }
+                .into());
             };
             let cluster = attempt!(read_text(&mut c, cluster, cluster_len));
             let raw = attempt!(read(&mut c, headers_at, headers_len));
@@ -629,9 +686,7 @@ pub fn add_to_linker(linker: &mut Linker<InstanceState>) -> wasmtime::Result<()>
         "proxy_get_shared_data",
         |mut c: Ctx<'_>, (key, key_len, ptr_at, size_at, cas_at): (u32, u32, u32, u32, u32)| {
             Box::new(async move {
-                if !c.data().grants().kv {
-                    return status(Status::NotFound);
-                }
+                need(c.data().grants().kv, "proxy_get_shared_data", "kv: true")?;
                 let key = attempt!(read_text(&mut c, key, key_len.min(MAX_KEY as u32 + 1)));
                 if key.len() > MAX_KEY {
                     return status(Status::BadArgument);
@@ -659,9 +714,7 @@ pub fn add_to_linker(linker: &mut Linker<InstanceState>) -> wasmtime::Result<()>
         "proxy_set_shared_data",
         |mut c: Ctx<'_>, (key, key_len, value, value_len, cas): (u32, u32, u32, u32, u32)| {
             Box::new(async move {
-                if !c.data().grants().kv {
-                    return status(Status::InternalFailure);
-                }
+                need(c.data().grants().kv, "proxy_set_shared_data", "kv: true")?;
                 let key = attempt!(read_text(&mut c, key, key_len.min(MAX_KEY as u32 + 1)));
                 if key.len() > MAX_KEY {
                     return status(Status::BadArgument);
@@ -697,9 +750,11 @@ pub fn add_to_linker(linker: &mut Linker<InstanceState>) -> wasmtime::Result<()>
         env,
         "proxy_register_shared_queue",
         |mut c: Ctx<'_>, name: u32, name_len: u32, id_at: u32| {
-            if !c.data().grants().kv {
-                return status(Status::InternalFailure);
-            }
+            need(
+                c.data().grants().kv,
+                "proxy_register_shared_queue",
+                "kv: true",
+            )?;
             let name = attempt!(read_text(&mut c, name, name_len.min(256)));
             let tenant: Arc<str> = c.data().tenant_name().into();
             let shared = filter(&mut c).shared.clone();
@@ -715,13 +770,20 @@ pub fn add_to_linker(linker: &mut Linker<InstanceState>) -> wasmtime::Result<()>
         env,
         "proxy_resolve_shared_queue",
         |mut c: Ctx<'_>, _vm: u32, _vm_len: u32, name: u32, name_len: u32, id_at: u32| {
-            if !c.data().grants().kv {
-                return status(Status::NotFound);
-            }
+            need(
+                c.data().grants().kv,
+                "proxy_resolve_shared_queue",
+                "kv: true",
+            )?;
             let name = attempt!(read_text(&mut c, name, name_len.min(256)));
             let tenant: Arc<str> = c.data().tenant_name().into();
             let shared = filter(&mut c).shared.clone();
-            let id = attempt!(shared.queues.resolve(&tenant, &name).ok_or(Status::NotFound));
+            let id = attempt!(
+                shared
+                    .queues
+                    .resolve(&tenant, &name)
+                    .ok_or(Status::NotFound)
+            );
             attempt!(write(&mut c, id_at, &id.to_le_bytes()));
             ok()
         },
@@ -730,9 +792,11 @@ pub fn add_to_linker(linker: &mut Linker<InstanceState>) -> wasmtime::Result<()>
         env,
         "proxy_enqueue_shared_queue",
         |mut c: Ctx<'_>, id: u32, value: u32, value_len: u32| {
-            if !c.data().grants().kv {
-                return status(Status::NotFound);
-            }
+            need(
+                c.data().grants().kv,
+                "proxy_enqueue_shared_queue",
+                "kv: true",
+            )?;
             let value = attempt!(read(&mut c, value, value_len));
             let tenant = c.data().tenant_name().to_owned();
             let shared = filter(&mut c).shared.clone();
@@ -747,9 +811,11 @@ pub fn add_to_linker(linker: &mut Linker<InstanceState>) -> wasmtime::Result<()>
         "proxy_dequeue_shared_queue",
         |mut c: Ctx<'_>, (id, ptr_at, size_at): (u32, u32, u32)| {
             Box::new(async move {
-                if !c.data().grants().kv {
-                    return status(Status::NotFound);
-                }
+                need(
+                    c.data().grants().kv,
+                    "proxy_dequeue_shared_queue",
+                    "kv: true",
+                )?;
                 let tenant = c.data().tenant_name().to_owned();
                 let shared = filter(&mut c).shared.clone();
                 match shared.queues.dequeue(&tenant, id) {
@@ -766,9 +832,11 @@ pub fn add_to_linker(linker: &mut Linker<InstanceState>) -> wasmtime::Result<()>
         env,
         "proxy_define_metric",
         |mut c: Ctx<'_>, kind: u32, name: u32, name_len: u32, id_at: u32| {
-            if !c.data().grants().metrics {
-                return status(Status::BadArgument);
-            }
+            need(
+                c.data().grants().metrics,
+                "proxy_define_metric",
+                "metrics: true",
+            )?;
             let kind = attempt!(MetricType::from_id(kind).ok_or(Status::BadArgument));
             let name = attempt!(read_text(&mut c, name, name_len.min(65)));
             c.data().admit_metric(&name)?;
@@ -793,57 +861,74 @@ pub fn add_to_linker(linker: &mut Linker<InstanceState>) -> wasmtime::Result<()>
             ok()
         },
     )?;
-    linker.func_wrap(env, "proxy_increment_metric", |mut c: Ctx<'_>, id: u32, by: i64| {
-        let (kind, labels) = attempt!(metric(&mut c, id));
-        let metrics = c.data().metrics();
-        match kind {
-            MetricType::Counter if by >= 0 => {
-                metrics.plugin_events.get_or_create(&labels).inc_by(by as u64);
+    linker.func_wrap(
+        env,
+        "proxy_increment_metric",
+        |mut c: Ctx<'_>, id: u32, by: i64| {
+            let (kind, labels) = attempt!(metric(&mut c, id));
+            let metrics = c.data().metrics();
+            match kind {
+                MetricType::Counter if by >= 0 => {
+                    metrics
+                        .plugin_events
+                        .get_or_create(&labels)
+                        .inc_by(by as u64);
+                }
+                MetricType::Gauge => {
+                    metrics.plugin_gauges.get_or_create(&labels).inc_by(by);
+                }
+                _ => return status(Status::BadArgument),
             }
-            MetricType::Gauge => {
-                metrics.plugin_gauges.get_or_create(&labels).inc_by(by);
-            }
-            _ => return status(Status::BadArgument),
-        }
-        ok()
-    })?;
-    linker.func_wrap(env, "proxy_record_metric", |mut c: Ctx<'_>, id: u32, value: u64| {
-        let (kind, labels) = attempt!(metric(&mut c, id));
-        let metrics = c.data().metrics();
-        match kind {
-            MetricType::Counter => {
-                let counter = metrics.plugin_events.get_or_create(&labels);
-                let now = counter.get();
-                if value >= now {
-                    counter.inc_by(value - now);
+            ok()
+        },
+    )?;
+    linker.func_wrap(
+        env,
+        "proxy_record_metric",
+        |mut c: Ctx<'_>, id: u32, value: u64| {
+            let (kind, labels) = attempt!(metric(&mut c, id));
+            let metrics = c.data().metrics();
+            match kind {
+                MetricType::Counter => {
+                    let counter = metrics.plugin_events.get_or_create(&labels);
+                    let now = counter.get();
+                    if value >= now {
+                        counter.inc_by(value - now);
+                    }
+                }
+                MetricType::Gauge => {
+                    metrics
+                        .plugin_gauges
+                        .get_or_create(&labels)
+                        .set(i64::try_from(value).unwrap_or(i64::MAX));
+                }
+                MetricType::Histogram => {
+                    metrics
+                        .plugin_histograms
+                        .get_or_create(&labels)
+                        .observe(value as f64);
                 }
             }
-            MetricType::Gauge => {
-                metrics
-                    .plugin_gauges
-                    .get_or_create(&labels)
-                    .set(i64::try_from(value).unwrap_or(i64::MAX));
-            }
-            MetricType::Histogram => {
-                metrics
-                    .plugin_histograms
-                    .get_or_create(&labels)
-                    .observe(value as f64);
-            }
-        }
-        ok()
-    })?;
-    linker.func_wrap(env, "proxy_get_metric", |mut c: Ctx<'_>, id: u32, at: u32| {
-        let (kind, labels) = attempt!(metric(&mut c, id));
-        let metrics = c.data().metrics();
-        let value = match kind {
-            MetricType::Counter => metrics.plugin_events.get_or_create(&labels).get(),
-            MetricType::Gauge => metrics.plugin_gauges.get_or_create(&labels).get().max(0) as u64,
-            MetricType::Histogram => return status(Status::Unimplemented),
-        };
-        attempt!(write(&mut c, at, &value.to_le_bytes()));
-        ok()
-    })?;
+            ok()
+        },
+    )?;
+    linker.func_wrap(
+        env,
+        "proxy_get_metric",
+        |mut c: Ctx<'_>, id: u32, at: u32| {
+            let (kind, labels) = attempt!(metric(&mut c, id));
+            let metrics = c.data().metrics();
+            let value = match kind {
+                MetricType::Counter => metrics.plugin_events.get_or_create(&labels).get(),
+                MetricType::Gauge => {
+                    metrics.plugin_gauges.get_or_create(&labels).get().max(0) as u64
+                }
+                MetricType::Histogram => return status(Status::Unimplemented),
+            };
+            attempt!(write(&mut c, at, &value.to_le_bytes()));
+            ok()
+        },
+    )?;
 
     // Not offered: gRPC calls, foreign functions, gRPC status.
     linker.func_wrap(
@@ -870,24 +955,26 @@ pub fn add_to_linker(linker: &mut Linker<InstanceState>) -> wasmtime::Result<()>
             status(Status::Unimplemented)
         },
     )?;
-    linker.func_wrap(env, "proxy_grpc_send", |_: Ctx<'_>, _: u32, _: u32, _: u32, _: u32| {
-        status(Status::Unimplemented)
-    })?;
+    linker.func_wrap(
+        env,
+        "proxy_grpc_send",
+        |_: Ctx<'_>, _: u32, _: u32, _: u32, _: u32| status(Status::Unimplemented),
+    )?;
     linker.func_wrap(env, "proxy_grpc_cancel", |_: Ctx<'_>, _: u32| {
         status(Status::Unimplemented)
     })?;
     linker.func_wrap(env, "proxy_grpc_close", |_: Ctx<'_>, _: u32| {
         status(Status::Unimplemented)
     })?;
-    linker.func_wrap(env, "proxy_get_status", |_: Ctx<'_>, _: u32, _: u32, _: u32| {
-        status(Status::Unimplemented)
-    })?;
+    linker.func_wrap(
+        env,
+        "proxy_get_status",
+        |_: Ctx<'_>, _: u32, _: u32, _: u32| status(Status::Unimplemented),
+    )?;
     linker.func_wrap(
         env,
         "proxy_call_foreign_function",
-        |_: Ctx<'_>, _: u32, _: u32, _: u32, _: u32, _: u32, _: u32| {
-            status(Status::Unimplemented)
-        },
+        |_: Ctx<'_>, _: u32, _: u32, _: u32, _: u32, _: u32, _: u32| status(Status::Unimplemented),
     )?;
     Ok(())
 }

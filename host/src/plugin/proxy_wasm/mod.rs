@@ -12,16 +12,15 @@ pub mod abi;
 pub mod imports;
 pub mod properties;
 pub mod queues;
+pub mod state;
 
-use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use wasmtime::{Instance, Memory, Store, TypedFunc};
+use wasmtime::{Instance, Store, TypedFunc};
 
-use self::abi::{ACTION_CONTINUE, MetricType, StreamType};
-use self::queues::SharedQueues;
+use self::abi::{ACTION_CONTINUE, StreamType};
+pub use self::state::{CallResponse, FilterShared, FilterState, PendingCall};
 use super::Reply;
 use super::host::InstanceState;
 
@@ -31,8 +30,7 @@ pub const ABI_MARKERS: [(&str, &str); 2] = [
     ("proxy_abi_version_0_2_0", "0.2.0"),
 ];
 
-/// The root context's id; HTTP contexts count up from the next.
-const ROOT_CONTEXT: u32 = 1;
+pub use self::state::ROOT_CONTEXT;
 /// The most http calls one context may have out at once.
 pub const MAX_PENDING_CALLS: usize = 8;
 /// The shortest tick period a filter may ask for.
@@ -122,112 +120,6 @@ impl FilterExports {
     }
 }
 
-/// What every instance of one filter pool shares: its configuration, its metrics and the
-/// signal that wakes its control instance.
-pub struct FilterShared {
-    /// What `plugin_root_id` answers: the entry's `root_id`, or the plugin's name.
-    pub root_id: String,
-    /// The route's `config`, as JSON text: the plugin configuration.
-    pub plugin_config: Bytes,
-    /// The entry's `vm_config`: the VM configuration.
-    pub vm_config: Bytes,
-    /// Wakes the control instance: a tick period changed, or a queue it registered has items.
-    pub wake: Arc<tokio::sync::Notify>,
-    /// The metrics the filter defined, by id (id `n` is entry `n - 1`).
-    pub metrics: Mutex<Vec<(MetricType, String)>>,
-    /// The gateway's shared queues.
-    pub queues: SharedQueues,
-    /// The tick period the control instance's root context asked for.
-    pub tick: Mutex<Option<Duration>>,
-}
-
-/// An http call the filter made, waiting to be sent once its callback can run.
-pub struct PendingCall {
-    /// The token the filter was given.
-    pub token: u32,
-    /// The checked request.
-    pub request: super::callout::Call,
-    /// How long the filter lets it take.
-    pub timeout: Duration,
-}
-
-/// What an http call brought back, readable during its callback.
-#[derive(Default)]
-pub struct CallResponse {
-    /// `:status` and the headers; empty when the call failed.
-    pub headers: Vec<(String, String)>,
-    /// The body.
-    pub body: Bytes,
-}
-
-/// A filter instance's state between and during calls.
-pub struct FilterState {
-    /// What the pool's instances share.
-    pub shared: Arc<FilterShared>,
-    /// The guest's memory.
-    pub memory: Option<Memory>,
-    /// The guest's allocator, for the values host functions return.
-    pub allocate: Option<TypedFunc<u32, u32>>,
-    /// The request's HTTP context, while the instance serves one.
-    pub http_context: Option<u32>,
-    next_context: u32,
-    /// The context host calls act on (`proxy_set_effective_context`).
-    pub effective: u32,
-    /// A local response the filter sent during the call in progress.
-    pub local_reply: Option<Reply>,
-    /// `proxy_continue_stream` was called for the request or the response.
-    pub resumed: [bool; 2],
-    /// `proxy_close_stream` was called.
-    pub closed: bool,
-    /// Calls made and not yet answered.
-    pub calls: VecDeque<PendingCall>,
-    next_token: u32,
-    /// The answer of the call whose callback runs now.
-    pub call_response: Option<CallResponse>,
-    /// The response status, once the response phase has seen it.
-    pub response_code: Option<u16>,
-}
-
-impl FilterState {
-    /// The state of a new instance of a pool that shares `shared`.
-    pub fn new(shared: Arc<FilterShared>) -> Self {
-        FilterState {
-            shared,
-            memory: None,
-            allocate: None,
-            http_context: None,
-            next_context: ROOT_CONTEXT + 1,
-            effective: ROOT_CONTEXT,
-            local_reply: None,
-            resumed: [false; 2],
-            closed: false,
-            calls: VecDeque::new(),
-            next_token: 1,
-            call_response: None,
-            response_code: None,
-        }
-    }
-
-    /// The token for the next http call.
-    pub fn take_token(&mut self) -> u32 {
-        let token = self.next_token;
-        self.next_token = self.next_token.wrapping_add(1).max(1);
-        token
-    }
-
-    fn stream_index(stream: StreamType) -> usize {
-        match stream {
-            StreamType::Request => 0,
-            StreamType::Response => 1,
-        }
-    }
-
-    /// Marks `stream` as continued by the filter.
-    pub fn resume(&mut self, stream: StreamType) {
-        self.resumed[Self::stream_index(stream)] = true;
-    }
-}
-
 fn state(store: &mut Store<InstanceState>) -> &mut FilterState {
     store
         .data_mut()
@@ -261,14 +153,22 @@ pub async fn start(
     if let Some(vm_start) = &exports.vm_start {
         rearm(store);
         let size = shared.vm_config.len() as u32;
-        if vm_start.call_async(&mut *store, (ROOT_CONTEXT, size)).await? == 0 {
+        if vm_start
+            .call_async(&mut *store, (ROOT_CONTEXT, size))
+            .await?
+            == 0
+        {
             return Err(FilterFault::Refused("vm_start").into());
         }
     }
     if let Some(configure) = &exports.configure {
         rearm(store);
         let size = shared.plugin_config.len() as u32;
-        if configure.call_async(&mut *store, (ROOT_CONTEXT, size)).await? == 0 {
+        if configure
+            .call_async(&mut *store, (ROOT_CONTEXT, size))
+            .await?
+            == 0
+        {
             return Err(FilterFault::Refused("configure").into());
         }
     }
@@ -281,17 +181,7 @@ pub async fn request_headers(
     store: &mut Store<InstanceState>,
     exports: &FilterExports,
 ) -> wasmtime::Result<Option<Reply>> {
-    let context = {
-        let filter = state(store);
-        let context = filter.next_context;
-        filter.next_context = filter.next_context.wrapping_add(1).max(ROOT_CONTEXT + 1);
-        filter.http_context = Some(context);
-        filter.effective = context;
-        filter.resumed = [false; 2];
-        filter.closed = false;
-        filter.response_code = None;
-        context
-    };
+    let context = state(store).begin_request();
     exports
         .context_create
         .call_async(&mut *store, (context, ROOT_CONTEXT))
@@ -305,7 +195,10 @@ pub async fn request_headers(
             .request
             .as_deref()
             .expect("the request is lent for on-request");
-        (request.headers.len() as u32 + 4, !has_body(&request.headers))
+        (
+            request.headers.len() as u32 + 4,
+            !has_body(&request.headers),
+        )
     };
     rearm(store);
     let action = callback
@@ -402,7 +295,7 @@ async fn settle(
             filter.calls.clear();
             return Ok(Some(closed_reply()));
         }
-        if action == ACTION_CONTINUE || filter.resumed[FilterState::stream_index(stream)] {
+        if action == ACTION_CONTINUE || filter.resumed(stream) {
             // Calls made without pausing get no callback: nothing waits for their answer.
             filter.calls.clear();
             return Ok(None);
@@ -491,7 +384,9 @@ pub async fn queues_ready(
         for queue in queues {
             state(store).effective = ROOT_CONTEXT;
             rearm(store);
-            ready.call_async(&mut *store, (ROOT_CONTEXT, *queue)).await?;
+            ready
+                .call_async(&mut *store, (ROOT_CONTEXT, *queue))
+                .await?;
         }
     }
     root_calls(store, exports).await

@@ -44,11 +44,20 @@ pub struct SharedQueues(Arc<Mutex<Registry>>);
 
 impl SharedQueues {
     /// Registers `name` for `tenant` (or takes it over), woken through `owner`.
-    pub fn register(&self, tenant: &Arc<str>, name: &str, owner: &Arc<Notify>) -> Result<u32, QueueError> {
+    pub fn register(
+        &self,
+        tenant: &Arc<str>,
+        name: &str,
+        owner: &Arc<Notify>,
+    ) -> Result<u32, QueueError> {
         let mut registry = self.0.lock().expect("queue registry lock");
         let key = (tenant.clone(), name.to_owned());
         if let Some(&id) = registry.ids.get(&key) {
-            registry.queues.get_mut(&id).expect("an id has its queue").owner = owner.clone();
+            registry
+                .queues
+                .get_mut(&id)
+                .expect("an id has its queue")
+                .owner = owner.clone();
             return Ok(id);
         }
         if registry.queues.len() >= MAX_QUEUES {
@@ -72,10 +81,18 @@ impl SharedQueues {
     /// The id of `tenant`'s queue `name`.
     pub fn resolve(&self, tenant: &Arc<str>, name: &str) -> Option<u32> {
         let registry = self.0.lock().expect("queue registry lock");
-        registry.ids.get(&(tenant.clone(), name.to_owned())).copied()
+        registry
+            .ids
+            .get(&(tenant.clone(), name.to_owned()))
+            .copied()
     }
 
-    fn with_queue<T>(&self, tenant: &str, id: u32, f: impl FnOnce(&mut Queue) -> T) -> Result<T, QueueError> {
+    fn with_queue<T>(
+        &self,
+        tenant: &str,
+        id: u32,
+        f: impl FnOnce(&mut Queue) -> T,
+    ) -> Result<T, QueueError> {
         let mut registry = self.0.lock().expect("queue registry lock");
         match registry.queues.get_mut(&id) {
             // Another tenant's id is no id at all.
@@ -136,11 +153,17 @@ mod tests {
         assert_eq!(queues.resolve(&a, "q"), Some(id));
         assert_eq!(queues.resolve(&b, "q"), None);
         // Tenant b cannot use a's id.
-        assert_eq!(queues.enqueue("b", id, Bytes::from_static(b"x")), Err(QueueError::NotFound));
+        assert_eq!(
+            queues.enqueue("b", id, Bytes::from_static(b"x")),
+            Err(QueueError::NotFound)
+        );
         assert_eq!(queues.dequeue("b", id), Err(QueueError::NotFound));
         queues.enqueue("a", id, Bytes::from_static(b"1")).unwrap();
         assert_eq!(queues.ready_for(&owner), vec![id]);
-        assert_eq!(queues.ready_for(&Arc::new(Notify::new())), Vec::<u32>::new());
+        assert_eq!(
+            queues.ready_for(&Arc::new(Notify::new())),
+            Vec::<u32>::new()
+        );
         assert_eq!(queues.dequeue("a", id), Ok(Some(Bytes::from_static(b"1"))));
         assert_eq!(queues.dequeue("a", id), Ok(None));
         for _ in 0..MAX_QUEUE_ITEMS {

@@ -67,6 +67,9 @@ enum Config {
     /// In on-request, queues the response header `x-probe-queued: request` and answers 403
     /// when the path is `deny`; in on-response, sets `x-probe-marked: <status>`.
     MarkAndDeny { deny: String },
+    /// Appends `tag` to the request header `x-chain` in on-request and to the response header
+    /// `x-chain` in on-response (comma-separated), so that a chain shows its order.
+    Chain { tag: String },
 }
 
 /// Requests this instance has seen (for `instance-counter`).
@@ -106,6 +109,7 @@ impl Plugin for Probe {
                 | Config::Remember
                 | Config::EditThenFail
                 | Config::MarkAndDeny { .. }
+                | Config::Chain { .. }
         );
         Wants {
             on_request: true,
@@ -159,6 +163,14 @@ impl Plugin for Probe {
                     std::hint::black_box(deeper(std::hint::black_box(n + 1)) + 1)
                 }
                 let _ = req.set_header("x-depth", &deeper(0).to_string());
+                Action::Continue
+            }
+            Config::Chain { tag } => {
+                let chain = match req.header("x-chain") {
+                    Some(before) => format!("{before},{tag}"),
+                    None => tag.clone(),
+                };
+                let _ = req.set_header("x-chain", &chain);
                 Action::Continue
             }
             Config::SeeHeader { name } => {
@@ -276,6 +288,13 @@ impl Plugin for Probe {
             }
             Config::MarkAndDeny { .. } => {
                 let _ = resp.set_header("x-probe-marked", &resp.status().to_string());
+            }
+            Config::Chain { tag } => {
+                let chain = match resp.header("x-chain") {
+                    Some(before) => format!("{before},{tag}"),
+                    None => tag.clone(),
+                };
+                let _ = resp.set_header("x-chain", &chain);
             }
             Config::Remember => {
                 let seen = SEEN.load(std::sync::atomic::Ordering::Relaxed);

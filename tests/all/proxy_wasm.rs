@@ -1,0 +1,395 @@
+//! proxy-wasm filters, built from source by the test build, run unchanged: the Rust SDK's own
+//! examples, Weir's test filter (shared data, queues, metrics, hostile modes) and an
+//! AssemblyScript filter, alone and mixed with components in one chain.
+
+use std::time::Duration;
+
+use http::StatusCode;
+use serde_json::{Value, json};
+use weir_tests::plugins::{
+    FILTER_ASSEMBLYSCRIPT, FILTER_HELLO_WORLD, FILTER_HTTP_AUTH_RANDOM, FILTER_HTTP_CONFIG,
+    FILTER_HTTP_HEADERS, FILTER_WEIR,
+};
+use weir_tests::{
+    Behaviour, ChildGateway, TestGateway, Upstream, admin_get, eventually, get, metric, node, yaml,
+};
+
+/// A filter's plugin entry; quarantine off unless `extra` sets it.
+fn filter(name: &str, module: &str, extra: Value) -> Value {
+    let mut entry = json!({"name": name, "module": module, "quarantine": {"traps": 0}});
+    for (key, value) in extra.as_object().expect("an object") {
+        entry[key] = value.clone();
+    }
+    entry
+}
+
+fn route(id: &str, uri: &str, plugins: Value) -> Value {
+    json!({"id": id, "uri": uri, "upstream_id": "u", "plugins": plugins})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sdks_http_headers_example_answers_hello_and_passes_the_rest() {
+    let up = Upstream::start("u").await;
+    let gateway = TestGateway::start(&yaml(json!({
+        "upstreams": [{"id": "u", "nodes": [node(&up)]}],
+        "plugins": [filter("headers", FILTER_HTTP_HEADERS, json!({"grants": {"log": true}}))],
+        "routes": [route("all", "/*", json!([{"name": "headers"}]))],
+    })))
+    .await;
+    let hello = get(&gateway.url("/hello")).await;
+    assert_eq!(hello.status, StatusCode::OK);
+    assert_eq!(hello.text(), "Hello, World!\n");
+    assert_eq!(hello.header("hello"), Some("World"));
+    assert_eq!(hello.header("powered-by"), Some("proxy-wasm"));
+    assert_eq!(up.hits(), 0, "a local response never reaches the upstream");
+    let other = get(&gateway.url("/other?x=1")).await;
+    assert_eq!(other.status, StatusCode::OK, "{}", other.text());
+    assert_eq!(other.json()["path"], "/other", "{}", other.text());
+    assert_eq!(up.hits(), 1);
+    // The status page says what kind of plugin it is.
+    let status = admin_get(&gateway.admin_url("/v1/status")).await.json();
+    let plugin = &status["plugins"][0];
+    assert_eq!(plugin["kind"], "proxy-wasm", "{status}");
+    assert_eq!(plugin["world"], "0.2.1", "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sdks_http_config_example_reads_the_routes_config() {
+    let up = Upstream::start("u").await;
+    let gateway = TestGateway::start(&yaml(json!({
+        "upstreams": [{"id": "u", "nodes": [node(&up)]}],
+        "plugins": [filter("config", FILTER_HTTP_CONFIG, json!({}))],
+        "routes": [
+            route("a", "/a", json!([{"name": "config", "config": "from route a"}])),
+            route("b", "/b", json!([{"name": "config", "config": {"json": true}}])),
+        ],
+    })))
+    .await;
+    let a = get(&gateway.url("/a")).await;
+    assert_eq!(a.header("custom-header"), Some("from route a"));
+    // Config that is not a string reaches the filter as its JSON text.
+    let b = get(&gateway.url("/b")).await;
+    assert_eq!(b.header("custom-header"), Some(r#"{"json":true}"#));
+}
+
+/// A gateway with http_auth_random in front of `u`, whose `httpbin` cluster answers `byte`.
+async fn auth_random(up: &Upstream, byte: &'static [u8]) -> (TestGateway, Upstream) {
+    let httpbin = Upstream::start_with(
+        "httpbin",
+        Behaviour {
+            body: Some(bytes::Bytes::from_static(byte)),
+            ..Default::default()
+        },
+    )
+    .await;
+    let granted = format!("127.0.0.1:{}", httpbin.port());
+    let gateway = TestGateway::start(&yaml(json!({
+        "upstreams": [
+            {"id": "u", "nodes": [node(up)]},
+            {"id": "httpbin", "nodes": [node(&httpbin)]},
+        ],
+        "plugins": [filter("auth", FILTER_HTTP_AUTH_RANDOM, json!({"grants": {"log": true, "http": {"hosts": [granted]}}}))],
+        "routes": [route("all", "/*", json!([{"name": "auth"}]))],
+    })))
+    .await;
+    (gateway, httpbin)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sdks_http_auth_random_example_pauses_for_its_call_then_resumes_or_answers() {
+    let up = Upstream::start("u").await;
+    // An even first byte lets the request through, once the call has answered.
+    let (gateway, httpbin) = auth_random(&up, b"2").await;
+    let allowed = get(&gateway.url("/x")).await;
+    assert_eq!(allowed.status, StatusCode::OK, "{}", allowed.text());
+    assert_eq!(allowed.header("powered-by"), Some("proxy-wasm"));
+    assert_eq!((httpbin.hits(), up.hits()), (1, 1));
+    // An odd one answers 403 from the callback, and the upstream is never called.
+    let (gateway, httpbin) = auth_random(&up, b"1").await;
+    let denied = get(&gateway.url("/x")).await;
+    assert_eq!(denied.status, StatusCode::FORBIDDEN);
+    assert_eq!(denied.text(), "Access forbidden.\n");
+    assert_eq!((httpbin.hits(), up.hits()), (1, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sdks_hello_world_example_ticks_and_logs() {
+    let up = Upstream::start("u").await;
+    let child = ChildGateway::start(&yaml(json!({
+        "upstreams": [{"id": "u", "nodes": [node(&up)]}],
+        "plugins": [filter("hello", FILTER_HELLO_WORLD, json!({"grants": {"log": true, "wasi": ["clocks", "random"]}}))],
+        "routes": [route("all", "/*", json!([{"name": "hello"}]))],
+    })))
+    .await;
+    eventually(
+        "hello_world's vm start log line",
+        Duration::from_secs(30),
+        || {
+            let log = child.log();
+            async move { log.contains("Hello, World!") }
+        },
+    )
+    .await;
+    // Its root context asked for a tick every 5 s; each one logs the time and a random number.
+    eventually("hello_world's first tick", Duration::from_secs(30), || {
+        let log = child.log();
+        async move { log.contains("your lucky number is") }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_data_counts_with_cas_queues_deliver_and_metrics_export() {
+    let up = Upstream::start("u").await;
+    let gateway = TestGateway::start(&yaml(json!({
+        "upstreams": [{"id": "u", "nodes": [node(&up)]}],
+        "tenants": [{"name": "a"}, {"name": "b"}],
+        "plugins": [
+            filter("counter", FILTER_WEIR, json!({"tenant": "a", "grants": {"kv": true, "metrics": true}})),
+            filter("reader-a", FILTER_WEIR, json!({"tenant": "a", "grants": {"kv": true}})),
+            filter("reader-b", FILTER_WEIR, json!({"tenant": "b", "grants": {"kv": true}})),
+        ],
+        "routes": [
+            route("count", "/count", json!([{"name": "counter", "config": {"mode": "shared", "key": "hits"}}])),
+            route("read-a", "/read-a", json!([{"name": "reader-a", "config": {"mode": "shared-read", "key": "hits"}}])),
+            route("read-b", "/read-b", json!([{"name": "reader-b", "config": {"mode": "shared-read", "key": "hits"}}])),
+        ],
+    })))
+    .await;
+    for n in 1..=3 {
+        let reply = get(&gateway.url("/count")).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        assert_eq!(reply.header("x-count"), Some(n.to_string().as_str()));
+        if n > 1 {
+            // A write with the CAS value read before the last write is refused.
+            assert_eq!(reply.header("x-stale-cas"), Some("refused"));
+        }
+        assert_eq!(reply.header("x-queue"), Some("enqueued"));
+    }
+    // The root context of the control instance is told the queue has items, and records the
+    // last one in shared data.
+    let url = gateway.url("/count");
+    eventually(
+        "the queue to be drained by on_queue_ready",
+        Duration::from_secs(10),
+        || {
+            let url = url.clone();
+            async move { get(&url).await.header("x-last-dequeued") == Some("/count") }
+        },
+    )
+    .await;
+    // The tenant's other filter sees the data; another tenant's does not.
+    let same_tenant = get(&gateway.url("/read-a")).await;
+    let count: u64 = same_tenant.header("x-shared").unwrap().parse().unwrap();
+    assert!(count >= 4, "{count}");
+    let other_tenant = get(&gateway.url("/read-b")).await;
+    assert_eq!(other_tenant.header("x-shared"), Some("missing"));
+    // Metrics, under the plugin's label.
+    let metrics = gateway.admin_url("/metrics");
+    let requests = metric(
+        &metrics,
+        r#"weir_plugin_events_total{plugin="counter",name="weir_filter_requests"}"#,
+    )
+    .await;
+    assert!(requests >= 4.0, "{requests}");
+    let gauge = metric(
+        &metrics,
+        r#"weir_plugin_gauges{plugin="counter",name="weir_filter_last_count"}"#,
+    )
+    .await;
+    assert!(gauge >= 4.0, "{gauge}");
+    let recorded = metric(
+        &metrics,
+        r#"weir_plugin_values_count{plugin="counter",name="weir_filter_path_bytes"}"#,
+    )
+    .await;
+    assert!(recorded >= 4.0, "{recorded}");
+}
+
+/// A gateway where weir-filter runs in each hostile mode, fail-closed, with a 50 ms deadline.
+async fn hostile(up: &Upstream, quarantine: Value) -> TestGateway {
+    let entry = |name: &str, extra: Value| {
+        let mut e = filter(
+            name,
+            FILTER_WEIR,
+            json!({"limits": {"timeout_ms": 50, "memory_mb": 16}, "quarantine": quarantine}),
+        );
+        for (k, v) in extra.as_object().unwrap() {
+            e[k] = v.clone();
+        }
+        e
+    };
+    TestGateway::start(&yaml(json!({
+        "upstreams": [{"id": "u", "nodes": [node(up)]}],
+        "plugins": [
+            entry("hostile", json!({})),
+            entry("ticker", json!({})),
+            entry("caller", json!({"grants": {"http": {"hosts": ["127.0.0.1:9"]}}})),
+        ],
+        "routes": [
+            {"id": "ok", "uri": "/ok", "upstream_id": "u"},
+            route("loop", "/loop", json!([{"name": "hostile", "config": {"mode": "loop-headers"}}])),
+            route("grow", "/grow", json!([{"name": "hostile", "config": {"mode": "grow", "mb": 64}}])),
+            route("trap", "/trap", json!([{"name": "hostile", "config": {"mode": "trap"}}])),
+            route("crlf", "/crlf", json!([{"name": "hostile", "config": {"mode": "crlf"}}])),
+            route("tick", "/tick", json!([{"name": "ticker", "config": {"mode": "loop-tick"}}])),
+            route("callout", "/callout", json!([{"name": "caller", "config": {"mode": "callout", "cluster": "example.com:80", "path": "/"}}])),
+        ],
+    })))
+    .await
+}
+
+fn failures(text: &str, route: &str, kind: &str) -> Option<f64> {
+    let needle = format!(
+        r#"weir_plugin_failures_total{{plugin="hostile",route="{route}",tenant="default",kind="{kind}"}} "#
+    );
+    text.lines()
+        .find_map(|line| line.strip_prefix(&needle))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_filters_meet_the_deadline_the_memory_cap_and_the_header_checks() {
+    let up = Upstream::start("u").await;
+    let gateway = hostile(&up, json!({"traps": 0})).await;
+    let ok_url = gateway.url("/ok");
+    let neighbour = tokio::spawn(async move {
+        let mut statuses = Vec::new();
+        for _ in 0..30 {
+            statuses.push(get(&ok_url).await.status);
+        }
+        statuses
+    });
+    for path in ["/loop", "/grow", "/trap"] {
+        let reply = get(&gateway.url(path)).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "{path}: {}",
+            reply.text()
+        );
+        assert_eq!(reply.json()["error"], "plugin hostile failed", "{path}");
+    }
+    let statuses = neighbour.await.unwrap();
+    assert!(
+        statuses.iter().all(|s| *s == StatusCode::OK),
+        "{statuses:?}"
+    );
+    let text = get(&gateway.admin_url("/metrics")).await.text();
+    assert_eq!(failures(&text, "loop", "timeout"), Some(1.0), "{text}");
+    assert_eq!(failures(&text, "grow", "memory"), Some(1.0), "{text}");
+    assert_eq!(failures(&text, "trap", "trap"), Some(1.0), "{text}");
+    // A CR LF in a header value is refused with BadArgument, as a component's edit is refused;
+    // the filter goes on and answers.
+    let crlf = get(&gateway.url("/crlf")).await;
+    assert_eq!(
+        crlf.header("x-crlf-status"),
+        Some("BadArgument"),
+        "{crlf:?}"
+    );
+    // A call to a host the grant does not list is refused when it is made.
+    let refused = get(&gateway.url("/callout")).await;
+    assert_eq!(refused.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(refused.header("x-callout-error"), Some("BadArgument"));
+    // A tick that loops forever is stopped by the deadline, again and again, and the route
+    // through the same filter keeps serving.
+    let admin = gateway.admin_url("/metrics");
+    eventually(
+        "the looping tick to time out twice",
+        Duration::from_secs(20),
+        || {
+            let admin = admin.clone();
+            async move {
+                let text = get(&admin).await.text();
+                text.lines().any(|line| {
+                    line.starts_with(r#"weir_plugin_failures_total{plugin="ticker",route=":root""#)
+                        && line.contains(r#"kind="timeout""#)
+                        && line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) >= Some(2.0)
+                })
+            }
+        },
+    )
+    .await;
+    let ticking = get(&gateway.url("/tick")).await;
+    assert_eq!(ticking.status, StatusCode::OK);
+    assert_eq!(ticking.header("x-ticking"), Some("yes"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_that_keeps_trapping_is_quarantined() {
+    let up = Upstream::start("u").await;
+    let gateway = hostile(
+        &up,
+        json!({"traps": 3, "window_ms": 60000, "backoff_ms": 60000}),
+    )
+    .await;
+    for _ in 0..3 {
+        assert_eq!(
+            get(&gateway.url("/trap")).await.status,
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+    }
+    let status = admin_get(&gateway.admin_url("/v1/status")).await.json();
+    let quarantined = status["quarantined"].as_array().unwrap();
+    assert!(
+        quarantined.iter().any(|q| q["plugin"] == "hostile"),
+        "{status}"
+    );
+    // Quarantined, it is not called: the gateway answers 503 until the backoff ends.
+    let text = get(&gateway.admin_url("/metrics")).await.text();
+    let before = failures(&text, "trap", "trap");
+    assert_eq!(
+        get(&gateway.url("/trap")).await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    let text = get(&gateway.admin_url("/metrics")).await.text();
+    assert_eq!(failures(&text, "trap", "trap"), before);
+    assert_eq!(failures(&text, "trap", "quarantined"), Some(1.0), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn components_and_filters_mix_in_one_chain_and_see_each_others_edits_in_order() {
+    let up = Upstream::start("u").await;
+    let gateway = TestGateway::start(&yaml(json!({
+        "upstreams": [{"id": "u", "nodes": [node(&up)]}],
+        "plugins": [
+            weir_tests::probe_entry("probe-1", json!({})),
+            filter("tagger", FILTER_WEIR, json!({})),
+            weir_tests::probe_entry("probe-2", json!({})),
+        ],
+        "routes": [route("mixed", "/mixed", json!([
+            {"name": "probe-1", "config": {"mode": "chain", "tag": "c1"}},
+            {"name": "tagger", "config": {"mode": "tag", "tag": "f"}},
+            {"name": "probe-2", "config": {"mode": "chain", "tag": "c2"}},
+        ]))],
+    })))
+    .await;
+    assert_eq!(gateway.errors(), vec![]);
+    let reply = get(&gateway.url("/mixed")).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    // On the way in, in chain order; on the way out, in reverse.
+    assert_eq!(reply.json()["headers"]["x-chain"], "c1,f,c2");
+    assert_eq!(reply.header("x-chain"), Some("c2,f,c1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_assemblyscript_filter_edits_headers_and_answers_locally() {
+    let up = Upstream::start("u").await;
+    let gateway = TestGateway::start(&yaml(json!({
+        "upstreams": [{"id": "u", "nodes": [node(&up)]}],
+        // Its runtime registers its root context under the empty root id.
+        "plugins": [filter("as", FILTER_ASSEMBLYSCRIPT, json!({"root_id": "", "grants": {"log": true}}))],
+        "routes": [route("all", "/*", json!([{"name": "as"}]))],
+    })))
+    .await;
+    let passed = get(&gateway.url("/x")).await;
+    assert_eq!(passed.status, StatusCode::OK, "{}", passed.text());
+    assert_eq!(passed.json()["headers"]["x-as"], "hello");
+    assert_eq!(passed.header("x-as-response"), Some("yes"));
+    let local = get(&gateway.url("/as-local")).await;
+    assert_eq!(local.status, StatusCode::FORBIDDEN);
+    assert_eq!(local.text(), "denied by assemblyscript");
+    assert_eq!(local.header("x-as-local"), Some("yes"));
+    let status = admin_get(&gateway.admin_url("/v1/status")).await.json();
+    assert_eq!(status["plugins"][0]["world"], "0.2.0", "{status}");
+}
