@@ -36,6 +36,7 @@ use http::{Method, Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 
 use crate::access_log::{AccessRecord, now_rfc3339};
+use crate::body::filtered::{ChunkLink, FilteredBody};
 use crate::body::{CollectError, ProxyBody, ResponseBody, Stalled, collect_bounded};
 use crate::config::{FailurePolicy, PathNormalization};
 use crate::edge::trailers::RequestTrailers;
@@ -43,7 +44,7 @@ use crate::edge::{self, Peer, strip_hop_by_hop};
 use crate::error::{GatewayError, grpc_error, is_grpc};
 use crate::gateway::Gateway;
 use crate::grpc_web;
-use crate::plugin::{Action, Bound, PluginError, Reply, Summary};
+use crate::plugin::{Action, Bound, PluginError, Reply, StreamType, Summary};
 use crate::snapshot::{ChainLink, Route, Snapshot, Target};
 use crate::timeouts::IdleBody;
 use crate::upgrade::{self, Spliced};
@@ -373,6 +374,11 @@ async fn upstream_phase(
             unreachable!("a buffered body stays in the view")
         }
     };
+    // An empty body keeps its replay for retries: no filter has a chunk of it to see.
+    let body = match body_readers(&route.chain, &finish.bound, StreamType::Request) {
+        Some(readers) if !body.is_empty() => body.through(readers),
+        _ => body,
+    };
     let key = upstream.hash_key(client_ip, &path, query.as_deref(), &headers);
     // The client's were dropped at the edge; these are any a plugin added.
     strip_hop_by_hop(&mut headers);
@@ -533,7 +539,43 @@ pub async fn response_phase(
         (None, Some(body)) => body,
         (None, None) => ProxyBody::Empty,
     };
+    // A body that is over before it begins has no chunk for a filter to see.
+    let readers = (!http_body::Body::is_end_stream(&body))
+        .then(|| body_readers(links, bound, StreamType::Response))
+        .flatten();
+    let body = match readers {
+        Some(readers) => ProxyBody::Filtered(Box::new(FilteredBody::new(
+            body,
+            StreamType::Response,
+            readers,
+        ))),
+        None => body,
+    };
     (Some(request), Ok(Response::from_parts(parts, body)))
+}
+
+/// The proxy-wasm filters among `links` with a body callback for `stream`, in the order the
+/// body meets them (the chain's for a request, reverse for a response); `None` when there is
+/// none, and the body is left as it is.
+fn body_readers(
+    links: &[ChainLink],
+    bound: &[Bound],
+    stream: StreamType,
+) -> Option<Vec<ChunkLink>> {
+    let readers = links
+        .iter()
+        .zip(bound)
+        .filter(|(link, _)| link.pool.reads_body(stream));
+    let mut readers: Vec<ChunkLink> = readers
+        .map(|(link, bound)| {
+            let metrics = link.metrics.clone();
+            ChunkLink::new(link.pool.clone(), bound.share(), link.failure, metrics)
+        })
+        .collect();
+    if stream == StreamType::Response {
+        readers.reverse();
+    }
+    (!readers.is_empty()).then_some(readers)
 }
 
 /// Phase 6's first step, on every answer (upstream, plugin reply or error alike), after every

@@ -393,3 +393,77 @@ async fn an_assemblyscript_filter_edits_headers_and_answers_locally() {
     let status = admin_get(&gateway.admin_url("/v1/status")).await.json();
     assert_eq!(status["plugins"][0]["world"], "0.2.0", "{status}");
 }
+
+/// A gateway whose route `/body` answers `body` through the filter `module`, with a
+/// `max_body_bytes` of 64 KiB.
+async fn body_gateway(module: &str, body: &'static [u8]) -> (TestGateway, Upstream) {
+    let up = Upstream::start_with(
+        "u",
+        Behaviour {
+            body: Some(bytes::Bytes::from_static(body)),
+            ..Default::default()
+        },
+    )
+    .await;
+    let gateway = TestGateway::start(&yaml(json!({
+        "upstreams": [{"id": "u", "nodes": [node(&up)]}],
+        "plugins": [filter("f", module, json!({"limits": {"max_body_bytes": 65536}, "grants": {"log": true}}))],
+        "routes": [route("body", "/body", json!([{"name": "f"}]))],
+    })))
+    .await;
+    (gateway, up)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sdks_http_body_example_rewrites_a_response_body_it_held_to_the_end() {
+    use weir_tests::plugins::FILTER_HTTP_BODY;
+    let (gateway, _up) = body_gateway(FILTER_HTTP_BODY, b"this is a secret message").await;
+    let reply = get(&gateway.url("/body")).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.text(), "Original message body (24 bytes) redacted.\n");
+    // It removed the content-length, so the new length frames the answer.
+    assert_eq!(reply.header("content-length"), None);
+    let (gateway, _up) = body_gateway(FILTER_HTTP_BODY, b"nothing to hide").await;
+    assert_eq!(get(&gateway.url("/body")).await.text(), "nothing to hide");
+}
+
+/// 4 MiB of a repeated pattern, a body far over the filters' 64 KiB `max_body_bytes`.
+static LARGE: std::sync::LazyLock<Vec<u8>> =
+    std::sync::LazyLock::new(|| (0..4u32 << 20).map(|i| b'a' + (i % 26) as u8).collect());
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_streams_through_a_filter_that_passes_each_chunk_and_is_never_buffered() {
+    // http_headers has the SDK's body callbacks, which pass every chunk on: 4 MiB goes
+    // through a filter bounded to 64 KiB, so nothing held it whole.
+    let large: &'static [u8] = LARGE.as_slice();
+    let (gateway, _up) = body_gateway(FILTER_HTTP_HEADERS, large).await;
+    let reply = get(&gateway.url("/body")).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.body.len(), large.len());
+    assert!(reply.body == large, "the body came through changed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_that_holds_a_body_past_its_max_body_bytes_cuts_the_answer() {
+    use weir_tests::plugins::FILTER_HTTP_BODY;
+    // http_body holds every chunk until the end: past 64 KiB the filter fails, closed, and the
+    // answer, whose head has gone, is cut rather than sent whole.
+    let large: &'static [u8] = LARGE.as_slice();
+    let (gateway, _up) = body_gateway(FILTER_HTTP_BODY, large).await;
+    let request = weir_tests::request(http::Method::GET, &gateway.url("/body"))
+        .body(http_body_util::Full::<bytes::Bytes>::default())
+        .unwrap();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
+    let response = client.request(request).await.unwrap();
+    use http_body_util::BodyExt;
+    let read = response.into_body().collect().await;
+    assert!(read.is_err(), "a body held past its bound came whole");
+    let text = get(&gateway.admin_url("/metrics")).await.text();
+    assert!(
+        text.contains(
+            r#"weir_plugin_failures_total{plugin="f",route="body",tenant="default",kind="limit"}"#
+        ),
+        "{text}"
+    );
+}

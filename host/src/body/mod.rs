@@ -8,6 +8,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
+pub mod filtered;
 pub mod stream;
 
 pub use self::stream::{
@@ -35,6 +36,8 @@ pub enum ProxyBody {
     Upstream(UpstreamBody),
     /// A gRPC response body on its way to a gRPC-Web client: its trailers become a frame.
     GrpcWeb(Box<WebBody<ProxyBody>>),
+    /// A body going through proxy-wasm filters' body callbacks.
+    Filtered(Box<filtered::FilteredBody<ProxyBody>>),
 }
 
 impl ProxyBody {
@@ -75,6 +78,7 @@ impl Body for ProxyBody {
             ProxyBody::Client(body) => Pin::new(body).poll_frame(cx),
             ProxyBody::Upstream(body) => Pin::new(body).poll_frame(cx),
             ProxyBody::GrpcWeb(body) => Pin::new(&mut **body).poll_frame(cx),
+            ProxyBody::Filtered(body) => Pin::new(&mut **body).poll_frame(cx),
         }
     }
 
@@ -86,6 +90,7 @@ impl Body for ProxyBody {
             ProxyBody::Client(body) => body.is_end_stream(),
             ProxyBody::Upstream(body) => body.is_end_stream(),
             ProxyBody::GrpcWeb(body) => body.is_end_stream(),
+            ProxyBody::Filtered(body) => body.is_end_stream(),
         }
     }
 
@@ -97,6 +102,7 @@ impl Body for ProxyBody {
             ProxyBody::Client(body) => body.size_hint(),
             ProxyBody::Upstream(body) => body.size_hint(),
             ProxyBody::GrpcWeb(body) => body.size_hint(),
+            ProxyBody::Filtered(body) => body.size_hint(),
         }
     }
 }

@@ -47,6 +47,14 @@ pub enum BodyError {
     /// The body stopped moving for longer than its bound.
     #[error(transparent)]
     Stalled(#[from] BodyStalled),
+    /// A filter's body callback failed, fail-closed: the body stops there.
+    #[error("plugin {plugin} failed on the body: {reason}")]
+    Plugin {
+        /// The plugin.
+        plugin: String,
+        /// Why.
+        reason: String,
+    },
 }
 
 impl BodyError {
@@ -54,7 +62,7 @@ impl BodyError {
     pub fn stalled(&self) -> Option<Stalled> {
         match self {
             BodyError::Stalled(stalled) => Some(stalled.side),
-            BodyError::Peer(_) => None,
+            BodyError::Peer(_) | BodyError::Plugin { .. } => None,
         }
     }
 }

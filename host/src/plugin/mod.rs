@@ -31,7 +31,8 @@ use self::callout::Callouts;
 use self::health::PluginHealth;
 use self::host::{InstanceState, Shared};
 pub use self::host::{LogCapture, MAX_HEADER_BYTES, MAX_HEADER_EDITS, PluginScope};
-pub use self::pool::{Bound, PluginPool};
+pub use self::pool::{Bound, ChunkOutcome, PluginPool};
+pub use self::proxy_wasm::abi::StreamType;
 use self::tenant::Tenants;
 use crate::config::{Isolation, PluginConfig};
 use crate::kv::{KvStore, RedisSlot};
@@ -146,6 +147,8 @@ enum GuestModule {
         pre: CoreInstancePre<InstanceState>,
         /// `0.2.1` or `0.2.0`.
         abi: &'static str,
+        /// Whether it exports `proxy_on_request_body` and `proxy_on_response_body`.
+        reads_body: [bool; 2],
     },
 }
 
@@ -529,11 +532,17 @@ impl PluginRuntime {
                 ))
             }
         })?;
+        let reads_body = ["proxy_on_request_body", "proxy_on_response_body"]
+            .map(|callback| exports.iter().any(|e| e == callback));
         Ok(Module {
             sha256,
             imports,
             exports,
-            guest: GuestModule::Filter { pre, abi },
+            guest: GuestModule::Filter {
+                pre,
+                abi,
+                reads_body,
+            },
             info: tokio::sync::OnceCell::new(),
         })
     }

@@ -13,6 +13,8 @@ use super::host::{
     InstanceSlot, InstanceState, LimitExceeded, MAX_HEADER_BYTES, MAX_HEADER_EDITS, MemoryHit,
     NotGranted, PluginScope, REQUEST_REP, RESPONSE_REP,
 };
+pub use super::proxy_wasm::ChunkOutcome;
+use super::proxy_wasm::abi::StreamType;
 use super::proxy_wasm::{self, FilterExports, FilterFault, FilterShared, FilterState};
 use super::tenant::QuotaExceeded;
 use super::{Action, EPOCH_TICK, GuestModule, Module, PluginError, PluginInfo, Summary};
@@ -54,12 +56,34 @@ enum Guest {
 /// made fresh for the request's first call, and dropped with the request (or once the plugin
 /// has no phase left to run), so that state carries from `on-request` to `on-log` and never to
 /// another request. Pooled plugins leave it empty.
+///
+/// A filter's body stream shares it (see [`Bound::share`]): the instance is taken out for a
+/// call and put back after, and the phases of one request never call it at once.
 #[derive(Default)]
-pub struct Bound(Option<PluginInstance>);
+pub struct Bound(Arc<std::sync::Mutex<Option<PluginInstance>>>);
+
+impl Bound {
+    /// The same binding, for a body stream that calls the request's instance.
+    pub fn share(&self) -> Bound {
+        Bound(self.0.clone())
+    }
+
+    fn take(&self) -> Option<PluginInstance> {
+        self.0.lock().expect("bound instance lock").take()
+    }
+
+    fn put(&self, instance: PluginInstance) {
+        *self.0.lock().expect("bound instance lock") = Some(instance);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.lock().expect("bound instance lock").is_none()
+    }
+}
 
 impl std::fmt::Debug for Bound {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("Bound").field(&self.0.is_some()).finish()
+        f.debug_tuple("Bound").field(&!self.is_empty()).finish()
     }
 }
 
@@ -348,7 +372,7 @@ impl PluginPool {
             return Err(PluginError::Quarantined(left));
         }
         let kept = if self.binds_instances() {
-            bound.and_then(|bound| bound.0.take())
+            bound.and_then(|bound| bound.take())
         } else {
             None
         };
@@ -376,7 +400,7 @@ impl PluginPool {
                         let _ = self.idle.push(instance);
                     }
                 }
-                (_, Some(bound)) => bound.0 = Some(instance),
+                (_, Some(bound)) => bound.put(instance),
             }
             return;
         }
@@ -388,7 +412,7 @@ impl PluginPool {
                     Phase::Log => false,
                 };
                 if later && let Some(bound) = bound {
-                    bound.0 = Some(instance);
+                    bound.put(instance);
                 }
             }
             Isolation::Pooled => {
@@ -509,10 +533,51 @@ impl PluginPool {
         (request, outcome)
     }
 
+    /// Whether this is a filter with a body callback for `stream`: a body it sees goes through
+    /// it chunk by chunk.
+    pub fn reads_body(&self, stream: StreamType) -> bool {
+        self.filter.is_some()
+            && match &self.module.guest {
+                GuestModule::Filter { reads_body, .. } => reads_body[stream as usize],
+                GuestModule::Component { .. } => false,
+            }
+    }
+
+    /// Runs a filter's body callback over `held` (what it held, then the new chunk) in the
+    /// request's instance; a request with no context for it passes the bytes on untouched.
+    pub async fn on_body_chunk(
+        &self,
+        bound: &Bound,
+        stream: StreamType,
+        held: Vec<u8>,
+        end: bool,
+    ) -> Result<(ChunkOutcome, Vec<u8>), PluginError> {
+        let Some(mut instance) = bound.take() else {
+            return Ok((ChunkOutcome::Pass(held.into()), Vec::new()));
+        };
+        let Guest::Filter(exports) = &instance.guest else {
+            bound.put(instance);
+            return Ok((ChunkOutcome::Pass(held.into()), Vec::new()));
+        };
+        let exports = FilterExports::clone(exports);
+        let limit = usize::try_from(self.limits.max_body_bytes).unwrap_or(usize::MAX);
+        self.arm(&mut instance);
+        let outcome =
+            proxy_wasm::body_chunk(&mut instance.store, &exports, stream, held, limit, end).await;
+        match outcome {
+            Ok(outcome) => {
+                self.scope.health().succeeded();
+                bound.put(instance);
+                Ok(outcome)
+            }
+            Err(e) => Err(self.record(self.classify(e, &instance.store, PluginError::Trap))),
+        }
+    }
+
     /// Whether a filter has no HTTP context for this request: its request phase failed (and
     /// its instance went), or never ran. Its later phases have nothing to call.
     fn without_context(&self, bound: Option<&Bound>) -> bool {
-        self.filter.is_some() && bound.is_none_or(|bound| bound.0.is_none())
+        self.filter.is_some() && bound.is_none_or(Bound::is_empty)
     }
 
     /// A reply is held to the same bounds as edits: a bounded number and size of headers, and

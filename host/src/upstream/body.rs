@@ -11,8 +11,10 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::sync::oneshot;
 
+use crate::body::filtered::{ChunkLink, FilteredBody};
 use crate::body::stream::{BodyError, Stalled, held_size_hint, poll_held, reached_end};
 use crate::edge::trailers::RequestTrailers;
+use crate::plugin::StreamType;
 use crate::timeouts::IdleBody;
 
 /// The client's request body: it fails if the client stops sending for `server.body_timeout_ms`,
@@ -25,6 +27,8 @@ pub enum OutboundBody {
     Full(Bytes, Option<HeaderMap>),
     /// Streaming from the client: sent at most once, unless it is empty.
     Streaming(ClientBody),
+    /// Held or streaming, through proxy-wasm filters' body callbacks: sent at most once.
+    Filtered(Box<FilteredBody<Sending>>),
 }
 
 impl OutboundBody {
@@ -37,8 +41,33 @@ impl OutboundBody {
             OutboundBody::Streaming(body) if body.is_end_stream() => {
                 Some(OutboundBody::Full(Bytes::new(), None))
             }
-            OutboundBody::Streaming(_) => None,
+            OutboundBody::Streaming(_) | OutboundBody::Filtered(_) => None,
         }
+    }
+
+    /// Whether the body is known to be empty, trailers and all.
+    pub fn is_empty(&self) -> bool {
+        match self {
+            OutboundBody::Full(bytes, trailers) => bytes.is_empty() && trailers.is_none(),
+            OutboundBody::Streaming(body) => body.is_end_stream(),
+            OutboundBody::Filtered(_) => false,
+        }
+    }
+
+    /// The same body through `links`, proxy-wasm filters' request body callbacks.
+    pub fn through(self, links: Vec<ChunkLink>) -> OutboundBody {
+        let inner = match self {
+            OutboundBody::Full(bytes, trailers) => {
+                Sending::Held((!bytes.is_empty()).then_some(bytes), trailers)
+            }
+            OutboundBody::Streaming(body) => Sending::Client(body),
+            OutboundBody::Filtered(body) => Sending::Filtered(body),
+        };
+        OutboundBody::Filtered(Box::new(FilteredBody::new(
+            inner,
+            StreamType::Request,
+            links,
+        )))
     }
 
     /// The body one attempt sends; a streaming one also fails after `idle` without a frame.
@@ -50,6 +79,12 @@ impl OutboundBody {
             OutboundBody::Streaming(mut body) => {
                 body.tighten(idle, Stalled::Upstream);
                 Sending::Client(body)
+            }
+            OutboundBody::Filtered(mut body) => {
+                if let Sending::Client(client) = body.inner_mut() {
+                    client.tighten(idle, Stalled::Upstream);
+                }
+                Sending::Filtered(body)
             }
         }
     }
@@ -75,11 +110,13 @@ pub struct Outbound {
 
 /// What one attempt's connection sends.
 #[derive(Debug)]
-pub(super) enum Sending {
+pub enum Sending {
     /// Bytes held in memory, then the trailers that came with them.
     Held(Option<Bytes>, Option<HeaderMap>),
     /// The client's body, streaming.
     Client(ClientBody),
+    /// A body through filters' body callbacks.
+    Filtered(Box<FilteredBody<Sending>>),
 }
 
 impl Body for Sending {
@@ -93,6 +130,7 @@ impl Body for Sending {
         match self.get_mut() {
             Sending::Held(bytes, trailers) => poll_held(bytes, trailers),
             Sending::Client(body) => Pin::new(body).poll_frame(cx),
+            Sending::Filtered(body) => Pin::new(&mut **body).poll_frame(cx),
         }
     }
 
@@ -100,6 +138,7 @@ impl Body for Sending {
         match self {
             Sending::Held(bytes, trailers) => bytes.is_none() && trailers.is_none(),
             Sending::Client(body) => body.is_end_stream(),
+            Sending::Filtered(body) => body.is_end_stream(),
         }
     }
 
@@ -107,6 +146,7 @@ impl Body for Sending {
         match self {
             Sending::Held(bytes, trailers) => held_size_hint(bytes, trailers.is_some()),
             Sending::Client(body) => body.size_hint(),
+            Sending::Filtered(body) => body.size_hint(),
         }
     }
 }
@@ -144,6 +184,7 @@ impl OutgoingBody {
                 OutboundBody::Full(bytes.unwrap_or_default(), trailers)
             }
             Sending::Client(body) => OutboundBody::Streaming(body),
+            Sending::Filtered(body) => OutboundBody::Filtered(body),
         }
     }
 }

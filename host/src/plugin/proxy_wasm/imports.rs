@@ -203,6 +203,12 @@ fn edit(caller: &mut Ctx<'_>, map: MapType, name: &str, change: Edit<'_>) -> Ans
                     headers::set(&mut request.headers, "host", value)
                 }
                 (pseudo, _) if pseudo.starts_with(':') => Err("a pseudo-header".into()),
+                // A filter that will change the body drops its length, as Envoy's do; the
+                // gateway then frames it (chunked, or HTTP/2's own). Setting one stays refused.
+                ("content-length", Edit::Remove) => {
+                    request.headers.remove(http::header::CONTENT_LENGTH);
+                    Ok(())
+                }
                 (_, Edit::Replace(value)) => headers::set(&mut request.headers, &name, value),
                 (_, Edit::Add(value)) => headers::append(&mut request.headers, &name, value),
                 (_, Edit::Remove) => {
@@ -225,6 +231,10 @@ fn edit(caller: &mut Ctx<'_>, map: MapType, name: &str, change: Edit<'_>) -> Ans
                     Err(_) => Err("not a status".into()),
                 },
                 (pseudo, _) if pseudo.starts_with(':') => Err("a pseudo-header".into()),
+                ("content-length", Edit::Remove) => {
+                    response.headers.remove(http::header::CONTENT_LENGTH);
+                    Ok(())
+                }
                 (_, Edit::Replace(value)) => headers::set(&mut response.headers, &name, value),
                 (_, Edit::Add(value)) => headers::append(&mut response.headers, &name, value),
                 (_, Edit::Remove) => {
@@ -251,11 +261,14 @@ fn buffer(caller: &Ctx<'_>, kind: BufferType) -> Option<Bytes> {
         BufferType::PluginConfiguration => Some(filter.shared.plugin_config.clone()),
         BufferType::VmConfiguration => Some(filter.shared.vm_config.clone()),
         BufferType::CallResponseBody => Some(filter.call_response.as_ref()?.body.clone()),
-        BufferType::RequestBody => match &state.request.as_deref()?.body {
-            crate::view::BufferedBody::Buffered(bytes) => Some(bytes.clone()),
-            crate::view::BufferedBody::Streaming => None,
-        },
-        BufferType::ResponseBody => state.response.as_deref()?.body().ok().cloned(),
+        BufferType::RequestBody | BufferType::ResponseBody => {
+            let stream = match kind {
+                BufferType::RequestBody => StreamType::Request,
+                _ => StreamType::Response,
+            };
+            let body = filter.body.as_ref().filter(|body| body.stream == stream)?;
+            Some(Bytes::copy_from_slice(&body.bytes))
+        }
     }
 }
 
@@ -369,9 +382,35 @@ pub fn add_to_linker(linker: &mut Linker<InstanceState>) -> wasmtime::Result<()>
     linker.func_wrap(
         env,
         "proxy_set_buffer_bytes",
-        |_: Ctx<'_>, _kind: u32, _start: u32, _size: u32, _ptr: u32, _len: u32| {
-            // Bodies reach filters in a later version; nothing can be replaced yet.
-            status(Status::Unimplemented)
+        |mut c: Ctx<'_>, kind: u32, start: u32, size: u32, ptr: u32, len: u32| {
+            let stream = match BufferType::from_id(kind) {
+                Some(BufferType::RequestBody) => StreamType::Request,
+                Some(BufferType::ResponseBody) => StreamType::Response,
+                // Configurations and an http call's answer are read-only.
+                Some(_) => return status(Status::BadArgument),
+                None => return status(Status::BadArgument),
+            };
+            let bytes = attempt!(read(&mut c, ptr, len));
+            let Some(body) = filter(&mut c)
+                .body
+                .as_mut()
+                .filter(|body| body.stream == stream)
+            else {
+                return status(Status::NotFound);
+            };
+            // Envoy's reading: replace `size` bytes at `start` (clamped to the body).
+            let start = (start as usize).min(body.bytes.len());
+            let end = start.saturating_add(size as usize).min(body.bytes.len());
+            let after = body.bytes.len() - (end - start) + bytes.len();
+            if after > body.limit {
+                return Err(LimitExceeded(format!(
+                    "body of {after} bytes, over its max_body_bytes of {}",
+                    body.limit
+                ))
+                .into());
+            }
+            body.bytes.splice(start..end, bytes);
+            ok()
         },
     )?;
 

@@ -22,7 +22,7 @@ use wasmtime::{Instance, Store, TypedFunc};
 use self::abi::{ACTION_CONTINUE, StreamType};
 pub use self::state::{CallResponse, FilterShared, FilterState, PendingCall};
 use super::Reply;
-use super::host::InstanceState;
+use super::host::{InstanceState, LimitExceeded};
 
 /// The exports that mark a module as a proxy-wasm filter, newest first.
 pub const ABI_MARKERS: [(&str, &str); 2] = [
@@ -47,6 +47,12 @@ pub enum FilterFault {
     /// The filter refused its configuration.
     #[error("the filter's proxy_on_{0} returned false")]
     Refused(&'static str),
+    /// The filter sent a local response once the response had begun.
+    #[error("the filter sent a local response once the response had begun")]
+    LateReply,
+    /// The filter closed the stream in a body callback.
+    #[error("the filter closed the stream")]
+    Closed,
 }
 
 /// `proxy_on_http_call_response(context, token, headers, body size, trailers)`.
@@ -63,6 +69,8 @@ pub struct FilterExports {
     tick: Option<TypedFunc<u32, ()>>,
     request_headers: Option<TypedFunc<(u32, u32, u32), u32>>,
     response_headers: Option<TypedFunc<(u32, u32, u32), u32>>,
+    request_body: Option<TypedFunc<(u32, u32, u32), u32>>,
+    response_body: Option<TypedFunc<(u32, u32, u32), u32>>,
     log: Option<TypedFunc<u32, ()>>,
     done: Option<TypedFunc<u32, u32>>,
     delete: Option<TypedFunc<u32, ()>>,
@@ -71,6 +79,14 @@ pub struct FilterExports {
 }
 
 impl FilterExports {
+    /// Whether the filter has a body callback for `stream`.
+    pub fn reads_body(&self, stream: StreamType) -> bool {
+        match stream {
+            StreamType::Request => self.request_body.is_some(),
+            StreamType::Response => self.response_body.is_some(),
+        }
+    }
+
     /// Finds the exports of a new instance, and keeps its memory and allocator in `store`.
     pub fn find(store: &mut Store<InstanceState>, instance: &Instance) -> Result<Self, String> {
         let memory = instance
@@ -111,6 +127,8 @@ impl FilterExports {
             tick: optional!("proxy_on_tick"),
             request_headers: optional!("proxy_on_request_headers"),
             response_headers: optional!("proxy_on_response_headers"),
+            request_body: optional!("proxy_on_request_body"),
+            response_body: optional!("proxy_on_response_body"),
             log: optional!("proxy_on_log"),
             done: optional!("proxy_on_done"),
             delete: optional!("proxy_on_delete"),
@@ -265,6 +283,70 @@ pub async fn log(
     filter.effective = ROOT_CONTEXT;
     filter.calls.clear();
     Ok(())
+}
+
+/// What a body callback made of a chunk.
+pub enum ChunkOutcome {
+    /// Send these bytes on (the chunk, with what was held, as the filter left them).
+    Pass(Bytes),
+    /// Hold them, to be joined with the next chunk (the filter paused).
+    Hold,
+}
+
+/// Runs `proxy_on_request_body` or `proxy_on_response_body` over `chunk`, joined to what the
+/// filter held from earlier chunks (`held`), with `end` for the last one.
+pub async fn body_chunk(
+    store: &mut Store<InstanceState>,
+    exports: &FilterExports,
+    stream: StreamType,
+    held: Vec<u8>,
+    limit: usize,
+    end: bool,
+) -> wasmtime::Result<(ChunkOutcome, Vec<u8>)> {
+    let callback = match stream {
+        StreamType::Request => &exports.request_body,
+        StreamType::Response => &exports.response_body,
+    };
+    let (Some(callback), Some(context)) = (callback, state(store).http_context) else {
+        return Ok((ChunkOutcome::Pass(Bytes::from(held)), Vec::new()));
+    };
+    let size = held.len() as u32;
+    let filter = state(store);
+    filter.effective = context;
+    filter.body = Some(state::BodyBuffer {
+        stream,
+        bytes: held,
+        limit,
+    });
+    rearm(store);
+    let outcome = callback
+        .call_async(&mut *store, (context, size, end as u32))
+        .await;
+    let filter = state(store);
+    let bytes = filter
+        .body
+        .take()
+        .map(|body| body.bytes)
+        .unwrap_or_default();
+    let action = outcome?;
+    if filter.local_reply.take().is_some() {
+        return Err(FilterFault::LateReply.into());
+    }
+    if filter.closed {
+        return Err(FilterFault::Closed.into());
+    }
+    // A pause on the last chunk has nothing more to wait for: what is held goes on.
+    if action == ACTION_CONTINUE || end {
+        Ok((ChunkOutcome::Pass(Bytes::from(bytes)), Vec::new()))
+    } else if bytes.len() > limit {
+        Err(LimitExceeded(format!(
+            "held body of {} bytes, over its max_body_bytes of {limit}",
+            bytes.len()
+        ))
+        .into())
+    } else {
+        Ok((ChunkOutcome::Hold, bytes))
+    }
 }
 
 /// Whether a request head says a body follows.

@@ -80,6 +80,19 @@ pub struct FilterState {
     pub call_response: Option<CallResponse>,
     /// The response status, once the response phase has seen it.
     pub response_code: Option<u16>,
+    /// The body the filter sees in the body callback in progress: the chunk, after what it
+    /// held from earlier chunks. `None` outside a body callback.
+    pub body: Option<BodyBuffer>,
+}
+
+/// A body seen by a body callback, and what the filter may make of it.
+pub struct BodyBuffer {
+    /// Which side's body it is.
+    pub stream: StreamType,
+    /// The bytes.
+    pub bytes: Vec<u8>,
+    /// The most bytes the filter may hold or write: its `max_body_bytes`.
+    pub limit: usize,
 }
 
 impl FilterState {
@@ -99,6 +112,7 @@ impl FilterState {
             next_token: 1,
             call_response: None,
             response_code: None,
+            body: None,
         }
     }
 
