@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use futures_util::FutureExt;
+
 use http::StatusCode;
 use serde_json::{Value, json};
 use weir_tests::plugins::{
@@ -466,4 +468,81 @@ async fn a_filter_that_holds_a_body_past_its_max_body_bytes_cuts_the_answer() {
         ),
         "{text}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_pushed_to_etcd_serves_and_swaps_under_load_without_a_failed_request() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use weir::client::{PushSettings, push_plugin};
+    use weir::store::etcd::EtcdOptions;
+    use weir_tests::plugins::FILTER_WEIR_B;
+
+    let etcd = weir_tests::etcd::Etcd::start().await;
+    let up = Upstream::start("u").await;
+    etcd.put(
+        "/weir/upstreams/u",
+        json!({"nodes": [{"host": "127.0.0.1", "port": up.port()}]}),
+    )
+    .await;
+    let options = EtcdOptions::new(vec![etcd.url.clone()]);
+    let push = |file: &'static str| {
+        let options = options.clone();
+        async move {
+            let bytes = std::fs::read(file).expect("a built filter");
+            push_plugin(&options, "versioned", &bytes, &PushSettings::default())
+                .await
+                .expect("push")
+                .sha256
+        }
+    };
+    let sha_a = push(FILTER_WEIR).await;
+    etcd.put(
+        "/weir/routes/v",
+        json!({"uri": "/v", "upstream_id": "u", "plugins": [{"name": "versioned", "config": {"mode": "version"}}]}),
+    )
+    .await;
+    let gateway = TestGateway::start_etcd(&etcd.url, None).await;
+    let url = gateway.url("/v");
+    let version = |url: String| async move {
+        get(&url)
+            .await
+            .header("x-filter-version")
+            .map(str::to_owned)
+    };
+    assert_eq!(version(url.clone()).await.as_deref(), Some("a"));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (served, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let (url, stop, served, failed) =
+            (url.clone(), stop.clone(), served.clone(), failed.clone());
+        clients.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let reply = get(&url).await;
+                let ok = reply.status == StatusCode::OK
+                    && matches!(reply.header("x-filter-version"), Some("a" | "b"));
+                if ok { &served } else { &failed }.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    let sha_b = push(FILTER_WEIR_B).await;
+    assert_ne!(sha_a, sha_b);
+    eventually("version b serves", Duration::from_secs(30), || {
+        version(url.clone()).map(|v| v.as_deref() == Some("b"))
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    for client in clients {
+        client.await.unwrap();
+    }
+    assert_eq!(failed.load(Ordering::Relaxed), 0);
+    assert!(
+        served.load(Ordering::Relaxed) > 20,
+        "only {served:?} requests ran"
+    );
+    let status = admin_get(&gateway.admin_url("/v1/status")).await.json();
+    assert_eq!(status["plugins"][0]["sha256"], sha_b.as_str(), "{status}");
+    assert_eq!(status["plugins"][0]["kind"], "proxy-wasm", "{status}");
 }
