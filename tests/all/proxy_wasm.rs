@@ -546,3 +546,29 @@ async fn a_filter_pushed_to_etcd_serves_and_swaps_under_load_without_a_failed_re
     assert_eq!(status["plugins"][0]["sha256"], sha_b.as_str(), "{status}");
     assert_eq!(status["plugins"][0]["kind"], "proxy-wasm", "{status}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_data_on_redis_counts_across_gateways_with_cas() {
+    let redis = weir_tests::redis::Redis::start().await;
+    let up = Upstream::start("u").await;
+    let config = yaml(json!({
+        "server": {"redis_url": redis.url},
+        "upstreams": [{"id": "u", "nodes": [node(&up)]}],
+        "plugins": [filter("counter", FILTER_WEIR, json!({"grants": {"kv": true, "metrics": true}, "kv": {"backend": "redis"}}))],
+        "routes": [route("count", "/count", json!([{"name": "counter", "config": {"mode": "shared", "key": "hits"}}]))],
+    }));
+    let (one, two) = (
+        TestGateway::start(&config).await,
+        TestGateway::start(&config).await,
+    );
+    assert_eq!(one.errors(), vec![]);
+    for (n, gateway) in [&one, &two, &one, &two].into_iter().enumerate() {
+        let reply = get(&gateway.url("/count")).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        // One counter, whichever gateway counts: the compare-and-swap is Redis's.
+        assert_eq!(reply.header("x-count"), Some((n + 1).to_string().as_str()));
+        if n > 0 {
+            assert_eq!(reply.header("x-stale-cas"), Some("refused"));
+        }
+    }
+}

@@ -32,6 +32,27 @@ if existed == 0 and ARGV[2] ~= '' then redis.call('PEXPIRE', KEYS[1], ARGV[2]) e
 return n
 ";
 
+/// `get_cas`: the value and its CAS value, the first 32 bits of its SHA-1 (never 0), which
+/// every gateway computes alike, since Redis computes it.
+const GET_CAS_SCRIPT: &str = r"
+local v = redis.call('GET', KEYS[1])
+if not v then return false end
+local c = tonumber(string.sub(redis.sha1hex(v), 1, 8), 16)
+if c == 0 then c = 1 end
+return {v, c}
+";
+
+/// `set_if`: stores ARGV[1] only if the value's CAS value is still ARGV[2], keeping its TTL.
+const SET_IF_SCRIPT: &str = r"
+local v = redis.call('GET', KEYS[1])
+if not v then return 0 end
+local c = tonumber(string.sub(redis.sha1hex(v), 1, 8), 16)
+if c == 0 then c = 1 end
+if c ~= tonumber(ARGV[2]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'KEEPTTL')
+return 1
+";
+
 /// A Redis server that plugin kvs live on.
 pub struct RedisStore {
     client: Client,
@@ -39,6 +60,8 @@ pub struct RedisStore {
     timeout: Duration,
     config: AsyncConnectionConfig,
     incr: Script,
+    get_cas: Script,
+    set_if: Script,
     /// The open connection; `None` until the first call, and again after a failure.
     connection: ArcSwapOption<MultiplexedConnection>,
     /// One caller connects at a time; the others wait for it rather than pile on.
@@ -64,6 +87,8 @@ impl RedisStore {
                 .set_connection_timeout(Some(timeout))
                 .set_response_timeout(Some(timeout)),
             incr: Script::new(INCR_SCRIPT),
+            get_cas: Script::new(GET_CAS_SCRIPT),
+            set_if: Script::new(SET_IF_SCRIPT),
             connection: ArcSwapOption::empty(),
             connecting: tokio::sync::Mutex::new(()),
             failed_at: Mutex::new(None),
@@ -139,6 +164,41 @@ impl RedisStore {
         })
     }
 
+    /// The value under `key` with its compare-and-swap value (never 0).
+    pub async fn get_with_cas(
+        &self,
+        namespace: &str,
+        key: &str,
+    ) -> Result<Option<(Vec<u8>, u32)>, KvUnavailable> {
+        let mut connection = self.connection().await?;
+        let reply: Result<Option<(Vec<u8>, u32)>, _> = self
+            .get_cas
+            .key(redis_key(namespace, key))
+            .invoke_async(&mut connection)
+            .await;
+        self.settle(reply)
+    }
+
+    /// Stores `value` only if the value under `key` still has CAS value `expected`; `false`
+    /// when it changed or went.
+    pub async fn set_if(
+        &self,
+        namespace: &str,
+        key: &str,
+        value: &[u8],
+        expected: u32,
+    ) -> Result<bool, KvUnavailable> {
+        let mut connection = self.connection().await?;
+        let reply: Result<i64, _> = self
+            .set_if
+            .key(redis_key(namespace, key))
+            .arg(value)
+            .arg(expected)
+            .invoke_async(&mut connection)
+            .await;
+        Ok(self.settle(reply)? == 1)
+    }
+
     /// The open connection, or a new one.
     async fn connection(&self) -> Result<MultiplexedConnection, KvUnavailable> {
         if let Some(connection) = self.connection.load_full() {
@@ -200,8 +260,9 @@ fn client(url: &str) -> Result<Client, String> {
         .map_err(|e| format!("redis_url is not a Redis URL such as redis://host:6379/0: {e}"))
 }
 
-/// The Redis key of a plugin's `key`. A namespace is `tenant/plugin`, and neither name may
-/// hold a `:`, so no two namespaces share a key.
+/// The Redis key of a plugin's `key`. A namespace is `tenant/plugin` (or `tenant/:shared`,
+/// proxy-wasm's shared data), and neither name may hold a `:`, so no two namespaces share a
+/// key.
 fn redis_key(namespace: &str, key: &str) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(8 + namespace.len() + 1 + key.len());
     bytes.extend_from_slice(b"weir:kv:");

@@ -731,19 +731,20 @@ pub fn add_to_linker(linker: &mut Linker<InstanceState>) -> wasmtime::Result<()>
                     return status(Status::BadArgument);
                 }
                 let namespace = shared_namespace(&c);
-                let value = match c.data().kv_redis() {
+                let found = match c.data().kv_redis() {
                     Some(redis) => redis?
-                        .get(&namespace, &key)
+                        .get_with_cas(&namespace, &key)
                         .await
                         .map_err(wasmtime::Error::new)?
-                        .map(Bytes::from),
+                        .map(|(value, cas)| (Bytes::from(value), cas)),
                     None => {
                         let (kv, _, _) = c.data().kv_scope();
-                        kv.get(&namespace, &key).map(|v| Bytes::copy_from_slice(&v))
+                        kv.get(&namespace, &key)
+                            .map(|v| (Bytes::copy_from_slice(&v), cas_of(&v)))
                     }
                 };
-                let value = attempt!(value.ok_or(Status::NotFound));
-                attempt!(write(&mut c, cas_at, &cas_of(&value).to_le_bytes()));
+                let (value, cas) = attempt!(found.ok_or(Status::NotFound));
+                attempt!(write(&mut c, cas_at, &cas.to_le_bytes()));
                 give(&mut c, &value, ptr_at, size_at).await
             })
         },
@@ -761,15 +762,23 @@ pub fn add_to_linker(linker: &mut Linker<InstanceState>) -> wasmtime::Result<()>
                 let value = attempt!(read(&mut c, value, value_len));
                 let namespace = shared_namespace(&c);
                 if let Some(redis) = c.data().kv_redis() {
-                    if cas != 0 {
-                        // Redis holds no CAS values yet: refused rather than racing.
-                        return status(Status::Unimplemented);
+                    let redis = redis?;
+                    if cas == 0 {
+                        redis
+                            .set(&namespace, &key, &value, None)
+                            .await
+                            .map_err(wasmtime::Error::new)?;
+                        return ok();
                     }
-                    redis?
-                        .set(&namespace, &key, &value, None)
+                    let stored = redis
+                        .set_if(&namespace, &key, &value, cas)
                         .await
                         .map_err(wasmtime::Error::new)?;
-                    return ok();
+                    return if stored {
+                        ok()
+                    } else {
+                        status(Status::CasMismatch)
+                    };
                 }
                 let (kv, _, tenant) = c.data().kv_scope();
                 if cas == 0 {
