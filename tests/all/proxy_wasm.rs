@@ -572,3 +572,108 @@ async fn shared_data_on_redis_counts_across_gateways_with_cas() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_request_whose_client_goes_away_frees_its_context() {
+    use tokio::io::AsyncWriteExt;
+    let up = Upstream::start("u").await;
+    // The call the filter waits on never answers while the test runs.
+    let (slow, _gate) = Upstream::gated("slow").await;
+    let granted = format!("127.0.0.1:{}", slow.port());
+    let gateway = TestGateway::start(&yaml(json!({
+        "upstreams": [{"id": "u", "nodes": [node(&up)]}, {"id": "slow", "nodes": [node(&slow)]}],
+        "tenants": [{"name": "t"}],
+        "plugins": [filter("waiter", FILTER_WEIR, json!({
+            "tenant": "t", "isolation": "per-request",
+            "grants": {"http": {"hosts": [granted], "timeout_ms": 60000}},
+        }))],
+        "routes": [route("paused", "/paused", json!([{"name": "waiter", "config": {"mode": "callout", "cluster": "slow", "path": "/"}}]))],
+    })))
+    .await;
+    let admin = gateway.admin_url("/v1/status");
+    let instances = |admin: String| async move {
+        let status = admin_get(&admin).await.json();
+        status["tenants"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["name"] == "t")
+            .map(|t| t["usage"]["instances"].as_u64().unwrap())
+    };
+    assert_eq!(instances(admin.clone()).await, Some(0));
+    let mut client = tokio::net::TcpStream::connect(gateway.addr())
+        .await
+        .unwrap();
+    client
+        .write_all(b"GET /paused HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    eventually(
+        "the paused request to hold its instance",
+        Duration::from_secs(10),
+        || instances(admin.clone()).map(|n| n == Some(1)),
+    )
+    .await;
+    eventually(
+        "the filter's call to reach the held upstream",
+        Duration::from_secs(10),
+        || {
+            let hits = slow.hits();
+            async move { hits == 1 }
+        },
+    )
+    .await;
+    drop(client);
+    eventually(
+        "the instance to go with the client",
+        Duration::from_secs(10),
+        || instances(admin.clone()).map(|n| n == Some(0)),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_check_tells_a_filter_by_its_bytes_and_its_wasi_grants() {
+    use weir::authoring::check;
+    use weir::config::Grants;
+    use weir::plugin::grants::Verdict;
+    let bytes = std::fs::read(FILTER_HTTP_HEADERS).unwrap();
+    let report = check(bytes, &Grants::default()).await.unwrap();
+    assert_eq!(report.kind, Some("proxy-wasm"));
+    assert_eq!(report.abi, Some("0.2.1"));
+    assert!(
+        report
+            .to_string()
+            .contains("implements: proxy-wasm ABI 0.2.1"),
+        "{report}"
+    );
+    // The SDK imports every host function: they load, and each checks its grant when called.
+    assert!(report.loads.is_ok(), "{report}");
+    assert!(
+        report
+            .imports
+            .iter()
+            .any(|i| i.import == "env.proxy_http_call")
+    );
+    // WASI is checked at load, as for a component.
+    let bytes = std::fs::read(FILTER_HELLO_WORLD).unwrap();
+    let report = check(bytes, &Grants::default()).await.unwrap();
+    let random = report
+        .imports
+        .iter()
+        .find(|i| i.import == "wasi_snapshot_preview1.random_get")
+        .unwrap();
+    assert_eq!(random.verdict, Verdict::NotGranted("wasi: [random]"));
+    assert!(report.loads.is_err());
+    // A core module that is no filter is refused with the reason.
+    let report = check(b"\0asm\x01\0\0\0".to_vec(), &Grants::default())
+        .await
+        .unwrap();
+    assert!(
+        report
+            .loads
+            .unwrap_err()
+            .contains("not a proxy-wasm filter"),
+        "an empty core module"
+    );
+}
