@@ -728,6 +728,11 @@ impl PluginPool {
                     () = sleep_until(next_tick) => true,
                 };
                 let Some(pool) = pool.upgrade() else { return };
+                if ticked {
+                    // The next tick is a period away whatever this one does: a quarantined
+                    // or failing filter is not retried in a tight loop.
+                    next_tick = period.map(|p| tokio::time::Instant::now() + p);
+                }
                 if control.is_none() {
                     control = pool.checkout(None).await.ok();
                 }
@@ -741,7 +746,6 @@ impl PluginPool {
                 pool.arm(&mut instance);
                 let began = Instant::now();
                 let outcome = if ticked {
-                    next_tick = period.map(|p| tokio::time::Instant::now() + p);
                     proxy_wasm::tick(&mut instance.store, &exports).await
                 } else {
                     let ready = shared.queues.ready_for(&shared.wake);

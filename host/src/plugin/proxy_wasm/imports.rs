@@ -349,8 +349,12 @@ pub fn add_to_linker(linker: &mut Linker<InstanceState>) -> wasmtime::Result<()>
             let period =
                 (ms > 0).then(|| std::time::Duration::from_millis(ms.into()).max(MIN_TICK));
             let shared = filter(&mut c).shared.clone();
-            *shared.tick.lock().expect("tick lock") = period;
-            shared.wake.notify_one();
+            let before = std::mem::replace(&mut *shared.tick.lock().expect("tick lock"), period);
+            // Every instance's root context asks at its start; only a change wakes the
+            // control instance.
+            if before != period {
+                shared.wake.notify_one();
+            }
             ok()
         },
     )?;
