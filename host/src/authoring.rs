@@ -15,7 +15,7 @@ use crate::body::ProxyBody;
 use crate::config::{Grants, Isolation, PluginConfig};
 use crate::error::GatewayError;
 use crate::metrics::Metrics;
-use crate::plugin::{PluginError, PluginRuntime, Summary, grants};
+use crate::plugin::{Bound, PluginError, PluginRuntime, Summary, grants};
 use crate::proxy::{self, Decision};
 use crate::snapshot::{self, ChainLink};
 use crate::view::{BufferedBody, Directory, RequestView, headers};
@@ -325,8 +325,11 @@ pub async fn run(
     });
     // The gateway's own phases, in its order: see proxy.rs.
     let mut plugin_time = Duration::ZERO;
+    // Each plugin keeps one instance for the request's phases, as the gateway binds them: a
+    // proxy-wasm filter's HTTP context lives in it.
+    let mut bound: Vec<Bound> = chain.iter().map(|_| Bound::default()).collect();
     let (mut view, entered, decided) =
-        proxy::request_phase(&chain, view, &mut plugin_time, &mut []).await;
+        proxy::request_phase(&chain, view, &mut plugin_time, &mut bound).await;
     if view.method.as_str() != request.method {
         report.request_edits.push(format!("method {}", view.method));
     }
@@ -382,7 +385,7 @@ pub async fn run(
         Some(view),
         answer,
         &mut plugin_time,
-        &mut [],
+        &mut bound,
     )
     .await;
     let view = kept.expect("the request phase's view comes back");
@@ -397,7 +400,20 @@ pub async fn run(
             report
                 .response_edits
                 .extend(header_edits(&headers_before, answer.headers()));
-            let body = body_of(&answer);
+            // A body through filters' body callbacks is read through them, as a client reads it.
+            let body = match answer.body_mut() {
+                ProxyBody::Filtered(_) => {
+                    let filtered = std::mem::replace(answer.body_mut(), ProxyBody::Empty);
+                    match http_body_util::BodyExt::collect(filtered).await {
+                        Ok(collected) => Some(collected.to_bytes()),
+                        Err(error) => {
+                            report.failure = Some(error.to_string());
+                            None
+                        }
+                    }
+                }
+                _ => body_of(&answer),
+            };
             if body != body_before {
                 report.response_edits.push(format!(
                     "body {}",
@@ -417,7 +433,7 @@ pub async fn run(
         upstream: Some("test-upstream".into()),
     };
     // The gateway logs failures in on-log and goes on; a test run reports them.
-    if let Some(error) = proxy::log_phase(&chain, view, &summary, &mut [])
+    if let Some(error) = proxy::log_phase(&chain, view, &summary, &mut bound)
         .await
         .pop()
     {

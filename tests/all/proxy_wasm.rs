@@ -677,3 +677,37 @@ async fn plugin_check_tells_a_filter_by_its_bytes_and_its_wasi_grants() {
         "an empty core module"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_test_runs_a_filter_through_every_phase_and_its_body_callbacks() {
+    use weir::authoring::{TestRequest, TestUpstream, run};
+    use weir_tests::plugins::FILTER_HTTP_BODY;
+    let grants = serde_json::from_value(json!({"log": true})).unwrap();
+    let report = run(
+        std::fs::read(FILTER_HTTP_BODY).unwrap(),
+        "",
+        grants,
+        TestRequest {
+            method: "GET".into(),
+            target: "/doc".into(),
+            headers: Vec::new(),
+            body: Vec::new(),
+            client_ip: "127.0.0.1".parse().unwrap(),
+        },
+        TestUpstream {
+            status: 200,
+            headers: vec![("content-type".into(), "text/plain".into())],
+            body: b"the secret plan".to_vec(),
+        },
+    )
+    .await
+    .unwrap();
+    assert!(!report.failed(), "{report:?}");
+    assert!(
+        report
+            .response_edits
+            .iter()
+            .any(|edit| edit == "body Original message body (15 bytes) redacted.\n"),
+        "{report:?}"
+    );
+}
