@@ -30,6 +30,13 @@
 //! - `crlf`: replaces request header `x-evil` with `a\r\nb: c` through the raw hostcall, and
 //!   answers 200 itself with `x-crlf-status: ok` or `x-crlf-status: <status>`.
 //! - `version`: the response gets `x-filter-version: a`, or `b` built with `--features variant-b`.
+//! - `headers` (`request`, `response`, each `{remove: [..], set: {..}, add: {..}}`): what the
+//!   `headers` component plugin (plugins/headers) does with the same config, for bench/run's
+//!   comparison of the two kinds: on each side, removes, then sets (replacing), then adds
+//!   (appending) headers; request edits on request headers, response edits on response headers.
+//!   Names and values are checked as that plugin checks them (a name of visible ASCII but `:`,
+//!   a value without CR, LF or NUL), and a bad one refuses the configuration. Like that plugin,
+//!   it goes on past an edit the host refuses.
 //!
 //! A `<status>` is the proxy-wasm status's name, as the SDK's `Status` prints it (`BadArgument`).
 
@@ -37,6 +44,7 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel, MapType, MetricType, Status};
 use serde::Deserialize;
+use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
@@ -88,6 +96,62 @@ enum Mode {
     },
     Crlf,
     Version,
+    Headers {
+        #[serde(default)]
+        request: Edits,
+        #[serde(default)]
+        response: Edits,
+    },
+}
+
+/// `headers` mode's edits on one side, as plugins/headers's config has them.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Edits {
+    #[serde(default)]
+    remove: Vec<String>,
+    #[serde(default)]
+    set: BTreeMap<String, String>,
+    #[serde(default)]
+    add: BTreeMap<String, String>,
+}
+
+impl Edits {
+    /// plugins/headers's checks: why the edits are refused, if they are.
+    fn invalid(&self, side: &str) -> Option<String> {
+        let names = self
+            .remove
+            .iter()
+            .chain(self.set.keys())
+            .chain(self.add.keys());
+        for name in names {
+            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic() && b != b':') {
+                return Some(format!("{side}: {name:?} is not a valid header name"));
+            }
+        }
+        let values = self.set.values().chain(self.add.values());
+        for value in values {
+            if value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
+                return Some(format!(
+                    "{side}: header value {value:?} has a control character"
+                ));
+            }
+        }
+        None
+    }
+
+    /// Applies the edits to `map`: removes, then sets, then adds. A refused edit is skipped.
+    fn apply(&self, map: MapType) {
+        for name in &self.remove {
+            edit_header(map, name, HeaderEdit::Remove);
+        }
+        for (name, value) in &self.set {
+            edit_header(map, name, HeaderEdit::Replace(value));
+        }
+        for (name, value) in &self.add {
+            edit_header(map, name, HeaderEdit::Add(value));
+        }
+    }
 }
 
 /// The ids of `shared` mode's metrics.
@@ -120,7 +184,16 @@ impl RootContext for Root {
                 return false;
             }
         };
-        match mode {
+        match &mode {
+            Mode::Headers { request, response } => {
+                let invalid = request
+                    .invalid("request")
+                    .or_else(|| response.invalid("response"));
+                if let Some(reason) = invalid {
+                    log::error!("weir-filter: invalid configuration: {reason}");
+                    return false;
+                }
+            }
             Mode::Shared { .. } => {
                 // on_queue_ready tells this context which queue has items, so the id is not kept.
                 self.register_shared_queue(QUEUE);
@@ -225,10 +298,19 @@ impl HttpContext for Filter {
                 authority,
             } => return self.call_out(cluster, path, authority.as_deref().unwrap_or(cluster)),
             Mode::Crlf => {
-                let status = replace_request_header("x-evil", "a\r\nb: c");
+                let status = edit_header(
+                    MapType::HttpRequestHeaders,
+                    "x-evil",
+                    HeaderEdit::Replace("a\r\nb: c"),
+                );
+                let status = match status {
+                    0 => "ok".to_owned(),
+                    other => status_name(other),
+                };
                 self.send_http_response(200, vec![("x-crlf-status", &status)], None);
                 return Action::Pause;
             }
+            Mode::Headers { request, .. } => request.apply(MapType::HttpRequestHeaders),
             Mode::SharedRead { .. } | Mode::LoopTick | Mode::Version => {}
         }
         Action::Continue
@@ -262,6 +344,7 @@ impl HttpContext for Filter {
                 self.add_http_response_header("x-held-mb", &held.to_string());
             }
             Mode::Version => self.add_http_response_header("x-filter-version", VERSION),
+            Mode::Headers { response, .. } => response.apply(MapType::HttpResponseHeaders),
             Mode::LoopHeaders | Mode::Trap | Mode::Callout { .. } | Mode::Crlf => {}
         }
         Action::Continue
@@ -394,8 +477,8 @@ fn grow(mb: usize) {
     }
 }
 
-// The SDK's `hostcalls::set_map_value` panics on any status but Ok; this is the same import,
-// declared so that the status comes back as a number.
+// The SDK's header setters (`hostcalls::set_map_value` and the rest) panic on any status but
+// Ok; these are the same imports, declared so that the status comes back as a number.
 #[link(wasm_import_module = "env")]
 unsafe extern "C" {
     fn proxy_replace_header_map_value(
@@ -405,24 +488,49 @@ unsafe extern "C" {
         value_data: *const u8,
         value_size: usize,
     ) -> u32;
+    fn proxy_add_header_map_value(
+        map_type: u32,
+        key_data: *const u8,
+        key_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+    ) -> u32;
+    fn proxy_remove_header_map_value(map_type: u32, key_data: *const u8, key_size: usize) -> u32;
 }
 
-/// Replaces a request header through the raw hostcall: `ok`, or the status's name.
-fn replace_request_header(name: &str, value: &str) -> String {
-    // SAFETY: both slices are valid for their lengths for the whole call, and the host only
+/// One edit of a header map.
+enum HeaderEdit<'a> {
+    /// Replace the header's values with this one.
+    Replace(&'a str),
+    /// Add this value.
+    Add(&'a str),
+    /// Remove the header.
+    Remove,
+}
+
+/// Edits a header through the raw hostcalls: the status, 0 for Ok.
+fn edit_header(map: MapType, name: &str, edit: HeaderEdit<'_>) -> u32 {
+    let map = map as u32;
+    // SAFETY: the slices are valid for their lengths for the whole call, and the host only
     // reads them.
-    let status = unsafe {
-        proxy_replace_header_map_value(
-            MapType::HttpRequestHeaders as u32,
-            name.as_ptr(),
-            name.len(),
-            value.as_ptr(),
-            value.len(),
-        )
-    };
-    match status {
-        0 => "ok".to_owned(),
-        other => status_name(other),
+    unsafe {
+        match edit {
+            HeaderEdit::Replace(value) => proxy_replace_header_map_value(
+                map,
+                name.as_ptr(),
+                name.len(),
+                value.as_ptr(),
+                value.len(),
+            ),
+            HeaderEdit::Add(value) => proxy_add_header_map_value(
+                map,
+                name.as_ptr(),
+                name.len(),
+                value.as_ptr(),
+                value.len(),
+            ),
+            HeaderEdit::Remove => proxy_remove_header_map_value(map, name.as_ptr(), name.len()),
+        }
     }
 }
 
