@@ -711,3 +711,44 @@ async fn plugin_test_runs_a_filter_through_every_phase_and_its_body_callbacks() 
         "{report:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_body_goes_through_a_filter_chunk_by_chunk_and_its_vm_config_reaches_it() {
+    use http_body_util::StreamBody;
+    let up = Upstream::start("u").await;
+    let gateway = TestGateway::start(&yaml(json!({
+        "upstreams": [{"id": "u", "nodes": [node(&up)]}],
+        "plugins": [
+            filter("upper", FILTER_WEIR, json!({})),
+            filter("vm", FILTER_WEIR, json!({"vm_config": "from the entry"})),
+        ],
+        "routes": [
+            route("upper", "/upper", json!([{"name": "upper", "config": {"mode": "upper-body"}}])),
+            route("vm", "/vm", json!([{"name": "vm", "config": {"mode": "vm-config"}}])),
+        ],
+    })))
+    .await;
+    // Three chunks, sent as three frames of a chunked body.
+    let chunks = ["first ", "second ", "third"]
+        .map(|c| Ok::<_, std::convert::Infallible>(http_body::Frame::data(bytes::Bytes::from(c))));
+    let request = weir_tests::request(http::Method::POST, &gateway.url("/upper"))
+        .body(StreamBody::new(futures_util::stream::iter(chunks)))
+        .unwrap();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
+    let response = client.request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let calls: u32 = response.headers()["x-body-calls"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    use http_body_util::BodyExt;
+    let echo: Value =
+        serde_json::from_slice(&response.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    // The filter held every chunk to the end, then wrote the whole body once.
+    assert_eq!(echo["body"], "FIRST SECOND THIRD", "{echo}");
+    assert!(calls >= 2, "the body reached the filter in {calls} calls");
+    let vm = get(&gateway.url("/vm")).await;
+    assert_eq!(vm.header("x-vm-config"), Some("from the entry"));
+}

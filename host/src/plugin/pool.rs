@@ -57,10 +57,14 @@ enum Guest {
 /// has no phase left to run), so that state carries from `on-request` to `on-log` and never to
 /// another request. Pooled plugins leave it empty.
 ///
-/// A filter's body stream shares it (see [`Bound::share`]): the instance is taken out for a
-/// call and put back after, and the phases of one request never call it at once.
+/// A filter's body stream shares it (see [`Bound::share`]). Each call holds it from checkout
+/// to checkin, so that a body callback and a phase of the same request take turns rather than
+/// miss each other.
 #[derive(Default)]
-pub struct Bound(Arc<std::sync::Mutex<Option<PluginInstance>>>);
+pub struct Bound(Arc<tokio::sync::Mutex<Option<PluginInstance>>>);
+
+/// A bound instance's place, held for one call.
+type Held = tokio::sync::OwnedMutexGuard<Option<PluginInstance>>;
 
 impl Bound {
     /// The same binding, for a body stream that calls the request's instance.
@@ -68,22 +72,24 @@ impl Bound {
         Bound(self.0.clone())
     }
 
-    fn take(&self) -> Option<PluginInstance> {
-        self.0.lock().expect("bound instance lock").take()
-    }
-
-    fn put(&self, instance: PluginInstance) {
-        *self.0.lock().expect("bound instance lock") = Some(instance);
-    }
-
-    fn is_empty(&self) -> bool {
-        self.0.lock().expect("bound instance lock").is_none()
+    /// Waits for the binding's turn.
+    async fn hold(&self) -> Held {
+        self.0.clone().lock_owned().await
     }
 }
 
 impl std::fmt::Debug for Bound {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("Bound").field(&!self.is_empty()).finish()
+        let bound = self.0.try_lock().map(|slot| slot.is_some());
+        f.debug_tuple("Bound").field(&bound.ok()).finish()
+    }
+}
+
+/// Holds `bound` for a call, if the caller keeps one.
+async fn hold(bound: Option<&mut Bound>) -> Option<Held> {
+    match bound {
+        Some(bound) => Some(bound.hold().await),
+        None => None,
     }
 }
 
@@ -367,12 +373,15 @@ impl PluginPool {
     /// An instance for one call, unless the plugin is quarantined: the request's own under
     /// per-request isolation (a fresh one for its first call, or when the caller keeps no
     /// `bound`), else a warm one.
-    async fn checkout(&self, bound: Option<&mut Bound>) -> Result<PluginInstance, PluginError> {
+    async fn checkout(
+        &self,
+        bound: Option<&mut Option<PluginInstance>>,
+    ) -> Result<PluginInstance, PluginError> {
         if let Admission::Quarantined(left) = self.scope.health().admit(Instant::now()) {
             return Err(PluginError::Quarantined(left));
         }
         let kept = if self.binds_instances() {
-            bound.and_then(|bound| bound.take())
+            bound.and_then(Option::take)
         } else {
             None
         };
@@ -391,7 +400,12 @@ impl PluginPool {
 
     /// Keeps a healthy instance after a call: with the request while a later phase of this
     /// plugin may run, or warm in the pool.
-    fn checkin(&self, instance: PluginInstance, bound: Option<&mut Bound>, phase: Phase) {
+    fn checkin(
+        &self,
+        instance: PluginInstance,
+        bound: Option<&mut Option<PluginInstance>>,
+        phase: Phase,
+    ) {
         if self.filter.is_some() {
             // A filter's HTTP context lives until the log phase ends it.
             match (phase, bound) {
@@ -400,7 +414,7 @@ impl PluginPool {
                         let _ = self.idle.push(instance);
                     }
                 }
-                (_, Some(bound)) => bound.put(instance),
+                (_, Some(bound)) => *bound = Some(instance),
             }
             return;
         }
@@ -412,7 +426,7 @@ impl PluginPool {
                     Phase::Log => false,
                 };
                 if later && let Some(bound) = bound {
-                    bound.put(instance);
+                    *bound = Some(instance);
                 }
             }
             Isolation::Pooled => {
@@ -482,7 +496,7 @@ impl PluginPool {
         &self,
         instance: PluginInstance,
         outcome: wasmtime::Result<T>,
-        bound: Option<&mut Bound>,
+        bound: Option<&mut Option<PluginInstance>>,
         phase: Phase,
     ) -> Result<T, PluginError> {
         match outcome {
@@ -499,8 +513,9 @@ impl PluginPool {
     pub async fn on_request(
         &self,
         mut request: Box<RequestView>,
-        mut bound: Option<&mut Bound>,
+        bound: Option<&mut Bound>,
     ) -> (Box<RequestView>, Result<Action, PluginError>) {
+        let mut bound = hold(bound).await;
         let mut instance = match self.checkout(bound.as_deref_mut()).await {
             Ok(instance) => instance,
             Err(e) => return (request, Err(e)),
@@ -525,7 +540,7 @@ impl PluginPool {
         let state = instance.store.data_mut();
         let (mut request, before) = (take(&mut state.request), state.request_before.take());
         let outcome = self
-            .settle(instance, outcome, bound, Phase::Request)
+            .settle(instance, outcome, bound.as_deref_mut(), Phase::Request)
             .and_then(|action| self.check_reply(action));
         if outcome.is_err() {
             undo(&mut request, before);
@@ -552,11 +567,12 @@ impl PluginPool {
         held: Vec<u8>,
         end: bool,
     ) -> Result<(ChunkOutcome, Vec<u8>), PluginError> {
-        let Some(mut instance) = bound.take() else {
+        let mut slot = bound.hold().await;
+        let Some(mut instance) = slot.take() else {
             return Ok((ChunkOutcome::Pass(held.into()), Vec::new()));
         };
         let Guest::Filter(exports) = &instance.guest else {
-            bound.put(instance);
+            *slot = Some(instance);
             return Ok((ChunkOutcome::Pass(held.into()), Vec::new()));
         };
         let exports = FilterExports::clone(exports);
@@ -567,7 +583,7 @@ impl PluginPool {
         match outcome {
             Ok(outcome) => {
                 self.scope.health().succeeded();
-                bound.put(instance);
+                *slot = Some(instance);
                 Ok(outcome)
             }
             Err(e) => Err(self.record(self.classify(e, &instance.store, PluginError::Trap))),
@@ -576,8 +592,8 @@ impl PluginPool {
 
     /// Whether a filter has no HTTP context for this request: its request phase failed (and
     /// its instance went), or never ran. Its later phases have nothing to call.
-    fn without_context(&self, bound: Option<&Bound>) -> bool {
-        self.filter.is_some() && bound.is_none_or(Bound::is_empty)
+    fn without_context(&self, bound: Option<&Option<PluginInstance>>) -> bool {
+        self.filter.is_some() && bound.is_none_or(Option::is_none)
     }
 
     /// A reply is held to the same bounds as edits: a bounded number and size of headers, and
@@ -610,8 +626,9 @@ impl PluginPool {
         &self,
         request: Box<RequestView>,
         mut response: Box<ResponseView>,
-        mut bound: Option<&mut Bound>,
+        bound: Option<&mut Bound>,
     ) -> (Box<RequestView>, Box<ResponseView>, Result<(), PluginError>) {
+        let mut bound = hold(bound).await;
         if self.without_context(bound.as_deref()) {
             return (request, response, Ok(()));
         }
@@ -651,7 +668,7 @@ impl PluginPool {
         let state = instance.store.data_mut();
         let (mut request, mut response) = (take(&mut state.request), take(&mut state.response));
         let before = (state.request_before.take(), state.response_before.take());
-        let outcome = self.settle(instance, outcome, bound, Phase::Response);
+        let outcome = self.settle(instance, outcome, bound.as_deref_mut(), Phase::Response);
         if outcome.is_err() {
             undo(&mut request, before.0);
             if let Some(before) = before.1 {
@@ -666,8 +683,9 @@ impl PluginPool {
         &self,
         request: Box<RequestView>,
         summary: &Summary,
-        mut bound: Option<&mut Bound>,
+        bound: Option<&mut Bound>,
     ) -> (Box<RequestView>, Result<(), PluginError>) {
+        let mut bound = hold(bound).await;
         if self.without_context(bound.as_deref()) {
             return (request, Ok(()));
         }
@@ -694,7 +712,7 @@ impl PluginPool {
         };
         let state = instance.store.data_mut();
         let (mut request, before) = (take(&mut state.request), state.request_before.take());
-        let outcome = self.settle(instance, outcome, bound, Phase::Log);
+        let outcome = self.settle(instance, outcome, bound.as_deref_mut(), Phase::Log);
         if outcome.is_err() {
             undo(&mut request, before);
         }

@@ -190,6 +190,8 @@ pub async fn start(
             return Err(FilterFault::Refused("configure").into());
         }
     }
+    // A call made while starting has no callback to run: the instance serves no one yet.
+    state(store).calls.clear();
     Ok(())
 }
 
@@ -266,13 +268,14 @@ pub async fn log(
     let filter = state(store);
     filter.effective = context;
     filter.response_code.get_or_insert(status);
-    if let Some(log) = &exports.log {
-        rearm(store);
-        log.call_async(&mut *store, context).await?;
-    }
+    // Envoy's order: done, then log, then delete.
     if let Some(done) = &exports.done {
         rearm(store);
         done.call_async(&mut *store, context).await?;
+    }
+    if let Some(log) = &exports.log {
+        rearm(store);
+        log.call_async(&mut *store, context).await?;
     }
     if let Some(delete) = &exports.delete {
         rearm(store);
@@ -328,6 +331,8 @@ pub async fn body_chunk(
         .take()
         .map(|body| body.bytes)
         .unwrap_or_default();
+    // A body callback cannot pause for a call: calls made in one get no callback.
+    filter.calls.clear();
     let action = outcome?;
     if filter.local_reply.take().is_some() {
         return Err(FilterFault::LateReply.into());

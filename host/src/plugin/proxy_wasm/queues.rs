@@ -11,8 +11,8 @@ use tokio::sync::Notify;
 pub const MAX_QUEUE_ITEMS: usize = 1024;
 /// The most bytes one queue holds.
 pub const MAX_QUEUE_BYTES: usize = 1 << 20;
-/// The most queues the gateway keeps, across all tenants.
-pub const MAX_QUEUES: usize = 1024;
+/// The most queues one tenant may register.
+pub const MAX_QUEUES: usize = 64;
 
 struct Queue {
     tenant: Arc<str>,
@@ -60,7 +60,12 @@ impl SharedQueues {
                 .owner = owner.clone();
             return Ok(id);
         }
-        if registry.queues.len() >= MAX_QUEUES {
+        let held = registry
+            .queues
+            .values()
+            .filter(|q| q.tenant == *tenant)
+            .count();
+        if held >= MAX_QUEUES {
             return Err(QueueError::Full);
         }
         registry.next += 1;
@@ -170,5 +175,14 @@ mod tests {
             queues.enqueue("a", id, Bytes::new()).unwrap();
         }
         assert_eq!(queues.enqueue("a", id, Bytes::new()), Err(QueueError::Full));
+        // One tenant's queues fill its own allowance, not another's.
+        for n in 1..MAX_QUEUES {
+            queues.register(&a, &format!("q{n}"), &owner).unwrap();
+        }
+        assert_eq!(
+            queues.register(&a, "one-more", &owner),
+            Err(QueueError::Full)
+        );
+        assert!(queues.register(&b, "q", &owner).is_ok());
     }
 }

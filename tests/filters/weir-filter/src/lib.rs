@@ -62,6 +62,8 @@ const LAST_DEQUEUED: &str = "last-dequeued";
 /// How many times `shared` mode tries its compare-and-swap before it gives up.
 const CAS_TRIES: usize = 16;
 const MIB: usize = 1 << 20;
+/// The VM configuration on_vm_start read (for `vm-config`).
+static VM_CONFIG: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
@@ -96,6 +98,11 @@ enum Mode {
     },
     Crlf,
     Version,
+    /// Holds the request body to its end, then sends it upper-cased; says in the response's
+    /// `x-body-calls` how many request body callbacks it had.
+    UpperBody,
+    /// Answers with the VM configuration it read in on_vm_start, in `x-vm-config`.
+    VmConfig,
     Headers {
         #[serde(default)]
         request: Edits,
@@ -172,6 +179,14 @@ struct Root {
 impl Context for Root {}
 
 impl RootContext for Root {
+    fn on_vm_start(&mut self, _: usize) -> bool {
+        if let Some(config) = self.get_vm_configuration() {
+            *VM_CONFIG.lock().unwrap_or_else(PoisonError::into_inner) =
+                String::from_utf8_lossy(&config).into_owned();
+        }
+        true
+    }
+
     fn on_configure(&mut self, _: usize) -> bool {
         let Some(config) = self.get_plugin_configuration() else {
             log::error!("weir-filter needs a configuration, such as {{\"mode\":\"version\"}}");
@@ -241,6 +256,7 @@ impl RootContext for Root {
             mode: self.mode.clone(),
             metrics: self.metrics,
             shared: None,
+            body_calls: 0,
         }))
     }
 
@@ -255,6 +271,8 @@ struct Filter {
     metrics: Option<Metrics>,
     /// What `shared` mode did on the request, for the response's headers.
     shared: Option<SharedOutcome>,
+    /// Request body callbacks so far (for `upper-body`).
+    body_calls: u32,
 }
 
 struct SharedOutcome {
@@ -311,7 +329,23 @@ impl HttpContext for Filter {
                 return Action::Pause;
             }
             Mode::Headers { request, .. } => request.apply(MapType::HttpRequestHeaders),
-            Mode::SharedRead { .. } | Mode::LoopTick | Mode::Version => {}
+            // The body will change length: the gateway frames it instead.
+            Mode::UpperBody => self.set_http_request_header("content-length", None),
+            Mode::SharedRead { .. } | Mode::LoopTick | Mode::Version | Mode::VmConfig => {}
+        }
+        Action::Continue
+    }
+
+    fn on_http_request_body(&mut self, size: usize, end_of_stream: bool) -> Action {
+        if !matches!(self.mode.as_deref(), Some(Mode::UpperBody)) {
+            return Action::Continue;
+        }
+        self.body_calls += 1;
+        if !end_of_stream {
+            return Action::Pause;
+        }
+        if let Some(body) = self.get_http_request_body(0, size) {
+            self.set_http_request_body(0, size, &body.to_ascii_uppercase());
         }
         Action::Continue
     }
@@ -345,6 +379,16 @@ impl HttpContext for Filter {
             }
             Mode::Version => self.add_http_response_header("x-filter-version", VERSION),
             Mode::Headers { response, .. } => response.apply(MapType::HttpResponseHeaders),
+            Mode::UpperBody => {
+                self.add_http_response_header("x-body-calls", &self.body_calls.to_string())
+            }
+            Mode::VmConfig => {
+                let vm = VM_CONFIG
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .clone();
+                self.add_http_response_header("x-vm-config", &vm);
+            }
             Mode::LoopHeaders | Mode::Trap | Mode::Callout { .. } | Mode::Crlf => {}
         }
         Action::Continue
