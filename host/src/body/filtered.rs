@@ -167,6 +167,11 @@ where
             }
             match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
                 Some(Ok(frame)) => match frame.into_data() {
+                    // The last chunk carries the end, rather than a call of its own after it.
+                    Ok(data) if this.inner.is_end_stream() => {
+                        this.ended = true;
+                        this.run(data, true);
+                    }
                     Ok(data) => this.run(data, false),
                     Err(frame) => {
                         this.trailers = frame.into_trailers().ok();

@@ -48,8 +48,9 @@ enum Guest {
         instance: wasmtime::component::Instance,
         filter: Filter,
     },
-    /// A proxy-wasm filter's exports (boxed: they are twice a component's handles).
-    Filter(Box<FilterExports>),
+    /// A proxy-wasm filter's exports, shared: each call takes them out of the instance, and a
+    /// typed function's clone registers its type again.
+    Filter(Arc<FilterExports>),
 }
 
 /// The instance of a plugin that one request's phases share under `isolation: per-request`:
@@ -303,7 +304,7 @@ impl PluginPool {
         let filter = match &instance.guest {
             Guest::Component { filter, .. } => filter,
             Guest::Filter(exports) => {
-                let exports = FilterExports::clone(exports);
+                let exports = Arc::clone(exports);
                 return match proxy_wasm::start(&mut instance.store, &exports).await {
                     Ok(()) => Ok(FILTER_WANTS),
                     Err(e) => match e.downcast::<FilterFault>() {
@@ -362,7 +363,7 @@ impl PluginPool {
                     Ok(instance) => instance,
                     Err(e) => return Err(self.classify(e, &store, PluginError::Instantiate)),
                 };
-                Guest::Filter(Box::new(
+                Guest::Filter(Arc::new(
                     FilterExports::find(&mut store, &instance).map_err(PluginError::Instantiate)?,
                 ))
             }
@@ -531,7 +532,7 @@ impl PluginPool {
                     .await
             }
             Guest::Filter(exports) => {
-                let exports = FilterExports::clone(exports);
+                let exports = Arc::clone(exports);
                 proxy_wasm::request_headers(&mut instance.store, &exports)
                     .await
                     .map(|reply| reply.map_or(Action::Continue, Action::Respond))
@@ -575,7 +576,7 @@ impl PluginPool {
             *slot = Some(instance);
             return Ok((ChunkOutcome::Pass(held.into()), Vec::new()));
         };
-        let exports = FilterExports::clone(exports);
+        let exports = Arc::clone(exports);
         let limit = usize::try_from(self.limits.max_body_bytes).unwrap_or(usize::MAX);
         self.arm(&mut instance);
         let outcome =
@@ -653,7 +654,7 @@ impl PluginPool {
                     .await
             }
             Guest::Filter(exports) => {
-                let exports = FilterExports::clone(exports);
+                let exports = Arc::clone(exports);
                 match proxy_wasm::response_headers(&mut instance.store, &exports).await {
                     Ok(None) => Ok(()),
                     Ok(Some(_)) => Err(wasmtime::Error::new(LimitExceeded(
@@ -706,7 +707,7 @@ impl PluginPool {
                     .await
             }
             Guest::Filter(exports) => {
-                let exports = FilterExports::clone(exports);
+                let exports = Arc::clone(exports);
                 proxy_wasm::log(&mut instance.store, &exports, summary.status).await
             }
         };
@@ -760,7 +761,7 @@ impl PluginPool {
                 let Guest::Filter(exports) = &instance.guest else {
                     return;
                 };
-                let exports = FilterExports::clone(exports);
+                let exports = Arc::clone(exports);
                 pool.arm(&mut instance);
                 let began = Instant::now();
                 let outcome = if ticked {
