@@ -464,18 +464,10 @@ impl PluginRuntime {
             .exports(&self.engine)
             .map(|(name, _)| name.to_owned())
             .collect();
-        let instance_pre = self.linker.instantiate_pre(&component).map_err(|e| {
-            // Name the imports the gateway does not provide, rather than wasmtime's first one.
-            let unknown = grants::unknown(&imports);
-            if unknown.is_empty() {
-                PluginError::Instantiate(format!("{e:#}"))
-            } else {
-                PluginError::Instantiate(format!(
-                    "it imports {}, which the gateway does not provide",
-                    unknown.join(", ")
-                ))
-            }
-        })?;
+        let instance_pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| unlinked(&e, &imports))?;
         let filter = FilterIndices::new(&instance_pre).map_err(|e| {
             PluginError::Instantiate(format!("it does not implement weir:plugin/filter: {e:#}"))
         })?;
@@ -521,17 +513,10 @@ impl PluginRuntime {
                         .into(),
                 )
             })?;
-        let pre = self.core_linker.instantiate_pre(&core).map_err(|e| {
-            let unknown = grants::unknown(&imports);
-            if unknown.is_empty() {
-                PluginError::Instantiate(format!("{e:#}"))
-            } else {
-                PluginError::Instantiate(format!(
-                    "it imports {}, which the gateway does not provide",
-                    unknown.join(", ")
-                ))
-            }
-        })?;
+        let pre = self
+            .core_linker
+            .instantiate_pre(&core)
+            .map_err(|e| unlinked(&e, &imports))?;
         let reads_body = ["proxy_on_request_body", "proxy_on_response_body"]
             .map(|callback| exports.iter().any(|e| e == callback));
         Ok(Module {
@@ -706,6 +691,20 @@ impl PluginRuntime {
         pools.retain(|_, weak| weak.strong_count() > 0);
         pools.insert(key, Arc::downgrade(&pool));
         Ok(pool)
+    }
+}
+
+/// Why a module could not be linked: the imports the gateway does not provide, when that is
+/// why, rather than wasmtime's first one.
+fn unlinked(error: &wasmtime::Error, imports: &[String]) -> PluginError {
+    let unknown = grants::unknown(imports);
+    if unknown.is_empty() {
+        PluginError::Instantiate(format!("{error:#}"))
+    } else {
+        PluginError::Instantiate(format!(
+            "it imports {}, which the gateway does not provide",
+            unknown.join(", ")
+        ))
     }
 }
 
