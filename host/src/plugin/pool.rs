@@ -552,11 +552,10 @@ impl PluginPool {
     /// Whether this is a filter with a body callback for `stream`: a body it sees goes through
     /// it chunk by chunk.
     pub fn reads_body(&self, stream: StreamType) -> bool {
-        self.filter.is_some()
-            && match &self.module.guest {
-                GuestModule::Filter { reads_body, .. } => reads_body[stream as usize],
-                GuestModule::Component { .. } => false,
-            }
+        match &self.module.guest {
+            GuestModule::Filter { reads_body, .. } => reads_body[stream as usize],
+            GuestModule::Component { .. } => false,
+        }
     }
 
     /// Runs a filter's body callback over `held` (what it held, then the new chunk) in the

@@ -22,7 +22,7 @@ use crate::plugin::Reply;
 use crate::plugin::bindings::weir::plugin0_1_0::http_client::OutgoingRequest;
 use crate::plugin::callout::Call;
 use crate::plugin::host::{InstanceState, LimitExceeded, NotGranted};
-use crate::view::headers;
+use crate::view::{RequestView, headers};
 
 type Ctx<'a> = Caller<'a, InstanceState>;
 type Answer = wasmtime::Result<u32>;
@@ -125,17 +125,10 @@ fn pairs(caller: &Ctx<'_>, map: MapType) -> Option<Vec<(String, String)>> {
     match map {
         MapType::RequestHeaders => {
             let request = state.request.as_deref()?;
-            let mut path = request.path.clone();
-            if let Some(query) = &request.query {
-                path.push('?');
-                path.push_str(query);
-            }
-            let mut out = vec![
-                (":method".to_owned(), request.method.to_string()),
-                (":path".to_owned(), path),
-                (":authority".to_owned(), request.origin.host.clone()),
-                (":scheme".to_owned(), request.origin.scheme.to_owned()),
-            ];
+            let mut out: Vec<(String, String)> = request_pseudo(request)
+                .into_iter()
+                .map(|(name, value)| (name.to_owned(), value))
+                .collect();
             out.extend(headers::all(&request.headers));
             Some(out)
         }
@@ -158,6 +151,50 @@ fn pairs(caller: &Ctx<'_>, map: MapType) -> Option<Vec<(String, String)>> {
         MapType::RequestTrailers | MapType::ResponseTrailers | MapType::CallResponseTrailers => {
             Some(Vec::new())
         }
+    }
+}
+
+/// The request's pseudo-headers, which come first in its map.
+fn request_pseudo(request: &RequestView) -> [(&'static str, String); 4] {
+    let mut path = request.path.clone();
+    if let Some(query) = &request.query {
+        path.push('?');
+        path.push_str(query);
+    }
+    [
+        (":method", request.method.to_string()),
+        (":path", path),
+        (":authority", request.origin.host.clone()),
+        (":scheme", request.origin.scheme.to_owned()),
+    ]
+}
+
+/// The first value of `name` (lower-case) in `map`, as [`pairs`] would list it, looked up
+/// without copying the whole map: filters read single headers on every request.
+fn value(caller: &Ctx<'_>, map: MapType, name: &str) -> Option<String> {
+    let state = caller.data();
+    match map {
+        MapType::RequestHeaders => {
+            let request = state.request.as_deref()?;
+            if name.starts_with(':') {
+                let pseudo = request_pseudo(request)
+                    .into_iter()
+                    .find(|(n, _)| *n == name);
+                return pseudo.map(|(_, value)| value);
+            }
+            headers::get(&request.headers, name)
+        }
+        MapType::ResponseHeaders => {
+            let response = state.response.as_deref()?;
+            if name == ":status" {
+                return Some(response.status.as_u16().to_string());
+            }
+            headers::get(&response.headers, name)
+        }
+        _ => pairs(caller, map)?
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v),
     }
 }
 
@@ -449,14 +486,7 @@ pub fn add_to_linker(linker: &mut Linker<InstanceState>) -> wasmtime::Result<()>
             Box::new(async move {
                 let map = attempt!(MapType::from_id(map).ok_or(Status::BadArgument));
                 let name = attempt!(read_text(&mut c, key, key_len)).to_ascii_lowercase();
-                let pairs = attempt!(pairs(&c, map).ok_or(Status::NotFound));
-                let value = attempt!(
-                    pairs
-                        .into_iter()
-                        .find(|(n, _)| *n == name)
-                        .map(|(_, v)| v)
-                        .ok_or(Status::NotFound)
-                );
+                let value = attempt!(value(&c, map, &name).ok_or(Status::NotFound));
                 give(&mut c, value.as_bytes(), ptr_at, size_at).await
             })
         },
