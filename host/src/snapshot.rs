@@ -376,12 +376,8 @@ impl BuildContext<'_> {
             previous.generation + 1,
             consumers.clone(),
             upstreams.iter().map(|(id, upstream)| {
-                let first = upstream.config.nodes.first();
-                let address = first.map(|node| match node.host.contains(':') {
-                    true => format!("[{}]:{}", node.host, node.port),
-                    false => format!("{}:{}", node.host, node.port),
-                });
-                (id.clone(), address)
+                let first = upstream.nodes.nodes().first();
+                (id.clone(), first.map(|node| node.addr.clone()))
             }),
         );
         Snapshot {

@@ -57,9 +57,7 @@ impl OutboundBody {
     /// The same body through `links`, proxy-wasm filters' request body callbacks.
     pub fn through(self, links: Vec<ChunkLink>) -> OutboundBody {
         let inner = match self {
-            OutboundBody::Full(bytes, trailers) => {
-                Sending::Held((!bytes.is_empty()).then_some(bytes), trailers)
-            }
+            OutboundBody::Full(bytes, trailers) => Sending::held(bytes, trailers),
             OutboundBody::Streaming(body) => Sending::Client(body),
             OutboundBody::Filtered(body) => Sending::Filtered(body),
         };
@@ -73,9 +71,7 @@ impl OutboundBody {
     /// The body one attempt sends; a streaming one also fails after `idle` without a frame.
     pub(super) fn into_sending(self, idle: Duration) -> Sending {
         match self {
-            OutboundBody::Full(bytes, trailers) => {
-                Sending::Held((!bytes.is_empty()).then_some(bytes), trailers)
-            }
+            OutboundBody::Full(bytes, trailers) => Sending::held(bytes, trailers),
             OutboundBody::Streaming(mut body) => {
                 body.tighten(idle, Stalled::Upstream);
                 Sending::Client(body)
@@ -117,6 +113,13 @@ pub enum Sending {
     Client(ClientBody),
     /// A body through filters' body callbacks.
     Filtered(Box<FilteredBody<Sending>>),
+}
+
+impl Sending {
+    /// A body held in memory, then its trailers.
+    fn held(bytes: Bytes, trailers: Option<HeaderMap>) -> Self {
+        Sending::Held((!bytes.is_empty()).then_some(bytes), trailers)
+    }
 }
 
 impl Body for Sending {
