@@ -205,6 +205,26 @@ enum Edit<'a> {
     Remove,
 }
 
+/// An edit of an ordinary header (or a pseudo-header the map does not let be set), the same for
+/// requests and responses.
+fn edit_plain(map: &mut http::HeaderMap, name: &str, change: &Edit<'_>) -> Result<(), String> {
+    match (name, change) {
+        (pseudo, _) if pseudo.starts_with(':') => Err("a pseudo-header".into()),
+        // A filter that will change the body drops its length, as Envoy's do; the gateway then
+        // frames it (chunked, or HTTP/2's own). Setting one stays refused.
+        ("content-length", Edit::Remove) => {
+            map.remove(http::header::CONTENT_LENGTH);
+            Ok(())
+        }
+        (_, Edit::Replace(value)) => headers::set(map, name, value),
+        (_, Edit::Add(value)) => headers::append(map, name, value),
+        (_, Edit::Remove) => {
+            headers::remove(map, name);
+            Ok(())
+        }
+    }
+}
+
 /// Applies an edit through the same checks a component's edits go through: a CR, LF or NUL in
 /// a value, a bad name or a header the gateway owns is refused with `BadArgument`.
 fn edit(caller: &mut Ctx<'_>, map: MapType, name: &str, change: Edit<'_>) -> Answer {
@@ -239,19 +259,7 @@ fn edit(caller: &mut Ctx<'_>, map: MapType, name: &str, change: Edit<'_>) -> Ans
                 (":authority", Edit::Replace(value)) => {
                     headers::set(&mut request.headers, "host", value)
                 }
-                (pseudo, _) if pseudo.starts_with(':') => Err("a pseudo-header".into()),
-                // A filter that will change the body drops its length, as Envoy's do; the
-                // gateway then frames it (chunked, or HTTP/2's own). Setting one stays refused.
-                ("content-length", Edit::Remove) => {
-                    request.headers.remove(http::header::CONTENT_LENGTH);
-                    Ok(())
-                }
-                (_, Edit::Replace(value)) => headers::set(&mut request.headers, &name, value),
-                (_, Edit::Add(value)) => headers::append(&mut request.headers, &name, value),
-                (_, Edit::Remove) => {
-                    headers::remove(&mut request.headers, &name);
-                    Ok(())
-                }
+                _ => edit_plain(&mut request.headers, &name, &change),
             }
         }
         MapType::ResponseHeaders => {
@@ -267,17 +275,7 @@ fn edit(caller: &mut Ctx<'_>, map: MapType, name: &str, change: Edit<'_>) -> Ans
                     Ok(code) => response.set_status(code),
                     Err(_) => Err("not a status".into()),
                 },
-                (pseudo, _) if pseudo.starts_with(':') => Err("a pseudo-header".into()),
-                ("content-length", Edit::Remove) => {
-                    response.headers.remove(http::header::CONTENT_LENGTH);
-                    Ok(())
-                }
-                (_, Edit::Replace(value)) => headers::set(&mut response.headers, &name, value),
-                (_, Edit::Add(value)) => headers::append(&mut response.headers, &name, value),
-                (_, Edit::Remove) => {
-                    headers::remove(&mut response.headers, &name);
-                    Ok(())
-                }
+                _ => edit_plain(&mut response.headers, &name, &change),
             }
         }
         _ => return status(Status::BadArgument),
