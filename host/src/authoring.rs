@@ -291,11 +291,11 @@ pub async fn run(
     let chain = [ChainLink {
         pool,
         failure: entry.failure,
-        metrics: metrics.plugin(
+        metrics: Arc::new(metrics.plugin(
             "plugin-under-test",
             "test",
             crate::plugin::tenant::DEFAULT_TENANT,
-        ),
+        )),
     }];
 
     let (path, query) = match request.target.split_once('?') {

@@ -603,10 +603,9 @@ pub async fn log_phase(
         .filter(|(_, link)| link.pool.wants().on_log)
     {
         let started = Instant::now();
-        let (returned, outcome) = link
-            .pool
-            .on_log(request, summary, bound.get_mut(index))
-            .await;
+        // Boxed, as in the request phase: this runs in a task of its own, moved whole.
+        let (returned, outcome) =
+            Box::pin(link.pool.on_log(request, summary, bound.get_mut(index))).await;
         link.metrics.record(
             started.elapsed(),
             outcome.as_ref().err().map(PluginError::kind),

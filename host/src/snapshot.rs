@@ -44,8 +44,9 @@ pub struct ChainLink {
     pub pool: Arc<PluginPool>,
     /// What happens when the plugin fails.
     pub failure: FailurePolicy,
-    /// Calls, failures and latency of this plugin on this route.
-    pub metrics: PluginMetrics,
+    /// Calls, failures and latency of this plugin on this route; shared with the filter body
+    /// streams that call it.
+    pub metrics: Arc<PluginMetrics>,
 }
 
 /// A certificate that loaded.
@@ -674,7 +675,7 @@ impl BuildContext<'_> {
             chain.push(ChainLink {
                 pool,
                 failure: plugin.config.failure,
-                metrics,
+                metrics: Arc::new(metrics),
             });
             built_from.push(plugin.clone());
         }

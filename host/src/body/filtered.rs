@@ -21,7 +21,7 @@ pub struct ChunkLink {
     pool: Arc<PluginPool>,
     bound: Bound,
     failure: FailurePolicy,
-    metrics: PluginMetrics,
+    metrics: Arc<PluginMetrics>,
     /// What the filter holds from earlier chunks.
     held: Vec<u8>,
     /// It failed open: the rest of the body passes it by.
@@ -35,7 +35,7 @@ impl ChunkLink {
         pool: Arc<PluginPool>,
         bound: Bound,
         failure: FailurePolicy,
-        metrics: PluginMetrics,
+        metrics: Arc<PluginMetrics>,
     ) -> Self {
         ChunkLink {
             pool,

@@ -84,6 +84,10 @@ pub enum PluginError {
     /// The plugin failed too often and is not being called for now.
     #[error("plugin is quarantined for {} ms more", .0.as_millis())]
     Quarantined(Duration),
+    /// A filter's instance failed serving another request, and this request's HTTP context,
+    /// which it held, went with it.
+    #[error("the filter's instance that held this request's context failed")]
+    ContextLost,
 }
 
 impl PluginError {
@@ -101,6 +105,7 @@ impl PluginError {
             PluginError::Trap(_) => "trap",
             PluginError::KvUnavailable(_) => "kv_unavailable",
             PluginError::Quarantined(_) => "quarantined",
+            PluginError::ContextLost => "context_lost",
         }
     }
 

@@ -24,6 +24,10 @@ use crate::view::{RequestBefore, RequestView, ResponseView};
 
 /// Idle instances kept per pool; instances beyond this are dropped after use.
 const MAX_IDLE: usize = 64;
+/// The most shared slots a pooled filter's pool opens: another opens only when a new request
+/// finds every one busy (a call running on another worker, or a filter waiting on its http
+/// call), and requests wait their turn beyond this.
+const MAX_SHARED_SLOTS: usize = 16;
 
 /// What a proxy-wasm filter is called for: every phase but the whole bodies, which it is not
 /// offered yet.
@@ -39,6 +43,8 @@ const FILTER_WANTS: Wants = Wants {
 struct PluginInstance {
     store: Store<InstanceState>,
     guest: Guest,
+    /// Which of its pool's instances this is, counting from 1.
+    serial: u64,
 }
 
 /// What an instance's calls go through, by kind.
@@ -53,41 +59,68 @@ enum Guest {
     Filter(Arc<FilterExports>),
 }
 
-/// The instance of a plugin that one request's phases share under `isolation: per-request`:
-/// made fresh for the request's first call, and dropped with the request (or once the plugin
-/// has no phase left to run), so that state carries from `on-request` to `on-log` and never to
-/// another request. Pooled plugins leave it empty.
+/// Where one request's calls to a plugin go, when its phases share an instance.
 ///
-/// A filter's body stream shares it (see [`Bound::share`]). Each call holds it from checkout
-/// to checkin, so that a body callback and a phase of the same request take turns rather than
-/// miss each other.
+/// Under `isolation: per-request`, a slot of the request's own: its instance is made fresh
+/// for the request's first call and dropped with the request (or once the plugin has no phase
+/// left to run), so that state carries from `on-request` to `on-log` and never to another
+/// request. A pooled proxy-wasm filter's request is sent to one of its pool's shared slots
+/// instead, whose instance holds many requests' HTTP contexts at once, as Envoy's VM per worker
+/// does; `context` says which one is this request's. Pooled components leave it empty.
+///
+/// A filter's body stream shares it (see [`Bound::share`]). Each call holds the slot from
+/// checkout to checkin, so that a body callback and a phase of the same request (or, in a
+/// shared slot, of another request) take turns rather than miss each other.
 #[derive(Default)]
-pub struct Bound(Arc<tokio::sync::Mutex<Option<PluginInstance>>>);
+pub struct Bound {
+    slot: Slot,
+    context: Option<BoundContext>,
+}
+
+/// A place for one instance, held by one call at a time.
+type Slot = Arc<tokio::sync::Mutex<Option<PluginInstance>>>;
 
 /// A bound instance's place, held for one call.
 type Held = tokio::sync::OwnedMutexGuard<Option<PluginInstance>>;
 
+/// A request's HTTP context in a filter instance.
+#[derive(Clone, Copy, Debug)]
+struct BoundContext {
+    /// The instance that holds it: a replaced instance never knew it.
+    serial: u64,
+    /// The context's id in that instance.
+    id: u32,
+    /// The response status, once the response phase has seen it.
+    response_code: Option<u16>,
+}
+
 impl Bound {
     /// The same binding, for a body stream that calls the request's instance.
     pub fn share(&self) -> Bound {
-        Bound(self.0.clone())
+        Bound {
+            slot: self.slot.clone(),
+            context: self.context,
+        }
     }
 
     /// Waits for the binding's turn.
     async fn hold(&self) -> Held {
-        self.0.clone().lock_owned().await
+        self.slot.clone().lock_owned().await
     }
 }
 
 impl std::fmt::Debug for Bound {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let bound = self.0.try_lock().map(|slot| slot.is_some());
-        f.debug_tuple("Bound").field(&bound.ok()).finish()
+        let bound = self.slot.try_lock().map(|slot| slot.is_some());
+        f.debug_struct("Bound")
+            .field("instance", &bound.ok())
+            .field("context", &self.context)
+            .finish()
     }
 }
 
 /// Holds `bound` for a call, if the caller keeps one.
-async fn hold(bound: Option<&mut Bound>) -> Option<Held> {
+async fn hold(bound: Option<&Bound>) -> Option<Held> {
     match bound {
         Some(bound) => Some(bound.hold().await),
         None => None,
@@ -116,6 +149,10 @@ pub struct PluginPool {
     filter: Option<Arc<FilterShared>>,
     /// Stops the control instance's task when the pool goes.
     control: std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+    /// A pooled filter's shared slots (see [`Bound`]).
+    shared: std::sync::Mutex<Vec<Slot>>,
+    /// The serial of the pool's last instance.
+    serials: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for PluginPool {
@@ -188,6 +225,8 @@ impl PluginPool {
             idle: ArrayQueue::new(MAX_IDLE),
             filter: None,
             control: std::sync::Mutex::new(None),
+            shared: std::sync::Mutex::new(Vec::new()),
+            serials: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -368,7 +407,15 @@ impl PluginPool {
                 ))
             }
         };
-        Ok(PluginInstance { store, guest })
+        let serial = self
+            .serials
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        Ok(PluginInstance {
+            store,
+            guest,
+            serial,
+        })
     }
 
     /// An instance for one call, unless the plugin is quarantined: the request's own under
@@ -403,19 +450,22 @@ impl PluginPool {
     /// plugin may run, or warm in the pool.
     fn checkin(
         &self,
-        instance: PluginInstance,
+        mut instance: PluginInstance,
         bound: Option<&mut Option<PluginInstance>>,
         phase: Phase,
     ) {
-        if self.filter.is_some() {
-            // A filter's HTTP context lives until the log phase ends it.
-            match (phase, bound) {
-                (Phase::Log, _) | (_, None) => {
-                    if self.isolation == Isolation::Pooled {
-                        let _ = self.idle.push(instance);
-                    }
+        if let Some(filter) = instance.store.data_mut().filter.as_mut() {
+            // The request's context is the call's only: the next call may be another's.
+            filter.http_context = None;
+            filter.response_code = None;
+            match (bound, phase, self.isolation) {
+                // A shared instance stays in its slot; a request's own, until its log.
+                (Some(bound), _, Isolation::Pooled) => *bound = Some(instance),
+                (Some(bound), Phase::Request | Phase::Response, _) => *bound = Some(instance),
+                (_, _, Isolation::Pooled) => {
+                    let _ = self.idle.push(instance);
                 }
-                (_, Some(bound)) => *bound = Some(instance),
+                _ => {}
             }
             return;
         }
@@ -434,6 +484,69 @@ impl PluginPool {
                 // A full queue drops the instance; its slot returns to the engine's pool.
                 let _ = self.idle.push(instance);
             }
+        }
+    }
+
+    /// Whether a request's calls go to one of the pool's shared slots.
+    fn shares_instances(&self) -> bool {
+        self.filter.is_some() && self.isolation == Isolation::Pooled
+    }
+
+    /// The shared slot a new request's HTTP context goes to, held: the first one free, a new
+    /// one while there are fewer than [`MAX_SHARED_SLOTS`], or else the turn of one of them.
+    async fn free_slot(&self) -> Held {
+        let busy = {
+            let mut slots = self
+                .shared
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for slot in slots.iter() {
+                if let Ok(held) = slot.clone().try_lock_owned() {
+                    return held;
+                }
+            }
+            if slots.len() < MAX_SHARED_SLOTS {
+                let slot = Slot::default();
+                slots.push(slot.clone());
+                return slot
+                    .try_lock_owned()
+                    .expect("a new slot is held by no one");
+            }
+            let turn = self.serials.load(std::sync::atomic::Ordering::Relaxed) as usize;
+            slots[turn % slots.len()].clone()
+        };
+        busy.lock_owned().await
+    }
+
+    /// For a filter's phase after the request's: whether `slot` holds the instance with the
+    /// request's HTTP context, which then becomes the call's. `Err` when the context was lost
+    /// with an instance that failed serving another request.
+    fn resume_context(
+        &self,
+        slot: Option<&mut Option<PluginInstance>>,
+        context: Option<BoundContext>,
+    ) -> Result<bool, PluginError> {
+        if self.filter.is_none() {
+            return Ok(true);
+        }
+        // No context: the request phase failed (and its instance went) or never ran.
+        let Some(context) = context else {
+            return Ok(false);
+        };
+        match slot.and_then(|slot| slot.as_mut()) {
+            Some(instance) if instance.serial == context.serial => {
+                let filter = instance
+                    .store
+                    .data_mut()
+                    .filter
+                    .as_mut()
+                    .expect("a filter instance has filter state");
+                filter.http_context = Some(context.id);
+                filter.response_code = context.response_code;
+                Ok(true)
+            }
+            _ if self.shares_instances() => Err(PluginError::ContextLost),
+            _ => Ok(false),
         }
     }
 
@@ -514,10 +627,17 @@ impl PluginPool {
     pub async fn on_request(
         &self,
         mut request: Box<RequestView>,
-        bound: Option<&mut Bound>,
+        mut bound: Option<&mut Bound>,
     ) -> (Box<RequestView>, Result<Action, PluginError>) {
-        let mut bound = hold(bound).await;
-        let mut instance = match self.checkout(bound.as_deref_mut()).await {
+        let mut held = match bound.as_deref_mut() {
+            Some(bound) if self.shares_instances() => {
+                let held = self.free_slot().await;
+                bound.slot = tokio::sync::OwnedMutexGuard::mutex(&held).clone();
+                Some(held)
+            }
+            bound => hold(bound.map(|bound| &*bound)).await,
+        };
+        let mut instance = match self.checkout(held.as_deref_mut()).await {
             Ok(instance) => instance,
             Err(e) => return (request, Err(e)),
         };
@@ -538,11 +658,20 @@ impl PluginPool {
                     .map(|reply| reply.map_or(Action::Continue, Action::Respond))
             }
         };
+        let serial = instance.serial;
         let state = instance.store.data_mut();
+        let context = state.filter.as_ref().and_then(|filter| filter.http_context);
         let (mut request, before) = (take(&mut state.request), state.request_before.take());
         let outcome = self
-            .settle(instance, outcome, bound.as_deref_mut(), Phase::Request)
+            .settle(instance, outcome, held.as_deref_mut(), Phase::Request)
             .and_then(|action| self.check_reply(action));
+        if let Some(bound) = bound {
+            bound.context = context.map(|id| BoundContext {
+                serial,
+                id,
+                response_code: None,
+            });
+        }
         if outcome.is_err() {
             undo(&mut request, before);
         }
@@ -568,6 +697,9 @@ impl PluginPool {
         end: bool,
     ) -> Result<(ChunkOutcome, Vec<u8>), PluginError> {
         let mut slot = bound.hold().await;
+        if !self.resume_context(Some(&mut *slot), bound.context)? {
+            return Ok((ChunkOutcome::Pass(held.into()), Vec::new()));
+        }
         let Some(mut instance) = slot.take() else {
             return Ok((ChunkOutcome::Pass(held.into()), Vec::new()));
         };
@@ -583,17 +715,11 @@ impl PluginPool {
         match outcome {
             Ok(outcome) => {
                 self.scope.health().succeeded();
-                *slot = Some(instance);
+                self.checkin(instance, Some(&mut *slot), Phase::Response);
                 Ok(outcome)
             }
             Err(e) => Err(self.record(self.classify(e, &instance.store, PluginError::Trap))),
         }
-    }
-
-    /// Whether a filter has no HTTP context for this request: its request phase failed (and
-    /// its instance went), or never ran. Its later phases have nothing to call.
-    fn without_context(&self, bound: Option<&Option<PluginInstance>>) -> bool {
-        self.filter.is_some() && bound.is_none_or(Option::is_none)
     }
 
     /// A reply is held to the same bounds as edits: a bounded number and size of headers, and
@@ -628,11 +754,14 @@ impl PluginPool {
         mut response: Box<ResponseView>,
         bound: Option<&mut Bound>,
     ) -> (Box<RequestView>, Box<ResponseView>, Result<(), PluginError>) {
-        let mut bound = hold(bound).await;
-        if self.without_context(bound.as_deref()) {
-            return (request, response, Ok(()));
+        let mut held = hold(bound.as_deref()).await;
+        let context = bound.as_ref().and_then(|bound| bound.context);
+        match self.resume_context(held.as_deref_mut(), context) {
+            Ok(true) => {}
+            Ok(false) => return (request, response, Ok(())),
+            Err(lost) => return (request, response, Err(lost)),
         }
-        let mut instance = match self.checkout(bound.as_deref_mut()).await {
+        let mut instance = match self.checkout(held.as_deref_mut()).await {
             Ok(instance) => instance,
             Err(e) => return (request, response, Err(e)),
         };
@@ -666,9 +795,13 @@ impl PluginPool {
             }
         };
         let state = instance.store.data_mut();
+        let response_code = state.filter.as_ref().and_then(|filter| filter.response_code);
         let (mut request, mut response) = (take(&mut state.request), take(&mut state.response));
         let before = (state.request_before.take(), state.response_before.take());
-        let outcome = self.settle(instance, outcome, bound.as_deref_mut(), Phase::Response);
+        let outcome = self.settle(instance, outcome, held.as_deref_mut(), Phase::Response);
+        if let Some(context) = bound.and_then(|bound| bound.context.as_mut()) {
+            context.response_code = response_code;
+        }
         if outcome.is_err() {
             undo(&mut request, before.0);
             if let Some(before) = before.1 {
@@ -685,11 +818,14 @@ impl PluginPool {
         summary: &Summary,
         bound: Option<&mut Bound>,
     ) -> (Box<RequestView>, Result<(), PluginError>) {
-        let mut bound = hold(bound).await;
-        if self.without_context(bound.as_deref()) {
-            return (request, Ok(()));
+        let mut held = hold(bound.as_deref()).await;
+        let context = bound.and_then(|bound| bound.context.take());
+        match self.resume_context(held.as_deref_mut(), context) {
+            Ok(true) => {}
+            // A lost context has nothing left to log.
+            Ok(false) | Err(_) => return (request, Ok(())),
         }
-        let mut instance = match self.checkout(bound.as_deref_mut()).await {
+        let mut instance = match self.checkout(held.as_deref_mut()).await {
             Ok(instance) => instance,
             Err(e) => return (request, Err(e)),
         };
@@ -712,7 +848,7 @@ impl PluginPool {
         };
         let state = instance.store.data_mut();
         let (mut request, before) = (take(&mut state.request), state.request_before.take());
-        let outcome = self.settle(instance, outcome, bound.as_deref_mut(), Phase::Log);
+        let outcome = self.settle(instance, outcome, held.as_deref_mut(), Phase::Log);
         if outcome.is_err() {
             undo(&mut request, before);
         }
