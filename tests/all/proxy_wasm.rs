@@ -752,3 +752,102 @@ async fn a_request_body_goes_through_a_filter_chunk_by_chunk_and_its_vm_config_r
     let vm = get(&gateway.url("/vm")).await;
     assert_eq!(vm.header("x-vm-config"), Some("from the entry"));
 }
+
+/// The instances tenant `t` has now, as the status page counts them.
+async fn tenant_instances(gateway: &TestGateway) -> u64 {
+    let status = admin_get(&gateway.admin_url("/v1/status")).await.json();
+    let tenants = status["tenants"].as_array().expect("tenants");
+    let tenant = tenants.iter().find(|t| t["name"] == "t").expect("tenant t");
+    tenant["usage"]["instances"].as_u64().expect("a count")
+}
+
+// One worker thread, so that every call finds the shared instance free: requests then never
+// need a second one, and the counts below are exact.
+#[tokio::test(flavor = "current_thread")]
+async fn a_pooled_filters_requests_share_one_instance_whose_contexts_end_with_them() {
+    let (up, gate) = Upstream::gated("u").await;
+    let gateway = TestGateway::start(&yaml(json!({
+        "upstreams": [{"id": "u", "nodes": [node(&up)]}],
+        "tenants": [{"name": "t"}],
+        "plugins": [filter("counter", FILTER_WEIR, json!({"tenant": "t"}))],
+        "routes": [route("c", "/c", json!([{"name": "counter", "config": {"mode": "contexts"}}]))],
+    })))
+    .await;
+    let before = tenant_instances(&gateway).await;
+    let requests: Vec<_> = (0..4)
+        .map(|_| {
+            let url = gateway.url("/c");
+            tokio::spawn(async move { get(&url).await })
+        })
+        .collect();
+    eventually(
+        "all four requests to wait at the upstream",
+        Duration::from_secs(10),
+        || {
+            let hits = up.hits();
+            async move { hits == 4 }
+        },
+    )
+    .await;
+    // Four requests in flight, with an HTTP context each, and no instance made for them.
+    assert_eq!(tenant_instances(&gateway).await, before);
+    gate.open();
+    let mut live = Vec::new();
+    for request in requests {
+        let reply = request.await.unwrap();
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        live.push(reply.header("x-live-contexts").unwrap_or("none").to_owned());
+    }
+    live.sort();
+    assert_eq!(
+        live,
+        ["1", "2", "3", "4"],
+        "each request saw the ones before it"
+    );
+    // Each context was deleted with its request.
+    let after = get(&gateway.url("/c")).await;
+    assert_eq!(after.header("x-live-contexts"), Some("1"));
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_paused_filter_lends_its_instance_to_other_requests_while_its_call_is_out() {
+    let up = Upstream::start("u").await;
+    let (slow, gate) = Upstream::gated("slow").await;
+    let granted = format!("127.0.0.1:{}", slow.port());
+    let gateway = TestGateway::start(&yaml(json!({
+        "upstreams": [{"id": "u", "nodes": [node(&up)]}, {"id": "slow", "nodes": [node(&slow)]}],
+        "tenants": [{"name": "t"}],
+        "plugins": [filter("waiter", FILTER_WEIR, json!({
+            "tenant": "t",
+            "grants": {"http": {"hosts": [granted], "timeout_ms": 60000}},
+        }))],
+        "routes": [route("paused", "/paused", json!([{"name": "waiter", "config": {"mode": "callout", "cluster": "slow", "path": "/"}}]))],
+    })))
+    .await;
+    let before = tenant_instances(&gateway).await;
+    let requests: Vec<_> = (0..3)
+        .map(|_| {
+            let url = gateway.url("/paused");
+            tokio::spawn(async move { get(&url).await })
+        })
+        .collect();
+    eventually(
+        "the three filters' calls to reach the held upstream",
+        Duration::from_secs(10),
+        || {
+            let hits = slow.hits();
+            async move { hits == 3 }
+        },
+    )
+    .await;
+    // Each request paused its filter, and the next one still had the same instance.
+    assert_eq!(tenant_instances(&gateway).await, before);
+    gate.open();
+    for request in requests {
+        let reply = request.await.unwrap();
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        let headers = &reply.json()["headers"];
+        assert_eq!(headers["x-callout-status"], "200", "{}", reply.text());
+    }
+    assert_eq!(up.hits(), 3);
+}

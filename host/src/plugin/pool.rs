@@ -15,12 +15,12 @@ use super::host::{
 };
 pub use super::proxy_wasm::ChunkOutcome;
 use super::proxy_wasm::abi::StreamType;
-use super::proxy_wasm::{self, FilterExports, FilterFault, FilterShared, FilterState};
+use super::proxy_wasm::{self, FilterExports, FilterFault, FilterShared, FilterState, Settled};
 use super::tenant::QuotaExceeded;
-use super::{Action, EPOCH_TICK, GuestModule, Module, PluginError, PluginInfo, Summary};
+use super::{Action, EPOCH_TICK, GuestModule, Module, PluginError, PluginInfo, Reply, Summary};
 use crate::config::{Isolation, Limits};
 use crate::kv::KvUnavailable;
-use crate::view::{RequestBefore, RequestView, ResponseView};
+use crate::view::{RequestBefore, RequestView, ResponseBefore, ResponseView};
 
 /// Idle instances kept per pool; instances beyond this are dropped after use.
 const MAX_IDLE: usize = 64;
@@ -124,6 +124,33 @@ async fn hold(bound: Option<&Bound>) -> Option<Held> {
     match bound {
         Some(bound) => Some(bound.hold().await),
         None => None,
+    }
+}
+
+/// What a call lends its instance's store, taken out while a paused filter's instance
+/// serves other requests.
+struct Lent {
+    request: Option<Box<RequestView>>,
+    request_before: Option<RequestBefore>,
+    response: Option<Box<ResponseView>>,
+    response_before: Option<ResponseBefore>,
+}
+
+impl Lent {
+    fn take(state: &mut InstanceState) -> Lent {
+        Lent {
+            request: state.request.take(),
+            request_before: state.request_before.take(),
+            response: state.response.take(),
+            response_before: state.response_before.take(),
+        }
+    }
+
+    fn put(self, state: &mut InstanceState) {
+        state.request = self.request;
+        state.request_before = self.request_before;
+        state.response = self.response;
+        state.response_before = self.response_before;
     }
 }
 
@@ -508,9 +535,7 @@ impl PluginPool {
             if slots.len() < MAX_SHARED_SLOTS {
                 let slot = Slot::default();
                 slots.push(slot.clone());
-                return slot
-                    .try_lock_owned()
-                    .expect("a new slot is held by no one");
+                return slot.try_lock_owned().expect("a new slot is held by no one");
             }
             let turn = self.serials.load(std::sync::atomic::Ordering::Relaxed) as usize;
             slots[turn % slots.len()].clone()
@@ -535,18 +560,97 @@ impl PluginPool {
         };
         match slot.and_then(|slot| slot.as_mut()) {
             Some(instance) if instance.serial == context.serial => {
-                let filter = instance
+                instance
                     .store
                     .data_mut()
                     .filter
                     .as_mut()
-                    .expect("a filter instance has filter state");
-                filter.http_context = Some(context.id);
-                filter.response_code = context.response_code;
+                    .expect("a filter instance has filter state")
+                    .enter(context.id, context.response_code);
                 Ok(true)
             }
             _ if self.shares_instances() => Err(PluginError::ContextLost),
             _ => Ok(false),
+        }
+    }
+
+    /// Waits out a filter's pause. Each http call it made is sent with the instance back in
+    /// its slot, serving other requests' calls meanwhile, and answered once this request has
+    /// its turn again. `Err` gives back what the call lent when the instance was lost while
+    /// the call was out (it failed serving another request).
+    async fn wait_out(
+        &self,
+        held: &mut Option<Held>,
+        mut instance: PluginInstance,
+        exports: &FilterExports,
+        mut settled: wasmtime::Result<Settled>,
+        stream: StreamType,
+    ) -> Result<(PluginInstance, wasmtime::Result<Option<Reply>>), Lent> {
+        loop {
+            match settled {
+                Ok(Settled::Done(reply)) => return Ok((instance, Ok(reply))),
+                Err(e) => return Ok((instance, Err(e))),
+                Ok(Settled::Waiting) => {}
+            }
+            let serial = instance.serial;
+            let state = instance.store.data_mut();
+            let callouts = state.callouts();
+            let lent = Lent::take(state);
+            let filter = state
+                .filter
+                .as_mut()
+                .expect("a filter instance has filter state");
+            let context = filter
+                .http_context
+                .take()
+                .expect("a paused request has its context");
+            let response_code = filter.response_code;
+            let mut calls = std::mem::take(&mut filter.calls);
+            let call = calls.pop_front().expect("a paused filter made a call");
+            let token = call.token;
+            let (slot, kept) = match held.take() {
+                Some(mut guard) => {
+                    let slot = tokio::sync::OwnedMutexGuard::mutex(&guard).clone();
+                    *guard = Some(instance);
+                    (Some(slot), None)
+                }
+                None => (None, Some(instance)),
+            };
+            let response = proxy_wasm::send_call(&callouts, self.name(), call).await;
+            instance = match (slot, kept) {
+                (_, Some(kept)) => kept,
+                (Some(slot), None) => {
+                    let mut guard = slot.lock_owned().await;
+                    let back = match guard.take() {
+                        Some(back) if back.serial == serial => back,
+                        other => {
+                            *guard = other;
+                            *held = Some(guard);
+                            return Err(lent);
+                        }
+                    };
+                    *held = Some(guard);
+                    back
+                }
+                (None, None) => unreachable!("the instance is either kept or in its slot"),
+            };
+            let state = instance.store.data_mut();
+            lent.put(state);
+            let filter = state
+                .filter
+                .as_mut()
+                .expect("a filter instance has filter state");
+            filter.enter(context, response_code);
+            filter.calls = calls;
+            settled = proxy_wasm::resume(
+                &mut instance.store,
+                exports,
+                context,
+                token,
+                response,
+                stream,
+            )
+            .await;
         }
     }
 
@@ -653,9 +757,21 @@ impl PluginPool {
             }
             Guest::Filter(exports) => {
                 let exports = Arc::clone(exports);
-                proxy_wasm::request_headers(&mut instance.store, &exports)
-                    .await
-                    .map(|reply| reply.map_or(Action::Continue, Action::Respond))
+                let settled = proxy_wasm::request_headers(&mut instance.store, &exports).await;
+                let waited = self
+                    .wait_out(&mut held, instance, &exports, settled, StreamType::Request)
+                    .await;
+                match waited {
+                    Ok((back, outcome)) => {
+                        instance = back;
+                        outcome.map(|reply| reply.map_or(Action::Continue, Action::Respond))
+                    }
+                    Err(lent) => {
+                        let mut request = lent.request.expect("the request was lent");
+                        undo(&mut request, lent.request_before);
+                        return (request, Err(self.record(PluginError::ContextLost)));
+                    }
+                }
             }
         };
         let serial = instance.serial;
@@ -783,19 +899,44 @@ impl PluginPool {
             }
             Guest::Filter(exports) => {
                 let exports = Arc::clone(exports);
-                match proxy_wasm::response_headers(&mut instance.store, &exports).await {
-                    Ok(None) => Ok(()),
-                    Ok(Some(_)) => Err(wasmtime::Error::new(LimitExceeded(
-                        "a local response once the response has begun, which Weir does not \
-                         offer yet"
-                            .into(),
-                    ))),
-                    Err(e) => Err(e),
+                let settled = proxy_wasm::response_headers(&mut instance.store, &exports).await;
+                let waited = self
+                    .wait_out(&mut held, instance, &exports, settled, StreamType::Response)
+                    .await;
+                match waited {
+                    Ok((back, outcome)) => {
+                        instance = back;
+                        match outcome {
+                            Ok(None) => Ok(()),
+                            Ok(Some(_)) => Err(wasmtime::Error::new(LimitExceeded(
+                                "a local response once the response has begun, which Weir \
+                                 does not offer yet"
+                                    .into(),
+                            ))),
+                            Err(e) => Err(e),
+                        }
+                    }
+                    Err(lent) => {
+                        let mut request = lent.request.expect("the request was lent");
+                        let mut response = lent.response.expect("the response was lent");
+                        undo(&mut request, lent.request_before);
+                        if let Some(before) = lent.response_before {
+                            response.undo_edits(before);
+                        }
+                        return (
+                            request,
+                            response,
+                            Err(self.record(PluginError::ContextLost)),
+                        );
+                    }
                 }
             }
         };
         let state = instance.store.data_mut();
-        let response_code = state.filter.as_ref().and_then(|filter| filter.response_code);
+        let response_code = state
+            .filter
+            .as_ref()
+            .and_then(|filter| filter.response_code);
         let (mut request, mut response) = (take(&mut state.request), take(&mut state.response));
         let before = (state.request_before.take(), state.response_before.take());
         let outcome = self.settle(instance, outcome, held.as_deref_mut(), Phase::Response);

@@ -22,6 +22,7 @@ use wasmtime::{Instance, Store, TypedFunc};
 use self::abi::{ACTION_CONTINUE, StreamType};
 pub use self::state::{CallResponse, FilterShared, FilterState, PendingCall};
 use super::Reply;
+use super::callout::Callouts;
 use super::host::{InstanceState, LimitExceeded};
 
 /// The exports that mark a module as a proxy-wasm filter, newest first.
@@ -195,19 +196,19 @@ pub async fn start(
     Ok(())
 }
 
-/// Runs `proxy_on_request_headers` in a new HTTP context, and waits out a pause: the filter's
-/// local response, if it sent one.
+/// Runs `proxy_on_request_headers` in a new HTTP context: the filter's local response, if it
+/// sent one, or its pause.
 pub async fn request_headers(
     store: &mut Store<InstanceState>,
     exports: &FilterExports,
-) -> wasmtime::Result<Option<Reply>> {
+) -> wasmtime::Result<Settled> {
     let context = state(store).begin_request();
     exports
         .context_create
         .call_async(&mut *store, (context, ROOT_CONTEXT))
         .await?;
     let Some(callback) = &exports.request_headers else {
-        return Ok(None);
+        return Ok(Settled::Done(None));
     };
     let (count, end_of_stream) = {
         let request = store
@@ -224,16 +225,16 @@ pub async fn request_headers(
     let action = callback
         .call_async(&mut *store, (context, count, end_of_stream as u32))
         .await?;
-    settle(store, exports, context, action, StreamType::Request).await
+    settle(store, action, StreamType::Request)
 }
 
-/// Runs `proxy_on_response_headers` in the request's HTTP context, and waits out a pause.
+/// Runs `proxy_on_response_headers` in the request's HTTP context.
 pub async fn response_headers(
     store: &mut Store<InstanceState>,
     exports: &FilterExports,
-) -> wasmtime::Result<Option<Reply>> {
+) -> wasmtime::Result<Settled> {
     let Some(context) = state(store).http_context else {
-        return Ok(None);
+        return Ok(Settled::Done(None));
     };
     let (count, status) = {
         let response = store
@@ -246,13 +247,13 @@ pub async fn response_headers(
     state(store).response_code = Some(status);
     state(store).effective = context;
     let Some(callback) = &exports.response_headers else {
-        return Ok(None);
+        return Ok(Settled::Done(None));
     };
     rearm(store);
     let action = callback
         .call_async(&mut *store, (context, count, 0))
         .await?;
-    settle(store, exports, context, action, StreamType::Response).await
+    settle(store, action, StreamType::Response)
 }
 
 /// Runs `proxy_on_log`, then ends the HTTP context (`proxy_on_done`, `proxy_on_delete`), so
@@ -362,54 +363,50 @@ fn has_body(headers: &http::HeaderMap) -> bool {
             .is_some_and(|length| length.as_bytes() != b"0")
 }
 
-/// After a stream callback: the local response the filter sent, or, when it paused, the
-/// outcome of the calls it made, each answered through `proxy_on_http_call_response` under a
-/// fresh deadline, until it continues or answers.
-async fn settle(
-    store: &mut Store<InstanceState>,
-    exports: &FilterExports,
-    context: u32,
-    mut action: u32,
-    stream: StreamType,
-) -> wasmtime::Result<Option<Reply>> {
-    loop {
-        let filter = state(store);
-        if let Some(reply) = filter.local_reply.take() {
-            filter.calls.clear();
-            return Ok(Some(reply));
-        }
-        if filter.closed {
-            filter.calls.clear();
-            return Ok(Some(closed_reply()));
-        }
-        if action == ACTION_CONTINUE || filter.resumed(stream) {
-            // Calls made without pausing get no callback: nothing waits for their answer.
-            filter.calls.clear();
-            return Ok(None);
-        }
-        let Some(call) = filter.calls.pop_front() else {
-            return Err(FilterFault::Stuck(match stream {
-                StreamType::Request => "request",
-                StreamType::Response => "response",
-            })
-            .into());
-        };
-        answer(store, exports, context, call).await?;
-        action = 1;
-    }
+/// Where a stream callback left its request.
+pub enum Settled {
+    /// It went on, or answered with the filter's local response.
+    Done(Option<Reply>),
+    /// It paused for the http calls it made (in the instance's `calls`): send the first with
+    /// [`send_call`], off the instance, then run its callback with [`resume`].
+    Waiting,
 }
 
-/// Sends one call, off the guest, and runs its callback with what came back (no headers when
-/// it failed or timed out).
-async fn answer(
+/// After a stream callback: the local response the filter sent, or whether it paused for its
+/// calls.
+fn settle(
     store: &mut Store<InstanceState>,
-    exports: &FilterExports,
-    context: u32,
-    call: PendingCall,
-) -> wasmtime::Result<()> {
-    let callouts = store.data().callouts();
-    let outcome = tokio::time::timeout(call.timeout, callouts.send_call(call.request)).await;
-    let response = match outcome {
+    action: u32,
+    stream: StreamType,
+) -> wasmtime::Result<Settled> {
+    let filter = state(store);
+    if let Some(reply) = filter.local_reply.take() {
+        filter.calls.clear();
+        return Ok(Settled::Done(Some(reply)));
+    }
+    if filter.closed {
+        filter.calls.clear();
+        return Ok(Settled::Done(Some(closed_reply())));
+    }
+    if action == ACTION_CONTINUE || filter.resumed(stream) {
+        // Calls made without pausing get no callback: nothing waits for their answer.
+        filter.calls.clear();
+        return Ok(Settled::Done(None));
+    }
+    if filter.calls.is_empty() {
+        return Err(FilterFault::Stuck(match stream {
+            StreamType::Request => "request",
+            StreamType::Response => "response",
+        })
+        .into());
+    }
+    Ok(Settled::Waiting)
+}
+
+/// Sends one call the filter made and reads its answer: no headers when it failed or timed
+/// out. It needs no instance, so that the instance serves other requests meanwhile.
+pub async fn send_call(callouts: &Callouts, plugin: &str, call: PendingCall) -> CallResponse {
+    match tokio::time::timeout(call.timeout, callouts.send_call(call.request)).await {
         Ok(Ok(response)) => {
             let mut headers = vec![(":status".to_owned(), response.status.to_string())];
             headers.extend(response.headers);
@@ -419,11 +416,35 @@ async fn answer(
             }
         }
         Ok(Err(error)) => {
-            tracing::debug!(plugin = store.data().plugin_name(), %error, "filter's http call failed");
+            tracing::debug!(plugin, %error, "filter's http call failed");
             CallResponse::default()
         }
         Err(_) => CallResponse::default(),
-    };
+    }
+}
+
+/// Runs `proxy_on_http_call_response` in `context` with what call `token` brought back,
+/// under a fresh deadline, then sees where that left the paused `stream`.
+pub async fn resume(
+    store: &mut Store<InstanceState>,
+    exports: &FilterExports,
+    context: u32,
+    token: u32,
+    response: CallResponse,
+    stream: StreamType,
+) -> wasmtime::Result<Settled> {
+    answer(store, exports, context, token, response).await?;
+    settle(store, 1, stream)
+}
+
+/// Runs the callback of call `token` with what it brought back.
+async fn answer(
+    store: &mut Store<InstanceState>,
+    exports: &FilterExports,
+    context: u32,
+    token: u32,
+    response: CallResponse,
+) -> wasmtime::Result<()> {
     let Some(callback) = &exports.call_response else {
         return Ok(());
     };
@@ -433,7 +454,7 @@ async fn answer(
     filter.effective = context;
     rearm(store);
     let outcome = callback
-        .call_async(&mut *store, (context, call.token, headers, body, 0))
+        .call_async(&mut *store, (context, token, headers, body, 0))
         .await;
     state(store).call_response = None;
     outcome
@@ -485,7 +506,9 @@ async fn root_calls(
     exports: &FilterExports,
 ) -> wasmtime::Result<()> {
     while let Some(call) = state(store).calls.pop_front() {
-        answer(store, exports, ROOT_CONTEXT, call).await?;
+        let (callouts, token) = (store.data().callouts(), call.token);
+        let response = send_call(&callouts, store.data().plugin_name(), call).await;
+        answer(store, exports, ROOT_CONTEXT, token, response).await?;
     }
     Ok(())
 }

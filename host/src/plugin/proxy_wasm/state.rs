@@ -128,6 +128,18 @@ impl FilterState {
         context
     }
 
+    /// Makes `context` the one the next callback runs in and host calls act on, with
+    /// `response_code` its response's status, and nothing left over from another request's
+    /// calls on the same instance.
+    pub fn enter(&mut self, context: u32, response_code: Option<u16>) {
+        self.http_context = Some(context);
+        self.effective = context;
+        self.response_code = response_code;
+        self.resumed = [false; 2];
+        self.closed = false;
+        self.local_reply = None;
+    }
+
     /// The token for the next http call.
     pub fn take_token(&mut self) -> u32 {
         let token = self.next_token;

@@ -38,6 +38,10 @@
 //!   a value without CR, LF or NUL), and a bad one refuses the configuration. Like that plugin,
 //!   it goes on past an edit the host refuses.
 //!
+//! - `contexts`: the response gets `x-live-contexts`: how many HTTP contexts this instance held
+//!   (this request's among them) when the request's headers came, so that a test can see
+//!   requests share an instance and that each context is deleted once its request ends.
+//!
 //! A `<status>` is the proxy-wasm status's name, as the SDK's `Status` prints it (`BadArgument`).
 
 use proxy_wasm::hostcalls;
@@ -62,6 +66,8 @@ const LAST_DEQUEUED: &str = "last-dequeued";
 /// How many times `shared` mode tries its compare-and-swap before it gives up.
 const CAS_TRIES: usize = 16;
 const MIB: usize = 1 << 20;
+/// The HTTP contexts this instance holds now (for `contexts`).
+static LIVE_CONTEXTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 /// The VM configuration on_vm_start read (for `vm-config`).
 static VM_CONFIG: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
 
@@ -97,6 +103,7 @@ enum Mode {
         authority: Option<String>,
     },
     Crlf,
+    Contexts,
     Version,
     /// Holds the request body to its end, then sends it upper-cased; says in the response's
     /// `x-body-calls` how many request body callbacks it had.
@@ -252,11 +259,13 @@ impl RootContext for Root {
     }
 
     fn create_http_context(&self, _: u32) -> Option<Box<dyn HttpContext>> {
+        let live = LIVE_CONTEXTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         Some(Box::new(Filter {
             mode: self.mode.clone(),
             metrics: self.metrics,
             shared: None,
             body_calls: 0,
+            live,
         }))
     }
 
@@ -273,6 +282,15 @@ struct Filter {
     shared: Option<SharedOutcome>,
     /// Request body callbacks so far (for `upper-body`).
     body_calls: u32,
+    /// The HTTP contexts the instance held when this one was made (for `contexts`).
+    live: usize,
+}
+
+impl Drop for Filter {
+    fn drop(&mut self) {
+        // The SDK drops a context in proxy_on_delete.
+        LIVE_CONTEXTS.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 struct SharedOutcome {
@@ -331,7 +349,7 @@ impl HttpContext for Filter {
             Mode::Headers { request, .. } => request.apply(MapType::HttpRequestHeaders),
             // The body will change length: the gateway frames it instead.
             Mode::UpperBody => self.set_http_request_header("content-length", None),
-            Mode::SharedRead { .. } | Mode::LoopTick | Mode::Version | Mode::VmConfig => {}
+            Mode::SharedRead { .. } | Mode::LoopTick | Mode::Version | Mode::VmConfig | Mode::Contexts => {}
         }
         Action::Continue
     }
@@ -378,6 +396,9 @@ impl HttpContext for Filter {
                 self.add_http_response_header("x-held-mb", &held.to_string());
             }
             Mode::Version => self.add_http_response_header("x-filter-version", VERSION),
+            Mode::Contexts => {
+                self.add_http_response_header("x-live-contexts", &self.live.to_string())
+            }
             Mode::Headers { response, .. } => response.apply(MapType::HttpResponseHeaders),
             Mode::UpperBody => {
                 self.add_http_response_header("x-body-calls", &self.body_calls.to_string())
