@@ -349,7 +349,11 @@ impl HttpContext for Filter {
             Mode::Headers { request, .. } => request.apply(MapType::HttpRequestHeaders),
             // The body will change length: the gateway frames it instead.
             Mode::UpperBody => self.set_http_request_header("content-length", None),
-            Mode::SharedRead { .. } | Mode::LoopTick | Mode::Version | Mode::VmConfig | Mode::Contexts => {}
+            Mode::SharedRead { .. }
+            | Mode::LoopTick
+            | Mode::Version
+            | Mode::VmConfig
+            | Mode::Contexts => {}
         }
         Action::Continue
     }
