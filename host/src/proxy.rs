@@ -36,7 +36,7 @@ use http::{Method, Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 
 use crate::access_log::{AccessRecord, now_rfc3339};
-use crate::body::filtered::{ChunkLink, FilteredBody};
+use crate::body::filtered::{Arrived, ChunkLink, FilteredBody, arrived};
 use crate::body::{CollectError, ProxyBody, ResponseBody, Stalled, collect_bounded};
 use crate::config::{FailurePolicy, PathNormalization};
 use crate::edge::trailers::RequestTrailers;
@@ -375,9 +375,12 @@ async fn upstream_phase(
         }
     };
     // An empty body keeps its replay for retries: no filter has a chunk of it to see.
-    let body = match body_readers(&route.chain, &finish.bound, StreamType::Request) {
-        Some(readers) if !body.is_empty() => body.through(readers),
-        _ => body,
+    let readers = (!body.is_empty())
+        .then(|| body_readers(&route.chain, &finish.bound, StreamType::Request))
+        .flatten();
+    let body = match readers {
+        Some(readers) => body.through(readers),
+        None => body,
     };
     let key = upstream.hash_key(client_ip, &path, query.as_deref(), &headers);
     // The client's were dropped at the edge; these are any a plugin added.
@@ -504,6 +507,20 @@ pub async fn response_phase(
         body_access: false,
         body_limit: 0,
     });
+    // A body that has all arrived with its head goes through the filters' body callbacks in
+    // their response calls: one call each rather than two, and no stream to wrap.
+    let (mut whole, mut first) = (None, None);
+    let reads_body = links
+        .iter()
+        .any(|link| link.pool.wants().on_response && link.pool.reads_body(StreamType::Response));
+    if let Some(body) = streaming.as_mut().filter(|_| reads_body) {
+        match arrived(body) {
+            Arrived::Whole(bytes) => whole = Some(bytes),
+            Arrived::First(frame) => first = Some(frame),
+            Arrived::Nothing => {}
+        }
+    }
+    let arrived_length = whole.as_ref().map(bytes::Bytes::len);
     for (index, link) in links
         .iter()
         .enumerate()
@@ -512,8 +529,10 @@ pub async fn response_phase(
     {
         let started = Instant::now();
         // Boxed, as in the request phase.
-        let (returned_request, returned_view, outcome) =
-            Box::pin(link.pool.on_response(request, view, bound.get_mut(index))).await;
+        let call = link
+            .pool
+            .on_response(request, view, bound.get_mut(index), whole.as_mut());
+        let (returned_request, returned_view, outcome) = Box::pin(call).await;
         let elapsed = started.elapsed();
         *plugin_time += elapsed;
         link.metrics
@@ -529,6 +548,16 @@ pub async fn response_phase(
     }
     parts.status = view.status;
     parts.headers = view.headers;
+    if let Some(bytes) = whole {
+        if Some(bytes.len()) != arrived_length {
+            // The filters changed its length; hyper frames the body it now knows whole.
+            parts.headers.remove(header::CONTENT_LENGTH);
+        }
+        return (
+            Some(request),
+            Ok(Response::from_parts(parts, ProxyBody::full(bytes))),
+        );
+    }
     let body = match (view.body, streaming.take()) {
         (Some(bytes), _) => {
             if view.body_replaced || trailers.is_some() {
@@ -540,16 +569,18 @@ pub async fn response_phase(
         (None, None) => ProxyBody::Empty,
     };
     // A body that is over before it begins has no chunk for a filter to see.
-    let readers = (!http_body::Body::is_end_stream(&body))
+    let readers = (first.is_some() || !http_body::Body::is_end_stream(&body))
         .then(|| body_readers(links, bound, StreamType::Response))
         .flatten();
-    let body = match readers {
-        Some(readers) => ProxyBody::Filtered(Box::new(FilteredBody::new(
-            body,
-            StreamType::Response,
-            readers,
-        ))),
-        None => body,
+    let body = match (readers, first) {
+        (Some(readers), first) => ProxyBody::Filtered(Box::new(
+            FilteredBody::new(body, StreamType::Response, readers).with_first(first),
+        )),
+        // The frame taken goes back in front, through no filter.
+        (None, Some(first)) => ProxyBody::Filtered(Box::new(
+            FilteredBody::new(body, StreamType::Response, Vec::new()).with_first(Some(first)),
+        )),
+        (None, None) => body,
     };
     (Some(request), Ok(Response::from_parts(parts, body)))
 }
@@ -839,11 +870,18 @@ impl Drop for Finish {
             return;
         }
         let mut bound = std::mem::take(&mut self.bound);
-        // Tracked, so that a drain waits for it.
-        self.gateway.pending_on_log().spawn(async move {
+        let mut phase = Box::pin(async move {
             // Each failure was logged where it happened.
             let _ = log_phase(&route.chain, request, &summary, &mut bound).await;
         });
+        // Most log phases end in their first poll (no plugin waits or yields): that poll runs
+        // here, and only what is left gets a task. The task's first poll gives the phase its
+        // own waker, in place of this one.
+        let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+        if phase.as_mut().poll(&mut context).is_pending() {
+            // Tracked, so that a drain waits for it.
+            self.gateway.pending_on_log().spawn(phase);
+        }
     }
 }
 

@@ -422,9 +422,16 @@ async fn the_sdks_http_body_example_rewrites_a_response_body_it_held_to_the_end(
     let (gateway, _up) = body_gateway(FILTER_HTTP_BODY, b"this is a secret message").await;
     let reply = get(&gateway.url("/body")).await;
     assert_eq!(reply.status, StatusCode::OK);
-    assert_eq!(reply.text(), "Original message body (24 bytes) redacted.\n");
-    // It removed the content-length, so the new length frames the answer.
-    assert_eq!(reply.header("content-length"), None);
+    let text = reply.text();
+    assert_eq!(text, "Original message body (24 bytes) redacted.\n");
+    // It removed the upstream's content-length: the answer is framed by its new length, set by
+    // the gateway when the body had all arrived with its head, or else by chunks.
+    let length = reply.header("content-length");
+    assert!(
+        length.is_none_or(|length| length == text.len().to_string()),
+        "content-length {length:?} for {} bytes",
+        text.len()
+    );
     let (gateway, _up) = body_gateway(FILTER_HTTP_BODY, b"nothing to hide").await;
     assert_eq!(get(&gateway.url("/body")).await.text(), "nothing to hide");
 }

@@ -61,6 +61,8 @@ pub struct FilteredBody<B> {
     trailers: Option<HeaderMap>,
     /// The inner body has ended, and the filters have been told.
     ended: bool,
+    /// A frame taken from the inner body before it came here, to go first.
+    first: Option<Result<Frame<Bytes>, BodyError>>,
 }
 
 impl<B> FilteredBody<B> {
@@ -73,7 +75,14 @@ impl<B> FilteredBody<B> {
             running: None,
             trailers: None,
             ended: false,
+            first: None,
         }
+    }
+
+    /// Puts `first`, taken from the inner body, back in front of the rest.
+    pub fn with_first(mut self, first: Option<Result<Frame<Bytes>, BodyError>>) -> Self {
+        self.first = first;
+        self
     }
 
     /// The body the filters read from.
@@ -165,7 +174,11 @@ where
             if this.ended {
                 return Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))));
             }
-            match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+            let polled = match this.first.take() {
+                Some(first) => Some(first),
+                None => ready!(Pin::new(&mut this.inner).poll_frame(cx)),
+            };
+            match polled {
                 Some(Ok(frame)) => match frame.into_data() {
                     // The last chunk carries the end, rather than a call of its own after it.
                     Ok(data) if this.inner.is_end_stream() => {
@@ -198,11 +211,108 @@ where
     }
 }
 
+/// What one look at a body found of it, without waiting.
+pub enum Arrived {
+    /// All of it: one frame, after which it had ended (or no frame at all).
+    Whole(Bytes),
+    /// Its first frame (or its error), with more to come.
+    First(Result<Frame<Bytes>, BodyError>),
+    /// Nothing yet.
+    Nothing,
+}
+
+/// Looks once at what of `body` has already arrived. A body read whole this way (a small
+/// answer, in the read that brought its head) goes through filters' body callbacks with no
+/// stream to wrap; a frame taken goes back with [`FilteredBody::with_first`].
+pub fn arrived<B>(body: &mut B) -> Arrived
+where
+    B: Body<Data = Bytes, Error = BodyError> + Unpin,
+{
+    // The body is polled again, with the task's own waker, whenever this finds it unfinished.
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    match Pin::new(&mut *body).poll_frame(&mut cx) {
+        Poll::Pending => Arrived::Nothing,
+        Poll::Ready(None) => Arrived::Whole(Bytes::new()),
+        Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+            Ok(data) if body.is_end_stream() => Arrived::Whole(data),
+            Ok(data) => Arrived::First(Ok(Frame::data(data))),
+            Err(frame) => Arrived::First(Ok(frame)),
+        },
+        Poll::Ready(Some(Err(error))) => Arrived::First(Err(error)),
+    }
+}
+
 impl<B> std::fmt::Debug for FilteredBody<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FilteredBody")
             .field("filters", &self.links.len())
             .field("ended", &self.ended)
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+
+    use http_body_util::BodyExt;
+
+    use super::*;
+
+    /// A body that yields its script in order: `Some` a data frame, `None` one pending poll.
+    struct Scripted(VecDeque<Option<&'static str>>);
+
+    impl Body for Scripted {
+        type Data = Bytes;
+        type Error = BodyError;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+            match self.0.pop_front() {
+                Some(Some(data)) => {
+                    Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(data.as_bytes())))))
+                }
+                Some(None) => {
+                    cx.waker().wake_by_ref();
+                    Poll::Pending
+                }
+                None => Poll::Ready(None),
+            }
+        }
+
+        fn is_end_stream(&self) -> bool {
+            self.0.is_empty()
+        }
+    }
+
+    fn scripted(script: &[Option<&'static str>]) -> Scripted {
+        Scripted(script.iter().copied().collect())
+    }
+
+    #[test]
+    fn a_body_that_arrived_in_one_frame_is_whole() {
+        let mut body = scripted(&[Some("all of it")]);
+        assert!(matches!(arrived(&mut body), Arrived::Whole(bytes) if bytes == "all of it"));
+        let mut body = scripted(&[]);
+        assert!(matches!(arrived(&mut body), Arrived::Whole(bytes) if bytes.is_empty()));
+        let mut body = scripted(&[None, Some("later")]);
+        assert!(matches!(arrived(&mut body), Arrived::Nothing));
+    }
+
+    #[tokio::test]
+    async fn a_frame_taken_early_goes_first_and_the_rest_follows() {
+        let mut body = scripted(&[Some("first "), None, Some("then the rest")]);
+        let Arrived::First(first) = arrived(&mut body) else {
+            panic!("the first frame had arrived, and more was to come");
+        };
+        let body =
+            FilteredBody::new(body, StreamType::Response, Vec::new()).with_first(Some(first));
+        let Ok(collected) = body.collect().await else {
+            panic!("the body failed");
+        };
+        let collected = collected.to_bytes();
+        assert_eq!(collected, "first then the rest");
     }
 }

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use crossbeam_queue::ArrayQueue;
 use wasmtime::component::Resource;
 use wasmtime::{Engine, Store, Trap, UpdateDeadline};
@@ -105,7 +106,10 @@ impl Bound {
 
     /// Waits for the binding's turn.
     async fn hold(&self) -> Held {
-        self.slot.clone().lock_owned().await
+        match self.slot.clone().try_lock_owned() {
+            Ok(held) => held,
+            Err(_) => self.slot.clone().lock_owned().await,
+        }
     }
 }
 
@@ -126,6 +130,10 @@ async fn hold(bound: Option<&Bound>) -> Option<Held> {
         None => None,
     }
 }
+
+/// How a filter's stream callback ended, after any pause: the instance and the outcome, or,
+/// when the instance was lost meanwhile, what the call had lent it.
+type Waited = Result<(PluginInstance, wasmtime::Result<Option<Reply>>), Lent>;
 
 /// What a call lends its instance's store, taken out while a paused filter's instance
 /// serves other requests.
@@ -581,17 +589,29 @@ impl PluginPool {
     async fn wait_out(
         &self,
         held: &mut Option<Held>,
+        instance: PluginInstance,
+        exports: &FilterExports,
+        settled: wasmtime::Result<Settled>,
+        stream: StreamType,
+    ) -> Waited {
+        match settled {
+            Ok(Settled::Done(reply)) => Ok((instance, Ok(reply))),
+            Err(e) => Ok((instance, Err(e))),
+            // Boxed: a pause is the rare case, and its wait (an http call) would otherwise make
+            // every call's future, moved whole, that much larger.
+            Ok(Settled::Waiting) => Box::pin(self.paused(held, instance, exports, stream)).await,
+        }
+    }
+
+    /// [`Self::wait_out`]'s loop, from a pause until the filter goes on or answers.
+    async fn paused(
+        &self,
+        held: &mut Option<Held>,
         mut instance: PluginInstance,
         exports: &FilterExports,
-        mut settled: wasmtime::Result<Settled>,
         stream: StreamType,
-    ) -> Result<(PluginInstance, wasmtime::Result<Option<Reply>>), Lent> {
+    ) -> Waited {
         loop {
-            match settled {
-                Ok(Settled::Done(reply)) => return Ok((instance, Ok(reply))),
-                Err(e) => return Ok((instance, Err(e))),
-                Ok(Settled::Waiting) => {}
-            }
             let serial = instance.serial;
             let state = instance.store.data_mut();
             let callouts = state.callouts();
@@ -642,7 +662,7 @@ impl PluginPool {
                 .expect("a filter instance has filter state");
             filter.enter(context, response_code);
             filter.calls = calls;
-            settled = proxy_wasm::resume(
+            let settled = proxy_wasm::resume(
                 &mut instance.store,
                 exports,
                 context,
@@ -651,6 +671,11 @@ impl PluginPool {
                 stream,
             )
             .await;
+            match settled {
+                Ok(Settled::Done(reply)) => return Ok((instance, Ok(reply))),
+                Err(e) => return Ok((instance, Err(e))),
+                Ok(Settled::Waiting) => {}
+            }
         }
     }
 
@@ -864,11 +889,16 @@ impl PluginPool {
     }
 
     /// Calls `on-response` with the request as it was sent and the response to edit.
+    ///
+    /// `body` is the whole response body when it has all arrived: a filter with a response body
+    /// callback then runs it over the body in the same call, right after its headers callback,
+    /// and `body` becomes what it made of it.
     pub async fn on_response(
         &self,
         request: Box<RequestView>,
         mut response: Box<ResponseView>,
         bound: Option<&mut Bound>,
+        body: Option<&mut Bytes>,
     ) -> (Box<RequestView>, Box<ResponseView>, Result<(), PluginError>) {
         let mut held = hold(bound.as_deref()).await;
         let context = bound.as_ref().and_then(|bound| bound.context);
@@ -907,7 +937,29 @@ impl PluginPool {
                     Ok((back, outcome)) => {
                         instance = back;
                         match outcome {
-                            Ok(None) => Ok(()),
+                            Ok(None) => {
+                                match body.filter(|_| exports.reads_body(StreamType::Response)) {
+                                    Some(body) => {
+                                        let limit = usize::try_from(self.limits.max_body_bytes)
+                                            .unwrap_or(usize::MAX);
+                                        let chunk = proxy_wasm::body_chunk(
+                                            &mut instance.store,
+                                            &exports,
+                                            StreamType::Response,
+                                            body.to_vec(),
+                                            limit,
+                                            true,
+                                        )
+                                        .await;
+                                        chunk.map(|(outcome, _)| {
+                                            if let ChunkOutcome::Pass(bytes) = outcome {
+                                                *body = bytes;
+                                            }
+                                        })
+                                    }
+                                    None => Ok(()),
+                                }
+                            }
                             Ok(Some(_)) => Err(wasmtime::Error::new(LimitExceeded(
                                 "a local response once the response has begun, which Weir \
                                  does not offer yet"
