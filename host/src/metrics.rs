@@ -61,8 +61,8 @@ pub struct PluginFailureLabels {
     pub route: String,
     /// The plugin's tenant.
     pub tenant: String,
-    /// `trap`, `timeout`, `memory`, `limit`, `quota`, `instantiate`, `kv_unavailable` or
-    /// `quarantined`.
+    /// `trap`, `timeout`, `memory`, `limit`, `quota`, `instantiate`, `kv_unavailable`,
+    /// `not_granted`, `context_lost` or `quarantined`.
     pub kind: &'static str,
 }
 

@@ -62,9 +62,15 @@ impl PluginHealth {
     /// Decides whether the next call goes ahead. After a quarantine's backoff, one call goes
     /// through as a probe; the others keep failing until it succeeds.
     pub fn admit(&self, now: Instant) -> Admission {
+        self.admit_at(|| now)
+    }
+
+    /// [`Self::admit`], reading the clock only when the plugin is in trouble.
+    pub fn admit_at(&self, now: impl FnOnce() -> Instant) -> Admission {
         if !self.troubled.load(Ordering::Acquire) {
             return Admission::Call;
         }
+        let now = now();
         let mut state = self.state.lock().expect("health lock");
         match state.until {
             Some(until) if now < until => Admission::Quarantined(until - now),

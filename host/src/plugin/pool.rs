@@ -460,7 +460,7 @@ impl PluginPool {
         &self,
         bound: Option<&mut Option<PluginInstance>>,
     ) -> Result<PluginInstance, PluginError> {
-        if let Admission::Quarantined(left) = self.scope.health().admit(Instant::now()) {
+        if let Admission::Quarantined(left) = self.scope.health().admit_at(Instant::now) {
             return Err(PluginError::Quarantined(left));
         }
         let kept = if self.binds_instances() {
