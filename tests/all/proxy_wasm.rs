@@ -858,3 +858,21 @@ async fn a_paused_filter_lends_its_instance_to_other_requests_while_its_call_is_
     }
     assert_eq!(up.hits(), 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_that_fails_open_on_the_request_is_left_out_of_the_rest_of_it() {
+    let up = Upstream::start("u").await;
+    let gateway = TestGateway::start(&yaml(json!({
+        "upstreams": [{"id": "u", "nodes": [node(&up)]}],
+        "plugins": [filter("hostile", FILTER_WEIR, json!({"failure": "open"}))],
+        "routes": [route("trap", "/trap", json!([{"name": "hostile", "config": {"mode": "trap"}}]))],
+    })))
+    .await;
+    let reply = get(&gateway.url("/trap")).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let text = get(&gateway.admin_url("/metrics")).await.text();
+    assert_eq!(failures(&text, "trap", "trap"), Some(1.0), "{text}");
+    // Its context went with the instance that trapped: its later phases are not called, and
+    // are no failure of their own.
+    assert_eq!(failures(&text, "trap", "context_lost"), None, "{text}");
+}

@@ -803,16 +803,16 @@ impl PluginPool {
         let state = instance.store.data_mut();
         let context = state.filter.as_ref().and_then(|filter| filter.http_context);
         let (mut request, before) = (take(&mut state.request), state.request_before.take());
-        let outcome = self
-            .settle(instance, outcome, held.as_deref_mut(), Phase::Request)
-            .and_then(|action| self.check_reply(action));
+        let outcome = self.settle(instance, outcome, held.as_deref_mut(), Phase::Request);
         if let Some(bound) = bound {
-            bound.context = context.map(|id| BoundContext {
+            // A failed call's instance went, and the context with it.
+            bound.context = context.filter(|_| outcome.is_ok()).map(|id| BoundContext {
                 serial,
                 id,
                 response_code: None,
             });
         }
+        let outcome = outcome.and_then(|action| self.check_reply(action));
         if outcome.is_err() {
             undo(&mut request, before);
         }
