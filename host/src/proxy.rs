@@ -513,7 +513,11 @@ pub async fn response_phase(
     let reads_body = links
         .iter()
         .any(|link| link.pool.wants().on_response && link.pool.reads_body(StreamType::Response));
-    if let Some(body) = streaming.as_mut().filter(|_| reads_body) {
+    // A body that is over before it begins (a HEAD's, a 204's) has no chunk for a filter.
+    let unfinished = streaming
+        .as_mut()
+        .filter(|body| reads_body && !http_body::Body::is_end_stream(&**body));
+    if let Some(body) = unfinished {
         match arrived(body) {
             Arrived::Whole(bytes) => whole = Some(bytes),
             Arrived::First(frame) => first = Some(frame),
