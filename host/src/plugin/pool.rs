@@ -819,6 +819,39 @@ impl PluginPool {
         (request, outcome)
     }
 
+    /// The most body bytes a filter may hold or write: its `max_body_bytes`.
+    fn body_limit(&self) -> usize {
+        usize::try_from(self.limits.max_body_bytes).unwrap_or(usize::MAX)
+    }
+
+    /// Runs a filter's response body callback over `body`, all of which has arrived, with
+    /// `end_of_stream`, right after its headers callback; `body` becomes what it passed on.
+    async fn whole_body(
+        &self,
+        instance: &mut PluginInstance,
+        exports: &FilterExports,
+        body: &mut Bytes,
+    ) -> wasmtime::Result<()> {
+        if !exports.reads_body(StreamType::Response) {
+            return Ok(());
+        }
+        let stream = StreamType::Response;
+        let limit = self.body_limit();
+        let chunk = proxy_wasm::body_chunk(
+            &mut instance.store,
+            exports,
+            stream,
+            body.to_vec(),
+            limit,
+            true,
+        );
+        // At the end a filter cannot hold: what it had goes on.
+        if let (ChunkOutcome::Pass(bytes), _) = chunk.await? {
+            *body = bytes;
+        }
+        Ok(())
+    }
+
     /// Whether this is a filter with a body callback for `stream`: a body it sees goes through
     /// it chunk by chunk.
     pub fn reads_body(&self, stream: StreamType) -> bool {
@@ -849,7 +882,7 @@ impl PluginPool {
             return Ok((ChunkOutcome::Pass(held.into()), Vec::new()));
         };
         let exports = Arc::clone(exports);
-        let limit = usize::try_from(self.limits.max_body_bytes).unwrap_or(usize::MAX);
+        let limit = self.body_limit();
         self.arm(&mut instance);
         let outcome =
             proxy_wasm::body_chunk(&mut instance.store, &exports, stream, held, limit, end).await;
@@ -937,29 +970,10 @@ impl PluginPool {
                     Ok((back, outcome)) => {
                         instance = back;
                         match outcome {
-                            Ok(None) => {
-                                match body.filter(|_| exports.reads_body(StreamType::Response)) {
-                                    Some(body) => {
-                                        let limit = usize::try_from(self.limits.max_body_bytes)
-                                            .unwrap_or(usize::MAX);
-                                        let chunk = proxy_wasm::body_chunk(
-                                            &mut instance.store,
-                                            &exports,
-                                            StreamType::Response,
-                                            body.to_vec(),
-                                            limit,
-                                            true,
-                                        )
-                                        .await;
-                                        chunk.map(|(outcome, _)| {
-                                            if let ChunkOutcome::Pass(bytes) = outcome {
-                                                *body = bytes;
-                                            }
-                                        })
-                                    }
-                                    None => Ok(()),
-                                }
-                            }
+                            Ok(None) => match body {
+                                Some(body) => self.whole_body(&mut instance, &exports, body).await,
+                                None => Ok(()),
+                            },
                             Ok(Some(_)) => Err(wasmtime::Error::new(LimitExceeded(
                                 "a local response once the response has begun, which Weir \
                                  does not offer yet"
