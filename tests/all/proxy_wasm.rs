@@ -760,6 +760,32 @@ async fn a_request_body_goes_through_a_filter_chunk_by_chunk_and_its_vm_config_r
     assert_eq!(vm.header("x-vm-config"), Some("from the entry"));
 }
 
+/// Sends `n` GETs of `path` at once, and waits until `held` (a gated upstream) holds `n`
+/// requests: theirs, or their filters' calls.
+async fn held_gets(
+    gateway: &TestGateway,
+    path: &str,
+    held: &Upstream,
+    n: usize,
+) -> Vec<tokio::task::JoinHandle<weir_tests::Reply>> {
+    let requests = (0..n)
+        .map(|_| {
+            let url = gateway.url(path);
+            tokio::spawn(async move { get(&url).await })
+        })
+        .collect();
+    eventually(
+        &format!("{n} requests to wait at the held upstream"),
+        Duration::from_secs(10),
+        || {
+            let hits = held.hits();
+            async move { hits == n }
+        },
+    )
+    .await;
+    requests
+}
+
 /// The instances tenant `t` has now, as the status page counts them.
 async fn tenant_instances(gateway: &TestGateway) -> u64 {
     let status = admin_get(&gateway.admin_url("/v1/status")).await.json();
@@ -781,21 +807,7 @@ async fn a_pooled_filters_requests_share_one_instance_whose_contexts_end_with_th
     })))
     .await;
     let before = tenant_instances(&gateway).await;
-    let requests: Vec<_> = (0..4)
-        .map(|_| {
-            let url = gateway.url("/c");
-            tokio::spawn(async move { get(&url).await })
-        })
-        .collect();
-    eventually(
-        "all four requests to wait at the upstream",
-        Duration::from_secs(10),
-        || {
-            let hits = up.hits();
-            async move { hits == 4 }
-        },
-    )
-    .await;
+    let requests = held_gets(&gateway, "/c", &up, 4).await;
     // Four requests in flight, with an HTTP context each, and no instance made for them.
     assert_eq!(tenant_instances(&gateway).await, before);
     gate.open();
@@ -832,21 +844,7 @@ async fn a_paused_filter_lends_its_instance_to_other_requests_while_its_call_is_
     })))
     .await;
     let before = tenant_instances(&gateway).await;
-    let requests: Vec<_> = (0..3)
-        .map(|_| {
-            let url = gateway.url("/paused");
-            tokio::spawn(async move { get(&url).await })
-        })
-        .collect();
-    eventually(
-        "the three filters' calls to reach the held upstream",
-        Duration::from_secs(10),
-        || {
-            let hits = slow.hits();
-            async move { hits == 3 }
-        },
-    )
-    .await;
+    let requests = held_gets(&gateway, "/paused", &slow, 3).await;
     // Each request paused its filter, and the next one still had the same instance.
     assert_eq!(tenant_instances(&gateway).await, before);
     gate.open();
