@@ -760,29 +760,30 @@ async fn a_request_body_goes_through_a_filter_chunk_by_chunk_and_its_vm_config_r
     assert_eq!(vm.header("x-vm-config"), Some("from the entry"));
 }
 
-/// Sends `n` GETs of `path` at once, and waits until `held` (a gated upstream) holds `n`
-/// requests: theirs, or their filters' calls.
+/// Sends `n` GETs of `path`, each once the one before is held at `held` (a gated upstream):
+/// theirs, or their filters' calls. One at a time, so that no request's callback ever finds
+/// the instance busy with another's (one suspended at an epoch tick, on a loaded machine),
+/// and the instance counts stay exact.
 async fn held_gets(
     gateway: &TestGateway,
     path: &str,
     held: &Upstream,
     n: usize,
 ) -> Vec<tokio::task::JoinHandle<weir_tests::Reply>> {
-    let requests = (0..n)
-        .map(|_| {
-            let url = gateway.url(path);
-            tokio::spawn(async move { get(&url).await })
-        })
-        .collect();
-    eventually(
-        &format!("{n} requests to wait at the held upstream"),
-        Duration::from_secs(10),
-        || {
-            let hits = held.hits();
-            async move { hits == n }
-        },
-    )
-    .await;
+    let mut requests = Vec::with_capacity(n);
+    for sent in 1..=n {
+        let url = gateway.url(path);
+        requests.push(tokio::spawn(async move { get(&url).await }));
+        eventually(
+            &format!("{sent} requests to wait at the held upstream"),
+            Duration::from_secs(10),
+            || {
+                let hits = held.hits();
+                async move { hits == sent }
+            },
+        )
+        .await;
+    }
     requests
 }
 
@@ -794,8 +795,8 @@ async fn tenant_instances(gateway: &TestGateway) -> u64 {
     tenant["usage"]["instances"].as_u64().expect("a count")
 }
 
-// One worker thread, so that every call finds the shared instance free: requests then never
-// need a second one, and the counts below are exact.
+// One worker thread, and requests sent one at a time: every call finds the shared instance
+// free, requests never need a second one, and the counts below are exact.
 #[tokio::test(flavor = "current_thread")]
 async fn a_pooled_filters_requests_share_one_instance_whose_contexts_end_with_them() {
     let (up, gate) = Upstream::gated("u").await;
