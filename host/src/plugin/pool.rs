@@ -438,7 +438,9 @@ impl PluginPool {
                     Err(e) => return Err(self.classify(e, &store, PluginError::Instantiate)),
                 };
                 Guest::Filter(Arc::new(
-                    FilterExports::find(&mut store, &instance).map_err(PluginError::Instantiate)?,
+                    FilterExports::load(&mut store, &instance)
+                        .await
+                        .map_err(PluginError::Instantiate)?,
                 ))
             }
         };

@@ -9,6 +9,7 @@
 //! pool, its control instance, in a task of their own.
 
 pub mod abi;
+pub mod batch;
 pub mod imports;
 pub mod properties;
 pub mod queues;
@@ -20,6 +21,7 @@ use bytes::Bytes;
 use wasmtime::{Instance, Store, TypedFunc};
 
 use self::abi::{ACTION_CONTINUE, StreamType};
+use self::batch::Batch;
 pub use self::state::{CallResponse, FilterShared, FilterState, PendingCall};
 use super::Reply;
 use super::callout::Callouts;
@@ -68,15 +70,13 @@ pub struct FilterExports {
     vm_start: Option<TypedFunc<(u32, u32), u32>>,
     configure: Option<TypedFunc<(u32, u32), u32>>,
     tick: Option<TypedFunc<u32, ()>>,
-    request_headers: Option<TypedFunc<(u32, u32, u32), u32>>,
     response_headers: Option<TypedFunc<(u32, u32, u32), u32>>,
     request_body: Option<TypedFunc<(u32, u32, u32), u32>>,
     response_body: Option<TypedFunc<(u32, u32, u32), u32>>,
-    log: Option<TypedFunc<u32, ()>>,
-    done: Option<TypedFunc<u32, u32>>,
-    delete: Option<TypedFunc<u32, ()>>,
     call_response: Option<CallResponseFunc>,
     queue_ready: Option<TypedFunc<(u32, u32), ()>>,
+    /// The request's first callbacks and its last ones, each run in one guest entry.
+    batch: Batch,
 }
 
 impl FilterExports {
@@ -88,8 +88,12 @@ impl FilterExports {
         }
     }
 
-    /// Finds the exports of a new instance, and keeps its memory and allocator in `store`.
-    pub fn find(store: &mut Store<InstanceState>, instance: &Instance) -> Result<Self, String> {
+    /// Finds the exports of a new instance, keeps its memory and allocator in `store`, and
+    /// links its batched entries.
+    pub async fn load(
+        store: &mut Store<InstanceState>,
+        instance: &Instance,
+    ) -> Result<Self, String> {
         let memory = instance
             .get_memory(&mut *store, "memory")
             .ok_or("it exports no memory")?;
@@ -115,6 +119,12 @@ impl FilterExports {
                 }
             };
         }
+        // The batched callbacks are called through the batch module; their types are checked
+        // here, for an error that names them.
+        let _: Option<TypedFunc<(u32, u32, u32), u32>> = optional!("proxy_on_request_headers");
+        let _: Option<TypedFunc<u32, u32>> = optional!("proxy_on_done");
+        let _: Option<TypedFunc<u32, ()>> = optional!("proxy_on_log");
+        let _: Option<TypedFunc<u32, ()>> = optional!("proxy_on_delete");
         let initialize = match optional!("_initialize") {
             Some(f) => Some(f),
             None => optional!("_start"),
@@ -126,15 +136,14 @@ impl FilterExports {
             vm_start: optional!("proxy_on_vm_start"),
             configure: optional!("proxy_on_configure"),
             tick: optional!("proxy_on_tick"),
-            request_headers: optional!("proxy_on_request_headers"),
             response_headers: optional!("proxy_on_response_headers"),
             request_body: optional!("proxy_on_request_body"),
             response_body: optional!("proxy_on_response_body"),
-            log: optional!("proxy_on_log"),
-            done: optional!("proxy_on_done"),
-            delete: optional!("proxy_on_delete"),
             call_response: optional!("proxy_on_http_call_response"),
             queue_ready: optional!("proxy_on_queue_ready"),
+            batch: Batch::link(store, instance)
+                .await
+                .map_err(|e| format!("linking its callbacks: {e}"))?,
         })
     }
 }
@@ -203,13 +212,6 @@ pub async fn request_headers(
     exports: &FilterExports,
 ) -> wasmtime::Result<Settled> {
     let context = state(store).begin_request();
-    exports
-        .context_create
-        .call_async(&mut *store, (context, ROOT_CONTEXT))
-        .await?;
-    let Some(callback) = &exports.request_headers else {
-        return Ok(Settled::Done(None));
-    };
     let (count, end_of_stream) = {
         let request = store
             .data()
@@ -222,8 +224,13 @@ pub async fn request_headers(
         )
     };
     rearm(store);
-    let action = callback
-        .call_async(&mut *store, (context, count, end_of_stream as u32))
+    let action = exports
+        .batch
+        .begin
+        .call_async(
+            &mut *store,
+            (context, ROOT_CONTEXT, count, end_of_stream as u32),
+        )
         .await?;
     settle(store, action, StreamType::Request)
 }
@@ -269,19 +276,8 @@ pub async fn log(
     let filter = state(store);
     filter.effective = context;
     filter.response_code.get_or_insert(status);
-    // Envoy's order: done, then log, then delete.
-    if let Some(done) = &exports.done {
-        rearm(store);
-        done.call_async(&mut *store, context).await?;
-    }
-    if let Some(log) = &exports.log {
-        rearm(store);
-        log.call_async(&mut *store, context).await?;
-    }
-    if let Some(delete) = &exports.delete {
-        rearm(store);
-        delete.call_async(&mut *store, context).await?;
-    }
+    rearm(store);
+    exports.batch.end.call_async(&mut *store, context).await?;
     let filter = state(store);
     filter.http_context = None;
     filter.effective = ROOT_CONTEXT;

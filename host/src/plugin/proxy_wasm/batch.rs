@@ -1,0 +1,162 @@
+//! The callbacks the gateway makes back to back, run in one entry into the guest.
+//!
+//! Each entry into a guest from the host is a fiber set up, switched to and torn down, and
+//! a request's context makes six of them: create, request headers, response headers, done,
+//! log and delete. A module of the gateway's own, instantiated next to each filter instance
+//! and linked to its exports, makes create and request headers in one entry, and done, log
+//! and delete in another. Between two callbacks it calls the host's `rearm`, so that each
+//! callback still runs under a CPU deadline of its own.
+
+use std::sync::LazyLock;
+
+use wasm_encoder::{
+    CodeSection, EntityType, ExportKind, ExportSection, Function, FunctionSection, ImportSection,
+    TypeSection, ValType,
+};
+use wasmtime::{AsContextMut, Caller, Extern, Func, Instance, Module, Store, TypedFunc};
+
+use super::abi::ACTION_CONTINUE;
+use crate::plugin::host::InstanceState;
+
+/// The imports of the batch module, in its function index order: the filter's callbacks
+/// (a stand-in where it exports none), then the host's `rearm`.
+const IMPORTS: [(&str, u32); 6] = [
+    ("proxy_on_context_create", 0),
+    ("proxy_on_request_headers", 1),
+    ("proxy_on_done", 2),
+    ("proxy_on_log", 3),
+    ("proxy_on_delete", 3),
+    ("rearm", 4),
+];
+const CONTEXT_CREATE: u32 = 0;
+const REQUEST_HEADERS: u32 = 1;
+const DONE: u32 = 2;
+const LOG: u32 = 3;
+const DELETE: u32 = 4;
+const REARM: u32 = 5;
+
+/// The batch module, compiled once for the gateway's engine.
+static MODULE: LazyLock<Result<Module, String>> =
+    LazyLock::new(|| Module::new(&crate::plugin::ENGINE, encode()).map_err(|e| e.to_string()));
+
+/// The batch module's bytes.
+fn encode() -> Vec<u8> {
+    let i32 = ValType::I32;
+    let mut types = TypeSection::new();
+    types.ty().function([i32, i32], []); // 0: create (context, parent)
+    types.ty().function([i32, i32, i32], [i32]); // 1: headers (context, count, end)
+    types.ty().function([i32], [i32]); // 2: done (context)
+    types.ty().function([i32], []); // 3: log, delete, end (context)
+    types.ty().function([], []); // 4: rearm
+    types.ty().function([i32, i32, i32, i32], [i32]); // 5: begin
+    let mut imports = ImportSection::new();
+    for (name, ty) in IMPORTS {
+        imports.import("filter", name, EntityType::Function(ty));
+    }
+    let mut functions = FunctionSection::new();
+    functions.function(5).function(3);
+    let mut exports = ExportSection::new();
+    exports
+        .export("begin", ExportKind::Func, IMPORTS.len() as u32)
+        .export("end", ExportKind::Func, IMPORTS.len() as u32 + 1);
+
+    // begin(context, parent, count, end): create, then the request headers' action.
+    let mut begin = Function::new([]);
+    begin
+        .instructions()
+        .local_get(0)
+        .local_get(1)
+        .call(CONTEXT_CREATE)
+        .call(REARM)
+        .local_get(0)
+        .local_get(2)
+        .local_get(3)
+        .call(REQUEST_HEADERS)
+        .end();
+    // end(context): done, log and delete, Envoy's order.
+    let mut end = Function::new([]);
+    end.instructions()
+        .local_get(0)
+        .call(DONE)
+        .drop()
+        .call(REARM)
+        .local_get(0)
+        .call(LOG)
+        .call(REARM)
+        .local_get(0)
+        .call(DELETE)
+        .end();
+    let mut code = CodeSection::new();
+    code.function(&begin).function(&end);
+
+    let mut module = wasm_encoder::Module::new();
+    module
+        .section(&types)
+        .section(&imports)
+        .section(&functions)
+        .section(&exports)
+        .section(&code);
+    module.finish()
+}
+
+/// A filter instance's two batched entries.
+#[derive(Clone)]
+pub struct Batch {
+    /// `begin(context, parent, header count, end of stream)`: `proxy_on_context_create`,
+    /// then `proxy_on_request_headers`, whose action it returns.
+    pub begin: TypedFunc<(u32, u32, u32, u32), u32>,
+    /// `end(context)`: `proxy_on_done`, `proxy_on_log` and `proxy_on_delete`.
+    pub end: TypedFunc<u32, ()>,
+}
+
+impl Batch {
+    /// Instantiates the batch module in `store`, linked to the filter `instance`'s exports.
+    pub async fn link(
+        store: &mut Store<InstanceState>,
+        instance: &Instance,
+    ) -> wasmtime::Result<Batch> {
+        let module = MODULE
+            .as_ref()
+            .map_err(|e| wasmtime::format_err!("the batch module did not compile: {e}"))?;
+        let mut imports = Vec::with_capacity(IMPORTS.len());
+        for (name, _) in IMPORTS {
+            // `rearm` is always the host's, whatever the filter exports under that name.
+            let func = match instance.get_func(&mut *store, name) {
+                Some(func) if name != "rearm" => func,
+                _ => stand_in(store, name),
+            };
+            imports.push(Extern::Func(func));
+        }
+        let batch = Instance::new_async(&mut *store, module, &imports).await?;
+        Ok(Batch {
+            begin: batch.get_typed_func(&mut *store, "begin")?,
+            end: batch.get_typed_func(&mut *store, "end")?,
+        })
+    }
+}
+
+/// What runs in place of `name`: the host's `rearm`, or what the ABI says a callback the
+/// filter does not export does (nothing, and go on).
+fn stand_in(store: &mut Store<InstanceState>, name: &str) -> Func {
+    match name {
+        "rearm" => Func::wrap(&mut *store, |mut caller: Caller<'_, InstanceState>| {
+            caller.data_mut().clock.ticks_used = 0;
+            caller.as_context_mut().set_epoch_deadline(1);
+        }),
+        "proxy_on_request_headers" => {
+            Func::wrap(&mut *store, |_: u32, _: u32, _: u32| ACTION_CONTINUE)
+        }
+        "proxy_on_done" => Func::wrap(&mut *store, |_: u32| 1u32),
+        _ => Func::wrap(&mut *store, |_: u32| {}),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_batch_module_is_valid_and_compiles() {
+        assert!(MODULE.is_ok(), "{:?}", MODULE.as_ref().err());
+    }
+}
