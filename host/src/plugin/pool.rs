@@ -964,24 +964,41 @@ impl PluginPool {
             }
             Guest::Filter(exports) => {
                 let exports = Arc::clone(exports);
-                let settled = proxy_wasm::response_headers(&mut instance.store, &exports).await;
+                let limit = self.body_limit();
+                let headers = proxy_wasm::response_headers(
+                    &mut instance.store,
+                    &exports,
+                    body.as_deref(),
+                    limit,
+                )
+                .await;
+                let (settled, passed) = match headers {
+                    Ok((settled, passed)) => (Ok(settled), passed),
+                    Err(e) => (Err(e), None),
+                };
                 let waited = self
                     .wait_out(&mut held, instance, &exports, settled, StreamType::Response)
                     .await;
                 match waited {
                     Ok((back, outcome)) => {
                         instance = back;
-                        match outcome {
-                            Ok(None) => match body {
-                                Some(body) => self.whole_body(&mut instance, &exports, body).await,
-                                None => Ok(()),
-                            },
-                            Ok(Some(_)) => Err(wasmtime::Error::new(LimitExceeded(
+                        match (outcome, passed, body) {
+                            // The body went through in the headers' entry.
+                            (Ok(None), Some(passed), Some(body)) => {
+                                *body = passed;
+                                Ok(())
+                            }
+                            // The headers paused first: the body goes through once they went on.
+                            (Ok(None), None, Some(body)) => {
+                                self.whole_body(&mut instance, &exports, body).await
+                            }
+                            (Ok(None), _, None) => Ok(()),
+                            (Ok(Some(_)), ..) => Err(wasmtime::Error::new(LimitExceeded(
                                 "a local response once the response has begun, which Weir \
                                  does not offer yet"
                                     .into(),
                             ))),
-                            Err(e) => Err(e),
+                            (Err(e), ..) => Err(e),
                         }
                     }
                     Err(lent) => {

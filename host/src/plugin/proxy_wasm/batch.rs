@@ -10,8 +10,8 @@
 use std::sync::LazyLock;
 
 use wasm_encoder::{
-    CodeSection, EntityType, ExportKind, ExportSection, Function, FunctionSection, ImportSection,
-    TypeSection, ValType,
+    BlockType, CodeSection, EntityType, ExportKind, ExportSection, Function, FunctionSection,
+    ImportSection, TypeSection, ValType,
 };
 use wasmtime::{AsContextMut, Caller, Extern, Func, Instance, Module, Store, TypedFunc};
 
@@ -20,20 +20,28 @@ use crate::plugin::host::InstanceState;
 
 /// The imports of the batch module, in its function index order: the filter's callbacks
 /// (a stand-in where it exports none), then the host's `rearm`.
-const IMPORTS: [(&str, u32); 6] = [
+const IMPORTS: [(&str, u32); 9] = [
     ("proxy_on_context_create", 0),
     ("proxy_on_request_headers", 1),
     ("proxy_on_done", 2),
     ("proxy_on_log", 3),
     ("proxy_on_delete", 3),
+    ("proxy_on_response_headers", 1),
+    ("proxy_on_response_body", 1),
     ("rearm", 4),
+    ("proceed", 7),
 ];
 const CONTEXT_CREATE: u32 = 0;
 const REQUEST_HEADERS: u32 = 1;
 const DONE: u32 = 2;
 const LOG: u32 = 3;
 const DELETE: u32 = 4;
-const REARM: u32 = 5;
+const RESPONSE_HEADERS: u32 = 5;
+const RESPONSE_BODY: u32 = 6;
+const REARM: u32 = 7;
+const PROCEED: u32 = 8;
+/// The host's own imports, which a filter's exports never stand in for.
+const HOST: [&str; 2] = ["rearm", "proceed"];
 
 /// The batch module, compiled once for the gateway's engine.
 static MODULE: LazyLock<Result<Module, String>> =
@@ -49,16 +57,20 @@ fn encode() -> Vec<u8> {
     types.ty().function([i32], []); // 3: log, delete, end (context)
     types.ty().function([], []); // 4: rearm
     types.ty().function([i32, i32, i32, i32], [i32]); // 5: begin
+    types.ty().function([i32, i32, i32], [i32]); // 6: respond
+    types.ty().function([], [i32]); // 7: proceed
     let mut imports = ImportSection::new();
     for (name, ty) in IMPORTS {
         imports.import("filter", name, EntityType::Function(ty));
     }
     let mut functions = FunctionSection::new();
-    functions.function(5).function(3);
+    functions.function(5).function(3).function(6);
+    let first = IMPORTS.len() as u32;
     let mut exports = ExportSection::new();
     exports
-        .export("begin", ExportKind::Func, IMPORTS.len() as u32)
-        .export("end", ExportKind::Func, IMPORTS.len() as u32 + 1);
+        .export("begin", ExportKind::Func, first)
+        .export("end", ExportKind::Func, first + 1)
+        .export("respond", ExportKind::Func, first + 2);
 
     // begin(context, parent, count, end): create, then the request headers' action.
     let mut begin = Function::new([]);
@@ -86,8 +98,32 @@ fn encode() -> Vec<u8> {
         .local_get(0)
         .call(DELETE)
         .end();
+    // respond(context, header count, body size): the response headers' action; when they go
+    // on and the host has a whole body for it, the body callback, with the end of the stream.
+    let mut respond = Function::new([(1, i32)]);
+    respond
+        .instructions()
+        .local_get(0)
+        .local_get(1)
+        .i32_const(0)
+        .call(RESPONSE_HEADERS)
+        .local_tee(3)
+        .if_(BlockType::Empty)
+        .local_get(3)
+        .return_()
+        .end()
+        .call(PROCEED)
+        .if_(BlockType::Empty)
+        .local_get(0)
+        .local_get(2)
+        .i32_const(1)
+        .call(RESPONSE_BODY)
+        .drop()
+        .end()
+        .i32_const(0)
+        .end();
     let mut code = CodeSection::new();
-    code.function(&begin).function(&end);
+    code.function(&begin).function(&end).function(&respond);
 
     let mut module = wasm_encoder::Module::new();
     module
@@ -107,6 +143,10 @@ pub struct Batch {
     pub begin: TypedFunc<(u32, u32, u32, u32), u32>,
     /// `end(context)`: `proxy_on_done`, `proxy_on_log` and `proxy_on_delete`.
     pub end: TypedFunc<u32, ()>,
+    /// `respond(context, header count, body size)`: `proxy_on_response_headers`, whose action
+    /// it returns; if that goes on and the filter state has a `next_body`,
+    /// `proxy_on_response_body` over it, with the end of the stream.
+    pub respond: TypedFunc<(u32, u32, u32), u32>,
 }
 
 impl Batch {
@@ -120,9 +160,9 @@ impl Batch {
             .map_err(|e| wasmtime::format_err!("the batch module did not compile: {e}"))?;
         let mut imports = Vec::with_capacity(IMPORTS.len());
         for (name, _) in IMPORTS {
-            // `rearm` is always the host's, whatever the filter exports under that name.
+            // The host's imports are the host's, whatever the filter exports under their names.
             let func = match instance.get_func(&mut *store, name) {
-                Some(func) if name != "rearm" => func,
+                Some(func) if !HOST.contains(&name) => func,
                 _ => stand_in(store, name),
             };
             imports.push(Extern::Func(func));
@@ -131,24 +171,46 @@ impl Batch {
         Ok(Batch {
             begin: batch.get_typed_func(&mut *store, "begin")?,
             end: batch.get_typed_func(&mut *store, "end")?,
+            respond: batch.get_typed_func(&mut *store, "respond")?,
         })
     }
 }
 
-/// What runs in place of `name`: the host's `rearm`, or what the ABI says a callback the
-/// filter does not export does (nothing, and go on).
+/// What runs in place of `name`: the host's `rearm` and `proceed`, or what the ABI says a
+/// callback the filter does not export does (nothing, and go on).
 fn stand_in(store: &mut Store<InstanceState>, name: &str) -> Func {
     match name {
         "rearm" => Func::wrap(&mut *store, |mut caller: Caller<'_, InstanceState>| {
-            caller.data_mut().clock.ticks_used = 0;
-            caller.as_context_mut().set_epoch_deadline(1);
+            rearm(&mut caller);
         }),
-        "proxy_on_request_headers" => {
+        // The body callback runs once the headers' went on with no local response and no
+        // closed stream, and only over a body the host offered.
+        "proceed" => Func::wrap(&mut *store, |mut caller: Caller<'_, InstanceState>| {
+            let Some(filter) = caller.data_mut().filter.as_mut() else {
+                return 0u32;
+            };
+            if filter.local_reply.is_some() || filter.closed {
+                return 0;
+            }
+            let Some(body) = filter.next_body.take() else {
+                return 0;
+            };
+            filter.body = Some(body);
+            rearm(&mut caller);
+            1
+        }),
+        "proxy_on_request_headers" | "proxy_on_response_headers" | "proxy_on_response_body" => {
             Func::wrap(&mut *store, |_: u32, _: u32, _: u32| ACTION_CONTINUE)
         }
         "proxy_on_done" => Func::wrap(&mut *store, |_: u32| 1u32),
         _ => Func::wrap(&mut *store, |_: u32| {}),
     }
+}
+
+/// A fresh CPU deadline for the next callback.
+fn rearm(caller: &mut Caller<'_, InstanceState>) {
+    caller.data_mut().clock.ticks_used = 0;
+    caller.as_context_mut().set_epoch_deadline(1);
 }
 
 #[cfg(test)]

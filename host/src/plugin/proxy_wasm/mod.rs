@@ -70,7 +70,6 @@ pub struct FilterExports {
     vm_start: Option<TypedFunc<(u32, u32), u32>>,
     configure: Option<TypedFunc<(u32, u32), u32>>,
     tick: Option<TypedFunc<u32, ()>>,
-    response_headers: Option<TypedFunc<(u32, u32, u32), u32>>,
     request_body: Option<TypedFunc<(u32, u32, u32), u32>>,
     response_body: Option<TypedFunc<(u32, u32, u32), u32>>,
     call_response: Option<CallResponseFunc>,
@@ -122,6 +121,7 @@ impl FilterExports {
         // The batched callbacks are called through the batch module; their types are checked
         // here, for an error that names them.
         let _: Option<TypedFunc<(u32, u32, u32), u32>> = optional!("proxy_on_request_headers");
+        let _: Option<TypedFunc<(u32, u32, u32), u32>> = optional!("proxy_on_response_headers");
         let _: Option<TypedFunc<u32, u32>> = optional!("proxy_on_done");
         let _: Option<TypedFunc<u32, ()>> = optional!("proxy_on_log");
         let _: Option<TypedFunc<u32, ()>> = optional!("proxy_on_delete");
@@ -136,7 +136,6 @@ impl FilterExports {
             vm_start: optional!("proxy_on_vm_start"),
             configure: optional!("proxy_on_configure"),
             tick: optional!("proxy_on_tick"),
-            response_headers: optional!("proxy_on_response_headers"),
             request_body: optional!("proxy_on_request_body"),
             response_body: optional!("proxy_on_response_body"),
             call_response: optional!("proxy_on_http_call_response"),
@@ -235,13 +234,18 @@ pub async fn request_headers(
     settle(store, action, StreamType::Request)
 }
 
-/// Runs `proxy_on_response_headers` in the request's HTTP context.
+/// Runs `proxy_on_response_headers` in the request's HTTP context. With `body`, a response
+/// body that arrived whole with its head, it also runs `proxy_on_response_body` over it (with
+/// the end of the stream) in the same entry, if the headers went on: the bytes the filter
+/// passed on come back with the outcome.
 pub async fn response_headers(
     store: &mut Store<InstanceState>,
     exports: &FilterExports,
-) -> wasmtime::Result<Settled> {
+    body: Option<&Bytes>,
+    limit: usize,
+) -> wasmtime::Result<(Settled, Option<Bytes>)> {
     let Some(context) = state(store).http_context else {
-        return Ok(Settled::Done(None));
+        return Ok((Settled::Done(None), None));
     };
     let (count, status) = {
         let response = store
@@ -251,16 +255,38 @@ pub async fn response_headers(
             .expect("the response is lent for on-response");
         (response.headers.len() as u32 + 1, response.status.as_u16())
     };
-    state(store).response_code = Some(status);
-    state(store).effective = context;
-    let Some(callback) = &exports.response_headers else {
-        return Ok(Settled::Done(None));
-    };
+    let offered = body.filter(|_| exports.reads_body(StreamType::Response));
+    let filter = state(store);
+    filter.response_code = Some(status);
+    filter.effective = context;
+    filter.next_body = offered.map(|body| state::BodyBuffer {
+        stream: StreamType::Response,
+        bytes: body.to_vec(),
+        limit,
+    });
+    let size = offered.map_or(0, |body| body.len() as u32);
     rearm(store);
-    let action = callback
-        .call_async(&mut *store, (context, count, 0))
-        .await?;
-    settle(store, action, StreamType::Response)
+    let action = exports
+        .batch
+        .respond
+        .call_async(&mut *store, (context, count, size))
+        .await;
+    let filter = state(store);
+    filter.next_body = None;
+    let ran = filter.body.take();
+    let action = action?;
+    let Some(ran) = ran else {
+        return Ok((settle(store, action, StreamType::Response)?, None));
+    };
+    // The headers went on, and the body callback ran: as at the end of a streamed body.
+    filter.calls.clear();
+    if filter.local_reply.take().is_some() {
+        return Err(FilterFault::LateReply.into());
+    }
+    if filter.closed {
+        return Err(FilterFault::Closed.into());
+    }
+    Ok((Settled::Done(None), Some(Bytes::from(ran.bytes))))
 }
 
 /// Runs `proxy_on_log`, then ends the HTTP context (`proxy_on_done`, `proxy_on_delete`), so

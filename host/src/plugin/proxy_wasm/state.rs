@@ -83,6 +83,9 @@ pub struct FilterState {
     /// The body the filter sees in the body callback in progress: the chunk, after what it
     /// held from earlier chunks. `None` outside a body callback.
     pub body: Option<BodyBuffer>,
+    /// A whole response body offered to the body callback that follows the response headers'
+    /// in the same entry, if they go on; the batch module's `proceed` moves it into `body`.
+    pub next_body: Option<BodyBuffer>,
 }
 
 /// A body seen by a body callback, and what the filter may make of it.
@@ -113,6 +116,7 @@ impl FilterState {
             call_response: None,
             response_code: None,
             body: None,
+            next_body: None,
         }
     }
 
