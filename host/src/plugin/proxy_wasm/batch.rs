@@ -1,11 +1,12 @@
 //! The callbacks the gateway makes back to back, run in one entry into the guest.
 //!
 //! Each entry into a guest from the host is a fiber set up, switched to and torn down, and
-//! a request's context makes six of them: create, request headers, response headers, done,
-//! log and delete. A module of the gateway's own, instantiated next to each filter instance
-//! and linked to its exports, makes create and request headers in one entry, and done, log
-//! and delete in another. Between two callbacks it calls the host's `rearm`, so that each
-//! callback still runs under a CPU deadline of its own.
+//! a request's context makes six or seven of them: create, request headers, response
+//! headers (and body), done, log and delete. A module of the gateway's own, instantiated next
+//! to each filter instance and linked to its exports, makes create and request headers in
+//! one entry; response headers and a body that arrived whole in another; and done, log and
+//! delete in a third. Between two callbacks it calls the host, so that each callback still
+//! runs under a CPU deadline of its own.
 
 use std::sync::LazyLock;
 
@@ -13,13 +14,15 @@ use wasm_encoder::{
     BlockType, CodeSection, EntityType, ExportKind, ExportSection, Function, FunctionSection,
     ImportSection, TypeSection, ValType,
 };
-use wasmtime::{AsContextMut, Caller, Extern, Func, Instance, Module, Store, TypedFunc};
+use wasmtime::{Caller, Extern, Func, Instance, Module, Store, TypedFunc};
 
 use super::abi::ACTION_CONTINUE;
+use super::rearm;
 use crate::plugin::host::InstanceState;
 
-/// The imports of the batch module, in its function index order: the filter's callbacks
-/// (a stand-in where it exports none), then the host's `rearm`.
+/// The imports of the batch module, in its function index order, each with its type: the
+/// filter's callbacks (a stand-in where it exports none), then the host's `rearm` and
+/// `proceed`.
 const IMPORTS: [(&str, u32); 9] = [
     ("proxy_on_context_create", 0),
     ("proxy_on_request_headers", 1),
@@ -135,7 +138,7 @@ fn encode() -> Vec<u8> {
     module.finish()
 }
 
-/// A filter instance's two batched entries.
+/// A filter instance's batched entries.
 #[derive(Clone)]
 pub struct Batch {
     /// `begin(context, parent, header count, end of stream)`: `proxy_on_context_create`,
@@ -180,8 +183,8 @@ impl Batch {
 /// callback the filter does not export does (nothing, and go on).
 fn stand_in(store: &mut Store<InstanceState>, name: &str) -> Func {
     match name {
-        "rearm" => Func::wrap(&mut *store, |mut caller: Caller<'_, InstanceState>| {
-            rearm(&mut caller);
+        "rearm" => Func::wrap(&mut *store, |caller: Caller<'_, InstanceState>| {
+            rearm(caller);
         }),
         // The body callback runs once the headers' went on with no local response and no
         // closed stream, and only over a body the host offered.
@@ -205,12 +208,6 @@ fn stand_in(store: &mut Store<InstanceState>, name: &str) -> Func {
         "proxy_on_done" => Func::wrap(&mut *store, |_: u32| 1u32),
         _ => Func::wrap(&mut *store, |_: u32| {}),
     }
-}
-
-/// A fresh CPU deadline for the next callback.
-fn rearm(caller: &mut Caller<'_, InstanceState>) {
-    caller.data_mut().clock.ticks_used = 0;
-    caller.as_context_mut().set_epoch_deadline(1);
 }
 
 #[cfg(test)]

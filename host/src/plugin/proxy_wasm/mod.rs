@@ -18,7 +18,7 @@ pub mod state;
 use std::time::Duration;
 
 use bytes::Bytes;
-use wasmtime::{Instance, Store, TypedFunc};
+use wasmtime::{AsContextMut, Instance, Store, TypedFunc};
 
 use self::abi::{ACTION_CONTINUE, StreamType};
 use self::batch::Batch;
@@ -74,7 +74,8 @@ pub struct FilterExports {
     response_body: Option<TypedFunc<(u32, u32, u32), u32>>,
     call_response: Option<CallResponseFunc>,
     queue_ready: Option<TypedFunc<(u32, u32), ()>>,
-    /// The request's first callbacks and its last ones, each run in one guest entry.
+    /// The callbacks run back to back (a request's first, its response's, its last), each
+    /// group in one guest entry.
     batch: Batch,
 }
 
@@ -157,7 +158,8 @@ fn state(store: &mut Store<InstanceState>) -> &mut FilterState {
 
 /// Resets the CPU budget for the next callback of the same phase: each callback gets the
 /// whole deadline, as each component call does.
-fn rearm(store: &mut Store<InstanceState>) {
+fn rearm(mut store: impl AsContextMut<Data = InstanceState>) {
+    let mut store = store.as_context_mut();
     store.data_mut().clock.ticks_used = 0;
     store.set_epoch_deadline(1);
 }
@@ -171,14 +173,14 @@ pub async fn start(
     if let Some(initialize) = &exports.initialize {
         initialize.call_async(&mut *store, ()).await?;
     }
-    rearm(store);
+    rearm(&mut *store);
     exports
         .context_create
         .call_async(&mut *store, (ROOT_CONTEXT, 0))
         .await?;
     let shared = state(store).shared.clone();
     if let Some(vm_start) = &exports.vm_start {
-        rearm(store);
+        rearm(&mut *store);
         let size = shared.vm_config.len() as u32;
         if vm_start
             .call_async(&mut *store, (ROOT_CONTEXT, size))
@@ -189,7 +191,7 @@ pub async fn start(
         }
     }
     if let Some(configure) = &exports.configure {
-        rearm(store);
+        rearm(&mut *store);
         let size = shared.plugin_config.len() as u32;
         if configure
             .call_async(&mut *store, (ROOT_CONTEXT, size))
@@ -222,7 +224,7 @@ pub async fn request_headers(
             !has_body(&request.headers),
         )
     };
-    rearm(store);
+    rearm(&mut *store);
     let action = exports
         .batch
         .begin
@@ -265,7 +267,7 @@ pub async fn response_headers(
         limit,
     });
     let size = offered.map_or(0, |body| body.len() as u32);
-    rearm(store);
+    rearm(&mut *store);
     let action = exports
         .batch
         .respond
@@ -302,7 +304,7 @@ pub async fn log(
     let filter = state(store);
     filter.effective = context;
     filter.response_code.get_or_insert(status);
-    rearm(store);
+    rearm(&mut *store);
     exports.batch.end.call_async(&mut *store, context).await?;
     let filter = state(store);
     filter.http_context = None;
@@ -344,7 +346,7 @@ pub async fn body_chunk(
         bytes: held,
         limit,
     });
-    rearm(store);
+    rearm(&mut *store);
     let outcome = callback
         .call_async(&mut *store, (context, size, end as u32))
         .await;
@@ -474,7 +476,7 @@ async fn answer(
     let filter = state(store);
     filter.call_response = Some(response);
     filter.effective = context;
-    rearm(store);
+    rearm(&mut *store);
     let outcome = callback
         .call_async(&mut *store, (context, token, headers, body, 0))
         .await;
@@ -498,7 +500,7 @@ pub async fn tick(
 ) -> wasmtime::Result<()> {
     if let Some(tick) = &exports.tick {
         state(store).effective = ROOT_CONTEXT;
-        rearm(store);
+        rearm(&mut *store);
         tick.call_async(&mut *store, ROOT_CONTEXT).await?;
     }
     root_calls(store, exports).await
@@ -513,7 +515,7 @@ pub async fn queues_ready(
     if let Some(ready) = &exports.queue_ready {
         for queue in queues {
             state(store).effective = ROOT_CONTEXT;
-            rearm(store);
+            rearm(&mut *store);
             ready
                 .call_async(&mut *store, (ROOT_CONTEXT, *queue))
                 .await?;
