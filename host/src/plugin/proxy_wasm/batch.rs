@@ -8,16 +8,15 @@
 //! delete in a third. Between two callbacks it calls the host, so that each callback still
 //! runs under a CPU deadline of its own.
 
-use std::sync::LazyLock;
+use std::sync::OnceLock;
 
 use wasm_encoder::{
     BlockType, CodeSection, EntityType, ExportKind, ExportSection, Function, FunctionSection,
     ImportSection, TypeSection, ValType,
 };
-use wasmtime::{Caller, Extern, Func, Instance, Module, Store, TypedFunc};
+use wasmtime::{AsContextMut, Caller, Engine, Extern, Func, Instance, Module, Store, TypedFunc};
 
 use super::abi::ACTION_CONTINUE;
-use super::rearm;
 use crate::plugin::host::InstanceState;
 
 /// The imports of the batch module, in its function index order, each with its type: the
@@ -46,9 +45,28 @@ const PROCEED: u32 = 8;
 /// The host's own imports, which a filter's exports never stand in for.
 const HOST: [&str; 2] = ["rearm", "proceed"];
 
-/// The batch module, compiled once for the gateway's engine.
-static MODULE: LazyLock<Result<Module, String>> =
-    LazyLock::new(|| Module::new(&crate::plugin::ENGINE, encode()).map_err(|e| e.to_string()));
+/// The batch module, compiled once for the gateway's engine (every filter's store has it).
+static MODULE: OnceLock<Result<Module, String>> = OnceLock::new();
+
+/// The batch module for `engine`: the one compiled for the gateway's engine, or a new one for
+/// another.
+fn module(engine: &Engine) -> wasmtime::Result<Module> {
+    let compiled = MODULE.get_or_init(|| Module::new(engine, encode()).map_err(|e| e.to_string()));
+    match compiled {
+        Ok(module) if Engine::same(module.engine(), engine) => Ok(module.clone()),
+        Ok(_) => Module::new(engine, encode()),
+        Err(e) => Err(wasmtime::format_err!(
+            "the batch module did not compile: {e}"
+        )),
+    }
+}
+
+/// A fresh CPU deadline for the next callback: each gets the whole of it.
+pub fn rearm(mut store: impl AsContextMut<Data = InstanceState>) {
+    let mut store = store.as_context_mut();
+    store.data_mut().clock.ticks_used = 0;
+    store.set_epoch_deadline(1);
+}
 
 /// The batch module's bytes.
 fn encode() -> Vec<u8> {
@@ -158,9 +176,7 @@ impl Batch {
         store: &mut Store<InstanceState>,
         instance: &Instance,
     ) -> wasmtime::Result<Batch> {
-        let module = MODULE
-            .as_ref()
-            .map_err(|e| wasmtime::format_err!("the batch module did not compile: {e}"))?;
+        let module = module(store.engine())?;
         let mut imports = Vec::with_capacity(IMPORTS.len());
         for (name, _) in IMPORTS {
             // The host's imports are the host's, whatever the filter exports under their names.
@@ -170,7 +186,7 @@ impl Batch {
             };
             imports.push(Extern::Func(func));
         }
-        let batch = Instance::new_async(&mut *store, module, &imports).await?;
+        let batch = Instance::new_async(&mut *store, &module, &imports).await?;
         Ok(Batch {
             begin: batch.get_typed_func(&mut *store, "begin")?,
             end: batch.get_typed_func(&mut *store, "end")?,
@@ -216,6 +232,11 @@ mod tests {
 
     #[test]
     fn the_batch_module_is_valid_and_compiles() {
-        assert!(MODULE.is_ok(), "{:?}", MODULE.as_ref().err());
+        let engine = Engine::default();
+        module(&engine).unwrap();
+        // A second engine gets a module of its own.
+        let other = Engine::default();
+        let again = module(&other).unwrap();
+        assert!(Engine::same(again.engine(), &other));
     }
 }

@@ -18,10 +18,10 @@ pub mod state;
 use std::time::Duration;
 
 use bytes::Bytes;
-use wasmtime::{AsContextMut, Instance, Store, TypedFunc};
+use wasmtime::{Instance, Store, TypedFunc};
 
 use self::abi::{ACTION_CONTINUE, StreamType};
-use self::batch::Batch;
+use self::batch::{Batch, rearm};
 pub use self::state::{CallResponse, FilterShared, FilterState, PendingCall};
 use super::Reply;
 use super::callout::Callouts;
@@ -154,14 +154,6 @@ fn state(store: &mut Store<InstanceState>) -> &mut FilterState {
         .filter
         .as_mut()
         .expect("a filter instance has filter state")
-}
-
-/// Resets the CPU budget for the next callback of the same phase: each callback gets the
-/// whole deadline, as each component call does.
-fn rearm(mut store: impl AsContextMut<Data = InstanceState>) {
-    let mut store = store.as_context_mut();
-    store.data_mut().clock.ticks_used = 0;
-    store.set_epoch_deadline(1);
 }
 
 /// Starts a new instance: `_initialize`, the root context, `proxy_on_vm_start` and
