@@ -274,12 +274,7 @@ pub async fn response_headers(
     };
     // The headers went on, and the body callback ran: as at the end of a streamed body.
     filter.calls.clear();
-    if filter.local_reply.take().is_some() {
-        return Err(FilterFault::LateReply.into());
-    }
-    if filter.closed {
-        return Err(FilterFault::Closed.into());
-    }
+    after_body(filter)?;
     Ok((Settled::Done(None), Some(Bytes::from(ran.bytes))))
 }
 
@@ -351,12 +346,7 @@ pub async fn body_chunk(
     // A body callback cannot pause for a call: calls made in one get no callback.
     filter.calls.clear();
     let action = outcome?;
-    if filter.local_reply.take().is_some() {
-        return Err(FilterFault::LateReply.into());
-    }
-    if filter.closed {
-        return Err(FilterFault::Closed.into());
-    }
+    after_body(filter)?;
     // A pause on the last chunk has nothing more to wait for: what is held goes on.
     if action == ACTION_CONTINUE || end {
         Ok((ChunkOutcome::Pass(Bytes::from(bytes)), Vec::new()))
@@ -369,6 +359,18 @@ pub async fn body_chunk(
     } else {
         Ok((ChunkOutcome::Hold, bytes))
     }
+}
+
+/// After a body callback: a local response or a closed stream is a fault there, where the
+/// response has begun.
+fn after_body(filter: &mut FilterState) -> Result<(), FilterFault> {
+    if filter.local_reply.take().is_some() {
+        return Err(FilterFault::LateReply);
+    }
+    if filter.closed {
+        return Err(FilterFault::Closed);
+    }
+    Ok(())
 }
 
 /// Whether a request head says a body follows.
