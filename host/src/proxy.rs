@@ -589,9 +589,9 @@ pub async fn response_phase(
     (Some(request), Ok(Response::from_parts(parts, body)))
 }
 
-/// The proxy-wasm filters among `links` with a body callback for `stream`, in the order the
-/// body meets them (the chain's for a request, reverse for a response); `None` when there is
-/// none, and the body is left as it is.
+/// The proxy-wasm filters among `links` with a body or trailers callback for `stream`, in the
+/// order the body meets them (the chain's for a request, reverse for a response); `None` when
+/// there is none, and the body is left as it is.
 fn body_readers(
     links: &[ChainLink],
     bound: &[Bound],
@@ -600,7 +600,7 @@ fn body_readers(
     let readers = links
         .iter()
         .zip(bound)
-        .filter(|(link, _)| link.pool.reads_body(stream));
+        .filter(|(link, _)| link.pool.follows_body(stream));
     let mut readers: Vec<ChunkLink> = readers
         .map(|(link, bound)| {
             let metrics = link.metrics.clone();

@@ -1,6 +1,7 @@
 //! A body that goes through proxy-wasm filters' body callbacks chunk by chunk, as it streams:
 //! each chunk is called through the chain in order, a filter that pauses holds it (bounded by
-//! its `max_body_bytes`) until a later chunk or the end, and nothing else is buffered.
+//! its `max_body_bytes`) until a later chunk or the end, and nothing else is buffered. Its
+//! trailers, if it has any, then go through the filters' trailers callbacks.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -48,7 +49,10 @@ impl ChunkLink {
     }
 }
 
-type ChunkRun = Pin<Box<dyn Future<Output = (Vec<ChunkLink>, Result<Bytes, BodyError>)> + Send>>;
+/// What a run through the filters passes on: bytes, and at the end the trailers, if any.
+type Passed = (Bytes, Option<HeaderMap>);
+
+type ChunkRun = Pin<Box<dyn Future<Output = (Vec<ChunkLink>, Result<Passed, BodyError>)> + Send>>;
 
 /// A body through filters' body callbacks.
 pub struct FilteredBody<B> {
@@ -57,7 +61,7 @@ pub struct FilteredBody<B> {
     /// The filters, in the order the body meets them; away while a chunk is in their hands.
     links: Vec<ChunkLink>,
     running: Option<ChunkRun>,
-    /// Trailers, sent once the filters have seen the end.
+    /// Trailers, sent once the filters have seen the end (and the trailers).
     trailers: Option<HeaderMap>,
     /// The inner body has ended, and the filters have been told.
     ended: bool,
@@ -90,23 +94,86 @@ impl<B> FilteredBody<B> {
         &mut self.inner
     }
 
-    /// Starts one chunk through the chain.
+    /// Starts one chunk through the chain; the last one takes the trailers after it.
     fn run(&mut self, chunk: Bytes, end: bool) {
         let links = std::mem::take(&mut self.links);
-        self.running = Some(Box::pin(through(links, self.stream, chunk, end)));
+        let trailers = if end { self.trailers.take() } else { None };
+        let run = through(links, self.stream, chunk, end, trailers);
+        self.running = Some(Box::pin(run));
     }
 }
 
 /// Calls each filter with the chunk the one before passed on, until one holds it; at the end
-/// every filter is called, so that each lets go of what it held.
+/// every filter is called, so that each lets go of what it held, and then `trailers` go
+/// through the filters' trailers callbacks, in the same order.
 async fn through(
     mut links: Vec<ChunkLink>,
     stream: StreamType,
     chunk: Bytes,
     end: bool,
-) -> (Vec<ChunkLink>, Result<Bytes, BodyError>) {
+    trailers: Option<HeaderMap>,
+) -> (Vec<ChunkLink>, Result<Passed, BodyError>) {
+    let data = match chunks(&mut links, stream, chunk, end).await {
+        Ok(data) => data,
+        Err(failure) => return (links, Err(failure)),
+    };
+    let Some(trailers) = trailers else {
+        return (links, Ok((data, None)));
+    };
+    match trailers_through(&mut links, stream, trailers).await {
+        Ok(trailers) => (links, Ok((data, Some(trailers)))),
+        Err(failure) => (links, Err(failure)),
+    }
+}
+
+/// Calls each filter's trailers callback with the trailers the one before left.
+async fn trailers_through(
+    links: &mut [ChunkLink],
+    stream: StreamType,
+    mut trailers: HeaderMap,
+) -> Result<HeaderMap, BodyError> {
+    let readers = links
+        .iter_mut()
+        .filter(|link| !link.skipped && link.pool.reads_trailers(stream));
+    for link in readers {
+        let fallback = (link.failure == FailurePolicy::Open).then(|| trailers.clone());
+        let started = std::time::Instant::now();
+        let outcome = link.pool.on_trailers(&link.bound, stream, trailers).await;
+        let failure = outcome.as_ref().err().map(PluginError::kind);
+        link.metrics.record(started.elapsed(), failure);
+        trailers = match (outcome, fallback) {
+            (Ok(trailers), _) => trailers,
+            (Err(error), Some(fallback)) => {
+                tracing::debug!(plugin = link.pool.name(), %error, "filter failed open on the trailers; skipping it");
+                link.skipped = true;
+                fallback
+            }
+            (Err(error), None) => return Err(failed(link, &error)),
+        };
+    }
+    Ok(trailers)
+}
+
+/// The body's failure for a filter that failed closed.
+fn failed(link: &ChunkLink, error: &PluginError) -> BodyError {
+    BodyError::Plugin {
+        plugin: link.pool.name().to_owned(),
+        reason: error.to_string(),
+    }
+}
+
+/// The chunk through the filters' body callbacks: what the last one passed on.
+async fn chunks(
+    links: &mut [ChunkLink],
+    stream: StreamType,
+    chunk: Bytes,
+    end: bool,
+) -> Result<Bytes, BodyError> {
     let mut data = Some(chunk);
-    for link in links.iter_mut().filter(|link| !link.skipped) {
+    let readers = links
+        .iter_mut()
+        .filter(|link| !link.skipped && link.pool.reads_body(stream));
+    for link in readers {
         let Some(bytes) = data.take() else {
             break;
         };
@@ -129,17 +196,11 @@ async fn through(
                     link.skipped = true;
                     data = Some(bytes);
                 }
-                None => {
-                    let failure = BodyError::Plugin {
-                        plugin: link.pool.name().to_owned(),
-                        reason: error.to_string(),
-                    };
-                    return (links, Err(failure));
-                }
+                None => return Err(failed(link, &error)),
             },
         }
     }
-    (links, Ok(data.unwrap_or_default()))
+    Ok(data.unwrap_or_default())
 }
 
 impl<B> Body for FilteredBody<B>
@@ -165,10 +226,15 @@ where
                         this.trailers = None;
                         return Poll::Ready(Some(Err(error)));
                     }
-                    Ok(bytes) if !bytes.is_empty() => {
-                        return Poll::Ready(Some(Ok(Frame::data(bytes))));
+                    Ok((bytes, trailers)) => {
+                        if trailers.is_some() {
+                            this.trailers = trailers;
+                        }
+                        if !bytes.is_empty() {
+                            return Poll::Ready(Some(Ok(Frame::data(bytes))));
+                        }
+                        continue;
                     }
-                    Ok(_) => continue,
                 }
             }
             if this.ended {

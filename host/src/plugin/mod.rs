@@ -154,6 +154,8 @@ enum GuestModule {
         abi: &'static str,
         /// Whether it exports `proxy_on_request_body` and `proxy_on_response_body`.
         reads_body: [bool; 2],
+        /// Whether it exports `proxy_on_request_trailers` and `proxy_on_response_trailers`.
+        reads_trailers: [bool; 2],
     },
 }
 
@@ -524,6 +526,8 @@ impl PluginRuntime {
             .map_err(|e| unlinked(&e, &imports))?;
         let reads_body = ["proxy_on_request_body", "proxy_on_response_body"]
             .map(|callback| exports.iter().any(|e| e == callback));
+        let reads_trailers = ["proxy_on_request_trailers", "proxy_on_response_trailers"]
+            .map(|callback| exports.iter().any(|e| e == callback));
         Ok(Module {
             sha256,
             imports,
@@ -532,6 +536,7 @@ impl PluginRuntime {
                 pre,
                 abi,
                 reads_body,
+                reads_trailers,
             },
             info: tokio::sync::OnceCell::new(),
         })

@@ -854,13 +854,26 @@ impl PluginPool {
         Ok(())
     }
 
-    /// Whether this is a filter with a body callback for `stream`: a body it sees goes through
-    /// it chunk by chunk.
+    /// Whether this is a filter with a body callback for `stream`.
     pub fn reads_body(&self, stream: StreamType) -> bool {
         match &self.module.guest {
             GuestModule::Filter { reads_body, .. } => reads_body[stream as usize],
             GuestModule::Component { .. } => false,
         }
+    }
+
+    /// Whether this is a filter with a trailers callback for `stream`.
+    pub fn reads_trailers(&self, stream: StreamType) -> bool {
+        match &self.module.guest {
+            GuestModule::Filter { reads_trailers, .. } => reads_trailers[stream as usize],
+            GuestModule::Component { .. } => false,
+        }
+    }
+
+    /// Whether this is a filter with a body or trailers callback for `stream`: a body it sees
+    /// goes through it as it streams, chunk by chunk, then its trailers.
+    pub fn follows_body(&self, stream: StreamType) -> bool {
+        self.reads_body(stream) || self.reads_trailers(stream)
     }
 
     /// Runs a filter's body callback over `held` (what it held, then the new chunk) in the
@@ -872,23 +885,52 @@ impl PluginPool {
         held: Vec<u8>,
         end: bool,
     ) -> Result<(ChunkOutcome, Vec<u8>), PluginError> {
+        let limit = self.body_limit();
+        let untouched = |held: Vec<u8>| (ChunkOutcome::Pass(held.into()), Vec::new());
+        let call = async |store: &mut Store<InstanceState>, exports: &FilterExports, held| {
+            proxy_wasm::body_chunk(store, exports, stream, held, limit, end).await
+        };
+        self.in_context(bound, held, untouched, call).await
+    }
+
+    /// Runs a filter's trailers callback over `trailers`, at the end of a body the filter
+    /// followed, in the request's instance: the trailers as it left them.
+    pub async fn on_trailers(
+        &self,
+        bound: &Bound,
+        stream: StreamType,
+        trailers: http::HeaderMap,
+    ) -> Result<http::HeaderMap, PluginError> {
+        let call = async |store: &mut Store<InstanceState>, exports: &FilterExports, trailers| {
+            proxy_wasm::trailers(store, exports, stream, trailers).await
+        };
+        self.in_context(bound, trailers, |trailers| trailers, call)
+            .await
+    }
+
+    /// Makes a body stream's `call` with `lent` in the request's context, in the instance
+    /// `bound` holds; a request with no context there gets `untouched(lent)`.
+    async fn in_context<T, R>(
+        &self,
+        bound: &Bound,
+        lent: T,
+        untouched: impl FnOnce(T) -> R,
+        call: impl AsyncFnOnce(&mut Store<InstanceState>, &FilterExports, T) -> wasmtime::Result<R>,
+    ) -> Result<R, PluginError> {
         let mut slot = bound.hold().await;
         if !self.resume_context(Some(&mut *slot), bound.context)? {
-            return Ok((ChunkOutcome::Pass(held.into()), Vec::new()));
+            return Ok(untouched(lent));
         }
         let Some(mut instance) = slot.take() else {
-            return Ok((ChunkOutcome::Pass(held.into()), Vec::new()));
+            return Ok(untouched(lent));
         };
         let Guest::Filter(exports) = &instance.guest else {
             *slot = Some(instance);
-            return Ok((ChunkOutcome::Pass(held.into()), Vec::new()));
+            return Ok(untouched(lent));
         };
         let exports = Arc::clone(exports);
-        let limit = self.body_limit();
         self.arm(&mut instance);
-        let outcome =
-            proxy_wasm::body_chunk(&mut instance.store, &exports, stream, held, limit, end).await;
-        match outcome {
+        match call(&mut instance.store, &exports, lent).await {
             Ok(outcome) => {
                 self.scope.health().succeeded();
                 self.checkin(instance, Some(&mut *slot), Phase::Response);

@@ -16,6 +16,7 @@ use super::properties::{self, Naming};
 use super::queues::QueueError;
 use super::state::{FilterState, PendingCall};
 use super::{MAX_METRICS, MAX_PENDING_CALLS, MIN_TICK};
+use crate::edge::trailers::refused_trailer;
 use crate::kv::cas_of;
 use crate::metrics::PluginEventLabels;
 use crate::plugin::Reply;
@@ -147,10 +148,29 @@ fn pairs(caller: &Ctx<'_>, map: MapType) -> Option<Vec<(String, String)>> {
                 .headers
                 .clone(),
         ),
-        // Trailers are not offered to filters yet: they read as empty.
-        MapType::RequestTrailers | MapType::ResponseTrailers | MapType::CallResponseTrailers => {
-            Some(Vec::new())
-        }
+        // Outside their stream's trailers callback (and on an http call's answer, whose
+        // trailers are not kept) trailers read as empty.
+        MapType::RequestTrailers | MapType::ResponseTrailers => Some(
+            trailers(state.filter.as_deref(), map)
+                .map(headers::all)
+                .unwrap_or_default(),
+        ),
+        MapType::CallResponseTrailers => Some(Vec::new()),
+    }
+}
+
+/// The trailers `map` names, while its stream's trailers callback runs.
+fn trailers(filter: Option<&FilterState>, map: MapType) -> Option<&http::HeaderMap> {
+    let trailers = filter?.trailers.as_ref()?;
+    (trailers_stream(map) == Some(trailers.stream)).then_some(&trailers.map)
+}
+
+/// The stream whose trailers `map` is, if it is a stream's trailers.
+fn trailers_stream(map: MapType) -> Option<StreamType> {
+    match map {
+        MapType::RequestTrailers => Some(StreamType::Request),
+        MapType::ResponseTrailers => Some(StreamType::Response),
+        _ => None,
     }
 }
 
@@ -278,7 +298,33 @@ fn edit(caller: &mut Ctx<'_>, map: MapType, name: &str, change: Edit<'_>) -> Ans
                 _ => edit_plain(&mut response.headers, &name, &change),
             }
         }
-        _ => return status(Status::BadArgument),
+        MapType::RequestTrailers | MapType::ResponseTrailers => {
+            let stream = trailers_stream(map);
+            let lent = state
+                .filter
+                .as_mut()
+                .and_then(|filter| filter.trailers.as_mut());
+            match lent {
+                Some(trailers) if Some(trailers.stream) == stream => {
+                    // The names the edge drops from a client's trailers: the gateway's own,
+                    // hop-by-hop ones, and those of the head.
+                    let refused = http::HeaderName::from_bytes(name.as_bytes())
+                        .ok()
+                        .and_then(|name| refused_trailer(&name));
+                    match (refused, &change) {
+                        (Some(why), Edit::Replace(_) | Edit::Add(_)) => {
+                            Err(format!("{name} as a trailer: {why}"))
+                        }
+                        _ => edit_plain(&mut trailers.map, &name, &change),
+                    }
+                }
+                // No trailers are lent outside their callback: there is nothing to edit.
+                _ => return status(Status::NotFound),
+            }
+        }
+        MapType::CallResponseHeaders | MapType::CallResponseTrailers => {
+            return status(Status::BadArgument);
+        }
     };
     match outcome {
         Ok(()) => ok(),

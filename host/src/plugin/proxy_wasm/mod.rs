@@ -72,6 +72,8 @@ pub struct FilterExports {
     tick: Option<TypedFunc<u32, ()>>,
     request_body: Option<TypedFunc<(u32, u32, u32), u32>>,
     response_body: Option<TypedFunc<(u32, u32, u32), u32>>,
+    request_trailers: Option<TypedFunc<(u32, u32), u32>>,
+    response_trailers: Option<TypedFunc<(u32, u32), u32>>,
     call_response: Option<CallResponseFunc>,
     queue_ready: Option<TypedFunc<(u32, u32), ()>>,
     /// The callbacks run back to back (a request's first, its response's, its last), each
@@ -139,6 +141,8 @@ impl FilterExports {
             tick: optional!("proxy_on_tick"),
             request_body: optional!("proxy_on_request_body"),
             response_body: optional!("proxy_on_response_body"),
+            request_trailers: optional!("proxy_on_request_trailers"),
+            response_trailers: optional!("proxy_on_response_trailers"),
             call_response: optional!("proxy_on_http_call_response"),
             queue_ready: optional!("proxy_on_queue_ready"),
             batch: Batch::link(store, instance)
@@ -361,7 +365,42 @@ pub async fn body_chunk(
     }
 }
 
-/// After a body callback: a local response or a closed stream is a fault there, where the
+/// Runs `proxy_on_request_trailers` or `proxy_on_response_trailers` over `map`, a stream's
+/// trailers, once its body callbacks have seen the end: the trailers as the filter left them.
+/// A pause has nothing left to wait for, as on a body's last chunk: the trailers go on.
+pub async fn trailers(
+    store: &mut Store<InstanceState>,
+    exports: &FilterExports,
+    stream: StreamType,
+    map: http::HeaderMap,
+) -> wasmtime::Result<http::HeaderMap> {
+    let callback = match stream {
+        StreamType::Request => &exports.request_trailers,
+        StreamType::Response => &exports.response_trailers,
+    };
+    let (Some(callback), Some(context)) = (callback, state(store).http_context) else {
+        return Ok(map);
+    };
+    let count = map.len() as u32;
+    let filter = state(store);
+    filter.effective = context;
+    filter.trailers = Some(state::Trailers { stream, map });
+    rearm(&mut *store);
+    let outcome = callback.call_async(&mut *store, (context, count)).await;
+    let filter = state(store);
+    let map = filter
+        .trailers
+        .take()
+        .map(|trailers| trailers.map)
+        .unwrap_or_default();
+    // As in a body callback, calls made here get no callback.
+    filter.calls.clear();
+    outcome?;
+    after_body(filter)?;
+    Ok(map)
+}
+
+/// After a body or trailers callback: a local response or a closed stream is a fault there, where the
 /// response has begun.
 fn after_body(filter: &mut FilterState) -> Result<(), FilterFault> {
     if filter.local_reply.take().is_some() {

@@ -86,6 +86,16 @@ pub struct FilterState {
     /// A whole response body offered to the body callback that follows the response headers'
     /// in the same entry, if they go on; the batch module's `proceed` moves it into `body`.
     pub next_body: Option<BodyBuffer>,
+    /// The trailers the trailers callback in progress sees and edits. `None` outside one.
+    pub trailers: Option<Trailers>,
+}
+
+/// A stream's trailers, lent to its trailers callback.
+pub struct Trailers {
+    /// Which side's trailers they are.
+    pub stream: StreamType,
+    /// The trailers, as the filter leaves them.
+    pub map: http::HeaderMap,
 }
 
 /// A body seen by a body callback, and what the filter may make of it.
@@ -117,6 +127,7 @@ impl FilterState {
             response_code: None,
             body: None,
             next_body: None,
+            trailers: None,
         }
     }
 
