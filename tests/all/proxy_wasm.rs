@@ -875,3 +875,133 @@ async fn a_filter_that_fails_open_on_the_request_is_left_out_of_the_rest_of_it()
     // are no failure of their own.
     assert_eq!(failures(&text, "trap", "context_lost"), None, "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_reads_a_grpc_answers_status_in_its_trailers_and_adds_its_own() {
+    use tonic::transport::Channel;
+    use weir_tests::grpc::echo::EchoRequest;
+    use weir_tests::grpc::echo::echo_client::EchoClient;
+    let server = weir_tests::grpc::echo_server().await;
+    let gateway = TestGateway::start(&yaml(json!({
+        "upstreams": [{"id": "u", "scheme": "grpc", "nodes": [{"host": "127.0.0.1", "port": server.port()}]}],
+        "plugins": [filter("trailers", FILTER_WEIR, json!({}))],
+        "routes": [route("echo", "/weir.test.Echo/*", json!([{"name": "trailers", "config": {"mode": "trailers"}}]))],
+    })))
+    .await;
+    let channel = Channel::from_shared(format!("http://{}", gateway.addr()))
+        .unwrap()
+        .connect()
+        .await
+        .expect("an h2c connection to weir");
+    let mut echo = EchoClient::new(channel);
+    let ask = |message: &str, count: u32, fail: &str| EchoRequest {
+        message: message.into(),
+        count,
+        fail: fail.into(),
+        ..EchoRequest::default()
+    };
+
+    // A unary call: tonic reads the trailers into the reply's metadata.
+    let reply = echo.unary(ask("hi", 0, "")).await.expect("unary");
+    let metadata = reply.metadata();
+    let text = |name: &str| metadata.get(name).map(|v| v.to_str().unwrap().to_owned());
+    assert_eq!(reply.get_ref().message, "hi");
+    assert_eq!(
+        text("x-grpc-status-seen").as_deref(),
+        Some("0"),
+        "{metadata:?}"
+    );
+    assert_eq!(
+        text("x-response-trailers-seen").as_deref(),
+        Some("1"),
+        "{metadata:?}"
+    );
+    // `connection` is no trailer: refused, and not sent.
+    assert_eq!(
+        text("x-refused").as_deref(),
+        Some("BadArgument"),
+        "{metadata:?}"
+    );
+    assert_eq!(text("connection"), None, "{metadata:?}");
+    // In the headers' callback there are no trailers yet, and nothing to edit.
+    assert_eq!(
+        text("x-trailers-in-headers").as_deref(),
+        Some("0/NotFound"),
+        "{metadata:?}"
+    );
+
+    // A stream that ends in an error: the status the filter read is the server's.
+    let mut stream = echo
+        .server_stream(ask("n", 2, "boom"))
+        .await
+        .expect("the stream's head")
+        .into_inner();
+    let mut replies = 0;
+    let status = loop {
+        match stream.message().await {
+            Ok(Some(_)) => replies += 1,
+            Ok(None) => panic!("the stream ended without its error"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(replies, 2);
+    assert_eq!(status.code(), tonic::Code::Aborted, "{status:?}");
+    assert_eq!(status.message(), "boom");
+    let trailers = status.metadata();
+    let seen = trailers
+        .get("x-grpc-status-seen")
+        .map(|v| v.to_str().unwrap());
+    assert_eq!(seen, Some("10"), "{trailers:?}");
+    let server_own = trailers.get("x-trailer").map(|v| v.to_str().unwrap());
+    assert_eq!(server_own, Some("from-the-server"), "{trailers:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_edits_request_trailers_within_the_edges_rules() {
+    use http_body_util::BodyExt;
+    let up = Upstream::start("u").await;
+    let gateway = TestGateway::start(&yaml(json!({
+        "upstreams": [{"id": "u", "scheme": "grpc", "nodes": [node(&up)]}],
+        "plugins": [filter("trailers", FILTER_WEIR, json!({}))],
+        "routes": [{"id": "t", "uri": "/*", "upstream_id": "u", "request_trailers": ["x-checksum"],
+                    "plugins": [{"name": "trailers", "config": {"mode": "trailers"}}]}],
+    })))
+    .await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    let mut trailers = http::HeaderMap::new();
+    for (name, value) in [
+        ("x-checksum", "abc"),
+        ("grpc-previous-rpc-attempts", "1"),
+        ("x-other", "dropped at the edge"),
+        ("x-consumer-username", "admin"),
+    ] {
+        trailers.insert(name, value.parse().unwrap());
+    }
+    let frames = [
+        Ok::<_, std::convert::Infallible>(http_body::Frame::data(bytes::Bytes::from_static(b"hi"))),
+        Ok(http_body::Frame::trailers(trailers)),
+    ];
+    let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+    let request = weir_tests::request(http::Method::POST, &gateway.url("/x"))
+        .body(body)
+        .unwrap();
+    let reply = client.request(request).await.unwrap();
+    assert_eq!(reply.status(), StatusCode::OK);
+    let bytes = reply.into_body().collect().await.unwrap().to_bytes();
+    let echo: Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(echo["body"], "hi", "{echo}");
+    // The filter saw what the edge let through, edited it, and could add neither the
+    // gateway's consumer header nor a value with CR LF.
+    assert_eq!(
+        echo["trailers"],
+        json!({
+            "grpc-previous-rpc-attempts": "1",
+            "x-checksum": "ABC",
+            "x-request-trailers-seen": "2:grpc-previous-rpc-attempts,x-checksum",
+            "x-refused": "BadArgument,BadArgument",
+        }),
+        "{echo}"
+    );
+}

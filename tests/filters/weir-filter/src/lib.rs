@@ -41,6 +41,14 @@
 //! - `contexts`: the response gets `x-live-contexts`: how many HTTP contexts this instance held
 //!   (this request's among them) when the request's headers came, so that a test can see
 //!   requests share an instance and that each context is deleted once its request ends.
+//! - `trailers`: in the request's trailers, upper-cases `x-checksum`, tries to set
+//!   `x-consumer-username: forged` and to add `x-evil: a\r\nb: c`, and adds
+//!   `x-request-trailers-seen: <count>:<names, sorted>` and `x-refused: <the two edits'
+//!   statuses>`. In the response's trailers, tries to add `connection: close`, removes
+//!   `x-drop-me`, and adds `x-grpc-status-seen: <grpc-status, or "missing">`,
+//!   `x-response-trailers-seen: <count>` and `x-refused: <the connection edit's status>`. Its
+//!   response headers get `x-trailers-in-headers: <response trailers there>/<status of adding
+//!   one there>`.
 //!
 //! A `<status>` is the proxy-wasm status's name, as the SDK's `Status` prints it (`BadArgument`).
 
@@ -110,6 +118,9 @@ enum Mode {
     UpperBody,
     /// Answers with the VM configuration it read in on_vm_start, in `x-vm-config`.
     VmConfig,
+    /// Reads and edits both sides' trailers, saying in trailers of its own what it saw and
+    /// which edits were refused; its response headers say what the trailers maps are there.
+    Trailers,
     Headers {
         #[serde(default)]
         request: Edits,
@@ -353,8 +364,57 @@ impl HttpContext for Filter {
             | Mode::LoopTick
             | Mode::Version
             | Mode::VmConfig
+            | Mode::Trailers
             | Mode::Contexts => {}
         }
+        Action::Continue
+    }
+
+    fn on_http_request_trailers(&mut self, count: usize) -> Action {
+        if !matches!(self.mode.as_deref(), Some(Mode::Trailers)) {
+            return Action::Continue;
+        }
+        let map = MapType::HttpRequestTrailers;
+        let mut names: Vec<String> = self
+            .get_http_request_trailers()
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect();
+        names.sort();
+        let checksum = self.get_http_request_trailer("x-checksum");
+        if let Some(checksum) = checksum {
+            edit_header(
+                map,
+                "x-checksum",
+                HeaderEdit::Replace(&checksum.to_uppercase()),
+            );
+        }
+        let forged = edit_header(map, "x-consumer-username", HeaderEdit::Replace("forged"));
+        let split = edit_header(map, "x-evil", HeaderEdit::Add("a\r\nb: c"));
+        let seen = format!("{count}:{}", names.join(","));
+        edit_header(map, "x-request-trailers-seen", HeaderEdit::Add(&seen));
+        let refused = format!("{},{}", status_name(forged), status_name(split));
+        edit_header(map, "x-refused", HeaderEdit::Add(&refused));
+        Action::Continue
+    }
+
+    fn on_http_response_trailers(&mut self, count: usize) -> Action {
+        if !matches!(self.mode.as_deref(), Some(Mode::Trailers)) {
+            return Action::Continue;
+        }
+        let map = MapType::HttpResponseTrailers;
+        let status = self
+            .get_http_response_trailer("grpc-status")
+            .unwrap_or_else(|| "missing".into());
+        let hop = edit_header(map, "connection", HeaderEdit::Add("close"));
+        edit_header(map, "x-grpc-status-seen", HeaderEdit::Add(&status));
+        edit_header(
+            map,
+            "x-response-trailers-seen",
+            HeaderEdit::Add(&count.to_string()),
+        );
+        edit_header(map, "x-refused", HeaderEdit::Add(&status_name(hop)));
+        edit_header(map, "x-drop-me", HeaderEdit::Remove);
         Action::Continue
     }
 
@@ -413,6 +473,17 @@ impl HttpContext for Filter {
                     .unwrap_or_else(PoisonError::into_inner)
                     .clone();
                 self.add_http_response_header("x-vm-config", &vm);
+            }
+            Mode::Trailers => {
+                // No trailers are lent here: they read as empty and cannot be edited.
+                let count = self.get_http_response_trailers().len();
+                let edit = edit_header(
+                    MapType::HttpResponseTrailers,
+                    "x-early",
+                    HeaderEdit::Add("1"),
+                );
+                let early = format!("{count}/{}", status_name(edit));
+                self.add_http_response_header("x-trailers-in-headers", &early);
             }
             Mode::LoopHeaders | Mode::Trap | Mode::Callout { .. } | Mode::Crlf => {}
         }
