@@ -876,30 +876,46 @@ async fn a_filter_that_fails_open_on_the_request_is_left_out_of_the_rest_of_it()
     assert_eq!(failures(&text, "trap", "context_lost"), None, "{text}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_filter_reads_a_grpc_answers_status_in_its_trailers_and_adds_its_own() {
-    use tonic::transport::Channel;
-    use weir_tests::grpc::echo::EchoRequest;
-    use weir_tests::grpc::echo::echo_client::EchoClient;
+/// A gateway in front of the tonic echo service, whose route `echo` runs `filter_config` in
+/// weir-filter (plugin entry `name`, with `extra`), and a tonic client of it.
+async fn grpc_through_filter(
+    name: &str,
+    extra: Value,
+    filter_config: Value,
+) -> (
+    TestGateway,
+    weir_tests::grpc::echo::echo_client::EchoClient<tonic::transport::Channel>,
+) {
     let server = weir_tests::grpc::echo_server().await;
     let gateway = TestGateway::start(&yaml(json!({
         "upstreams": [{"id": "u", "scheme": "grpc", "nodes": [{"host": "127.0.0.1", "port": server.port()}]}],
-        "plugins": [filter("trailers", FILTER_WEIR, json!({}))],
-        "routes": [route("echo", "/weir.test.Echo/*", json!([{"name": "trailers", "config": {"mode": "trailers"}}]))],
+        "plugins": [filter(name, FILTER_WEIR, extra)],
+        "routes": [route("echo", "/weir.test.Echo/*", json!([{"name": name, "config": filter_config}]))],
     })))
     .await;
-    let channel = Channel::from_shared(format!("http://{}", gateway.addr()))
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", gateway.addr()))
         .unwrap()
         .connect()
         .await
         .expect("an h2c connection to weir");
-    let mut echo = EchoClient::new(channel);
-    let ask = |message: &str, count: u32, fail: &str| EchoRequest {
+    let client = weir_tests::grpc::echo::echo_client::EchoClient::new(channel);
+    (gateway, client)
+}
+
+/// An echo request: `message`, `count` replies for a stream, ending in error `fail` if any.
+fn ask(message: &str, count: u32, fail: &str) -> weir_tests::grpc::echo::EchoRequest {
+    weir_tests::grpc::echo::EchoRequest {
         message: message.into(),
         count,
         fail: fail.into(),
-        ..EchoRequest::default()
-    };
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_reads_a_grpc_answers_status_in_its_trailers_and_adds_its_own() {
+    let (_gateway, mut echo) =
+        grpc_through_filter("trailers", json!({}), json!({"mode": "trailers"})).await;
 
     // A unary call: tonic reads the trailers into the reply's metadata.
     let reply = echo.unary(ask("hi", 0, "")).await.expect("unary");
@@ -954,6 +970,31 @@ async fn a_filter_reads_a_grpc_answers_status_in_its_trailers_and_adds_its_own()
     assert_eq!(seen, Some("10"), "{trailers:?}");
     let server_own = trailers.get("x-trailer").map(|v| v.to_str().unwrap());
     assert_eq!(server_own, Some("from-the-server"), "{trailers:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_that_traps_on_the_trailers_is_skipped_or_cuts_the_answer_as_its_policy_says() {
+    // Open: the trailers go on as they came, and the trap is counted.
+    let (gateway, mut echo) = grpc_through_filter(
+        "hostile",
+        json!({"failure": "open"}),
+        json!({"mode": "trap-trailers"}),
+    )
+    .await;
+    let reply = echo.unary(ask("hi", 0, "")).await.expect("unary");
+    assert_eq!(reply.get_ref().message, "hi");
+    let text = get(&gateway.admin_url("/metrics")).await.text();
+    assert_eq!(failures(&text, "echo", "trap"), Some(1.0), "{text}");
+    // Closed: the answer is cut before its trailers, so the client has no status from the
+    // server: the stream is reset, which tonic reads as `Internal`.
+    let (_gateway, mut echo) = grpc_through_filter(
+        "hostile",
+        json!({"failure": "closed"}),
+        json!({"mode": "trap-trailers"}),
+    )
+    .await;
+    let status = echo.unary(ask("hi", 0, "")).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Internal, "{status:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -22,6 +22,7 @@
 //! - `grow` (`mb`): on request headers, allocates and writes `mb` MiB in 1 MiB chunks that it
 //!   keeps for the life of the module; the response gets `x-held-mb` (MiB held in all).
 //! - `trap`: panics in `on_http_request_headers` (the panic aborts: a wasm trap).
+//! - `trap-trailers`: panics in `on_http_response_trailers`; requests otherwise pass.
 //! - `callout` (`cluster`, `path`, and `authority`, the cluster unless given): dispatches a GET
 //!   of `path` to `cluster` (timeout 5 s) and pauses the request; when the answer comes, adds
 //!   request headers `x-callout-status` (its `:status`, or `missing`) and `x-callout-body` (its
@@ -105,6 +106,7 @@ enum Mode {
         mb: usize,
     },
     Trap,
+    TrapTrailers,
     Callout {
         cluster: String,
         path: String,
@@ -365,6 +367,7 @@ impl HttpContext for Filter {
             | Mode::Version
             | Mode::VmConfig
             | Mode::Trailers
+            | Mode::TrapTrailers
             | Mode::Contexts => {}
         }
         Action::Continue
@@ -399,8 +402,12 @@ impl HttpContext for Filter {
     }
 
     fn on_http_response_trailers(&mut self, count: usize) -> Action {
-        if !matches!(self.mode.as_deref(), Some(Mode::Trailers)) {
-            return Action::Continue;
+        match self.mode.as_deref() {
+            Some(Mode::Trailers) => {}
+            Some(Mode::TrapTrailers) => {
+                panic!("weir-filter: trap-trailers mode panics in on_http_response_trailers")
+            }
+            _ => return Action::Continue,
         }
         let map = MapType::HttpResponseTrailers;
         let status = self
@@ -485,7 +492,11 @@ impl HttpContext for Filter {
                 let early = format!("{count}/{}", status_name(edit));
                 self.add_http_response_header("x-trailers-in-headers", &early);
             }
-            Mode::LoopHeaders | Mode::Trap | Mode::Callout { .. } | Mode::Crlf => {}
+            Mode::LoopHeaders
+            | Mode::Trap
+            | Mode::TrapTrailers
+            | Mode::Callout { .. }
+            | Mode::Crlf => {}
         }
         Action::Continue
     }
