@@ -1046,3 +1046,34 @@ async fn a_filter_edits_request_trailers_within_the_edges_rules() {
         "{echo}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callbacks_run_in_one_entry_each_get_the_whole_deadline() {
+    // `proxy_on_done`, `proxy_on_log` and `proxy_on_delete` run in one entry into the guest,
+    // each spinning 40 ms under a 100 ms deadline: together they would overrun it.
+    let up = Upstream::start("u").await;
+    let entry = filter(
+        "hostile",
+        FILTER_WEIR,
+        json!({"limits": {"timeout_ms": 100}, "grants": {"clock": true}}),
+    );
+    let gateway = TestGateway::start(&yaml(json!({
+        "upstreams": [{"id": "u", "nodes": [node(&up)]}],
+        "plugins": [entry],
+        "routes": [route("spin", "/spin", json!([{"name": "hostile", "config": {"mode": "spin-end", "ms": 40}}]))],
+    })))
+    .await;
+    // Each request's headers say how many ends its instance had finished; an end that ran out
+    // of time takes the instance (and its count) with it, and is counted as a failure.
+    for _ in 0..50 {
+        let reply = get(&gateway.url("/spin")).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        let text = get(&gateway.admin_url("/metrics")).await.text();
+        assert_eq!(failures(&text, "spin", "timeout"), None, "{text}");
+        let ends: u64 = reply.header("x-ends").unwrap().parse().unwrap();
+        if ends > 0 {
+            return;
+        }
+    }
+    panic!("no request's end finished in its instance");
+}

@@ -23,6 +23,10 @@
 //!   keeps for the life of the module; the response gets `x-held-mb` (MiB held in all).
 //! - `trap`: panics in `on_http_request_headers` (the panic aborts: a wasm trap).
 //! - `trap-trailers`: panics in `on_http_response_trailers`; requests otherwise pass.
+//! - `spin-end` (`ms`): spins for `ms` of wall-clock time (read through the host, so it needs
+//!   the `clock` grant) in each of `on_done`, `on_log` and the context's delete, which then
+//!   counts one more finished end in the instance. The response gets `x-ends`: how many ends
+//!   the instance had finished when its headers came.
 //! - `callout` (`cluster`, `path`, and `authority`, the cluster unless given): dispatches a GET
 //!   of `path` to `cluster` (timeout 5 s) and pauses the request; when the answer comes, adds
 //!   request headers `x-callout-status` (its `:status`, or `missing`) and `x-callout-body` (its
@@ -76,6 +80,8 @@ const LAST_DEQUEUED: &str = "last-dequeued";
 const CAS_TRIES: usize = 16;
 const MIB: usize = 1 << 20;
 /// The HTTP contexts this instance holds now (for `contexts`).
+/// The ends `spin-end` mode finished in this instance.
+static ENDS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 static LIVE_CONTEXTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 /// The VM configuration on_vm_start read (for `vm-config`).
 static VM_CONFIG: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
@@ -107,6 +113,9 @@ enum Mode {
     },
     Trap,
     TrapTrailers,
+    SpinEnd {
+        ms: u64,
+    },
     Callout {
         cluster: String,
         path: String,
@@ -303,7 +312,18 @@ impl Drop for Filter {
     fn drop(&mut self) {
         // The SDK drops a context in proxy_on_delete.
         LIVE_CONTEXTS.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some(Mode::SpinEnd { ms }) = self.mode.as_deref() {
+            spin_for(*ms);
+            ENDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
     }
+}
+
+/// Spins for `ms` of wall-clock time, as the host's clock tells it.
+fn spin_for(ms: u64) {
+    let now = || hostcalls::get_current_time().expect("spin-end needs the clock grant");
+    let until = now() + Duration::from_millis(ms);
+    while now() < until {}
 }
 
 struct SharedOutcome {
@@ -313,6 +333,13 @@ struct SharedOutcome {
 }
 
 impl Context for Filter {
+    fn on_done(&mut self) -> bool {
+        if let Some(Mode::SpinEnd { ms }) = self.mode.as_deref() {
+            spin_for(*ms);
+        }
+        true
+    }
+
     fn on_http_call_response(&mut self, _: u32, _: usize, body_size: usize, _: usize) {
         let status = self
             .get_http_call_response_header(":status")
@@ -328,6 +355,12 @@ impl Context for Filter {
 }
 
 impl HttpContext for Filter {
+    fn on_log(&mut self) {
+        if let Some(Mode::SpinEnd { ms }) = self.mode.as_deref() {
+            spin_for(*ms);
+        }
+    }
+
     fn on_http_request_headers(&mut self, _: usize, _: bool) -> Action {
         let Some(mode) = self.mode.clone() else {
             return Action::Continue;
@@ -368,6 +401,7 @@ impl HttpContext for Filter {
             | Mode::VmConfig
             | Mode::Trailers
             | Mode::TrapTrailers
+            | Mode::SpinEnd { .. }
             | Mode::Contexts => {}
         }
         Action::Continue
@@ -491,6 +525,10 @@ impl HttpContext for Filter {
                 );
                 let early = format!("{count}/{}", status_name(edit));
                 self.add_http_response_header("x-trailers-in-headers", &early);
+            }
+            Mode::SpinEnd { .. } => {
+                let ends = ENDS.load(std::sync::atomic::Ordering::Relaxed);
+                self.add_http_response_header("x-ends", &ends.to_string());
             }
             Mode::LoopHeaders
             | Mode::Trap
