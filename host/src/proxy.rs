@@ -477,9 +477,11 @@ pub async fn response_phase(
         Some(request) if wants_response => request,
         request => return (request, Ok(Response::from_parts(parts, body))),
     };
+    // An event stream is never held whole: it may never end, and each event is due when sent.
     let wants_body = links
         .iter()
-        .any(|link| link.pool.wants().on_response && link.pool.wants().response_body);
+        .any(|link| link.pool.wants().on_response && link.pool.wants().response_body)
+        && !is_event_stream(&parts.headers);
     let mut trailers = None;
     let (body, mut streaming) = match body_limit.filter(|_| wants_body) {
         Some(limit) => match collect_bounded(body, limit).await {
@@ -587,6 +589,22 @@ pub async fn response_phase(
         (None, None) => body,
     };
     (Some(request), Ok(Response::from_parts(parts, body)))
+}
+
+/// Whether a response's head says its body is server-sent events (`text/event-stream`, with
+/// any parameters, in any case).
+fn is_event_stream(headers: &HeaderMap) -> bool {
+    let Some(value) = headers.get(header::CONTENT_TYPE) else {
+        return false;
+    };
+    let essence = value
+        .as_bytes()
+        .split(|b| *b == b';')
+        .next()
+        .unwrap_or_default();
+    essence
+        .trim_ascii()
+        .eq_ignore_ascii_case(b"text/event-stream")
 }
 
 /// The proxy-wasm filters among `links` with a body or trailers callback for `stream`, in the
@@ -1007,5 +1025,20 @@ mod tests {
         for bad in ["", "m", "100", "100x", "123456789S", "-1S", "1.5S", "１S"] {
             assert_eq!(parse(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn an_event_stream_is_told_by_its_content_types_essence() {
+        let typed = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_str(value).unwrap());
+            is_event_stream(&headers)
+        };
+        assert!(typed("text/event-stream"));
+        assert!(typed("Text/Event-Stream; charset=utf-8"));
+        assert!(typed(" text/event-stream ;charset=utf-8"));
+        assert!(!typed("text/event-streams"));
+        assert!(!typed("application/json; x=text/event-stream"));
+        assert!(!is_event_stream(&HeaderMap::new()));
     }
 }

@@ -25,6 +25,7 @@ mod resilience;
 mod routing;
 mod sandbox;
 mod signing;
+mod streaming;
 mod tenants;
 mod tls;
 mod websocket;
