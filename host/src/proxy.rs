@@ -475,7 +475,11 @@ pub async fn response_phase(
     let wants_response = links.iter().any(|link| link.pool.wants().on_response);
     let mut request = match request {
         Some(request) if wants_response => request,
-        request => return (request, Ok(Response::from_parts(parts, body))),
+        request => {
+            // Chunk hooks still see the body, which no `on-response` has held.
+            let body = through_readers(links, bound, body, None);
+            return (request, Ok(Response::from_parts(parts, body)));
+        }
     };
     // An event stream is never held whole: it may never end, and each event is due when sent.
     let wants_body = links
@@ -519,8 +523,14 @@ pub async fn response_phase(
     let unfinished = streaming
         .as_mut()
         .filter(|body| reads_body && !http_body::Body::is_end_stream(&**body));
+    // A component's chunk hooks see a body only as it streams: one that arrived whole is
+    // streamed to them, as one chunk.
+    let hooked = links
+        .iter()
+        .any(|link| !link.pool.is_filter() && link.pool.reads_body(StreamType::Response));
     if let Some(body) = unfinished {
         match arrived(body) {
+            Arrived::Whole(bytes) if hooked => first = Some(Ok(http_body::Frame::data(bytes))),
             Arrived::Whole(bytes) => whole = Some(bytes),
             Arrived::First(frame) => first = Some(frame),
             Arrived::Nothing => {}
@@ -574,11 +584,23 @@ pub async fn response_phase(
         (None, Some(body)) => body,
         (None, None) => ProxyBody::Empty,
     };
+    let body = through_readers(links, bound, body, first);
+    (Some(request), Ok(Response::from_parts(parts, body)))
+}
+
+/// The response body through the body callbacks and chunk hooks of `links` that read it, with
+/// `first`, a frame already taken from it, back in front.
+fn through_readers(
+    links: &[ChainLink],
+    bound: &[Bound],
+    body: ProxyBody,
+    first: Option<Result<http_body::Frame<bytes::Bytes>, crate::body::BodyError>>,
+) -> ProxyBody {
     // A body that is over before it begins has no chunk for a filter to see.
     let readers = (first.is_some() || !http_body::Body::is_end_stream(&body))
         .then(|| body_readers(links, bound, StreamType::Response))
         .flatten();
-    let body = match (readers, first) {
+    match (readers, first) {
         (Some(readers), first) => ProxyBody::Filtered(Box::new(
             FilteredBody::new(body, StreamType::Response, readers).with_first(first),
         )),
@@ -587,8 +609,7 @@ pub async fn response_phase(
             FilteredBody::new(body, StreamType::Response, Vec::new()).with_first(Some(first)),
         )),
         (None, None) => body,
-    };
-    (Some(request), Ok(Response::from_parts(parts, body)))
+    }
 }
 
 /// Whether a response's head says its body is server-sent events (`text/event-stream`, with
@@ -615,14 +636,16 @@ fn body_readers(
     bound: &[Bound],
     stream: StreamType,
 ) -> Option<Vec<ChunkLink>> {
+    // A pooled component's hooks need no binding: any instance serves each chunk.
     let readers = links
         .iter()
-        .zip(bound)
-        .filter(|(link, _)| link.pool.follows_body(stream));
+        .enumerate()
+        .filter(|(_, link)| link.pool.follows_body(stream));
     let mut readers: Vec<ChunkLink> = readers
-        .map(|(link, bound)| {
+        .map(|(index, link)| {
             let metrics = link.metrics.clone();
-            ChunkLink::new(link.pool.clone(), bound.share(), link.failure, metrics)
+            let bound = bound.get(index).map(Bound::share).unwrap_or_default();
+            ChunkLink::new(link.pool.clone(), bound, link.failure, metrics)
         })
         .collect();
     if stream == StreamType::Response {
@@ -819,6 +842,14 @@ impl Finish {
     /// The client's answer for `error`; the detail (which node, which OS error) goes to the log
     /// with the request id, never to the client.
     fn answer_error(&self, error: GatewayError) -> Response<ProxyBody> {
+        if let GatewayError::Upstream(UpstreamError::RequestBody {
+            refused: Some(reply),
+            ..
+        }) = error
+        {
+            // A plugin refused the request's body: its answer is the client's.
+            return reply_response(*reply, self.grpc);
+        }
         let metrics = self.gateway.metrics();
         match &error {
             GatewayError::Upstream(UpstreamError::RequestBody { stalled: true, .. })

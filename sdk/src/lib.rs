@@ -43,8 +43,9 @@ pub use schemars;
 pub mod wit {
     wit_bindgen::generate!({
         path: "../wit",
-        world: "weir:plugin/plugin@0.2.0",
-        // 0.2.0 includes 0.1.0's interfaces, which live in another package (wit/deps).
+        world: "weir:plugin/plugin@0.3.0",
+        // 0.3.0 includes 0.2.0's and 0.1.0's interfaces, which live in other packages
+        // (wit/deps).
         generate_all,
         pub_export_macro: true,
         export_macro_name: "export_bindings",
@@ -53,6 +54,7 @@ pub mod wit {
 }
 
 pub use wit::exports::weir::plugin0_1_0::filter::Wants;
+pub use wit::exports::weir::plugin0_3_0::chunks::{ChunkAction, ChunkWants};
 pub use wit::weir::plugin0_1_0::http::{Action, Reply, Request, Response, Summary};
 pub use wit::weir::plugin0_1_0::log::Level;
 
@@ -93,6 +95,28 @@ pub trait Plugin: Sized + Send + Sync + 'static {
 
     /// Runs after the response was sent (only if `wants().on_log`).
     fn on_log(&self, _req: &Request, _summary: &Summary) {}
+
+    /// The bodies this plugin sees chunk by chunk as they stream; by default neither.
+    fn chunk_wants(&self) -> ChunkWants {
+        ChunkWants {
+            request: false,
+            response: false,
+        }
+    }
+
+    /// Runs for each chunk of the request body on its way upstream (only if
+    /// `chunk_wants().request`), with what the plugin held joined in front; `end_of_stream` on
+    /// the last. State kept across chunks needs `isolation: per-request`, which gives each
+    /// request an instance of its own.
+    fn on_request_chunk(&self, _chunk: &[u8], _end_of_stream: bool) -> ChunkAction {
+        ChunkAction::Pass
+    }
+
+    /// Runs for each chunk of the response body on its way to the client (only if
+    /// `chunk_wants().response`), as [`Plugin::on_request_chunk`] does for the request's.
+    fn on_response_chunk(&self, _chunk: &[u8], _end_of_stream: bool) -> ChunkAction {
+        ChunkAction::Pass
+    }
 }
 
 impl Reply {
@@ -287,6 +311,7 @@ pub mod __private {
     use super::*;
     use crate::wit::exports::weir::plugin0_1_0::filter::Guest;
     use crate::wit::exports::weir::plugin0_2_0::describe::{Guest as Describe, PluginInfo};
+    use crate::wit::exports::weir::plugin0_3_0::chunks::Guest as Chunks;
 
     /// Ties an exported type to the plugin type and the instance's one plugin value.
     pub trait Exported: 'static {
@@ -334,6 +359,20 @@ pub mod __private {
 
         fn on_log(req: &Request, summary: Summary) {
             plugin::<E>().on_log(req, &summary)
+        }
+    }
+
+    impl<E: Exported> Chunks for E {
+        fn wants_chunks() -> ChunkWants {
+            plugin::<E>().chunk_wants()
+        }
+
+        fn on_request_chunk(chunk: Vec<u8>, end_of_stream: bool) -> ChunkAction {
+            plugin::<E>().on_request_chunk(&chunk, end_of_stream)
+        }
+
+        fn on_response_chunk(chunk: Vec<u8>, end_of_stream: bool) -> ChunkAction {
+            plugin::<E>().on_response_chunk(&chunk, end_of_stream)
         }
     }
 

@@ -228,7 +228,8 @@ async fn a_route_config_is_checked_against_the_plugins_own_schema_before_init() 
     );
 
     // Status says which world each plugin was built against: the Python example (built by
-    // the tests with componentize-py against 0.1.0) loads and serves beside 0.2.0 plugins.
+    // the tests with componentize-py against 0.1.0) loads and serves beside the SDK's plugins
+    // (0.3.0, which includes 0.2.0's consumers and schemas).
     let status = admin_get(&gateway.admin_url("/v1/status")).await.json();
     let world = |name: &str| {
         status["plugins"]
@@ -238,7 +239,7 @@ async fn a_route_config_is_checked_against_the_plugins_own_schema_before_init() 
             .find(|p| p["name"] == name)
             .map(|p| p["world"].clone())
     };
-    assert_eq!(world("request-id"), Some(json!("0.2.0")));
+    assert_eq!(world("request-id"), Some(json!("0.3.0")));
     assert_eq!(world("ab"), Some(json!("0.1.0")));
     let py = admin_get(&gateway.admin_url("/v1/schema/plugins/ab")).await;
     assert_eq!(py.status, StatusCode::NOT_FOUND);

@@ -1,5 +1,6 @@
 //! Bodies that stream: server-sent events reach the client one by one, as the upstream sends
-//! them, whether or not a plugin on the route reads whole bodies.
+//! them, whether or not a plugin on the route reads whole bodies; world 0.3.0's chunk hooks
+//! see them as they pass, and change, hold or refuse them.
 
 use std::time::Duration;
 
@@ -70,14 +71,19 @@ async fn read_until(body: &mut hyper::body::Incoming, read: &mut String, event: 
     }
 }
 
-/// Through `path`, the upstream sends each event only once the client has read the one before:
-/// a gateway that held any of them back would never see the stream end.
-async fn events_arrive_one_by_one(
+/// An event stream opened through `path`: the sender of the upstream's events, and the
+/// response once its head has reached the client (the upstream sends `first` to get it there).
+async fn open_stream(
     gateway: &TestGateway,
     answers: &mut mpsc::UnboundedReceiver<mpsc::UnboundedSender<Bytes>>,
     path: &str,
     http2: bool,
-) -> http::HeaderMap {
+    first: &str,
+) -> (
+    mpsc::UnboundedSender<Bytes>,
+    http::response::Parts,
+    hyper::body::Incoming,
+) {
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .http2_only(http2)
         .build_http::<http_body_util::Empty<Bytes>>();
@@ -87,26 +93,45 @@ async fn events_arrive_one_by_one(
         .unwrap();
     let asked = tokio::spawn(client.request(request));
     let events = answers.recv().await.expect("the upstream was asked");
-    events.send(Bytes::from("data: 1\n\n")).unwrap();
+    events.send(Bytes::from(first.to_owned())).unwrap();
     let response = tokio::time::timeout(EVENT_WAIT, asked)
         .await
         .expect("the response head reached the client")
         .unwrap()
         .unwrap();
     assert_eq!(response.status(), http::StatusCode::OK);
-    let (head, mut body) = response.into_parts();
+    let (head, body) = response.into_parts();
+    (events, head, body)
+}
+
+/// Through `path`, the upstream sends each event only once the client has read the one before:
+/// a gateway that held any of them back would never see the stream end. The client reads
+/// each event as `seen` makes it.
+async fn events_arrive_one_by_one(
+    gateway: &TestGateway,
+    answers: &mut mpsc::UnboundedReceiver<mpsc::UnboundedSender<Bytes>>,
+    path: &str,
+    http2: bool,
+    seen: fn(&str) -> String,
+) -> http::HeaderMap {
+    let (events, head, mut body) = open_stream(gateway, answers, path, http2, "data: 1\n\n").await;
     let mut read = String::new();
-    read_until(&mut body, &mut read, "data: 1\n\n").await;
+    read_until(&mut body, &mut read, &seen("data: 1\n\n")).await;
     for n in 2..=3 {
         let event = format!("data: {n}\n\n");
         events.send(Bytes::from(event.clone())).unwrap();
-        read_until(&mut body, &mut read, &event).await;
+        read_until(&mut body, &mut read, &seen(&event)).await;
     }
     drop(events);
     let rest = body.collect().await.unwrap().to_bytes();
     assert!(rest.is_empty(), "after the last event: {rest:?}");
-    assert_eq!(read, "data: 1\n\ndata: 2\n\ndata: 3\n\n");
+    assert_eq!(read, seen("data: 1\n\ndata: 2\n\ndata: 3\n\n"));
     head.headers
+}
+
+/// An event as it left the upstream.
+fn unchanged(event: &str) -> String {
+    event.to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -123,10 +148,11 @@ async fn server_sent_events_reach_the_client_as_they_are_sent_even_past_a_body_r
     })))
     .await;
     for http2 in [false, true] {
-        events_arrive_one_by_one(&gateway, &mut answers, "/plain", http2).await;
+        events_arrive_one_by_one(&gateway, &mut answers, "/plain", http2, unchanged).await;
         // The plugin asked for whole response bodies; an event stream is not held for it, and
         // its `body()` says so (the probe reads that as an empty body).
-        let head = events_arrive_one_by_one(&gateway, &mut answers, "/inspected", http2).await;
+        let head =
+            events_arrive_one_by_one(&gateway, &mut answers, "/inspected", http2, unchanged).await;
         assert_eq!(
             head.get("x-response-body-bytes")
                 .map(|v| v.to_str().unwrap()),
@@ -134,4 +160,230 @@ async fn server_sent_events_reach_the_client_as_they_are_sent_even_past_a_body_r
             "{head:?}"
         );
     }
+}
+
+/// A gateway in front of an event source, with `chunker` entries named by `routes`' ids: each
+/// route `/<id>` runs chunker with config `{"mode": <id's mode>, ...}`.
+async fn chunked_gateway(
+    routes: &[(&str, serde_json::Value)],
+    extra: serde_json::Value,
+) -> (
+    TestGateway,
+    mpsc::UnboundedReceiver<mpsc::UnboundedSender<Bytes>>,
+) {
+    let (port, answers) = event_source().await;
+    let mut entry = json!({"name": "chunker", "module": weir_tests::plugins::CHUNKER, "quarantine": {"traps": 0}});
+    for (key, value) in extra.as_object().unwrap() {
+        entry[key] = value.clone();
+    }
+    let routes: Vec<_> = routes
+        .iter()
+        .map(|(id, config)| {
+            json!({"id": id, "uri": format!("/{id}"), "upstream_id": "u",
+                   "plugins": [{"name": "chunker", "config": config}]})
+        })
+        .collect();
+    let gateway = TestGateway::start(&yaml(json!({
+        "upstreams": [{"id": "u", "nodes": [{"host": "127.0.0.1", "port": port}]}],
+        "plugins": [entry],
+        "routes": routes,
+    })))
+    .await;
+    (gateway, answers)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_hook_changes_each_event_as_it_streams() {
+    let (gateway, mut answers) =
+        chunked_gateway(&[("upper", json!({"mode": "upper"}))], json!({})).await;
+    for http2 in [false, true] {
+        events_arrive_one_by_one(&gateway, &mut answers, "/upper", http2, |event| {
+            event.to_ascii_uppercase()
+        })
+        .await;
+    }
+}
+
+/// How many times the chunker plugin was called on `route`.
+async fn chunker_calls(gateway: &TestGateway, route: &str) -> f64 {
+    let name =
+        format!(r#"weir_plugin_calls_total{{plugin="chunker",route="{route}",tenant="default"}}"#);
+    weir_tests::metric(&gateway.admin_url("/metrics"), &name).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_hook_holds_chunks_until_its_delimiter_then_passes_them_as_one() {
+    let (gateway, mut answers) = chunked_gateway(
+        &[("until", json!({"mode": "until", "delimiter": "\n\n"}))],
+        json!({}),
+    )
+    .await;
+    let (events, _, mut body) =
+        open_stream(&gateway, &mut answers, "/until", false, "data: ").await;
+    // Once the hook has had the first half of an event (and held it), the second goes.
+    weir_tests::eventually("the hook to see the first half", EVENT_WAIT, || async {
+        chunker_calls(&gateway, "until").await >= 1.0
+    })
+    .await;
+    events.send(Bytes::from("1\n\n")).unwrap();
+    let frame = tokio::time::timeout(EVENT_WAIT, body.frame())
+        .await
+        .expect("the event reached the client")
+        .expect("a frame")
+        .unwrap();
+    let data = frame.into_data().expect("a data frame");
+    assert_eq!(data, "data: 1\n\n", "the event came whole");
+    drop(events);
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert!(rest.is_empty(), "{rest:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_hook_that_refuses_mid_stream_resets_it_and_the_gateway_keeps_serving() {
+    let (gateway, mut answers) = chunked_gateway(
+        &[("refuse", json!({"mode": "refuse", "marker": "stop"}))],
+        json!({}),
+    )
+    .await;
+    for http2 in [false, true] {
+        let (events, _, mut body) =
+            open_stream(&gateway, &mut answers, "/refuse", http2, "data: 1\n\n").await;
+        let mut read = String::new();
+        read_until(&mut body, &mut read, "data: 1\n\n").await;
+        events.send(Bytes::from("data: stop\n\n")).unwrap();
+        // The client sees the stream fail, not end: it never gets the refused event.
+        let ended = tokio::time::timeout(EVENT_WAIT, body.collect())
+            .await
+            .expect("the stream was cut");
+        assert!(
+            ended.is_err(),
+            "http2 {http2}: the stream ended cleanly: {ended:?}"
+        );
+        // The gateway goes on serving the route.
+        events_arrive_one_by_one(&gateway, &mut answers, "/refuse", http2, unchanged).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_hook_that_refuses_a_request_body_answers_with_its_reply() {
+    let up = weir_tests::Upstream::start("u").await;
+    let gateway = TestGateway::start(&yaml(json!({
+        "upstreams": [{"id": "u", "nodes": [weir_tests::node(&up)]}],
+        "plugins": [{"name": "chunker", "module": weir_tests::plugins::CHUNKER}],
+        "routes": [
+            {"id": "refuse", "uri": "/refuse", "upstream_id": "u",
+             "plugins": [{"name": "chunker", "config": {"mode": "refuse", "marker": "stop"}}]},
+            {"id": "upper", "uri": "/upper", "upstream_id": "u",
+             "plugins": [{"name": "chunker", "config": {"mode": "upper-request"}}]},
+        ],
+    })))
+    .await;
+    let post = |path: &str, chunks: &'static [&'static str]| {
+        let frames = chunks.iter().map(|c| {
+            Ok::<_, std::convert::Infallible>(http_body::Frame::data(Bytes::from_static(
+                c.as_bytes(),
+            )))
+        });
+        let request = weir_tests::request(http::Method::POST, &gateway.url(path))
+            .body(StreamBody::new(futures_util::stream::iter(frames)))
+            .unwrap();
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http()
+            .request(request)
+    };
+    let reply = post("/refuse", &["fine, ", "then stop"]).await.unwrap();
+    assert_eq!(reply.status(), http::StatusCode::PAYLOAD_TOO_LARGE);
+    let body = reply.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "refused by chunker");
+    // Every chunk of a request body goes through the hook on its way up.
+    let reply = post("/upper", &["first ", "second"]).await.unwrap();
+    assert_eq!(reply.status(), http::StatusCode::OK);
+    let body = reply.into_body().collect().await.unwrap().to_bytes();
+    let echo: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(echo["body"], "FIRST SECOND", "{echo}");
+}
+
+/// How many failures of `kind` the chunker had on `route`.
+async fn chunker_failures(gateway: &TestGateway, route: &str, kind: &str) -> f64 {
+    let name = format!(
+        r#"weir_plugin_failures_total{{plugin="chunker",route="{route}",tenant="default",kind="{kind}"}}"#
+    );
+    weir_tests::metric(&gateway.admin_url("/metrics"), &name).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_chunk_hooks_meet_the_deadline_the_growth_bound_and_max_body_bytes() {
+    let (gateway, mut answers) = chunked_gateway(
+        &[
+            ("spin", json!({"mode": "spin"})),
+            ("flood", json!({"mode": "flood"})),
+            ("hoard", json!({"mode": "hoard"})),
+        ],
+        json!({"limits": {"timeout_ms": 50, "max_body_bytes": 4096}, "failure": "closed"}),
+    )
+    .await;
+    let chunk = format!("data: {}\n\n", "x".repeat(1000));
+    for (route, kind) in [("spin", "timeout"), ("flood", "limit"), ("hoard", "limit")] {
+        let (events, _, body) =
+            open_stream(&gateway, &mut answers, &format!("/{route}"), false, &chunk).await;
+        // The hoarder is sent chunks until what it holds is over its max_body_bytes.
+        for _ in 0..8 {
+            let _ = events.send(Bytes::from(chunk.clone()));
+        }
+        let ended = tokio::time::timeout(EVENT_WAIT, body.collect())
+            .await
+            .expect("the stream was cut");
+        assert!(ended.is_err(), "{route}: the stream ended cleanly");
+        assert_eq!(
+            chunker_failures(&gateway, route, kind).await,
+            1.0,
+            "{route}"
+        );
+    }
+    // The gateway goes on serving.
+    let reply = weir_tests::get(&gateway.admin_url("/metrics")).await;
+    assert_eq!(reply.status, http::StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn components_of_worlds_0_1_0_0_2_0_and_0_3_0_serve_in_one_chain_over_a_stream() {
+    let (port, mut answers) = event_source().await;
+    let gateway = TestGateway::start(&yaml(json!({
+        "upstreams": [{"id": "u", "nodes": [{"host": "127.0.0.1", "port": port}]}],
+        "plugins": [
+            {"name": "ab", "module": weir_tests::plugins::PYTHON_EXAMPLE,
+             "grants": {"log": true, "clock": true, "kv": true, "metrics": true, "http": {"hosts": []},
+                        "wasi": ["runtime", "clocks", "random"]},
+             "limits": {"memory_mb": 128, "timeout_ms": 1000}},
+            {"name": "world-020", "module": weir_tests::plugins::WORLD_020},
+            {"name": "chunker", "module": weir_tests::plugins::CHUNKER},
+        ],
+        "routes": [{"id": "mixed", "uri": "/mixed", "upstream_id": "u", "plugins": [
+            {"name": "ab", "config": {"header": "x-user", "percent_b": 100}},
+            {"name": "world-020", "config": {}},
+            {"name": "chunker", "config": {"mode": "upper"}},
+        ]}],
+    })))
+    .await;
+    let head = events_arrive_one_by_one(&gateway, &mut answers, "/mixed", false, |event| {
+        event.to_ascii_uppercase()
+    })
+    .await;
+    let header = |name: &str| head.get(name).map(|v| v.to_str().unwrap().to_owned());
+    assert_eq!(header("x-ab-variant").as_deref(), Some("b"), "{head:?}");
+    assert_eq!(header("x-world").as_deref(), Some("0.2.0"), "{head:?}");
+    let status = weir_tests::admin_get(&gateway.admin_url("/v1/status"))
+        .await
+        .json();
+    let world = |name: &str| {
+        status["plugins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .map(|p| p["world"].clone())
+    };
+    assert_eq!(world("ab"), Some(json!("0.1.0")), "{status}");
+    assert_eq!(world("world-020"), Some(json!("0.2.0")), "{status}");
+    assert_eq!(world("chunker"), Some(json!("0.3.0")), "{status}");
 }

@@ -190,6 +190,12 @@ async fn chunks(
         match outcome {
             Ok((ChunkOutcome::Pass(out), _)) => data = Some(out),
             Ok((ChunkOutcome::Hold, kept)) => link.held = kept,
+            // A refusal is the plugin's answer, not its failure: no policy skips it.
+            Ok((ChunkOutcome::Refuse(reply), _)) => {
+                let plugin = link.pool.name().to_owned();
+                let reply = Box::new(reply);
+                return Err(BodyError::Refused { plugin, reply });
+            }
             Err(error) => match fallback {
                 Some(bytes) => {
                     tracing::debug!(plugin = link.pool.name(), %error, "filter failed open on the body; skipping it");

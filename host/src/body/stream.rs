@@ -55,6 +55,14 @@ pub enum BodyError {
         /// Why.
         reason: String,
     },
+    /// A plugin's chunk hook refused the body.
+    #[error("plugin {plugin} refused the body")]
+    Refused {
+        /// The plugin.
+        plugin: String,
+        /// Its answer, for a client that has not had the response head yet.
+        reply: Box<crate::plugin::Reply>,
+    },
 }
 
 impl BodyError {
@@ -62,7 +70,7 @@ impl BodyError {
     pub fn stalled(&self) -> Option<Stalled> {
         match self {
             BodyError::Stalled(stalled) => Some(stalled.side),
-            BodyError::Peer(_) | BodyError::Plugin { .. } => None,
+            BodyError::Peer(_) | BodyError::Plugin { .. } | BodyError::Refused { .. } => None,
         }
     }
 }

@@ -26,6 +26,7 @@ pub use self::bindings::exports::weir::plugin0_1_0::filter::Wants;
 use self::bindings::exports::weir::plugin0_2_0::describe::{
     GuestIndices as DescribeIndices, PluginInfo as RawPluginInfo,
 };
+use self::bindings::exports::weir::plugin0_3_0::chunks::GuestIndices as ChunksIndices;
 pub use self::bindings::weir::plugin0_1_0::http::{Action, Reply, Summary};
 use self::callout::Callouts;
 use self::health::PluginHealth;
@@ -146,6 +147,8 @@ enum GuestModule {
         filter: FilterIndices,
         /// Where `describe` is, for a 0.2.0 plugin.
         describe: Option<DescribeIndices>,
+        /// Where the chunk hooks are, for a 0.3.0 plugin.
+        chunks: Option<ChunksIndices>,
     },
     /// A core module exporting a proxy-wasm ABI version.
     Filter {
@@ -160,10 +163,13 @@ enum GuestModule {
 }
 
 impl Module {
-    /// The world version a component was built against (`0.2.0` when it exports `describe`),
-    /// or the proxy-wasm ABI version a filter exports.
+    /// The world version a component was built against (`0.3.0` when it exports `chunks`,
+    /// `0.2.0` when it exports `describe`), or the proxy-wasm ABI version a filter exports.
     pub fn world(&self) -> &'static str {
         match &self.guest {
+            GuestModule::Component {
+                chunks: Some(_), ..
+            } => "0.3.0",
             GuestModule::Component {
                 describe: Some(_), ..
             } => "0.2.0",
@@ -489,6 +495,13 @@ impl PluginRuntime {
         } else {
             None
         };
+        let chunks = if exports.iter().any(|e| e.starts_with("weir:plugin/chunks@")) {
+            Some(ChunksIndices::new(&instance_pre).map_err(|e| {
+                PluginError::Instantiate(format!("its weir:plugin/chunks is not 0.3.0's: {e:#}"))
+            })?)
+        } else {
+            None
+        };
         Ok(Module {
             sha256,
             imports,
@@ -497,6 +510,7 @@ impl PluginRuntime {
                 pre: instance_pre,
                 filter,
                 describe,
+                chunks,
             },
             info: tokio::sync::OnceCell::new(),
         })

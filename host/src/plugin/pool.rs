@@ -9,6 +9,7 @@ use wasmtime::component::Resource;
 use wasmtime::{Engine, Store, Trap, UpdateDeadline};
 
 use super::bindings::exports::weir::plugin0_1_0::filter::{Guest as Filter, Wants};
+use super::bindings::exports::weir::plugin0_3_0::chunks::{ChunkAction, Guest as Chunks};
 use super::health::Admission;
 use super::host::{
     InstanceSlot, InstanceState, LimitExceeded, MAX_HEADER_BYTES, MAX_HEADER_EDITS, MemoryHit,
@@ -50,10 +51,11 @@ struct PluginInstance {
 
 /// What an instance's calls go through, by kind.
 enum Guest {
-    /// A component's instance and its filter interface.
+    /// A component's instance, its filter interface and (for a 0.3.0 plugin) its chunk hooks.
     Component {
         instance: wasmtime::component::Instance,
         filter: Filter,
+        chunks: Option<Chunks>,
     },
     /// A proxy-wasm filter's exports, shared: each call takes them out of the instance, and a
     /// typed function's clone registers its type again.
@@ -123,6 +125,12 @@ impl std::fmt::Debug for Bound {
     }
 }
 
+/// The most bytes a chunk hook may replace a chunk of `len` bytes with: 64 KiB more, or twice
+/// as many, whichever is more, so that a hook can grow a stream but not flood it.
+fn grown_chunk_bound(len: usize) -> usize {
+    len.saturating_mul(2).max(len.saturating_add(64 << 10))
+}
+
 /// Holds `bound` for a call, if the caller keeps one.
 async fn hold(bound: Option<&Bound>) -> Option<Held> {
     match bound {
@@ -179,6 +187,8 @@ pub struct PluginPool {
     isolation: Isolation,
     config: String,
     wants: Wants,
+    /// Which bodies a 0.3.0 component follows chunk by chunk, by [`StreamType`].
+    chunk_wants: [bool; 2],
     idle: ArrayQueue<PluginInstance>,
     /// A proxy-wasm filter's shared state; `None` for a component.
     filter: Option<Arc<FilterShared>>,
@@ -228,6 +238,7 @@ impl PluginPool {
             info.validate(json).map_err(PluginError::Config)?;
         }
         pool.wants = pool.init(&mut instance).await?;
+        pool.chunk_wants = pool.chunk_wants(&mut instance).await?;
         if isolation == Isolation::Pooled {
             let _ = pool.idle.push(instance);
         }
@@ -257,6 +268,7 @@ impl PluginPool {
                 request_body: false,
                 response_body: false,
             },
+            chunk_wants: [false; 2],
             idle: ArrayQueue::new(MAX_IDLE),
             filter: None,
             control: std::sync::Mutex::new(None),
@@ -396,6 +408,23 @@ impl PluginPool {
         }
     }
 
+    /// Which bodies a 0.3.0 component follows chunk by chunk, asked once `init` has taken the
+    /// config; none for an older component or a filter (whose body callbacks say it).
+    async fn chunk_wants(&self, instance: &mut PluginInstance) -> Result<[bool; 2], PluginError> {
+        self.arm(instance);
+        let Guest::Component {
+            chunks: Some(chunks),
+            ..
+        } = &instance.guest
+        else {
+            return Ok([false; 2]);
+        };
+        match chunks.call_wants_chunks(&mut instance.store).await {
+            Ok(wants) => Ok([wants.request, wants.response]),
+            Err(e) => Err(self.classify(e, &instance.store, PluginError::Trap)),
+        }
+    }
+
     /// A new instance, before `init`.
     async fn instantiate_bare(&self) -> Result<PluginInstance, PluginError> {
         let slot = InstanceSlot::take(self.scope.tenant())
@@ -422,15 +451,27 @@ impl PluginPool {
         store.data_mut().begin_call();
         store.set_epoch_deadline(1);
         let guest = match &self.module.guest {
-            GuestModule::Component { pre, filter, .. } => {
+            GuestModule::Component {
+                pre,
+                filter,
+                chunks,
+                ..
+            } => {
                 let instance = match pre.instantiate_async(&mut store).await {
                     Ok(instance) => instance,
                     Err(e) => return Err(self.classify(e, &store, PluginError::Instantiate)),
                 };
-                let filter = filter
-                    .load(&mut store, &instance)
-                    .map_err(|e| PluginError::Instantiate(format!("{e:#}")))?;
-                Guest::Component { instance, filter }
+                let unloaded = |e: wasmtime::Error| PluginError::Instantiate(format!("{e:#}"));
+                let filter = filter.load(&mut store, &instance).map_err(unloaded)?;
+                let chunks = match chunks {
+                    Some(chunks) => Some(chunks.load(&mut store, &instance).map_err(unloaded)?),
+                    None => None,
+                };
+                Guest::Component {
+                    instance,
+                    filter,
+                    chunks,
+                }
             }
             GuestModule::Filter { pre, .. } => {
                 let instance = match pre.instantiate_async(&mut store).await {
@@ -508,9 +549,11 @@ impl PluginPool {
         }
         match self.isolation {
             Isolation::PerRequest => {
+                // Chunk hooks run while a body streams, after the phase that began it.
+                let chunks = self.chunk_wants.contains(&true);
                 let later = match phase {
-                    Phase::Request => self.wants.on_response || self.wants.on_log,
-                    Phase::Response => self.wants.on_log,
+                    Phase::Request => self.wants.on_response || self.wants.on_log || chunks,
+                    Phase::Response => self.wants.on_log || chunks,
                     Phase::Log => false,
                 };
                 if later && let Some(bound) = bound {
@@ -854,12 +897,18 @@ impl PluginPool {
         Ok(())
     }
 
-    /// Whether this is a filter with a body callback for `stream`.
+    /// Whether this is a filter with a body callback for `stream`, or a component with a chunk
+    /// hook it wants called for it.
     pub fn reads_body(&self, stream: StreamType) -> bool {
         match &self.module.guest {
             GuestModule::Filter { reads_body, .. } => reads_body[stream as usize],
-            GuestModule::Component { .. } => false,
+            GuestModule::Component { .. } => self.chunk_wants[stream as usize],
         }
+    }
+
+    /// Whether this is a proxy-wasm filter rather than a component.
+    pub fn is_filter(&self) -> bool {
+        self.filter.is_some()
     }
 
     /// Whether this is a filter with a trailers callback for `stream`.
@@ -885,12 +934,92 @@ impl PluginPool {
         held: Vec<u8>,
         end: bool,
     ) -> Result<(ChunkOutcome, Vec<u8>), PluginError> {
+        if self.filter.is_none() {
+            return self.component_chunk(bound, stream, held, end).await;
+        }
         let limit = self.body_limit();
         let untouched = |held: Vec<u8>| (ChunkOutcome::Pass(held.into()), Vec::new());
         let call = async |store: &mut Store<InstanceState>, exports: &FilterExports, held| {
             proxy_wasm::body_chunk(store, exports, stream, held, limit, end).await
         };
         self.in_context(bound, held, untouched, call).await
+    }
+
+    /// Runs a component's chunk hook over `held` (what it held, then the new chunk): in the
+    /// request's own instance under per-request isolation, so that state carries from chunk to
+    /// chunk, else in any warm one.
+    async fn component_chunk(
+        &self,
+        bound: &Bound,
+        stream: StreamType,
+        held: Vec<u8>,
+        end: bool,
+    ) -> Result<(ChunkOutcome, Vec<u8>), PluginError> {
+        let mut slot = bound.hold().await;
+        let mut instance = self.checkout(Some(&mut *slot)).await?;
+        self.arm(&mut instance);
+        let Guest::Component {
+            chunks: Some(chunks),
+            ..
+        } = &instance.guest
+        else {
+            self.checkin(instance, Some(&mut *slot), Phase::Response);
+            return Ok((ChunkOutcome::Pass(held.into()), Vec::new()));
+        };
+        let call = match stream {
+            StreamType::Request => {
+                chunks
+                    .call_on_request_chunk(&mut instance.store, &held, end)
+                    .await
+            }
+            StreamType::Response => {
+                chunks
+                    .call_on_response_chunk(&mut instance.store, &held, end)
+                    .await
+            }
+        };
+        let action = match call {
+            Ok(action) => action,
+            Err(e) => {
+                return Err(self.record(self.classify(e, &instance.store, PluginError::Trap)));
+            }
+        };
+        self.scope.health().succeeded();
+        self.checkin(instance, Some(&mut *slot), Phase::Response);
+        let outcome = match action {
+            ChunkAction::Pass => (ChunkOutcome::Pass(held.into()), Vec::new()),
+            ChunkAction::Replace(bytes) => {
+                let bound = grown_chunk_bound(held.len());
+                if bytes.len() > bound {
+                    let grown = format!(
+                        "chunk replaced with {} bytes, over the {bound} a chunk of {} may grow to",
+                        bytes.len(),
+                        held.len()
+                    );
+                    return Err(self.record(PluginError::Limit(grown)));
+                }
+                (ChunkOutcome::Pass(bytes.into()), Vec::new())
+            }
+            // At the end there is nothing left to wait for: what is held goes on.
+            ChunkAction::Hold if end => (ChunkOutcome::Pass(held.into()), Vec::new()),
+            ChunkAction::Hold if held.len() > self.body_limit() => {
+                let limit = self.body_limit();
+                let over = format!(
+                    "held body of {} bytes, over its max_body_bytes of {limit}",
+                    held.len()
+                );
+                return Err(self.record(PluginError::Limit(over)));
+            }
+            ChunkAction::Hold => (ChunkOutcome::Hold, held),
+            ChunkAction::Refuse(reply) => {
+                let reply = match self.check_reply(Action::Respond(reply))? {
+                    Action::Respond(reply) => reply,
+                    Action::Continue => unreachable!("checked as a reply"),
+                };
+                (ChunkOutcome::Refuse(reply), Vec::new())
+            }
+        };
+        Ok(outcome)
     }
 
     /// Runs a filter's trailers callback over `trailers`, at the end of a body the filter

@@ -57,6 +57,8 @@ pub enum UpstreamError {
         stalled: bool,
         /// Why.
         reason: String,
+        /// A plugin's chunk hook refused the body with this answer for the client.
+        refused: Option<Box<crate::plugin::Reply>>,
     },
     /// No node can be selected.
     #[error("no node is available")]

@@ -311,10 +311,15 @@ pub(super) fn failed_exchange(
         if let Some(body) = e.downcast_ref::<BodyError>() {
             // The client's body failed (or stopped), not the node.
             let stalled = matches!(body, BodyError::Stalled(_));
+            let refused = match body {
+                BodyError::Refused { reply, .. } => Some(reply.clone()),
+                _ => None,
+            };
             return UpstreamError::RequestBody {
                 node: node.addr.clone(),
                 stalled,
                 reason: body.to_string(),
+                refused,
             };
         }
         if let Some(io) = e.downcast_ref::<std::io::Error>()

@@ -304,12 +304,14 @@ pub async fn log(
     Ok(())
 }
 
-/// What a body callback made of a chunk.
+/// What a body callback (or a component's chunk hook) made of a chunk.
 pub enum ChunkOutcome {
     /// Send these bytes on (the chunk, with what was held, as the filter left them).
     Pass(Bytes),
     /// Hold them, to be joined with the next chunk (the filter paused).
     Hold,
+    /// The plugin refused the body, with this reply (a component's hook only).
+    Refuse(Reply),
 }
 
 /// Runs `proxy_on_request_body` or `proxy_on_response_body` over `chunk`, joined to what the
