@@ -39,7 +39,9 @@ fn main() {
         "wit",
         "sdk",
         "plugins/python-example/app.py",
+        "plugins/python-example/chunks.py",
         "plugins/js-example/app.js",
+        "plugins/js-example/chunks.js",
         "plugins/js-example/package.json",
     ];
     let folders = members.iter().map(|member| member.folder.clone());
@@ -90,9 +92,13 @@ fn main() {
         .parent()
         .expect("a release folder")
         .join("languages");
-    build_python(&workspace, &others);
-    build_javascript(&workspace, &others);
-    for package in ["python-example", "js-example"] {
+    // The examples' plugins stay on 0.1.0, to show that a plugin built then still loads; their
+    // chunk hooks need 0.3.0.
+    build_python(&workspace, &others, "app", "0.1.0", "python_example");
+    build_python(&workspace, &others, "chunks", "0.3.0", "python_chunks");
+    build_javascript(&workspace, &others, "app.js", "0.1.0", "js_example");
+    build_javascript(&workspace, &others, "chunks.js", "0.3.0", "js_chunks");
+    for package in ["python-example", "python-chunks", "js-example", "js-chunks"] {
         components.push((package, others.as_path(), constant(package)));
     }
     // Each constant: its name, the file, and what the file is.
@@ -383,24 +389,16 @@ fn build_assemblyscript(workspace: &Path, out: &Path) -> PathBuf {
 /// The componentize-py version the tests and .ci/run use.
 const COMPONENTIZE_PY: &str = "0.25.1";
 
-/// Builds plugins/python-example with componentize-py into `out/python_example.wasm`.
-fn build_python(workspace: &Path, out: &Path) {
+/// Builds module `module` of plugins/python-example with componentize-py, against world
+/// `world`, into `out/<name>.wasm`.
+fn build_python(workspace: &Path, out: &Path, module: &str, world: &str, name: &str) {
     std::fs::create_dir_all(out).expect("creating the output folder");
     let status = Command::new("componentize-py")
         .current_dir(workspace)
-        .args([
-            "-d",
-            "wit",
-            "-w",
-            // The examples stay on 0.1.0: they show that a plugin built then still loads.
-            "weir:plugin/plugin@0.1.0",
-            "componentize",
-            "-p",
-            "plugins/python-example",
-            "app",
-            "-o",
-        ])
-        .arg(out.join("python_example.wasm"))
+        .args(["-d", "wit", "-w"])
+        .arg(format!("weir:plugin/plugin@{world}"))
+        .args(["componentize", "-p", "plugins/python-example", module, "-o"])
+        .arg(out.join(format!("{name}.wasm")))
         .status();
     match status {
         Ok(status) if status.success() => {}
@@ -413,9 +411,9 @@ fn build_python(workspace: &Path, out: &Path) {
     }
 }
 
-/// Builds plugins/js-example with componentize-js (from its package.json) into
-/// `out/js_example.wasm`.
-fn build_javascript(workspace: &Path, out: &Path) {
+/// Builds `file` of plugins/js-example with componentize-js (from its package.json), against
+/// world `world`, into `out/<name>.wasm`.
+fn build_javascript(workspace: &Path, out: &Path, file: &str, world: &str, name: &str) {
     let folder = workspace.join("plugins").join("js-example");
     let tool = folder
         .join("node_modules")
@@ -430,10 +428,10 @@ fn build_javascript(workspace: &Path, out: &Path) {
     std::fs::create_dir_all(out).expect("creating the output folder");
     let status = Command::new(tool)
         .current_dir(&folder)
-        .args(["app.js", "--wit", "../../wit"])
-        .args(["--world-name", "weir:plugin/plugin@0.1.0"])
+        .args([file, "--wit", "../../wit", "--world-name"])
+        .arg(format!("weir:plugin/plugin@{world}"))
         .args(["--disable", "http", "fetch-event", "-o"])
-        .arg(out.join("js_example.wasm"))
+        .arg(out.join(format!("{name}.wasm")))
         .status()
         .expect("running componentize-js");
     if !status.success() {

@@ -387,3 +387,58 @@ async fn components_of_worlds_0_1_0_0_2_0_and_0_3_0_serve_in_one_chain_over_a_st
     assert_eq!(world("world-020"), Some(json!("0.2.0")), "{status}");
     assert_eq!(world("chunker"), Some(json!("0.3.0")), "{status}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunk_hooks_written_in_python_and_javascript_mask_and_number_a_stream() {
+    let (port, mut answers) = event_source().await;
+    let grants = json!({"log": true, "clock": true, "kv": true, "metrics": true, "routing": true,
+                        "http": {"hosts": []}, "wasi": ["runtime", "clocks", "random"]});
+    let limits = json!({"memory_mb": 128, "timeout_ms": 1000});
+    let gateway = TestGateway::start(&yaml(json!({
+        "upstreams": [{"id": "u", "nodes": [{"host": "127.0.0.1", "port": port}]}],
+        "plugins": [
+            {"name": "mask", "module": weir_tests::plugins::PYTHON_CHUNKS, "grants": grants, "limits": limits},
+            {"name": "number", "module": weir_tests::plugins::JS_CHUNKS, "grants": grants, "limits": limits,
+             "isolation": "per-request"},
+        ],
+        "routes": [
+            {"id": "masked", "uri": "/masked", "upstream_id": "u",
+             "plugins": [{"name": "mask", "config": {"words": ["secret"]}}]},
+            {"id": "numbered", "uri": "/numbered", "upstream_id": "u",
+             "plugins": [{"name": "number", "config": {"prefix": ": "}}]},
+        ],
+    })))
+    .await;
+
+    // Python: a word split across two chunks is masked all the same.
+    let (events, _, mut body) = open_stream(
+        &gateway,
+        &mut answers,
+        "/masked",
+        false,
+        "data: a secret\n\n",
+    )
+    .await;
+    let mut read = String::new();
+    read_until(&mut body, &mut read, "data: a ******\n\n").await;
+    events.send(Bytes::from("data: sec")).unwrap();
+    events.send(Bytes::from("ret kept\n\n")).unwrap();
+    read_until(&mut body, &mut read, "data: ****** kept\n\n").await;
+    drop(events);
+    assert!(body.collect().await.unwrap().to_bytes().is_empty());
+    assert_eq!(read, "data: a ******\n\ndata: ****** kept\n\n");
+
+    // JavaScript: lines are numbered across chunks, from 1 in each request's own instance.
+    for _ in 0..2 {
+        let (events, _, mut body) =
+            open_stream(&gateway, &mut answers, "/numbered", false, "alpha\n").await;
+        let mut read = String::new();
+        read_until(&mut body, &mut read, "1: alpha\n").await;
+        events.send(Bytes::from("beta\ngam")).unwrap();
+        events.send(Bytes::from("ma\n")).unwrap();
+        read_until(&mut body, &mut read, "3: gamma\n").await;
+        drop(events);
+        assert!(body.collect().await.unwrap().to_bytes().is_empty());
+        assert_eq!(read, "1: alpha\n2: beta\n3: gamma\n");
+    }
+}
