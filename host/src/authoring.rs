@@ -319,6 +319,8 @@ pub async fn run(
         body_limit: 0,
         consumer: None,
         upstream: None,
+        targets: Vec::new(),
+        answered_by: None,
         response_edits: Vec::new(),
         directory: Directory::default(),
         origin: Default::default(),

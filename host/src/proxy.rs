@@ -50,7 +50,7 @@ use crate::timeouts::IdleBody;
 use crate::upgrade::{self, Spliced};
 use crate::upstream::balancer::InFlight;
 use crate::upstream::{self, ClientBody, Outbound, OutboundBody, UpstreamBody, UpstreamError};
-use crate::view::{BufferedBody, Origin, RequestView, ResponseEdit, ResponseView};
+use crate::view::{BufferedBody, Fallback, Origin, RequestView, ResponseEdit, ResponseView};
 
 /// The header a request id is read from when the client sends one.
 const REQUEST_ID_HEADER: &str = "x-request-id";
@@ -105,7 +105,7 @@ pub async fn handle(
                     Some(request),
                 ),
                 Ok(Decision::Forward) => {
-                    let kept = route.keeps_request.then(|| read_only_copy(&request));
+                    let mut kept = route.keeps_request.then(|| read_only_copy(&request));
                     // Boxed: the exchange's future is most of a request's, and hyper copies
                     // the request's future whole when it starts it.
                     let phase = upstream_phase(
@@ -117,7 +117,11 @@ pub async fn handle(
                         service,
                         upgrade,
                     );
-                    (Box::pin(phase).await, entered, kept)
+                    let answer = Box::pin(phase).await;
+                    if let Some(kept) = &mut kept {
+                        kept.answered_by = finish.answered_by;
+                    }
+                    (answer, entered, kept)
                 }
                 Err(error) => (Err(error), entered, Some(request)),
             }
@@ -241,6 +245,8 @@ fn route(
         body_limit: 0,
         consumer: None,
         upstream: None,
+        targets: Vec::new(),
+        answered_by: None,
         response_edits: Vec::new(),
         directory: snapshot.directory.clone(),
         origin: Origin {
@@ -344,7 +350,7 @@ pub async fn request_phase(
 
 /// Phase 4: picks the upstream (a plugin's choice, the route's, or its service's) and a node
 /// of it, and forwards the request; a 101 the client asked for is kept in `finish` to be
-/// spliced.
+/// spliced. A request a plugin gave targets goes to them in turn ([`to_targets`]).
 async fn upstream_phase(
     snapshot: &Snapshot,
     route: &Route,
@@ -354,14 +360,15 @@ async fn upstream_phase(
     service: Option<String>,
     upgrade: Option<(HeaderValue, hyper::upgrade::OnUpgrade)>,
 ) -> Result<Response<ProxyBody>, GatewayError> {
-    let upstream = snapshot.upstream_for(route, request.upstream.as_deref(), service.as_deref())?;
     let RequestView {
         method,
         path,
         query,
-        mut headers,
+        headers,
         client_ip,
         body,
+        upstream: chosen,
+        targets,
         ..
     } = *request;
     let body = match (body, rest) {
@@ -382,6 +389,114 @@ async fn upstream_phase(
         Some(readers) => body.through(readers),
         None => body,
     };
+    let head = Head {
+        method,
+        path,
+        query,
+        headers,
+        client_ip,
+    };
+    if !targets.is_empty() && upgrade.is_none() {
+        return to_targets(snapshot, route, finish, head, body, targets).await;
+    }
+    let upstream = snapshot.upstream_for(route, chosen.as_deref(), service.as_deref())?;
+    send_to(upstream, finish, head, body, upgrade).await
+}
+
+/// What of the request goes upstream besides its body.
+#[derive(Clone)]
+struct Head {
+    method: Method,
+    path: String,
+    query: Option<String>,
+    headers: HeaderMap,
+    client_ip: std::net::IpAddr,
+}
+
+/// Sends the request to each of `targets` in turn, each with its edits, until one answers
+/// with neither 429 nor 5xx, or could be reached at all; the last one tried answers. A body
+/// that cannot be sent twice goes to the first target only (unless a target has its own).
+/// `finish` records which target answered.
+async fn to_targets(
+    snapshot: &Snapshot,
+    route: &Route,
+    finish: &mut Finish,
+    head: Head,
+    body: OutboundBody,
+    targets: Vec<Fallback>,
+) -> Result<Response<ProxyBody>, GatewayError> {
+    // Whether a target after each one has a body of its own to send.
+    let mut own_body_later: Vec<bool> = targets
+        .iter()
+        .rev()
+        .scan(false, |later, target| {
+            let this = *later;
+            *later |= target.body.is_some();
+            Some(this)
+        })
+        .collect();
+    own_body_later.reverse();
+    let mut body = Some(body);
+    for (index, target) in targets.into_iter().enumerate() {
+        let replay = body.as_ref().and_then(OutboundBody::replay);
+        let attempt_body = match (target.body, replay) {
+            (Some(bytes), _) => OutboundBody::Full(bytes, None),
+            (None, Some(replay)) => replay,
+            // The one send of a body that cannot be repeated.
+            (None, None) => match body.take() {
+                Some(body) => body,
+                None => continue,
+            },
+        };
+        let mut head = head.clone();
+        for (name, value) in target.set_headers {
+            head.headers.insert(name, value);
+        }
+        if let Some((path, query)) = target.path {
+            (head.path, head.query) = (path, query);
+        }
+        let upstream = snapshot.upstream_for(route, Some(&target.upstream), None);
+        let answered = match upstream {
+            Ok(upstream) => send_to(upstream, finish, head, attempt_body, None).await,
+            Err(error) => Err(error),
+        };
+        finish.answered_by = answered.is_ok().then_some(index as u32);
+        let fell_through = match &answered {
+            Ok(response) => {
+                response.status() == StatusCode::TOO_MANY_REQUESTS
+                    || response.status().is_server_error()
+            }
+            Err(GatewayError::Upstream(UpstreamError::RequestBody { .. })) => false,
+            Err(GatewayError::Upstream(_) | GatewayError::NoService { .. }) => true,
+            Err(_) => false,
+        };
+        let last = index + 1 == own_body_later.len();
+        let more = !last && (body.is_some() || own_body_later[index]);
+        if !fell_through || !more {
+            return answered;
+        }
+        tracing::debug!(target = index, "a plugin's target failed; trying the next");
+        finish.in_flight = None;
+    }
+    // Every target was passed over (none could be sent the body): as if none could be reached.
+    Err(GatewayError::Upstream(UpstreamError::NoNodes))
+}
+
+/// Sends the request to `upstream`, as it is after the plugins' edits.
+async fn send_to(
+    upstream: &upstream::Upstream,
+    finish: &mut Finish,
+    head: Head,
+    body: OutboundBody,
+    upgrade: Option<(HeaderValue, hyper::upgrade::OnUpgrade)>,
+) -> Result<Response<ProxyBody>, GatewayError> {
+    let Head {
+        method,
+        path,
+        query,
+        mut headers,
+        client_ip,
+    } = head;
     let key = upstream.hash_key(client_ip, &path, query.as_deref(), &headers);
     // The client's were dropped at the edge; these are any a plugin added.
     strip_hop_by_hop(&mut headers);
@@ -710,6 +825,8 @@ pub struct Finish {
     status: StatusCode,
     route: Option<Arc<Route>>,
     upstream: Option<String>,
+    /// Which of a plugin's targets answered, when it gave the request some.
+    answered_by: Option<u32>,
     plugin_time: Duration,
     /// The request as sent, for plugins' `on-log`.
     kept_request: Option<Box<RequestView>>,
@@ -748,6 +865,7 @@ impl Finish {
             status: StatusCode::OK,
             route: None,
             upstream: None,
+            answered_by: None,
             plugin_time: Duration::ZERO,
             kept_request: None,
             in_flight: None,
@@ -981,6 +1099,8 @@ fn read_only_copy(request: &RequestView) -> Box<RequestView> {
         body_limit: 0,
         consumer: request.consumer.clone(),
         upstream: request.upstream.clone(),
+        targets: Vec::new(),
+        answered_by: request.answered_by,
         response_edits: Vec::new(),
         directory: request.directory.clone(),
     })

@@ -55,6 +55,11 @@ pub struct RequestView {
     pub consumer: Option<Arc<str>>,
     /// The upstream a plugin chose instead of the route's.
     pub upstream: Option<String>,
+    /// The upstreams a plugin chose to try in turn, each with its edits; these win over
+    /// `upstream`.
+    pub targets: Vec<Fallback>,
+    /// Which of `targets` answered, once one did.
+    pub answered_by: Option<u32>,
     /// Response header edits plugins queued in `on-request`, applied when the answer is sent.
     pub response_edits: Vec<ResponseEdit>,
     /// What plugins look consumers and upstreams up in, from the snapshot the request was
@@ -63,6 +68,75 @@ pub struct RequestView {
     /// Where and how the request arrived.
     pub origin: Origin,
 }
+
+/// One upstream a plugin chose for the request to try, with the edits that go with it, checked.
+#[derive(Clone, Debug)]
+pub struct Fallback {
+    /// The upstream's id.
+    pub upstream: String,
+    /// Headers to set, replacing the request's values.
+    pub set_headers: Vec<(HeaderName, HeaderValue)>,
+    /// The path and query to send instead of the request's.
+    pub path: Option<(String, Option<String>)>,
+    /// The body to send instead of the request's.
+    pub body: Option<Bytes>,
+}
+
+impl Fallback {
+    /// Checks a plugin's target as the same edits of the request itself would be checked:
+    /// `body_limit` bounds its body.
+    pub fn checked(
+        upstream: String,
+        set_headers: &[(String, String)],
+        path: Option<&str>,
+        body: Option<Vec<u8>>,
+        body_limit: u64,
+    ) -> Result<Fallback, String> {
+        if set_headers.len() > MAX_TARGET_HEADERS {
+            return Err(format!(
+                "more than {MAX_TARGET_HEADERS} headers for one target"
+            ));
+        }
+        let set_headers = set_headers
+            .iter()
+            .map(|(name, value)| {
+                let (name, value) = headers::parse(name, Some(value))?;
+                Ok((name, value.expect("parsed with a value")))
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let path = path
+            .map(|path| {
+                let (path, query) = match path.split_once('?') {
+                    Some((path, query)) => (path, Some(query)),
+                    None => (path, None),
+                };
+                if !path.starts_with('/') {
+                    return Err(format!("path {path:?} does not start with /"));
+                }
+                if path.contains('#') || query.is_some_and(|query| query.contains('#')) {
+                    return Err(format!("path {path:?} holds a #"));
+                }
+                check_uri_part(path, "path")?;
+                if let Some(query) = query {
+                    check_uri_part(query, "query")?;
+                }
+                Ok((path.to_owned(), query.map(str::to_owned)))
+            })
+            .transpose()?;
+        if let Some(body) = &body {
+            check_body_size(body.len(), body_limit)?;
+        }
+        Ok(Fallback {
+            upstream,
+            set_headers,
+            path,
+            body: body.map(Bytes::from),
+        })
+    }
+}
+
+/// The most headers one target may set.
+const MAX_TARGET_HEADERS: usize = 64;
 
 /// Where and how a request arrived: what proxy-wasm's properties report.
 #[derive(Clone, Debug)]
@@ -222,6 +296,7 @@ pub struct RequestBefore {
     vars: HashMap<String, String>,
     consumer: Option<Arc<str>>,
     upstream: Option<String>,
+    targets: Vec<Fallback>,
     /// Queued edits are only ever added during a call, so their count is enough.
     response_edits: usize,
 }
@@ -239,6 +314,7 @@ impl RequestView {
             vars: self.vars.clone(),
             consumer: self.consumer.clone(),
             upstream: self.upstream.clone(),
+            targets: self.targets.clone(),
             response_edits: self.response_edits.len(),
         }
     }
@@ -254,6 +330,7 @@ impl RequestView {
         self.vars = before.vars;
         self.consumer = before.consumer;
         self.upstream = before.upstream;
+        self.targets = before.targets;
         self.response_edits.truncate(before.response_edits);
     }
 
@@ -479,6 +556,8 @@ pub(crate) mod tests {
             body_limit: 4,
             consumer: None,
             upstream: None,
+            targets: Vec::new(),
+            answered_by: None,
             response_edits: Vec::new(),
             directory: Directory::default(),
             origin: Origin::default(),

@@ -273,6 +273,26 @@ pub fn set_upstream(req: &Request, id: &str) -> Result<(), String> {
     wit::weir::plugin0_2_0::routing::set_upstream(req, id)
 }
 
+/// Upstreams to try in turn, each with its own edits of the request (world 0.3.0); needs the
+/// `routing` grant.
+pub mod fallbacks {
+    use crate::Request;
+    use crate::wit::weir::plugin0_3_0::fallbacks as raw;
+    pub use raw::Target;
+
+    /// Sends the request to `targets` in order (in `on_request`): the next is tried when one
+    /// cannot be reached, times out or answers 429 or 5xx, before any byte of its answer has
+    /// reached the client.
+    pub fn set_targets(req: &Request, targets: &[Target]) -> Result<(), String> {
+        raw::set_targets(req, targets)
+    }
+
+    /// Which target answered, counting from 0 (in `on_response` and `on_log`).
+    pub fn answered_by(req: &Request) -> Option<u32> {
+        raw::answered_by(req)
+    }
+}
+
 /// Response headers set from `on_request`, applied when the response arrives (upstream answer,
 /// plugin reply or gateway error alike), so that a plugin needs no `on_response` for them.
 pub mod response {

@@ -265,3 +265,101 @@ where
     }
     outputs
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugins_targets_are_tried_in_turn_each_with_its_own_edits() {
+    use weir_tests::Behaviour;
+    let answering = |status: StatusCode| Behaviour {
+        status,
+        ..Behaviour::default()
+    };
+    let busy = Upstream::start_with("busy", answering(StatusCode::TOO_MANY_REQUESTS)).await;
+    let broken = Upstream::start_with("broken", answering(StatusCode::SERVICE_UNAVAILABLE)).await;
+    let good = Upstream::start("good").await;
+    let target = |upstream: &str, extra: serde_json::Value| {
+        let mut target = json!({"upstream": upstream});
+        for (key, value) in extra.as_object().unwrap() {
+            target[key] = value.clone();
+        }
+        target
+    };
+    let route = |id: &str, targets: serde_json::Value| {
+        json!({"id": id, "uri": format!("/{id}"), "upstream_id": "good",
+               "plugins": [{"name": "fallback", "config": {"targets": targets}}]})
+    };
+    let gateway = TestGateway::start(&yaml(json!({
+        "upstreams": [
+            {"id": "busy", "nodes": [node(&busy)]},
+            {"id": "broken", "nodes": [node(&broken)]},
+            {"id": "good", "nodes": [node(&good)]},
+            // Nothing listens on port 1: the connection is refused.
+            {"id": "dead", "nodes": [{"host": "127.0.0.1", "port": 1}], "retries": 0},
+        ],
+        "plugins": [{"name": "fallback", "module": weir_tests::plugins::FALLBACK,
+                     "grants": {"routing": true}}],
+        "routes": [
+            route("fall", json!([
+                target("busy", json!({"set": {"x-key": "k1"}})),
+                target("dead", json!({})),
+                target("good", json!({"set": {"x-key": "k3"}, "path": "/v3/chat?stream=1"})),
+            ])),
+            route("bodied", json!([
+                target("busy", json!({})),
+                target("dead", json!({})),
+                target("good", json!({"body": "for the third"})),
+            ])),
+            route("exhausted", json!([target("busy", json!({})), target("broken", json!({}))])),
+            route("unknown", json!([target("good", json!({})), target("nope", json!({}))])),
+            route("owned", json!([target("good", json!({"set": {"transfer-encoding": "chunked"}}))])),
+            route("pathless", json!([target("good", json!({"path": "v1#frag"}))])),
+        ],
+    })))
+    .await;
+
+    // A request without a body goes to each in turn, with each one's edits.
+    let reply = get(&gateway.url("/fall")).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.header("x-answered-by"), Some("2"));
+    let echo = reply.json();
+    assert_eq!(echo["upstream"], "good", "{echo}");
+    assert_eq!(echo["path"], "/v3/chat", "{echo}");
+    assert_eq!(echo["query"], "stream=1", "{echo}");
+    assert_eq!(echo["headers"]["x-key"], "k3", "{echo}");
+    assert_eq!(busy.hits(), 1);
+
+    // A streaming body can be sent once: after the first target, only a target with a body of
+    // its own is tried.
+    let streamed = request(Method::POST, &gateway.url("/bodied"))
+        .body(Full::new(Bytes::from_static(b"from the client")))
+        .unwrap();
+    let reply = send(streamed).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.header("x-answered-by"), Some("2"));
+    assert_eq!(reply.json()["body"], "for the third", "{}", reply.text());
+    assert_eq!(busy.hits(), 2);
+
+    // When every target fails, the last one's answer is the client's.
+    let reply = get(&gateway.url("/exhausted")).await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(reply.header("x-answered-by"), Some("1"));
+    assert_eq!(broken.hits(), 1);
+
+    // Bad targets are refused whole, with the reason, and nothing is sent.
+    let hits = good.hits();
+    for (path, reason) in [
+        ("/unknown", "target 1: there is no upstream \"nope\""),
+        (
+            "/owned",
+            "target 0: transfer-encoding is managed by the gateway",
+        ),
+        (
+            "/pathless",
+            "target 0: path \"v1#frag\" does not start with /",
+        ),
+    ] {
+        let reply = get(&gateway.url(path)).await;
+        assert_eq!(reply.status, StatusCode::INTERNAL_SERVER_ERROR, "{path}");
+        assert_eq!(reply.text(), reason, "{path}");
+    }
+    assert_eq!(good.hits(), hits);
+}

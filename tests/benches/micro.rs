@@ -56,6 +56,8 @@ fn request() -> Box<RequestView> {
         body_limit: 0,
         consumer: None,
         upstream: None,
+        targets: Vec::new(),
+        answered_by: None,
         response_edits: Vec::new(),
         directory: Directory::default(),
         origin: Default::default(),

@@ -48,7 +48,9 @@ fn offer(import: &str, grants: &Grants) -> Offer {
         // Linked for every plugin, so that one which can also work without consumers (key-auth
         // with inline keys) loads without the grant; each call checks `grants.consumers`.
         "weir:plugin/consumers" => Offer::Inert,
-        "weir:plugin/routing" => Offer::Granted("routing: true", grants.routing),
+        "weir:plugin/routing" | "weir:plugin/fallbacks" => {
+            Offer::Granted("routing: true", grants.routing)
+        }
         "weir:plugin/log" => Offer::Granted("log: true", grants.log),
         "weir:plugin/clock" => Offer::Granted("clock: true", grants.clock),
         "weir:plugin/kv" => Offer::Granted("kv: true", grants.kv),

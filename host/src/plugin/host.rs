@@ -10,6 +10,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::weir::plugin0_1_0::{clock, http, http_client, kv, log, metrics};
 use super::bindings::weir::plugin0_2_0::{consumers, kv_scope, response_edits, routing};
+use super::bindings::weir::plugin0_3_0::fallbacks;
 use super::callout::Callouts;
 use super::health::PluginHealth;
 use super::tenant::{QuotaExceeded, Tenant};
@@ -17,7 +18,7 @@ use crate::config::{Grants, KvBackend, WasiGrant};
 use crate::kv::{KvError, KvStore, KvUnavailable, RedisSlot, RedisStore};
 use crate::metrics::{Metrics, PluginEventLabels};
 use crate::view::{
-    RequestBefore, RequestView, ResponseBefore, ResponseEdit, ResponseView, headers,
+    Fallback, RequestBefore, RequestView, ResponseBefore, ResponseEdit, ResponseView, headers,
 };
 
 /// The longest log line a plugin may write; longer ones are cut.
@@ -749,6 +750,56 @@ impl routing::Host for InstanceState {
         }
         view.upstream = Some(id);
         Ok(Ok(()))
+    }
+}
+
+/// The most targets one request may be given.
+const MAX_TARGETS: usize = 8;
+
+impl fallbacks::Host for InstanceState {
+    fn set_targets(
+        &mut self,
+        req: Resource<RequestView>,
+        targets: Vec<fallbacks::Target>,
+    ) -> Result<Result<(), String>> {
+        let view = self.request_mut(&req)?;
+        if let Err(refused) = view.check_writable() {
+            return Ok(Err(refused));
+        }
+        if targets.is_empty() || targets.len() > MAX_TARGETS {
+            return Ok(Err(format!(
+                "{} targets: give 1 to {MAX_TARGETS}",
+                targets.len()
+            )));
+        }
+        let body_limit = view.body_limit;
+        let mut checked = Vec::with_capacity(targets.len());
+        for (index, target) in targets.into_iter().enumerate() {
+            if !view.directory.has_upstream(&target.upstream) {
+                let mut shown = target.upstream;
+                shown.truncate(128);
+                return Ok(Err(format!(
+                    "target {index}: there is no upstream {shown:?}"
+                )));
+            }
+            let target = Fallback::checked(
+                target.upstream,
+                &target.set_headers,
+                target.path.as_deref(),
+                target.body,
+                body_limit,
+            );
+            match target {
+                Ok(target) => checked.push(target),
+                Err(refused) => return Ok(Err(format!("target {index}: {refused}"))),
+            }
+        }
+        self.request_mut(&req)?.targets = checked;
+        Ok(Ok(()))
+    }
+
+    fn answered_by(&mut self, req: Resource<RequestView>) -> Result<Option<u32>> {
+        Ok(self.request(&req)?.answered_by)
     }
 }
 

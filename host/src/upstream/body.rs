@@ -33,7 +33,7 @@ pub enum OutboundBody {
 
 impl OutboundBody {
     /// A copy for another attempt, if this body can be sent again.
-    pub(super) fn replay(&self) -> Option<OutboundBody> {
+    pub fn replay(&self) -> Option<OutboundBody> {
         match self {
             OutboundBody::Full(bytes, trailers) => {
                 Some(OutboundBody::Full(bytes.clone(), trailers.clone()))
