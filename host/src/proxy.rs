@@ -8,9 +8,10 @@
 //!    [`read_request_body`] when a plugin reads the body);
 //! 4. [`upstream_phase`]: picks the upstream and a node, and forwards, trying other nodes
 //!    when nothing was sent (or when an idempotent request that can go again was not
-//!    answered);
+//!    answered); a request a plugin gave targets goes to them in turn;
 //! 5. [`response_phase`]: `on-response` in reverse order, over the plugins that had their
 //!    turn in `on-request`, for every answer: the upstream's, a plugin's reply, or an error;
+//!    the body then streams through the filters' body callbacks and the chunk hooks;
 //! 6. [`Finish`]: applies the response headers plugins queued in `on-request`, and once the
 //!    response body is done (or the client went away) writes the access log, records
 //!    metrics and runs [`log_phase`]; for an upgrade the upstream accepted (WebSocket),
