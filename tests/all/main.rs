@@ -3,6 +3,7 @@
 mod admin;
 mod admin_plane;
 mod adversarial;
+mod ai;
 mod auth;
 mod authoring;
 mod balancing;
