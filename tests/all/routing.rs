@@ -296,7 +296,7 @@ async fn a_plugins_targets_are_tried_in_turn_each_with_its_own_edits() {
             {"id": "dead", "nodes": [{"host": "127.0.0.1", "port": 1}], "retries": 0},
         ],
         "plugins": [{"name": "fallback", "module": weir_tests::plugins::FALLBACK,
-                     "grants": {"routing": true}}],
+                     "grants": {"routing": true}, "limits": {"max_body_bytes": 1024}}],
         "routes": [
             route("fall", json!([
                 target("busy", json!({"set": {"x-key": "k1"}})),
@@ -312,6 +312,10 @@ async fn a_plugins_targets_are_tried_in_turn_each_with_its_own_edits() {
             route("unknown", json!([target("good", json!({})), target("nope", json!({}))])),
             route("owned", json!([target("good", json!({"set": {"transfer-encoding": "chunked"}}))])),
             route("pathless", json!([target("good", json!({"path": "v1#frag"}))])),
+            route("fragment", json!([target("good", json!({"path": "/v1?a=1#frag"}))])),
+            route("split", json!([target("good", json!({"set": {"x-evil": "a\r\nx-injected: 1"}}))])),
+            route("heavy", json!([target("good", json!({"body": "x".repeat(2048)}))])),
+            route("many", json!(vec![target("good", json!({})); 9])),
         ],
     })))
     .await;
@@ -356,6 +360,16 @@ async fn a_plugins_targets_are_tried_in_turn_each_with_its_own_edits() {
             "/pathless",
             "target 0: path \"v1#frag\" does not start with /",
         ),
+        ("/fragment", "target 0: path \"/v1\" holds a #"),
+        (
+            "/split",
+            "target 0: the value for x-evil has a forbidden character",
+        ),
+        (
+            "/heavy",
+            "target 0: a body of 2048 bytes is over this plugin's limit of 1024",
+        ),
+        ("/many", "9 targets: give 1 to 8"),
     ] {
         let reply = get(&gateway.url(path)).await;
         assert_eq!(reply.status, StatusCode::INTERNAL_SERVER_ERROR, "{path}");
