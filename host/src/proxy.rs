@@ -398,7 +398,8 @@ async fn upstream_phase(
         client_ip,
     };
     if !targets.is_empty() && upgrade.is_none() {
-        return to_targets(snapshot, route, finish, head, body, targets).await;
+        // Boxed: the rare path's future stays out of every request's.
+        return Box::pin(to_targets(snapshot, route, finish, head, body, targets)).await;
     }
     let upstream = snapshot.upstream_for(route, chosen.as_deref(), service.as_deref())?;
     send_to(upstream, finish, head, body, upgrade).await
