@@ -283,6 +283,9 @@ async fn a_plugins_targets_are_tried_in_turn_each_with_its_own_edits() {
         }
         target
     };
+    // Sixty headers per target: two targets set more than one call's header edits may.
+    let sixty: serde_json::Map<String, serde_json::Value> =
+        (0..60).map(|i| (format!("x-h{i}"), json!("v"))).collect();
     let route = |id: &str, targets: serde_json::Value| {
         json!({"id": id, "uri": format!("/{id}"), "upstream_id": "good",
                "plugins": [{"name": "fallback", "config": {"targets": targets}}]})
@@ -316,6 +319,7 @@ async fn a_plugins_targets_are_tried_in_turn_each_with_its_own_edits() {
             route("split", json!([target("good", json!({"set": {"x-evil": "a\r\nx-injected: 1"}}))])),
             route("heavy", json!([target("good", json!({"body": "x".repeat(2048)}))])),
             route("many", json!(vec![target("good", json!({})); 9])),
+            route("flood", json!(vec![target("good", json!({"set": sixty})); 2])),
         ],
     })))
     .await;
@@ -375,5 +379,15 @@ async fn a_plugins_targets_are_tried_in_turn_each_with_its_own_edits() {
         assert_eq!(reply.status, StatusCode::INTERNAL_SERVER_ERROR, "{path}");
         assert_eq!(reply.text(), reason, "{path}");
     }
+    // Headers a target sets come out of the call's budget of header edits: past it the call
+    // fails, as a plugin that sets too many headers does.
+    let reply = get(&gateway.url("/flood")).await;
+    assert_eq!(reply.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(
+        reply.json()["error"],
+        "plugin fallback failed",
+        "{}",
+        reply.text()
+    );
     assert_eq!(good.hits(), hits);
 }

@@ -773,6 +773,11 @@ impl fallbacks::Host for InstanceState {
             )));
         }
         let body_limit = view.body_limit;
+        // Each header a target sets is an edit of the request, from the same budget.
+        for (name, value) in targets.iter().flat_map(|target| &target.set_headers) {
+            self.edits.spend(name, value)?;
+        }
+        let view = self.request_mut(&req)?;
         let mut checked = Vec::with_capacity(targets.len());
         for (index, target) in targets.into_iter().enumerate() {
             if !view.directory.has_upstream(&target.upstream) {
