@@ -275,11 +275,12 @@ async fn a_node_killed_under_load_is_ejected_and_its_probes_bring_it_back() {
     let gateway = TestGateway::fronting(json!({
         "nodes": [node(&a), node(&b), node(&c)],
         "checks": {
-            // Probes need ten misses 200 ms apart, traffic three refusals in a row: the
+            // Probes need ten misses 400 ms apart, traffic three refusals in a row: the
             // passive threshold is what takes the node out, and probes are what bring it back.
             // (With three misses, a machine slow enough to send fewer than ten requests in
-            // 600 ms let the probes mark the node down first, and nothing was ever ejected.)
-            "active": {"type": "http", "path": "/healthz", "interval_ms": 200, "timeout_ms": 1000,
+            // 600 ms let the probes mark the node down first, and nothing was ever ejected;
+            // with ten misses 200 ms apart, the full suite on two cores once did the same.)
+            "active": {"type": "http", "path": "/healthz", "interval_ms": 400, "timeout_ms": 1000,
                        "healthy": {"successes": 2}, "unhealthy": {"failures": 10}},
             "passive": {"unhealthy": {"failures": 3}, "eject_ms": 600000},
         },
