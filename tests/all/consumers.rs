@@ -231,14 +231,7 @@ async fn a_route_config_is_checked_against_the_plugins_own_schema_before_init() 
     // the tests with componentize-py against 0.1.0) loads and serves beside the SDK's plugins
     // (0.3.0, which includes 0.2.0's consumers and schemas).
     let status = admin_get(&gateway.admin_url("/v1/status")).await.json();
-    let world = |name: &str| {
-        status["plugins"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|p| p["name"] == name)
-            .map(|p| p["world"].clone())
-    };
+    let world = |name: &str| weir_tests::plugin_world(&status, name);
     assert_eq!(world("request-id"), Some(json!("0.3.0")));
     assert_eq!(world("ab"), Some(json!("0.1.0")));
     let py = admin_get(&gateway.admin_url("/v1/schema/plugins/ab")).await;

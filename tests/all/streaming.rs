@@ -375,14 +375,7 @@ async fn components_of_worlds_0_1_0_0_2_0_and_0_3_0_serve_in_one_chain_over_a_st
     let status = weir_tests::admin_get(&gateway.admin_url("/v1/status"))
         .await
         .json();
-    let world = |name: &str| {
-        status["plugins"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|p| p["name"] == name)
-            .map(|p| p["world"].clone())
-    };
+    let world = |name: &str| weir_tests::plugin_world(&status, name);
     assert_eq!(world("ab"), Some(json!("0.1.0")), "{status}");
     assert_eq!(world("world-020"), Some(json!("0.2.0")), "{status}");
     assert_eq!(world("chunker"), Some(json!("0.3.0")), "{status}");

@@ -92,6 +92,15 @@ pub fn probe_entry(name: &str, extra: serde_json::Value) -> serde_json::Value {
     entry
 }
 
+/// The world `/v1/status` (its JSON, `status`) says plugin `name` was built against.
+pub fn plugin_world(status: &serde_json::Value, name: &str) -> Option<serde_json::Value> {
+    status["plugins"]
+        .as_array()?
+        .iter()
+        .find(|plugin| plugin["name"] == name)
+        .map(|plugin| plugin["world"].clone())
+}
+
 /// A config file's text. JSON is YAML, so tests build configs with `json!`.
 pub fn yaml(config: serde_json::Value) -> String {
     serde_json::to_string_pretty(&config).expect("a JSON value serializes")
