@@ -204,6 +204,27 @@ async fn a_chunk_hook_changes_each_event_as_it_streams() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_chunk_hook_meets_its_own_requests_state_while_another_request_streams() {
+    let (gateway, mut answers) =
+        chunked_gateway(&[("tag", json!({"mode": "tag"}))], json!({})).await;
+    let (a, _, mut a_body) =
+        open_stream(&gateway, &mut answers, "/tag?a", false, "data: 1\n\n").await;
+    let mut a_read = String::new();
+    read_until(&mut a_body, &mut a_read, "[a]data: 1\n\n").await;
+    // Another request's `on-request` runs between A's chunks, on the pool's warm instance.
+    let (b, _, mut b_body) =
+        open_stream(&gateway, &mut answers, "/tag?b", true, "data: 1\n\n").await;
+    let mut b_read = String::new();
+    read_until(&mut b_body, &mut b_read, "[b]data: 1\n\n").await;
+    a.send(Bytes::from_static(b"data: 2\n\n")).unwrap();
+    read_until(&mut a_body, &mut a_read, "data: 2\n\n").await;
+    b.send(Bytes::from_static(b"data: 2\n\n")).unwrap();
+    read_until(&mut b_body, &mut b_read, "data: 2\n\n").await;
+    assert_eq!(a_read, "[a]data: 1\n\n[a]data: 2\n\n");
+    assert_eq!(b_read, "[b]data: 1\n\n[b]data: 2\n\n");
+}
+
 /// How many times the chunker plugin was called on `route`.
 async fn chunker_calls(gateway: &TestGateway, route: &str) -> f64 {
     let name =

@@ -358,9 +358,12 @@ impl PluginPool {
     }
 
     /// Whether a request keeps one instance for all of its phases: under per-request
-    /// isolation, and for a proxy-wasm filter, whose HTTP context lives in one instance.
+    /// isolation; for a proxy-wasm filter, whose HTTP context lives in one instance; and for a
+    /// component with chunk hooks, whose state from `on-request` must reach its chunks.
     pub fn binds_instances(&self) -> bool {
-        self.isolation == Isolation::PerRequest || self.filter.is_some()
+        self.isolation == Isolation::PerRequest
+            || self.filter.is_some()
+            || self.chunk_wants.contains(&true)
     }
 
     /// The plugin's limits.
@@ -547,20 +550,20 @@ impl PluginPool {
             }
             return;
         }
-        match self.isolation {
-            Isolation::PerRequest => {
-                // Chunk hooks run while a body streams, after the phase that began it.
-                let chunks = self.chunk_wants.contains(&true);
-                let later = match phase {
-                    Phase::Request => self.wants.on_response || self.wants.on_log || chunks,
-                    Phase::Response => self.wants.on_log || chunks,
-                    Phase::Log => false,
-                };
-                if later && let Some(bound) = bound {
-                    *bound = Some(instance);
-                }
-            }
-            Isolation::Pooled => {
+        // Chunk hooks run while a body streams, after the phase that began it.
+        let chunks = self.chunk_wants.contains(&true);
+        let later = match phase {
+            Phase::Request => self.wants.on_response || self.wants.on_log || chunks,
+            Phase::Response => self.wants.on_log || chunks,
+            Phase::Log => false,
+        };
+        match (self.isolation, bound) {
+            (Isolation::PerRequest, Some(bound)) if later => *bound = Some(instance),
+            (Isolation::PerRequest, _) => {}
+            // A pooled instance with chunk hooks stays the request's until its last call, so
+            // that what `on-request` kept reaches the chunks, and no other request's does.
+            (Isolation::Pooled, Some(bound)) if chunks && later => *bound = Some(instance),
+            (Isolation::Pooled, _) => {
                 // A full queue drops the instance; its slot returns to the engine's pool.
                 let _ = self.idle.push(instance);
             }
@@ -945,9 +948,8 @@ impl PluginPool {
         self.in_context(bound, held, untouched, call).await
     }
 
-    /// Runs a component's chunk hook over `held` (what it held, then the new chunk): in the
-    /// request's own instance under per-request isolation, so that state carries from chunk to
-    /// chunk, else in any warm one.
+    /// Runs a component's chunk hook over `held` (what it held, then the new chunk) in the
+    /// request's own instance, so that state carries from `on-request` to its chunks.
     async fn component_chunk(
         &self,
         bound: &Bound,
@@ -985,7 +987,10 @@ impl PluginPool {
             }
         };
         self.scope.health().succeeded();
-        self.checkin(instance, Some(&mut *slot), Phase::Response);
+        // The response body's end is the request's last call unless `on-log` follows.
+        let last = end && stream == StreamType::Response && !self.wants.on_log;
+        let phase = if last { Phase::Log } else { Phase::Response };
+        self.checkin(instance, Some(&mut *slot), phase);
         let outcome = match action {
             ChunkAction::Pass => (ChunkOutcome::Pass(held.into()), Vec::new()),
             ChunkAction::Replace(bytes) => {

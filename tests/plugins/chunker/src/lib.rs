@@ -1,8 +1,10 @@
 //! chunker: a test plugin for world 0.3.0's chunk hooks. Its config picks what they do to the
 //! bodies they see as they stream.
 
+use std::sync::Mutex;
+
 use serde::Deserialize;
-use weir_sdk::{ChunkAction, ChunkWants, Plugin, Reply, schemars};
+use weir_sdk::{Action, ChunkAction, ChunkWants, Plugin, Reply, Request, schemars};
 
 #[derive(Deserialize, schemars::JsonSchema)]
 #[serde(tag = "mode", rename_all = "kebab-case", deny_unknown_fields)]
@@ -23,9 +25,12 @@ enum Config {
     Hoard,
     /// Never returns from a response chunk.
     Spin,
+    /// Keeps the request's query in `on-request`, and puts it in brackets before each chunk
+    /// of the response body: which request's state each chunk met.
+    Tag,
 }
 
-struct Chunker(Config);
+struct Chunker(Config, Mutex<String>);
 
 impl Plugin for Chunker {
     type Config = Config;
@@ -36,7 +41,14 @@ impl Plugin for Chunker {
         {
             return Err("the delimiter or marker must not be empty".into());
         }
-        Ok(Chunker(config))
+        Ok(Chunker(config, Mutex::default()))
+    }
+
+    fn on_request(&self, req: &Request) -> Action {
+        if let Config::Tag = self.0 {
+            *self.1.lock().unwrap() = req.query().unwrap_or_default();
+        }
+        Action::Continue
     }
 
     fn chunk_wants(&self) -> ChunkWants {
@@ -62,6 +74,10 @@ impl Plugin for Chunker {
             Config::Flood => ChunkAction::Replace(chunk.repeat(1000)),
             Config::Hoard => ChunkAction::Hold,
             Config::Spin => spin(),
+            Config::Tag => {
+                let tag = self.1.lock().unwrap();
+                ChunkAction::Replace([format!("[{tag}]").as_bytes(), chunk].concat())
+            }
             Config::Upper | Config::UpperRequest | Config::Refuse { .. } => self.chunk(chunk),
         }
     }
