@@ -365,7 +365,7 @@ async fn upstream_phase(
         method,
         path,
         query,
-        headers,
+        mut headers,
         client_ip,
         body,
         upstream: chosen,
@@ -387,7 +387,17 @@ async fn upstream_phase(
         .then(|| body_readers(&route.chain, &finish.bound, StreamType::Request))
         .flatten();
     let body = match readers {
-        Some(readers) => body.through(readers),
+        Some(readers) => {
+            if route
+                .chain
+                .iter()
+                .any(|link| !link.pool.is_filter() && link.pool.reads_body(StreamType::Request))
+            {
+                // A component's chunk hook may change the body's length as it streams.
+                headers.remove(header::CONTENT_LENGTH);
+            }
+            body.through(readers)
+        }
         None => body,
     };
     let head = Head {
@@ -590,6 +600,13 @@ pub async fn response_phase(
     // The client's connection has its own version; hyper uses it when this is the default.
     parts.version = http::Version::default();
     let wants_response = links.iter().any(|link| link.pool.wants().on_response);
+    // A component's chunk hook may change the body's length as it streams.
+    let hooked = links
+        .iter()
+        .any(|link| !link.pool.is_filter() && link.pool.reads_body(StreamType::Response));
+    if hooked {
+        parts.headers.remove(header::CONTENT_LENGTH);
+    }
     let mut request = match request {
         Some(request) if wants_response => request,
         request => {
@@ -642,9 +659,6 @@ pub async fn response_phase(
         .filter(|body| reads_body && !http_body::Body::is_end_stream(&**body));
     // A component's chunk hooks see a body only as it streams: one that arrived whole is
     // streamed to them, as one chunk.
-    let hooked = links
-        .iter()
-        .any(|link| !link.pool.is_filter() && link.pool.reads_body(StreamType::Response));
     if let Some(body) = unfinished {
         match arrived(body) {
             Arrived::Whole(bytes) if hooked => first = Some(Ok(http_body::Frame::data(bytes))),
@@ -753,7 +767,6 @@ fn body_readers(
     bound: &[Bound],
     stream: StreamType,
 ) -> Option<Vec<ChunkLink>> {
-    // A pooled component's hooks need no binding: any instance serves each chunk.
     let readers = links
         .iter()
         .enumerate()
