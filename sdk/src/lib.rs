@@ -266,6 +266,13 @@ pub mod consumers {
     pub fn current(req: &Request) -> Option<String> {
         raw::current(req)
     }
+
+    /// The `plugin` credential of the request's consumer, as a JSON object (world 0.3.0):
+    /// `Ok(None)` without a consumer or without that credential; an error when the grant does
+    /// not list `plugin`.
+    pub fn credential(req: &Request, plugin: &str) -> Result<Option<String>, String> {
+        crate::wit::weir::plugin0_3_0::consumer_credentials::credential(req, plugin)
+    }
 }
 
 /// Sends the request to the upstream `id` instead of the route's own (in `on_request`).

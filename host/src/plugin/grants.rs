@@ -47,7 +47,7 @@ fn offer(import: &str, grants: &Grants) -> Offer {
         "weir:plugin/http" | "weir:plugin/response-edits" | "weir:plugin/kv-scope" => Offer::Inert,
         // Linked for every plugin, so that one which can also work without consumers (key-auth
         // with inline keys) loads without the grant; each call checks `grants.consumers`.
-        "weir:plugin/consumers" => Offer::Inert,
+        "weir:plugin/consumers" | "weir:plugin/consumer-credentials" => Offer::Inert,
         "weir:plugin/routing" | "weir:plugin/fallbacks" => {
             Offer::Granted("routing: true", grants.routing)
         }

@@ -10,7 +10,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::weir::plugin0_1_0::{clock, http, http_client, kv, log, metrics};
 use super::bindings::weir::plugin0_2_0::{consumers, kv_scope, response_edits, routing};
-use super::bindings::weir::plugin0_3_0::fallbacks;
+use super::bindings::weir::plugin0_3_0::{consumer_credentials, fallbacks};
 use super::callout::Callouts;
 use super::health::PluginHealth;
 use super::tenant::{QuotaExceeded, Tenant};
@@ -805,6 +805,31 @@ impl fallbacks::Host for InstanceState {
 
     fn answered_by(&mut self, req: Resource<RequestView>) -> Result<Option<u32>> {
         Ok(self.request(&req)?.answered_by)
+    }
+}
+
+impl consumer_credentials::Host for InstanceState {
+    fn credential(
+        &mut self,
+        req: Resource<RequestView>,
+        plugin: String,
+    ) -> Result<Result<Option<String>, String>> {
+        if !self.scope.grants.consumers.contains(&plugin) {
+            tracing::debug!(plugin = %self.scope.name, section = %plugin, "credential read not granted");
+            let mut shown = plugin;
+            shown.truncate(64);
+            return Ok(Err(format!(
+                "this plugin's grant does not list the {shown:?} credentials"
+            )));
+        }
+        let view = self.request(&req)?;
+        let credential = view
+            .consumer
+            .as_deref()
+            .and_then(|name| view.directory.consumers().get(name))
+            .and_then(|consumer| consumer.credentials.get(&plugin))
+            .map(|credential| serde_json::Value::Object(credential.clone()).to_string());
+        Ok(Ok(credential))
     }
 }
 
