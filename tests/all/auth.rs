@@ -2,7 +2,6 @@
 //! PyJWT, password hashes made here, forged and expired credentials refused, and traffic sent
 //! to upstreams by weight and by header, query and cookie.
 
-use std::path::PathBuf;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
@@ -239,16 +238,6 @@ async fn jwt_auth_refuses_alg_none_wrong_keys_expired_and_confused_tokens() {
     assert!(!missing.text().contains(ALICE_SECRET));
 }
 
-/// The Python the tests use: the one .ci/run makes, else the first `python3` on PATH.
-fn python() -> PathBuf {
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/tools/python/bin/python3");
-    if venv.exists() {
-        venv
-    } else {
-        PathBuf::from("python3")
-    }
-}
-
 /// Signs tokens with PyJWT: HS256 with argv[1], and ES256 and EdDSA with fresh keys whose
 /// public PEMs it prints.
 const PYJWT: &str = r#"
@@ -283,7 +272,7 @@ print(json.dumps({
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jwt_auth_accepts_tokens_signed_by_pyjwt() {
     let secret = "a-python-secret-of-more-than-thirty-two-bytes";
-    let python = python();
+    let python = weir_tests::python();
     let output = std::process::Command::new(&python)
         .args(["-c", PYJWT, secret])
         .output()

@@ -21,6 +21,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use weir::{AccessLogTarget, ConfigSource, GatewayOptions, RunningGateway};
 
+pub mod ai;
 pub mod browser;
 pub mod etcd;
 pub mod grpc;
@@ -31,6 +32,17 @@ pub mod tls;
 /// Paths of the plugin components that build.rs built.
 pub mod plugins {
     include!(concat!(env!("OUT_DIR"), "/plugins.rs"));
+}
+
+/// The Python the tests use (with PyJWT and `openai`): the one .ci/run makes, else the first
+/// `python3` on PATH.
+pub fn python() -> PathBuf {
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/tools/python/bin/python3");
+    if venv.exists() {
+        venv
+    } else {
+        PathBuf::from("python3")
+    }
 }
 
 /// Every built component as a `plugins` list, with default limits and failure policy.
