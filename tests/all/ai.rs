@@ -432,3 +432,135 @@ async fn ai_proxy_takes_the_provider_key_from_the_consumer_only_where_the_grant_
     }
     assert_eq!(provider.received().len(), 1);
 }
+
+/// The ai-token-limit entry, its kv on Redis when `redis` says so.
+fn token_limit_entry(redis: bool) -> Value {
+    let mut entry = json!({"name": "ai-token-limit", "module": weir_tests::plugins::AI_TOKEN_LIMIT,
+                           "grants": {"kv": true, "clock": true, "log": true}});
+    if redis {
+        entry["kv"] = json!({"backend": "redis"});
+    }
+    entry
+}
+
+/// A route `/<id>/v1/chat/completions` limited to `tokens` per 30-day window (so that no window
+/// ends during a test but once in 30 days), in front of ai-proxy to `instance`.
+fn limited_route(id: &str, tokens: u64, instance: Value) -> Value {
+    json!({"id": id, "uri": format!("/{id}/v1/chat/completions"), "upstream_id": instance["upstream"],
+    "plugins": [
+        {"name": "ai-token-limit",
+         "config": {"tokens": tokens, "window_s": 2_592_000, "key": "route"}},
+        {"name": "ai-proxy", "config": {"instances": [instance]}},
+    ]})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ai_token_limit_refuses_the_call_after_the_window_is_spent_streamed_or_not() {
+    let anthropic = FakeProvider::start(Api::Anthropic, "sk-ant", "Counted words here.").await;
+    let openai = FakeProvider::start(Api::OpenAi, "sk-oai", "More counted words.").await;
+    let claude = json!({"name": "claude", "provider": "anthropic", "upstream": "anthropic",
+                        "api_key": "sk-ant", "model": "claude-haiku-4-5"});
+    let gpt =
+        json!({"name": "gpt", "provider": "openai", "upstream": "openai", "api_key": "sk-oai"});
+    let (prompt, completion) = USAGE;
+    let used = prompt + completion;
+    let gateway = TestGateway::start(&yaml(json!({
+        "upstreams": [anthropic.upstream("anthropic"), openai.upstream("openai")],
+        "plugins": [token_limit_entry(false), ai_proxy_entry()],
+        "routes": [limited_route("t", 2 * used, claude), limited_route("s", 1000, gpt)],
+    })))
+    .await;
+    assert!(gateway.errors().is_empty(), "{:?}", gateway.errors());
+
+    // Two calls through the openai client, one whole and one streamed: each uses `used`.
+    let got = openai_client(&gateway.url("/t/v1"), "client-key", "gpt-4o").await;
+    assert_eq!(got["content"], anthropic.reply(), "{got}");
+    assert_eq!(got["stream_usage"]["total_tokens"], used, "{got}");
+    // The third is refused before the provider is called.
+    let chat = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]});
+    let reply = post(&gateway, "/t/v1/chat/completions", &chat).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "{}",
+        reply.text()
+    );
+    assert_eq!(
+        reply.json()["error"]["code"],
+        "rate_limit_exceeded",
+        "{}",
+        reply.text()
+    );
+    assert_eq!(
+        reply.header("x-ai-ratelimit-limit"),
+        Some(&*(2 * used).to_string())
+    );
+    assert_eq!(reply.header("x-ai-ratelimit-remaining"), Some("0"));
+    let retry: u64 = reply.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=2_592_000).contains(&retry), "{retry}");
+    assert_eq!(anthropic.received().len(), 2);
+
+    // A stream whose client asked for no usage: the plugin asks the provider for it, counts
+    // it, and keeps the usage-only chunk from the client.
+    let streamed = json!({"model": "gpt-4o", "stream": true,
+                          "messages": [{"role": "user", "content": "hi"}]});
+    let reply = post(&gateway, "/s/v1/chat/completions", &streamed).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.header("x-ai-ratelimit-remaining"), Some("1000"));
+    let asked = &openai.received()[0].body;
+    assert_eq!(asked["stream_options"]["include_usage"], true, "{asked}");
+    let text = reply.text();
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    assert!(!text.contains("\"usage\":{"), "{text}");
+    assert!(text.contains("More "), "{text}");
+    let reply = post(&gateway, "/s/v1/chat/completions", &chat).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let left = (1000 - used).to_string();
+    assert_eq!(
+        reply.header("x-ai-ratelimit-remaining"),
+        Some(&*left),
+        "the stream was counted"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ai_token_limit_on_redis_counts_across_two_gateway_processes() {
+    let redis = weir_tests::redis::Redis::start().await;
+    let openai = FakeProvider::start(Api::OpenAi, "sk-oai", "Shared count.").await;
+    let gpt =
+        json!({"name": "gpt", "provider": "openai", "upstream": "openai", "api_key": "sk-oai"});
+    let (prompt, completion) = USAGE;
+    let used = prompt + completion;
+    let config = yaml(json!({
+        "server": {"redis_url": redis.url},
+        "upstreams": [openai.upstream("openai")],
+        "plugins": [token_limit_entry(true), ai_proxy_entry()],
+        "routes": [limited_route("r", 2 * used, gpt)],
+    }));
+    let a = weir_tests::ChildGateway::start(&config).await;
+    let b = weir_tests::ChildGateway::start(&config).await;
+    let chat = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]});
+    let mut statuses = Vec::new();
+    for gateway in [&a, &b, &a, &b] {
+        let body = http_body_util::Full::new(bytes::Bytes::from(chat.to_string()));
+        let url = format!("{}/r/v1/chat/completions", gateway.url);
+        let ask = request(Method::POST, &url)
+            .header("content-type", "application/json")
+            .body(body)
+            .unwrap();
+        statuses.push(send(ask).await.status);
+    }
+    assert_eq!(
+        statuses,
+        [
+            StatusCode::OK,
+            StatusCode::OK,
+            StatusCode::TOO_MANY_REQUESTS,
+            StatusCode::TOO_MANY_REQUESTS
+        ],
+        "two calls spend the window, whichever gateway took them\n{}\n{}",
+        a.log(),
+        b.log()
+    );
+    assert_eq!(openai.received().len(), 2);
+}
