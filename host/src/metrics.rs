@@ -41,6 +41,32 @@ pub struct RouteLabels {
     pub route: String,
 }
 
+/// Labels of `weir_ai_tokens_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AiTokenLabels {
+    /// The route id.
+    pub route: String,
+    /// The provider's API, as the plugin names it (`openai`, `anthropic`).
+    pub provider: String,
+    /// The model asked for.
+    pub model: String,
+    /// The request's consumer, or empty.
+    pub consumer: String,
+    /// `prompt` or `completion`.
+    pub kind: &'static str,
+}
+
+/// Labels of `weir_ai_first_token_seconds`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AiModelLabels {
+    /// The route id.
+    pub route: String,
+    /// The provider's API.
+    pub provider: String,
+    /// The model asked for.
+    pub model: String,
+}
+
 /// Labels of the per-plugin call metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PluginLabels {
@@ -239,6 +265,10 @@ pub struct Metrics {
     pub upstream_failures: Family<UpstreamFailureLabels, Counter>,
     /// Nodes ejected by passive health checks, by upstream and node.
     pub upstream_ejections: Family<NodeLabels, Counter>,
+    /// Tokens AI plugins report a model used, by route, provider, model, consumer and kind.
+    pub ai_tokens: Family<AiTokenLabels, Counter>,
+    /// Seconds from a request's arrival to the first token of a streamed answer.
+    pub ai_first_token: HistogramFamily<AiModelLabels>,
     /// 1 while active probes find a node healthy, 0 while they do not.
     pub upstream_node_healthy: Family<NodeLabels, Gauge>,
     /// Picks made among ejected nodes because every candidate was ejected, by upstream.
@@ -385,6 +415,19 @@ impl Metrics {
             "Full re-reads of the config store after a compaction",
             store_resyncs.clone(),
         );
+        let ai_tokens = Family::<AiTokenLabels, Counter>::default();
+        registry.register(
+            "ai_tokens",
+            "Tokens AI plugins report a model used, by kind (prompt or completion)",
+            ai_tokens.clone(),
+        );
+        let ai_first_token: HistogramFamily<AiModelLabels> =
+            Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "ai_first_token_seconds",
+            "Seconds from a request's arrival to the first token of a streamed answer",
+            ai_first_token.clone(),
+        );
         let upstream_ejections = Family::<NodeLabels, Counter>::default();
         registry.register(
             "upstream_ejections",
@@ -507,6 +550,8 @@ impl Metrics {
             module_loads,
             upstream_failures,
             upstream_ejections,
+            ai_tokens,
+            ai_first_token,
             upstream_node_healthy,
             upstream_fail_open,
             upstream_retries,

@@ -300,6 +300,20 @@ pub mod fallbacks {
     }
 }
 
+/// The AI gateway's metrics (world 0.3.0): the tokens a request's model used, and how soon
+/// its first token came; needs the `metrics` grant.
+pub mod ai_metrics {
+    use crate::Request;
+    use crate::wit::weir::plugin0_3_0::ai_metrics as raw;
+    pub use raw::ModelUse;
+
+    /// Counts `used` in `weir_ai_tokens_total` and `weir_ai_first_token_seconds`, labelled
+    /// with the request's route and consumer.
+    pub fn record(req: &Request, used: &ModelUse) -> Result<(), String> {
+        raw::record_use(req, used)
+    }
+}
+
 /// Response headers set from `on_request`, applied when the response arrives (upstream answer,
 /// plugin reply or gateway error alike), so that a plugin needs no `on_response` for them.
 pub mod response {

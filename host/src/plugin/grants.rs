@@ -54,7 +54,9 @@ fn offer(import: &str, grants: &Grants) -> Offer {
         "weir:plugin/log" => Offer::Granted("log: true", grants.log),
         "weir:plugin/clock" => Offer::Granted("clock: true", grants.clock),
         "weir:plugin/kv" => Offer::Granted("kv: true", grants.kv),
-        "weir:plugin/metrics" => Offer::Granted("metrics: true", grants.metrics),
+        "weir:plugin/metrics" | "weir:plugin/ai-metrics" => {
+            Offer::Granted("metrics: true", grants.metrics)
+        }
         "weir:plugin/http-client" => Offer::Granted("http: {hosts: [..]}", grants.http.is_some()),
         // Streams and exit are plumbing; stdin is empty, the environment and arguments are
         // empty, and there is no terminal. Output is dropped unless `stdio` is granted.

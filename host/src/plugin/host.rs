@@ -10,7 +10,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::weir::plugin0_1_0::{clock, http, http_client, kv, log, metrics};
 use super::bindings::weir::plugin0_2_0::{consumers, kv_scope, response_edits, routing};
-use super::bindings::weir::plugin0_3_0::{consumer_credentials, fallbacks};
+use super::bindings::weir::plugin0_3_0::{ai_metrics, consumer_credentials, fallbacks};
 use super::callout::Callouts;
 use super::health::PluginHealth;
 use super::tenant::{QuotaExceeded, Tenant};
@@ -33,6 +33,9 @@ pub const MAX_HEADER_EDITS: u32 = 100;
 pub const MAX_HEADER_BYTES: usize = 32 << 10;
 /// Distinct counter names one plugin may create (each is a metric series the gateway keeps).
 const MAX_COUNTER_NAMES: usize = 64;
+/// The most provider and model pairs one plugin may report AI metrics for; later ones count
+/// as model `other`, so that model names a client chose cannot grow the metrics without end.
+const MAX_AI_MODELS: usize = 64;
 
 /// A plugin went past a per-call limit; the call fails under the plugin's policy.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +66,8 @@ pub struct PluginScope {
     metrics: Arc<Metrics>,
     callouts: Callouts,
     counter_names: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// The provider and model pairs the plugin has reported AI metrics for.
+    ai_models: std::sync::Mutex<std::collections::HashSet<(String, String)>>,
     log_capture: Option<LogCapture>,
 }
 
@@ -106,6 +111,7 @@ impl PluginScope {
             metrics: shared.metrics.clone(),
             callouts: shared.callouts.clone(),
             counter_names: Default::default(),
+            ai_models: Default::default(),
             log_capture: shared.log_capture.clone(),
         }
     }
@@ -805,6 +811,67 @@ impl fallbacks::Host for InstanceState {
 
     fn answered_by(&mut self, req: Resource<RequestView>) -> Result<Option<u32>> {
         Ok(self.request(&req)?.answered_by)
+    }
+}
+
+/// Whether `name` may be a label: 1 to `max` printable ASCII bytes.
+fn label_fits(name: &str, max: usize) -> bool {
+    !name.is_empty() && name.len() <= max && name.bytes().all(|b| b.is_ascii_graphic())
+}
+
+impl ai_metrics::Host for InstanceState {
+    fn record_use(
+        &mut self,
+        req: Resource<RequestView>,
+        used: ai_metrics::ModelUse,
+    ) -> Result<Result<(), String>> {
+        if !label_fits(&used.provider, 64) || !label_fits(&used.model, 128) {
+            return Ok(Err(
+                "the provider must be 1 to 64 and the model 1 to 128 printable bytes".into(),
+            ));
+        }
+        let model = {
+            let mut models = self.scope.ai_models.lock().expect("ai models lock");
+            let pair = (used.provider.clone(), used.model);
+            if models.contains(&pair) || models.len() < MAX_AI_MODELS {
+                models.insert(pair.clone());
+                pair.1
+            } else {
+                "other".to_owned()
+            }
+        };
+        let view = self.request(&req)?;
+        let route = view.route_id.to_string();
+        let consumer = view.consumer.as_deref().unwrap_or_default().to_owned();
+        let metrics = &self.scope.metrics;
+        for (kind, tokens) in [
+            ("prompt", used.prompt_tokens),
+            ("completion", used.completion_tokens),
+        ] {
+            let labels = crate::metrics::AiTokenLabels {
+                route: route.clone(),
+                provider: used.provider.clone(),
+                model: model.clone(),
+                consumer: consumer.clone(),
+                kind,
+            };
+            metrics.ai_tokens.get_or_create(&labels).inc_by(tokens);
+        }
+        if let Some(ms) = used.first_token_ms {
+            let labels = crate::metrics::AiModelLabels {
+                route,
+                provider: used.provider,
+                model,
+            };
+            // Milliseconds as seconds; u64 to f64 loses nothing below 2^53 ms.
+            #[allow(clippy::cast_precision_loss)]
+            let seconds = ms as f64 / 1000.0;
+            metrics
+                .ai_first_token
+                .get_or_create(&labels)
+                .observe(seconds);
+        }
+        Ok(Ok(()))
     }
 }
 
