@@ -3,6 +3,8 @@
 //! Python package from OpenAI-compatible and Anthropic providers, streamed and whole, and fails
 //! over between them.
 
+use std::time::Duration;
+
 use http::{Method, StatusCode};
 use serde_json::{Value, json};
 use weir_tests::ai::{Answering, Api, FakeProvider, USAGE};
@@ -170,7 +172,8 @@ async fn closed_node() -> Value {
 /// The ai-proxy plugin entry: it sets targets, and reads the consumers' `ai-proxy` keys.
 fn ai_proxy_entry() -> Value {
     json!({"name": "ai-proxy", "module": weir_tests::plugins::AI_PROXY,
-           "grants": {"routing": true, "log": true, "clock": true, "consumers": ["ai-proxy"]}})
+           "grants": {"routing": true, "log": true, "clock": true, "metrics": true,
+                      "consumers": ["ai-proxy"]}})
 }
 
 fn ai_proxy(instances: Value) -> Value {
@@ -267,6 +270,26 @@ async fn ai_proxy_serves_the_openai_client_from_openai_and_anthropic_providers()
     let log = gateway.access_log(4).await;
     let log = serde_json::to_string(&log).unwrap();
     assert!(!log.contains("secret"), "{log}");
+
+    // Each route's tokens, by the model asked for; and one first token per stream.
+    let metrics = gateway.admin_url("/metrics");
+    for (route, provider, model) in [
+        ("o", "openai", "gpt-4o-mini"),
+        ("a", "anthropic", "claude-sonnet-4-5"),
+    ] {
+        let labels = format!(r#"route="{route}",provider="{provider}",model="{model}""#);
+        for (kind, tokens) in [("prompt", prompt), ("completion", completion)] {
+            let name = format!(r#"weir_ai_tokens_total{{{labels},consumer="",kind="{kind}"}}"#);
+            let want = (2 * tokens) as f64;
+            weir_tests::eventually(&format!("{name} = {want}"), Duration::from_secs(10), || {
+                let (metrics, name) = (metrics.clone(), name.clone());
+                async move { weir_tests::metric(&metrics, &name).await == want }
+            })
+            .await;
+        }
+        let name = format!("weir_ai_first_token_seconds_count{{{labels}}}");
+        assert_eq!(weir_tests::metric(&metrics, &name).await, 1.0, "{name}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -563,4 +586,63 @@ async fn ai_token_limit_on_redis_counts_across_two_gateway_processes() {
         b.log()
     );
     assert_eq!(openai.received().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_names_a_client_chooses_cannot_grow_the_ai_metrics_without_end() {
+    let provider = FakeProvider::start(Api::OpenAi, "sk-p", "ok").await;
+    let gateway = TestGateway::start(&yaml(json!({
+        "upstreams": [provider.upstream("p")],
+        "plugins": [ai_proxy_entry()],
+        "routes": [{"id": "x", "uri": "/x", "upstream_id": "p",
+                    "plugins": ai_proxy(json!([{"name": "p", "provider": "openai",
+                                                "upstream": "p", "api_key": "sk-p"}]))}],
+    })))
+    .await;
+    let models = 70;
+    for n in 0..models {
+        let chat = json!({"model": format!("model-{n}"),
+                          "messages": [{"role": "user", "content": "hi"}]});
+        assert_eq!(post(&gateway, "/x", &chat).await.status, StatusCode::OK);
+    }
+    // A name that is no label is not recorded; its answer is served all the same.
+    let chat = json!({"model": "bad model\nname", "messages": []});
+    assert_eq!(post(&gateway, "/x", &chat).await.status, StatusCode::OK);
+
+    let metrics = gateway.admin_url("/metrics");
+    let prompts = || async {
+        let text = weir_tests::get(&metrics).await.text();
+        let lines: Vec<String> = text
+            .lines()
+            .filter(|line| {
+                line.starts_with("weir_ai_tokens_total{") && line.contains(r#"kind="prompt""#)
+            })
+            .map(str::to_owned)
+            .collect();
+        lines
+    };
+    let (prompt, _) = USAGE;
+    let total = |lines: &[String]| -> u64 {
+        lines
+            .iter()
+            .map(|line| line.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum()
+    };
+    weir_tests::eventually(
+        "every call's tokens counted",
+        Duration::from_secs(10),
+        || async { total(&prompts().await) == models * prompt },
+    )
+    .await;
+    let lines = prompts().await;
+    assert_eq!(lines.len(), 65, "64 models, then `other`: {lines:#?}");
+    let other = lines
+        .iter()
+        .find(|line| line.contains(r#"model="other""#))
+        .unwrap();
+    assert!(other.ends_with(&format!(" {}", 6 * prompt)), "{other}");
+    assert!(
+        !lines.iter().any(|line| line.contains("bad model")),
+        "{lines:#?}"
+    );
 }

@@ -187,6 +187,8 @@ pub struct Stream {
     output_tokens: u64,
     /// Whether the client asked for a last chunk with the usage.
     include_usage: bool,
+    /// Whether any text has come yet.
+    texted: bool,
 }
 
 impl Stream {
@@ -197,6 +199,16 @@ impl Stream {
             include_usage,
             ..Stream::default()
         }
+    }
+
+    /// The prompt's and the answer's tokens so far.
+    pub fn tokens(&self) -> (u64, u64) {
+        (self.input_tokens, self.output_tokens)
+    }
+
+    /// Whether any of the answer's text has come.
+    pub fn texted(&self) -> bool {
+        self.texted
     }
 
     /// The OpenAI events (each a `data:` line and a blank line) for one Anthropic event's
@@ -215,6 +227,7 @@ impl Stream {
                 );
             }
             "content_block_delta" if data["delta"]["type"] == "text_delta" => {
+                self.texted = true;
                 let delta = json!({"content": data["delta"]["text"]});
                 self.chunk(
                     json!([{"index": 0, "delta": delta, "finish_reason": null}]),
@@ -358,6 +371,8 @@ mod tests {
         let text = String::from_utf8(out).unwrap();
         let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
         assert_eq!(events.len(), 5, "{text}");
+        assert_eq!(stream.tokens(), (5, 2));
+        assert!(stream.texted());
         let data = |i: usize| -> Value { serde_json::from_str(&events[i][6..]).unwrap() };
         assert_eq!(data(0)["choices"][0]["delta"]["role"], "assistant");
         assert_eq!(data(0)["id"], "msg_1");

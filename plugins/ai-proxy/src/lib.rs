@@ -9,9 +9,11 @@ use std::sync::{Mutex, PoisonError};
 
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
+use weir_sdk::ai_metrics::{self, ModelUse};
 use weir_sdk::fallbacks::{self, Target};
 use weir_sdk::{
-    Action, ChunkAction, ChunkWants, Level, Plugin, Reply, Request, Response, Wants, schemars,
+    Action, ChunkAction, ChunkWants, Level, Plugin, Reply, Request, Response, Summary, Wants,
+    schemars,
 };
 
 /// The most instances one route may list (the gateway tries at most 8 targets).
@@ -64,12 +66,27 @@ enum Provider {
     Anthropic,
 }
 
+impl Provider {
+    /// The provider's name in the metrics.
+    fn label(self) -> &'static str {
+        match self {
+            Provider::Openai => "openai",
+            Provider::Anthropic => "anthropic",
+        }
+    }
+}
+
 /// How a response's body reaches the client.
 #[derive(Debug, Default)]
 enum Answer {
-    /// As it came: an OpenAI-compatible provider's success, or a request not this plugin's.
+    /// As it came: a request not this plugin's, or an answer it does not read.
     #[default]
     Pass,
+    /// An OpenAI-compatible provider's whole answer: held, its usage read, then passed.
+    OpenaiWhole,
+    /// An OpenAI-compatible provider's stream: passed event by event, its usage read (and
+    /// kept from a client that did not ask for it).
+    OpenaiStream,
     /// Held whole, then translated from Anthropic's JSON (an answer or an error).
     AnthropicWhole,
     /// Translated event by event from Anthropic's stream.
@@ -83,12 +100,22 @@ enum Answer {
 /// What the plugin keeps for the request it serves, from `on-request` to its last chunk.
 #[derive(Debug, Default)]
 struct Exchange {
-    /// The provider of each target set, in their order.
-    providers: Vec<Provider>,
+    /// The provider of each target set, and the model asked of it, in their order.
+    providers: Vec<(Provider, String)>,
+    /// The target that answered.
+    answered: Option<(Provider, String)>,
+    /// When the request came, in milliseconds since the epoch.
+    started_ms: u64,
+    /// The prompt's and the answer's tokens, once an answer said.
+    usage: Option<(u64, u64)>,
+    /// Milliseconds from the request to the first token of a stream.
+    first_token_ms: Option<u64>,
     /// The keys sent, to take out of anything a provider says back.
     keys: Vec<String>,
     /// Whether the client asked for usage at the end of a stream.
     include_usage: bool,
+    /// Whether the client asked for a stream.
+    stream: bool,
     /// When the request came, in seconds since the epoch.
     created: u64,
     answer: Answer,
@@ -182,7 +209,7 @@ impl AiProxy {
         body: &Map<String, Value>,
         model: Option<&str>,
         key: &str,
-    ) -> Result<Target, String> {
+    ) -> Result<(Target, String), String> {
         let model = instance
             .model
             .as_deref()
@@ -192,6 +219,15 @@ impl AiProxy {
             Provider::Openai => {
                 let mut body = body.clone();
                 body.insert("model".into(), model.into());
+                if body.get("stream") == Some(&Value::Bool(true)) {
+                    // The usage is the metrics'; a client that did not ask never sees it.
+                    let options = body
+                        .entry("stream_options")
+                        .or_insert_with(|| Value::Object(Map::new()));
+                    if let Value::Object(options) = options {
+                        options.insert("include_usage".into(), true.into());
+                    }
+                }
                 let headers = vec![("authorization".to_owned(), format!("Bearer {key}"))];
                 ("/v1/chat/completions", headers, Value::Object(body))
             }
@@ -208,61 +244,119 @@ impl AiProxy {
         };
         let mut set_headers = headers;
         set_headers.push(("content-type".into(), "application/json".into()));
-        Ok(Target {
+        let target = Target {
             upstream: instance.upstream.clone(),
             set_headers,
             path: Some(instance.path.clone().unwrap_or_else(|| path.to_owned())),
             body: Some(body.to_string().into_bytes()),
-        })
+        };
+        Ok((target, model.to_owned()))
     }
 
     /// The response chunk of a request this plugin sent on, as the client gets it.
     fn answer_chunk(&self, chunk: &[u8], end_of_stream: bool) -> ChunkAction {
         let mut exchange = self.exchange();
-        let Exchange {
-            answer,
-            keys,
-            created,
-            ..
-        } = &mut *exchange;
-        match answer {
+        let exchange = &mut *exchange;
+        let whole = matches!(
+            exchange.answer,
+            Answer::OpenaiWhole | Answer::AnthropicWhole | Answer::Redacted | Answer::NoProvider
+        );
+        if whole && !end_of_stream {
+            return ChunkAction::Hold;
+        }
+        let streamed = matches!(
+            exchange.answer,
+            Answer::OpenaiStream | Answer::AnthropicStream(_)
+        );
+        let (events, rest) = split_events(chunk);
+        if streamed && !rest.is_empty() && !end_of_stream {
+            // An event split across chunks is read once whole.
+            return ChunkAction::Hold;
+        }
+        let events = if end_of_stream { chunk } else { events };
+        match &mut exchange.answer {
             Answer::Pass => ChunkAction::Pass,
-            Answer::AnthropicWhole | Answer::Redacted | Answer::NoProvider if !end_of_stream => {
-                ChunkAction::Hold
+            Answer::OpenaiWhole => {
+                exchange.usage = serde_json::from_slice::<Value>(chunk)
+                    .ok()
+                    .and_then(|answer| openai_usage(&answer));
+                ChunkAction::Pass
             }
             Answer::AnthropicWhole => {
                 let translated = serde_json::from_slice::<Value>(chunk)
                     .ok()
-                    .and_then(|whole| anthropic::answer(&whole, *created));
-                match translated {
-                    Some(answer) => {
-                        ChunkAction::Replace(redacted(answer.to_string().as_bytes(), keys))
-                    }
-                    None => ChunkAction::Replace(redacted(chunk, keys)),
-                }
+                    .and_then(|whole| anthropic::answer(&whole, exchange.created));
+                let Some(answer) = translated else {
+                    return ChunkAction::Replace(redacted(chunk, &exchange.keys));
+                };
+                exchange.usage = openai_usage(&answer);
+                ChunkAction::Replace(redacted(answer.to_string().as_bytes(), &exchange.keys))
             }
-            Answer::Redacted => ChunkAction::Replace(redacted(chunk, keys)),
+            Answer::Redacted => ChunkAction::Replace(redacted(chunk, &exchange.keys)),
             Answer::NoProvider => {
                 let reply = openai_error(502, "upstream_error", "no provider could answer");
                 ChunkAction::Replace(reply.body)
             }
-            Answer::AnthropicStream(stream) => {
-                let (events, rest) = split_events(chunk);
-                if !rest.is_empty() && !end_of_stream {
-                    // An event split across chunks is translated once whole.
-                    return ChunkAction::Hold;
+            Answer::OpenaiStream => {
+                let keep_usage = exchange.include_usage;
+                let mut out = Vec::with_capacity(events.len());
+                let mut dropped = false;
+                for event in String::from_utf8_lossy(events).split_inclusive("\n\n") {
+                    let data = event_data(event).next();
+                    let parsed = data.and_then(|data| serde_json::from_str::<Value>(&data).ok());
+                    if let Some(data) = &parsed {
+                        if let Some(usage) = openai_usage(data) {
+                            exchange.usage = Some(usage);
+                        }
+                        let texted = data["choices"][0]["delta"]["content"]
+                            .as_str()
+                            .is_some_and(|text| !text.is_empty());
+                        if texted && exchange.first_token_ms.is_none() {
+                            exchange.first_token_ms = Some(elapsed_ms(exchange.started_ms));
+                        }
+                        if !keep_usage && data["choices"] == json!([]) && data["usage"].is_object()
+                        {
+                            dropped = true;
+                            continue;
+                        }
+                    }
+                    out.extend_from_slice(event.as_bytes());
                 }
+                if dropped {
+                    ChunkAction::Replace(out)
+                } else {
+                    ChunkAction::Pass
+                }
+            }
+            Answer::AnthropicStream(stream) => {
                 let mut out = Vec::new();
-                let text = String::from_utf8_lossy(if end_of_stream { chunk } else { events });
-                for data in event_data(&text) {
+                for data in event_data(&String::from_utf8_lossy(events)) {
                     if let Ok(data) = serde_json::from_str::<Value>(&data) {
                         stream.event(&data, &mut out);
                     }
                 }
+                if stream.texted() && exchange.first_token_ms.is_none() {
+                    exchange.first_token_ms = Some(elapsed_ms(exchange.started_ms));
+                }
+                exchange.usage = Some(stream.tokens());
                 ChunkAction::Replace(out)
             }
         }
     }
+}
+
+/// Milliseconds since `started_ms`.
+fn elapsed_ms(started_ms: u64) -> u64 {
+    weir_sdk::now_ms().saturating_sub(started_ms)
+}
+
+/// The prompt's and the answer's tokens in an OpenAI answer or chunk's `usage`.
+fn openai_usage(answer: &Value) -> Option<(u64, u64)> {
+    let usage = answer.get("usage").filter(|usage| usage.is_object())?;
+    Some((
+        usage["prompt_tokens"].as_u64().unwrap_or(0),
+        usage["completion_tokens"].as_u64().unwrap_or(0),
+    ))
 }
 
 impl Plugin for AiProxy {
@@ -301,7 +395,7 @@ impl Plugin for AiProxy {
         Wants {
             on_request: true,
             on_response: true,
-            on_log: false,
+            on_log: true,
             request_body: true,
             response_body: false,
         }
@@ -351,7 +445,8 @@ impl Plugin for AiProxy {
                 .get("stream_options")
                 .and_then(|options| options.get("include_usage"))
                 == Some(&Value::Bool(true)),
-            created: weir_sdk::now_ms() / 1000,
+            stream: body.get("stream") == Some(&Value::Bool(true)),
+            started_ms: weir_sdk::now_ms(),
             ..Exchange::default()
         };
         let mut why = None;
@@ -361,9 +456,9 @@ impl Plugin for AiProxy {
                 continue;
             };
             match self.target(instance, &body, model, &key) {
-                Ok(target) => {
+                Ok((target, model)) => {
                     targets.push(target);
-                    exchange.providers.push(instance.provider);
+                    exchange.providers.push((instance.provider, model));
                     exchange.keys.push(key);
                 }
                 Err(e) => {
@@ -391,6 +486,7 @@ impl Plugin for AiProxy {
                 "the gateway's ai-proxy is misconfigured",
             ));
         }
+        exchange.created = exchange.started_ms / 1000;
         *self.exchange() = exchange;
         Action::Continue
     }
@@ -402,18 +498,39 @@ impl Plugin for AiProxy {
         }
         let success = (200..300).contains(&resp.status());
         let streamed = is_event_stream(resp.header("content-type").as_deref());
-        let answered = fallbacks::answered_by(req)
-            .and_then(|index| exchange.providers.get(index as usize).copied());
-        exchange.answer = match answered {
+        exchange.answered = fallbacks::answered_by(req)
+            .and_then(|index| exchange.providers.get(index as usize).cloned());
+        let provider = exchange.answered.as_ref().map(|(provider, _)| *provider);
+        exchange.answer = match provider {
             Some(Provider::Anthropic) if success && streamed => Answer::AnthropicStream(
                 anthropic::Stream::new(exchange.created, exchange.include_usage),
             ),
             Some(Provider::Anthropic) => Answer::AnthropicWhole,
-            Some(Provider::Openai) if success => Answer::Pass,
+            Some(Provider::Openai) if success && streamed => Answer::OpenaiStream,
+            Some(Provider::Openai) if success => Answer::OpenaiWhole,
             Some(Provider::Openai) => Answer::Redacted,
             None if resp.status() >= 500 => Answer::NoProvider,
             None => Answer::Pass,
         };
+    }
+
+    fn on_log(&self, req: &Request, _summary: &Summary) {
+        let exchange = self.exchange();
+        let (Some((provider, model)), Some((prompt, completion))) =
+            (&exchange.answered, exchange.usage)
+        else {
+            return;
+        };
+        let used = ModelUse {
+            provider: provider.label().into(),
+            model: model.clone(),
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            first_token_ms: exchange.first_token_ms.filter(|_| exchange.stream),
+        };
+        if let Err(e) = ai_metrics::record(req, &used) {
+            weir_sdk::log(Level::Warn, &format!("ai-proxy: usage not recorded: {e}"));
+        }
     }
 
     fn on_response_chunk(&self, chunk: &[u8], end_of_stream: bool) -> ChunkAction {
