@@ -461,6 +461,9 @@ async fn to_targets(
             },
         };
         let mut head = head.clone();
+        // A target is a service of its own (a provider's API): the client's host is not its
+        // name, so its node's is sent, unless the target sets one.
+        head.headers.remove(header::HOST);
         for (name, value) in target.set_headers {
             head.headers.insert(name, value);
         }

@@ -247,6 +247,11 @@ async fn ai_proxy_serves_the_openai_client_from_openai_and_anthropic_providers()
             assert!(!headers.contains("client-key"), "{headers}");
         }
     }
+    // Each was sent with its own node's host, not the gateway's.
+    for provider in [&openai, &anthropic] {
+        let host = format!("127.0.0.1:{}", provider.port());
+        assert_eq!(provider.received()[0].headers["host"], &*host);
+    }
     // OpenAI's request went as the client sent it; Anthropic's was translated.
     let asked = &openai.received()[1].body;
     assert_eq!(asked["model"], "gpt-4o-mini");
