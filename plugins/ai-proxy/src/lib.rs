@@ -44,7 +44,9 @@ struct InstanceConfig {
     upstream: String,
     /// The provider's API key. Without it, the key is the consumer's: its `ai-proxy`
     /// credential's `api_key` (the plugin entry's `grants.consumers` must list `ai-proxy`).
+    /// Write-only: the admin API never shows it.
     #[serde(default)]
+    #[schemars(extend("writeOnly" = true))]
     api_key: Option<String>,
     /// The model to ask for, whatever the client asked.
     #[serde(default)]
@@ -559,6 +561,14 @@ mod tests {
         let data: Vec<String> =
             event_data("event: x\ndata: {\"a\":1}\n\ndata: 2\r\n\r\n").collect();
         assert_eq!(data, ["{\"a\":1}", "2"]);
+    }
+
+    #[test]
+    fn the_api_key_is_write_only_in_the_schema_the_admin_api_redacts_by() {
+        let schema = serde_json::to_value(schemars::schema_for!(Config)).unwrap();
+        let instance = &schema["$defs"]["InstanceConfig"]["properties"];
+        assert_eq!(instance["api_key"]["writeOnly"], true, "{schema}");
+        assert!(instance["upstream"].get("writeOnly").is_none(), "{schema}");
     }
 
     #[test]
