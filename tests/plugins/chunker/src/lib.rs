@@ -28,6 +28,9 @@ enum Config {
     /// Keeps the request's query in `on-request`, and puts it in brackets before each chunk
     /// of the response body: which request's state each chunk met.
     Tag,
+    /// Wants the response body's chunks and passes each one on as it is: what a chunk hook that
+    /// does nothing costs (bench/run's case Sh).
+    Pass,
 }
 
 struct Chunker(Config, Mutex<String>);
@@ -78,6 +81,7 @@ impl Plugin for Chunker {
                 let tag = self.1.lock().unwrap();
                 ChunkAction::Replace([format!("[{tag}]").as_bytes(), chunk].concat())
             }
+            Config::Pass => ChunkAction::Pass,
             Config::Upper | Config::UpperRequest | Config::Refuse { .. } => self.chunk(chunk),
         }
     }
