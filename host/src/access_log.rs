@@ -38,6 +38,9 @@ pub struct AccessRecord<'a> {
     pub time: String,
     /// The request id.
     pub request_id: &'a str,
+    /// The trace id, under `server.tracing`: 32 lowercase hex digits.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
     /// The client's IP address.
     pub client_ip: String,
     /// The method.

@@ -124,15 +124,24 @@ impl GatewayError {
         }
     }
 
-    /// The JSON response, carrying `request_id`.
-    pub fn response(&self, request_id: &str) -> Response<ProxyBody> {
-        json_error(self.status(), &self.public_message(), request_id)
+    /// The JSON response, carrying `request_id`, and `trace_id` under tracing.
+    pub fn response(&self, request_id: &str, trace_id: Option<&str>) -> Response<ProxyBody> {
+        json_error(self.status(), &self.public_message(), request_id, trace_id)
     }
 }
 
 /// A JSON error response in the gateway's shape.
-pub fn json_error(status: StatusCode, message: &str, request_id: &str) -> Response<ProxyBody> {
-    let body = serde_json::json!({ "error": message, "request_id": request_id }).to_string();
+pub fn json_error(
+    status: StatusCode,
+    message: &str,
+    request_id: &str,
+    trace_id: Option<&str>,
+) -> Response<ProxyBody> {
+    let mut body = serde_json::json!({ "error": message, "request_id": request_id });
+    if let Some(trace_id) = trace_id {
+        body["trace_id"] = trace_id.into();
+    }
+    let body = body.to_string();
     let mut response = Response::new(ProxyBody::full(body));
     *response.status_mut() = status;
     response.headers_mut().insert(

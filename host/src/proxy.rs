@@ -159,6 +159,7 @@ fn arrive<'a>(
 ) -> Result<edge::Arrival<'a>, GatewayError> {
     let arrival = edge::arrive(&snapshot.server, uri, headers, peer)?;
     finish.client_ip = arrival.client_ip;
+    finish.trace_id = arrival.trace.map(|trace| trace.trace_id);
     headers.remove(CONSUMER_HEADER);
     if let Cow::Owned(normal) = &arrival.path {
         finish.normal_path = Some(normal.clone());
@@ -834,6 +835,8 @@ pub struct Finish {
     gateway: Arc<Gateway>,
     started: Instant,
     request_id: String,
+    /// The request's trace, under `server.tracing`.
+    trace_id: Option<[u8; 16]>,
     /// The client's address, as the edge decided it.
     client_ip: IpAddr,
     method: Method,
@@ -876,6 +879,7 @@ impl Finish {
             gateway,
             started: Instant::now(),
             request_id: request_id(&parts.headers),
+            trace_id: None,
             client_ip: peer.addr.ip().to_canonical(),
             method: parts.method.clone(),
             uri: parts.uri.clone(),
@@ -970,6 +974,12 @@ impl Finish {
         Response::from_parts(parts, ResponseBody::finishing(body, Some(self)))
     }
 
+    /// The trace id as the access log and error answers give it.
+    fn trace_hex(&self) -> Option<String> {
+        self.trace_id
+            .map(|id| id.iter().map(|b| format!("{b:02x}")).collect())
+    }
+
     fn fail(self, error: GatewayError) -> Response<ResponseBody<Finish>> {
         let response = self.answer_error(error);
         self.respond(response)
@@ -1002,7 +1012,7 @@ impl Finish {
         if self.grpc {
             grpc_error(error.status(), &error.public_message(), &self.request_id)
         } else {
-            error.response(&self.request_id)
+            error.response(&self.request_id, self.trace_hex().as_deref())
         }
     }
 }
@@ -1017,6 +1027,7 @@ impl Drop for Finish {
             access_log.write(&AccessRecord {
                 time: now_rfc3339(),
                 request_id: &self.request_id,
+                trace_id: self.trace_hex(),
                 client_ip: self.client_ip.to_string(),
                 method: self.method.as_str(),
                 path: self.normal_path.as_deref().unwrap_or(self.uri.path()),

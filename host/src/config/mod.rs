@@ -30,7 +30,7 @@ pub use self::plugin::{
     Quarantine, WasiGrant, is_sha256_hex,
 };
 pub use self::route::{PathNormalization, PluginRef, RouteConfig, RouteStatus, StripPrefix};
-pub use self::server::{MIN_HEADER_BYTES, ServerConfig, TrustedProxy};
+pub use self::server::{MIN_HEADER_BYTES, ServerConfig, TracingConfig, TrustedProxy};
 pub use self::service::ServiceSettings;
 pub use self::ssl::SslConfig;
 pub use self::tenant::{Quotas, TenantConfig};

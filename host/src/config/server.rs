@@ -64,6 +64,42 @@ pub struct ServerConfig {
     /// consumer and route, so it is off by default.
     #[serde(default, skip_serializing_if = "super::is_false")]
     pub metrics_per_consumer: bool,
+    /// `tracing: {sample_ratio: 0.1}`: W3C trace context on every request (`traceparent` read
+    /// or started, sent upstream, and its trace id in the access log and the gateway's errors).
+    /// Off when absent: a client's `traceparent` then passes through untouched.
+    #[serde(default)]
+    pub tracing: Option<TracingConfig>,
+}
+
+/// `server.tracing`: how requests join traces.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TracingConfig {
+    /// `sample_ratio: 1.0`: the share of new traces sampled, and of traces a client began that
+    /// the gateway does not take the client's word for, decided by the trace id.
+    #[serde(default = "one")]
+    pub sample_ratio: f64,
+    /// `respect_client_sampling: false`: follow the `sampled` flag of any client's
+    /// `traceparent`, not only of a peer in `trusted_proxies`. Off, so that a client cannot
+    /// have every one of its requests traced.
+    #[serde(default)]
+    pub respect_client_sampling: bool,
+}
+
+// `check` refuses a NaN ratio, the one value that is not equal to itself.
+impl Eq for TracingConfig {}
+
+impl Default for TracingConfig {
+    fn default() -> Self {
+        TracingConfig {
+            sample_ratio: one(),
+            respect_client_sampling: false,
+        }
+    }
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 /// A network whose `X-Forwarded-*` headers are believed: `10.0.0.0/8`, or one address.
@@ -108,6 +144,7 @@ impl Default for ServerConfig {
             redis_url: None,
             redis_timeout_ms: default_redis_timeout_ms(),
             metrics_per_consumer: false,
+            tracing: None,
         }
     }
 }
@@ -200,6 +237,14 @@ impl ConfigObject for ServerConfig {
         }
         if self.max_connections == 0 {
             checks.fail("/max_connections", "max_connections must be at least 1");
+        }
+        if let Some(tracing) = &self.tracing
+            && !(0.0..=1.0).contains(&tracing.sample_ratio)
+        {
+            checks.fail(
+                "/tracing/sample_ratio",
+                format!("sample_ratio {} is not in 0..=1", tracing.sample_ratio),
+            );
         }
         if !(1..=10_000).contains(&self.http2_max_streams) {
             checks.fail(

@@ -5,6 +5,7 @@
 pub mod forwarded;
 pub mod hop;
 pub mod normalise;
+pub mod trace;
 pub mod trailers;
 
 use std::borrow::Cow;
@@ -71,6 +72,8 @@ pub struct Arrival<'a> {
     pub client_ip: IpAddr,
     /// The connection it came on.
     pub peer: Peer,
+    /// Its place in a trace, under `server.tracing`.
+    pub trace: Option<trace::TraceContext>,
 }
 
 /// Phase 0: checks and normalises the request head in place. `peer` is the connection's
@@ -106,19 +109,28 @@ pub fn arrive<'a>(
         // The authority the request was routed on is the one the upstream hears about.
         headers.insert(header::HOST, host.clone());
     }
-    forwarded::set_headers(
-        headers,
-        peer,
-        forwarded::is_trusted(peer, trusted),
-        proto,
-        host.as_ref(),
-    );
+    let vouched = forwarded::is_trusted(peer, trusted);
+    forwarded::set_headers(headers, peer, vouched, proto, host.as_ref());
+    let trace = settings
+        .config
+        .tracing
+        .as_ref()
+        .map(|tracing| trace::arrive(headers, vouched, tracing, fresh_ids));
     Ok(Arrival {
         path: normal.path,
         raw_only: normal.raw_only,
         client_ip,
         peer: connection,
+        trace,
     })
+}
+
+/// Random bytes for a new trace id and span id.
+fn fresh_ids() -> [u8; 24] {
+    let mut bytes = [0; 24];
+    // The OS's generator does not fail once the process runs; a zero id is made valid anyway.
+    let _ = getrandom::fill(&mut bytes);
+    bytes
 }
 
 /// The authority the client asked for: the absolute URI's (HTTP/2, or an absolute-form
