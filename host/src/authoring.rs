@@ -323,6 +323,8 @@ pub async fn run(
         answered_by: None,
         response_edits: Vec::new(),
         directory: Directory::default(),
+        trace: None,
+        notes: None,
         origin: Default::default(),
     });
     // The gateway's own phases, in its order: see proxy.rs.
@@ -331,7 +333,7 @@ pub async fn run(
     // proxy-wasm filter's HTTP context lives in it.
     let mut bound: Vec<Bound> = chain.iter().map(|_| Bound::default()).collect();
     let (mut view, entered, decided) =
-        proxy::request_phase(&chain, view, &mut plugin_time, &mut bound).await;
+        proxy::request_phase(&chain, view, &mut plugin_time, &mut bound, None).await;
     if view.method.as_str() != request.method {
         report.request_edits.push(format!("method {}", view.method));
     }
@@ -388,6 +390,7 @@ pub async fn run(
         answer,
         &mut plugin_time,
         &mut bound,
+        None,
     )
     .await;
     let view = kept.expect("the request phase's view comes back");

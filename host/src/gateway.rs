@@ -10,6 +10,7 @@ use crate::access_log::{AccessLog, AccessLogTarget};
 use crate::metrics::{Metrics, ReloadLabels};
 use crate::plugin::{PluginError, PluginRuntime};
 use crate::snapshot::{BuildContext, Desired, ModuleSource, Snapshot};
+use crate::spans::export::{SpanExport, SpanSink};
 use crate::store::StoreHealth;
 use crate::upstream::ClientPool;
 
@@ -32,6 +33,8 @@ pub struct Gateway {
     clients: ClientPool,
     metrics: Arc<Metrics>,
     access_log: AccessLog,
+    /// Where sampled requests' spans go, while `server.tracing` names a collector.
+    spans: SpanExport,
     /// Builds run one at a time, so that a slow build cannot overwrite a newer one.
     build_lock: tokio::sync::Mutex<()>,
     /// Set once a drain starts: `/readyz` answers 503 from then on.
@@ -49,6 +52,10 @@ impl Gateway {
         module_cache: Option<std::path::PathBuf>,
     ) -> Result<Arc<Self>, GatewayInitError> {
         let metrics = Arc::new(Metrics::new());
+        let spans = SpanExport::new(
+            metrics.tracing_spans_dropped.clone(),
+            metrics.tracing_spans_exported.clone(),
+        );
         Ok(Arc::new(Gateway {
             snapshot: ArcSwap::from_pointee(Snapshot::empty()),
             // Not ready until the store's first publication says how it is doing.
@@ -57,6 +64,7 @@ impl Gateway {
             clients: ClientPool::default(),
             metrics,
             access_log: AccessLog::open(access_log)?,
+            spans,
             build_lock: tokio::sync::Mutex::new(()),
             draining: AtomicBool::new(false),
             on_log: TaskTracker::new(),
@@ -112,6 +120,11 @@ impl Gateway {
         &self.access_log
     }
 
+    /// Where a sampled request's spans go, when `server.tracing` names a collector.
+    pub(crate) fn span_sink(&self) -> Option<Arc<SpanSink>> {
+        self.spans.sink()
+    }
+
     /// Builds a snapshot from `desired` on top of the current one and swaps it in.
     /// Requests in flight finish on the snapshot they started with.
     pub async fn apply(&self, desired: &Desired, modules: &dyn ModuleSource) -> Arc<Snapshot> {
@@ -143,6 +156,11 @@ impl Gateway {
             build_us = started.elapsed().as_micros() as u64,
             "config snapshot swapped in"
         );
+        // Checked with the rest of `server`, so this fails only when the exporter cannot
+        // start; requests then carry trace context without recording spans.
+        if let Err(error) = self.spans.configure(next.server.config.tracing.as_ref()) {
+            tracing::warn!(%error, "traces are not exported");
+        }
         self.snapshot.store(next.clone());
         next
     }

@@ -27,6 +27,7 @@ pub mod reconcile;
 pub mod router;
 pub mod server;
 pub mod snapshot;
+pub mod spans;
 pub mod store;
 pub mod timeouts;
 pub mod tls;

@@ -299,6 +299,11 @@ pub struct Metrics {
     pub admin_password_checks_in_flight: Gauge,
     /// Dashboard password checks done.
     pub admin_password_checks: Counter,
+    /// Spans left out of the export: the collector was slow or down, or a request had more
+    /// than its bound.
+    pub tracing_spans_dropped: Counter,
+    /// Spans the collector accepted.
+    pub tracing_spans_exported: Counter,
 }
 
 /// Labels of `weir_module_loads_total`.
@@ -524,6 +529,18 @@ impl Metrics {
             "Dashboard login password checks done, for known and unknown usernames alike",
             admin_password_checks.clone(),
         );
+        let tracing_spans_dropped = Counter::default();
+        registry.register(
+            "tracing_spans_dropped",
+            "Spans left out of the export because the collector was slow or down, or a request had too many",
+            tracing_spans_dropped.clone(),
+        );
+        let tracing_spans_exported = Counter::default();
+        registry.register(
+            "tracing_spans_exported",
+            "Spans the collector accepted",
+            tracing_spans_exported.clone(),
+        );
         let unrouted = RouteMetrics {
             route: "none".to_owned(),
             requests: requests.clone(),
@@ -567,6 +584,8 @@ impl Metrics {
             unrouted,
             admin_password_checks_in_flight,
             admin_password_checks,
+            tracing_spans_dropped,
+            tracing_spans_exported,
         }
     }
 

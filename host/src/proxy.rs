@@ -29,7 +29,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
@@ -40,6 +40,7 @@ use crate::access_log::{AccessRecord, now_rfc3339};
 use crate::body::filtered::{Arrived, ChunkLink, FilteredBody, arrived};
 use crate::body::{CollectError, ProxyBody, ResponseBody, Stalled, collect_bounded};
 use crate::config::{FailurePolicy, PathNormalization};
+use crate::edge::trace::TraceContext;
 use crate::edge::trailers::RequestTrailers;
 use crate::edge::{self, Peer, strip_hop_by_hop};
 use crate::error::{GatewayError, grpc_error, is_grpc};
@@ -47,6 +48,8 @@ use crate::gateway::Gateway;
 use crate::grpc_web;
 use crate::plugin::{Action, Bound, PluginError, Reply, StreamType, Summary};
 use crate::snapshot::{ChainLink, Route, Snapshot, Target};
+use crate::spans::export::SpanSink;
+use crate::spans::{CallNotes, Kind, RequestSpans, SpanRecord};
 use crate::timeouts::IdleBody;
 use crate::upgrade::{self, Spliced};
 use crate::upstream::balancer::InFlight;
@@ -96,6 +99,7 @@ pub async fn handle(
                 request,
                 &mut finish.plugin_time,
                 &mut finish.bound,
+                finish.spans.as_deref_mut(),
             )
             .await;
             finish.after_request_phase(&snapshot, &mut request);
@@ -137,6 +141,7 @@ pub async fn handle(
         response,
         &mut finish.plugin_time,
         &mut finish.bound,
+        finish.spans.as_deref_mut(),
     )
     .await;
     finish.kept_request = kept;
@@ -159,7 +164,14 @@ fn arrive<'a>(
 ) -> Result<edge::Arrival<'a>, GatewayError> {
     let arrival = edge::arrive(&snapshot.server, uri, headers, peer)?;
     finish.client_ip = arrival.client_ip;
-    finish.trace_id = arrival.trace.map(|trace| trace.trace_id);
+    finish.trace = arrival.trace;
+    if let Some(trace) = arrival.trace.filter(|trace| trace.sampled)
+        && let Some(sink) = finish.gateway.span_sink()
+    {
+        let arrived = SystemTime::now() - finish.started.elapsed();
+        finish.spans = Some(Box::new(RequestSpans::new(trace, arrived)));
+        finish.span_sink = Some(sink);
+    }
     headers.remove(CONSUMER_HEADER);
     if let Cow::Owned(normal) = &arrival.path {
         finish.normal_path = Some(normal.clone());
@@ -251,6 +263,8 @@ fn route(
         answered_by: None,
         response_edits: Vec::new(),
         directory: snapshot.directory.clone(),
+        trace: finish.trace,
+        notes: None,
         origin: Origin {
             scheme: if arrival.peer.tls { "https" } else { "http" },
             host: routing_host,
@@ -315,11 +329,15 @@ pub async fn request_phase(
     mut request: Box<RequestView>,
     plugin_time: &mut Duration,
     bound: &mut [Bound],
+    mut spans: Option<&mut RequestSpans>,
 ) -> (Box<RequestView>, usize, Result<Decision, GatewayError>) {
     for (index, link) in chain.iter().enumerate() {
         if !link.pool.wants().on_request {
             continue;
         }
+        let call_span = spans
+            .as_deref_mut()
+            .map(|spans| CallSpan::begin(spans, &mut request));
         let started = Instant::now();
         // Boxed: a plugin call's future is kilobytes, and inline it would make every request's
         // future that large, plugins or not, and be copied with it.
@@ -330,6 +348,14 @@ pub async fn request_phase(
         link.metrics
             .record(elapsed, outcome.as_ref().err().map(PluginError::kind));
         request = returned;
+        if let (Some(call_span), Some(spans)) = (call_span, spans.as_deref_mut()) {
+            let ended = match &outcome {
+                Ok(Action::Continue) => "ok",
+                Ok(Action::Respond(_)) => "reply",
+                Err(error) => call_outcome(error),
+            };
+            call_span.end(spans, link, "on-request", ended, &mut request);
+        }
         match outcome {
             Ok(Action::Continue) => {}
             Ok(Action::Respond(reply)) => {
@@ -542,7 +568,8 @@ async fn send_to(
         read_within,
         upgrade: upgrade.is_some(),
     };
-    let (mut response, in_flight) = upstream::send(upstream, key, outbound).await?;
+    let attempts = finish.spans.as_deref_mut();
+    let (mut response, in_flight) = upstream::send(upstream, key, outbound, attempts).await?;
     finish.upstream = Some(in_flight.node().addr.clone());
     finish.in_flight = Some(in_flight);
     finish.switched = accepted_upgrade(&mut response, upgrade, upstream.idle_timeout())?;
@@ -595,6 +622,7 @@ pub async fn response_phase(
     response: Response<ProxyBody>,
     plugin_time: &mut Duration,
     bound: &mut [Bound],
+    mut spans: Option<&mut RequestSpans>,
 ) -> (
     Option<Box<RequestView>>,
     Result<Response<ProxyBody>, GatewayError>,
@@ -678,6 +706,9 @@ pub async fn response_phase(
         .rev()
         .filter(|(_, link)| link.pool.wants().on_response)
     {
+        let call_span = spans
+            .as_deref_mut()
+            .map(|spans| CallSpan::begin(spans, &mut request));
         let started = Instant::now();
         // Boxed, as in the request phase.
         let call = link
@@ -689,6 +720,10 @@ pub async fn response_phase(
         link.metrics
             .record(elapsed, outcome.as_ref().err().map(PluginError::kind));
         (request, view) = (returned_request, returned_view);
+        if let (Some(call_span), Some(spans)) = (call_span, spans.as_deref_mut()) {
+            let ended = outcome.as_ref().err().map_or("ok", call_outcome);
+            call_span.end(spans, link, "on-response", ended, &mut request);
+        }
         if let Err(error) = outcome {
             if link.failure == FailurePolicy::Closed {
                 let plugin = link.pool.name().to_owned();
@@ -836,7 +871,11 @@ pub struct Finish {
     started: Instant,
     request_id: String,
     /// The request's trace, under `server.tracing`.
-    trace_id: Option<[u8; 16]>,
+    trace: Option<TraceContext>,
+    /// The spans recorded so far, when the request is sampled and a collector is configured.
+    spans: Option<Box<RequestSpans>>,
+    /// Where those spans go when the request is over.
+    span_sink: Option<Arc<SpanSink>>,
     /// The client's address, as the edge decided it.
     client_ip: IpAddr,
     method: Method,
@@ -879,7 +918,9 @@ impl Finish {
             gateway,
             started: Instant::now(),
             request_id: request_id(&parts.headers),
-            trace_id: None,
+            trace: None,
+            spans: None,
+            span_sink: None,
             client_ip: peer.addr.ip().to_canonical(),
             method: parts.method.clone(),
             uri: parts.uri.clone(),
@@ -976,8 +1017,40 @@ impl Finish {
 
     /// The trace id as the access log and error answers give it.
     fn trace_hex(&self) -> Option<String> {
-        self.trace_id
-            .map(|id| id.iter().map(|b| format!("{b:02x}")).collect())
+        self.trace.as_ref().map(TraceContext::trace_id_hex)
+    }
+
+    /// Records the server span, the request's own, and sends the request's spans on.
+    fn end_trace(&mut self, status: u16) {
+        let (Some(mut spans), Some(sink)) = (self.spans.take(), self.span_sink.take()) else {
+            return;
+        };
+        let route = self.route.as_ref().map(|route| route.id.to_string());
+        let name = match &route {
+            Some(route) => format!("{} {route}", self.method),
+            None => self.method.to_string(),
+        };
+        let context = spans.context;
+        let mut span =
+            SpanRecord::ending_now(name, Kind::Server, context.span_id, None, spans.started);
+        span.set("http.request.method", self.method.to_string());
+        // The normal form, never the query string: it may carry what a client wants private.
+        let path = self.normal_path.as_deref().unwrap_or(self.uri.path());
+        span.set("url.path", path.to_owned());
+        span.set("http.response.status_code", i64::from(status));
+        span.set("client.address", self.client_ip.to_string());
+        span.set("weir.request_id", self.request_id.clone());
+        if let Some(route) = route {
+            span.set("http.route", route);
+        }
+        if let Some(consumer) = &self.consumer {
+            span.set("weir.consumer", consumer.to_string());
+        }
+        if status >= 500 {
+            span.failed = Some(format!("answered {status}").into());
+        }
+        spans.push(span);
+        sink.send(*spans);
     }
 
     fn fail(self, error: GatewayError) -> Response<ResponseBody<Finish>> {
@@ -1021,6 +1094,7 @@ impl Drop for Finish {
     fn drop(&mut self) {
         let latency = self.started.elapsed();
         let status = self.status.as_u16();
+        self.end_trace(status);
         let route_id = self.route.as_ref().map(|r| &*r.id);
         let access_log = self.gateway.access_log();
         if access_log.enabled() {
@@ -1085,6 +1159,74 @@ impl Drop for Finish {
     }
 }
 
+/// A plugin call's span while the call runs: its id is the parent the call's outbound calls
+/// name, and what the plugin adds to it gathers in the request's `notes`.
+struct CallSpan {
+    id: [u8; 8],
+    start: SystemTime,
+}
+
+impl CallSpan {
+    fn begin(spans: &mut RequestSpans, request: &mut RequestView) -> Self {
+        let id = spans.new_id();
+        request.notes = Some(Box::new(CallNotes::new(id)));
+        if let Some(trace) = &mut request.trace {
+            trace.span_id = id;
+        }
+        CallSpan {
+            id,
+            start: SystemTime::now(),
+        }
+    }
+
+    /// Records the call's span (and its outbound calls') as `phase` of `link`'s plugin, ended
+    /// as `outcome`.
+    fn end(
+        self,
+        spans: &mut RequestSpans,
+        link: &ChainLink,
+        phase: &'static str,
+        outcome: &'static str,
+        request: &mut RequestView,
+    ) {
+        let server = spans.context.span_id;
+        if let Some(trace) = &mut request.trace {
+            trace.span_id = server;
+        }
+        let notes = request.notes.take().map(|notes| *notes).unwrap_or_default();
+        let name = format!("plugin {} {phase}", link.pool.name());
+        let mut span =
+            SpanRecord::ending_now(name, Kind::Internal, self.id, Some(server), self.start);
+        span.set("weir.plugin", link.pool.name().to_owned());
+        span.set("weir.tenant", link.pool.tenant().to_owned());
+        span.set("weir.phase", phase);
+        span.set("weir.outcome", outcome);
+        let used = span.end.duration_since(span.start).unwrap_or_default();
+        span.set("weir.plugin.time_us", used.as_micros() as i64);
+        span.set("weir.plugin.outbound_calls", notes.outbound.len() as i64);
+        if outcome != "ok" && outcome != "reply" {
+            span.failed = Some(outcome.into());
+        }
+        span.attributes.extend(notes.attributes);
+        span.events = notes.events;
+        for outbound in notes.outbound {
+            spans.push(outbound);
+        }
+        spans.push(span);
+    }
+}
+
+/// A failed plugin call's outcome, as its span names it.
+fn call_outcome(error: &PluginError) -> &'static str {
+    match error {
+        PluginError::Timeout(_) => "timeout",
+        PluginError::Memory(_) | PluginError::Limit(_) | PluginError::Quota(_) => "over-limit",
+        PluginError::Quarantined(_) => "quarantined",
+        PluginError::Trap(_) => "trap",
+        other => other.kind(),
+    }
+}
+
 /// Splits `/user-svc/api/x` into the path `/api/x` and the service `user-svc`.
 fn split_service(path: &str) -> (String, Option<String>) {
     let rest = path.trim_start_matches('/');
@@ -1132,6 +1274,8 @@ fn read_only_copy(request: &RequestView) -> Box<RequestView> {
         answered_by: request.answered_by,
         response_edits: Vec::new(),
         directory: request.directory.clone(),
+        trace: request.trace,
+        notes: None,
     })
 }
 

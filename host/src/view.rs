@@ -10,6 +10,8 @@ use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, Method, StatusCode};
 
 use crate::config::Consumers;
+use crate::edge::trace::TraceContext;
+use crate::spans::CallNotes;
 
 /// Headers that a plugin may not set or remove, because the gateway owns the framing.
 const FRAMING_HEADERS: &[&str] = &["content-length", "transfer-encoding", "connection"];
@@ -67,6 +69,12 @@ pub struct RequestView {
     pub directory: Directory,
     /// Where and how the request arrived.
     pub origin: Origin,
+    /// The request's place in a trace, under `server.tracing`: during a plugin's call, with
+    /// that call's span (when it is recorded) as the parent of the plugin's outbound calls.
+    pub trace: Option<TraceContext>,
+    /// What the plugin call in progress adds to its span, when the request's spans are
+    /// recorded.
+    pub notes: Option<Box<CallNotes>>,
 }
 
 /// One upstream a plugin chose for the request to try, with the edits that go with it, checked.
@@ -560,6 +568,8 @@ pub(crate) mod tests {
             answered_by: None,
             response_edits: Vec::new(),
             directory: Directory::default(),
+            trace: None,
+            notes: None,
             origin: Origin::default(),
         }
     }

@@ -314,6 +314,33 @@ pub mod ai_metrics {
     }
 }
 
+/// The plugin's own span in the request's trace (world 0.3.0): attributes and events on the
+/// span of the call in progress; needs the `tracing` grant. Each returns `Ok(false)` when the
+/// request's spans are not recorded, and an error past the bounds (16 attributes, 8 events,
+/// 4 KiB per call; names 1 to 256 printable bytes, values at most 256 bytes).
+pub mod span {
+    use crate::Request;
+    use crate::wit::weir::plugin0_3_0::tracing as raw;
+
+    /// Sets attribute `key` to `value` on this call's span.
+    pub fn set_attribute(req: &Request, key: &str, value: &str) -> Result<bool, String> {
+        raw::set_attribute(req, key, value)
+    }
+
+    /// Adds event `name`, now, with `attributes`, to this call's span.
+    pub fn add_event(
+        req: &Request,
+        name: &str,
+        attributes: &[(&str, &str)],
+    ) -> Result<bool, String> {
+        let attributes: Vec<(String, String)> = attributes
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        raw::add_event(req, name, &attributes)
+    }
+}
+
 /// Response headers set from `on_request`, applied when the response arrives (upstream answer,
 /// plugin reply or gateway error alike), so that a plugin needs no `on_response` for them.
 pub mod response {

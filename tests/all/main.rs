@@ -29,4 +29,5 @@ mod signing;
 mod streaming;
 mod tenants;
 mod tls;
+mod tracing;
 mod websocket;

@@ -60,6 +60,8 @@ fn request() -> Box<RequestView> {
         answered_by: None,
         response_edits: Vec::new(),
         directory: Directory::default(),
+        trace: None,
+        notes: None,
         origin: Default::default(),
     })
 }

@@ -25,6 +25,7 @@ pub mod ai;
 pub mod browser;
 pub mod etcd;
 pub mod grpc;
+pub mod otlp;
 pub mod redis;
 pub mod structure;
 pub mod tls;

@@ -77,6 +77,7 @@ impl Secrets {
         match kind {
             Kind::Route => self.route_pointers(value, &mut found),
             Kind::Consumer => credential_pointers(value, &mut found),
+            Kind::Server => tracing_header_pointers(value, &mut found),
             _ => {}
         }
         found.sort();
@@ -161,6 +162,20 @@ impl Secrets {
         } else {
             Err(errors)
         }
+    }
+}
+
+/// Every value of `server.tracing.headers`: they carry a tracing vendor's key.
+fn tracing_header_pointers(server: &Value, found: &mut Vec<String>) {
+    let Some(headers) = server
+        .pointer("/tracing/headers")
+        .and_then(Value::as_object)
+    else {
+        return;
+    };
+    for name in headers.keys() {
+        let escaped = name.replace('~', "~0").replace('/', "~1");
+        found.push(format!("/tracing/headers/{escaped}"));
     }
 }
 
@@ -473,6 +488,16 @@ mod tests {
             .restore(Kind::Consumer, &mut consumer, Some(&json!({"name": "a"})))
             .unwrap_err();
         assert_eq!(errors[0].path, "/credentials/key-auth/key");
+    }
+
+    #[test]
+    fn a_tracing_vendors_header_values_are_never_read_back() {
+        let mut server = json!({"tracing": {"endpoint": "https://otlp.example",
+            "headers": {"x-api-key": "k3y", "a/b": "v"}}});
+        Secrets::default().redact(Kind::Server, &mut server);
+        assert_eq!(server["tracing"]["headers"]["x-api-key"], REDACTED);
+        assert_eq!(server["tracing"]["headers"]["a/b"], REDACTED);
+        assert_eq!(server["tracing"]["endpoint"], "https://otlp.example");
     }
 
     #[test]

@@ -21,7 +21,9 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-pub use self::admin::{Account, AdminConfig, ApiKey, OPENABLE, Role, session_key_bytes};
+pub use self::admin::{
+    Account, AdminConfig, ApiKey, MetricsHistory, OPENABLE, Role, session_key_bytes,
+};
 pub use self::consumer::{ConsumerConfig, Consumers, LookupError};
 pub use self::kind::{Check, KINDS, KindInfo, Layout, Reference, Refused, Slot};
 pub use self::node::ServiceNode;
@@ -30,7 +32,7 @@ pub use self::plugin::{
     Quarantine, WasiGrant, is_sha256_hex,
 };
 pub use self::route::{PathNormalization, PluginRef, RouteConfig, RouteStatus, StripPrefix};
-pub use self::server::{MIN_HEADER_BYTES, ServerConfig, TracingConfig, TrustedProxy};
+pub use self::server::{MIN_HEADER_BYTES, OtlpProtocol, ServerConfig, TracingConfig, TrustedProxy};
 pub use self::service::ServiceSettings;
 pub use self::ssl::SslConfig;
 pub use self::tenant::{Quotas, TenantConfig};

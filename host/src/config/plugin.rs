@@ -95,6 +95,10 @@ pub struct Grants {
     /// `routing: true`: send a request to another upstream than its route's (traffic-split).
     #[serde(default, skip_serializing_if = "is_false")]
     pub routing: bool,
+    /// `tracing: true`: add attributes and events to the plugin's own span of a traced
+    /// request.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub tracing: bool,
 }
 
 /// Where a plugin's outbound HTTP calls may go.

@@ -71,7 +71,7 @@ pub struct ServerConfig {
     pub tracing: Option<TracingConfig>,
 }
 
-/// `server.tracing`: how requests join traces.
+/// `server.tracing`: how requests join traces, and where their spans go.
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TracingConfig {
@@ -84,6 +84,101 @@ pub struct TracingConfig {
     /// have every one of its requests traced.
     #[serde(default)]
     pub respect_client_sampling: bool,
+    /// `endpoint: http://collector:4317`: where sampled requests' spans are sent over OTLP.
+    /// Without one, trace context is passed on but no span is recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// `protocol: grpc`: OTLP over gRPC (`grpc`, usually port 4317) or HTTP with protobuf
+    /// bodies (`http`, usually port 4318, to the endpoint's `/v1/traces`).
+    #[serde(default)]
+    pub protocol: OtlpProtocol,
+    /// `service_name: weir`: the `service.name` the spans are reported under.
+    #[serde(default = "default_service_name")]
+    pub service_name: String,
+    /// `headers: {x-honeycomb-team: ...}`: sent with every export, such as a vendor's key.
+    /// Secret: the admin API never shows their values.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub headers: std::collections::BTreeMap<String, String>,
+}
+
+/// How spans travel to the collector.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum OtlpProtocol {
+    /// OTLP/gRPC.
+    #[default]
+    Grpc,
+    /// OTLP/HTTP with protobuf bodies.
+    Http,
+}
+
+/// The most headers `server.tracing.headers` may name.
+const MAX_TRACING_HEADERS: usize = 16;
+
+impl TracingConfig {
+    /// Adds a failure to `checks` for each field out of bounds.
+    fn check(&self, checks: &mut Checks) {
+        if !(0.0..=1.0).contains(&self.sample_ratio) {
+            checks.fail(
+                "/tracing/sample_ratio",
+                format!("sample_ratio {} is not in 0..=1", self.sample_ratio),
+            );
+        }
+        if let Some(endpoint) = &self.endpoint {
+            let parsed = endpoint.parse::<http::Uri>();
+            let usable = parsed.as_ref().is_ok_and(|uri| {
+                matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some()
+            });
+            if !usable || endpoint.len() > 2048 {
+                checks.fail(
+                    "/tracing/endpoint",
+                    "endpoint must be an http:// or https:// URL with a host",
+                );
+            }
+            if self.protocol == OtlpProtocol::Http
+                && parsed
+                    .as_ref()
+                    .is_ok_and(|uri| uri.scheme_str() == Some("https"))
+            {
+                checks.fail(
+                    "/tracing/endpoint",
+                    "protocol http sends to http:// endpoints only; use protocol grpc for TLS",
+                );
+            }
+        }
+        let name_fits = |name: &str| {
+            !name.is_empty() && name.len() <= 128 && name.bytes().all(|b| b.is_ascii_graphic())
+        };
+        if !name_fits(&self.service_name) {
+            checks.fail(
+                "/tracing/service_name",
+                "service_name must be 1 to 128 printable bytes",
+            );
+        }
+        if self.headers.len() > MAX_TRACING_HEADERS {
+            checks.fail(
+                "/tracing/headers",
+                format!("at most {MAX_TRACING_HEADERS} headers"),
+            );
+        }
+        for (name, value) in &self.headers {
+            let lower = name.to_ascii_lowercase();
+            let valid = http::HeaderName::from_bytes(lower.as_bytes()).is_ok()
+                && http::HeaderValue::from_str(value).is_ok()
+                && value.len() <= 4096;
+            if !valid {
+                // The name only: the value is a secret.
+                let mut shown = name.clone();
+                shown.truncate(64);
+                checks.fail(
+                    "/tracing/headers",
+                    format!("header {shown:?} is not a valid header name and value"),
+                );
+            }
+        }
+    }
 }
 
 // `check` refuses a NaN ratio, the one value that is not equal to itself.
@@ -94,8 +189,16 @@ impl Default for TracingConfig {
         TracingConfig {
             sample_ratio: one(),
             respect_client_sampling: false,
+            endpoint: None,
+            protocol: OtlpProtocol::Grpc,
+            service_name: default_service_name(),
+            headers: std::collections::BTreeMap::new(),
         }
     }
+}
+
+fn default_service_name() -> String {
+    "weir".to_owned()
 }
 
 fn one() -> f64 {
@@ -238,13 +341,8 @@ impl ConfigObject for ServerConfig {
         if self.max_connections == 0 {
             checks.fail("/max_connections", "max_connections must be at least 1");
         }
-        if let Some(tracing) = &self.tracing
-            && !(0.0..=1.0).contains(&tracing.sample_ratio)
-        {
-            checks.fail(
-                "/tracing/sample_ratio",
-                format!("sample_ratio {} is not in 0..=1", tracing.sample_ratio),
-            );
+        if let Some(tracing) = &self.tracing {
+            tracing.check(checks);
         }
         if !(1..=10_000).contains(&self.http2_max_streams) {
             checks.fail(

@@ -203,6 +203,7 @@ mod tests {
         TracingConfig {
             sample_ratio,
             respect_client_sampling,
+            ..TracingConfig::default()
         }
     }
 

@@ -13,6 +13,7 @@ use hyper_util::rt::TokioExecutor;
 
 use super::bindings::weir::plugin0_1_0::http_client::{IncomingResponse, OutgoingRequest};
 use crate::config::HttpGrant;
+use crate::edge::trace::{TRACEPARENT, TRACESTATE, TraceContext};
 
 /// Headers a plugin may not set on a call: the client manages the connection and framing.
 const MANAGED: &[&str] = &[
@@ -196,14 +197,17 @@ impl Call {
 impl Callouts {
     /// Sends a call made earlier, as [`Callouts::send`] does.
     pub async fn send_call(&self, call: Call) -> Result<IncomingResponse, String> {
-        self.send(&call.grant, call.request).await
+        self.send(&call.grant, call.request, None).await
     }
 
-    /// Sends a permitted call and reads the whole response; every failure is a message.
+    /// Sends a permitted call and reads the whole response; every failure is a message. In a
+    /// traced request, the call carries `trace` as its `traceparent`, in place of any the
+    /// plugin set.
     pub async fn send(
         &self,
         grant: &HttpGrant,
         request: OutgoingRequest,
+        trace: Option<TraceContext>,
     ) -> Result<IncomingResponse, String> {
         let (method, uri) = permitted(grant, &request.method, &request.url)?;
         let authority = uri.authority().expect("a permitted URL has a host").clone();
@@ -223,6 +227,10 @@ impl Callouts {
             let value = HeaderValue::from_str(&value)
                 .map_err(|_| format!("the value of {name} is not valid"))?;
             headers.append(name, value);
+        }
+        if let Some(trace) = trace {
+            headers.insert(TRACEPARENT, trace.traceparent());
+            headers.remove(TRACESTATE);
         }
         let body = Bytes::from(request.body);
         let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();

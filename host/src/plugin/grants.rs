@@ -58,6 +58,7 @@ fn offer(import: &str, grants: &Grants) -> Offer {
             Offer::Granted("metrics: true", grants.metrics)
         }
         "weir:plugin/http-client" => Offer::Granted("http: {hosts: [..]}", grants.http.is_some()),
+        "weir:plugin/tracing" => Offer::Granted("tracing: true", grants.tracing),
         // Streams and exit are plumbing; stdin is empty, the environment and arguments are
         // empty, and there is no terminal. Output is dropped unless `stdio` is granted.
         "wasi:io/error"

@@ -10,7 +10,9 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::weir::plugin0_1_0::{clock, http, http_client, kv, log, metrics};
 use super::bindings::weir::plugin0_2_0::{consumers, kv_scope, response_edits, routing};
-use super::bindings::weir::plugin0_3_0::{ai_metrics, consumer_credentials, fallbacks};
+use super::bindings::weir::plugin0_3_0::{
+    ai_metrics, consumer_credentials, fallbacks, tracing as span_notes,
+};
 use super::callout::Callouts;
 use super::health::PluginHealth;
 use super::tenant::{QuotaExceeded, Tenant};
@@ -672,9 +674,49 @@ impl http_client::Host for InstanceState {
         let Some(grant) = self.scope.grants.http.clone() else {
             return Ok(Err("this plugin has no http grant".into()));
         };
+        // The call joins the request's trace: a span of its own, under the plugin call's.
+        let trace = self.request.as_deref_mut().and_then(outbound_trace);
+        let started = std::time::SystemTime::now();
+        let method = request.method.clone();
         // While this awaits, the plugin does not run, so no tick is counted against it.
-        Ok(self.scope.callouts.send(&grant, request).await)
+        let answered = self
+            .scope
+            .callouts
+            .send(&grant, request, trace.map(|(context, _)| context))
+            .await;
+        if let Some((context, parent)) = trace
+            && let Some(notes) = self.request.as_deref_mut().and_then(|r| r.notes.as_mut())
+        {
+            let mut span = crate::spans::SpanRecord::ending_now(
+                format!("plugin call {method}"),
+                crate::spans::Kind::Client,
+                context.span_id,
+                Some(parent),
+                started,
+            );
+            span.set("http.request.method", method);
+            match &answered {
+                Ok(response) => span.set("http.response.status_code", i64::from(response.status)),
+                Err(_) => span.failed = Some("the call failed".into()),
+            }
+            notes.push_outbound(span);
+        }
+        Ok(answered)
     }
+}
+
+/// The trace context an outbound call carries, and the span it is a child of: the plugin
+/// call's when the request's spans are recorded (the call then gets a span id of its own),
+/// or the gateway's.
+fn outbound_trace(
+    request: &mut RequestView,
+) -> Option<(crate::edge::trace::TraceContext, [u8; 8])> {
+    let mut context = request.trace?;
+    let parent = context.span_id;
+    if let Some(notes) = request.notes.as_mut() {
+        context.span_id = notes.new_id();
+    }
+    Some((context, parent))
 }
 
 /// The most response edits one request may queue, across all of its plugins.
@@ -872,6 +914,38 @@ impl ai_metrics::Host for InstanceState {
                 .observe(seconds);
         }
         Ok(Ok(()))
+    }
+}
+
+impl span_notes::Host for InstanceState {
+    fn set_attribute(
+        &mut self,
+        req: Resource<RequestView>,
+        key: String,
+        value: String,
+    ) -> Result<Result<bool, String>> {
+        let Some(notes) = self.request_mut(&req)?.notes.as_mut() else {
+            return Ok(Ok(false));
+        };
+        Ok(notes
+            .set_attribute(&key, &value)
+            .map(|()| true)
+            .map_err(|refused| refused.to_string()))
+    }
+
+    fn add_event(
+        &mut self,
+        req: Resource<RequestView>,
+        name: String,
+        attributes: Vec<(String, String)>,
+    ) -> Result<Result<bool, String>> {
+        let Some(notes) = self.request_mut(&req)?.notes.as_mut() else {
+            return Ok(Ok(false));
+        };
+        Ok(notes
+            .add_event(&name, &attributes)
+            .map(|()| true)
+            .map_err(|refused| refused.to_string()))
     }
 }
 

@@ -74,6 +74,20 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
+    /// The failure's kind, with no node or OS detail in it: what a span's `error.type` says.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            UpstreamError::Connect { .. } => "connect",
+            UpstreamError::ConnectTimeout { .. } => "connect_timeout",
+            UpstreamError::SendTimeout { .. } => "send_timeout",
+            UpstreamError::Timeout { .. } => "read_timeout",
+            UpstreamError::Failed { .. } => "failed",
+            UpstreamError::NoNodes => "no_nodes",
+            UpstreamError::RequestBody { .. } => "request_body",
+            UpstreamError::Saturated { .. } => "saturated",
+        }
+    }
+
     /// How the failure counts against its node, for passive health checks.
     pub(super) fn outcome(&self) -> Outcome {
         match self {

@@ -16,16 +16,19 @@ use super::pool::ConnectFailure;
 use super::pool::{NoResponse, NodeConnections, Sender, UpstreamBody};
 use crate::body::stream::{BodyError, Stalled};
 use crate::config::RetryOn;
+use crate::spans::{Kind, RequestSpans, SpanRecord};
 use crate::timeouts::IdleBody;
 
 /// Sends `request` to a node of `upstream`, trying other nodes as its retry policy says: after
 /// a failed connection, and (for a method in `retry_methods` whose body can be sent again,
 /// within the retry budget) after a timeout, a reset or a `retry_on` status.
-/// `key` is the consistent-hash key (ignored by other balancers).
+/// `key` is the consistent-hash key (ignored by other balancers). Each attempt is recorded
+/// as a span in `spans`, when the request's spans are recorded.
 pub async fn send(
     upstream: &Upstream,
     key: u64,
     request: Outbound,
+    mut spans: Option<&mut RequestSpans>,
 ) -> Result<(Response<UpstreamBody>, InFlight), UpstreamError> {
     let Outbound {
         method,
@@ -60,6 +63,7 @@ pub async fn send(
         body: Some(body),
         read,
         upgrade,
+        reused: false,
     };
     let mut tried = Vec::new();
     let mut last_error = UpstreamError::NoNodes;
@@ -76,7 +80,8 @@ pub async fn send(
                 break;
             }
         };
-        if let Some(miss) = retrying.take() {
+        let retry_of = retrying.take();
+        if let Some(miss) = retry_of {
             upstream.retries.record(miss);
         }
         let index = pick.index;
@@ -87,7 +92,21 @@ pub async fn send(
         let node = upstream.nodes.node(index).clone();
         let in_flight = InFlight::begin(node.clone(), pick.slot);
         let last = number + 1 == upstream.attempts;
-        retrying = Some(match attempt.on(index, &node, last).await {
+        let began = spans.is_some().then(std::time::SystemTime::now);
+        let tried_once = attempt.on(index, &node, last).await;
+        if let (Some(spans), Some(began)) = (spans.as_deref_mut(), began) {
+            let span = attempt_span(
+                spans,
+                &attempt,
+                &node.addr,
+                number,
+                retry_of,
+                &tried_once,
+                began,
+            );
+            spans.push(span);
+        }
+        retrying = Some(match tried_once {
             Ok(response) => {
                 let status = response.status().as_u16();
                 if let Some(ejection) = upstream.nodes.ejection() {
@@ -135,6 +154,59 @@ pub(super) struct Attempt<'a> {
     pub(super) read: Duration,
     /// Whether the request asks to upgrade.
     pub(super) upgrade: bool,
+    /// Whether the last attempt went on a pooled connection rather than a new one.
+    pub(super) reused: bool,
+}
+
+/// The span of attempt `number` (from 0) on `node`, which is a retry after `retry_of`.
+fn attempt_span(
+    spans: &mut RequestSpans,
+    attempt: &Attempt<'_>,
+    node: &str,
+    number: usize,
+    retry_of: Option<RetryOn>,
+    tried: &Result<Response<UpstreamBody>, UpstreamError>,
+    began: std::time::SystemTime,
+) -> SpanRecord {
+    let id = spans.new_id();
+    let parent = Some(spans.context.span_id);
+    let name = format!("upstream {}", attempt.upstream.config.id);
+    let mut span = SpanRecord::ending_now(name, Kind::Client, id, parent, began);
+    span.set("http.request.method", attempt.method.to_string());
+    span.set("server.address", node.to_owned());
+    span.set("weir.upstream", attempt.upstream.config.id.to_string());
+    span.set("weir.attempt", number as i64 + 1);
+    span.set(
+        "weir.connection",
+        if attempt.reused { "reused" } else { "new" },
+    );
+    if let Some(retry_of) = retry_of {
+        span.set("weir.retry_reason", retry_reason(retry_of));
+    }
+    match tried {
+        Ok(response) => {
+            let status = response.status().as_u16();
+            span.set("http.response.status_code", i64::from(status));
+            if status >= 500 {
+                span.failed = Some(format!("answered {status}").into());
+            }
+        }
+        Err(error) => {
+            span.set("error.type", error.kind());
+            span.failed = Some(error.kind().into());
+        }
+    }
+    span
+}
+
+/// Why an attempt is a retry, as its span says.
+fn retry_reason(happened: RetryOn) -> String {
+    match happened {
+        RetryOn::ConnectFailure => "connect-failure".to_owned(),
+        RetryOn::Timeout => "timeout".to_owned(),
+        RetryOn::Reset => "reset".to_owned(),
+        RetryOn::Status(status) => status.to_string(),
+    }
 }
 
 impl Attempt<'_> {
@@ -189,6 +261,7 @@ impl Attempt<'_> {
                     });
                 }
             };
+            self.reused = reused;
             let Some(body) = self.body.take() else {
                 return Err(UpstreamError::NoNodes);
             };
@@ -412,7 +485,7 @@ mod tests {
         let clients = ClientPool::default();
         let upstream = upstream(&[port], &clients);
         for _ in 0..3 {
-            let (response, _in_flight) = send(&upstream, 0, get()).await.unwrap();
+            let (response, _in_flight) = send(&upstream, 0, get(), None).await.unwrap();
             assert_eq!(read(response).await, "hi");
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
@@ -423,9 +496,9 @@ mod tests {
         let (port, accepted) = server("hi").await;
         let clients = ClientPool::default();
         let upstream = upstream(&[port], &clients);
-        let (unread, _in_flight) = send(&upstream, 0, get()).await.unwrap();
+        let (unread, _in_flight) = send(&upstream, 0, get(), None).await.unwrap();
         drop(unread);
-        let (response, _in_flight) = send(&upstream, 0, get()).await.unwrap();
+        let (response, _in_flight) = send(&upstream, 0, get(), None).await.unwrap();
         assert_eq!(read(response).await, "hi");
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
@@ -435,12 +508,12 @@ mod tests {
         let (port, accepted) = server("hi").await;
         let clients = ClientPool::default();
         let first = upstream(&[port], &clients);
-        let (response, _in_flight) = send(&first, 0, get()).await.unwrap();
+        let (response, _in_flight) = send(&first, 0, get(), None).await.unwrap();
         assert_eq!(read(response).await, "hi");
         // A config reload builds the upstream again; the node's idle connection is still there.
         let reloaded = upstream(&[port], &clients);
         drop(first);
-        let (response, _in_flight) = send(&reloaded, 0, get()).await.unwrap();
+        let (response, _in_flight) = send(&reloaded, 0, get(), None).await.unwrap();
         assert_eq!(read(response).await, "hi");
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
     }
@@ -452,7 +525,7 @@ mod tests {
         let upstream = upstream(&[closed_port(), port], &clients);
         // Round robin starts at each node in turn: half the requests try the closed one first.
         for _ in 0..4 {
-            let (response, in_flight) = send(&upstream, 0, get()).await.unwrap();
+            let (response, in_flight) = send(&upstream, 0, get(), None).await.unwrap();
             assert_eq!(in_flight.node().addr, format!("127.0.0.1:{port}"));
             assert_eq!(read(response).await, "from the live node");
         }
@@ -463,7 +536,7 @@ mod tests {
         let clients = ClientPool::default();
         let closed = closed_port();
         let upstream = upstream(&[closed], &clients);
-        match send(&upstream, 0, get()).await {
+        match send(&upstream, 0, get(), None).await {
             Err(UpstreamError::Connect { node, .. }) => {
                 assert_eq!(node, format!("127.0.0.1:{closed}"));
             }
