@@ -58,6 +58,8 @@ use crate::view::{BufferedBody, Fallback, Origin, RequestView, ResponseEdit, Res
 
 /// The header a request id is read from when the client sends one.
 const REQUEST_ID_HEADER: &str = "x-request-id";
+/// The metadata a gRPC error gives its trace id in, under `server.tracing`.
+const TRACE_ID_HEADER: HeaderName = HeaderName::from_static("x-trace-id");
 /// The header that tells the upstream which consumer an auth plugin found; a client's own
 /// copy is dropped on arrival, so the upstream can trust it.
 const CONSUMER_HEADER: HeaderName = HeaderName::from_static("x-consumer-username");
@@ -1083,7 +1085,15 @@ impl Finish {
             tracing::debug!(request_id = %self.request_id, %error, "gateway answered with an error");
         }
         if self.grpc {
-            grpc_error(error.status(), &error.public_message(), &self.request_id)
+            let mut response =
+                grpc_error(error.status(), &error.public_message(), &self.request_id);
+            // Beside the request id, as metadata: a gRPC error has no body to carry it.
+            if let Some(trace_id) = self.trace_hex()
+                && let Ok(value) = HeaderValue::from_str(&trace_id)
+            {
+                response.headers_mut().insert(TRACE_ID_HEADER, value);
+            }
+            response
         } else {
             error.response(&self.request_id, self.trace_hex().as_deref())
         }

@@ -46,6 +46,7 @@ async fn gateway_errors_and_plugin_answers_reach_a_grpc_client_as_grpc_statuses(
         .unwrap()
         .port();
     let gateway = TestGateway::start(&yaml(json!({
+        "server": {"tracing": {}},
         "upstreams": [{"id": "down", "scheme": "grpc", "nodes": [{"host": "127.0.0.1", "port": dead}]}],
         "plugins": all_plugins(),
         "routes": [
@@ -67,6 +68,14 @@ async fn gateway_errors_and_plugin_answers_reach_a_grpc_client_as_grpc_statuses(
     assert_eq!(headers["grpc-status"], "14", "UNAVAILABLE: {headers:?}");
     assert_eq!(headers["grpc-message"], "upstream unavailable");
     assert!(headers.contains_key("x-request-id"));
+    // Under `server.tracing`, the trace id too, as the client's trace sent it.
+    let client_trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let (_, headers, _) = call(
+        &gateway.url("/down.Service/Call"),
+        &[("traceparent", client_trace)],
+    )
+    .await;
+    assert_eq!(headers["x-trace-id"], "4bf92f3577b34da6a3ce929d0e0e4736");
 
     // key-auth answers 401 without a key: the client reads UNAUTHENTICATED.
     let (status, headers, body) = call(&gateway.url("/guarded.Service/Call"), &[]).await;
