@@ -261,8 +261,11 @@ fn parse_grants(values: &[String]) -> anyhow::Result<Grants> {
                 "clock" => grants.clock = true,
                 "kv" => grants.kv = true,
                 "metrics" => grants.metrics = true,
+                "routing" => grants.routing = true,
+                "tracing" => grants.tracing = true,
                 other => bail!(
-                    "--grant {other:?}: expected log, clock, kv, metrics, http=HOSTS or wasi=NAME"
+                    "--grant {other:?}: expected log, clock, kv, metrics, routing, tracing, \
+                     http=HOSTS or wasi=NAME"
                 ),
             },
             Some(("http", hosts)) => {
@@ -558,6 +561,8 @@ async fn test(args: TestArgs) -> anyhow::Result<()> {
             "clock",
             "kv",
             "metrics",
+            "routing",
+            "tracing",
             "http=",
             "wasi=clocks",
             "wasi=random",

@@ -92,7 +92,10 @@ async fn open_stream(
         .body(http_body_util::Empty::new())
         .unwrap();
     let asked = tokio::spawn(client.request(request));
-    let events = answers.recv().await.expect("the upstream was asked");
+    let events = tokio::time::timeout(EVENT_WAIT, answers.recv())
+        .await
+        .unwrap_or_else(|_| panic!("the upstream was not asked for {path}"))
+        .expect("the upstream was asked");
     events.send(Bytes::from(first.to_owned())).unwrap();
     let response = tokio::time::timeout(EVENT_WAIT, asked)
         .await
@@ -406,7 +409,7 @@ async fn components_of_worlds_0_1_0_0_2_0_and_0_3_0_serve_in_one_chain_over_a_st
 async fn chunk_hooks_written_in_python_and_javascript_mask_and_number_a_stream() {
     let (port, mut answers) = event_source().await;
     let grants = json!({"log": true, "clock": true, "kv": true, "metrics": true, "routing": true,
-                        "http": {"hosts": []}, "wasi": ["runtime", "clocks", "random"]});
+                        "tracing": true, "http": {"hosts": []}, "wasi": ["runtime", "clocks", "random"]});
     let limits = json!({"memory_mb": 128, "timeout_ms": 1000});
     let gateway = TestGateway::start(&yaml(json!({
         "upstreams": [{"id": "u", "nodes": [{"host": "127.0.0.1", "port": port}]}],
