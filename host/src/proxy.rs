@@ -420,7 +420,7 @@ async fn upstream_phase(
             if route
                 .chain
                 .iter()
-                .any(|link| !link.pool.is_filter() && link.pool.reads_body(StreamType::Request))
+                .any(|link| link.pool.hooks_chunks(StreamType::Request))
             {
                 // A component's chunk hook may change the body's length as it streams.
                 headers.remove(header::CONTENT_LENGTH);
@@ -637,7 +637,7 @@ pub async fn response_phase(
     // A component's chunk hook may change the body's length as it streams.
     let hooked = links
         .iter()
-        .any(|link| !link.pool.is_filter() && link.pool.reads_body(StreamType::Response));
+        .any(|link| link.pool.hooks_chunks(StreamType::Response));
     if hooked {
         parts.headers.remove(header::CONTENT_LENGTH);
     }

@@ -909,9 +909,13 @@ impl PluginPool {
         }
     }
 
-    /// Whether this is a proxy-wasm filter rather than a component.
-    pub fn is_filter(&self) -> bool {
-        self.filter.is_some()
+    /// Whether this is a component with a chunk hook for `stream`: one that may change the
+    /// body's length as it streams, so that the body's `content-length` cannot stand.
+    pub fn hooks_chunks(&self, stream: StreamType) -> bool {
+        match &self.module.guest {
+            GuestModule::Filter { .. } => false,
+            GuestModule::Component { .. } => self.chunk_wants[stream as usize],
+        }
     }
 
     /// Whether this is a filter with a trailers callback for `stream`.
