@@ -288,6 +288,9 @@ pub async fn start(options: GatewayOptions) -> Result<RunningGateway, StartError
         )
         .await?;
         generated_admin_key = generated;
+        // The dashboard's charts' history, sampled here on the control runtime, never on the
+        // proxy's workers.
+        tasks.push(tokio::spawn(admin.clone().record_history(shutdown.clone())));
         let acceptor = options.admin.tls.then(|| {
             let certs = gateway.clone();
             let resolver = SniResolver(move || certs.snapshot().certs.clone());

@@ -4,6 +4,7 @@
 import { h, render } from "preact";
 import { useState, useEffect, useRef } from "preact/hooks";
 import htm from "htm";
+import uPlot from "uplot";
 
 const html = htm.bind(h);
 
@@ -136,55 +137,140 @@ function Login({ onIn }) {
   </form>`;
 }
 
-// ---- Overview ------------------------------------------------------------------------------
+// ---- Charts --------------------------------------------------------------------------------
 
-// Samples of the per-route counters, kept while the page is open (at most 15 minutes).
-const history = [];
-const WINDOW_MS = 15 * 60 * 1000;
-
-function routeTotals(samples) {
-  const routes = {};
-  const route = (id) => (routes[id] ||= { total: 0, errors: 0, buckets: {} });
-  for (const s of samples) {
-    if (s.name === "weir_http_requests_total" && s.labels.route) {
-      route(s.labels.route).total += s.value;
-      if (s.labels.class === "5xx") route(s.labels.route).errors += s.value;
-    } else if (s.name === "weir_http_request_duration_seconds_bucket" && s.labels.route) {
-      route(s.labels.route).buckets[s.labels.le] = s.value;
-    }
-  }
-  return routes;
+// The window of samples the gateway keeps (GET /v1/metrics/history): columns that line up with
+// `timestamps`. It is the gateway's own, taken on its timer, so a page opened now shows the
+// last minutes at once; the page only fetches it again now and then.
+function useHistory(onRefresh) {
+  const [state, reload] = useLoad(() => api("GET", "/v1/metrics/history"));
+  const interval = state.data ? state.data.interval_s : 10;
+  useEffect(() => {
+    const timer = setInterval(() => { reload(); if (onRefresh) onRefresh(); }, Math.max(5, interval) * 1000);
+    return () => clearInterval(timer);
+  }, [interval]);
+  return state;
 }
 
-function p99(first, last) {
-  const bounds = Object.keys(last.buckets).sort((a, b) => Number(a) - Number(b));
-  const count = (le) => (last.buckets[le] || 0) - ((first && first.buckets[le]) || 0);
-  const all = count("+Inf");
-  if (!all) return null;
-  for (const le of bounds) if (count(le) >= 0.99 * all) return le === "+Inf" ? Infinity : Number(le);
+const COLORS = ["#1f6feb", "#c0392b", "#8250df", "#1a7f37"];
+const CHART_HEIGHT = 170;
+
+function formatValue(value, unit) {
+  if (value == null) return "–";
+  const shown = Math.abs(value) >= 100 ? value.toFixed(0) : String(+value.toPrecision(3));
+  return unit === "%" ? `${shown}%` : unit ? `${shown} ${unit}` : shown;
+}
+
+// One uPlot chart: `series` ([{label, values}]) over `xs` (Unix seconds). A null value is a
+// gap (no traffic, so no latency). The uPlot instance is kept on the element as `uplot`, so a
+// test can read what it draws.
+function Chart({ id, title, xs, series, unit }) {
+  const box = useRef(null);
+  const plot = useRef(null);
+  const data = [xs, ...series.map((s) => s.values)];
+  const shape = `${unit}|${series.map((s) => s.label).join("|")}`;
+  useEffect(() => {
+    const element = box.current;
+    const width = () => Math.max(260, element.clientWidth);
+    plot.current = new uPlot({
+      width: width(),
+      height: CHART_HEIGHT,
+      scales: { y: { range: (u, min, max) => [0, max > 0 ? max * 1.1 : 1] } },
+      axes: [{}, { size: 64, values: (u, ticks) => ticks.map((t) => formatValue(t, unit)) }],
+      series: [{}, ...series.map((s, i) => ({
+        label: s.label, stroke: COLORS[i % COLORS.length], width: 2,
+        value: (u, v) => formatValue(v, unit),
+      }))],
+    }, data, element);
+    element.uplot = plot.current;
+    const resize = () => plot.current.setSize({ width: width(), height: CHART_HEIGHT });
+    addEventListener("resize", resize);
+    return () => {
+      removeEventListener("resize", resize);
+      plot.current.destroy();
+      plot.current = null;
+      delete element.uplot;
+    };
+  }, [shape]);
+  useEffect(() => { if (plot.current) plot.current.setData(data); });
+  return html`<div class="chart"><div class="chart-title">${title}</div>
+    <div class="chart-plot" id=${id} ref=${box}></div></div>`;
+}
+
+function Charts({ charts, xs }) {
+  return html`<div class="charts">${charts.map((c) => html`<${Chart} key=${c.id} xs=${xs} ...${c} />`)}</div>`;
+}
+
+const sum = (values) => values.reduce((total, v) => total + (v || 0), 0);
+
+// How much time the window covers, in words.
+function windowText(h) {
+  const minutes = Math.round(sum(h.seconds) / 60);
+  const span = minutes >= 1 ? `the last ${minutes} minute${minutes === 1 ? "" : "s"}` : "the last minute";
+  return `${span}, sampled by the gateway every ${h.interval_s} s`;
+}
+
+function NoSamples({ h }) {
+  return html`<p class="muted" id="no-samples">No samples yet: the gateway takes one every
+    ${h.interval_s} s and keeps the last ${h.capacity}.</p>`;
+}
+
+// ---- Overview ------------------------------------------------------------------------------
+
+// Names of `series` (routes or plugins), busiest first by `field`.
+function busiest(series, field) {
+  return Object.keys(series).sort((a, b) => sum(series[b][field]) - sum(series[a][field]) || a.localeCompare(b));
+}
+
+function routeCharts(h, s) {
+  const perSecond = (n, i) => n / (h.seconds[i] || h.interval_s);
+  return [
+    { id: "chart-rps", title: "Requests per second", unit: "/s",
+      series: [{ label: "requests/s", values: s.requests.map(perSecond) }] },
+    { id: "chart-errors", title: "Error rate: 5xx share of responses", unit: "%",
+      series: [{ label: "5xx", values: s.requests.map((n, i) => (n ? (100 * s.status_5xx[i]) / n : null)) }] },
+    { id: "chart-latency", title: "Latency, arrival to last byte", unit: "ms",
+      series: [{ label: "p50", values: s.p50_ms }, { label: "p99", values: s.p99_ms }] },
+  ];
+}
+
+function lastOf(values) {
+  for (let i = values.length - 1; i >= 0; i--) if (values[i] != null) return values[i];
   return null;
+}
+
+function Traffic({ h, route: chosen, onPick: setChosen }) {
+  const routes = busiest(h.routes, "requests");
+  const shown = chosen && h.routes[chosen] ? h.routes[chosen] : h.overall;
+  const seconds = sum(h.seconds) || 1;
+  return html`
+    <h2>Traffic <span class="muted">(${windowText(h)})</span></h2>
+    ${h.timestamps.length === 0 ? html`<${NoSamples} h=${h} />` : html`
+      <div class="toolbar"><label class="inline"><span>Show</span>
+        <select id="history-route" value=${chosen} onChange=${(e) => setChosen(e.target.value)}>
+          <option value="">All routes</option>
+          ${routes.map((id) => html`<option value=${id}>${id === "none" ? "none (no route matched)" : id}</option>`)}
+        </select></label></div>
+      <${Charts} xs=${h.timestamps} charts=${routeCharts(h, shown)} />`}
+    <table id="traffic">
+      <tr><th>Route</th><th>Requests/s</th><th>Error rate (5xx)</th><th>Latest p99</th></tr>
+      ${routes.map((id) => {
+        const s = h.routes[id];
+        const total = sum(s.requests);
+        const p99 = lastOf(s.p99_ms);
+        return html`<tr data-route=${id} class=${id === chosen ? "chosen" : ""}>
+          <td><a href="#/overview" onClick=${(e) => { e.preventDefault(); setChosen(id); }}>${id}</a></td>
+          <td>${(total / seconds).toFixed(2)}</td>
+          <td>${total ? ((100 * sum(s.status_5xx)) / total).toFixed(1) + "%" : "–"}</td>
+          <td>${p99 == null ? "–" : `${p99} ms`}</td></tr>`;
+      })}
+    </table>`;
 }
 
 function Overview() {
   const [status, reload] = useLoad(() => api("GET", "/v1/status"));
-  const [, setTick] = useState(0);
-  useEffect(() => {
-    let live = true;
-    async function sample() {
-      const routes = routeTotals(await metrics());
-      const now = Date.now();
-      history.push({ t: now, routes });
-      while (history.length && now - history[0].t > WINDOW_MS) history.shift();
-      if (live) setTick((t) => t + 1);
-    }
-    sample();
-    const timer = setInterval(() => { sample(); reload(); }, 5000);
-    return () => { live = false; clearInterval(timer); };
-  }, []);
-  const first = history[0];
-  const last = history[history.length - 1];
-  const seconds = first && last ? Math.max((last.t - first.t) / 1000, 1) : 1;
-  const rows = last ? Object.keys(last.routes).filter((r) => r !== "none").sort() : [];
+  const history = useHistory(reload);
+  const [route, setRoute] = useState("");
   return html`<${Loading} state=${status}>${(s) => html`
     <h1>Overview</h1>
     <div class="cards">
@@ -198,19 +284,7 @@ function Overview() {
       <div class="card"><div class="label">Rejected objects</div>
         <div class="value ${s.errors.length ? "bad" : "ok"}">${s.errors.length}</div></div>
     </div>
-    <h2>Traffic by route <span class="muted">(since this page opened, up to 15 minutes)</span></h2>
-    <table id="traffic">
-      <tr><th>Route</th><th>Requests/s</th><th>Error rate (5xx)</th><th>p99</th></tr>
-      ${rows.map((id) => {
-        const a = (first && first.routes[id]) || { total: 0, errors: 0, buckets: {} };
-        const b = last.routes[id];
-        const total = b.total - a.total;
-        const p = p99(a, b);
-        return html`<tr data-route=${id}><td>${id}</td><td>${(total / seconds).toFixed(2)}</td>
-          <td>${total ? ((100 * (b.errors - a.errors)) / total).toFixed(1) + "%" : "–"}</td>
-          <td>${p == null ? "–" : p === Infinity ? "> max" : `≤ ${(p * 1000).toFixed(1)} ms`}</td></tr>`;
-      })}
-    </table>
+    <${Loading} state=${history}>${(h) => html`<${Traffic} h=${h} route=${route} onPick=${setRoute} />`}<//>
     <h2>Rejected objects</h2>
     ${s.errors.length === 0
       ? html`<p class="muted">None: every object in the store is serving.</p>`
@@ -614,6 +688,31 @@ function Upstreams() {
 
 // ---- Plugins -------------------------------------------------------------------------------
 
+function pluginCharts(h, s) {
+  return [
+    { id: "chart-plugin-calls", title: "Calls per second", unit: "/s",
+      series: [{ label: "calls/s", values: s.calls.map((n, i) => n / (h.seconds[i] || h.interval_s)) }] },
+    { id: "chart-plugin-time", title: "Time per call", unit: "µs",
+      series: [{ label: "p50", values: s.p50_us }, { label: "p99", values: s.p99_us }, { label: "mean", values: s.mean_us }] },
+    { id: "chart-plugin-failures", title: "Failures per sample (traps, timeouts, limits)", unit: "",
+      series: [{ label: "failures", values: s.failures }] },
+  ];
+}
+
+// Each plugin's calls over the gateway's window, summed over the routes it runs on.
+function PluginHistory({ h }) {
+  const plugins = busiest(h.plugins, "calls");
+  const [chosen, setChosen] = useState("");
+  const plugin = h.plugins[chosen] ? chosen : plugins[0];
+  return html`<h2>Calls over time <span class="muted">(${windowText(h)})</span></h2>
+    ${plugins.length === 0 ? html`<p class="muted" id="no-plugin-samples">No plugin calls in the window.</p>` : html`
+      <div class="toolbar"><label class="inline"><span>Plugin</span>
+        <select id="history-plugin" value=${plugin} onChange=${(e) => setChosen(e.target.value)}>
+          ${plugins.map((id) => html`<option value=${id}>${id}</option>`)}
+        </select></label></div>
+      <${Charts} xs=${h.timestamps} charts=${pluginCharts(h, h.plugins[plugin])} />`}`;
+}
+
 function Plugins() {
   const [state, reload] = useLoad(async () => ({
     plugins: await api("GET", "/v1/plugins?page_size=500"),
@@ -622,6 +721,7 @@ function Plugins() {
     status: await api("GET", "/v1/status"),
     metrics: await metrics(),
   }));
+  const history = useHistory();
   const [error, setError] = useState(null);
   const [uploaded, setUploaded] = useState(null);
   const file = useRef(null);
@@ -634,19 +734,19 @@ function Plugins() {
       reload();
     } catch (e) { setError(e); }
   }
-  const sum = (samples, name, plugin) => samples
+  const total = (samples, name, plugin) => samples
     .filter((s) => s.name === name && s.labels.plugin === plugin)
-    .reduce((total, s) => total + s.value, 0);
+    .reduce((all, s) => all + s.value, 0);
   return html`<h1>Plugins</h1><${Notice} error=${error} />
     <div class="toolbar"><a class="button" id="new-plugin" href="#/edit/plugins/new">New plugin entry</a></div>
     <${Loading} state=${state}>${(data) => html`
       <table id="plugins"><tr><th>Plugin</th><th>Kind</th><th>Module</th><th>Tenant</th><th>Grants</th><th>Quarantine</th>
         <th>Calls</th><th>Traps</th><th>Mean µs</th><th>Routes</th></tr>
         ${data.plugins.list.map((p) => {
-          const calls = sum(data.metrics, "weir_plugin_calls_total", p.id);
-          const seconds = sum(data.metrics, "weir_plugin_call_duration_seconds_sum", p.id);
-          const count = sum(data.metrics, "weir_plugin_call_duration_seconds_count", p.id);
-          const traps = sum(data.metrics, "weir_plugin_failures_total", p.id);
+          const calls = total(data.metrics, "weir_plugin_calls_total", p.id);
+          const seconds = total(data.metrics, "weir_plugin_call_duration_seconds_sum", p.id);
+          const count = total(data.metrics, "weir_plugin_call_duration_seconds_count", p.id);
+          const traps = total(data.metrics, "weir_plugin_failures_total", p.id);
           const quarantined = data.status.quarantined.find((q) => q.plugin === p.id);
           const users = data.routes.list.filter((r) => (r.value.plugins || []).some((x) => x.name === p.id));
           const loaded = data.status.plugins.find((l) => l.name === p.id);
@@ -661,6 +761,7 @@ function Plugins() {
             <td>${users.map((r) => html`<a href=${`#/routes/${r.id}`}>${r.id}</a> `)}</td></tr>`;
         })}
       </table>
+      <${Loading} state=${history}>${(h) => html`<${PluginHistory} h=${h} />`}<//>
       <h2>Modules</h2>
       <table id="modules"><tr><th>sha256</th><th>Size</th><th>Plugin entries</th></tr>
         ${data.modules.list.map((m) => html`<tr><td><code>${m.sha256}</code></td>

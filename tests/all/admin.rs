@@ -661,6 +661,7 @@ async fn keys_roles_and_open_paths() {
     for path in [
         "/v1/routes/app.js",
         "/v1/status",
+        "/v1/metrics/history",
         "/v1/schema/routes",
         "/v1/nothing.css",
         "/v1",
@@ -688,6 +689,8 @@ async fn keys_roles_and_open_paths() {
         expect(&viewer.get(path).await, StatusCode::NOT_FOUND);
     }
     expect(&viewer.get("/v1/status").await, StatusCode::OK);
+    let history = expect(&viewer.get("/v1/metrics/history").await, StatusCode::OK);
+    assert_eq!(history["interval_s"], 10, "{history}");
     let refused = viewer
         .put(
             "/v1/upstreams/u",

@@ -1,6 +1,7 @@
 //! The dashboard in a real headless Chromium, against a real gateway on a real etcd: log in,
 //! create a route with plugins through forms built from their schemas and see it serve, see a validation error
-//! next to its field, switch a node offline and see traffic move, visit every page, log out.
+//! next to its field, switch a node offline and see traffic move, see the traffic and the
+//! plugins' calls charted from the gateway's own history, visit every page, log out.
 //! Each page's screenshot lands in target/screenshots (and docs/img with
 //! `WEIR_UPDATE_SCREENSHOTS=1`).
 
@@ -27,14 +28,51 @@ async fn admin_put(gateway: &TestGateway, path: &str, body: serde_json::Value) {
     assert!(reply.status.is_success(), "{path}: {}", reply.text());
 }
 
+/// The gateway's window of samples, `GET /v1/metrics/history`.
+async fn history(gateway: &TestGateway) -> serde_json::Value {
+    let reply = send(
+        request(Method::GET, &gateway.admin_url("/v1/metrics/history"))
+            .header("x-api-key", ADMIN_KEY)
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    reply.json()
+}
+
+/// Whether a column of the history has a value above zero.
+fn above_zero(column: &serde_json::Value) -> bool {
+    column
+        .as_array()
+        .is_some_and(|values| values.iter().any(|v| v.as_f64().is_some_and(|v| v > 0.0)))
+}
+
+/// Waits until the chart `id` is drawn (a uPlot canvas) with a value above zero in its
+/// `series`th line: the page keeps each chart's uPlot instance on its element, and this reads
+/// the data the chart draws.
+async fn chart_draws(browser: &Browser, id: &str, series: usize) {
+    browser.find(&format!("#{id} canvas")).await;
+    let script = format!(
+        "const u = document.getElementById('{id}').uplot; \
+         return !!u && u.data[{series}].some((v) => v > 0);"
+    );
+    eventually(&format!("the chart {id} draws data"), SOON, || async {
+        browser.client.execute(&script, vec![]).await.ok() == Some(json!(true))
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_logs_in_creates_a_route_moves_traffic_and_logs_out() {
     let etcd = Etcd::start().await;
     let password = "correct horse battery";
     etcd.put(
         "/weir/admin",
+        // A sample every second, so that the charts have points soon.
         json!({"accounts": [{"username": "alice", "role": "admin",
-                             "password_hash": weir::admin::auth::hash_password(password)}]}),
+                             "password_hash": weir::admin::auth::hash_password(password)}],
+               "metrics_history": {"interval_s": 1}}),
     )
     .await;
     let gateway = TestGateway::start_etcd(&etcd.url, None).await;
@@ -226,11 +264,36 @@ async fn an_operator_logs_in_creates_a_route_moves_traffic_and_logs_out() {
         .await;
     browser.screenshot("upstreams").await;
 
+    // The gateway samples its own metrics: once its history holds the traffic above, the
+    // charts show it.
+    eventually(
+        "the gateway's history holds shop's requests and its plugins' calls",
+        SOON,
+        || async {
+            let history = history(&gateway).await;
+            above_zero(&history["routes"]["shop"]["requests"])
+                && above_zero(&history["overall"]["p99_ms"])
+                && above_zero(&history["plugins"]["headers"]["calls"])
+        },
+    )
+    .await;
+
     // The other pages render what the API holds.
     browser.click("#nav-plugins").await;
     browser
         .find_text("#plugins tr[data-plugin=headers]", "shop")
         .await;
+    browser
+        .find("#history-plugin")
+        .await
+        .select_by_value("headers")
+        .await
+        .unwrap();
+    chart_draws(&browser, "chart-plugin-calls", 1).await;
+    // p50 and p99 of the time per call.
+    chart_draws(&browser, "chart-plugin-time", 1).await;
+    chart_draws(&browser, "chart-plugin-time", 2).await;
+    browser.find("#chart-plugin-failures canvas").await;
     browser.screenshot("plugins").await;
     browser.click("#nav-tenants").await;
     browser.find_text("main", "Tenants").await;
@@ -273,6 +336,19 @@ async fn an_operator_logs_in_creates_a_route_moves_traffic_and_logs_out() {
     browser.click("#nav-overview").await;
     browser.find_text("#store-state", "etcd connected").await;
     browser.find("#traffic tr[data-route=shop]").await;
+    chart_draws(&browser, "chart-rps", 1).await;
+    chart_draws(&browser, "chart-latency", 1).await;
+    chart_draws(&browser, "chart-latency", 2).await;
+    browser.find("#chart-errors canvas").await;
+    // One route's charts.
+    browser
+        .find("#history-route")
+        .await
+        .select_by_value("shop")
+        .await
+        .unwrap();
+    browser.find("#traffic tr.chosen[data-route=shop]").await;
+    chart_draws(&browser, "chart-rps", 1).await;
     browser.screenshot("overview").await;
 
     // Log out: the login form again, and the session no longer opens the API.

@@ -193,6 +193,9 @@ pub(super) async fn handle(
     };
     let answered = match (&method, segments.as_slice()) {
         (&Method::GET, ["status"]) => Ok(super::status::status(&admin.gateway)),
+        (&Method::GET, ["metrics", "history"]) => {
+            Ok(admin.history.response(settings.metrics_history.interval_s))
+        }
         (&Method::GET, ["schema", kind]) => schema(kind),
         (&Method::GET, ["schema", "plugins", name]) => plugin_schema(&admin.gateway, name),
         (&Method::POST, ["validate", kind]) => call.validate(kind).await,

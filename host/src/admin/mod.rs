@@ -9,6 +9,7 @@
 pub mod api;
 pub mod auth;
 mod dispatch;
+pub mod history;
 pub mod origin;
 mod secrets;
 mod status;
@@ -20,7 +21,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use tokio_util::sync::CancellationToken;
+
 use self::auth::Auth;
+use self::history::History;
 use crate::config::AdminConfig;
 use crate::digest::sha256_hex;
 use crate::gateway::Gateway;
@@ -39,6 +43,8 @@ pub struct Admin {
     pub max_module_bytes: u64,
     /// The address the admin listener was asked to listen on: a `Host` naming it is served.
     pub listener_ip: IpAddr,
+    /// The window of metrics the dashboard charts.
+    pub history: History,
 }
 
 /// How the admin listener is protected, from the command line and the environment.
@@ -121,8 +127,22 @@ impl Admin {
             auth: Auth::new(fixed, env_key, generated_hash, checks),
             max_module_bytes,
             listener_ip: listen.ip(),
+            history: History::default(),
         };
         Ok((Arc::new(admin), shown))
+    }
+
+    /// Samples the gateway's metrics into the dashboard's history now and then every
+    /// `admin.metrics_history.interval_s` (read again after each sample), until `stop`.
+    pub async fn record_history(self: Arc<Self>, stop: CancellationToken) {
+        loop {
+            self.history.sample(self.gateway.metrics());
+            let settings = self.auth.settings(&self.gateway.snapshot().admin);
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(settings.metrics_history.interval()) => {}
+            }
+        }
     }
 }
 

@@ -41,6 +41,16 @@ const FILES: &[(&str, &str, &[u8])] = &[
         "text/javascript; charset=utf-8",
         include_bytes!("../../ui/vendor/htm.module.js"),
     ),
+    (
+        "vendor/uPlot.esm.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../../ui/vendor/uPlot.esm.js"),
+    ),
+    (
+        "vendor/uPlot.min.css",
+        "text/css; charset=utf-8",
+        include_bytes!("../../ui/vendor/uPlot.min.css"),
+    ),
 ];
 
 /// The policy: scripts, styles and fetches from this origin only, plus the import map.
@@ -108,6 +118,16 @@ mod tests {
             .unwrap();
         assert!(policy.contains("script-src 'self' 'sha256-"), "{policy}");
         assert_eq!(serve(&Method::GET, "/ui/app.js").status(), StatusCode::OK);
+        // The charts' library and its styles; no inline style is needed for them.
+        assert_eq!(
+            serve(&Method::GET, "/ui/vendor/uPlot.esm.js").status(),
+            StatusCode::OK
+        );
+        assert_eq!(
+            serve(&Method::GET, "/ui/vendor/uPlot.min.css").status(),
+            StatusCode::OK
+        );
+        assert!(policy.contains("style-src 'self';"), "{policy}");
         for missing in [
             "/ui/../Cargo.toml",
             "/ui/vendor/",

@@ -32,6 +32,43 @@ pub struct AdminConfig {
     /// first. Without any, weir keeps its own (in etcd, shared by every gateway).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub session_keys: Vec<String>,
+    /// `metrics_history: {interval_s: 10}`: how often the gateway samples its request and
+    /// plugin metrics for the dashboard's charts (`GET /v1/metrics/history`).
+    #[serde(default, skip_serializing_if = "MetricsHistory::is_default")]
+    pub metrics_history: MetricsHistory,
+}
+
+/// The window of metrics the dashboard charts: the last 90 samples, taken every `interval_s`
+/// (15 minutes at the default 10 s).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsHistory {
+    /// `interval_s: 10`: seconds between two samples, 1 to 60.
+    #[serde(default = "default_history_interval_s")]
+    pub interval_s: u64,
+}
+
+fn default_history_interval_s() -> u64 {
+    10
+}
+
+impl Default for MetricsHistory {
+    fn default() -> Self {
+        MetricsHistory {
+            interval_s: default_history_interval_s(),
+        }
+    }
+}
+
+impl MetricsHistory {
+    fn is_default(&self) -> bool {
+        *self == MetricsHistory::default()
+    }
+
+    /// The time between two samples.
+    pub fn interval(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.interval_s)
+    }
 }
 
 /// What a key or an account may do.
@@ -103,6 +140,7 @@ impl Default for AdminConfig {
             session_minutes: default_session_minutes(),
             hosts: Vec::new(),
             session_keys: Vec::new(),
+            metrics_history: MetricsHistory::default(),
         }
     }
 }
@@ -192,5 +230,43 @@ impl ConfigObject for AdminConfig {
         if !(1..=10_080).contains(&self.session_minutes) {
             checks.fail("/session_minutes", "not in 1..=10080 (a week)");
         }
+        if !(1..=60).contains(&self.metrics_history.interval_s) {
+            checks.fail(
+                "/metrics_history/interval_s",
+                "not in 1..=60 (seconds between the dashboard's samples; it keeps the last 90)",
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_history_interval_defaults_to_10_s_and_is_refused_outside_1_to_60() {
+        let parsed = crate::config::parse::<AdminConfig>(&serde_json::json!({})).unwrap();
+        assert_eq!(parsed.metrics_history.interval_s, 10);
+        // Left out when it is the default, so a stored section reads as it was written.
+        assert!(
+            serde_json::to_value(&parsed)
+                .unwrap()
+                .get("metrics_history")
+                .is_none()
+        );
+        let one = serde_json::json!({"metrics_history": {"interval_s": 1}});
+        let parsed = crate::config::parse::<AdminConfig>(&one).unwrap();
+        assert_eq!(
+            parsed.metrics_history.interval(),
+            std::time::Duration::from_secs(1)
+        );
+        for bad in [0, 61] {
+            let json = serde_json::json!({"metrics_history": {"interval_s": bad}});
+            let errors = crate::config::parse::<AdminConfig>(&json).unwrap_err();
+            assert_eq!(errors[0].path, "/metrics_history/interval_s", "{errors:?}");
+            assert!(errors[0].message.contains("1..=60"), "{errors:?}");
+        }
+        let unknown = serde_json::json!({"metrics_history": {"every": 5}});
+        assert!(crate::config::parse::<AdminConfig>(&unknown).is_err());
     }
 }
