@@ -209,6 +209,10 @@ pub enum NoteRefused {
     /// The call has added its most.
     #[error("this call has added the most attributes, events or bytes it may")]
     Full,
+    /// A name in the gateway's own namespace, which a plugin may not write: it could pass
+    /// for another tenant's call, or another outcome.
+    #[error("names starting with \"weir.\" are the gateway's")]
+    Reserved,
 }
 
 impl CallNotes {
@@ -237,6 +241,7 @@ impl CallNotes {
     /// key replaces the earlier one.
     pub fn set_attribute(&mut self, key: &str, value: &str) -> Result<(), NoteRefused> {
         check_name(key)?;
+        check_not_reserved(key)?;
         check_value(value)?;
         if let Some(kept) = self.attributes.iter_mut().find(|(k, _)| k == key) {
             kept.1 = Value::Text(Cow::Owned(value.to_owned()));
@@ -260,6 +265,7 @@ impl CallNotes {
         check_name(name)?;
         for (key, value) in attributes {
             check_name(key)?;
+            check_not_reserved(key)?;
             check_value(value)?;
         }
         if self.events.len() >= MAX_PLUGIN_EVENTS || attributes.len() > MAX_PLUGIN_ATTRIBUTES {
@@ -303,6 +309,13 @@ fn check_name(name: &str) -> Result<(), NoteRefused> {
         && name.len() <= MAX_PLUGIN_TEXT
         && name.bytes().all(|b| b.is_ascii_graphic());
     fits.then_some(()).ok_or(NoteRefused::OutOfBounds)
+}
+
+fn check_not_reserved(name: &str) -> Result<(), NoteRefused> {
+    let reserved = name
+        .get(..5)
+        .is_some_and(|prefix| prefix.eq_ignore_ascii_case("weir."));
+    (!reserved).then_some(()).ok_or(NoteRefused::Reserved)
 }
 
 fn check_value(value: &str) -> Result<(), NoteRefused> {
@@ -361,6 +374,21 @@ mod tests {
             notes.set_attribute("a b", "v"),
             Err(NoteRefused::OutOfBounds)
         );
+        // The gateway's own attributes cannot be written over: a tenant's plugin would pass
+        // for another tenant.
+        for reserved in ["weir.tenant", "WEIR.outcome", "weir."] {
+            assert_eq!(
+                notes.set_attribute(reserved, "b"),
+                Err(NoteRefused::Reserved)
+            );
+            assert_eq!(
+                notes.add_event("e", &[(reserved.into(), "b".into())]),
+                Err(NoteRefused::Reserved)
+            );
+        }
+        notes.set_attribute("weird", "ok").unwrap();
+        notes.attributes.clear();
+        notes.bytes = 0;
         assert_eq!(
             notes.set_attribute("k", &"v".repeat(MAX_PLUGIN_TEXT + 1)),
             Err(NoteRefused::OutOfBounds)
