@@ -12,6 +12,7 @@ pub mod admin;
 pub mod authoring;
 pub mod body;
 pub mod client;
+pub mod client_conn;
 pub mod config;
 pub mod digest;
 pub mod edge;

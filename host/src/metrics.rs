@@ -281,6 +281,8 @@ pub struct Metrics {
     pub upstream_queue_full: Family<UpstreamLabels, Counter>,
     /// Client connections open now, by listener.
     pub connections_open: Family<ListenerLabels, Gauge>,
+    /// Idle HTTP/1 client connections parked now (holding no HTTP state), by listener.
+    pub connections_parked: Family<ListenerLabels, Gauge>,
     /// Client connections closed at accept because `server.max_connections` were open.
     pub connections_refused: Family<ListenerLabels, Counter>,
     /// Client connections accepted, by listener and worker (how evenly the kernel spreads them).
@@ -481,6 +483,12 @@ impl Metrics {
             "Client connections open now",
             connections_open.clone(),
         );
+        let connections_parked = Family::<ListenerLabels, Gauge>::default();
+        registry.register(
+            "connections_parked",
+            "Idle HTTP/1 client connections parked now, holding no HTTP buffers",
+            connections_parked.clone(),
+        );
         let connections_refused = Family::<ListenerLabels, Counter>::default();
         registry.register(
             "connections_refused",
@@ -575,6 +583,7 @@ impl Metrics {
             upstream_retry_budget_exhausted,
             upstream_queue_full,
             connections_open,
+            connections_parked,
             connections_refused,
             connections_accepted,
             client_timeouts,

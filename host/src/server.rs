@@ -10,21 +10,19 @@ use std::time::Duration;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::access_log::AccessLogTarget;
 use crate::admin::{self, Admin, AdminOptions, AdminSetupError};
 use crate::body::ResponseBody;
-use crate::config::{MIN_HEADER_BYTES, ServerConfig};
+use crate::client_conn::{self, ClientConn, ConnCounts};
 use crate::edge::Peer;
 use crate::gateway::{Gateway, GatewayInitError};
-use crate::metrics::{AcceptLabels, HandshakeFailureLabels, ListenerLabels};
+use crate::metrics::{AcceptLabels, ListenerLabels};
 use crate::proxy;
 use crate::reconcile::Reconciler;
 use crate::store::etcd::{EtcdOptions, EtcdStore};
@@ -449,12 +447,22 @@ async fn serve<H, F, D>(
             return;
         }
     };
-    let graceful = GracefulShutdown::new();
+    // Connections close gracefully once `closing` fires, and the tracker waits for them.
+    let closing = CancellationToken::new();
+    let connections = TaskTracker::new();
     let metrics = gateway.metrics();
     let listener_labels = ListenerLabels { listener: name };
     let open_gauge = metrics
         .connections_open
         .get_or_create_owned(&listener_labels);
+    let counts = Arc::new(ConnCounts {
+        parked: metrics
+            .connections_parked
+            .get_or_create_owned(&listener_labels),
+        header_too_large: metrics.client_error("header_too_large"),
+        protocol: metrics.client_error("protocol"),
+        handshake_failures: metrics.handshake_failures.clone(),
+    });
     // The proxy listeners, plain and TLS, share one `max_connections`; the admin listener
     // has its own.
     let budget: Vec<Gauge> = if PROXY_LISTENERS.contains(&name) {
@@ -526,93 +534,32 @@ async fn serve<H, F, D>(
             tls: tls.is_some(),
             local,
         };
+        let served = activity.clone();
         let service = service_fn(move |request| {
-            let serving = activity.begin();
+            let serving = served.begin();
             // Boxed once here, so that hyper moves a pointer rather than the whole request future.
             let response = Box::pin(handler(request, client));
             async move { Ok::<_, Infallible>(response.await.map(|body| body.serving(serving))) }
         });
-        let builder = connection_builder(limits);
-        let watcher = graceful.watcher();
-        let client_errors = (
-            metrics.client_error("header_too_large"),
-            metrics.client_error("protocol"),
-        );
-        let handshake = tls.clone().map(|acceptor| {
-            let timeout = Duration::from_millis(limits.tls_handshake_timeout_ms);
-            (acceptor, timeout, metrics.handshake_failures.clone())
-        });
-        tokio::spawn(async move {
-            let result = match handshake {
-                None => {
-                    let connection =
-                        builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-                    watcher.watch(connection.into_owned()).await
-                }
-                Some((acceptor, timeout, failures)) => {
-                    let stream = match tokio::time::timeout(timeout, acceptor.accept(io)).await {
-                        Ok(Ok(stream)) => stream,
-                        Ok(Err(error)) => {
-                            failures
-                                .get_or_create(&HandshakeFailureLabels { kind: "error" })
-                                .inc();
-                            tracing::debug!(%peer, %error, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => {
-                            failures
-                                .get_or_create(&HandshakeFailureLabels { kind: "timeout" })
-                                .inc();
-                            tracing::debug!(%peer, "TLS handshake timed out");
-                            return;
-                        }
-                    };
-                    let connection =
-                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                    watcher.watch(connection.into_owned()).await
-                }
-            };
-            if let Err(error) = result {
-                match error.downcast_ref::<hyper::Error>() {
-                    Some(e) if e.is_parse_too_large() => client_errors.0.inc(),
-                    Some(e) if e.is_parse() => client_errors.1.inc(),
-                    _ => 0,
-                };
-                tracing::debug!(%peer, %error, "connection ended with an error");
-            }
-        });
+        connections.spawn(client_conn::serve(ClientConn {
+            io,
+            activity,
+            service,
+            settings,
+            tls: tls.clone(),
+            counts: counts.clone(),
+            closing: closing.clone(),
+            peer,
+        }));
     }
     drop(listener);
     let timeout = *drain_timeout.lock().expect("drain timeout lock");
-    if tokio::time::timeout(timeout, graceful.shutdown())
+    closing.cancel();
+    connections.close();
+    if tokio::time::timeout(timeout, connections.wait())
         .await
         .is_err()
     {
         tracing::warn!("connections still open after the drain timeout");
     }
 }
-
-/// The HTTP/1.1 and HTTP/2 settings for one client connection.
-fn connection_builder(limits: &ServerConfig) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    // hyper answers 431 when a request head does not fit its read buffer, so the buffer's
-    // bound is the header block's bound.
-    builder
-        .http1()
-        .max_buf_size(limits.max_header_bytes.max(MIN_HEADER_BYTES));
-    if limits.max_headers != DEFAULT_MAX_HEADERS {
-        // Only when it differs: hyper then parses headers into the heap instead of the stack.
-        builder.http1().max_headers(limits.max_headers);
-    }
-    builder
-        .http2()
-        .max_concurrent_streams(limits.http2_max_streams)
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-        // Reset-flood protection (CVE-2023-44487 and CVE-2025-8671): hyper's defaults, pinned.
-        .max_pending_accept_reset_streams(20)
-        .max_local_error_reset_streams(1024);
-    builder
-}
-
-/// hyper's own bound on header lines, which parses them on the stack.
-const DEFAULT_MAX_HEADERS: usize = 100;

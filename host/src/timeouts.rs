@@ -7,17 +7,25 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::{Buf, Bytes};
 use http_body::{Body, Frame, SizeHint};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
 use crate::body::stream::{BodyError, BodyStalled, Stalled};
+
+/// How long an HTTP/1 client connection sits idle before it is parked (see `client_conn.rs`).
+/// Long enough that a connection in steady use is never parked between its requests, so that
+/// parking costs nothing on the busy path; short against the keep-alive timeout it saves the
+/// buffers of.
+pub const PARK_AFTER: Duration = Duration::from_secs(1);
 
 /// A timer that is created on first use and moved only when it must fire earlier.
 #[derive(Debug, Default)]
@@ -61,7 +69,18 @@ pub struct ConnectionActivity {
     origin: Instant,
     /// The listener's open-connection gauge, decremented when the connection is gone.
     open: Option<Gauge>,
+    /// Where parking stands: one of the `PARK_*` states.
+    park: AtomicU8,
 }
+
+/// The connection is not parked when idle (HTTP/2, TLS, or upgraded).
+const PARK_OFF: u8 = 0;
+/// The connection is to be parked once idle for [`PARK_AFTER`].
+const PARK_ARMED: u8 = 1;
+/// It has been idle that long: its server should park it.
+const PARK_DUE: u8 = 2;
+/// Its server is parking it: shutting the HTTP state down must leave the socket open.
+const PARKING: u8 = 3;
 
 impl Default for ConnectionActivity {
     fn default() -> Self {
@@ -71,6 +90,7 @@ impl Default for ConnectionActivity {
             ended_ms: AtomicU64::new(0),
             origin: Instant::now(),
             open: None,
+            park: AtomicU8::new(PARK_OFF),
         }
     }
 }
@@ -97,6 +117,33 @@ impl ConnectionActivity {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.begun.fetch_add(1, Ordering::Relaxed);
         ServingRequest(self.clone())
+    }
+
+    /// Parks the connection once it has been idle for [`PARK_AFTER`].
+    pub fn arm_parking(&self) {
+        self.park.store(PARK_ARMED, Ordering::Relaxed);
+    }
+
+    /// Never parks the connection.
+    pub fn disarm_parking(&self) {
+        self.park.store(PARK_OFF, Ordering::Relaxed);
+    }
+
+    /// Whether parking is due; if so, it starts (until [`ConnectionActivity::arm_parking`] or
+    /// [`ConnectionActivity::disarm_parking`]).
+    pub fn start_parking(&self) -> bool {
+        self.park
+            .compare_exchange(PARK_DUE, PARKING, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    }
+
+    /// How many requests have begun on the connection.
+    pub fn requests_begun(&self) -> u64 {
+        self.begun()
+    }
+
+    fn park_state(&self) -> u8 {
+        self.park.load(Ordering::Relaxed)
     }
 
     fn idle(&self) -> bool {
@@ -169,6 +216,8 @@ struct ReadState {
 /// [`io::ErrorKind::TimedOut`], which ends the connection.
 pub struct TimedIo<T> {
     inner: T,
+    /// Bytes already read from `inner` that the next reads return first.
+    unread: Option<Bytes>,
     read: Option<(ReadClock, ReadState)>,
     read_timer: LazyTimer,
     write_stall: Duration,
@@ -182,6 +231,7 @@ impl<T> TimedIo<T> {
     pub fn new(inner: T, write_stall: Duration) -> Self {
         TimedIo {
             inner,
+            unread: None,
             read: None,
             read_timer: LazyTimer::default(),
             write_stall,
@@ -213,6 +263,20 @@ impl<T> TimedIo<T> {
         &self.inner
     }
 
+    /// Makes the next reads return `bytes` (read from the connection already) first.
+    pub fn unread(&mut self, bytes: Bytes) {
+        if !bytes.is_empty() {
+            self.unread = Some(bytes);
+        }
+    }
+
+    /// Whether shutting the connection down is to leave the socket open (it is being parked).
+    fn parking(&self) -> bool {
+        self.read
+            .as_ref()
+            .is_some_and(|(clock, _)| clock.activity.park_state() == PARKING)
+    }
+
     fn count(&self, which: fn(&TimeoutCounters) -> &Counter) {
         if let Some(counters) = &self.counters {
             which(counters).inc();
@@ -231,9 +295,14 @@ impl<T> TimedIo<T> {
         if !activity.idle() {
             if pending {
                 // hyper may not read again once the response is done (it knows the socket has
-                // nothing): make sure this task wakes by then to start the idle clock.
-                self.read_timer
-                    .expired(cx, Instant::now() + clock.keepalive);
+                // nothing): make sure this task wakes by then to start the idle clock, or in
+                // time to park the connection.
+                let wait = if activity.park_state() == PARK_ARMED {
+                    clock.keepalive.min(PARK_AFTER)
+                } else {
+                    clock.keepalive
+                };
+                self.read_timer.expired(cx, Instant::now() + wait);
             }
             return None;
         }
@@ -257,6 +326,23 @@ impl<T> TimedIo<T> {
             ReadPhase::Header(since) => (since + clock.header, true),
             ReadPhase::Idle(since) => (since + clock.keepalive, false),
         };
+        if let ReadPhase::Idle(since) = state.phase
+            && activity.park_state() == PARK_ARMED
+            && self.write_stalled_since.is_none()
+            && since + PARK_AFTER < deadline
+        {
+            // Idle with nothing left to write: hyper holds no bytes of this connection's, so
+            // its server may park it once this fires.
+            if self.read_timer.expired(cx, since + PARK_AFTER) {
+                let _ = activity.park.compare_exchange(
+                    PARK_ARMED,
+                    PARK_DUE,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
+            }
+            return None;
+        }
         if !self.read_timer.expired(cx, deadline) {
             return None;
         }
@@ -304,6 +390,16 @@ impl<T: AsyncRead + Unpin> AsyncRead for TimedIo<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if let Some(unread) = &mut this.unread {
+            let n = unread.len().min(buf.remaining());
+            buf.put_slice(&unread[..n]);
+            unread.advance(n);
+            if unread.is_empty() {
+                this.unread = None;
+            }
+            let _ = this.after_read(cx, n > 0, false);
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let result = Pin::new(&mut this.inner).poll_read(cx, buf);
         let got_bytes = matches!(result, Poll::Ready(Ok(()))) && buf.filled().len() > before;
@@ -346,7 +442,33 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for TimedIo<T> {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        let this = self.get_mut();
+        if this.parking() {
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_shutdown(cx)
+    }
+}
+
+impl TimedIo<TcpStream> {
+    /// While the connection is parked: `true` once the client sends (or closes), `false` once
+    /// it has been idle for the keep-alive timeout.
+    pub fn poll_parked(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
+        if self.unread.is_some() || self.inner.poll_read_ready(cx).is_ready() {
+            return Poll::Ready(true);
+        }
+        let Some((clock, state)) = &self.read else {
+            return Poll::Ready(true);
+        };
+        let deadline = match state.phase {
+            ReadPhase::Header(since) => since + clock.header,
+            ReadPhase::Idle(since) => since + clock.keepalive,
+        };
+        if self.read_timer.expired(cx, deadline) {
+            self.count(|c| &c.keepalive);
+            return Poll::Ready(false);
+        }
+        Poll::Pending
     }
 }
 
@@ -419,5 +541,35 @@ where
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn unread_bytes_come_before_the_connections_own() {
+        let (near, mut far) = tokio::io::duplex(64);
+        let mut io = TimedIo::new(near, Duration::from_secs(5));
+        io.unread(Bytes::from_static(b"GET "));
+        far.write_all(b"/ HTTP/1.1").await.unwrap();
+        let mut read = [0u8; 14];
+        io.read_exact(&mut read).await.unwrap();
+        assert_eq!(&read, b"GET / HTTP/1.1");
+    }
+
+    #[test]
+    fn parking_starts_only_once_due() {
+        let activity = ConnectionActivity::default();
+        activity.arm_parking();
+        assert!(!activity.start_parking(), "armed is not due");
+        activity.park.store(PARK_DUE, Ordering::Relaxed);
+        assert!(activity.start_parking());
+        assert_eq!(activity.park_state(), PARKING);
+        assert!(!activity.start_parking(), "it starts once");
+        activity.disarm_parking();
+        assert_eq!(activity.park_state(), PARK_OFF);
     }
 }

@@ -174,6 +174,94 @@ async fn an_idle_keep_alive_connection_is_closed() {
     assert_eq!(metric(&gateway.admin_url("/metrics"), timeouts).await, 1.0);
 }
 
+/// One HTTP/1.1 request over `client`'s connection, answered in full.
+async fn over(
+    client: &mut hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    path: &str,
+) -> (StatusCode, String) {
+    use http_body_util::BodyExt;
+    let request = http::Request::get(path)
+        .header("host", "x")
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    let response = client.send_request(request).await.expect("an answer");
+    let status = response.status();
+    let body = response.into_body().collect().await.expect("a body");
+    (
+        status,
+        String::from_utf8_lossy(&body.to_bytes()).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_is_parked_and_wakes_for_its_next_request() {
+    let up = Upstream::start("u").await;
+    let server = json!({"keepalive_timeout_ms": 4000});
+    let gateway = TestGateway::start(&example(&up, server)).await;
+    let metrics = gateway.admin_url("/metrics");
+    let parked = r#"weir_connections_parked{listener="proxy"}"#;
+    // 20 keep-alive clients that each made a request, then went quiet.
+    let mut clients = Vec::new();
+    for i in 0..20 {
+        let stream = TcpStream::connect(gateway.addr()).await.unwrap();
+        let (mut client, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        assert_eq!(
+            over(&mut client, &format!("/first/{i}")).await.0,
+            StatusCode::OK
+        );
+        clients.push(client);
+    }
+    // And one that sent the start of its next request in the same write as the first.
+    let mut split = TcpStream::connect(gateway.addr()).await.unwrap();
+    split
+        .write_all(b"GET /one HTTP/1.1\r\nHost: x\r\n\r\nGET /two HTTP/1.1\r\nHo")
+        .await
+        .unwrap();
+    eventually("the idle connections are parked", SOON, || async {
+        metric(&metrics, parked).await == 20.0
+    })
+    .await;
+    // Each wakes for its next request, served in full on the same connection.
+    for (i, client) in clients.iter_mut().enumerate() {
+        let (status, body) = over(client, &format!("/again/{i}")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(body.contains(&format!("/again/{i}")), "{body}");
+    }
+    // The half-sent request was not lost to parking: its end completes it.
+    split
+        .write_all(b"st: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answers = Vec::new();
+    tokio::time::timeout(SOON, split.read_to_end(&mut answers))
+        .await
+        .expect("both answers")
+        .unwrap();
+    let answers = String::from_utf8_lossy(&answers);
+    assert_eq!(answers.matches("HTTP/1.1 200").count(), 2, "{answers}");
+    assert!(answers.contains("/two"), "{answers}");
+    // Parked again, then closed by the keep-alive timeout like any idle connection.
+    eventually("the connections are parked again", SOON, || async {
+        metric(&metrics, parked).await == 20.0
+    })
+    .await;
+    eventually("the parked connections time out", SOON, || async {
+        metric(&metrics, r#"weir_client_timeouts_total{phase="keepalive"}"#).await >= 20.0
+    })
+    .await;
+    assert_eq!(metric(&metrics, parked).await, 0.0);
+    for client in &mut clients {
+        client
+            .ready()
+            .await
+            .expect_err("the gateway closed the connection");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_headers_get_431() {
     let up = Upstream::start("u").await;
