@@ -137,9 +137,11 @@ impl ConnectionActivity {
             .is_ok()
     }
 
-    /// How many requests have begun on the connection.
-    pub fn requests_begun(&self) -> u64 {
-        self.begun()
+    /// Marks parking as due, if it is armed (a connection idle for [`PARK_AFTER`]).
+    fn park_due(&self) {
+        let _ =
+            self.park
+                .compare_exchange(PARK_ARMED, PARK_DUE, Ordering::Relaxed, Ordering::Relaxed);
     }
 
     fn park_state(&self) -> u8 {
@@ -150,7 +152,8 @@ impl ConnectionActivity {
         self.in_flight.load(Ordering::Relaxed) == 0
     }
 
-    fn begun(&self) -> u64 {
+    /// How many requests have begun on the connection.
+    pub fn requests_begun(&self) -> u64 {
         self.begun.load(Ordering::Relaxed)
     }
 
@@ -306,7 +309,7 @@ impl<T> TimedIo<T> {
             }
             return None;
         }
-        let begun = activity.begun();
+        let begun = activity.requests_begun();
         if begun != state.begun {
             *state = ReadState {
                 phase: ReadPhase::Idle(activity.ended_at()),
@@ -334,12 +337,7 @@ impl<T> TimedIo<T> {
             // Idle with nothing left to write: hyper holds no bytes of this connection's, so
             // its server may park it once this fires.
             if self.read_timer.expired(cx, since + PARK_AFTER) {
-                let _ = activity.park.compare_exchange(
-                    PARK_ARMED,
-                    PARK_DUE,
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                );
+                activity.park_due();
             }
             return None;
         }
@@ -565,11 +563,16 @@ mod tests {
         let activity = ConnectionActivity::default();
         activity.arm_parking();
         assert!(!activity.start_parking(), "armed is not due");
-        activity.park.store(PARK_DUE, Ordering::Relaxed);
+        activity.park_due();
         assert!(activity.start_parking());
         assert_eq!(activity.park_state(), PARKING);
         assert!(!activity.start_parking(), "it starts once");
         activity.disarm_parking();
-        assert_eq!(activity.park_state(), PARK_OFF);
+        activity.park_due();
+        assert_eq!(
+            activity.park_state(),
+            PARK_OFF,
+            "only an armed connection falls due"
+        );
     }
 }
