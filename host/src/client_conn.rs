@@ -37,6 +37,34 @@ use crate::edge::ServerSettings;
 use crate::metrics::HandshakeFailureLabels;
 use crate::timeouts::{ConnectionActivity, TimedIo};
 
+/// What answers a connection's requests: hyper's bounds on a service, named once.
+pub trait ConnService<B>:
+    Service<
+        Request<Incoming>,
+        Response = Response<B>,
+        Future: Send + 'static,
+        Error: Into<ConnError>,
+    > + Send
+    + 'static
+{
+}
+
+impl<S, B> ConnService<B> for S where
+    S: Service<
+            Request<Incoming>,
+            Response = Response<B>,
+            Future: Send + 'static,
+            Error: Into<ConnError>,
+        > + Send
+        + 'static
+{
+}
+
+/// A response body hyper can write to a connection.
+pub trait ResponseBody: Body<Data: Send, Error: Into<ConnError>> + Send + 'static {}
+
+impl<B> ResponseBody for B where B: Body<Data: Send, Error: Into<ConnError>> + Send + 'static {}
+
 /// What ends a connection badly: hyper's error, or the socket's before hyper had it.
 type ConnError = Box<dyn StdError + Send + Sync>;
 
@@ -80,12 +108,8 @@ pub struct ConnCounts {
 /// commonest and the one that may sit idle for long, holds only what it needs.
 pub async fn serve<S, B>(conn: ClientConn<S>)
 where
-    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<ConnError>,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<ConnError>,
+    S: ConnService<B>,
+    B: ResponseBody,
 {
     let ClientConn {
         mut io,
@@ -161,12 +185,8 @@ async fn serve_http1<S, B>(
     parked: &Gauge,
 ) -> Result<(), ConnError>
 where
-    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<ConnError>,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<ConnError>,
+    S: ConnService<B>,
+    B: ResponseBody,
 {
     loop {
         activity.arm_parking();
@@ -277,12 +297,8 @@ async fn serve_tls<S, B>(
     closing: &CancellationToken,
 ) -> Result<(), ConnError>
 where
-    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<ConnError>,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<ConnError>,
+    S: ConnService<B>,
+    B: ResponseBody,
 {
     let timeout = Duration::from_millis(limits.tls_handshake_timeout_ms);
     let kind = match tokio::time::timeout(timeout, acceptor.accept(io)).await {

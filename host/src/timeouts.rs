@@ -214,6 +214,16 @@ struct ReadState {
     begun: u64,
 }
 
+impl ReadState {
+    /// When the phase's bound runs out, and whether that phase is a request head's.
+    fn deadline(&self, clock: &ReadClock) -> (Instant, bool) {
+        match self.phase {
+            ReadPhase::Header(since) => (since + clock.header, true),
+            ReadPhase::Idle(since) => (since + clock.keepalive, false),
+        }
+    }
+}
+
 /// A connection whose writes may not wait longer than a bound, and (for a client connection)
 /// whose reads follow a [`ReadClock`]. A timeout fails the read or write with
 /// [`io::ErrorKind::TimedOut`], which ends the connection.
@@ -325,10 +335,7 @@ impl<T> TimedIo<T> {
         if !pending {
             return None;
         }
-        let (deadline, header) = match state.phase {
-            ReadPhase::Header(since) => (since + clock.header, true),
-            ReadPhase::Idle(since) => (since + clock.keepalive, false),
-        };
+        let (deadline, header) = state.deadline(clock);
         if let ReadPhase::Idle(since) = state.phase
             && activity.park_state() == PARK_ARMED
             && self.write_stalled_since.is_none()
@@ -458,10 +465,7 @@ impl TimedIo<TcpStream> {
         let Some((clock, state)) = &self.read else {
             return Poll::Ready(true);
         };
-        let deadline = match state.phase {
-            ReadPhase::Header(since) => since + clock.header,
-            ReadPhase::Idle(since) => since + clock.keepalive,
-        };
+        let (deadline, _) = state.deadline(clock);
         if self.read_timer.expired(cx, deadline) {
             self.count(|c| &c.keepalive);
             return Poll::Ready(false);
