@@ -280,6 +280,8 @@ pub fn set_upstream(req: &Request, id: &str) -> Result<(), String> {
     wit::weir::plugin0_2_0::routing::set_upstream(req, id)
 }
 
+pub mod sse;
+
 /// Upstreams to try in turn, each with its own edits of the request (world 0.3.0); needs the
 /// `routing` grant.
 pub mod fallbacks {

@@ -13,7 +13,7 @@ use weir_sdk::ai_metrics::{self, ModelUse};
 use weir_sdk::fallbacks::{self, Target};
 use weir_sdk::{
     Action, ChunkAction, ChunkWants, Level, Plugin, Reply, Request, Response, Summary, Wants,
-    schemars,
+    schemars, sse,
 };
 
 /// The most instances one route may list (the gateway tries at most 8 targets).
@@ -151,35 +151,6 @@ fn is_event_stream(content_type: Option<&str>) -> bool {
         .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("text/event-stream"))
 }
 
-/// The complete events at the front of `bytes` and what follows them: an event ends with a
-/// blank line.
-fn split_events(bytes: &[u8]) -> (&[u8], &[u8]) {
-    let end = (1..bytes.len())
-        .rev()
-        .find(|&i| bytes[i] == b'\n' && (bytes[i - 1] == b'\n' || ends_crlf_pair(bytes, i)))
-        .map_or(0, |i| i + 1);
-    bytes.split_at(end)
-}
-
-fn ends_crlf_pair(bytes: &[u8], i: usize) -> bool {
-    i >= 3 && &bytes[i - 3..=i] == b"\r\n\r\n"
-}
-
-/// The `data:` of each event in `events`, joined per event.
-fn event_data(events: &str) -> impl Iterator<Item = String> + '_ {
-    events
-        .split("\n\n")
-        .flat_map(|event| event.split("\r\n\r\n"))
-        .filter_map(|event| {
-            let lines: Vec<&str> = event
-                .lines()
-                .filter_map(|line| line.strip_prefix("data:"))
-                .map(|data| data.strip_prefix(' ').unwrap_or(data))
-                .collect();
-            (!lines.is_empty()).then(|| lines.join("\n"))
-        })
-}
-
 /// `bytes` with each of `keys` replaced by `***`.
 fn redacted(bytes: &[u8], keys: &[String]) -> Vec<u8> {
     let mut text = String::from_utf8_lossy(bytes).into_owned();
@@ -270,12 +241,19 @@ impl AiProxy {
             exchange.answer,
             Answer::OpenaiStream | Answer::AnthropicStream(_)
         );
-        let (events, rest) = split_events(chunk);
-        if streamed && !rest.is_empty() && !end_of_stream {
-            // An event split across chunks is read once whole.
-            return ChunkAction::Hold;
+        let mut events = Vec::new();
+        if streamed {
+            let (whole, rest) = sse::split_events(chunk);
+            if !rest.is_empty() && !end_of_stream {
+                // An event split across chunks is read once whole.
+                return ChunkAction::Hold;
+            }
+            events = whole;
+            if !rest.is_empty() {
+                // The stream ended without the last event's blank line.
+                events.push(rest);
+            }
         }
-        let events = if end_of_stream { chunk } else { events };
         match &mut exchange.answer {
             Answer::Pass => ChunkAction::Pass,
             Answer::OpenaiWhole => {
@@ -301,11 +279,11 @@ impl AiProxy {
             }
             Answer::OpenaiStream => {
                 let keep_usage = exchange.include_usage;
-                let mut out = Vec::with_capacity(events.len());
+                let mut out = Vec::with_capacity(chunk.len());
                 let mut dropped = false;
-                for event in String::from_utf8_lossy(events).split_inclusive("\n\n") {
-                    let data = event_data(event).next();
-                    let parsed = data.and_then(|data| serde_json::from_str::<Value>(&data).ok());
+                for event in events {
+                    let data = sse::event_data(event);
+                    let parsed = data.and_then(|data| serde_json::from_slice::<Value>(&data).ok());
                     if let Some(data) = &parsed {
                         if let Some(usage) = openai_usage(data) {
                             exchange.usage = Some(usage);
@@ -322,7 +300,7 @@ impl AiProxy {
                             continue;
                         }
                     }
-                    out.extend_from_slice(event.as_bytes());
+                    out.extend_from_slice(event);
                 }
                 if dropped {
                     ChunkAction::Replace(out)
@@ -332,8 +310,10 @@ impl AiProxy {
             }
             Answer::AnthropicStream(stream) => {
                 let mut out = Vec::new();
-                for data in event_data(&String::from_utf8_lossy(events)) {
-                    if let Ok(data) = serde_json::from_str::<Value>(&data) {
+                for event in events {
+                    let data = sse::event_data(event);
+                    if let Some(Ok(data)) = data.map(|data| serde_json::from_slice::<Value>(&data))
+                    {
                         stream.event(&data, &mut out);
                     }
                 }
@@ -545,23 +525,6 @@ weir_sdk::export_plugin!(AiProxy);
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn events_split_at_their_last_blank_line() {
-        assert_eq!(
-            split_events(b"data: a\n\ndata: b"),
-            (&b"data: a\n\n"[..], &b"data: b"[..])
-        );
-        assert_eq!(
-            split_events(b"data: a\r\n\r\n"),
-            (&b"data: a\r\n\r\n"[..], &b""[..])
-        );
-        assert_eq!(split_events(b"data: a\n"), (&b""[..], &b"data: a\n"[..]));
-        assert_eq!(split_events(b""), (&b""[..], &b""[..]));
-        let data: Vec<String> =
-            event_data("event: x\ndata: {\"a\":1}\n\ndata: 2\r\n\r\n").collect();
-        assert_eq!(data, ["{\"a\":1}", "2"]);
-    }
 
     #[test]
     fn the_api_key_is_write_only_in_the_schema_the_admin_api_redacts_by() {

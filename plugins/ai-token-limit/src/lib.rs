@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use weir_sdk::{
     Action, ChunkAction, ChunkWants, Level, Plugin, Reply, Request, Response, Wants, consumers, kv,
-    response, schemars,
+    response, schemars, sse,
 };
 
 /// `{"tokens": 100000, "window_s": 3600, "count": "total", "key": "consumer"}`.
@@ -267,42 +267,10 @@ fn body_kind(content_type: Option<&str>) -> Body {
     }
 }
 
-/// Splits `bytes` into whole events, each with the blank line that ends it (`\n` or `\r\n`
-/// line ends), and the rest: an event not ended yet, empty when `bytes` end at an event's end.
-fn split_events(bytes: &[u8]) -> (Vec<&[u8]>, &[u8]) {
-    let mut events = Vec::new();
-    let mut event_start = 0;
-    let mut line_start = 0;
-    while let Some(newline) = bytes[line_start..].iter().position(|&byte| byte == b'\n') {
-        let line_end = line_start + newline + 1;
-        if matches!(&bytes[line_start..line_end], b"\n" | b"\r\n") {
-            events.push(&bytes[event_start..line_end]);
-            event_start = line_end;
-        }
-        line_start = line_end;
-    }
-    (events, &bytes[event_start..])
-}
-
 /// An event's data (its `data:` lines, joined with `\n`) as JSON, when it may hold a usage; an
 /// event without one, `[DONE]`, or bytes that are not JSON give none.
 fn event_json(event: &[u8]) -> Option<Value> {
-    let mut data: Option<Vec<u8>> = None;
-    for line in event.split(|&byte| byte == b'\n') {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        let Some(value) = line.strip_prefix(b"data:") else {
-            continue;
-        };
-        let value = value.strip_prefix(b" ").unwrap_or(value);
-        match &mut data {
-            Some(data) => {
-                data.push(b'\n');
-                data.extend_from_slice(value);
-            }
-            None => data = Some(value.to_vec()),
-        }
-    }
-    let data = data?;
+    let data = sse::event_data(event)?;
     // Most events are tokens of the answer: parse only those that can hold a usage.
     if !data.windows(7).any(|window| window == b"\"usage\"") {
         return None;
@@ -562,7 +530,7 @@ impl Plugin for TokenLimit {
                 ChunkAction::Pass
             }
             Body::EventStream => {
-                let (mut events, rest) = split_events(chunk);
+                let (mut events, rest) = sse::split_events(chunk);
                 if !rest.is_empty() {
                     if !end_of_stream {
                         return ChunkAction::Hold;
@@ -828,35 +796,6 @@ mod tests {
     }
 
     #[test]
-    fn events_end_at_a_blank_line() {
-        let (events, rest) = split_events(b"data: a\n\ndata: b\r\n\r\n: comment\ndata: c\n\n");
-        assert_eq!(
-            events,
-            [
-                &b"data: a\n\n"[..],
-                b"data: b\r\n\r\n",
-                b": comment\ndata: c\n\n"
-            ]
-        );
-        assert!(rest.is_empty());
-
-        let (events, rest) = split_events(b"data: a\n\ndata: b\n");
-        assert_eq!(events, [&b"data: a\n\n"[..]]);
-        assert_eq!(rest, b"data: b\n");
-
-        let (events, rest) = split_events(b"data: a\r\n\r");
-        assert!(events.is_empty());
-        assert_eq!(rest, b"data: a\r\n\r");
-
-        let (events, rest) = split_events(b"");
-        assert!(events.is_empty() && rest.is_empty());
-
-        let (events, rest) = split_events(b"\xff\xfe\n\n\x00");
-        assert_eq!(events, [&b"\xff\xfe\n\n"[..]]);
-        assert_eq!(rest, b"\x00");
-    }
-
-    #[test]
     fn an_events_data_lines_are_joined() {
         let event = b"event: message\ndata: {\"usage\":\ndata: {\"total_tokens\": 3}}\n\n";
         assert_eq!(
@@ -880,7 +819,7 @@ data: [DONE]\n\n";
 
     #[test]
     fn the_usage_only_event_is_dropped_when_the_plugin_asked_for_it() {
-        let (events, _) = split_events(OPENAI_STREAM);
+        let (events, _) = sse::split_events(OPENAI_STREAM);
         let scan = scan_events(&events, true);
         assert_eq!(scan.usage.unwrap().counted(Count::Total), Some(11));
         let kept = scan.kept.unwrap();
@@ -913,7 +852,7 @@ data: [DONE]\n\n";
         let stream = b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":25,\"output_tokens\":1}}}\n\n\
 event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"text\":\"usage\"}}\n\n\
 event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":15}}\n\n";
-        let (events, rest) = split_events(stream);
+        let (events, rest) = sse::split_events(stream);
         assert!(rest.is_empty());
         let scan = scan_events(&events, false);
         assert_eq!(scan.usage.unwrap().counted(Count::Total), Some(40));
