@@ -689,7 +689,10 @@ async fn keys_roles_and_open_paths() {
         expect(&viewer.get(path).await, StatusCode::NOT_FOUND);
     }
     expect(&viewer.get("/v1/status").await, StatusCode::OK);
-    let history = expect(&viewer.get("/v1/metrics/history").await, StatusCode::OK);
+    let reply = viewer.get("/v1/metrics/history").await;
+    // Charted live: a cache in between would freeze the dashboard's charts.
+    assert_eq!(reply.header("cache-control"), Some("no-store"));
+    let history = expect(&reply, StatusCode::OK);
     assert_eq!(history["interval_s"], 10, "{history}");
     let refused = viewer
         .put(

@@ -563,13 +563,10 @@ impl History {
             let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
             state.0.to_json(interval_s).to_string()
         };
-        let mut response = Response::new(ProxyBody::full(body));
-        let headers = response.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        let mut response = super::status::text(body, "application/json");
+        response
+            .headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         response
     }
 }
