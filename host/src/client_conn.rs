@@ -1,5 +1,5 @@
-//! Serving one client connection: HTTP/2 or HTTP/1 by its first bytes, a graceful close when
-//! the listener stops, and an HTTP/1 connection parked while it is idle.
+//! Serving one client connection: HTTP/2 or HTTP/1 (by its first bytes, or over TLS by ALPN), a
+//! graceful close when the listener stops, and an HTTP/1 connection parked while it is idle.
 //!
 //! hyper keeps an HTTP/1 connection's read and write buffers (8 KiB each) for as long as the
 //! connection lives, so 10,000 idle keep-alive clients would hold 160 MiB of them. Once an
@@ -22,8 +22,6 @@ use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulConnection;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -36,6 +34,7 @@ use crate::config::{MIN_HEADER_BYTES, ServerConfig};
 use crate::edge::ServerSettings;
 use crate::metrics::HandshakeFailureLabels;
 use crate::timeouts::{ConnectionActivity, TimedIo};
+use crate::tls;
 
 /// What answers a connection's requests: hyper's bounds on a service, named once.
 pub trait ConnService<B>:
@@ -136,9 +135,11 @@ where
                 Some(Ok(first)) if first.as_ref() == H2_PREFACE => {
                     io.unread(first);
                     let conn = http2_builder(limits).serve_connection(TokioIo::new(io), service);
-                    Box::pin(until_closed(conn, &closing))
-                        .await
-                        .map_err(Into::into)
+                    Box::pin(until_closed(conn, &closing, |conn| {
+                        conn.graceful_shutdown()
+                    }))
+                    .await
+                    .map_err(Into::into)
                 }
                 Some(Ok(first)) => {
                     io.unread(first);
@@ -285,8 +286,8 @@ fn return_freed_memory() {
 /// How often parking may hand freed memory back, per thread.
 const COLLECT_EVERY: Duration = Duration::from_millis(100);
 
-/// A TLS connection: the handshake, bounded by the settings' timeout, then HTTP/1 or HTTP/2 by
-/// hyper-util's builder (by the first bytes after it). It is not parked: its TLS state
+/// A TLS connection: the handshake, bounded by the settings' timeout, then HTTP/2 or HTTP/1 as
+/// ALPN chose. It is not parked: its TLS state
 /// outweighs hyper's buffers. A failed handshake is counted, not returned.
 async fn serve_tls<S, B>(
     io: TimedIo<TcpStream>,
@@ -303,9 +304,18 @@ where
     let timeout = Duration::from_millis(limits.tls_handshake_timeout_ms);
     let kind = match tokio::time::timeout(timeout, acceptor.accept(io)).await {
         Ok(Ok(stream)) => {
-            let builder = auto_builder(limits);
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            return until_closed(conn, closing).await;
+            // HTTP/2 over TLS is chosen by ALPN alone (RFC 9113 §3.2), as the client chose it.
+            let h2 = stream.get_ref().1.alpn_protocol() == Some(tls::ALPN_H2);
+            let io = TokioIo::new(stream);
+            return if h2 {
+                let conn = http2_builder(limits).serve_connection(io, service);
+                until_closed(conn, closing, |conn| conn.graceful_shutdown()).await
+            } else {
+                let conn = http1_builder(limits).serve_connection(io, service);
+                let conn = conn.with_upgrades();
+                until_closed(conn, closing, |conn| conn.graceful_shutdown()).await
+            }
+            .map_err(Into::into);
         }
         Ok(Err(error)) => {
             tracing::debug!(%error, "TLS handshake failed");
@@ -342,22 +352,6 @@ fn http2_builder(limits: &ServerConfig) -> http2::Builder<TokioExecutor> {
     builder
 }
 
-/// The same settings for hyper-util's builder, which picks HTTP/1 or HTTP/2 by the first bytes.
-fn auto_builder(limits: &ServerConfig) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().max_buf_size(header_buffer(limits));
-    if limits.max_headers != DEFAULT_MAX_HEADERS {
-        builder.http1().max_headers(limits.max_headers);
-    }
-    builder
-        .http2()
-        .max_concurrent_streams(limits.http2_max_streams)
-        .max_header_list_size(header_list_size(limits))
-        .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESETS)
-        .max_local_error_reset_streams(MAX_LOCAL_ERROR_RESETS);
-    builder
-}
-
 /// hyper answers 431 when a request head does not fit its read buffer, so the buffer's bound
 /// is the header block's bound.
 fn header_buffer(limits: &ServerConfig) -> usize {
@@ -375,17 +369,18 @@ const DEFAULT_MAX_HEADERS: usize = 100;
 const MAX_PENDING_ACCEPT_RESETS: usize = 20;
 const MAX_LOCAL_ERROR_RESETS: usize = 1024;
 
-/// Drives `conn` until it ends; once `closing` fires, it stops taking new requests and ends
-/// when those in flight have.
-async fn until_closed<C>(conn: C, closing: &CancellationToken) -> Result<(), C::Error>
-where
-    C: GracefulConnection,
-{
+/// Drives `conn` until it ends; once `closing` fires, `stop` makes it take no new requests, and
+/// it ends when those in flight have.
+async fn until_closed<C: Future>(
+    conn: C,
+    closing: &CancellationToken,
+    stop: impl FnOnce(Pin<&mut C>),
+) -> C::Output {
     let mut conn = pin!(conn);
     tokio::select! {
         result = conn.as_mut() => return result,
         () = closing.cancelled() => {}
     }
-    conn.as_mut().graceful_shutdown();
+    stop(conn.as_mut());
     conn.await
 }
