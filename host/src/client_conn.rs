@@ -287,8 +287,8 @@ fn return_freed_memory() {
 const COLLECT_EVERY: Duration = Duration::from_millis(100);
 
 /// A TLS connection: the handshake, bounded by the settings' timeout, then HTTP/2 or HTTP/1 as
-/// ALPN chose. It is not parked: its TLS state
-/// outweighs hyper's buffers. A failed handshake is counted, not returned.
+/// ALPN chose. It is not parked: its TLS state outweighs hyper's buffers. A failed handshake is
+/// counted, not returned.
 async fn serve_tls<S, B>(
     io: TimedIo<TcpStream>,
     acceptor: TlsAcceptor,
